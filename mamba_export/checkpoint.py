@@ -1,0 +1,206 @@
+"""Import trained checkpoints from a directory, in the two layouts users have, and save this project's own.
+
+Layouts (detected from config.json):
+    state-spaces/mamba: config.json with ``d_model``, ``n_layer``, ``ssm_cfg`` ...; keys ``backbone.embedding.weight``,
+        ``backbone.layers.N.mixer.*``, ``backbone.layers.N.norm.weight``, ``backbone.norm_f.weight``, ``lm_head.weight``.
+        This is also the layout :func:`save_checkpoint` writes.
+    transformers ``MambaForCausalLM``: config.json with ``hidden_size``, ``num_hidden_layers`` ...; the same keys but
+        ``backbone.embeddings.weight``.
+Weights: ``model.safetensors`` (or sharded, with ``model.safetensors.index.json``), or ``pytorch_model.bin`` (or
+sharded, with its index), float32, float16 or bfloat16. ``.bin`` files are read with ``weights_only=True``: no pickled
+code runs. Validation is strict: every problem is one :class:`CheckpointError` naming the file, the key, the expected
+and the found value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import MambaConfig
+from .errors import CheckpointError, ConfigError
+from .model import MambaLM
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "byte_vocab.json")
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> tuple[MambaConfig, str, dict]:
+    """Read ``ckpt_dir/config.json``. Returns the resolved config, the layout name and the raw dictionary."""
+    d = Path(ckpt_dir)
+    if not d.exists():
+        raise CheckpointError(f"{d}: checkpoint directory does not exist")
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory (give the checkpoint directory)")
+    path = d / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    try:
+        if model_type not in (None, "mamba"):
+            raise CheckpointError(f"{path}: model_type {model_type!r} is not a Mamba-1 model (expected 'mamba')")
+        if "d_model" in raw:
+            return MambaConfig.from_state_spaces(raw), "state-spaces", raw
+        if "hidden_size" in raw or model_type == "mamba":
+            return MambaConfig.from_transformers(raw), "transformers", raw
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad value ({e})") from None
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout (expected state-spaces/mamba keys such as 'd_model' "
+        "or transformers MambaConfig keys such as 'hidden_size')"
+    )
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {msg[:200]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a checkpoint (expected a dictionary of tensors)")
+    return sd
+
+
+def _load_weights(d: Path) -> dict[str, tuple[torch.Tensor, Path]]:
+    """All tensors of the checkpoint, each with the file it came from."""
+    for name in WEIGHT_FILES:
+        path = d / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                index = json.loads(path.read_text())
+                shards = sorted(set(index["weight_map"].values()))
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from None
+            files = [d / s for s in shards]
+        else:
+            files = [path]
+        out: dict[str, tuple[torch.Tensor, Path]] = {}
+        for f in files:
+            for k, v in _load_file(f).items():
+                out[k] = (v, f)
+        return out
+    raise CheckpointError(f"{d}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _rename(key: str, layout: str) -> str:
+    if layout == "transformers" and key == "backbone.embeddings.weight":
+        return "backbone.embedding.weight"
+    return key
+
+
+def load_checkpoint(
+    ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None, backend: str = "reference"
+) -> MambaLM:
+    """Import the checkpoint in ``ckpt_dir`` (either layout) as a :class:`MambaLM` in eval mode.
+
+    Args:
+        ckpt_dir: the checkpoint directory.
+        dtype: the model's parameter dtype; None keeps the dtype the embedding was stored in.
+        backend: the operator backend of the model (see :class:`MambaLM`).
+
+    Raises:
+        CheckpointError: one line naming the file, the key, the expected and the found value.
+    """
+    d = Path(ckpt_dir)
+    cfg, layout, _ = read_config(d)
+    tensors = {_rename(k, layout): v for k, v in _load_weights(d).items()}
+    with torch.device("meta"):
+        model = MambaLM(cfg, backend=backend)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    for key, (t, f) in tensors.items():
+        if key not in expected:
+            raise CheckpointError(f"{f}: unexpected key {key!r} (not part of a Mamba-1 model with this config)")
+        if tuple(t.shape) != expected[key]:
+            raise CheckpointError(
+                f"{f}: key {key!r} has shape {list(t.shape)}, expected {list(expected[key])} from config.json"
+            )
+        if not t.is_floating_point():
+            raise CheckpointError(f"{f}: key {key!r} has dtype {t.dtype}, expected a floating-point tensor")
+    for key in expected:
+        if key not in tensors and key not in optional:
+            first = next(iter(tensors.values()))[1] if tensors else d
+            raise CheckpointError(f"{first}: missing key {key!r} (expected shape {list(expected[key])})")
+    emb = tensors["backbone.embedding.weight"][0]
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        head, f = tensors["lm_head.weight"]
+        if not torch.equal(head, emb):
+            raise CheckpointError(
+                f"{f}: key 'lm_head.weight' differs from the embedding, but config.json ties them "
+                "(set tie_embeddings / tie_word_embeddings to false)"
+            )
+    dtype = dtype or emb.dtype
+    sd = {k: t.to(dtype) for k, (t, _) in tensors.items() if not (k in optional and cfg.tie_embeddings)}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    model.load_state_dict(sd, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    model.set_backend(backend)
+    return model.eval()
+
+
+def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safetensors",
+                    extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write ``model`` in the state-spaces/mamba layout (this project's own), atomically.
+
+    Args:
+        model: the model to save.
+        out_dir: the directory to create or replace.
+        fmt: "safetensors" (model.safetensors) or "bin" (pytorch_model.bin).
+        extra_files: more files to write beside the weights (e.g. a tokenizer), name -> content.
+    """
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_state_spaces(), indent=2) + "\n")
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            if model.config.tie_embeddings:
+                sd.pop("lm_head.weight")
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(sd, tmp / "pytorch_model.bin")
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as fh:
+                fh.write(content)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

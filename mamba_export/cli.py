@@ -1,0 +1,50 @@
+"""The ``mamba-export`` command line.
+
+Each subcommand lives in ``mamba_export/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``;
+heavy imports (torch, onnxruntime) happen inside ``run`` so that ``--help`` is instant and ``generate`` needs no torch.
+User errors (:class:`~mamba_export.errors.MambaExportError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import MambaExportError
+
+# One entry per subcommand module in mamba_export/commands/, in the order --help lists them.
+COMMANDS = ("inspect",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mamba-export",
+        description="Export trained Mamba checkpoints to ONNX/TorchScript and run them with onnxruntime.",
+    )
+    parser.add_argument("--version", action="version", version=f"mamba-export {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"mamba_export.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except MambaExportError as e:
+        print(f"mamba-export {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mamba-export {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``mamba-export`` CLI, one module each (see :mod:`mamba_export.cli`)."""

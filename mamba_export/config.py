@@ -1,0 +1,184 @@
+"""The model configuration, and its translation from the two config.json dialects users have.
+
+One dataclass, :class:`MambaConfig`, holds every hyper-parameter the reference model needs, already resolved
+(``dt_rank`` is a number, ``vocab_size`` is padded). ``from_state_spaces`` and ``from_transformers`` read the
+dictionaries of state-spaces/mamba's and Hugging Face transformers' ``config.json``; ``to_state_spaces`` writes the
+former, which is also this project's own checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from .errors import ConfigError
+
+# state-spaces/mamba's defaults (mamba_ssm.models.config_mamba.MambaConfig and mamba_ssm.modules.mamba_simple.Mamba).
+_SS_DEFAULTS: dict[str, Any] = {
+    "d_model": 2560,
+    "d_intermediate": 0,
+    "n_layer": 64,
+    "vocab_size": 50277,
+    "rms_norm": True,
+    "residual_in_fp32": True,
+    "fused_add_norm": True,
+    "pad_vocab_size_multiple": 8,
+    "tie_embeddings": True,
+}
+_SS_SSM_DEFAULTS: dict[str, Any] = {
+    "d_state": 16,
+    "d_conv": 4,
+    "expand": 2,
+    "dt_rank": "auto",
+    "bias": False,
+    "conv_bias": True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """Resolved hyper-parameters of a Mamba-1 language model.
+
+    Attributes:
+        d_model: residual stream width D.
+        n_layer: number of Mamba blocks.
+        vocab_size: rows of the embedding and of the LM head (already padded to a multiple, where the checkpoint pads).
+        d_state: SSM state size N per channel.
+        d_conv: causal depthwise convolution width K.
+        expand: E, so that the inner width is ``d_inner = E * D``.
+        dt_rank: R, the rank of the Δ projection.
+        bias: whether in_proj and out_proj have biases.
+        conv_bias: whether the depthwise convolution has a bias.
+        norm_eps: epsilon of the RMSNorms.
+        tie_embeddings: whether the LM head shares the embedding matrix.
+        residual_in_fp32: keep the residual stream in float32 when the weights are float16/bfloat16.
+        d_inner_override: the inner width when it is not ``expand * d_model`` (transformers' ``intermediate_size``).
+    """
+
+    d_model: int
+    n_layer: int
+    vocab_size: int
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0
+    bias: bool = False
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+    d_inner_override: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dt_rank == 0:
+            object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config: {name} must be a positive integer, found {value!r}")
+        if self.d_conv < 2:
+            raise ConfigError(f"config: d_conv must be at least 2, found {self.d_conv}")
+
+    @property
+    def d_inner(self) -> int:
+        """Inner width of the mixer (number of SSM channels)."""
+        return self.d_inner_override or self.expand * self.d_model
+
+    # ---- state-spaces/mamba -------------------------------------------------------------------------------------
+    @classmethod
+    def from_state_spaces(cls, cfg: dict[str, Any]) -> "MambaConfig":
+        """Read state-spaces/mamba's config.json dictionary; missing keys take that project's defaults."""
+        c = {**_SS_DEFAULTS, **cfg}
+        ssm = {**_SS_SSM_DEFAULTS, **(c.get("ssm_cfg") or {})}
+        layer = ssm.pop("layer", "Mamba1")
+        if layer != "Mamba1":
+            raise ConfigError(f"config: ssm_cfg.layer is {layer!r}; only Mamba1 models are supported")
+        if c.get("d_intermediate", 0):
+            raise ConfigError("config: d_intermediate > 0 (an MLP after each mixer) is not supported")
+        if c.get("attn_layer_idx"):
+            raise ConfigError("config: attn_layer_idx (hybrid attention layers) is not supported")
+        if not c["rms_norm"]:
+            raise ConfigError("config: rms_norm is false (LayerNorm models) which is not supported")
+        vocab = int(c["vocab_size"])
+        multiple = int(c.get("pad_vocab_size_multiple") or 1)
+        if vocab % multiple:
+            vocab += multiple - vocab % multiple
+        dt_rank = ssm["dt_rank"]
+        return cls(
+            d_model=int(c["d_model"]),
+            n_layer=int(c["n_layer"]),
+            vocab_size=vocab,
+            d_state=int(ssm["d_state"]),
+            d_conv=int(ssm["d_conv"]),
+            expand=int(ssm["expand"]),
+            dt_rank=0 if dt_rank == "auto" else int(dt_rank),
+            bias=bool(ssm["bias"]),
+            conv_bias=bool(ssm["conv_bias"]),
+            norm_eps=float(c.get("norm_epsilon", 1e-5)),
+            tie_embeddings=bool(c["tie_embeddings"]),
+            residual_in_fp32=bool(c["residual_in_fp32"]),
+        )
+
+    def to_state_spaces(self) -> dict[str, Any]:
+        """This config as state-spaces/mamba's config.json dictionary (vocab already padded, so multiple 1)."""
+        if self.d_inner_override and self.d_inner_override != self.expand * self.d_model:
+            raise ConfigError("config: an inner width that is not expand * d_model has no state-spaces form")
+        return {
+            "d_model": self.d_model,
+            "d_intermediate": 0,
+            "n_layer": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "ssm_cfg": {
+                "layer": "Mamba1",
+                "d_state": self.d_state,
+                "d_conv": self.d_conv,
+                "expand": self.expand,
+                "dt_rank": self.dt_rank,
+                "bias": self.bias,
+                "conv_bias": self.conv_bias,
+            },
+            "rms_norm": True,
+            "norm_epsilon": self.norm_eps,
+            "residual_in_fp32": self.residual_in_fp32,
+            "fused_add_norm": True,
+            "pad_vocab_size_multiple": 1,
+            "tie_embeddings": self.tie_embeddings,
+        }
+
+    # ---- Hugging Face transformers --------------------------------------------------------------------------------
+    @classmethod
+    def from_transformers(cls, cfg: dict[str, Any]) -> "MambaConfig":
+        """Read transformers' MambaConfig config.json dictionary; missing keys take transformers' defaults."""
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"config: hidden_act {act!r} is not supported (only silu)")
+        hidden = int(cfg.get("hidden_size", 768))
+        expand = int(cfg.get("expand", 2))
+        rank = cfg.get("time_step_rank", "auto")
+        inner = int(cfg.get("intermediate_size", expand * hidden))
+        return cls(
+            d_model=hidden,
+            n_layer=int(cfg.get("num_hidden_layers", 32)),
+            vocab_size=int(cfg.get("vocab_size", 50280)),
+            d_state=int(cfg.get("state_size", 16)),
+            d_conv=int(cfg.get("conv_kernel", 4)),
+            expand=expand,
+            dt_rank=0 if rank == "auto" else int(rank),
+            bias=bool(cfg.get("use_bias", False)),
+            conv_bias=bool(cfg.get("use_conv_bias", True)),
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+            d_inner_override=0 if inner == expand * hidden else inner,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields plus the derived d_inner, for manifests and logs."""
+        return {**dataclasses.asdict(self), "d_inner": self.d_inner}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
+        """Inverse of :meth:`to_dict` (extra keys such as d_inner are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

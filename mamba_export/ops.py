@@ -1,0 +1,179 @@
+"""Reference implementations of Mamba's sequence operators, in plain PyTorch.
+
+These are the ground truth that every kernel (Triton, C++, CUDA) and every exported graph is tested against. They
+favour clarity over speed, and compute in float32 (float64 when given float64 inputs) whatever the input dtype, as the
+released CUDA kernels do.
+
+Glossary (Gu & Dao 2023, Algorithm 2):
+    b   batch size                       l   sequence length
+    d   channels of the scan (d_inner)   n   SSM state size (d_state)
+    k   causal conv width (d_conv)
+    u   scan input x(t), (b, d, l)       Δ   delta, time step per channel and token, (b, d, l)
+    A   state matrix (diagonal), (d, n)  B, C   input-dependent projections, (b, n, l)
+    D   skip connection, (d,)            z   gate, (b, d, l)
+    h   SSM state, (b, d, n)
+
+Layout: channels before time, as state-spaces/mamba's kernels take them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "selective_scan_ref",
+    "causal_conv1d_ref",
+    "causal_conv1d_step_ref",
+    "selective_state_update_ref",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype of the scan for inputs of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t = C_t h_t + D u_t;  y_t *= silu(z_t).
+
+    Args:
+        u: (b, d, l) input.
+        delta: (b, d, l) time steps before bias and softplus.
+        A: (d, n) state matrix (already negative: A = -exp(A_log)).
+        B, C: (b, n, l) input and output projections.
+        D: (d,) skip weights, or None.
+        z: (b, d, l) gate, or None.
+        delta_bias: (d,) added to delta before the softplus, or None.
+        delta_softplus: apply softplus to delta (after the bias).
+        initial_state: (b, d, n) state h_0 to continue from; zeros when None.
+
+    Returns:
+        y: (b, d, l) in u's dtype, and the final state h_l: (b, d, n) in the compute dtype.
+    """
+    dtype_in = u.dtype
+    cd = compute_dtype(dtype_in)
+    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, l = u.shape
+    n = A.shape[1]
+    h = torch.zeros(b, d, n, dtype=cd, device=u.device) if initial_state is None else initial_state.to(cd)
+    dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])  # (b, d, l, n)
+    dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, l, n)
+    ys = []
+    for t in range(l):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(b, d, 0)
+    if D is not None:
+        y = y + u * D.to(cd)[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(dtype_in), h
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    conv_state: torch.Tensor | None = None,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution over time, continuing from ``conv_state``.
+
+    Args:
+        x: (b, d, l) input.
+        weight: (d, k) one filter per channel; out_t = sum_j weight[:, j] * x_{t - k + 1 + j}.
+        bias: (d,) or None.
+        conv_state: (b, d, k - 1) the last k - 1 inputs before x (zeros, the start of a sequence, when None).
+        silu: apply SiLU to the output.
+
+    Returns:
+        y: (b, d, l) in x's dtype, and the new conv state (b, d, k - 1) in the compute dtype: the last k - 1 inputs.
+    """
+    cd = compute_dtype(x.dtype)
+    b, d, l = x.shape
+    k = weight.shape[1]
+    if conv_state is None:
+        conv_state = torch.zeros(b, d, k - 1, dtype=cd, device=x.device)
+    xs = torch.cat([conv_state.to(cd), x.to(cd)], dim=-1)  # (b, d, k - 1 + l)
+    y = F.conv1d(xs, weight.to(cd).unsqueeze(1), None if bias is None else bias.to(cd), groups=d)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype), xs[:, :, xs.shape[-1] - (k - 1):]
+
+
+def causal_conv1d_step_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of :func:`causal_conv1d_ref` in recurrent form: shift the state left, append x, dot with the filter.
+
+    Args:
+        x: (b, d) the new input; weight: (d, k); bias: (d,) or None; conv_state: (b, d, k - 1).
+
+    Returns:
+        y: (b, d) in x's dtype, and the new conv state (b, d, k - 1) in the compute dtype.
+    """
+    cd = compute_dtype(x.dtype)
+    window = torch.cat([conv_state.to(cd), x.to(cd).unsqueeze(-1)], dim=-1)  # (b, d, k)
+    y = (window * weight.to(cd)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(cd)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype), window[:, :, 1:]
+
+
+def selective_state_update_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the selective scan in recurrent form.
+
+    Args:
+        state: (b, d, n) h_{t-1}; x, dt, z: (b, d); A: (d, n); B, C: (b, n); D, dt_bias: (d,).
+
+    Returns:
+        y: (b, d) in x's dtype, and the new state h_t (b, d, n) in the compute dtype.
+    """
+    cd = compute_dtype(x.dtype)
+    dt = dt.to(cd)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cd)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf = x.to(cd)
+    h = torch.exp(dt.unsqueeze(-1) * A.to(cd)) * state.to(cd) + (dt * xf).unsqueeze(-1) * B.to(cd).unsqueeze(1)
+    y = (h * C.to(cd).unsqueeze(1)).sum(-1)
+    if D is not None:
+        y = y + xf * D.to(cd)
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(x.dtype), h

@@ -1,0 +1,99 @@
+"""Shared helpers for the tests: checkpoints built from configs with transformers (an implementation we did not
+write), perturbed away from their initial values, saved in either layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Configs used across the suite. "nondefault" exercises every option: d_state 8, conv 3, dt_rank not D/16,
+# biases on, untied head, vocab not a multiple of 8.
+HF_CONFIGS = {
+    "tiny": dict(vocab_size=256, hidden_size=64, state_size=16, num_hidden_layers=2, conv_kernel=4,
+                 tie_word_embeddings=True),
+    "nondefault": dict(vocab_size=101, hidden_size=48, state_size=8, num_hidden_layers=3, conv_kernel=3,
+                       time_step_rank=5, use_bias=True, use_conv_bias=True, tie_word_embeddings=False, expand=2),
+    "noconvbias": dict(vocab_size=72, hidden_size=40, state_size=4, num_hidden_layers=2, conv_kernel=2,
+                       time_step_rank=7, use_bias=False, use_conv_bias=False, tie_word_embeddings=True, expand=3),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """transformers MambaForCausalLM from HF_CONFIGS[name], every parameter perturbed with a fixed seed."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MambaConfig(**HF_CONFIGS[name], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in {id(p): p for p in model.parameters()}.values():
+            p.add_(0.2 * torch.randn_like(p) * (p.std() if p.numel() > 1 and p.std() > 0 else 1.0))
+    return model.to(dtype)
+
+
+def hf_to_state_spaces_dict(hf_model) -> dict[str, torch.Tensor]:
+    """transformers' state dict renamed to state-spaces/mamba keys (embeddings -> embedding)."""
+    sd = {}
+    for k, v in hf_model.state_dict().items():
+        sd[k.replace("backbone.embeddings.", "backbone.embedding.")] = v.detach().clone().contiguous()
+    return sd
+
+
+def state_spaces_config(hf_model, pad_vocab_size_multiple: int = 1, vocab_size: int | None = None) -> dict:
+    """state-spaces/mamba config.json written by hand from a transformers config (independent of our code)."""
+    c = hf_model.config
+    return {
+        "d_model": c.hidden_size,
+        "n_layer": c.num_hidden_layers,
+        "vocab_size": vocab_size or c.vocab_size,
+        "ssm_cfg": {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+                    "dt_rank": c.time_step_rank, "bias": c.use_bias, "conv_bias": c.use_conv_bias},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": pad_vocab_size_multiple,
+        "tie_embeddings": c.tie_word_embeddings,
+    }
+
+
+def save_state_spaces(hf_model, out: Path, fmt: str = "bin", **cfg_kw) -> Path:
+    """Write hf_model in the state-spaces/mamba layout: config.json plus pytorch_model.bin or model.safetensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(state_spaces_config(hf_model, **cfg_kw)))
+    sd = hf_to_state_spaces_dict(hf_model)
+    if fmt == "bin":
+        torch.save(sd, out / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        if hf_model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(out / "model.safetensors"))
+    return out
+
+
+def save_transformers(hf_model, out: Path, sharded: bool = False, fmt: str = "safetensors") -> Path:
+    """Write hf_model with transformers' own save_pretrained (or a pytorch_model.bin beside its config)."""
+    if fmt == "bin":
+        out.mkdir(parents=True, exist_ok=True)
+        hf_model.config.save_pretrained(out)
+        sd = hf_model.state_dict()
+        if hf_model.config.tie_word_embeddings:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        torch.save(sd, out / "pytorch_model.bin")
+        return out
+    hf_model.save_pretrained(out, max_shard_size="20KB" if sharded else "10GB")
+    return out
+
+
+def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(input_ids=ids, use_cache=False).logits
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
