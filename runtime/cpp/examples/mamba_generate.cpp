@@ -1,0 +1,199 @@
+// mamba_generate: generate tokens from an export directory with the C++ runtime. See --help.
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "mamba_runtime.hpp"
+
+namespace {
+
+const char* kUsage =
+    "usage: mamba_generate EXPORT_DIR (--prompt-ids 1,2,3 | --prompt TEXT) [options]\n"
+    "\n"
+    "Runs the prompt through EXPORT_DIR/model.onnx, then decodes one token at a time with decode.onnx, and prints\n"
+    "the new token ids (and their text, for a byte-level vocabulary), the prefill time and ms/token.\n"
+    "\n"
+    "  --prompt-ids IDS      comma-separated token ids\n"
+    "  --prompt TEXT         text; needs a byte-level vocabulary (manifest.json tokenizer type \"bytes\")\n"
+    "  --max-new-tokens N    how many tokens to generate (default 32)\n"
+    "  --greedy              pick the most likely token (the default)\n"
+    "  --sample              sample instead, with:\n"
+    "    --temperature T     divide the logits by T > 0 (default 1)\n"
+    "    --top-k K           among the K most likely tokens; 0 = all (default 0)\n"
+    "    --seed S            random seed (default 0)\n"
+    "  --stop-ids IDS        comma-separated ids that end the generation (included in the output)\n"
+    "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
+    "  --no-custom-ops       do not register the custom-op library (onnxruntime inlines the graphs' ONNX functions)\n"
+    "  --help                show this text\n";
+
+struct Args {
+  std::string export_dir;
+  std::vector<int64_t> prompt_ids;
+  std::string prompt_text;
+  bool has_ids = false, has_text = false, sample = false, sampling_flag = false;
+  mamba::GenerateOptions generate;
+  mamba::SessionOptions session;
+};
+
+int64_t parse_int(const std::string& flag, const std::string& text, int64_t lo = INT64_MIN, int64_t hi = INT64_MAX) {
+  errno = 0;
+  char* end = nullptr;
+  long long value = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || errno == ERANGE) {
+    throw mamba::Error(flag + ": expected an integer, found '" + text + "'");
+  }
+  if (value < lo || value > hi) {
+    throw mamba::Error(flag + ": " + text + " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  }
+  return value;
+}
+
+std::vector<int64_t> parse_ids(const std::string& flag, const std::string& text) {
+  std::vector<int64_t> ids;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    if (comma == std::string::npos) comma = text.size();
+    ids.push_back(parse_int(flag, text.substr(start, comma - start)));
+    start = comma + 1;
+  }
+  return ids;
+}
+
+float parse_float(const std::string& flag, const std::string& text) {
+  errno = 0;
+  char* end = nullptr;
+  float value = std::strtof(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || errno == ERANGE) {
+    throw mamba::Error(flag + ": expected a number, found '" + text + "'");
+  }
+  return value;
+}
+
+Args parse_args(const std::vector<std::string>& argv) {
+  Args a;
+  for (size_t i = 0; i < argv.size(); ++i) {
+    const std::string& flag = argv[i];
+    auto value = [&]() -> const std::string& {
+      if (i + 1 >= argv.size()) throw mamba::Error(flag + ": needs a value");
+      return argv[++i];
+    };
+    if (flag == "--prompt-ids") {
+      a.prompt_ids = parse_ids(flag, value());
+      a.has_ids = true;
+    } else if (flag == "--prompt") {
+      a.prompt_text = value();
+      a.has_text = true;
+    } else if (flag == "--max-new-tokens") {
+      a.generate.max_new_tokens = int(parse_int(flag, value(), 1, INT32_MAX));
+    } else if (flag == "--greedy") {
+      a.generate.greedy = true;
+    } else if (flag == "--sample") {
+      a.sample = true;
+    } else if (flag == "--temperature") {
+      a.generate.temperature = parse_float(flag, value());
+      a.sampling_flag = true;
+    } else if (flag == "--top-k") {
+      a.generate.top_k = int(parse_int(flag, value(), 0, INT32_MAX));
+      a.sampling_flag = true;
+    } else if (flag == "--seed") {
+      a.generate.seed = uint64_t(parse_int(flag, value(), 0));
+      a.sampling_flag = true;
+    } else if (flag == "--stop-ids") {
+      a.generate.stop_tokens = parse_ids(flag, value());
+    } else if (flag == "--threads") {
+      a.session.intra_op_threads = int(parse_int(flag, value(), 0, 1024));
+    } else if (flag == "--no-custom-ops") {
+      a.session.custom_ops = false;
+    } else if (flag.rfind("--", 0) == 0) {
+      throw mamba::Error("unknown option " + flag + " (see --help)");
+    } else if (a.export_dir.empty()) {
+      a.export_dir = flag;
+    } else {
+      throw mamba::Error("unexpected argument '" + flag + "' (one export directory only; see --help)");
+    }
+  }
+  if (a.export_dir.empty()) throw mamba::Error("give the export directory (see --help)");
+  if (a.has_ids == a.has_text) throw mamba::Error("give exactly one of --prompt-ids and --prompt");
+  if (a.sampling_flag && !a.sample) throw mamba::Error("--temperature, --top-k and --seed need --sample");
+  a.generate.greedy = !a.sample;
+  return a;
+}
+
+std::string join(const std::vector<int64_t>& ids) {
+  std::string out;
+  for (size_t i = 0; i < ids.size(); ++i) out += (i ? "," : "") + std::to_string(ids[i]);
+  return out;
+}
+
+// The text in double quotes on one line: control characters escaped, other bytes as they are.
+std::string quoted(const std::string& text) {
+  std::string out = "\"";
+  for (unsigned char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += char(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7F) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      out += hex;
+    } else {
+      out += char(c);
+    }
+  }
+  return out + "\"";
+}
+
+void print_result(const mamba::Model& model, const Args& a, const std::vector<int64_t>& prompt,
+                  const mamba::Generation& g) {
+  const mamba::ModelInfo& info = model.info();
+  std::cout << "tokens: " << join(g.tokens) << "\n";
+  if (info.byte_level) std::cout << "text: " << quoted(mamba::decode_bytes(info, g.tokens)) << "\n";
+  std::cout << "stopped: " << (g.stopped ? "stop token" : "max new tokens") << "\n";
+  std::cout << "decoding: "
+            << (a.generate.greedy ? std::string("greedy")
+                                  : "sample (temperature " + std::to_string(a.generate.temperature) + ", top-k " +
+                                        std::to_string(a.generate.top_k) + ", seed " +
+                                        std::to_string(a.generate.seed) + ")")
+            << "; custom ops: " << (info.custom_op_library.empty() ? "off" : info.custom_op_library) << "\n";
+  std::cout << "prefill: " << prompt.size() << " tokens in " << g.prefill_ms << " ms\n";
+  if (g.tokens.size() > 1) {
+    std::cout << "decode: " << g.tokens.size() - 1 << " tokens, " << g.ms_per_token() << " ms/token ("
+              << 1000.0 / g.ms_per_token() << " tokens/s)\n";
+  }
+}
+
+int run(const std::vector<std::string>& argv) {
+  for (const auto& arg : argv) {
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      return 0;
+    }
+  }
+  Args a = parse_args(argv);
+  mamba::Model model(a.export_dir, a.session);
+  std::vector<int64_t> prompt = a.has_text ? mamba::encode_bytes(model.info(), a.prompt_text) : a.prompt_ids;
+  mamba::Generation g = model.generate(prompt, a.generate);
+  print_result(model, a, prompt, g);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(std::vector<std::string>(argv + 1, argv + argc));
+  } catch (const std::exception& e) {
+    std::string message = e.what();
+    for (char& c : message) c = (c == '\n' || c == '\r') ? ' ' : c;
+    std::cerr << "mamba_generate: error: " << message << "\n";
+    return 2;
+  }
+}

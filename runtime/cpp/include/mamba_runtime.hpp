@@ -1,0 +1,121 @@
+// mamba_runtime: run a mamba-export export directory (docs/CONTRACTS.md) with onnxruntime from C++17.
+//
+//   mamba::Model model("out/");                       // manifest.json, custom-op library, model.onnx, decode.onnx
+//   mamba::GenerateOptions opt;
+//   opt.max_new_tokens = 32;
+//   mamba::Generation g = model.generate({1, 2, 3}, opt);   // g.tokens: the new token ids
+//
+// One Model holds one sequence's recurrent state (batch 1) and is not thread-safe; use one Model per thread.
+// Every failure a user can cause (missing directory or file, bad manifest, custom-op library that does not load,
+// token id out of range, empty prompt, a graph that breaks the contract) is a mamba::Error with a one-line message.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mamba {
+
+/// The one exception type of this library: its what() is one line saying what is wrong and where.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// How to create the onnxruntime sessions.
+struct SessionOptions {
+  /// Register the export directory's custom-op library (manifest `custom_op_library`). When false, onnxruntime
+  /// inlines the model-local ONNX functions instead: same numbers, much slower. Never chosen silently.
+  bool custom_ops = true;
+  /// onnxruntime intra-op threads; 0 lets onnxruntime choose (one per physical core).
+  int intra_op_threads = 0;
+};
+
+/// What the export directory holds, read from manifest.json and the graphs' inputs and outputs.
+struct ModelInfo {
+  std::string export_dir;
+  int64_t n_layer = 0;
+  int64_t d_inner = 0;
+  int64_t d_conv = 0;
+  int64_t d_state = 0;
+  int64_t vocab_size = 0;
+  std::string logits_dtype;       ///< "float32", "float16" or "bfloat16"
+  std::string custom_op_library;  ///< absolute path of the registered library; empty when custom_ops is false
+  /// True when token id == byte value for ids 0..255 (manifest tokenizer type "byte"): text can be encoded
+  /// with encode_bytes and decoded with decode_bytes.
+  bool byte_level = false;
+};
+
+/// How generate() picks tokens and when it stops.
+struct GenerateOptions {
+  int max_new_tokens = 32;  ///< at least 1
+  bool greedy = true;       ///< argmax; when false, sample with temperature / top_k / seed
+  float temperature = 1.0f; ///< > 0; logits are divided by it before the softmax
+  int top_k = 0;            ///< sample among the k most likely tokens; 0 = the whole vocabulary
+  uint64_t seed = 0;        ///< same seed, same prompt, same model: same tokens
+  std::vector<int64_t> stop_tokens;  ///< generation ends after emitting one of these (it is included in tokens)
+};
+
+/// The result of generate().
+struct Generation {
+  std::vector<int64_t> tokens;  ///< the new tokens, in order
+  bool stopped = false;         ///< true when the last token is a stop token
+  double prefill_ms = 0;        ///< the prompt through model.onnx, and picking the first new token
+  double decode_ms = 0;         ///< all decode.onnx steps (tokens.size() - 1 of them)
+  /// Milliseconds per decoded token (decode_ms / steps); 0 when only one token was generated.
+  double ms_per_token() const;
+};
+
+class Model {
+ public:
+  /// Opens `export_dir`: reads manifest.json, registers the custom-op library, creates the sessions for
+  /// model.onnx (prefill, any number of tokens) and decode.onnx (one token), allocates the state (zeros).
+  explicit Model(const std::string& export_dir, const SessionOptions& options = {});
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelInfo& info() const;
+
+  /// Zeroes the recurrent state: the next prefill() starts a new sequence.
+  void reset();
+  /// Runs `ids` (at least one, each in [0, vocab_size)) through model.onnx, continuing from the current state.
+  /// Returns the float32 logits of the last position (vocab_size values), valid until the next call.
+  const std::vector<float>& prefill(const std::vector<int64_t>& ids);
+  /// Runs one token through decode.onnx, continuing from the current state; returns its float32 logits.
+  const std::vector<float>& step(int64_t id);
+
+  /// reset(), prefill(prompt), then up to max_new_tokens - 1 step()s, picking each token as `options` says.
+  Generation generate(const std::vector<int64_t>& prompt, const GenerateOptions& options);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// The index of the largest logit (the first one on ties).
+int64_t argmax(const std::vector<float>& logits);
+
+/// Seeded temperature / top-k sampling, the same sequence of draws on every platform.
+class Sampler {
+ public:
+  Sampler(float temperature, int top_k, uint64_t seed);
+  int64_t sample(const std::vector<float>& logits);
+
+ private:
+  float temperature_;
+  int top_k_;
+  uint64_t state_;
+  double uniform();  // [0, 1) from a splitmix64 stream
+};
+
+/// Byte-level vocabulary: the bytes of `text` as token ids. Throws when the model's vocabulary is not byte-level.
+std::vector<int64_t> encode_bytes(const ModelInfo& info, const std::string& text);
+/// Byte-level vocabulary: the ids as bytes (ids outside 0..255, padding rows of the vocabulary, become U+FFFD).
+std::string decode_bytes(const ModelInfo& info, const std::vector<int64_t>& ids);
+
+}  // namespace mamba

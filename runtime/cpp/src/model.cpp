@@ -1,0 +1,334 @@
+// mamba::Model: the two onnxruntime sessions of an export directory and one sequence's recurrent state.
+#include <onnxruntime_cxx_api.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "manifest.hpp"
+#include "mamba_runtime.hpp"
+
+namespace mamba {
+
+namespace {
+
+namespace fs = std::filesystem;
+constexpr int64_t kAny = -1;  // a dynamic dimension (batch, seq), as onnxruntime reports it
+
+std::string one_line(std::string text) {
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  std::replace(text.begin(), text.end(), '\r', ' ');
+  while (!text.empty() && text.back() == ' ') text.pop_back();
+  return text;
+}
+
+// Runs f, turning an onnxruntime exception into a mamba::Error that says what was being done.
+template <class F>
+auto ort_call(const std::string& what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const Ort::Exception& e) {
+    throw Error(what + ": " + one_line(e.what()));
+  }
+}
+
+const char* dtype_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    default: return "another type";
+  }
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i ? ", " : "") + (shape[i] < 0 ? std::string("?") : std::to_string(shape[i]));
+  }
+  return out + "]";
+}
+
+struct TensorSpec {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> shape;  // kAny where any size is accepted
+};
+
+// name -> spec of a session's inputs (inputs == true) or outputs, as the graph declares them.
+std::map<std::string, TensorSpec> declared_io(const Ort::Session& session, bool inputs) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  std::map<std::string, TensorSpec> specs;
+  size_t count = inputs ? session.GetInputCount() : session.GetOutputCount();
+  for (size_t i = 0; i < count; ++i) {
+    std::string name = (inputs ? session.GetInputNameAllocated(i, alloc) : session.GetOutputNameAllocated(i, alloc)).get();
+    Ort::TypeInfo type = inputs ? session.GetInputTypeInfo(i) : session.GetOutputTypeInfo(i);
+    if (type.GetONNXType() != ONNX_TYPE_TENSOR) {
+      specs[name] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}};
+      continue;
+    }
+    auto tensor = type.GetTensorTypeAndShapeInfo();
+    specs[name] = {tensor.GetElementType(), tensor.GetShape()};
+  }
+  return specs;
+}
+
+void check_spec(const std::string& where, const TensorSpec& found, const TensorSpec& expected) {
+  bool same_type = found.type == expected.type;
+  bool same_shape = found.shape.size() == expected.shape.size();
+  for (size_t i = 0; same_shape && i < found.shape.size(); ++i) {
+    same_shape = expected.shape[i] == kAny || found.shape[i] == expected.shape[i];
+  }
+  if (!same_type || !same_shape) {
+    throw Error(where + " is " + dtype_name(found.type) + " " + shape_text(found.shape) + ", expected " +
+                dtype_name(expected.type) + " " + shape_text(expected.shape) + " (docs/CONTRACTS.md, manifest.json)");
+  }
+}
+
+// The contract's state tensors in the runtime's order: conv of every layer, then ssm of every layer.
+std::vector<std::pair<std::string, TensorSpec>> state_specs(const detail::Manifest& m, const char* conv,
+                                                            const char* ssm) {
+  const auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  std::vector<std::pair<std::string, TensorSpec>> specs;
+  for (int64_t i = 0; i < m.n_layer; ++i) {
+    specs.push_back({conv + std::to_string(i), {f32, {kAny, m.d_inner, m.d_conv - 1}}});
+  }
+  for (int64_t i = 0; i < m.n_layer; ++i) specs.push_back({ssm + std::to_string(i), {f32, {kAny, m.d_inner, m.d_state}}});
+  return specs;
+}
+
+/// Checks a graph's inputs and outputs against the contract; returns the logits dtype.
+ONNXTensorElementDataType check_graph_io(const std::string& file, const Ort::Session& session,
+                                         const detail::Manifest& m) {
+  auto inputs = declared_io(session, true);
+  auto outputs = declared_io(session, false);
+  auto need = [&](std::map<std::string, TensorSpec>& io, const char* kind, const std::string& name) {
+    auto it = io.find(name);
+    if (it == io.end()) throw Error(file + ": no " + kind + " '" + name + "' (docs/CONTRACTS.md, graph I/O)");
+    TensorSpec spec = it->second;
+    io.erase(it);
+    return spec;
+  };
+  check_spec(file + ": input 'input_ids'", need(inputs, "input", "input_ids"),
+             {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {kAny, kAny}});
+  for (auto& [name, spec] : state_specs(m, "past_conv.", "past_ssm.")) {
+    check_spec(file + ": input '" + name + "'", need(inputs, "input", name), spec);
+  }
+  if (!inputs.empty()) {
+    throw Error(file + ": unexpected input '" + inputs.begin()->first + "' (manifest.json says n_layer " +
+                std::to_string(m.n_layer) + ")");
+  }
+  TensorSpec logits = need(outputs, "output", "logits");
+  if (logits.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && logits.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+      logits.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) {
+    throw Error(file + ": output 'logits' is " + dtype_name(logits.type) + ", expected float32, float16 or bfloat16");
+  }
+  check_spec(file + ": output 'logits'", logits, {logits.type, {kAny, kAny, m.vocab_size}});
+  for (auto& [name, spec] : state_specs(m, "present_conv.", "present_ssm.")) {
+    check_spec(file + ": output '" + name + "'", need(outputs, "output", name), spec);
+  }
+  return logits.type;
+}
+
+Ort::SessionOptions make_session_options(const SessionOptions& options, const detail::Manifest& m) {
+  Ort::SessionOptions so;
+  so.SetIntraOpNumThreads(options.intra_op_threads);
+  if (options.custom_ops) {
+    if (!fs::is_regular_file(m.custom_op_library)) {
+      throw Error(m.custom_op_library.string() + ": custom-op library named in manifest.json is missing");
+    }
+    ort_call(m.custom_op_library.string() + ": cannot register the custom-op library",
+             [&] { so.RegisterCustomOpsLibrary(m.custom_op_library.c_str()); });
+  }
+  return so;
+}
+
+Ort::Session open_graph(const Ort::Env& env, const fs::path& path, const Ort::SessionOptions& so) {
+  if (!fs::is_regular_file(path)) throw Error(path.string() + ": missing (docs/CONTRACTS.md, the export directory)");
+  return ort_call(path.string() + ": cannot load", [&] { return Ort::Session(env, path.c_str(), so); });
+}
+
+Ort::Value zeros(OrtAllocator* alloc, const std::vector<int64_t>& shape, ONNXTensorElementDataType type) {
+  Ort::Value v = Ort::Value::CreateTensor(alloc, shape.data(), shape.size(), type);
+  size_t bytes = v.GetTensorTypeAndShapeInfo().GetElementCount() * (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2);
+  std::fill_n(static_cast<char*>(v.GetTensorMutableRawData()), bytes, 0);
+  return v;
+}
+
+// Converts the last position of logits [1, seq, vocab] (any float dtype) to float32 in `out`.
+template <class T>
+void last_row(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
+  const T* row = logits.GetTensorData<T>() + offset;
+  for (size_t v = 0; v < out.size(); ++v) out[v] = static_cast<float>(row[v]);
+}
+
+template <>
+void last_row<Ort::Float16_t>(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
+  const Ort::Float16_t* row = logits.GetTensorData<Ort::Float16_t>() + offset;
+  for (size_t v = 0; v < out.size(); ++v) out[v] = row[v].ToFloat();
+}
+
+template <>
+void last_row<Ort::BFloat16_t>(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
+  const Ort::BFloat16_t* row = logits.GetTensorData<Ort::BFloat16_t>() + offset;
+  for (size_t v = 0; v < out.size(); ++v) out[v] = row[v].ToFloat();
+}
+
+double ms_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+double Generation::ms_per_token() const { return tokens.size() > 1 ? decode_ms / double(tokens.size() - 1) : 0.0; }
+
+struct Model::Impl {
+  detail::Manifest manifest;
+  ModelInfo info;
+  Ort::Env env{ORT_LOGGING_LEVEL_ERROR, "mamba_runtime"};
+  Ort::AllocatorWithDefaultOptions alloc;
+  Ort::Session prefill_graph{nullptr};  // model.onnx: any number of tokens
+  Ort::Session decode_graph{nullptr};   // decode.onnx: one token, fused DecodeStep
+  ONNXTensorElementDataType logits_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  std::vector<std::string> input_names, output_names;  // input_ids, past_*; logits, present_* (state order)
+  std::vector<const char*> input_cnames, output_cnames;
+  // Double-buffered state: a run reads states[current] and writes states[1 - current]; only a run that succeeds
+  // flips `current`, so a failed run leaves the sequence where it was. No state copies, no per-token allocation.
+  std::array<std::vector<Ort::Value>, 2> states;
+  int current = 0;
+  Ort::Value step_ids{nullptr};     // [1, 1] int64, rewritten for every decode step
+  Ort::Value step_logits{nullptr};  // [1, 1, vocab], preallocated decode output
+  std::vector<float> logits;        // float32 logits of the last position, what prefill() / step() return
+
+  Impl(const std::string& dir, const SessionOptions& options);
+  void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
+  void take_last_logits(const Ort::Value& out);
+  void check_token(int64_t id, size_t position) const;
+};
+
+Model::Impl::Impl(const std::string& dir, const SessionOptions& options) : manifest(detail::read_manifest(dir)) {
+  Ort::SessionOptions so = make_session_options(options, manifest);
+  prefill_graph = open_graph(env, manifest.dir / "model.onnx", so);
+  decode_graph = open_graph(env, manifest.dir / "decode.onnx", so);
+  logits_type = check_graph_io("model.onnx", prefill_graph, manifest);
+  if (check_graph_io("decode.onnx", decode_graph, manifest) != logits_type) {
+    throw Error("decode.onnx: logits dtype differs from model.onnx's " + std::string(dtype_name(logits_type)));
+  }
+  info = {manifest.dir.string(), manifest.n_layer, manifest.d_inner, manifest.d_conv, manifest.d_state,
+          manifest.vocab_size, dtype_name(logits_type),
+          options.custom_ops ? manifest.custom_op_library.string() : std::string(), manifest.byte_level};
+
+  input_names = {"input_ids"};
+  output_names = {"logits"};
+  for (auto& [name, spec] : state_specs(manifest, "past_conv.", "past_ssm.")) {
+    input_names.push_back(name);
+    for (auto& buffers : states) buffers.push_back(zeros(alloc, {1, spec.shape[1], spec.shape[2]}, spec.type));
+  }
+  for (auto& [name, spec] : state_specs(manifest, "present_conv.", "present_ssm.")) output_names.push_back(name);
+  for (auto& n : input_names) input_cnames.push_back(n.c_str());
+  for (auto& n : output_names) output_cnames.push_back(n.c_str());
+  step_ids = zeros(alloc, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+  step_logits = zeros(alloc, {1, 1, manifest.vocab_size}, logits_type);
+  logits.resize(size_t(manifest.vocab_size));
+}
+
+void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out) {
+  std::vector<const OrtValue*> inputs{ids};
+  std::vector<OrtValue*> outputs{logits_out};  // nullptr: onnxruntime allocates it
+  for (auto& v : states[current]) inputs.push_back(v);
+  for (auto& v : states[1 - current]) outputs.push_back(v);
+  ort_call(std::string(file) + ": run failed", [&] {
+    Ort::ThrowOnError(Ort::GetApi().Run(graph, nullptr, input_cnames.data(), inputs.data(), inputs.size(),
+                                        output_cnames.data(), output_cnames.size(), outputs.data()));
+  });
+  if (!logits_out) logits_out = Ort::Value(outputs[0]);
+  current = 1 - current;
+}
+
+void Model::Impl::take_last_logits(const Ort::Value& out) {
+  auto shape = out.GetTensorTypeAndShapeInfo().GetShape();
+  size_t offset = size_t(shape[1] - 1) * size_t(shape[2]);
+  switch (logits_type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: last_row<Ort::Float16_t>(out, offset, logits); break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: last_row<Ort::BFloat16_t>(out, offset, logits); break;
+    default: last_row<float>(out, offset, logits); break;
+  }
+  if (!std::all_of(logits.begin(), logits.end(), [](float x) { return std::isfinite(x); })) {
+    throw Error("the model produced non-finite logits (NaN or infinity)");
+  }
+}
+
+void Model::Impl::check_token(int64_t id, size_t position) const {
+  if (id < 0 || id >= manifest.vocab_size) {
+    throw Error("token id " + std::to_string(id) + " at position " + std::to_string(position) +
+                " is out of range [0, " + std::to_string(manifest.vocab_size) + ")");
+  }
+}
+
+Model::Model(const std::string& export_dir, const SessionOptions& options)
+    : impl_(ort_call("onnxruntime", [&] { return std::make_unique<Impl>(export_dir, options); })) {}
+Model::~Model() = default;
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+
+const ModelInfo& Model::info() const { return impl_->info; }
+
+void Model::reset() {
+  for (auto& v : impl_->states[impl_->current]) {
+    auto info = v.GetTensorTypeAndShapeInfo();
+    std::fill_n(v.GetTensorMutableData<float>(), info.GetElementCount(), 0.0f);
+  }
+}
+
+const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
+  if (ids.empty()) throw Error("empty prompt: give at least one token id");
+  for (size_t i = 0; i < ids.size(); ++i) impl_->check_token(ids[i], i);
+  std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
+  std::array<int64_t, 2> shape{1, int64_t(ids.size())};
+  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
+  Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data(), buffer.size(), shape.data(), shape.size());
+  Ort::Value out{nullptr};
+  impl_->run(impl_->prefill_graph, "model.onnx", input, out);
+  impl_->take_last_logits(out);
+  return impl_->logits;
+}
+
+const std::vector<float>& Model::step(int64_t id) {
+  impl_->check_token(id, 0);
+  *impl_->step_ids.GetTensorMutableData<int64_t>() = id;
+  impl_->run(impl_->decode_graph, "decode.onnx", impl_->step_ids, impl_->step_logits);
+  impl_->take_last_logits(impl_->step_logits);
+  return impl_->logits;
+}
+
+Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOptions& options) {
+  if (options.max_new_tokens < 1) {
+    throw Error("max_new_tokens must be at least 1, found " + std::to_string(options.max_new_tokens));
+  }
+  for (int64_t stop : options.stop_tokens) impl_->check_token(stop, 0);
+  Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
+  auto pick = [&](const std::vector<float>& logits) { return options.greedy ? argmax(logits) : sampler.sample(logits); };
+  auto is_stop = [&](int64_t t) {
+    return std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) != options.stop_tokens.end();
+  };
+
+  Generation g;
+  reset();
+  auto start = std::chrono::steady_clock::now();
+  g.tokens.push_back(pick(prefill(prompt)));
+  g.prefill_ms = ms_since(start);
+  start = std::chrono::steady_clock::now();
+  while (!(g.stopped = is_stop(g.tokens.back())) && int(g.tokens.size()) < options.max_new_tokens) {
+    g.tokens.push_back(pick(step(g.tokens.back())));
+  }
+  g.decode_ms = ms_since(start);
+  return g;
+}
+
+}  // namespace mamba

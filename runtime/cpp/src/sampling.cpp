@@ -1,0 +1,53 @@
+// Picking the next token from float32 logits: argmax, and seeded temperature / top-k sampling.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+
+#include "mamba_runtime.hpp"
+
+namespace mamba {
+
+int64_t argmax(const std::vector<float>& logits) {
+  if (logits.empty()) throw Error("argmax: empty logits");
+  return std::max_element(logits.begin(), logits.end()) - logits.begin();
+}
+
+Sampler::Sampler(float temperature, int top_k, uint64_t seed) : temperature_(temperature), top_k_(top_k), state_(seed) {
+  if (!(temperature > 0.0f) || !std::isfinite(temperature)) {
+    throw Error("temperature must be a positive number, found " + std::to_string(temperature));
+  }
+  if (top_k < 0) throw Error("top_k must be >= 0 (0 = the whole vocabulary), found " + std::to_string(top_k));
+}
+
+double Sampler::uniform() {
+  // splitmix64: tiny, well mixed, and unlike std::*_distribution the same on every standard library.
+  uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return double(z >> 11) * 0x1.0p-53;
+}
+
+int64_t Sampler::sample(const std::vector<float>& logits) {
+  if (logits.empty()) throw Error("sample: empty logits");
+  size_t k = top_k_ == 0 ? logits.size() : std::min(size_t(top_k_), logits.size());
+  std::vector<int64_t> order(logits.size());
+  std::iota(order.begin(), order.end(), 0);
+  // Largest first; ties by the smaller id, so the candidate set does not depend on the sort's stability.
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  std::vector<double> weights(k);
+  double top = logits[order[0]];
+  for (size_t i = 0; i < k; ++i) weights[i] = std::exp((double(logits[order[i]]) - top) / temperature_);
+  double total = std::accumulate(weights.begin(), weights.end(), 0.0);
+  double target = uniform() * total;
+  for (size_t i = 0; i < k; ++i) {
+    target -= weights[i];
+    if (target < 0) return order[i];
+  }
+  return order[k - 1];  // rounding left a sliver of mass past the last weight
+}
+
+}  // namespace mamba

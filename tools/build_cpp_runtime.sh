@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build the C++ runtime (runtime/cpp): libmamba_runtime.a and the mamba_generate example, in runtime/cpp/build/.
+#
+# Needs cmake, a C++17 compiler, the onnxruntime headers (fetched by tools/fetch_ort_headers.sh when missing) and the
+# onnxruntime Python wheel in $PYTHON (default .venv/bin/python), whose libonnxruntime the programs link against.
+# Idempotent and incremental: a second run with nothing changed only re-checks (about a second).
+# Prints the path of mamba_generate as its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+BUILD=runtime/cpp/build
+if ! "$PY" -c "import onnxruntime" 2>/dev/null; then
+  echo "build_cpp_runtime: $PY has no onnxruntime; run bash tools/setup.sh (or set PYTHON)" >&2
+  exit 1
+fi
+for tool in cmake c++; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "build_cpp_runtime: $tool not found; install it (Debian: apt-get install cmake g++)" >&2
+    exit 1
+  fi
+done
+bash tools/fetch_ort_headers.sh
+mkdir -p "$BUILD"
+cmake -S runtime/cpp -B "$BUILD" -DMAMBA_PYTHON="$("$PY" -c 'import sys; print(sys.executable)')" \
+  >"$BUILD/configure.log" 2>&1 || {
+  cat "$BUILD/configure.log" >&2
+  exit 1
+}
+cmake --build "$BUILD" -j "${JOBS:-2}" >&2
+echo "$PWD/$BUILD/mamba_generate"
