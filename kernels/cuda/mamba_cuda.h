@@ -1,0 +1,79 @@
+// Launchers of the Mamba-1 CUDA kernels: plain device pointers, sizes and a stream. No onnxruntime here.
+//
+// Layouts are the custom-op contract's (docs/CONTRACTS.md), all contiguous row-major:
+//   activations (T = float32, float16 or bfloat16): u, delta, z, x, y [b, l, e]; B, C [b, l, n]; xz [b, 1, 2e]
+//   float32: A [e, n], D, delta_bias, conv bias [e], conv weight [e, k], x_proj weight [r + 2n, e],
+//            dt_proj weight [e, r], conv state [b, e, k - 1], ssm state [b, e, n].
+// All state arithmetic is float32 whatever T is. Inputs and outputs must not overlap.
+// Every launcher returns cudaSuccess or the first CUDA error (launch errors included); it never synchronizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace mamba_cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+constexpr int64_t kMaxDState = 256;  // largest d_state the scan kernels hold in registers
+constexpr int64_t kMaxDConv = 16;    // largest d_conv of the convolutions
+
+// y = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_in) and the final state.
+struct SelectiveScanArgs {
+  DType dtype;
+  int64_t batch, seqlen, dim, dstate;  // b, l, e, n
+  bool delta_softplus;
+  const void* u;            // [b, l, e] T
+  const void* delta;        // [b, l, e] T
+  const float* A;           // [e, n]
+  const void* B;            // [b, l, n] T
+  const void* C;            // [b, l, n] T
+  const float* D;           // [e]
+  const void* z;            // [b, l, e] T
+  const float* delta_bias;  // [e]
+  const float* state_in;    // [b, e, n]
+  void* y;                  // [b, l, e] T
+  float* state_out;         // [b, e, n]
+};
+cudaError_t selective_scan(const SelectiveScanArgs& a, cudaStream_t stream);
+
+// Causal depthwise convolution continuing from conv_state_in; conv_state_out = the last k - 1 inputs.
+struct CausalConv1dArgs {
+  DType dtype;
+  int64_t batch, seqlen, dim, width;  // b, l, e, k
+  bool silu;
+  const void* x;              // [b, l, e] T
+  const float* state_in;      // [b, e, k - 1]
+  const float* weight;        // [e, k]
+  const float* bias;          // [e]
+  void* y;                    // [b, l, e] T
+  float* state_out;           // [b, e, k - 1]
+};
+cudaError_t causal_conv1d(const CausalConv1dArgs& a, cudaStream_t stream);
+
+// One token of a Mamba mixer between in_proj and out_proj (MambaMixer.step): conv step + SiLU, x_proj, dt_proj,
+// softplus, state update, output, gate. Needs a float32 device workspace of decode_step_workspace_bytes().
+struct DecodeStepArgs {
+  DType dtype;
+  int64_t batch, dim, dstate, width, dt_rank;  // b, e, n, k, r
+  const void* xz;                // [b, 1, 2e] T
+  const float* conv_state_in;    // [b, e, k - 1]
+  const float* ssm_state_in;     // [b, e, n]
+  const float* conv_weight;      // [e, k]
+  const float* conv_bias;        // [e]
+  const float* x_proj_weight;    // [r + 2n, e]
+  const float* dt_proj_weight;   // [e, r]
+  const float* dt_bias;          // [e]
+  const float* A;                // [e, n]
+  const float* D;                // [e]
+  void* y;                       // [b, 1, e] T
+  float* conv_state_out;         // [b, e, k - 1]
+  float* ssm_state_out;          // [b, e, n]
+  float* workspace;              // decode_step_workspace_bytes(batch, dim, dstate, dt_rank) bytes, 16-byte aligned
+};
+size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
+cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream);
+
+}  // namespace mamba_cuda
