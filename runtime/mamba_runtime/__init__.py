@@ -1,8 +1,17 @@
 """mamba_runtime: run mamba-export export directories with onnxruntime, without torch.
 
-Importing this package must never import torch (a test checks it).
+Importing this package must never import torch (a test checks it). Start with :class:`MambaRuntime`.
 """
 
+from .errors import ExportDirError, GenerationInputError, MambaExportError, SnapshotError
+from .generation import Generation, GenerationResult
 from .library import LIBRARY_NAME, custom_op_library_path
+from .runtime import MambaRuntime
+from .sampling import SamplingConfig
+from .sessions import CustomOpsFallbackWarning
 
-__all__ = ["LIBRARY_NAME", "custom_op_library_path"]
+__all__ = [
+    "LIBRARY_NAME", "CustomOpsFallbackWarning", "ExportDirError", "Generation", "GenerationInputError",
+    "GenerationResult", "MambaExportError", "MambaRuntime", "SamplingConfig", "SnapshotError",
+    "custom_op_library_path",
+]

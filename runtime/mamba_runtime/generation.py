@@ -1,0 +1,210 @@
+"""A batch of sequences being generated, step by step, and its snapshots.
+
+Shapes: b batch, V vocabulary, L n_layer, E d_inner, K d_conv, N d_state.
+
+A :class:`Generation` holds, between steps, either the logits still to sample from (right after prefill) or the
+tokens sampled last and not yet fed to the model ("pending"); the next :meth:`Generation.step` feeds them. So a
+snapshot taken between any two steps (state, pending tokens or logits, tokens so far, generator states) restores to
+exactly the same continuation, also in another process.
+
+Sequences of a batch are prefilled one by one (no padding enters any state) and decoded together. A sequence that
+has finished (stop token or its token limit) keeps being fed a dummy token until the whole batch is done; its
+outputs are dropped and it draws nothing from its generator, so the others are not affected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GenerationInputError, SnapshotError
+from .sampling import Sampler, SamplingConfig
+
+SNAPSHOT_FORMAT = "mamba-runtime-snapshot"
+SNAPSHOT_VERSION = 1
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Output of :meth:`MambaRuntime.generate`.
+
+    Attributes:
+        tokens: per sequence, the generated ids (ending with the stop token when one was hit).
+        finish_reasons: per sequence "stop" (a stop token), "length" (max_new_tokens) or "cancelled" (callback).
+        texts: per sequence the decoded text without a final stop token, when the export has a tokenizer.
+        timings: prefill_ms, ttft_ms (prefill and the first token), decode_ms_per_step (median),
+            decode_steps, total_ms, tokens_per_s (generated tokens of all sequences / total time).
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    texts: list[str] | None
+    timings: dict
+
+
+class Generation:
+    """Sequences being generated. Make one with :meth:`MambaRuntime.start` or :meth:`MambaRuntime.restore`.
+
+    Iterating yields the tokens of each step (b,) (-1 for sequences already finished) until all are finished.
+    """
+
+    def __init__(self, runtime, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
+                 stop_tokens: frozenset[int]):
+        self.runtime = runtime
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.stop_tokens = stop_tokens
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.finish_reasons: list[str | None] = [None for _ in prompts]
+        self.sampler = Sampler(sampling, len(prompts), runtime.info.vocab_size)
+        for i, p in enumerate(prompts):
+            self.sampler.observe([i] * len(p), p)
+        self.state = runtime.new_state(len(prompts))
+        self._logits: np.ndarray | None = None  # (b, V) to sample from, right after prefill
+        self._pending: np.ndarray | None = None  # (b,) sampled, not yet fed
+        self.prefill_s = 0.0
+        self.first_token_s: float | None = None
+        self.step_s: list[float] = []
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+    def prefill(self) -> None:
+        """Run every prompt from the start of a sequence (one at a time) and load the batch state."""
+        t0 = time.perf_counter()
+        logits, convs, ssms = zip(*(self.runtime.prefill_one(p) for p in self.prompts))
+        self.state.upload(np.concatenate(convs, axis=1), np.concatenate(ssms, axis=1))
+        self._logits = np.stack(logits)
+        self.prefill_s = time.perf_counter() - t0
+
+    def step(self) -> np.ndarray:
+        """Generate one token per unfinished sequence: returns (b,) int64, -1 where a sequence had finished."""
+        if self.done:
+            raise GenerationInputError("this generation is finished; start a new one")
+        t0 = time.perf_counter()
+        if self._pending is not None:
+            logits = self.state.step(self._pending)
+        else:
+            logits = self._logits
+        active = np.array([r is None for r in self.finish_reasons])
+        new = self.sampler(logits, active)
+        self._logits = None
+        self._record(new, active)
+        self._pending = np.where(active, new, 0)
+        elapsed = time.perf_counter() - t0
+        if self.first_token_s is None:
+            self.first_token_s = self.prefill_s + elapsed
+        else:
+            self.step_s.append(elapsed)
+        return new
+
+    def _record(self, new: np.ndarray, active: np.ndarray) -> None:
+        rows = np.flatnonzero(active)
+        self.sampler.observe(rows, new[rows])
+        for i in rows:
+            t = int(new[i])
+            self.tokens[i].append(t)
+            if t in self.stop_tokens:
+                self.finish_reasons[i] = "stop"
+            elif len(self.tokens[i]) >= self.max_new_tokens:
+                self.finish_reasons[i] = "length"
+
+    def cancel(self) -> None:
+        """Finish every unfinished sequence now (reason "cancelled")."""
+        self.finish_reasons = [r or "cancelled" for r in self.finish_reasons]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while not self.done:
+            yield self.step()
+
+    def run(self, callback: Callable[[np.ndarray], bool | None] | None = None) -> GenerationResult:
+        """Step until every sequence is finished, or until ``callback(new_tokens)`` returns True (then "cancelled")."""
+        t0 = time.perf_counter()
+        for new in self:
+            if callback is not None and callback(new):
+                self.cancel()
+        return self.result(time.perf_counter() - t0 + self.prefill_s)
+
+    def result(self, total_s: float) -> GenerationResult:
+        texts = None
+        if self.runtime.codec is not None:
+            texts = [self.runtime.codec.decode(t[:-1] if r == "stop" else t)
+                     for t, r in zip(self.tokens, self.finish_reasons)]
+        n = sum(map(len, self.tokens))
+        timings = {
+            "prefill_ms": self.prefill_s * 1e3,
+            "ttft_ms": (self.first_token_s or 0.0) * 1e3,
+            "decode_ms_per_step": statistics.median(self.step_s) * 1e3 if self.step_s else None,
+            "decode_steps": len(self.step_s),
+            "total_ms": total_s * 1e3,
+            "tokens_per_s": n / total_s if total_s > 0 else None,
+        }
+        return GenerationResult([list(t) for t in self.tokens], [r or "unfinished" for r in self.finish_reasons],
+                                texts, timings)
+
+    # ---- snapshots --------------------------------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """Everything needed to continue exactly from here, as bytes (an .npz archive with a JSON header)."""
+        conv, ssm = self.state.download()
+        meta = {
+            "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "export_id": self.runtime.info.export_id,
+            "prompts": self.prompts, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
+            "max_new_tokens": self.max_new_tokens, "stop_tokens": sorted(self.stop_tokens),
+            "sampling": {**self.sampling.to_dict(), "seed": self.sampler.seed}, "rng": self.sampler.rng_states(),
+        }
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), "conv": conv, "ssm": ssm}
+        if self._pending is not None:
+            arrays["pending"] = self._pending
+        else:
+            arrays["logits"] = self._logits
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`snapshot` to ``path``."""
+        Path(path).write_bytes(self.snapshot())
+
+
+def load_snapshot(runtime, data: bytes) -> Generation:
+    """Inverse of :meth:`Generation.snapshot` for ``runtime`` (the same export)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays["meta"].tobytes())
+    except Exception as e:  # zipfile, numpy and json each raise their own types for a damaged archive
+        raise SnapshotError(f"not a readable snapshot ({type(e).__name__}: {e})") from None
+    if meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != SNAPSHOT_VERSION:
+        raise SnapshotError(f"not a {SNAPSHOT_FORMAT} version {SNAPSHOT_VERSION} (found {meta.get('format')!r} "
+                            f"version {meta.get('version')!r})")
+    if meta["export_id"] != runtime.info.export_id:
+        raise SnapshotError(f"snapshot was taken with another export (id {meta['export_id']}, this one is "
+                            f"{runtime.info.export_id})")
+    gen = Generation(runtime, meta["prompts"], meta["max_new_tokens"], SamplingConfig(**meta["sampling"]),
+                     frozenset(meta["stop_tokens"]))
+    gen.tokens, gen.finish_reasons = meta["tokens"], meta["finish_reasons"]
+    for i, t in enumerate(gen.tokens):
+        gen.sampler.observe([i] * len(t), t)
+    gen.sampler.set_rng_states(meta["rng"])
+    conv_shape, ssm_shape = runtime.info.state_shapes(gen.batch)
+    for name, shape in (("conv", conv_shape), ("ssm", ssm_shape)):
+        if arrays.get(name) is None or arrays[name].shape != (runtime.info.n_layer, *shape):
+            raise SnapshotError(f"snapshot {name} state has shape {getattr(arrays.get(name), 'shape', None)}, "
+                                f"expected {(runtime.info.n_layer, *shape)}")
+    gen.state.upload(arrays["conv"], arrays["ssm"])
+    gen._pending, gen._logits = arrays.get("pending"), arrays.get("logits")
+    gen.first_token_s = 0.0 if any(gen.tokens) else None
+    return gen

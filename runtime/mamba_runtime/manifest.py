@@ -1,0 +1,138 @@
+"""Opening an export directory: its manifest.json, checked against the files beside it (docs/CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import ExportDirError
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+REQUIRED_GRAPHS = ("model.onnx", "decode.onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """What the runtime needs to know about an export directory.
+
+    Attributes:
+        path: the directory.
+        manifest: manifest.json as read.
+        n_layer, d_inner, d_conv, d_state, vocab_size: the model's sizes (states: conv (b, d_inner, d_conv - 1) and
+            ssm (b, d_inner, d_state) per layer, float32).
+        dtype: the activation/logits dtype name ("float32", "float16", "bfloat16").
+        prefill_graph: "model_last.onnx" when present (logits of the last position only), else "model.onnx".
+        library: file name of the custom-op library in the directory, or None when the export ships none.
+        export_id: a digest of the manifest's checksums: equal for the same export, also in another process.
+    """
+
+    path: Path
+    manifest: dict
+    n_layer: int
+    d_inner: int
+    d_conv: int
+    d_state: int
+    vocab_size: int
+    dtype: str
+    prefill_graph: str
+    library: str | None
+    export_id: str
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Shapes of one layer's conv and ssm state for ``batch`` sequences."""
+        return (batch, self.d_inner, self.d_conv - 1), (batch, self.d_inner, self.d_state)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(d: Path) -> dict:
+    if not d.exists():
+        raise ExportDirError(f"{d}: export directory does not exist")
+    if not d.is_dir():
+        raise ExportDirError(f"{d}: not a directory (give the directory written by 'mamba-export export')")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ExportDirError(f"{path}: missing (is {d} an export directory written by 'mamba-export export'?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ExportDirError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ExportDirError(
+            f"{path}: format_version {version!r} is not supported by this runtime (supported: "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version of mamba-export"
+        )
+    return manifest
+
+
+def _checksums(manifest: dict, path: Path) -> dict[str, str]:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ExportDirError(f"{path}: 'files' must map each file name to its sha256")
+    out = {}
+    for name, entry in files.items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else entry
+        if not isinstance(digest, str) or len(digest) != 64 or Path(name).name != name:
+            raise ExportDirError(f"{path}: bad entry for file {name!r} in 'files': {entry!r}")
+        out[name] = digest
+    return out
+
+
+def _verify_files(d: Path, checksums: dict[str, str], verify: bool) -> None:
+    for name in REQUIRED_GRAPHS:
+        if name not in checksums:
+            raise ExportDirError(f"{d / MANIFEST}: does not list {name}, which every export has")
+    for name, digest in checksums.items():
+        f = d / name
+        if not f.is_file():
+            raise ExportDirError(f"{f}: missing (listed in {MANIFEST}); the export directory is incomplete")
+        if verify and sha256_file(f) != digest:
+            raise ExportDirError(f"{f}: sha256 does not match {MANIFEST} (file changed or corrupted); re-export it")
+
+
+def _config_int(config: dict, key: str, path: Path) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ExportDirError(f"{path}: config.{key} must be a positive integer, found {value!r}")
+    return value
+
+
+def open_export_dir(path: str | Path, verify: bool = True) -> ExportInfo:
+    """Read and check ``path/manifest.json``: format version, every listed file present and (``verify``) its sha256.
+
+    Raises:
+        ExportDirError: one line naming the file and what is wrong.
+    """
+    d = Path(path)
+    manifest = _read_manifest(d)
+    mpath = d / MANIFEST
+    checksums = _checksums(manifest, mpath)
+    _verify_files(d, checksums, verify)
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise ExportDirError(f"{mpath}: 'config' must be an object with the model's sizes")
+    sizes = {k: _config_int(config, k, mpath) for k in ("n_layer", "d_inner", "d_conv", "d_state", "vocab_size")}
+    library = manifest.get("custom_op_library")
+    if library is not None and library not in checksums:
+        raise ExportDirError(f"{mpath}: custom_op_library {library!r} is not among the listed files")
+    dtype = manifest.get("dtype", "float32")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ExportDirError(f"{mpath}: dtype {dtype!r} is not one of float32, float16, bfloat16")
+    digest = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()[:16]
+    return ExportInfo(
+        path=d, manifest=manifest, **sizes, dtype=dtype,
+        prefill_graph="model_last.onnx" if "model_last.onnx" in checksums else "model.onnx",
+        library=library, export_id=digest,
+    )

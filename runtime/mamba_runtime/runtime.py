@@ -1,0 +1,160 @@
+"""The Python runtime: open an export directory, then generate from token ids or text.
+
+Example::
+
+    from mamba_runtime import MambaRuntime, SamplingConfig
+
+    rt = MambaRuntime("out/")                                   # checks manifest.json and the checksums
+    print(rt.generate("Hello", max_new_tokens=20).texts[0])     # greedy
+    for tok in rt.stream([1, 2, 3], 50, SamplingConfig(temperature=0.8, top_p=0.9, seed=0)):
+        ...
+    gen = rt.start(["a", "longer prompt"], 100)                  # a batch of uneven prompts
+    gen.step(); blob = gen.snapshot()                            # ... later, maybe in another process:
+    rt.restore(blob).run()
+
+Prefill runs model_last.onnx (or model.onnx) per prompt, decode runs decode.onnx once per token for the whole batch
+with the state kept on the device (see :mod:`.state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .device import select_device
+from .errors import GenerationInputError, SnapshotError
+from .generation import Generation, GenerationResult, load_snapshot
+from .manifest import ExportInfo, open_export_dir
+from .sampling import SamplingConfig
+from .sessions import check_io, open_session, resolve_library, session_options
+from .state import DeviceState, prefill
+from .tokenizer import load_codec, require_codec
+
+Prompt = str | Iterable[int]
+
+
+class MambaRuntime:
+    """An opened export directory, ready to generate.
+
+    Args:
+        export_dir: the directory written by ``mamba-export export``.
+        provider: "cpu", "cuda" or "auto" (CUDA when this onnxruntime has it). ``self.device.name`` says which.
+        threads: onnxruntime intra-op threads (None: its default, one per physical core).
+        custom_ops: "auto" (the library when found, else the graphs' function fallbacks with a warning),
+            "require" or "off". ``self.custom_op_library`` is the registered path or None.
+        verify: check every file's sha256 against the manifest (reads every byte once).
+        max_batch: the largest batch :meth:`start` accepts.
+    """
+
+    def __init__(self, export_dir: str | Path, *, provider: str = "auto", threads: int | None = None,
+                 custom_ops: str = "auto", verify: bool = True, max_batch: int = 256):
+        self.info: ExportInfo = open_export_dir(export_dir, verify)
+        self.device = select_device(provider)
+        self.custom_op_library = resolve_library(self.info, custom_ops)
+        self.threads = threads
+        self.max_batch = max_batch
+        self.codec = load_codec(self.info.path)
+        so = session_options(threads, self.custom_op_library)
+        self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
+        self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())
+        check_io(self.prefill_session, self.info, self.info.prefill_graph)
+        self.logits_dtype = check_io(self.decode_session, self.info, "decode.onnx")
+        self._zero_state = [tuple(self.device.zeros(s, np.float32) for s in self.info.state_shapes(1))
+                            for _ in range(self.info.n_layer)]
+
+    # ---- text -------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (needs tokenizer.json or byte_vocab.json in the export)."""
+        return require_codec(self.codec, "text input").encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return require_codec(self.codec, "text output").decode(list(ids))
+
+    # ---- building blocks --------------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> DeviceState:
+        """Zero state for ``batch`` sequences on the device, with decode.onnx bound to it."""
+        return DeviceState(self.decode_session, self.device, self.info.state_shapes(batch), self.info.n_layer,
+                           self.logits_dtype, self.info.vocab_size)
+
+    def prefill_one(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One prompt from a zero state: last logits (V,), conv (L, 1, E, K-1), ssm (L, 1, E, N)."""
+        return prefill(self.prefill_session, self.device, self._zero_state, ids)
+
+    def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            arr = np.asarray(list(prompt))
+            if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+                raise GenerationInputError(f"prompt {index}: expected text or a flat list of integer token ids")
+            ids = [int(t) for t in arr]
+        if not ids:
+            raise GenerationInputError(f"prompt {index} is empty: give at least one token")
+        self._check_ids(ids, f"prompt {index}")
+        return ids
+
+    def _check_ids(self, ids: Iterable[int], what: str) -> None:
+        v = self.info.vocab_size
+        for j, t in enumerate(ids):
+            if not 0 <= t < v:
+                raise GenerationInputError(f"{what}: token id {t} at position {j} is outside the vocabulary [0, {v})")
+
+    def _prompts(self, prompts: Prompt | list[Prompt]) -> list[list[int]]:
+        """One prompt (text or ids) or a list of them -> a list of id lists."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple, np.ndarray)) and len(prompts) > 0
+                                        and np.isscalar(prompts[0])):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise GenerationInputError("no prompt given")
+        if len(prompts) > self.max_batch:
+            raise GenerationInputError(f"batch of {len(prompts)} prompts is over the limit of {self.max_batch} "
+                                       "(max_batch)")
+        return [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
+              stop_tokens: Iterable[int] = ()) -> Generation:
+        """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationInputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
+        stops = frozenset(int(t) for t in stop_tokens)
+        self._check_ids(sorted(stops), "stop tokens")
+        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling or SamplingConfig(), stops)
+        gen.prefill()
+        return gen
+
+    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
+                 stop_tokens: Iterable[int] = (),
+                 callback: Callable[[np.ndarray], bool | None] | None = None) -> GenerationResult:
+        """Generate for one prompt or a batch; ``callback(new_tokens (b,))`` returning True stops early."""
+        return self.start(prompts, max_new_tokens, sampling, stop_tokens).run(callback)
+
+    def stream(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
+               stop_tokens: Iterable[int] = ()) -> Iterator[int]:
+        """Token ids of one prompt's continuation as they are generated (stop by leaving the loop)."""
+        for new in self.start(prompt, max_new_tokens, sampling, stop_tokens):
+            yield int(new[0])
+
+    def stream_text(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
+                    stop_tokens: Iterable[int] = ()) -> Iterator[str]:
+        """Pieces of text of one prompt's continuation as they complete (a stop token is not printed)."""
+        decoder = require_codec(self.codec, "text output").stream()
+        stops = frozenset(stop_tokens)
+        for tok in self.stream(prompt, max_new_tokens, sampling, stops):
+            if tok not in stops:
+                if piece := decoder.push(tok):
+                    yield piece
+        if tail := decoder.flush():
+            yield tail
+
+    def restore(self, snapshot: bytes | str | Path) -> Generation:
+        """A :class:`Generation` from :meth:`Generation.snapshot` bytes or a file written by ``Generation.save``."""
+        if isinstance(snapshot, bytes):
+            return load_snapshot(self, snapshot)
+        path = Path(snapshot)
+        if not path.is_file():
+            raise SnapshotError(f"{path}: snapshot file does not exist")
+        return load_snapshot(self, path.read_bytes())

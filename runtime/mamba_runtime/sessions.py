@@ -1,0 +1,89 @@
+"""onnxruntime sessions for an export directory: options, threads, the custom-op library, I/O checks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ExportDirError, GenerationInputError, MambaExportError
+from .library import custom_op_library_path
+from .manifest import ExportInfo
+
+CUSTOM_OPS_MODES = ("auto", "require", "off")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class CustomOpsFallbackWarning(UserWarning):
+    """The custom-op library is not used: the ops run as their (slower) ONNX-function fallbacks in the graphs."""
+
+
+def resolve_library(info: ExportInfo, mode: str) -> str | None:
+    """Path of the custom-op library to register, or None to run the graphs' function fallbacks.
+
+    ``mode``: "auto" (the export's copy, else the package's build, else the fallback with a
+    :class:`CustomOpsFallbackWarning`), "require" (an error instead of the fallback), "off" (always the fallback).
+    """
+    if mode not in CUSTOM_OPS_MODES:
+        raise GenerationInputError(f"custom_ops must be one of {', '.join(CUSTOM_OPS_MODES)}; found {mode!r}")
+    if mode == "off":
+        return None
+    if info.library is not None:
+        return str(info.path / info.library)
+    try:
+        return custom_op_library_path()
+    except MambaExportError as e:  # not built
+        if mode == "require":
+            raise ExportDirError(f"{info.path}: the export ships no custom-op library and {e}") from None
+        warnings.warn(f"{info.path}: no custom-op library in the export or the package; running the ONNX-function "
+                      "fallbacks of the custom ops (same results, slower)", CustomOpsFallbackWarning, stacklevel=3)
+        return None
+
+
+def session_options(threads: int | None, library: str | None, profile_prefix: str | None = None):
+    """SessionOptions: ``threads`` intra-op threads (None: onnxruntime's default), one inter-op thread, full graph
+    optimisation, the library registered, and onnxruntime's profiler on when ``profile_prefix`` is given."""
+    so = ort.SessionOptions()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise GenerationInputError(f"threads must be a positive integer, found {threads!r}")
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if library is not None:
+        try:
+            so.register_custom_ops_library(library)
+        except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
+            raise ExportDirError(f"{library}: cannot load the custom-op library ({e}); "
+                                 "run without it with custom_ops='off' (--no-custom-ops)") from None
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def open_session(path: Path, so, providers: list) -> ort.InferenceSession:
+    """An InferenceSession of ``path``; a graph onnxruntime cannot load is an :class:`ExportDirError`."""
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime's InvalidGraph, Fail, NoSuchFile ... share no public base class
+        raise ExportDirError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def check_io(session: ort.InferenceSession, info: ExportInfo, name: str) -> np.dtype:
+    """Check a graph's I/O names against the contract; return the numpy dtype of its logits."""
+    want_in = ["input_ids"] + [f"past_{k}.{i}" for i in range(info.n_layer) for k in ("conv", "ssm")]
+    want_out = ["logits"] + [f"present_{k}.{i}" for i in range(info.n_layer) for k in ("conv", "ssm")]
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
+        raise ExportDirError(f"{info.path / name}: graph inputs/outputs {got_in} -> {got_out} do not follow the "
+                             f"contract for {info.n_layer} layers")
+    logits_type = next(o.type for o in session.get_outputs() if o.name == "logits")
+    if logits_type not in _ORT_TYPES:
+        raise ExportDirError(f"{info.path / name}: logits of type {logits_type} are not supported by this runtime")
+    return np.dtype(_ORT_TYPES[logits_type])

@@ -1,0 +1,100 @@
+"""The recurrent state of a batch on the device, and the two graphs that advance it.
+
+Symbols: b batch, L n_layer, E d_inner, K d_conv, N d_state, V vocab_size, l prompt length.
+
+Decode double-buffers the state: two sets of per-layer OrtValues (conv (b, E, K-1), ssm (b, E, N), float32) and two
+IOBindings of decode.onnx built once, one reading set 0 and writing set 1, the other the reverse. A step writes the
+new token ids into a host buffer bound as ``input_ids``, runs the binding that reads the current set, and flips
+``current``: no state crosses Python per token and nothing is allocated. Only the logits (b, V) come to the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+
+def _state_names(n_layer: int, prefix: str) -> list[tuple[str, str]]:
+    return [(f"{prefix}_conv.{i}", f"{prefix}_ssm.{i}") for i in range(n_layer)]
+
+
+class DeviceState:
+    """Per-layer state OrtValues of ``batch`` sequences, double-buffered, with decode.onnx bound to them.
+
+    Args:
+        session: the decode.onnx session.
+        device: a :mod:`~mamba_runtime.device` device.
+        shapes: (conv shape, ssm shape) of one layer for this batch.
+        n_layer: L.
+        logits_dtype: numpy dtype of decode.onnx's logits.
+        vocab_size: V.
+    """
+
+    def __init__(self, session: ort.InferenceSession, device, shapes, n_layer: int, logits_dtype, vocab_size: int):
+        self.session, self.device, self.n_layer = session, device, n_layer
+        batch = shapes[0][0]
+        self.sets = [[tuple(device.zeros(s, np.float32) for s in shapes) for _ in range(n_layer)] for _ in range(2)]
+        self.ids = np.zeros((batch, 1), dtype=np.int64)
+        self._ids_value = ort.OrtValue.ortvalue_from_numpy(self.ids)  # shares memory with self.ids
+        self._logits = device.zeros((batch, 1, vocab_size), logits_dtype)
+        self.bindings = [self._bind(src) for src in (0, 1)]
+        self.current = 0
+
+    def _bind(self, src: int) -> ort.IOBinding:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._ids_value)
+        binding.bind_ortvalue_output("logits", self._logits)
+        names = zip(_state_names(self.n_layer, "past"), _state_names(self.n_layer, "present"))
+        for (past, present), read, write in zip(names, self.sets[src], self.sets[1 - src]):
+            for k in (0, 1):
+                binding.bind_ortvalue_input(past[k], read[k])
+                binding.bind_ortvalue_output(present[k], write[k])
+        return binding
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per sequence: tokens (b,) int -> logits (b, V), a host view valid until the next step."""
+        self.ids[:, 0] = tokens
+        self.session.run_with_iobinding(self.bindings[self.current])
+        self.current ^= 1
+        return self.device.to_host(self._logits)[:, 0]
+
+    def download(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the current state: conv (L, b, E, K-1), ssm (L, b, E, N)."""
+        layers = self.sets[self.current]
+        return tuple(np.stack([np.array(self.device.to_host(layer[k])) for layer in layers]) for k in (0, 1))
+
+    def upload(self, conv: np.ndarray, ssm: np.ndarray) -> None:
+        """Make conv (L, b, E, K-1) and ssm (L, b, E, N) the current state."""
+        for layer, c, s in zip(self.sets[self.current], conv, ssm, strict=True):
+            self.device.upload(layer[0], np.ascontiguousarray(c, dtype=np.float32))
+            self.device.upload(layer[1], np.ascontiguousarray(s, dtype=np.float32))
+
+
+def prefill(session: ort.InferenceSession, device, zero_state: list[tuple], ids: list[int]):
+    """Run one prompt from the start of a sequence.
+
+    Args:
+        session: model_last.onnx or model.onnx.
+        device: where outputs are allocated.
+        zero_state: per layer (conv, ssm) OrtValues of zeros for batch 1 (read only).
+        ids: the prompt, l >= 1 token ids.
+
+    Returns:
+        logits of the last position (V,) as a host copy, conv (L, 1, E, K-1) and ssm (L, 1, E, N) host copies.
+    """
+    n_layer = len(zero_state)
+    binding = session.io_binding()
+    binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+    bound = ["logits"]
+    binding.bind_output("logits", device.name)
+    for (past, present), values in zip(zip(_state_names(n_layer, "past"), _state_names(n_layer, "present")),
+                                       zero_state):
+        for k in (0, 1):
+            binding.bind_ortvalue_input(past[k], values[k])
+            binding.bind_output(present[k], device.name)
+            bound.append(present[k])
+    session.run_with_iobinding(binding)
+    out = {name: device.to_host(v) for name, v in zip(bound, binding.get_outputs())}  # in the order bound
+    conv = np.stack([out[f"present_conv.{i}"] for i in range(n_layer)])
+    ssm = np.stack([out[f"present_ssm.{i}"] for i in range(n_layer)])
+    return np.array(out["logits"][0, -1]), conv, ssm

@@ -1,0 +1,116 @@
+"""Text in and out, when the export directory carries a tokenizer.
+
+Two kinds are understood:
+    ``tokenizer.json``  a Hugging Face tokenizers file (needs the ``tokenizers`` package: ``mamba-export[text]``);
+    ``byte_vocab.json`` ``{"type": "bytes", "vocab_size": 256}``, this project's byte-level models: token id = byte
+                        value of the UTF-8 text.
+Without either the runtime works on token ids only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+from .errors import ExportDirError, GenerationInputError
+
+
+class ByteCodec:
+    """UTF-8 bytes as tokens: id = byte value. Ids >= 256 (padding rows of the vocabulary) decode to U+FFFD."""
+
+    kind = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return _ByteStream().push_all(ids)
+
+    def stream(self) -> "_ByteStream":
+        """An incremental decoder: ``push(id)`` returns the text completed by that token (maybe '')."""
+        return _ByteStream()
+
+
+class _ByteStream:
+    def __init__(self):
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        if token >= 256:
+            return self._dec.decode(b"", final=True) + "\ufffd"
+        return self._dec.decode(bytes([token]))
+
+    def push_all(self, ids: list[int]) -> str:
+        return "".join(self.push(t) for t in ids) + self.flush()
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+class HFTokenizerCodec:
+    """A Hugging Face ``tokenizer.json`` (special tokens are added on encode and skipped on decode, as its own
+    post-processor and decoder say)."""
+
+    kind = "tokenizer.json"
+
+    def __init__(self, path: Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ExportDirError(
+                f"{path}: reading it needs the 'tokenizers' package (pip install 'mamba-export[text]'), "
+                "or pass token ids instead of text"
+            ) from None
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exception for a bad file
+            raise ExportDirError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def stream(self) -> "_HFStream":
+        return _HFStream(self._tok)
+
+
+class _HFStream:
+    def __init__(self, tok):
+        from tokenizers.decoders import DecodeStream
+
+        self._tok, self._stream = tok, DecodeStream(skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        return self._stream.step(self._tok, token) or ""
+
+    def flush(self) -> str:
+        return ""
+
+
+def load_codec(export_dir: Path) -> ByteCodec | HFTokenizerCodec | None:
+    """The text codec of an export directory, or None when it has no tokenizer file."""
+    if (export_dir / "tokenizer.json").is_file():
+        return HFTokenizerCodec(export_dir / "tokenizer.json")
+    path = export_dir / "byte_vocab.json"
+    if path.is_file():
+        try:
+            spec = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExportDirError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(spec, dict) or spec.get("type") != "bytes":
+            raise ExportDirError(f"{path}: expected {{\"type\": \"bytes\", ...}}, found {spec!r}")
+        return ByteCodec()
+    return None
+
+
+def require_codec(codec, what: str):
+    """``codec``, or a clear error saying that ``what`` needs a tokenizer."""
+    if codec is None:
+        raise GenerationInputError(
+            f"{what} needs a tokenizer, and the export directory has neither tokenizer.json nor byte_vocab.json; "
+            "give token ids instead"
+        )
+    return codec
