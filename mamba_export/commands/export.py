@@ -1,0 +1,47 @@
+"""``mamba-export export CHECKPOINT_DIR -o OUT_DIR``: write an ONNX (or TorchScript) export directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to an ONNX (or TorchScript) directory",
+        description="Export a Mamba-1 checkpoint (state-spaces/mamba or transformers layout) to OUT_DIR: model.onnx "
+        "(any number of new tokens), decode.onnx (one token), weights.bin, the custom-op library, manifest.json, "
+        "genai_config.json and the checkpoint's tokenizer files. The graphs use the ai.mamba_export custom ops and "
+        "also carry them as ONNX functions, so a stock onnxruntime runs them without the library (slower). "
+        "OUT_DIR is written atomically: a failed export leaves nothing.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="directory with config.json and the weights")
+    p.add_argument("-o", "--output", metavar="OUT_DIR", required=True, help="export directory to create")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="weights and activations (states stay float32); default float32")
+    p.add_argument("--last-logits", action="store_true",
+                   help="also write model_last.onnx, whose logits are those of the last position only")
+    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx",
+                   help="onnx (default) or torchscript (model.pt and decode.pt, for torch.jit.load)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--no-library", dest="with_library", action="store_false",
+                   help="do not copy the custom-op library (the graphs then run through their ONNX functions)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_checkpoint
+
+    start = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.monotonic() - start:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    out = export_checkpoint(
+        args.checkpoint, args.output, dtype=args.dtype, last_logits=args.last_logits, fmt=args.fmt,
+        force=args.force, with_library=args.with_library, progress=progress,
+    )
+    print(out)
+    return 0

@@ -1,0 +1,122 @@
+"""Writing an export directory atomically, and the files beside the graphs: manifest.json, genai_config.json,
+the custom-op library and the tokenizer.
+
+The directory is built in a hidden temporary directory beside OUT_DIR and renamed into place at the end, so a
+failed export leaves nothing behind and a replaced export (``force``) is never half old, half new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..errors import MambaExportError
+
+FORMAT_VERSION = 1
+
+
+class ExportError(MambaExportError):
+    """An export that cannot be written as asked: bad option, existing or unwritable output, missing library."""
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists (use --force / force=True to replace it)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"{out}: cannot write there ({parent} is not a writable directory)")
+
+
+def write_atomically(out_dir: str | os.PathLike, force: bool, build: Callable[[Path], None]) -> Path:
+    """Call ``build(tmp)`` to fill a fresh temporary directory, then rename it to ``out_dir``.
+
+    Raises:
+        ExportError: ``out_dir`` exists (and not ``force``) or cannot be written. Whatever ``build`` raises is
+            re-raised after the temporary directory is removed; an existing ``out_dir`` is then left untouched.
+    """
+    out = Path(out_dir).absolute()
+    _check_target(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"{out}: cannot create ({e.strerror})") from None
+    try:
+        build(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only once ``new`` is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def copy_library(out: Path) -> str:
+    """Copy the built custom-op library into ``out``; returns its file name.
+
+    Raises:
+        ExportError: the library is not built (says how to build it, or to pass --no-library).
+    """
+    from mamba_runtime import custom_op_library_path
+
+    try:
+        path = Path(custom_op_library_path())
+    except MambaExportError as e:
+        raise ExportError(f"{e} (or export without it: --no-library / with_library=False)") from None
+    shutil.copy2(path, out / path.name)
+    return path.name
+
+
+def copy_tokenizer(ckpt_dir: Path | None, out: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy the tokenizer files among ``names`` that ``ckpt_dir`` has; returns the names copied."""
+    if ckpt_dir is None:
+        return []
+    copied = [n for n in names if (ckpt_dir / n).is_file()]
+    for name in copied:
+        shutil.copy2(ckpt_dir / name, out / name)
+    return copied
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def file_checksums(out: Path) -> dict[str, dict]:
+    """sha256 and size of every file in ``out`` (except manifest.json), by name."""
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.name != "manifest.json"
+    }

@@ -1,0 +1,119 @@
+"""The exported graphs as ``nn.Module`` wrappers with the contract's flat inputs and outputs.
+
+Both wrappers take ``forward(input_ids, past_conv.0, past_ssm.0, past_conv.1, ...)`` and return
+``(logits, present_conv.0, present_ssm.0, ...)``: input_ids (b, l) int64; past/present_conv.i (b, E, K-1) and
+past/present_ssm.i (b, E, N) float32; logits (b, l, V) in the weight dtype ((b, 1, V) for ``last_logits``).
+They compute what :class:`~mamba_export.model.MambaLM` computes, with the mixer's sequence operators replaced by
+the custom-op-domain operators of docs/CONTRACTS.md (an :class:`OpSet`, see :mod:`.torch_ops`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..model import MambaLM, MambaMixer
+from ..ops import compute_dtype
+from . import torch_ops
+
+
+class OpSet(NamedTuple):
+    """Implementations of SelectiveScan, CausalConv1d and DecodeStep with the signatures of :mod:`.torch_ops`."""
+
+    selective_scan: Callable
+    causal_conv1d: Callable
+    decode_step: Callable
+
+
+CUSTOM_OPS = OpSet(torch_ops.selective_scan, torch_ops.causal_conv1d, torch_ops.decode_step)
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names of the contract, in the wrappers' argument order."""
+    inputs, outputs = ["input_ids"], ["logits"]
+    for i in range(n_layer):
+        inputs += [f"past_conv.{i}", f"past_ssm.{i}"]
+        outputs += [f"present_conv.{i}", f"present_ssm.{i}"]
+    return inputs, outputs
+
+
+class _Mixer(nn.Module):
+    """One mixer's modules plus its parameters in the custom ops' float32 form (A = -exp(A_log), zero conv bias)."""
+
+    def __init__(self, mixer: MambaMixer):
+        super().__init__()
+        self.in_proj, self.x_proj, self.out_proj = mixer.in_proj, mixer.x_proj, mixer.out_proj
+        cfg = mixer.cfg
+        self.split = [cfg.dt_rank, cfg.d_state, cfg.d_state]
+        f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+        conv_bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else torch.zeros(cfg.d_inner)
+        self.dt_proj_weight = mixer.dt_proj.weight  # (E, R) in the weight dtype, for the prefill graph
+        self.register_buffer("conv_weight", f32(mixer.conv1d.weight[:, 0, :]))
+        self.register_buffer("conv_bias", f32(conv_bias))
+        self.register_buffer("A", f32(-torch.exp(mixer.A_log.detach().to(compute_dtype(mixer.A_log.dtype)))))
+        self.register_buffer("D", f32(mixer.D))
+        self.register_buffer("dt_bias", f32(mixer.dt_proj.bias))
+
+    def sequence(self, ops: OpSet, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (b, l, D) -> (b, l, D), new conv (b, E, K-1), new ssm (b, E, N)."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (b, l, E) each
+        x, conv = ops.causal_conv1d(x, conv, self.conv_weight, self.conv_bias)
+        dt, B, C = torch.split(self.x_proj(x), self.split, dim=-1)
+        dt = dt @ self.dt_proj_weight.t()  # (b, l, E), bias and softplus inside the scan
+        y, ssm = ops.selective_scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm)
+        return self.out_proj(y), conv, ssm
+
+    def decode(self, ops: OpSet, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (b, 1, D) -> (b, 1, D), new conv, new ssm; the parameters enter DecodeStep as float32."""
+        y, conv, ssm = ops.decode_step(
+            self.in_proj(h), conv, ssm, self.conv_weight, self.conv_bias, self.x_proj.weight.to(torch.float32),
+            self.dt_proj_weight.to(torch.float32), self.dt_bias, self.A, self.D,
+        )
+        return self.out_proj(y), conv, ssm
+
+
+class _Graph(nn.Module):
+    def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS):
+        super().__init__()
+        self.ops = ops
+        self.embedding = model.backbone.embedding
+        self.norms = nn.ModuleList(layer.norm for layer in model.backbone.layers)
+        self.mixers = nn.ModuleList(_Mixer(layer.mixer) for layer in model.backbone.layers)
+        self.norm_f, self.lm_head = model.backbone.norm_f, model.lm_head
+        self.weight_dtype = model.lm_head.weight.dtype
+        self.residual_dtype = model._residual_dtype()
+
+    def _run(self, input_ids: Tensor, past: tuple[Tensor, ...], mode: str, last_logits: bool) -> tuple[Tensor, ...]:
+        residual = self.embedding(input_ids).to(self.residual_dtype)
+        present: list[Tensor] = []
+        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
+            h = norm(residual).to(self.weight_dtype)
+            out, conv, ssm = getattr(mixer, mode)(self.ops, h, past[2 * i], past[2 * i + 1])
+            residual = residual + out.to(self.residual_dtype)
+            present += [conv.to(torch.float32), ssm.to(torch.float32)]
+        if last_logits:
+            residual = residual[:, -1:]
+        return (self.lm_head(self.norm_f(residual)), *present)
+
+
+class SequenceGraph(_Graph):
+    """model.onnx (and model_last.onnx with ``last_logits``): any number of new tokens, CausalConv1d + SelectiveScan."""
+
+    def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS, last_logits: bool = False):
+        super().__init__(model, ops)
+        self.last_logits = last_logits
+
+    def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        """input_ids (b, l), past states -> logits (b, l, V) or (b, 1, V), present states."""
+        return self._run(input_ids, past, "sequence", self.last_logits)
+
+
+class DecodeGraph(_Graph):
+    """decode.onnx: exactly one new token per sequence, one fused DecodeStep per layer."""
+
+    def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        """input_ids (b, 1), past states -> logits (b, 1, V), present states."""
+        return self._run(input_ids, past, "decode", False)

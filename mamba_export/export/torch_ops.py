@@ -1,0 +1,78 @@
+"""The three custom-op-domain operators as ``torch.library`` custom ops, so that ``torch.export`` sees one node each.
+
+Layouts follow docs/CONTRACTS.md (channels-last activations, float32 parameters and states); the CPU
+implementations transpose to the reference layout and call :mod:`mamba_export.ops`, so an exported graph computes
+exactly what the reference model computes. Symbols: b batch, l new tokens, e d_inner, n d_state, k d_conv, r dt_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import (
+    causal_conv1d_ref,
+    causal_conv1d_step_ref,
+    compute_dtype,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
+
+NAMESPACE = "mamba_export"
+
+
+@torch.library.custom_op(f"{NAMESPACE}::selective_scan", mutates_args=())
+def selective_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
+    ssm_state: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """SelectiveScan with softplus: u, delta, z (b, l, e); A (e, n); B, C (b, l, n); D, delta_bias (e,);
+    ssm_state (b, e, n) -> y (b, l, e) in u's dtype, new ssm_state (b, e, n) in the compute dtype."""
+    t = lambda x: x.transpose(1, 2)  # noqa: E731 - (b, l, c) <-> (b, c, l)
+    y, h = selective_scan_ref(t(u), t(delta), A, t(B), t(C), D, t(z), delta_bias, True, ssm_state)
+    return t(y).contiguous(), h.contiguous()
+
+
+@selective_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, ssm_state):
+    return torch.empty_like(u), ssm_state.new_empty(ssm_state.shape, dtype=compute_dtype(u.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", mutates_args=())
+def causal_conv1d(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """CausalConv1d with SiLU: x (b, l, e), conv_state (b, e, k-1), weight (e, k), bias (e,)
+    -> y (b, l, e) in x's dtype, new conv_state (b, e, k-1) in the compute dtype."""
+    y, state = causal_conv1d_ref(x.transpose(1, 2), weight, bias, conv_state, True)
+    return y.transpose(1, 2).contiguous(), state.contiguous()
+
+
+@causal_conv1d.register_fake
+def _(x, conv_state, weight, bias):
+    return torch.empty_like(x), conv_state.new_empty(conv_state.shape, dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::decode_step", mutates_args=())
+def decode_step(
+    xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+    x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DecodeStep: one token of a mixer between in_proj and out_proj, in the compute dtype.
+
+    xz (b, 1, 2e); conv_state (b, e, k-1); ssm_state (b, e, n); conv_weight (e, k); conv_bias, dt_bias, D (e,);
+    x_proj_weight (r + 2n, e); dt_proj_weight (e, r); A (e, n)
+    -> y (b, 1, e) in xz's dtype, new conv_state, new ssm_state.
+    """
+    cd = compute_dtype(xz.dtype)
+    x, z = xz[:, 0].to(cd).chunk(2, dim=-1)  # (b, e) each
+    x, conv_state = causal_conv1d_step_ref(x, conv_weight, conv_bias, conv_state, True)
+    n = A.shape[1]
+    dt, B, C = torch.split(x @ x_proj_weight.to(cd).t(), [dt_proj_weight.shape[1], n, n], dim=-1)
+    y, h = selective_state_update_ref(ssm_state, x, dt @ dt_proj_weight.to(cd).t(), A, B, C, D, z, dt_bias, True)
+    return y.unsqueeze(1).to(xz.dtype), conv_state.contiguous(), h
+
+
+@decode_step.register_fake
+def _(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D):
+    cd = compute_dtype(xz.dtype)
+    y = xz.new_empty((xz.shape[0], 1, xz.shape[2] // 2))
+    return y, conv_state.new_empty(conv_state.shape, dtype=cd), ssm_state.new_empty(ssm_state.shape, dtype=cd)
