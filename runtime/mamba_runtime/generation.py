@@ -36,6 +36,7 @@ class GenerationResult:
     """Output of :meth:`MambaRuntime.generate`.
 
     Attributes:
+        prompts: per sequence, the prompt's token ids.
         tokens: per sequence, the generated ids (ending with the stop token when one was hit).
         finish_reasons: per sequence "stop" (a stop token), "length" (max_new_tokens) or "cancelled" (callback).
         texts: per sequence the decoded text without a final stop token, when the export has a tokenizer.
@@ -43,6 +44,7 @@ class GenerationResult:
             decode_steps, total_ms, tokens_per_s (generated tokens of all sequences / total time).
     """
 
+    prompts: list[list[int]]
     tokens: list[list[int]]
     finish_reasons: list[str]
     texts: list[str] | None
@@ -152,7 +154,7 @@ class Generation:
             "total_ms": total_s * 1e3,
             "tokens_per_s": n / total_s if total_s > 0 else None,
         }
-        return GenerationResult([list(t) for t in self.tokens], [r or "unfinished" for r in self.finish_reasons],
+        return GenerationResult([list(p) for p in self.prompts], [list(t) for t in self.tokens], [r or "unfinished" for r in self.finish_reasons],
                                 texts, timings)
 
     # ---- snapshots --------------------------------------------------------------------------------------------

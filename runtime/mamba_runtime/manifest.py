@@ -74,6 +74,9 @@ def _read_manifest(d: Path) -> dict:
             f"{path}: format_version {version!r} is not supported by this runtime (supported: "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version of mamba-export"
         )
+    if manifest.get("format", "onnx") != "onnx":
+        raise ExportDirError(f"{path}: a {manifest.get('format')!r} export; this runtime runs ONNX exports "
+                             "(export with --format onnx)")
     return manifest
 
 

@@ -1,0 +1,100 @@
+"""``mamba-export generate OUT_DIR``: generate with the torch-free runtime (mamba_runtime) from an export directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from ..errors import MambaExportError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, found {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text or tokens from an export directory (onnxruntime, no torch)",
+        description="Run an export directory with the Python runtime: prefill the prompt, then decode one token per "
+        "step. Greedy unless --temperature is given. Text needs tokenizer.json or byte_vocab.json in the export.",
+    )
+    p.add_argument("export_dir", metavar="OUT_DIR", help="directory written by 'mamba-export export'")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the export)")
+    prompt.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
+    mode.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the nucleus of probability P")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="penalise seen tokens (> 1)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (default: random)")
+    p.add_argument("--stop-ids", type=_ids, default=[], metavar="1,2", help="token ids that end the generation")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    out.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: its own)")
+    p.add_argument("--no-custom-ops", action="store_true", help="run the graphs' function fallbacks, not the library")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
+    p.set_defaults(run=run)
+
+
+def _sampling(args: argparse.Namespace):
+    from mamba_runtime import SamplingConfig
+
+    if args.temperature is None and (args.top_k or args.top_p != 1.0):
+        raise MambaExportError("--top-k/--top-p apply to sampling: also give --temperature")
+    if args.temperature is not None and args.temperature <= 0:
+        raise MambaExportError(f"--temperature must be > 0 (use --greedy for greedy decoding), found {args.temperature}")
+    return SamplingConfig(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _open(args: argparse.Namespace):
+    from mamba_runtime import CustomOpsFallbackWarning, MambaRuntime
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CustomOpsFallbackWarning)
+        rt = MambaRuntime(args.export_dir, provider=args.provider, threads=args.threads,
+                          custom_ops="off" if args.no_custom_ops else "auto", verify=not args.no_verify)
+    for w in caught:
+        print(f"mamba-export generate: note: {w.message}", file=sys.stderr)
+    return rt
+
+
+def _stream(rt, prompt, args, sampling) -> None:
+    if rt.codec is not None:
+        for piece in rt.stream_text(prompt, args.max_new_tokens, sampling, args.stop_ids):
+            print(piece, end="", flush=True)
+    else:
+        for tok in rt.stream(prompt, args.max_new_tokens, sampling, args.stop_ids):
+            print(tok, end=" ", flush=True)
+    print()
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    rt = _open(args)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    if args.stream:
+        _stream(rt, prompt, args, sampling)
+        return 0
+    result = rt.generate(prompt, args.max_new_tokens, sampling, args.stop_ids)
+    text = result.texts[0] if result.texts is not None else None
+    if args.json:
+        print(json.dumps({
+            "prompt_tokens": result.prompts[0], "tokens": result.tokens[0], "text": text,
+            "finish_reason": result.finish_reasons[0], "timings": result.timings, "provider": rt.device.name,
+            "custom_op_library": rt.custom_op_library, "sampling": sampling.to_dict(),
+        }))
+    else:
+        print(text if text is not None else ",".join(map(str, result.tokens[0])))
+    return 0
