@@ -421,23 +421,30 @@ struct CudaOp : OrtCustomOp {
   ONNXTensorElementDataType t;
 };
 
-template <typename Kernel>
-OrtStatus* add_all_types(const OrtApi* api, OrtCustomOpDomain* domain) {
-  static CudaOp<Kernel> ops[] = {CudaOp<Kernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-                                 CudaOp<Kernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
-                                 CudaOp<Kernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
-  for (auto& op : ops) MAMBA_RETURN_IF(api->CustomOpDomain_Add(domain, &op));
-  return nullptr;
-}
-
 }  // namespace
+}  // namespace mamba_export_cuda
 
-OrtStatus* AddCudaOps(const OrtApi* api, OrtCustomOpDomain* domain) {
-  if (domain == nullptr) return api->CreateStatus(ORT_INVALID_ARGUMENT, "AddCudaOps: null custom-op domain");
-  MAMBA_RETURN_IF(add_all_types<SelectiveScanKernel>(api, domain));
-  MAMBA_RETURN_IF(add_all_types<CausalConv1dKernel>(api, domain));
-  MAMBA_RETURN_IF(add_all_types<DecodeStepKernel>(api, domain));
-  return nullptr;
+namespace mamba_export_ops {
+
+std::vector<const OrtCustomOp*> cuda_ops() {
+  using mamba_export_cuda::CudaOp;
+  static const CudaOp<mamba_export_cuda::SelectiveScanKernel> scan[] = {
+      CudaOp<mamba_export_cuda::SelectiveScanKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+      CudaOp<mamba_export_cuda::SelectiveScanKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+      CudaOp<mamba_export_cuda::SelectiveScanKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
+  static const CudaOp<mamba_export_cuda::CausalConv1dKernel> conv[] = {
+      CudaOp<mamba_export_cuda::CausalConv1dKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+      CudaOp<mamba_export_cuda::CausalConv1dKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+      CudaOp<mamba_export_cuda::CausalConv1dKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
+  static const CudaOp<mamba_export_cuda::DecodeStepKernel> step[] = {
+      CudaOp<mamba_export_cuda::DecodeStepKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+      CudaOp<mamba_export_cuda::DecodeStepKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+      CudaOp<mamba_export_cuda::DecodeStepKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
+  std::vector<const OrtCustomOp*> ops;
+  for (const auto& op : scan) ops.push_back(&op);
+  for (const auto& op : conv) ops.push_back(&op);
+  for (const auto& op : step) ops.push_back(&op);
+  return ops;
 }
 
-}  // namespace mamba_export_cuda
+}  // namespace mamba_export_ops
