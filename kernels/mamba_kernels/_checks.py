@@ -1,0 +1,42 @@
+"""Argument checks shared by the launchers: every kernel sees tensors of the shapes, dtypes and device it expects."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mamba_export.errors import MambaExportError
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class KernelInputError(MambaExportError, ValueError):
+    """A tensor handed to a Triton kernel has the wrong shape, dtype, device or layout."""
+
+
+def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
+    """Raise :class:`KernelInputError` unless ``t`` (when not None) has ``shape``, a kernel dtype and ``device``."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise KernelInputError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in KERNEL_DTYPES:
+        raise KernelInputError(
+            f"{name} has dtype {t.dtype}; the Triton kernels take float32, float16 or bfloat16 "
+            "(use the reference backend for float64)"
+        )
+    if t.device != device:
+        raise KernelInputError(f"{name} is on {t.device}, the other inputs on {device}")
+
+
+def check_runnable(device: torch.device) -> None:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (the CI tests)."""
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    raise KernelInputError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
+
+
+def vector_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel parameter as a contiguous vector (it is tiny: the copy, if any, costs nothing)."""
+    return None if t is None else t.contiguous()

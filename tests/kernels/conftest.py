@@ -1,0 +1,50 @@
+"""Kernel tests: on a machine without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1).
+
+The variable must be set before ``triton.jit`` decorates the kernels (when mamba_kernels is first imported), so this
+conftest sets it at import time, before any test module of this folder is collected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _scan_along_axis(self, inputs):
+    """Drop-in for the interpreter's generic ``tl.associative_scan``: same sequential order, but one combine call per
+    step of the scanned axis over whole slices instead of one per element in Python (hundreds of times faster)."""
+    datas = [np.ascontiguousarray(x.handle.data) for x in inputs]
+    outs = [np.empty_like(d) for d in datas]
+    acc = None
+    for i in range(datas[0].shape[self.axis]):
+        cur = [self.to_tensor(np.take(d, [i], axis=self.axis), x.dtype) for d, x in zip(datas, inputs)]
+        if acc is not None:
+            ret = self.combine_fn.fn(*acc, *cur)
+            cur = list(ret) if isinstance(ret, tuple) else [ret]
+        acc = cur
+        for o, a in zip(outs, acc):
+            idx = [slice(None)] * o.ndim
+            idx[self.axis] = slice(i, i + 1)
+            o[tuple(idx)] = a.handle.data
+    return [self.to_tensor(o, x.dtype) for o, x in zip(outs, inputs)]
+
+
+if INTERPRET:
+    from triton.runtime import interpreter
+
+    interpreter.ScanOps.generic_scan = _scan_along_axis
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and INTERPRET:
+            item.add_marker(skip)
