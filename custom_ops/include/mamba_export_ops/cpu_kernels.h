@@ -1,0 +1,94 @@
+// CPU kernels of the ai.mamba_export ops, independent of onnxruntime.
+//
+// They take plain pointers and sizes, allocate nothing and never throw: the onnxruntime binding (src/ort/) validates
+// shapes and dtypes, allocates outputs and scratch, and runs the tasks on the session's thread pool.
+// Work is split into independent tasks (a batch row times a block of channels); run every task index in
+// [0, num_tasks) exactly once, in any order and on any thread.
+//
+// Layout (docs/CONTRACTS.md): activations channels-last [b, l, e]; states [b, e, n] and [b, e, k-1]; all state
+// arithmetic in float32. Symbols: b batch, l tokens, e channels (d_inner), n d_state, k d_conv, r dt_rank.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mamba_export_ops {
+
+// IEEE binary16 storage (same bits as onnxruntime's Float16_t); converted to float32 for all arithmetic.
+struct half_t {
+  uint16_t bits;
+};
+
+// Channels per task in the prefill kernels: the inner loops are vectorised over this block.
+constexpr size_t kChannelBlock = 32;
+
+template <typename T>
+struct SelectiveScanArgs {
+  const T* u;                  // [b, l, e]
+  const T* delta;              // [b, l, e], before bias and softplus
+  const float* A;              // [e, n]
+  const T* B;                  // [b, l, n]
+  const T* C;                  // [b, l, n]
+  const float* D;              // [e]
+  const T* z;                  // [b, l, e]
+  const float* delta_bias;     // [e]
+  const float* state_in;       // [b, e, n]
+  bool delta_softplus;
+  T* y;                        // [b, l, e]
+  float* state_out;            // [b, e, n]
+  size_t b, l, e, n;
+  float* scratch;              // num_tasks * selective_scan_scratch_floats(n)
+};
+
+size_t selective_scan_num_tasks(size_t b, size_t e);
+size_t selective_scan_scratch_floats(size_t n);  // per task
+template <typename T>
+void selective_scan_task(const SelectiveScanArgs<T>& args, size_t task);
+
+template <typename T>
+struct CausalConv1dArgs {
+  const T* x;                  // [b, l, e]
+  const float* state_in;       // [b, e, k-1]
+  const float* weight;         // [e, k]
+  const float* bias;           // [e]
+  bool silu;
+  T* y;                        // [b, l, e]
+  float* state_out;            // [b, e, k-1]
+  size_t b, l, e, k;
+  float* scratch;              // num_tasks * causal_conv1d_scratch_floats(k)
+};
+
+size_t causal_conv1d_num_tasks(size_t b, size_t e);
+size_t causal_conv1d_scratch_floats(size_t k);  // per task
+template <typename T>
+void causal_conv1d_task(const CausalConv1dArgs<T>& args, size_t task);
+
+// DecodeStep runs in three phases, each a set of tasks; a phase may start only when the previous one has finished:
+//   1. conv-state shift + conv + SiLU per channel, into x_conv;
+//   2. x_proj: x_dbl = x_proj_weight @ x_conv (a reduction over all channels, hence the barrier);
+//   3. dt_proj + softplus, SSM state update, output and gate per channel.
+template <typename T>
+struct DecodeStepArgs {
+  const T* xz;                 // [b, 1, 2e]: x then z
+  const float* conv_state_in;  // [b, e, k-1]
+  const float* ssm_state_in;   // [b, e, n]
+  const float* conv_weight;    // [e, k]
+  const float* conv_bias;      // [e]
+  const float* x_proj_weight;  // [r + 2n, e], rows dt, B, C
+  const float* dt_proj_weight; // [e, r]
+  const float* dt_bias;        // [e]
+  const float* A;              // [e, n]
+  const float* D;              // [e]
+  T* y;                        // [b, 1, e]
+  float* conv_state_out;       // [b, e, k-1]
+  float* ssm_state_out;        // [b, e, n]
+  size_t b, e, n, k, r;
+  float* x_conv;               // scratch [b, e]
+  float* x_dbl;                // scratch [b, r + 2n]
+};
+
+size_t decode_step_num_tasks(int phase, size_t b, size_t e, size_t n, size_t r);
+template <typename T>
+void decode_step_task(const DecodeStepArgs<T>& args, int phase, size_t task);
+
+}  // namespace mamba_export_ops

@@ -1,0 +1,118 @@
+// SelectiveScan on the CPU: h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;  y_t = (C_t . h_t + D u_t) * silu(z_t),
+// with dt_t = softplus(delta_t + delta_bias).
+//
+// A task owns one batch row and a block of kChannelBlock channels for the whole sequence. Its state lives
+// transposed in scratch, [n][block], so that the loops over channels (contiguous in u, delta, z and y at a given
+// time step) are the vectorised ones, whatever n is.
+#include <algorithm>
+
+#include "dispatch.h"
+#include "mamba_export_ops/cpu_kernels.h"
+#include "vec_math.h"
+
+namespace mamba_export_ops {
+namespace {
+
+constexpr size_t CB = kChannelBlock;
+
+struct ScanScratch {
+  float* At;   // [n][CB] A of the block, transposed
+  float* h;    // [n][CB] state, transposed
+  float* dt;   // [CB]
+  float* dtu;  // [CB] dt * u
+  float* y;    // [CB] C . h
+};
+
+ScanScratch carve_scratch(float* base, size_t n) {
+  return {base, base + n * CB, base + 2 * n * CB, base + 2 * n * CB + CB, base + 2 * n * CB + 2 * CB};
+}
+
+// Per time step: dt and dt*u for the block's channels.
+template <typename T>
+inline void scan_step_inputs(const SelectiveScanArgs<T>& a, size_t row, size_t c0, size_t cb, ScanScratch& s) {
+#pragma omp simd
+  for (size_t c = 0; c < cb; ++c) {
+    float d = vec::to_float(a.delta[row + c]) + a.delta_bias[c0 + c];
+    float dt = a.delta_softplus ? vec::softplus(d) : d;
+    s.dt[c] = dt;
+    s.dtu[c] = dt * vec::to_float(a.u[row + c]);
+    s.y[c] = 0.0f;
+  }
+}
+
+// Per time step: advance the state of the block and accumulate C . h.
+inline void scan_step_state(const float* Bt, const float* Ct, size_t n, size_t cb, ScanScratch& s) {
+  for (size_t j = 0; j < n; ++j) {
+    const float bj = Bt[j], cj = Ct[j];
+    float* __restrict h = s.h + j * CB;
+    const float* __restrict at = s.At + j * CB;
+#pragma omp simd
+    for (size_t c = 0; c < cb; ++c) {
+      float hv = vec::exp(s.dt[c] * at[c]) * h[c] + s.dtu[c] * bj;
+      h[c] = hv;
+      s.y[c] += hv * cj;
+    }
+  }
+}
+
+// Per time step: skip connection and gate, stored in T.
+template <typename T>
+inline void scan_step_output(const SelectiveScanArgs<T>& a, size_t row, size_t c0, size_t cb, const ScanScratch& s) {
+#pragma omp simd
+  for (size_t c = 0; c < cb; ++c) {
+    float u = vec::to_float(a.u[row + c]);
+    float out = (s.y[c] + a.D[c0 + c] * u) * vec::silu(vec::to_float(a.z[row + c]));
+    a.y[row + c] = vec::from_float<T>(out);
+  }
+}
+
+template <typename T>
+void scan_block(const SelectiveScanArgs<T>& a, size_t task) {
+  const size_t blocks = (a.e + CB - 1) / CB;
+  const size_t bi = task / blocks, c0 = (task % blocks) * CB, cb = std::min(CB, a.e - c0), n = a.n;
+  ScanScratch s = carve_scratch(a.scratch + task * selective_scan_scratch_floats(n), n);
+  const float* state_in = a.state_in + (bi * a.e + c0) * n;
+  for (size_t c = 0; c < cb; ++c) {
+    for (size_t j = 0; j < n; ++j) {
+      s.At[j * CB + c] = a.A[(c0 + c) * n + j];
+      s.h[j * CB + c] = state_in[c * n + j];
+    }
+  }
+  float* Bt = s.y + CB;  // [n] this step's B and C in float32
+  float* Ct = Bt + n;
+  for (size_t t = 0; t < a.l; ++t) {
+    const size_t row = (bi * a.l + t) * a.e + c0, bc = (bi * a.l + t) * n;
+    for (size_t j = 0; j < n; ++j) {
+      Bt[j] = vec::to_float(a.B[bc + j]);
+      Ct[j] = vec::to_float(a.C[bc + j]);
+    }
+    scan_step_inputs(a, row, c0, cb, s);
+    scan_step_state(Bt, Ct, n, cb, s);
+    scan_step_output(a, row, c0, cb, s);
+  }
+  float* state_out = a.state_out + (bi * a.e + c0) * n;
+  for (size_t c = 0; c < cb; ++c) {
+    for (size_t j = 0; j < n; ++j) state_out[c * n + j] = s.h[j * CB + c];
+  }
+}
+
+MAMBA_CLONES void scan_block_f32(const SelectiveScanArgs<float>& a, size_t task) { scan_block(a, task); }
+MAMBA_CLONES void scan_block_f16(const SelectiveScanArgs<half_t>& a, size_t task) { scan_block(a, task); }
+
+}  // namespace
+
+size_t selective_scan_num_tasks(size_t b, size_t e) { return b * ((e + CB - 1) / CB); }
+
+size_t selective_scan_scratch_floats(size_t n) { return 2 * n * CB + 3 * CB + 2 * n; }
+
+template <>
+void selective_scan_task<float>(const SelectiveScanArgs<float>& args, size_t task) {
+  scan_block_f32(args, task);
+}
+
+template <>
+void selective_scan_task<half_t>(const SelectiveScanArgs<half_t>& args, size_t task) {
+  scan_block_f16(args, task);
+}
+
+}  // namespace mamba_export_ops
