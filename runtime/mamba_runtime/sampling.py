@@ -98,7 +98,7 @@ class Sampler:
     def observe(self, rows: np.ndarray | list[int], tokens: np.ndarray | list[int]) -> None:
         """Record that row ``rows[j]`` has seen token ``tokens[j]`` (only kept when a repetition penalty is on)."""
         if self.seen is not None:
-            self.seen[np.asarray(rows), np.asarray(tokens)] = True
+            self.seen[np.asarray(rows, dtype=np.intp), np.asarray(tokens, dtype=np.intp)] = True
 
     def __call__(self, logits: np.ndarray, active: np.ndarray) -> np.ndarray:
         """logits (b, V), active (b,) bool -> next tokens (b,) int64; -1 for inactive rows (they draw nothing)."""

@@ -1,0 +1,237 @@
+"""The Python runtime (mamba_runtime) on a real export, against the reference model (MambaLM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mamba_export.checkpoint import load_checkpoint
+from mamba_export.errors import MambaExportError
+from mamba_export.export import export_checkpoint
+from mamba_runtime import (CustomOpsFallbackWarning, GenerationInputError, MambaRuntime, SamplingConfig,
+                           SnapshotError, custom_op_library_path)
+from mamba_runtime.sessions import resolve_library
+from support import make_hf_model, save_state_spaces
+
+PROMPTS = [[5, 17, 200, 3, 9], [42], list(range(60, 80))]
+SAMPLED = SamplingConfig(temperature=1.3, top_k=40, top_p=0.95, repetition_penalty=1.3, seed=11)
+
+
+def _library_built() -> bool:
+    try:
+        custom_op_library_path()
+        return True
+    except MambaExportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    """A tiny byte-level model (transformers' MambaForCausalLM weights), exported with model_last.onnx."""
+    root = tmp_path_factory.mktemp("runtime")
+    ckpt = save_state_spaces(make_hf_model("tiny"), root / "ckpt")
+    (ckpt / "byte_vocab.json").write_text(json.dumps({"type": "bytes", "vocab_size": 256}))
+    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=_library_built())
+    return SimpleNamespace(dir=out, model=load_checkpoint(ckpt), root=root)
+
+
+@pytest.fixture(scope="module")
+def rt(exp):
+    return MambaRuntime(exp.dir, provider="cpu", threads=1)
+
+
+def test_prefill_and_decode_logits_match_the_reference_at_every_position(exp, rt):
+    ids = np.random.default_rng(0).integers(0, 256, 16).tolist()
+    with torch.no_grad():
+        ref = exp.model(torch.tensor([ids]))[0][0].numpy()
+    logits, conv, ssm = rt.prefill_one(ids[:5])
+    np.testing.assert_allclose(logits, ref[4], atol=1e-4 * np.abs(ref).max())
+    state = rt.new_state(1)
+    state.upload(conv, ssm)
+    for t in range(5, 16):
+        np.testing.assert_allclose(state.step(np.array([ids[t]]))[0], ref[t], atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_the_reference_model(exp, rt, prompt):
+    want = exp.model.generate_greedy(torch.tensor([prompt]), 24)[0].tolist()
+    result = rt.generate(prompt, 24)
+    assert result.tokens == [want] and result.finish_reasons == ["length"]
+
+
+def test_sampled_tokens_are_reproducible_with_a_seed(rt):
+    a = rt.generate(PROMPTS[0], 40, SAMPLED).tokens
+    assert rt.generate(PROMPTS[0], 40, SAMPLED).tokens == a
+    other = rt.generate(PROMPTS[0], 40, dataclasses.replace(SAMPLED, seed=12)).tokens
+    assert other != a
+    assert len(set(a[0])) > 5  # really sampled, not stuck on one token
+
+
+def test_an_uneven_batch_equals_each_prompt_alone(rt):
+    alone = [rt.generate(p, 20).tokens[0] for p in PROMPTS]
+    assert rt.generate(PROMPTS, 20).tokens == alone
+    # sampling: each row draws from its own generator, so row 0 does not depend on the other rows
+    row0 = rt.generate(PROMPTS[0], 20, SAMPLED).tokens[0]
+    assert rt.generate(PROMPTS, 20, SAMPLED).tokens[0] == row0
+    assert rt.generate([PROMPTS[0], [7, 7, 7]], 20, SAMPLED).tokens[0] == row0
+
+
+def test_a_row_that_stops_early_does_not_change_the_others(rt):
+    full = rt.generate(PROMPTS, 15, SAMPLED).tokens
+    stop = full[1][0]
+    result = rt.generate(PROMPTS, 15, SAMPLED, stop_tokens=[stop])
+    assert result.tokens[1] == [stop] and result.finish_reasons[1] == "stop"
+    for row in (0, 2):
+        want = full[row][: full[row].index(stop) + 1] if stop in full[row] else full[row]
+        assert result.tokens[row] == want
+
+
+def test_stop_tokens_end_a_sequence_and_are_not_in_the_text(rt):
+    first = rt.generate(PROMPTS[0], 10).tokens[0][0]
+    result = rt.generate(PROMPTS[0], 10, stop_tokens=[first])
+    assert result.tokens == [[first]] and result.finish_reasons == ["stop"] and result.texts == [""]
+
+
+def test_streaming_yields_the_same_tokens_and_can_stop_early(rt):
+    full = rt.generate(PROMPTS[2], 30, SAMPLED).tokens[0]
+    assert list(rt.stream(PROMPTS[2], 30, SAMPLED)) == full
+    assert list(itertools.islice(rt.stream(PROMPTS[2], 30, SAMPLED), 4)) == full[:4]
+
+
+def test_a_callback_can_stop_the_generation(rt):
+    seen = []
+    result = rt.generate(PROMPTS, 30, callback=lambda new: seen.append(new) or len(seen) == 3)
+    assert [len(t) for t in result.tokens] == [3, 3, 3] and result.finish_reasons == ["cancelled"] * 3
+
+
+def test_text_in_and_text_out_with_the_byte_vocabulary(rt):
+    result = rt.generate("héllo", 12, SAMPLED)
+    assert result.prompts == [list("héllo".encode())]
+    assert result.texts == [bytes(result.tokens[0]).decode("utf-8", errors="replace")]
+    assert "".join(rt.stream_text("héllo", 12, SAMPLED)) == result.texts[0]
+
+
+@pytest.mark.parametrize("when", [0, 7])
+def test_snapshot_restored_in_another_process_continues_identically(exp, rt, tmp_path, when):
+    want = rt.generate(PROMPTS, 25, SAMPLED).tokens
+    gen = rt.start(PROMPTS, 25, SAMPLED)
+    for _ in range(when):
+        gen.step()
+    gen.save(tmp_path / "snap.npz")
+    code = ("import json, sys; from mamba_runtime import MambaRuntime; "
+            "rt = MambaRuntime(sys.argv[1], provider='cpu', threads=1); "
+            "print(json.dumps(rt.restore(sys.argv[2]).run().tokens))")
+    out = subprocess.run([sys.executable, "-c", code, str(exp.dir), str(tmp_path / "snap.npz")],
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.splitlines()[-1]) == want
+    assert rt.restore(gen.snapshot()).run().tokens == want  # and in this process, from bytes
+
+
+def test_bad_snapshots_are_clear_errors(rt, tmp_path):
+    with pytest.raises(SnapshotError, match="not a readable snapshot"):
+        rt.restore(b"garbage")
+    with pytest.raises(SnapshotError, match="does not exist"):
+        rt.restore(tmp_path / "none.npz")
+    blob = rt.start([1, 2], 5).snapshot()
+    other = MambaRuntime(rt.info.path, provider="cpu", threads=1, verify=False)
+    other.info = dataclasses.replace(other.info, export_id="0" * 16)
+    with pytest.raises(SnapshotError, match="another export"):
+        other.restore(blob)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda rt: rt.generate([1, 256], 5), "token id 256 at position 1 is outside the vocabulary"),
+    (lambda rt: rt.generate([-1], 5), "token id -1 at position 0"),
+    (lambda rt: rt.generate([], 5), "no prompt given"),
+    (lambda rt: rt.generate([[1], []], 5), "prompt 1 is empty"),
+    (lambda rt: rt.generate("", 5), "prompt 0 is empty"),
+    (lambda rt: rt.generate([1.5, 2.0], 5), "integer token ids"),
+    (lambda rt: rt.generate([1], 0), "max_new_tokens must be a positive integer"),
+    (lambda rt: rt.generate([1], 5, stop_tokens=[999]), "stop tokens: token id 999"),
+    (lambda rt: rt.generate([[1]] * 257, 5), "batch of 257 prompts is over the limit of 256"),
+])
+def test_bad_requests_are_one_line_errors(rt, call, message):
+    with pytest.raises(GenerationInputError, match=message) as e:
+        call(rt)
+    assert "\n" not in str(e.value)
+
+
+def test_text_without_a_tokenizer_is_an_error(exp):
+    rt = MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False)
+    rt.codec = None  # as for an export without tokenizer files
+    with pytest.raises(GenerationInputError, match="needs a tokenizer"):
+        rt.generate("hello", 3)
+
+
+def test_the_function_fallback_gives_the_same_tokens_and_is_announced(exp, rt, monkeypatch):
+    off = MambaRuntime(exp.dir, provider="cpu", threads=1, custom_ops="off", verify=False)
+    assert off.custom_op_library is None
+    assert off.generate(PROMPTS, 12, SAMPLED).tokens == rt.generate(PROMPTS, 12, SAMPLED).tokens
+
+    def missing():
+        raise MambaExportError("not built")
+
+    monkeypatch.setattr("mamba_runtime.sessions.custom_op_library_path", missing)
+    no_lib = dataclasses.replace(rt.info, library=None)
+    with pytest.warns(CustomOpsFallbackWarning, match="function fallbacks"):
+        assert resolve_library(no_lib, "auto") is None
+    with pytest.raises(MambaExportError, match="ships no custom-op library"):
+        resolve_library(no_lib, "require")
+
+
+def test_resident_memory_stays_flat_over_5000_decode_steps(rt):
+    psutil = pytest.importorskip("psutil")
+    gen = rt.start([1, 2, 3], 6000, SAMPLED)
+    for _ in range(500):
+        gen.step()
+    before = psutil.Process().memory_info().rss
+    for _ in range(5000):
+        gen.step()
+    growth = psutil.Process().memory_info().rss - before
+    assert growth < 20 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 5000 steps"
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------------------
+def _cli(*args, block_torch=False):
+    """Run the CLI in a fresh interpreter; stdout/stderr as str without newline translation."""
+    prelude = "sys.modules['torch'] = None; " if block_torch else ""
+    code = "import sys; " + prelude + "from mamba_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=120)
+    return SimpleNamespace(returncode=out.returncode, stdout=out.stdout.decode(), stderr=out.stderr.decode())
+
+
+def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):
+    out = _cli("generate", str(exp.dir), "--prompt", "héllo", "--max-new-tokens", "9", "--json", "--threads", "1",
+               block_torch=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    want = rt.generate("héllo", 9)
+    assert got["tokens"] == want.tokens[0] and got["text"] == want.texts[0]
+    assert set(got["timings"]) >= {"prefill_ms", "ttft_ms", "decode_ms_per_step", "tokens_per_s"}
+    sampled = _cli("generate", str(exp.dir), "--prompt-ids", "5,17,200,3,9", "--max-new-tokens", "12", "--stream",
+                   "--temperature", "1.3", "--top-k", "40", "--top-p", "0.95", "--repetition-penalty", "1.3",
+                   "--seed", "11", block_torch=True)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout == rt.decode(rt.generate(PROMPTS[0], 12, SAMPLED).tokens[0]) + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/export", "--prompt-ids", "1"], "export directory does not exist"),
+    (["{dir}", "--prompt-ids", "1,999"], "token id 999"),
+    (["{dir}", "--prompt-ids", "1", "--top-k", "5"], "also give --temperature"),
+    (["{dir}", "--prompt-ids", "1", "--temperature", "0"], "--temperature must be > 0"),
+])
+def test_cli_generate_bad_input_exits_2_with_one_line(exp, args, message, capsys):
+    from mamba_export.cli import main
+
+    assert main(["generate", *[a.format(dir=exp.dir) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1 and "Traceback" not in err

@@ -1,0 +1,126 @@
+"""mamba_runtime parts that need no exported model: sampling, text codecs, manifest checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from mamba_runtime import ExportDirError, GenerationInputError, SamplingConfig
+from mamba_runtime.manifest import open_export_dir
+from mamba_runtime.sampling import Sampler, apply_repetition_penalty, sample_row
+from mamba_runtime.tokenizer import ByteCodec
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
+def test_greedy_is_argmax_and_inactive_rows_draw_nothing():
+    logits = np.array([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]], dtype=np.float32)
+    out = Sampler(SamplingConfig(), 2, 3)(logits, np.array([True, False]))
+    assert out.tolist() == [1, -1]
+
+
+def test_top_k_only_draws_the_k_best():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50).astype(np.float32)
+    best = set(np.argsort(-logits)[:3].tolist())
+    cfg = SamplingConfig(temperature=5.0, top_k=3)
+    draws = {sample_row(logits, cfg, rng) for _ in range(300)}
+    assert draws == best
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float64)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    draws = {sample_row(logits, SamplingConfig(temperature=1.0, top_p=0.75), rng) for _ in range(400)}
+    assert draws == {0, 1}  # 0.5 < 0.75 <= 0.8
+
+
+def test_sampling_frequencies_follow_softmax_over_temperature():
+    logits = np.array([0.0, 1.0, 2.0], dtype=np.float32)
+    rng = np.random.default_rng(2)
+    counts = np.bincount([sample_row(logits, SamplingConfig(temperature=2.0), rng) for _ in range(6000)], minlength=3)
+    p = np.exp(logits / 2) / np.exp(logits / 2).sum()
+    np.testing.assert_allclose(counts / counts.sum(), p, atol=0.03)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = np.array([[2.0, -2.0, 1.0]], dtype=np.float32)
+    seen = np.array([[True, True, False]])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [[1.0, -4.0, 1.0]])
+
+
+def test_sampler_is_reproducible_per_row_and_seed():
+    logits = np.random.default_rng(3).normal(size=(2, 40)).astype(np.float32)
+    cfg = SamplingConfig(temperature=1.0, seed=7)
+    a, b = Sampler(cfg, 2, 40), Sampler(cfg, 2, 40)
+    draws_a = [a(logits, np.array([True, True])).tolist() for _ in range(20)]
+    draws_b = [b(logits, np.array([True, True])).tolist() for _ in range(20)]
+    assert draws_a == draws_b
+    assert [d[0] for d in draws_a] != [d[1] for d in draws_a]  # rows draw from their own generators
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5),
+                                dict(repetition_penalty=0), dict(seed=-1), dict(temperature=float("nan"))])
+def test_bad_sampling_settings_are_clear_errors(kw):
+    with pytest.raises(GenerationInputError, match=next(iter(kw))):
+        SamplingConfig(**kw)
+
+
+# ---- text ---------------------------------------------------------------------------------------------------------
+def test_byte_codec_round_trips_and_streams_multibyte_characters():
+    codec = ByteCodec()
+    text = "héllo, 世界 ✓"
+    ids = codec.encode(text)
+    assert ids == list(text.encode("utf-8")) and codec.decode(ids) == text
+    stream = codec.stream()
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert "" in pieces  # the first bytes of a multi-byte character print nothing yet
+    assert codec.decode([104, 300, 105]) == "h\ufffdi"  # ids past the bytes (vocabulary padding)
+
+
+# ---- manifest -----------------------------------------------------------------------------------------------------
+def _fake_export(d, **overrides):
+    d.mkdir()
+    files = {}
+    for name in ("model.onnx", "decode.onnx", "weights.bin"):
+        (d / name).write_bytes(name.encode())
+        files[name] = {"sha256": hashlib.sha256(name.encode()).hexdigest(), "bytes": len(name)}
+    manifest = {"format_version": 1, "format": "onnx", "dtype": "float32", "custom_op_library": None, "files": files,
+                "config": {"n_layer": 2, "d_inner": 8, "d_conv": 4, "d_state": 4, "vocab_size": 10}}
+    manifest.update(overrides)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_a_consistent_manifest_opens(tmp_path):
+    info = open_export_dir(_fake_export(tmp_path / "e"))
+    assert (info.n_layer, info.prefill_graph, info.library) == (2, "model.onnx", None)
+    assert info.state_shapes(3) == ((3, 8, 3), (3, 8, 4))
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda d: None, "does not exist"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").unlink(), "manifest.json: missing"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: _fake_export(d, format_version=99), "format_version 99 is not supported"),
+    (lambda d: _fake_export(d, format="torchscript"), "this runtime runs ONNX exports"),
+    (lambda d: _fake_export(d) and (d / "decode.onnx").unlink(), "decode.onnx: missing"),
+    (lambda d: _fake_export(d) and (d / "weights.bin").write_bytes(b"changed"), "weights.bin: sha256 does not match"),
+    (lambda d: _fake_export(d, config={"n_layer": 0}), "config.n_layer must be a positive integer"),
+    (lambda d: _fake_export(d, custom_op_library="lib.so"), "not among the listed files"),
+])
+def test_broken_export_dirs_are_one_line_errors(tmp_path, break_it, message):
+    d = tmp_path / "e"
+    break_it(d)
+    with pytest.raises(ExportDirError, match=message) as e:
+        open_export_dir(d)
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_instead_of_a_directory_is_an_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ExportDirError, match="not a directory"):
+        open_export_dir(tmp_path / "f")
