@@ -1,0 +1,218 @@
+"""ONNX export directories run in onnxruntime, with the custom-op library and without it (model-local functions),
+against the reference model in float64: prefill, chunked prefill, decode steps, uneven batches, float16."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from mamba_export.checkpoint import load_checkpoint
+from mamba_export.export import export_checkpoint
+from mamba_export.export import onnx_ops
+from support import make_hf_model, save_transformers
+
+CONFIGS = ("tiny", "nondefault", "noconvbias")
+
+
+def _library() -> str | None:
+    from mamba_export.errors import MambaExportError
+    from mamba_runtime import custom_op_library_path
+
+    try:
+        return custom_op_library_path()
+    except MambaExportError:
+        return None
+
+
+LIBRARY = _library()
+PATHS = [
+    "functions",
+    pytest.param("library", marks=pytest.mark.skipif(
+        LIBRARY is None, reason="custom-op library not built (bash tools/build_custom_ops.sh)")),
+]
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def exported(request, tmp_path_factory):
+    """(config name, checkpoint dir, float32 export dir with model_last.onnx, float64 reference model).
+
+    "tiny" ships the custom-op library when it is built; the other exports are made without it."""
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = save_transformers(make_hf_model(request.param, seed=1), root / "ckpt")
+    with_library = LIBRARY is not None and request.param == "tiny"
+    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=with_library)
+    return request.param, ckpt, out, load_checkpoint(ckpt, dtype=torch.float64)
+
+
+def session(path, how: str) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if how == "library":
+        so.register_custom_ops_library(LIBRARY)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def zero_state(model, batch: int) -> list[np.ndarray]:
+    c = model.config
+    state = []
+    for _ in range(c.n_layer):
+        state += [np.zeros((batch, c.d_inner, c.d_conv - 1), np.float32),
+                  np.zeros((batch, c.d_inner, c.d_state), np.float32)]
+    return state
+
+
+def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    """One call of an exported graph: ids (b, l) and the flat state -> logits, the new flat state."""
+    names = [i.name for i in sess.get_inputs()]
+    feeds = dict(zip(names, [ids.numpy(), *state]))
+    out = sess.run(None, feeds)
+    return out[0], out[1:]
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a, dtype=np.float64)), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm())
+
+
+def reference(model, ids: torch.Tensor):
+    with torch.no_grad():
+        return model(ids)
+
+
+def flat_state(state) -> list[np.ndarray]:
+    out = []
+    for conv, ssm in zip(state.conv, state.ssm):
+        out += [conv.float().numpy(), ssm.float().numpy()]
+    return out
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_prefill_matches_reference(exported, how):
+    _, _, out, ref = exported
+    ids = torch.randint(0, ref.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    logits, state = run(session(out / "model.onnx", how), ids, zero_state(ref, 2))
+    want, want_state = reference(ref, ids)
+    assert rel_err(logits, want) <= 1e-4
+    for got, exp in zip(state, flat_state(want_state)):
+        assert rel_err(got, exp) <= 1e-4
+    last, _ = run(session(out / "model_last.onnx", how), ids, zero_state(ref, 2))
+    assert last.shape == (2, 1, ref.config.vocab_size)
+    assert rel_err(last, want[:, -1:]) <= 1e-4
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_prefill_then_64_decode_steps(exported, how):
+    _, _, out, ref = exported
+    ids = torch.randint(0, ref.config.vocab_size, (2, 5 + 64), generator=torch.Generator().manual_seed(1))
+    want, _ = reference(ref, ids)
+    _, state = run(session(out / "model.onnx", how), ids[:, :5], zero_state(ref, 2))
+    decode = session(out / "decode.onnx", how)
+    steps = []
+    for t in range(5, ids.shape[1]):
+        logits, state = run(decode, ids[:, t:t + 1], state)
+        steps.append(logits)
+    assert rel_err(np.concatenate(steps, axis=1), want[:, 5:]) <= 1e-4
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_prefill_in_two_chunks(exported, how):
+    _, _, out, ref = exported
+    ids = torch.randint(0, ref.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    sess = session(out / "model.onnx", how)
+    first, state = run(sess, ids[:, :1], zero_state(ref, 1))  # shorter than d_conv - 1 for most configs
+    second, state = run(sess, ids[:, 1:], state)
+    want, want_state = reference(ref, ids)
+    assert rel_err(np.concatenate([first, second], axis=1), want) <= 1e-4
+    assert rel_err(state[-1], want_state.ssm[-1]) <= 1e-4
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_batch_of_three_different_sequences(exported, how):
+    _, _, out, ref = exported
+    ids = torch.randint(0, ref.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(3))
+    sess = session(out / "model.onnx", how)
+    logits, _ = run(sess, ids, zero_state(ref, 3))
+    for i in range(3):
+        want, _ = reference(ref, ids[i:i + 1])
+        assert rel_err(logits[i:i + 1], want) <= 1e-4
+    alone, _ = run(sess, ids[1:2], zero_state(ref, 1))
+    np.testing.assert_allclose(logits[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_graphs_pass_checker_and_match_manifest(exported):
+    _, _, out, ref = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    onnx_ops.register_schemas()
+    for name in ("model.onnx", "decode.onnx", "model_last.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        for kind, values in (("inputs", graph.input), ("outputs", graph.output)):
+            got = [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+            assert got == [(e["name"], e["shape"]) for e in manifest["graphs"][name][kind]]
+        ops = {(n.domain, n.op_type) for n in graph.node}
+        expect = {"DecodeStep"} if name == "decode.onnx" else {"SelectiveScan", "CausalConv1d"}
+        assert {op for dom, op in ops if dom == onnx_ops.DOMAIN} == expect
+        assert {f.name for f in onnx.load(str(out / name), load_external_data=False).functions} == set(
+            onnx_ops.OP_NAMES)
+    assert manifest["config"]["n_layer"] == ref.config.n_layer
+
+
+def test_manifest_checksums_and_shared_weights(exported):
+    config, _, out, _ = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+    assert manifest["format_version"] == 1
+    assert manifest["custom_op_library"] == ("libmamba_export_ops.so" if config == "tiny" and LIBRARY else None)
+    referenced = 0
+    for name in ("model.onnx", "decode.onnx"):
+        for t in onnx.load(str(out / name), load_external_data=False).graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                assert {e.key: e.value for e in t.external_data}["location"] == "weights.bin"
+                referenced += int({e.key: e.value for e in t.external_data}["length"])
+    assert (out / "weights.bin").stat().st_size < 0.75 * referenced  # the in_proj/out_proj/embedding are shared
+
+
+def test_genai_config(exported):
+    name, _, out, ref = exported
+    cfg = json.loads((out / "genai_config.json").read_text())["model"]
+    assert cfg["type"] == "decoder" and cfg["decoder"]["num_hidden_layers"] == ref.config.n_layer
+    assert cfg["decoder"]["inputs"]["past_recurrent_names"] == "past_ssm.%d"
+    library = cfg["decoder"]["session_options"].get("custom_ops_library")
+    assert library == ("libmamba_export_ops.so" if name == "tiny" and LIBRARY else None)
+
+
+@pytest.fixture(scope="module")
+def exported_fp16(tmp_path_factory):
+    """(float16 export dir, float64 reference model) of the "nondefault" config."""
+    root = tmp_path_factory.mktemp("fp16")
+    ckpt = save_transformers(make_hf_model("nondefault", seed=2), root / "ckpt")
+    out = export_checkpoint(ckpt, root / "export", dtype="float16", with_library=False)
+    return out, load_checkpoint(ckpt, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_float16_export_within_float16_bounds(exported_fp16, how):
+    out, ref = exported_fp16
+    ids = torch.randint(0, ref.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(4))
+    sess = session(out / "model.onnx", how)
+    assert sess.get_inputs()[1].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float16)"
+    assert sess.get_outputs()[1].type == "tensor(float)"
+    logits, state = run(sess, ids[:, :6], zero_state(ref, 2))
+    decode = session(out / "decode.onnx", how)
+    steps = [logits]
+    for t in (6, 7):
+        logits, state = run(decode, ids[:, t:t + 1], state)
+        steps.append(logits)
+    want, _ = reference(ref, ids)
+    assert rel_err(np.concatenate(steps, axis=1), want) <= 1e-2
+
+
