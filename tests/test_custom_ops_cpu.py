@@ -1,0 +1,344 @@
+"""The CPU custom ops of libmamba_export_ops (SelectiveScan, CausalConv1d, DecodeStep) against the float64 references.
+
+Each op runs as a single-node ONNX model in onnxruntime with the library registered. Inputs are random (hypothesis
+draws the shapes and a seed), in float32 or float16; the references in :mod:`mamba_export.ops` (and
+``MambaMixer.step`` for DecodeStep) run in float64 on the very values the op saw. Tolerances, relative to the element
+and to the largest reference value: float32 results 2e-6 (about 16 float32 rounding steps; seen: up to 4e-7),
+float16 results 1e-3 (twice the float16 rounding step 2^-11); states are float32 in both cases (1e-6). Invalid inputs must give an onnxruntime error
+naming the op and the input; they run in a subprocess, so a crash fails the test instead of killing pytest.
+
+Run as a script with --bad-cases to print the outcome of every invalid-input case (what the subprocess does).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from mamba_export.backends import REFERENCE
+from mamba_export.config import MambaConfig
+from mamba_export.model import MambaMixer
+from mamba_export.ops import causal_conv1d_ref, selective_scan_ref
+from mamba_runtime import custom_op_library_path
+
+DOMAIN = "ai.mamba_export"
+ONNX_DTYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+TOL = {np.float32: 2e-6, np.float16: 1e-3}
+STATE_TOL = 1e-6
+
+# (name, "T" for the activation dtype or a fixed numpy dtype) of every input and output, in contract order.
+SIGNATURES = {
+    "SelectiveScan": (
+        [("u", "T"), ("delta", "T"), ("A", np.float32), ("B", "T"), ("C", "T"), ("D", np.float32), ("z", "T"),
+         ("delta_bias", np.float32), ("ssm_state_in", np.float32)],
+        [("y", "T"), ("ssm_state_out", np.float32)],
+    ),
+    "CausalConv1d": (
+        [("x", "T"), ("conv_state_in", np.float32), ("weight", np.float32), ("bias", np.float32)],
+        [("y", "T"), ("conv_state_out", np.float32)],
+    ),
+    "DecodeStep": (
+        [("xz", "T"), ("conv_state_in", np.float32), ("ssm_state_in", np.float32), ("conv_weight", np.float32),
+         ("conv_bias", np.float32), ("x_proj_weight", np.float32), ("dt_proj_weight", np.float32),
+         ("dt_bias", np.float32), ("A", np.float32), ("D", np.float32)],
+        [("y", "T"), ("conv_state_out", np.float32), ("ssm_state_out", np.float32)],
+    ),
+}
+
+
+def single_node_model(op: str, dtype, attrs: dict, input_dtypes: dict | None = None) -> onnx.ModelProto:
+    """One `op` node whose inputs and outputs are graph I/O of unknown shape, so that only the library checks shapes.
+
+    ``input_dtypes`` overrides the declared dtype of some inputs (to build invalid models).
+    """
+    ins, outs = SIGNATURES[op]
+    declared = lambda kind: ONNX_DTYPE[dtype if kind == "T" else kind]  # noqa: E731
+    overrides = input_dtypes or {}
+    inputs = [helper.make_tensor_value_info(n, ONNX_DTYPE[overrides[n]] if n in overrides else declared(k), None)
+              for n, k in ins]
+    outputs = [helper.make_tensor_value_info(n, declared(k), None) for n, k in outs]
+    node = helper.make_node(op, [n for n, _ in ins], [n for n, _ in outs], domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], op, inputs, outputs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(custom_op_library_path())
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=None)
+def cached_session(op: str, dtype, attr_items: tuple) -> ort.InferenceSession:
+    return make_session(single_node_model(op, dtype, dict(attr_items)))
+
+
+def run_op(op: str, dtype, feeds: dict, **attrs) -> list[np.ndarray]:
+    return cached_session(op, dtype, tuple(sorted(attrs.items()))).run(None, feeds)
+
+
+def f64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.float64))
+
+
+def assert_close(out: np.ndarray, ref, tol: float) -> None:
+    """|out - ref| <= tol * (|ref| + max(1, max |ref|)) elementwise."""
+    ref = ref.numpy() if isinstance(ref, torch.Tensor) else ref
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    np.testing.assert_allclose(out.astype(np.float64), ref, rtol=tol, atol=tol * scale)
+
+
+class Inputs:
+    """Random inputs of a seeded case: activations in the case's dtype, parameters and states in float32."""
+
+    def __init__(self, seed: int, dtype):
+        self.rng = np.random.default_rng(seed)
+        self.dtype = dtype
+
+    def act(self, *shape, scale=1.0) -> np.ndarray:
+        return (scale * self.rng.standard_normal(shape)).astype(np.float32).astype(self.dtype)
+
+    def f32(self, *shape, scale=1.0) -> np.ndarray:
+        return (scale * self.rng.standard_normal(shape)).astype(np.float32)
+
+    def negative_A(self, e: int, n: int) -> np.ndarray:
+        return -np.exp(self.rng.uniform(-1.0, 1.5, (e, n))).astype(np.float32)
+
+
+# ---- SelectiveScan ------------------------------------------------------------------------------------------------
+
+
+def scan_feeds(seed: int, dtype, b: int, l: int, e: int, n: int, softplus: bool) -> dict:
+    g = Inputs(seed, dtype)
+    delta = g.act(b, l, e) if softplus else np.abs(g.act(b, l, e, scale=0.5))  # without softplus: dt > 0 given
+    return dict(u=g.act(b, l, e), delta=delta, A=g.negative_A(e, n), B=g.act(b, l, n), C=g.act(b, l, n),
+                D=g.f32(e), z=g.act(b, l, e), delta_bias=g.f32(e, scale=0.5) if softplus else np.zeros(e, np.float32),
+                ssm_state_in=g.f32(b, e, n))
+
+
+def scan_reference(feeds: dict, softplus: bool):
+    """selective_scan_ref in float64, with the contract's channels-last layout transposed to the reference's."""
+    t = {k: f64(v) for k, v in feeds.items()}
+    cl = lambda x: x.transpose(1, 2)  # noqa: E731  [b, l, c] <-> [b, c, l]
+    y, h = selective_scan_ref(cl(t["u"]), cl(t["delta"]), t["A"], cl(t["B"]), cl(t["C"]), t["D"], cl(t["z"]),
+                              t["delta_bias"], softplus, t["ssm_state_in"])
+    return cl(y), h
+
+
+def check_scan(seed, dtype, b, l, e, n, softplus):
+    feeds = scan_feeds(seed, dtype, b, l, e, n, softplus)
+    y, state = run_op("SelectiveScan", dtype, feeds, delta_softplus=int(softplus))
+    y_ref, state_ref = scan_reference(feeds, softplus)
+    assert y.dtype == dtype and y.shape == (b, l, e) and state.dtype == np.float32 and state.shape == (b, e, n)
+    assert_close(y, y_ref, TOL[dtype])
+    assert_close(state, state_ref, STATE_TOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float16]), b=st.integers(1, 3),
+       l=st.integers(1, 40), e=st.integers(1, 70), n=st.integers(1, 17), softplus=st.booleans())
+def test_selective_scan_matches_reference(seed, dtype, b, l, e, n, softplus):
+    check_scan(seed, dtype, b, l, e, n, softplus)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_selective_scan_long_sequence(dtype):
+    check_scan(7, dtype, b=1, l=2048, e=40, n=16, softplus=True)
+
+
+def test_selective_scan_continues_from_its_state():
+    """Two calls, the second fed the first's state, equal one call over the whole sequence."""
+    feeds = scan_feeds(3, np.float32, b=2, l=24, e=33, n=16, softplus=True)
+    y_all, state_all = run_op("SelectiveScan", np.float32, feeds, delta_softplus=1)
+    split = lambda lo, hi: {k: v[:, lo:hi] if k in ("u", "delta", "B", "C", "z") else v  # noqa: E731
+                            for k, v in feeds.items()}
+    y1, state1 = run_op("SelectiveScan", np.float32, split(0, 10), delta_softplus=1)
+    y2, state2 = run_op("SelectiveScan", np.float32, {**split(10, 24), "ssm_state_in": state1}, delta_softplus=1)
+    assert_close(np.concatenate([y1, y2], axis=1), y_all, TOL[np.float32])
+    assert_close(state2, state_all, STATE_TOL)
+
+
+# ---- CausalConv1d -------------------------------------------------------------------------------------------------
+
+
+def conv_feeds(seed, dtype, b, l, e, k) -> dict:
+    g = Inputs(seed, dtype)
+    return dict(x=g.act(b, l, e), conv_state_in=g.f32(b, e, k - 1), weight=g.f32(e, k, scale=0.5), bias=g.f32(e))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float16]), b=st.integers(1, 3),
+       l=st.integers(1, 12), e=st.integers(1, 70), k=st.integers(1, 5), silu=st.booleans())
+def test_causal_conv1d_matches_reference(seed, dtype, b, l, e, k, silu):
+    feeds = conv_feeds(seed, dtype, b, l, e, k)
+    y, state = run_op("CausalConv1d", dtype, feeds, silu=int(silu))
+    t = {name: f64(v) for name, v in feeds.items()}
+    y_ref, state_ref = causal_conv1d_ref(t["x"].transpose(1, 2), t["weight"], t["bias"], t["conv_state_in"], silu)
+    assert y.dtype == dtype and state.dtype == np.float32 and state.shape == (b, e, k - 1)
+    assert_close(y, y_ref.transpose(1, 2), TOL[dtype])
+    assert_close(state, state_ref, STATE_TOL)  # the last k-1 inputs: exact copies, also when l < k-1
+
+
+def test_causal_conv1d_long_sequence():
+    feeds = conv_feeds(5, np.float32, b=2, l=2048, e=37, k=4)
+    y, state = run_op("CausalConv1d", np.float32, feeds, silu=1)
+    t = {name: f64(v) for name, v in feeds.items()}
+    y_ref, state_ref = causal_conv1d_ref(t["x"].transpose(1, 2), t["weight"], t["bias"], t["conv_state_in"], True)
+    assert_close(y, y_ref.transpose(1, 2), TOL[np.float32])
+    assert_close(state, state_ref, STATE_TOL)
+
+
+# ---- DecodeStep ---------------------------------------------------------------------------------------------------
+
+
+def decode_feeds(seed, dtype, b, e, n, k, r) -> dict:
+    g = Inputs(seed, dtype)
+    return dict(xz=g.act(b, 1, 2 * e), conv_state_in=g.f32(b, e, k - 1), ssm_state_in=g.f32(b, e, n),
+                conv_weight=g.f32(e, k, scale=0.5), conv_bias=g.f32(e), x_proj_weight=g.f32(r + 2 * n, e, scale=e**-0.5),
+                dt_proj_weight=g.f32(e, r, scale=r**-0.5), dt_bias=g.f32(e, scale=0.5), A=g.negative_A(e, n), D=g.f32(e))
+
+
+def decode_reference(feeds: dict, e, n, k, r):
+    """MambaMixer.step in float64 with in_proj and out_proj replaced by identities: its input is xz, its output y."""
+    cfg = MambaConfig(d_model=e, n_layer=1, vocab_size=8, d_state=n, d_conv=k, expand=1, dt_rank=r, conv_bias=True)
+    mixer = MambaMixer(cfg).double()
+    t = {name: f64(v) for name, v in feeds.items()}
+    with torch.no_grad():
+        mixer.in_proj, mixer.out_proj = torch.nn.Identity(), torch.nn.Identity()
+        mixer.conv1d.weight.copy_(t["conv_weight"].unsqueeze(1))
+        mixer.conv1d.bias.copy_(t["conv_bias"])
+        mixer.x_proj.weight.copy_(t["x_proj_weight"])
+        mixer.dt_proj.weight.copy_(t["dt_proj_weight"])
+        mixer.dt_proj.bias.copy_(t["dt_bias"])
+        mixer.A_log.copy_(torch.log(-t["A"]))
+        mixer.D.copy_(t["D"])
+        y, conv_state, ssm_state = mixer.step(t["xz"][:, 0], t["conv_state_in"], t["ssm_state_in"], REFERENCE)
+    return y.unsqueeze(1), conv_state, ssm_state
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float16]), b=st.integers(1, 3),
+       e=st.integers(1, 300), n=st.integers(1, 17), k=st.integers(2, 5), r=st.integers(1, 12))
+def test_decode_step_matches_mixer_step(seed, dtype, b, e, n, k, r):
+    check_decode(seed, dtype, b, e, n, k, r)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_decode_step_mamba_130m_shape(dtype):
+    check_decode(11, dtype, b=2, e=1536, n=16, k=4, r=48)
+
+
+def check_decode(seed, dtype, b, e, n, k, r):
+    feeds = decode_feeds(seed, dtype, b, e, n, k, r)
+    y, conv_state, ssm_state = run_op("DecodeStep", dtype, feeds)
+    y_ref, conv_ref, ssm_ref = decode_reference(feeds, e, n, k, r)
+    assert y.dtype == dtype and y.shape == (b, 1, e)
+    assert_close(y, y_ref, TOL[dtype])
+    assert_close(conv_state, conv_ref, STATE_TOL)
+    assert_close(ssm_state, ssm_ref, STATE_TOL)
+
+
+# ---- invalid inputs -------------------------------------------------------------------------------------------------
+
+# name -> (op, attributes, changes to valid feeds, declared-dtype overrides, strings the error must contain).
+# Valid shapes: SelectiveScan b=2 l=3 e=5 n=4; CausalConv1d b=2 l=3 e=5 k=4; DecodeStep b=2 e=5 n=4 k=4 r=3.
+BAD_CASES = {
+    "scan_u_rank": ("SelectiveScan", {}, {"u": np.zeros((2, 15), np.float32)}, {}, ["'u'", "rank 2", "rank 3"]),
+    "scan_empty_sequence": ("SelectiveScan", {}, {"u": np.zeros((2, 0, 5), np.float32),
+                                                  "delta": np.zeros((2, 0, 5), np.float32),
+                                                  "z": np.zeros((2, 0, 5), np.float32),
+                                                  "B": np.zeros((2, 0, 4), np.float32),
+                                                  "C": np.zeros((2, 0, 4), np.float32)},
+                            {}, ["'u'", "l = 0", "empty sequence"]),
+    "scan_B_state_size": ("SelectiveScan", {}, {"B": np.zeros((2, 3, 5), np.float32)}, {}, ["'B'", "[2, 3, 5]", "n=4"]),
+    "scan_delta_length": ("SelectiveScan", {}, {"delta": np.zeros((2, 4, 5), np.float32)}, {}, ["'delta'", "l=3"]),
+    "scan_A_channels": ("SelectiveScan", {}, {"A": -np.ones((6, 4), np.float32)}, {}, ["'A'", "e=5"]),
+    "scan_D_channels": ("SelectiveScan", {}, {"D": np.zeros(4, np.float32)}, {}, ["'D'", "e=5"]),
+    "scan_state_batch": ("SelectiveScan", {}, {"ssm_state_in": np.zeros((1, 5, 4), np.float32)}, {},
+                         ["'ssm_state_in'", "b=2"]),
+    "scan_A_float64": ("SelectiveScan", {}, {"A": -np.ones((5, 4))}, {"A": np.float64}, ["SelectiveScan"]),
+    "scan_mixed_T": ("SelectiveScan", {}, {"delta": np.zeros((2, 3, 5), np.float16)}, {"delta": np.float16},
+                     ["SelectiveScan"]),
+    "scan_softplus_attr": ("SelectiveScan", {"delta_softplus": 2}, {}, {}, ["delta_softplus", "0 or 1"]),
+    "scan_softplus_float": ("SelectiveScan", {"delta_softplus": 1.0}, {}, {}, ["delta_softplus", "float"]),
+    "conv_x_rank": ("CausalConv1d", {}, {"x": np.zeros((2, 3, 5, 1), np.float32)}, {}, ["'x'", "rank 4"]),
+    "conv_empty_sequence": ("CausalConv1d", {}, {"x": np.zeros((2, 0, 5), np.float32)}, {}, ["'x'", "l = 0"]),
+    "conv_weight_channels": ("CausalConv1d", {}, {"weight": np.zeros((4, 4), np.float32)}, {}, ["'weight'", "e=5"]),
+    "conv_state_width": ("CausalConv1d", {}, {"conv_state_in": np.zeros((2, 5, 2), np.float32)}, {},
+                         ["'conv_state_in'", "k-1=3"]),
+    "conv_bias_size": ("CausalConv1d", {}, {"bias": np.zeros(6, np.float32)}, {}, ["'bias'", "e=5"]),
+    "conv_silu_attr": ("CausalConv1d", {"silu": -1}, {}, {}, ["silu", "0 or 1"]),
+    "decode_two_tokens": ("DecodeStep", {}, {"xz": np.zeros((2, 2, 10), np.float32)}, {}, ["'xz'", "l=1"]),
+    "decode_odd_xz": ("DecodeStep", {}, {"xz": np.zeros((2, 1, 11), np.float32)}, {}, ["'xz'", "2e=10"]),
+    "decode_x_proj_rows": ("DecodeStep", {}, {"x_proj_weight": np.zeros((10, 5), np.float32)}, {},
+                           ["'x_proj_weight'", "r+2n=11"]),
+    "decode_dt_proj_channels": ("DecodeStep", {}, {"dt_proj_weight": np.zeros((4, 3), np.float32)}, {},
+                                ["'dt_proj_weight'", "e=5"]),
+    "decode_ssm_state": ("DecodeStep", {}, {"ssm_state_in": np.zeros((2, 5, 3), np.float32)}, {},
+                         ["'ssm_state_in'", "n=4"]),
+    "decode_conv_state_batch": ("DecodeStep", {}, {"conv_state_in": np.zeros((3, 5, 3), np.float32)}, {},
+                                ["'conv_state_in'", "b=2"]),
+    "decode_A_rank": ("DecodeStep", {}, {"A": np.zeros(20, np.float32)}, {}, ["'A'", "rank 1"]),
+}
+
+
+def valid_small_feeds(op: str) -> dict:
+    if op == "SelectiveScan":
+        return scan_feeds(0, np.float32, b=2, l=3, e=5, n=4, softplus=True)
+    if op == "CausalConv1d":
+        return conv_feeds(0, np.float32, b=2, l=3, e=5, k=4)
+    return decode_feeds(0, np.float32, b=2, e=5, n=4, k=4, r=3)
+
+
+def run_bad_case(name: str) -> dict:
+    """Build and run one invalid case; report whether onnxruntime raised, and its message."""
+    op, attrs, changes, dtypes, _ = BAD_CASES[name]
+    try:
+        session = make_session(single_node_model(op, np.float32, attrs, dtypes))
+        session.run(None, {**valid_small_feeds(op), **changes})
+    except Exception as error:  # onnxruntime raises its own exception classes
+        return {"raised": type(error).__name__, "message": str(error)}
+    return {"raised": None, "message": ""}
+
+
+@pytest.fixture(scope="module")
+def bad_case_outcomes() -> dict:
+    """Every invalid case, run in one subprocess that prints one JSON line per finished case."""
+    proc = subprocess.run([sys.executable, __file__, "--bad-cases"], capture_output=True, text=True, timeout=120)
+    outcomes = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            outcomes.update(json.loads(line))
+    return {"returncode": proc.returncode, "stderr": proc.stderr[-2000:], "cases": outcomes}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
+def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
+    got = bad_case_outcomes["cases"].get(name)
+    assert got is not None, (f"the subprocess ended (exit code {bad_case_outcomes['returncode']}) before case {name} "
+                             f"finished:\n{bad_case_outcomes['stderr']}")
+    assert got["raised"], f"{name}: no error"
+    for part in BAD_CASES[name][4]:
+        assert part in got["message"], f"{name}: {part!r} not in {got['message']!r}"
+
+
+def test_subprocess_exits_cleanly(bad_case_outcomes):
+    assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:
+    for case in sorted(BAD_CASES):
+        print(json.dumps({case: run_bad_case(case)}), flush=True)
