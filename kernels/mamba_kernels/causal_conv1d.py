@@ -1,0 +1,307 @@
+"""Causal depthwise conv1d (+ SiLU) over time in Triton: forward, backward, and the one-token decode step.
+
+Contracts: :func:`causal_conv1d` and :func:`causal_conv1d_step` have the signatures, layouts and return values of
+:func:`mamba_export.ops.causal_conv1d_ref` and :func:`mamba_export.ops.causal_conv1d_step_ref`.
+
+Both views index the input extended by the state, xs = cat(conv_state, x) of length k - 1 + l, so that
+out_t = bias + sum_j weight[:, j] xs[t + j]. The backward tiles positions s of xs, so one kernel writes the gradient of
+x (s >= k - 1) and of the incoming conv state (s < k - 1); the outgoing conv state (the last k - 1 of xs) is a slice
+taken in PyTorch, whose autograd adds its gradient. Arithmetic is fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import KernelInputError, check_runnable, check_tensor, vector_or_none
+
+__all__ = ["causal_conv1d", "causal_conv1d_step"]
+
+_BLOCK_D = 16
+_BLOCK_L = 64
+
+
+@triton.jit
+def _load_bias(ptr, offs_d, mask_d, HAS_BIAS: tl.constexpr):
+    """The per-channel bias in fp32, zeros when absent."""
+    if HAS_BIAS:
+        v = tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        v = tl.zeros(offs_d.shape, tl.float32)
+    return v
+
+
+@triton.jit
+def _xs(x_ptr, state_ptr, pid_b, offs_d, mask_d, s, L, KM1, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l):
+    """fp32 xs[:, s] for a (BLOCK_D, BLOCK_L) tile of positions s of cat(state, x); 0 outside [0, KM1 + L)."""
+    in_x = (s >= KM1) & (s < KM1 + L)
+    in_state = (s >= 0) & (s < KM1)
+    xv = tl.load(x_ptr + pid_b * sx_b + offs_d[:, None] * sx_d + (s - KM1)[None, :] * sx_l,
+                 mask=mask_d[:, None] & in_x[None, :], other=0.0)
+    sv = tl.load(state_ptr + pid_b * ss_b + offs_d[:, None] * ss_d + s[None, :] * ss_l,
+                 mask=mask_d[:, None] & in_state[None, :], other=0.0)
+    return xv.to(tl.float32) + sv.to(tl.float32)
+
+
+@triton.jit
+def _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l,
+         K: tl.constexpr):
+    """Convolution output before the activation at a (BLOCK_D, BLOCK_L) tile of output positions t."""
+    acc = tl.zeros((offs_d.shape[0], t.shape[0]), tl.float32) + bias[:, None]
+    for j in tl.static_range(K):
+        w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+        acc += w[:, None] * _xs(x_ptr, state_ptr, pid_b, offs_d, mask_d, t + j, L, K - 1, sx_b, sx_d, sx_l,
+                                ss_b, ss_d, ss_l)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, L, DIM,
+    sx_b, sx_d, sx_l, ss_b, ss_d, ss_l,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """y (contiguous (b, d, l)) = [silu](conv(cat(state, x))) for one (channel block, time block, batch)."""
+    pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < DIM
+    bias = _load_bias(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    y = _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, K)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + pid_b * DIM * L + offs_d[:, None] * L + t[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (t < L)[None, :])
+
+
+@triton.jit
+def _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, t, L,
+          sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l, K: tl.constexpr, SILU: tl.constexpr):
+    """Gradient of the pre-activation at output positions t (0 outside [0, L))."""
+    mask = mask_d[:, None] & ((t >= 0) & (t < L))[None, :]
+    dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d[:, None] * sdy_d + t[None, :] * sdy_l, mask=mask, other=0.0)
+    dy = dy.to(tl.float32)
+    if SILU:
+        pre = _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, K)
+        sig = tl.sigmoid(pre)
+        dy = dy * sig * (1.0 + pre * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, dy_ptr, dx_ptr, dstate_ptr, dw_ptr, dbias_ptr, L, DIM, NBLK,
+    sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """For positions s of xs in this block: d xs[s] -> dx (contiguous (b, d, l)) or dstate (contiguous (b, d, k-1));
+    for output positions t = s: partial sums of dweight -> dw (b, NBLK, d, K) and dbias -> dbias (b, NBLK, d)."""
+    pid_d, pid_s, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < DIM
+    bias = _load_bias(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    dxs = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
+    for j in tl.static_range(K):
+        w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+        dxs += w[:, None] * _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, s - j, L, sx_b, sx_d, sx_l,
+                                  ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l, K, SILU)
+    dx_mask = mask_d[:, None] & ((s >= K - 1) & (s < K - 1 + L))[None, :]
+    tl.store(dx_ptr + pid_b * DIM * L + offs_d[:, None] * L + (s - (K - 1))[None, :],
+             dxs.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    tl.store(dstate_ptr + pid_b * DIM * (K - 1) + offs_d[:, None] * (K - 1) + s[None, :], dxs,
+             mask=mask_d[:, None] & (s < K - 1)[None, :])
+    dpre = _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, s, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l,
+                 sdy_b, sdy_d, sdy_l, K, SILU)
+    part = (pid_b * NBLK + pid_s) * DIM + offs_d
+    for j in tl.static_range(K):
+        xs = _xs(x_ptr, state_ptr, pid_b, offs_d, mask_d, s + j, L, K - 1, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l)
+        tl.store(dw_ptr + part * K + j, tl.sum(dpre * xs, axis=1), mask=mask_d)
+    tl.store(dbias_ptr + part, tl.sum(dpre, axis=1), mask=mask_d)
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, new_state_ptr, DIM,
+    sx_b, sx_d, ss_b, ss_d, ss_k,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One token: window = [state, x]; y (contiguous (b, d)) = [silu](window . w + bias); new state (contiguous
+    (b, d, K-1) fp32) = window[:, 1:]."""
+    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < DIM
+    sv = tl.load(state_ptr + pid_b * ss_b + offs_d[:, None] * ss_d + k[None, :] * ss_k,
+                 mask=mask_d[:, None] & (k < K - 1)[None, :], other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + pid_b * sx_b + offs_d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
+    window = tl.where((k == K - 1)[None, :], xv[:, None], sv)
+    w = tl.load(w_ptr + offs_d[:, None] * K + k[None, :], mask=mask_d[:, None] & (k < K)[None, :], other=0.0)
+    y = tl.sum(window * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + pid_b * DIM + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(new_state_ptr + pid_b * DIM * (K - 1) + offs_d[:, None] * (K - 1) + (k - 1)[None, :], window,
+             mask=mask_d[:, None] & ((k >= 1) & (k < K))[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check_conv_args(x, weight, bias, conv_state, time_dim: bool) -> None:
+    want = 3 if time_dim else 2
+    if x.dim() != want or weight.dim() != 2:
+        raise KernelInputError(f"causal conv needs x with {want} dims and weight (d, k), got {tuple(x.shape)} and "
+                               f"{tuple(weight.shape)}")
+    b, d = x.shape[:2]
+    k = weight.shape[1]
+    if k < 2:
+        raise KernelInputError(f"the Triton causal conv needs a filter of width 2 or more, got {k}")
+    check_runnable(x.device)
+    for name, t, shape in (("x", x, tuple(x.shape)), ("weight", weight, (d, k)), ("bias", bias, (d,)),
+                           ("conv_state", conv_state, (b, d, k - 1))):
+        check_tensor(name, t, shape, x.device)
+
+
+def _conv_fwd(x, weight, bias, conv_state, silu):
+    """y (b, d, l) in x's dtype from x (b, d, l), weight (d, k), bias (d,) or None, conv_state (b, d, k - 1)."""
+    b, d, l = x.shape
+    k = weight.shape[1]
+    weight, bias = weight.contiguous(), vector_or_none(bias)
+    y = torch.empty(b, d, l, dtype=x.dtype, device=x.device)
+    if l:
+        grid = (triton.cdiv(d, _BLOCK_D), triton.cdiv(l, _BLOCK_L), b)
+        _conv_fwd_kernel[grid](x, weight, bias, conv_state, y, l, d, *x.stride(), *conv_state.stride(), K=k,
+                               HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L)
+    return y
+
+
+def _conv_bwd(dy, x, weight, bias, conv_state, silu):
+    """dx (b, d, l) in x's dtype, dweight (d, k), dbias (d,) fp32 (empty without bias), dstate (b, d, k - 1) fp32."""
+    b, d, l = x.shape
+    k = weight.shape[1]
+    weight, bias = weight.contiguous(), vector_or_none(bias)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    nblk = triton.cdiv(l + k - 1, _BLOCK_L)
+    dx, dstate = torch.empty(b, d, l, dtype=x.dtype, device=x.device), torch.empty(b, d, k - 1, **f32)
+    dw, dbias = torch.empty(b, nblk, d, k, **f32), torch.empty(b, nblk, d, **f32)
+    _conv_bwd_kernel[(triton.cdiv(d, _BLOCK_D), nblk, b)](
+        x, weight, bias, conv_state, dy, dx, dstate, dw, dbias, l, d, nblk,
+        *x.stride(), *conv_state.stride(), *dy.stride(),
+        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+    )
+    return dx, dw.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else dbias.new_empty(0), dstate
+
+
+@torch.library.custom_op("mamba_kernels::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor,
+                 silu: bool) -> torch.Tensor:
+    return _conv_fwd(x, weight, bias, conv_state, silu)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, conv_state, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mamba_kernels::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 conv_state: torch.Tensor, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _conv_bwd(dy, x, weight, bias, conv_state, silu)
+
+
+@_conv_bwd_op.register_fake
+def _(dy, x, weight, bias, conv_state, silu):
+    b, d, l = x.shape
+    k = weight.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(d, k, **f32),
+            x.new_empty(d if bias is not None else 0, **f32), x.new_empty(b, d, k - 1, **f32))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, conv_state, silu = inputs
+    ctx.silu = silu
+    ctx.save_for_backward(x, weight, bias, conv_state)
+
+
+def _conv_backward(ctx, dy):
+    x, weight, bias, conv_state = ctx.saved_tensors
+    dx, dw, dbias, dstate = _conv_bwd_op(dy, x, weight, bias, conv_state, ctx.silu)
+    return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
+            dstate.to(conv_state.dtype), None)
+
+
+torch.library.register_autograd("mamba_kernels::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    conv_state: torch.Tensor | None = None,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton causal depthwise conv, differentiable in x, weight, bias and conv_state; see
+    :func:`mamba_export.ops.causal_conv1d_ref`.
+
+    Args:
+        x: (b, d, l); weight: (d, k); bias: (d,) or None; conv_state: (b, d, k - 1) or None (zeros).
+
+    Returns:
+        y: (b, d, l) in x's dtype, and the new conv state (b, d, k - 1) float32: the last k - 1 inputs.
+    """
+    _check_conv_args(x, weight, bias, conv_state, time_dim=True)
+    b, d, l = x.shape
+    k = weight.shape[1]
+    if conv_state is None:
+        conv_state = torch.zeros(b, d, k - 1, dtype=torch.float32, device=x.device)
+    y = _conv_fwd_op(x, weight, bias, conv_state, silu)
+    xs_tail = torch.cat([conv_state.to(torch.float32), x[:, :, max(0, l - (k - 1)):].to(torch.float32)], dim=-1)
+    return y, xs_tail[:, :, xs_tail.shape[-1] - (k - 1):]
+
+
+@torch.library.custom_op("mamba_kernels::causal_conv1d_step", mutates_args=())
+def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor,
+                  silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    b, d = x.shape
+    k = weight.shape[1]
+    weight, bias = weight.contiguous(), vector_or_none(bias)
+    y = torch.empty(b, d, dtype=x.dtype, device=x.device)
+    new_state = torch.empty(b, d, k - 1, dtype=torch.float32, device=x.device)
+    _conv_step_kernel[(triton.cdiv(d, _BLOCK_D), b)](
+        x, weight, bias, conv_state, y, new_state, d, *x.stride(), *conv_state.stride(),
+        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_K=triton.next_power_of_2(k),
+    )
+    return y, new_state
+
+
+@_conv_step_op.register_fake
+def _(x, weight, bias, conv_state, silu):
+    b, d = x.shape
+    return x.new_empty(b, d), x.new_empty(b, d, weight.shape[1] - 1, dtype=torch.float32)
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode token in one kernel (state shift, conv, bias, SiLU); see
+    :func:`mamba_export.ops.causal_conv1d_step_ref`. Inference only (no autograd).
+
+    Args:
+        x: (b, d); weight: (d, k); bias: (d,) or None; conv_state: (b, d, k - 1).
+
+    Returns:
+        y: (b, d) in x's dtype, and the new conv state (b, d, k - 1) float32.
+    """
+    _check_conv_args(x, weight, bias, conv_state, time_dim=False)
+    return _conv_step_op(x, weight, bias, conv_state, silu)
