@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -15,8 +16,9 @@ namespace {
 const char* kUsage =
     "usage: mamba_generate EXPORT_DIR (--prompt-ids 1,2,3 | --prompt TEXT) [options]\n"
     "\n"
-    "Runs the prompt through EXPORT_DIR/model.onnx, then decodes one token at a time with decode.onnx, and prints\n"
-    "the new token ids (and their text, for a byte-level vocabulary), the prefill time and ms/token.\n"
+    "Runs the prompt through EXPORT_DIR/model.onnx (model_last.onnx when present), then decodes one token at a time\n"
+    "with decode.onnx, and prints the new token ids (and their text, for a byte-level vocabulary), the prefill time\n"
+    "and ms/token. Exit code 2 and one line on stderr on any error.\n"
     "\n"
     "  --prompt-ids IDS      comma-separated token ids\n"
     "  --prompt TEXT         text; needs a byte-level vocabulary (manifest.json tokenizer type \"bytes\")\n"
@@ -28,6 +30,8 @@ const char* kUsage =
     "    --seed S            random seed (default 0)\n"
     "  --stop-ids IDS        comma-separated ids that end the generation (included in the output)\n"
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
+    "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw)\n"
+    "  --no-verify           skip checking the files' sha256 against manifest.json\n"
     "  --no-custom-ops       do not register the custom-op library (onnxruntime inlines the graphs' ONNX functions)\n"
     "  --help                show this text\n";
 
@@ -35,6 +39,7 @@ struct Args {
   std::string export_dir;
   std::vector<int64_t> prompt_ids;
   std::string prompt_text;
+  std::string dump_logits;
   bool has_ids = false, has_text = false, sample = false, sampling_flag = false;
   mamba::GenerateOptions generate;
   mamba::SessionOptions session;
@@ -48,7 +53,8 @@ int64_t parse_int(const std::string& flag, const std::string& text, int64_t lo =
     throw mamba::Error(flag + ": expected an integer, found '" + text + "'");
   }
   if (value < lo || value > hi) {
-    throw mamba::Error(flag + ": " + text + " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    throw mamba::Error(flag + ": " + text + " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                       "]");
   }
   return value;
 }
@@ -108,6 +114,10 @@ Args parse_args(const std::vector<std::string>& argv) {
       a.generate.stop_tokens = parse_ids(flag, value());
     } else if (flag == "--threads") {
       a.session.intra_op_threads = int(parse_int(flag, value(), 0, 1024));
+    } else if (flag == "--dump-logits") {
+      a.dump_logits = value();
+    } else if (flag == "--no-verify") {
+      a.session.verify_checksums = false;
     } else if (flag == "--no-custom-ops") {
       a.session.custom_ops = false;
     } else if (flag.rfind("--", 0) == 0) {
@@ -131,22 +141,42 @@ std::string join(const std::vector<int64_t>& ids) {
   return out;
 }
 
-// The text in double quotes on one line: control characters escaped, other bytes as they are.
+// Length of the valid UTF-8 sequence that starts at text[i] (a byte >= 0x80), or 0 when there is none.
+size_t utf8_length(const std::string& text, size_t i) {
+  auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
+  unsigned char c = byte(i);
+  size_t n = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+  if (n == 0 || i + n > text.size()) return 0;
+  // The second byte's range excludes overlong forms, surrogates and code points past U+10FFFF.
+  unsigned char lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80;
+  unsigned char hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
+  if (byte(i + 1) < lo || byte(i + 1) > hi) return 0;
+  for (size_t k = 2; k < n; ++k) {
+    if ((byte(i + k) & 0xC0) != 0x80) return 0;
+  }
+  return n;
+}
+
+// The text in double quotes on one line: valid UTF-8 as it is; quotes, backslashes, control characters and bytes
+// that are not valid UTF-8 escaped (a byte-level model can emit any byte).
 std::string quoted(const std::string& text) {
   std::string out = "\"";
-  for (unsigned char c : text) {
+  for (size_t i = 0; i < text.size();) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    size_t n = c >= 0x80 ? utf8_length(text, i) : 1;
     if (c == '"' || c == '\\') {
       out += '\\';
       out += char(c);
     } else if (c == '\n') {
       out += "\\n";
-    } else if (c < 0x20 || c == 0x7F) {
+    } else if (c < 0x20 || c == 0x7F || n == 0) {
       char hex[8];
       std::snprintf(hex, sizeof hex, "\\x%02x", c);
       out += hex;
     } else {
-      out += char(c);
+      out += text.substr(i, n);
     }
+    i += n == 0 ? 1 : n;
   }
   return out + "\"";
 }
@@ -180,7 +210,16 @@ int run(const std::vector<std::string>& argv) {
   Args a = parse_args(argv);
   mamba::Model model(a.export_dir, a.session);
   std::vector<int64_t> prompt = a.has_text ? mamba::encode_bytes(model.info(), a.prompt_text) : a.prompt_ids;
+  std::ofstream dump;
+  if (!a.dump_logits.empty()) {
+    dump.open(a.dump_logits, std::ios::binary | std::ios::trunc);
+    if (!dump) throw mamba::Error(a.dump_logits + ": cannot be written");
+    a.generate.on_token = [&dump](int64_t, const std::vector<float>& logits) {
+      dump.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
+    };
+  }
   mamba::Generation g = model.generate(prompt, a.generate);
+  if (dump.is_open() && !dump.flush()) throw mamba::Error(a.dump_logits + ": write failed");
   print_result(model, a, prompt, g);
   return 0;
 }

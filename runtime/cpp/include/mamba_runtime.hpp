@@ -1,6 +1,6 @@
 // mamba_runtime: run a mamba-export export directory (docs/CONTRACTS.md) with onnxruntime from C++17.
 //
-//   mamba::Model model("out/");                       // manifest.json, custom-op library, model.onnx, decode.onnx
+//   mamba::Model model("out/");          // manifest.json, custom-op library, sessions for model.onnx and decode.onnx
 //   mamba::GenerateOptions opt;
 //   opt.max_new_tokens = 32;
 //   mamba::Generation g = model.generate({1, 2, 3}, opt);   // g.tokens: the new token ids
@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -31,6 +32,8 @@ struct SessionOptions {
   bool custom_ops = true;
   /// onnxruntime intra-op threads; 0 lets onnxruntime choose (one per physical core).
   int intra_op_threads = 0;
+  /// Check every file of the export against its sha256 in manifest.json (reads every byte once).
+  bool verify_checksums = true;
 };
 
 /// What the export directory holds, read from manifest.json and the graphs' inputs and outputs.
@@ -42,6 +45,7 @@ struct ModelInfo {
   int64_t d_state = 0;
   int64_t vocab_size = 0;
   std::string logits_dtype;       ///< "float32", "float16" or "bfloat16"
+  std::string prefill_graph;      ///< "model_last.onnx" when the export has it, else "model.onnx"
   std::string custom_op_library;  ///< absolute path of the registered library; empty when custom_ops is false
   /// True when token id == byte value for ids 0..255 (manifest tokenizer type "byte"): text can be encoded
   /// with encode_bytes and decoded with decode_bytes.
@@ -56,13 +60,16 @@ struct GenerateOptions {
   int top_k = 0;            ///< sample among the k most likely tokens; 0 = the whole vocabulary
   uint64_t seed = 0;        ///< same seed, same prompt, same model: same tokens
   std::vector<int64_t> stop_tokens;  ///< generation ends after emitting one of these (it is included in tokens)
+  /// Called with each new token as soon as it is picked, and the float32 logits it was picked from (streaming).
+  /// Its time counts in Generation::prefill_ms / decode_ms.
+  std::function<void(int64_t token, const std::vector<float>& logits)> on_token;
 };
 
 /// The result of generate().
 struct Generation {
   std::vector<int64_t> tokens;  ///< the new tokens, in order
   bool stopped = false;         ///< true when the last token is a stop token
-  double prefill_ms = 0;        ///< the prompt through model.onnx, and picking the first new token
+  double prefill_ms = 0;        ///< the prompt through the prefill graph, and picking the first new token
   double decode_ms = 0;         ///< all decode.onnx steps (tokens.size() - 1 of them)
   /// Milliseconds per decoded token (decode_ms / steps); 0 when only one token was generated.
   double ms_per_token() const;
@@ -70,8 +77,9 @@ struct Generation {
 
 class Model {
  public:
-  /// Opens `export_dir`: reads manifest.json, registers the custom-op library, creates the sessions for
-  /// model.onnx (prefill, any number of tokens) and decode.onnx (one token), allocates the state (zeros).
+  /// Opens `export_dir`: reads manifest.json (and checks the files' sha256), registers the custom-op library,
+  /// creates the sessions for the prefill graph (model_last.onnx when present, else model.onnx; any number of
+  /// tokens) and decode.onnx (one token), checks their I/O against the contract, allocates the state (zeros).
   explicit Model(const std::string& export_dir, const SessionOptions& options = {});
   ~Model();
   Model(Model&&) noexcept;
@@ -83,7 +91,8 @@ class Model {
 
   /// Zeroes the recurrent state: the next prefill() starts a new sequence.
   void reset();
-  /// Runs `ids` (at least one, each in [0, vocab_size)) through model.onnx, continuing from the current state.
+  /// Runs `ids` (at least one, each in [0, vocab_size)) through the prefill graph, continuing from the current
+  /// state.
   /// Returns the float32 logits of the last position (vocab_size values), valid until the next call.
   const std::vector<float>& prefill(const std::vector<int64_t>& ids);
   /// Runs one token through decode.onnx, continuing from the current state; returns its float32 logits.

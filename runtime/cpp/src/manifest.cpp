@@ -2,10 +2,12 @@
 #include "manifest.hpp"
 
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 
 #include "json.hpp"
+#include "sha256.hpp"
 #include "mamba_runtime.hpp"
 
 namespace mamba::detail {
@@ -56,7 +58,7 @@ class Reader {
   fs::path path_;
 };
 
-Json parse_manifest(const fs::path& path) {
+Json parse_json(const fs::path& path) {
   try {
     return Json::parse(read_file(path));
   } catch (const Error& e) {
@@ -64,8 +66,10 @@ Json parse_manifest(const fs::path& path) {
   }
 }
 
-// The custom-op library: a file name inside the export directory, listed among its files.
+// The custom-op library: a file name inside the export directory, or empty when the export ships none (null).
 fs::path library_path(const Reader& r, const Json& root, const fs::path& dir) {
+  const Json& value = r.member(root, "custom_op_library", "");
+  if (value.is(Json::Type::Null)) return {};
   std::string name = r.typed(root, "custom_op_library", Json::Type::String).as_string();
   if (name.empty() || fs::path(name).filename() != fs::path(name) || name == "." || name == "..") {
     r.fail("custom_op_library must be a file name inside the export directory, found '" + name + "'");
@@ -73,29 +77,80 @@ fs::path library_path(const Reader& r, const Json& root, const fs::path& dir) {
   return dir / name;
 }
 
-bool byte_level_vocabulary(const Reader& r, const Json& root) {
-  const Json* tokenizer = root.find("tokenizer");
-  if (!tokenizer || tokenizer->is(Json::Type::Null)) return false;
-  if (!tokenizer->is(Json::Type::Object)) r.fail("'tokenizer' must be an object or null");
-  return r.typed(*tokenizer, "type", Json::Type::String, "tokenizer.").as_string() == "bytes";
+// Byte-level vocabulary: the export carries byte_vocab.json ({"type": "bytes"}) and no tokenizer.json, which
+// the runtimes would prefer (runtime/mamba_runtime/tokenizer.py).
+bool byte_level_vocabulary(const Reader& r, const Json& root, const fs::path& dir) {
+  const Json& tokenizer = r.typed(root, "tokenizer", Json::Type::Object);
+  const Json& files = r.typed(tokenizer, "files", Json::Type::Array, "tokenizer.");
+  bool bytes = false, hf = false;
+  for (const Json& f : files.as_array()) {
+    if (!f.is(Json::Type::String)) r.fail("'tokenizer.files' must hold file names");
+    bytes |= f.as_string() == "byte_vocab.json";
+    hf |= f.as_string() == "tokenizer.json";
+  }
+  if (!bytes || hf) return false;
+  fs::path path = dir / "byte_vocab.json";
+  Reader vocab(path);
+  Json spec = parse_json(path);
+  const Json* type = spec.find("type");
+  if (!type || !type->is(Json::Type::String) || type->as_string() != "bytes") {
+    vocab.fail("expected {\"type\": \"bytes\", ...}");
+  }
+  return true;
+}
+
+// name -> sha256 of every file of the export ("files" in manifest.json), each checked to be present.
+std::map<std::string, std::string> listed_files(const Reader& r, const Json& root, const fs::path& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& [name, entry] : r.typed(root, "files", Json::Type::Object).as_object()) {
+    const Json* digest = entry.find("sha256");
+    if (!digest || !digest->is(Json::Type::String) || digest->as_string().size() != 64 ||
+        fs::path(name).filename() != fs::path(name)) {
+      r.fail("bad entry for file '" + name + "' in 'files' (expected {\"sha256\": \"<64 hex digits>\", ...})");
+    }
+    if (!fs::is_regular_file(dir / name)) {
+      throw Error((dir / name).string() + ": missing (listed in manifest.json); the export directory is incomplete");
+    }
+    files[name] = digest->as_string();
+  }
+  for (const char* graph : {"model.onnx", "decode.onnx"}) {
+    if (!files.count(graph)) r.fail(std::string("does not list ") + graph + ", which every ONNX export has");
+  }
+  return files;
+}
+
+void verify_checksums(const std::map<std::string, std::string>& files, const fs::path& dir) {
+  for (const auto& [name, digest] : files) {
+    if (sha256_file(dir / name) != digest) {
+      throw Error((dir / name).string() + ": sha256 does not match manifest.json (file changed or corrupted); " +
+                  "re-export it");
+    }
+  }
 }
 
 }  // namespace
 
-Manifest read_manifest(const fs::path& dir) {
+Manifest read_manifest(const fs::path& dir, bool verify) {
   if (!fs::exists(dir)) throw Error(dir.string() + ": export directory does not exist");
   if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a directory (give the export directory)");
   fs::path path = dir / "manifest.json";
   if (!fs::is_regular_file(path)) {
-    throw Error(path.string() + ": missing (is " + dir.string() + " an export directory written by 'mamba-export export'?)");
+    throw Error(path.string() + ": missing (is " + dir.string() +
+                " an export directory written by 'mamba-export export'?)");
   }
   Reader r(path);
-  Json root = parse_manifest(path);
-  if (!root.is(Json::Type::Object)) r.fail("expected a JSON object, found " + std::string(Json::type_name(root.type())));
+  Json root = parse_json(path);
+  if (!root.is(Json::Type::Object)) {
+    r.fail("expected a JSON object, found " + std::string(Json::type_name(root.type())));
+  }
   int64_t version = r.positive_int(root, "format_version");
   if (version != kFormatVersion) {
     r.fail("format_version " + std::to_string(version) + " is not supported by this runtime (supported: " +
            std::to_string(kFormatVersion) + "); re-export with this version of mamba-export");
+  }
+  const Json* format = root.find("format");
+  if (format && !(format->is(Json::Type::String) && format->as_string() == "onnx")) {
+    r.fail("not an ONNX export (format must be \"onnx\"); export with --format onnx");
   }
   const Json& config = r.typed(root, "config", Json::Type::Object);
   Manifest m;
@@ -106,8 +161,14 @@ Manifest read_manifest(const fs::path& dir) {
   m.d_state = r.positive_int(config, "d_state", "config.");
   m.vocab_size = r.positive_int(config, "vocab_size", "config.");
   if (m.d_conv < 2) r.fail("'config.d_conv' must be at least 2, found " + std::to_string(m.d_conv));
+  auto files = listed_files(r, root, m.dir);
+  if (verify) verify_checksums(files, m.dir);
+  m.prefill_graph = files.count("model_last.onnx") ? "model_last.onnx" : "model.onnx";
   m.custom_op_library = library_path(r, root, m.dir);
-  m.byte_level = byte_level_vocabulary(r, root);
+  if (!m.custom_op_library.empty() && !files.count(m.custom_op_library.filename().string())) {
+    r.fail("custom_op_library '" + m.custom_op_library.filename().string() + "' is not among the listed files");
+  }
+  m.byte_level = byte_level_vocabulary(r, root, m.dir);
   return m;
 }
 

@@ -67,7 +67,8 @@ std::map<std::string, TensorSpec> declared_io(const Ort::Session& session, bool 
   std::map<std::string, TensorSpec> specs;
   size_t count = inputs ? session.GetInputCount() : session.GetOutputCount();
   for (size_t i = 0; i < count; ++i) {
-    std::string name = (inputs ? session.GetInputNameAllocated(i, alloc) : session.GetOutputNameAllocated(i, alloc)).get();
+    auto name_ptr = inputs ? session.GetInputNameAllocated(i, alloc) : session.GetOutputNameAllocated(i, alloc);
+    std::string name = name_ptr.get();
     Ort::TypeInfo type = inputs ? session.GetInputTypeInfo(i) : session.GetOutputTypeInfo(i);
     if (type.GetONNXType() != ONNX_TYPE_TENSOR) {
       specs[name] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}};
@@ -99,7 +100,9 @@ std::vector<std::pair<std::string, TensorSpec>> state_specs(const detail::Manife
   for (int64_t i = 0; i < m.n_layer; ++i) {
     specs.push_back({conv + std::to_string(i), {f32, {kAny, m.d_inner, m.d_conv - 1}}});
   }
-  for (int64_t i = 0; i < m.n_layer; ++i) specs.push_back({ssm + std::to_string(i), {f32, {kAny, m.d_inner, m.d_state}}});
+  for (int64_t i = 0; i < m.n_layer; ++i) {
+    specs.push_back({ssm + std::to_string(i), {f32, {kAny, m.d_inner, m.d_state}}});
+  }
   return specs;
 }
 
@@ -140,8 +143,10 @@ Ort::SessionOptions make_session_options(const SessionOptions& options, const de
   Ort::SessionOptions so;
   so.SetIntraOpNumThreads(options.intra_op_threads);
   if (options.custom_ops) {
-    if (!fs::is_regular_file(m.custom_op_library)) {
-      throw Error(m.custom_op_library.string() + ": custom-op library named in manifest.json is missing");
+    if (m.custom_op_library.empty()) {
+      throw Error((m.dir / "manifest.json").string() +
+                  ": the export ships no custom-op library (custom_op_library is null); run it without custom ops "
+                  "(SessionOptions::custom_ops = false, mamba_generate --no-custom-ops) or re-export with the library");
     }
     ort_call(m.custom_op_library.string() + ": cannot register the custom-op library",
              [&] { so.RegisterCustomOpsLibrary(m.custom_op_library.c_str()); });
@@ -150,13 +155,22 @@ Ort::SessionOptions make_session_options(const SessionOptions& options, const de
 }
 
 Ort::Session open_graph(const Ort::Env& env, const fs::path& path, const Ort::SessionOptions& so) {
-  if (!fs::is_regular_file(path)) throw Error(path.string() + ": missing (docs/CONTRACTS.md, the export directory)");
   return ort_call(path.string() + ": cannot load", [&] { return Ort::Session(env, path.c_str(), so); });
+}
+
+size_t element_bytes(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return 2;
+    default: throw Error(std::string("no zeros of ") + dtype_name(type));
+  }
 }
 
 Ort::Value zeros(OrtAllocator* alloc, const std::vector<int64_t>& shape, ONNXTensorElementDataType type) {
   Ort::Value v = Ort::Value::CreateTensor(alloc, shape.data(), shape.size(), type);
-  size_t bytes = v.GetTensorTypeAndShapeInfo().GetElementCount() * (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2);
+  size_t bytes = v.GetTensorTypeAndShapeInfo().GetElementCount() * element_bytes(type);
   std::fill_n(static_cast<char*>(v.GetTensorMutableRawData()), bytes, 0);
   return v;
 }
@@ -193,7 +207,7 @@ struct Model::Impl {
   ModelInfo info;
   Ort::Env env{ORT_LOGGING_LEVEL_ERROR, "mamba_runtime"};
   Ort::AllocatorWithDefaultOptions alloc;
-  Ort::Session prefill_graph{nullptr};  // model.onnx: any number of tokens
+  Ort::Session prefill_graph{nullptr};  // model_last.onnx or model.onnx: any number of tokens
   Ort::Session decode_graph{nullptr};   // decode.onnx: one token, fused DecodeStep
   ONNXTensorElementDataType logits_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   std::vector<std::string> input_names, output_names;  // input_ids, past_*; logits, present_* (state order)
@@ -209,20 +223,29 @@ struct Model::Impl {
   Impl(const std::string& dir, const SessionOptions& options);
   void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
   void take_last_logits(const Ort::Value& out);
-  void check_token(int64_t id, size_t position) const;
+  void check_token(int64_t id, const std::string& what) const;
 };
 
-Model::Impl::Impl(const std::string& dir, const SessionOptions& options) : manifest(detail::read_manifest(dir)) {
+Model::Impl::Impl(const std::string& dir, const SessionOptions& options)
+    : manifest(detail::read_manifest(dir, options.verify_checksums)) {
   Ort::SessionOptions so = make_session_options(options, manifest);
-  prefill_graph = open_graph(env, manifest.dir / "model.onnx", so);
+  prefill_graph = open_graph(env, manifest.dir / manifest.prefill_graph, so);
   decode_graph = open_graph(env, manifest.dir / "decode.onnx", so);
-  logits_type = check_graph_io("model.onnx", prefill_graph, manifest);
+  logits_type = check_graph_io(manifest.prefill_graph, prefill_graph, manifest);
   if (check_graph_io("decode.onnx", decode_graph, manifest) != logits_type) {
-    throw Error("decode.onnx: logits dtype differs from model.onnx's " + std::string(dtype_name(logits_type)));
+    throw Error("decode.onnx: logits dtype differs from " + manifest.prefill_graph + "'s " +
+                dtype_name(logits_type));
   }
-  info = {manifest.dir.string(), manifest.n_layer, manifest.d_inner, manifest.d_conv, manifest.d_state,
-          manifest.vocab_size, dtype_name(logits_type),
-          options.custom_ops ? manifest.custom_op_library.string() : std::string(), manifest.byte_level};
+  info.export_dir = manifest.dir.string();
+  info.n_layer = manifest.n_layer;
+  info.d_inner = manifest.d_inner;
+  info.d_conv = manifest.d_conv;
+  info.d_state = manifest.d_state;
+  info.vocab_size = manifest.vocab_size;
+  info.logits_dtype = dtype_name(logits_type);
+  info.prefill_graph = manifest.prefill_graph;
+  info.custom_op_library = options.custom_ops ? manifest.custom_op_library.string() : std::string();
+  info.byte_level = manifest.byte_level;
 
   input_names = {"input_ids"};
   output_names = {"logits"};
@@ -264,10 +287,10 @@ void Model::Impl::take_last_logits(const Ort::Value& out) {
   }
 }
 
-void Model::Impl::check_token(int64_t id, size_t position) const {
+// `what` names the token, e.g. "token id 7 at position 2".
+void Model::Impl::check_token(int64_t id, const std::string& what) const {
   if (id < 0 || id >= manifest.vocab_size) {
-    throw Error("token id " + std::to_string(id) + " at position " + std::to_string(position) +
-                " is out of range [0, " + std::to_string(manifest.vocab_size) + ")");
+    throw Error(what + " is out of range [0, " + std::to_string(manifest.vocab_size) + ")");
   }
 }
 
@@ -288,19 +311,21 @@ void Model::reset() {
 
 const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
   if (ids.empty()) throw Error("empty prompt: give at least one token id");
-  for (size_t i = 0; i < ids.size(); ++i) impl_->check_token(ids[i], i);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    impl_->check_token(ids[i], "token id " + std::to_string(ids[i]) + " at position " + std::to_string(i));
+  }
   std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
   std::array<int64_t, 2> shape{1, int64_t(ids.size())};
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
   Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data(), buffer.size(), shape.data(), shape.size());
   Ort::Value out{nullptr};
-  impl_->run(impl_->prefill_graph, "model.onnx", input, out);
+  impl_->run(impl_->prefill_graph, impl_->manifest.prefill_graph.c_str(), input, out);
   impl_->take_last_logits(out);
   return impl_->logits;
 }
 
 const std::vector<float>& Model::step(int64_t id) {
-  impl_->check_token(id, 0);
+  impl_->check_token(id, "token id " + std::to_string(id));
   *impl_->step_ids.GetTensorMutableData<int64_t>() = id;
   impl_->run(impl_->decode_graph, "decode.onnx", impl_->step_ids, impl_->step_logits);
   impl_->take_last_logits(impl_->step_logits);
@@ -311,9 +336,13 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   if (options.max_new_tokens < 1) {
     throw Error("max_new_tokens must be at least 1, found " + std::to_string(options.max_new_tokens));
   }
-  for (int64_t stop : options.stop_tokens) impl_->check_token(stop, 0);
+  for (int64_t stop : options.stop_tokens) impl_->check_token(stop, "stop token id " + std::to_string(stop));
   Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
-  auto pick = [&](const std::vector<float>& logits) { return options.greedy ? argmax(logits) : sampler.sample(logits); };
+  auto pick = [&](const std::vector<float>& logits) {
+    int64_t token = options.greedy ? argmax(logits) : sampler.sample(logits);
+    if (options.on_token) options.on_token(token, logits);
+    return token;
+  };
   auto is_stop = [&](int64_t t) {
     return std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) != options.stop_tokens.end();
   };

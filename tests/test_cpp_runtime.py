@@ -1,0 +1,260 @@
+"""The C++ runtime (runtime/cpp): mamba_generate, built by tools/build_cpp_runtime.sh, runs tiny exports and must
+reproduce the reference model (greedy tokens, and the logits of prefill + single steps against the full forward) and
+the Python runtime; every user error is one line and exit code 2, never a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from support import make_hf_model, rel_err, save_state_spaces
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [5, 17, 42, 7, 3]
+N_NEW = 12
+FLOAT32_TOL = 1e-4  # relative error of float32 logits against the float32 reference (README test policy)
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    """mamba_generate, (re)built by the build script: a no-op when nothing changed."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "tools/build_cpp_runtime.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"build failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.is_file(), proc.stdout
+    return path
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """export(config, library=True, byte_vocab=False) -> (export dir, reference MambaLM), made once per module."""
+    from mamba_export.checkpoint import load_checkpoint
+    from mamba_export.export.api import export_checkpoint
+
+    root = tmp_path_factory.mktemp("cpp_runtime")
+    made = {}
+
+    def get(name: str, library: bool = True, byte_vocab: bool = False):
+        key = f"{name}-{'lib' if library else 'nolib'}-{'bytes' if byte_vocab else 'ids'}"
+        if key not in made:
+            ckpt = save_state_spaces(make_hf_model(name, seed=1), root / f"ckpt-{key}")
+            if byte_vocab:
+                (ckpt / "byte_vocab.json").write_text(json.dumps({"type": "bytes", "vocab_size": 256}))
+            out = export_checkpoint(ckpt, root / f"export-{key}", with_library=library)
+            made[key] = out, load_checkpoint(ckpt)
+        return made[key]
+
+    return get
+
+
+def run(binary: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, encoding="utf-8", timeout=120)
+
+
+def generate(binary: Path, export_dir: Path, *args) -> dict[str, str]:
+    """Run mamba_generate, expect success, return its 'key: value' lines."""
+    proc = run(binary, export_dir, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    return dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+
+
+def ids(text: str) -> list[int]:
+    return [int(t) for t in text.split(",")]
+
+
+def quoted(data: bytes) -> str:
+    """What mamba_generate prints for text: valid UTF-8 as is; quotes, backslashes, control bytes and bytes that are
+    not valid UTF-8 escaped."""
+    out = []
+    for ch in data.decode("utf-8", errors="surrogateescape"):
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not part of valid UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    return model.generate_greedy(torch.tensor([prompt]), n)[0].tolist()
+
+
+@pytest.mark.parametrize("custom_ops", [True, False], ids=["custom-ops", "no-custom-ops"])
+def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, custom_ops):
+    """Prefill + decode steps in C++ give the reference's greedy tokens and its full-forward logits."""
+    out, model = export("nondefault")
+    dump = tmp_path / "logits.f32"
+    flags = [] if custom_ops else ["--no-custom-ops"]
+    res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW, "--greedy",
+                   "--dump-logits", dump, *flags)
+    tokens = ids(res["tokens"])
+    assert tokens == reference_greedy(model, PROMPT, N_NEW)
+    assert ("custom ops: off" in res["decoding"]) == (not custom_ops)
+    assert res["stopped"] == "max new tokens"
+    assert float(res["decode"].split(", ")[1].split()[0]) > 0  # ms/token
+
+    got = np.fromfile(dump, dtype=np.float32).reshape(N_NEW, model.config.vocab_size)
+    with torch.no_grad():
+        full, _ = model(torch.tensor([PROMPT + tokens[:-1]]))
+    want = full[0, len(PROMPT) - 1:]
+    assert rel_err(torch.from_numpy(got), want) < FLOAT32_TOL
+
+
+def test_without_library_matches_reference(binary, export):
+    """An export made without the custom-op library (other sizes: no conv bias, d_conv 2) runs with --no-custom-ops."""
+    out, model = export("noconvbias", library=False)
+    res = generate(binary, out, "--prompt-ids", "1,2,3", "--max-new-tokens", 8, "--no-custom-ops")
+    assert ids(res["tokens"]) == reference_greedy(model, [1, 2, 3], 8)
+
+
+def test_matches_python_runtime(binary, export):
+    from mamba_runtime import MambaRuntime
+
+    out, _ = export("nondefault")
+    py = MambaRuntime(out, provider="cpu", custom_ops="require").generate(PROMPT, N_NEW).tokens[0]
+    res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW)
+    assert ids(res["tokens"]) == list(py)
+
+
+def test_stop_token_ends_generation(binary, export):
+    out, model = export("nondefault")
+    greedy = reference_greedy(model, PROMPT, N_NEW)
+    stop = greedy[3]
+    res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
+                   "--stop-ids", f"{stop},0")
+    assert ids(res["tokens"]) == greedy[: greedy.index(stop) + 1]
+    assert res["stopped"] == "stop token"
+
+
+def test_sampling_is_seeded_and_respects_top_k(binary, export, tmp_path):
+    out, _ = export("nondefault")
+
+    def sample(seed: int, dump: Path) -> list[int]:
+        res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
+                       "--sample", "--temperature", 2.0, "--top-k", 5, "--seed", seed, "--dump-logits", dump)
+        assert res["decoding"].startswith("sample (temperature 2")
+        return ids(res["tokens"])
+
+    first = sample(7, tmp_path / "a.f32")
+    assert sample(7, tmp_path / "b.f32") == first
+    assert sample(8, tmp_path / "c.f32") != first
+    logits = np.fromfile(tmp_path / "a.f32", dtype=np.float32).reshape(N_NEW, -1)
+    for row, token in zip(logits, first):
+        assert token in np.argsort(-row)[:5]
+
+
+def test_byte_level_text_prompt(binary, export):
+    out, model = export("tiny", byte_vocab=True)
+    text = generate(binary, out, "--prompt", "hi!", "--max-new-tokens", 6)
+    as_ids = generate(binary, out, "--prompt-ids", "104,105,33", "--max-new-tokens", 6)
+    assert text["tokens"] == as_ids["tokens"]
+    tokens = ids(text["tokens"])
+    assert tokens == reference_greedy(model, [104, 105, 33], 6)
+    assert text["text"] == quoted(bytes(tokens))
+
+
+def test_help(binary):
+    proc = run(binary, "--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: mamba_generate EXPORT_DIR")
+
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    edit(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+IDS = ["--prompt-ids", "1,2"]
+# (name, how to break a copy of the export or None, arguments, a fragment the one error line must contain)
+ERROR_CASES = [
+    ("missing-dir", lambda d: shutil.rmtree(d), IDS, "export directory does not exist"),
+    ("not-an-export", lambda d: (d / "manifest.json").unlink(), IDS, "manifest.json: missing"),
+    ("bad-json", lambda d: (d / "manifest.json").write_text('{"format_version": 1,'), IDS,
+     "manifest.json: not valid JSON (line 1, column 22: unexpected end of text)"),
+    ("missing-key", lambda d: _edit_manifest(d, lambda m: m["config"].pop("d_state")), IDS,
+     "missing key 'config.d_state'"),
+    ("bad-key-type", lambda d: _edit_manifest(d, lambda m: m["config"].update(n_layer="3")), IDS,
+     "'config.n_layer' must be a number, found a string"),
+    ("format-version", lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)), IDS,
+     "format_version 99 is not supported"),
+    ("config-mismatch", lambda d: _edit_manifest(d, lambda m: m["config"].update(d_state=9)), IDS,
+     "input 'past_ssm.0' is float32 [?, 96, 8], expected float32 [?, 96, 9]"),
+    ("library-path", lambda d: _edit_manifest(d, lambda m: m.update(custom_op_library="../x.so")), IDS,
+     "custom_op_library must be a file name inside the export directory"),
+    ("unlisted-library", lambda d: _edit_manifest(d, lambda m: m.update(custom_op_library="other.so")), IDS,
+     "custom_op_library 'other.so' is not among the listed files"),
+    ("missing-library", lambda d: (d / "libmamba_export_ops.so").unlink(), IDS,
+     "libmamba_export_ops.so: missing (listed in manifest.json)"),
+    ("missing-graph", lambda d: (d / "decode.onnx").unlink(), IDS, "decode.onnx: missing (listed in manifest.json)"),
+    ("corrupt-weights", lambda d: (d / "weights.bin").write_bytes(b"\x00" * 64), IDS,
+     "weights.bin: sha256 does not match manifest.json"),
+    ("broken-library", lambda d: (d / "libmamba_export_ops.so").write_bytes(b"not a library"), IDS + ["--no-verify"],
+     "cannot register the custom-op library"),
+    ("broken-graph", lambda d: (d / "model.onnx").write_bytes(b"\x00garbage"), IDS + ["--no-verify"],
+     "model.onnx: cannot load"),
+    ("id-out-of-range", None, ["--prompt-ids", "1,101"], "token id 101 at position 1 is out of range [0, 101)"),
+    ("negative-id", None, ["--prompt-ids", "-1"], "token id -1 at position 0 is out of range"),
+    ("not-an-id", None, ["--prompt-ids", "1,x"], "--prompt-ids: expected an integer, found 'x'"),
+    ("stop-out-of-range", None, ["--prompt-ids", "1", "--stop-ids", "500"], "stop token id 500 is out of range"),
+    ("text-without-bytes", None, ["--prompt", "hi"], "the vocabulary is not byte-level"),
+    ("zero-new-tokens", None, ["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
+    ("no-prompt", None, [], "give exactly one of --prompt-ids and --prompt"),
+    ("unknown-option", None, ["--prompt-ids", "1", "--fast"], "unknown option --fast"),
+    ("sampling-flag", None, ["--prompt-ids", "1", "--top-k", "3"], "--temperature, --top-k and --seed need --sample"),
+    ("bad-temperature", None, ["--prompt-ids", "1", "--sample", "--temperature", "0"],
+     "temperature must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("breakage, args, fragment", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_errors_are_one_line(binary, export, tmp_path, breakage, args, fragment):
+    out, _ = export("nondefault")
+    target = out
+    if breakage is not None:
+        target = _copy(out, tmp_path)
+        breakage(target)
+    proc = run(binary, target, *args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mamba_generate: error: "), proc.stderr
+    assert fragment in lines[0]
+
+
+def test_export_without_library_needs_no_custom_ops_flag(binary, export):
+    out, _ = export("noconvbias", library=False)
+    proc = run(binary, out, "--prompt-ids", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("or re-export with the library")
+    assert "custom_op_library is null" in proc.stderr
+
+
+def test_empty_text_prompt(binary, export):
+    out, _ = export("tiny", byte_vocab=True)
+    proc = run(binary, out, "--prompt", "")
+    assert proc.returncode == 2
+    assert proc.stderr == "mamba_generate: error: empty prompt: give at least one token id\n"
