@@ -1,0 +1,224 @@
+"""CUDA specifics of the runtime: the CUDA device of :mod:`.device`, and a decode loop that keeps everything on the GPU.
+
+Two ways to generate on a GPU (onnxruntime-gpu needed; CuPy for the second):
+
+* ``MambaRuntime(export_dir, provider="cuda")`` uses :class:`CudaDevice` (below): the state lives on the GPU between
+  steps through IOBinding, and the logits come to the host each step, where the runtime's sampler runs. Everything
+  the runtime offers (uneven batches, top-k/top-p, snapshots) works.
+* :class:`CudaGenerator` is the fast path: fixed device buffers for the token ids, the logits and a double-buffered
+  state; greedy or temperature sampling with CuPy on the GPU writing straight into the next step's input ids, so only
+  the sampled tokens (b int64) cross to the host; optionally each decode step replayed as a CUDA graph.
+
+Why two CUDA graphs: onnxruntime replays a captured graph on the same device addresses, and the decode graph reads
+the state set it does not write (reading and writing one buffer in place would race inside a step). So set 0 -> 1
+and set 1 -> 0 are captured as two graphs (run option ``gpu_graph_id`` 0 and 1) and alternate.
+
+Symbols: b batch, V vocab_size, L n_layer, E d_inner, K d_conv, N d_state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import GenerationInputError
+from .manifest import ExportInfo, open_export_dir
+from .sessions import resolve_library
+
+_NP_TO_ORT = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
+
+
+class CudaDevice:
+    """onnxruntime's CUDA execution provider on GPU ``device_id``; OrtValues live in device memory.
+
+    Used by :func:`mamba_runtime.device.select_device` for provider "cuda" (same four members as ``CpuDevice``).
+    """
+
+    name = "cuda"
+
+    def __init__(self, device_id: int = 0, provider_options: dict | None = None):
+        self.device_id = device_id
+        self.provider_options = {"device_id": str(device_id), **(provider_options or {})}
+
+    def providers(self) -> list:
+        return [("CUDAExecutionProvider", self.provider_options), "CPUExecutionProvider"]
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", self.device_id)
+
+    def to_host(self, value: ort.OrtValue) -> np.ndarray:
+        """A host copy of ``value``."""
+        return value.numpy()
+
+    def upload(self, value: ort.OrtValue, array: np.ndarray) -> None:
+        """Copy ``array`` (same shape and dtype) into the device buffer of ``value``."""
+        value.update_inplace(np.ascontiguousarray(array))
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise GenerationInputError(f"CudaGenerator needs CuPy (pip install cupy-cuda13x): {e}") from None
+    return cupy
+
+
+def cupy_view(value: ort.OrtValue):
+    """A CuPy array on the device memory of an OrtValue (no copy; it keeps ``value`` alive)."""
+    cp = _cupy()
+    dtype = _ort_dtype(value)
+    nbytes = int(np.prod(value.shape())) * dtype.itemsize
+    mem = cp.cuda.UnownedMemory(value.data_ptr(), nbytes, value)
+    return cp.ndarray(tuple(value.shape()), dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
+
+
+def _ort_dtype(value: ort.OrtValue) -> np.dtype:
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+    return np.dtype(types[value.data_type()])
+
+
+class CudaGenerator:
+    """Prefill and decode a batch with every per-token buffer on the GPU.
+
+    Args:
+        export_dir: an export directory (manifest checked like :class:`~mamba_runtime.MambaRuntime` does).
+        batch: b, fixed for the life of the generator (the buffers and CUDA graphs are sized for it).
+        cuda_graph: capture each decode step as a CUDA graph (two: one per state-buffer direction).
+        device_id: the GPU.
+        custom_ops: as for MambaRuntime ("auto", "require", "off").
+        verify: check the export's checksums.
+
+    Example::
+
+        gen = CudaGenerator("out/", batch=8, cuda_graph=True)
+        tokens = gen.generate(prompts, 64)          # (8, 64) int64 on the host; greedy
+    """
+
+    def __init__(self, export_dir: str | Path, batch: int, *, cuda_graph: bool = False, device_id: int = 0,
+                 custom_ops: str = "auto", verify: bool = True):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise GenerationInputError("CudaGenerator: this onnxruntime has no CUDAExecutionProvider")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise GenerationInputError(f"batch must be a positive integer, found {batch!r}")
+        self.cp = _cupy()
+        self.info: ExportInfo = open_export_dir(export_dir, verify)
+        self.batch, self.cuda_graph, self.device_id = batch, cuda_graph, device_id
+        self.library = resolve_library(self.info, custom_ops)
+        self.device = CudaDevice(device_id)
+        self.prefill_session = self._session(self.info.prefill_graph, graph=False)
+        self.decode_session = self._session("decode.onnx", graph=cuda_graph)
+        logits_type = next(o.type for o in self.decode_session.get_outputs() if o.name == "logits")
+        self.logits_dtype = next(np.dtype(d) for d, t in _NP_TO_ORT.items() if t == logits_type)
+        b, V = batch, self.info.vocab_size
+        # Fixed device buffers: ids (b, 1) int64, logits (b, 1, V), two state sets of L x (conv, ssm).
+        self._ids = self.device.zeros((b, 1), np.int64)
+        self._logits = self.device.zeros((b, 1, V), self.logits_dtype)
+        shapes = self.info.state_shapes(b)
+        self.sets = [[tuple(self.device.zeros(s, np.float32) for s in shapes) for _ in range(self.info.n_layer)]
+                     for _ in range(2)]
+        self.ids = cupy_view(self._ids)
+        self.logits = cupy_view(self._logits)
+        self.bindings = [self._bind_decode(src) for src in (0, 1)]
+        self.run_options = []
+        for src in (0, 1):
+            ro = ort.RunOptions()
+            if cuda_graph:
+                ro.add_run_config_entry("gpu_graph_id", str(src))
+            self.run_options.append(ro)
+        self.current = 0
+        self.temperature = 0.0
+        self._rng = self.cp.random.default_rng(0)
+
+    def _session(self, name: str, graph: bool) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.library is not None:
+            so.register_custom_ops_library(self.library)
+        opts = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if graph else "0"}
+        return ort.InferenceSession(str(self.info.path / name), so,
+                                    providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
+
+    def _state_names(self, prefix: str):
+        return [(f"{prefix}_conv.{i}", f"{prefix}_ssm.{i}") for i in range(self.info.n_layer)]
+
+    def _bind_decode(self, src: int) -> ort.IOBinding:
+        binding = self.decode_session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._ids)
+        binding.bind_ortvalue_output("logits", self._logits)
+        for past, present, read, write in zip(self._state_names("past"), self._state_names("present"),
+                                              self.sets[src], self.sets[1 - src]):
+            for k in (0, 1):
+                binding.bind_ortvalue_input(past[k], read[k])
+                binding.bind_ortvalue_output(present[k], write[k])
+        return binding
+
+    # ---- sampling on the GPU ------------------------------------------------------------------------------------
+    def _sample_into_ids(self, logits) -> None:
+        """logits (b, V) on the device -> next ids (b, 1) on the device: argmax, or Gumbel-max at temperature T."""
+        cp = self.cp
+        if self.temperature > 0:
+            scores = logits.astype(cp.float32) / self.temperature
+            scores += self._rng.gumbel(size=scores.shape, dtype=cp.float32)
+        else:
+            scores = logits
+        self.ids[:, 0] = cp.argmax(scores, axis=-1)
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], temperature: float = 0.0, seed: int = 0) -> np.ndarray:
+        """Run each prompt from a zero state, writing its final state straight into this batch's row of the current
+        state set (no copy), and sample the first token on the GPU. Returns the first tokens (b,) on the host."""
+        if len(prompts) != self.batch:
+            raise GenerationInputError(f"expected {self.batch} prompts, found {len(prompts)}")
+        if temperature < 0:
+            raise GenerationInputError(f"temperature must be >= 0, found {temperature}")
+        self.temperature = float(temperature)
+        self._rng = self.cp.random.default_rng(seed)
+        self.current = 0
+        zeros = [tuple(self.device.zeros(s, np.float32) for s in self.info.state_shapes(1))
+                 for _ in range(self.info.n_layer)]
+        last = self.cp.empty((self.batch, self.info.vocab_size), dtype=self.logits_dtype)
+        for row, ids in enumerate(prompts):
+            if len(ids) == 0:
+                raise GenerationInputError(f"prompt {row} is empty")
+            binding = self.prefill_session.io_binding()
+            binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+            binding.bind_output("logits", "cuda", self.device_id)
+            for past, present, zero, dest in zip(self._state_names("past"), self._state_names("present"), zeros,
+                                                 self.sets[0]):
+                for k in (0, 1):
+                    binding.bind_ortvalue_input(past[k], zero[k])
+                    shape = dest[k].shape()
+                    row_bytes = int(np.prod(shape[1:])) * 4
+                    binding.bind_output(present[k], "cuda", self.device_id, np.float32, [1, *shape[1:]],
+                                        dest[k].data_ptr() + row * row_bytes)
+            self.prefill_session.run_with_iobinding(binding)
+            logits = cupy_view(binding.get_outputs()[0])
+            last[row] = logits[0, -1]
+        self._sample_into_ids(last)
+        return self.cp.asnumpy(self.ids[:, 0])
+
+    def step(self) -> np.ndarray:
+        """Feed the last sampled tokens, run decode.onnx (a CUDA graph replay when enabled), sample the next on the
+        GPU. Returns the new tokens (b,) int64 on the host (the only device-to-host copy of a step)."""
+        self.decode_session.run_with_iobinding(self.bindings[self.current], self.run_options[self.current])
+        self.current ^= 1
+        self._sample_into_ids(self.logits[:, 0])
+        return self.cp.asnumpy(self.ids[:, 0])
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> np.ndarray:
+        """Prefill then decode: (b, max_new_tokens) int64 tokens (greedy when temperature is 0)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationInputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
+        out = [self.prefill(prompts, temperature, seed)]
+        for _ in range(max_new_tokens - 1):
+            out.append(self.step())
+        return np.stack(out, axis=1)
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of the current state: conv (L, b, E, K-1), ssm (L, b, E, N)."""
+        layers = self.sets[self.current]
+        return tuple(np.stack([layer[k].numpy() for layer in layers]) for k in (0, 1))

@@ -1,0 +1,292 @@
+"""The CUDA kernels of the custom-op library, alone: one-node graphs on onnxruntime's CUDA execution provider against
+the float64 reference operators (mamba_export.ops), on random shapes including long sequences and batch 64, for
+float32, float16 and bfloat16 activations. Outputs are poisoned with NaN before each run. Needs a GPU and
+onnxruntime-gpu (skipped otherwise); tools/gpu_check.sh runs them on the GPU machine."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch  # before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs
+
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from mamba_export.ops import (
+    causal_conv1d_ref,
+    causal_conv1d_step_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
+
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_EP, reason="onnxruntime has no CUDAExecutionProvider")]
+
+DOMAIN = "ai.mamba_export"
+ONNX_TYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+# ||out - ref|| / ||ref|| bounds for y: float32 arithmetic; one rounding of y to float16 / bfloat16 (2^-11, 2^-8)
+# plus float32 arithmetic. States are float32 in every case.
+Y_TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.5e-2}
+STATE_TOL = 1e-4
+
+
+def library() -> str:
+    from mamba_runtime import custom_op_library_path
+
+    return custom_op_library_path()
+
+
+def seed_of(*key) -> int:
+    """A seed that is the same in every process (str hashes are salted per process)."""
+    return zlib.crc32(repr(key).encode())
+
+
+def rel_err(out: np.ndarray, ref: torch.Tensor) -> float:
+    out = torch.from_numpy(np.asarray(out, dtype=np.float64))
+    assert torch.isfinite(out).all(), "output holds NaN/inf (an element was not written, or overflow)"
+    return float((out - ref).norm() / ref.norm())
+
+
+def rounded(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """x rounded to the activation dtype, as float64 (the values the kernel sees)."""
+    return x.to(getattr(torch, dtype)).to(torch.float64)
+
+
+def as_feed(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Host array for a graph input of ``dtype``; bfloat16 travels as float32 and is cast inside the graph (exact)."""
+    return x.numpy().astype(np.float16 if dtype == "float16" else np.float32)
+
+
+class OneNodeModel:
+    """A graph of one ai.mamba_export node, every dim symbolic (so that bad shapes reach the kernel's checks).
+
+    Inputs/outputs named in ``t_names`` have the activation dtype; the rest are float32. bfloat16 activations enter
+    as float32 graph inputs with a Cast (numpy has no bfloat16) and leave through a Cast to float32.
+    """
+
+    def __init__(self, op: str, inputs: dict[str, int], outputs: dict[str, int], t_names: set[str], dtype: str,
+                 **attrs):
+        nodes, g_in, g_out, node_in, node_out = [], [], [], [], []
+        bf16 = dtype == "bfloat16"
+        for name, rank in inputs.items():
+            is_t = name in t_names
+            g_type = TensorProto.FLOAT if (not is_t or bf16) else ONNX_TYPE[dtype]
+            g_in.append(helper.make_tensor_value_info(name, g_type, [f"{name}_{i}" for i in range(rank)]))
+            if is_t and bf16:
+                nodes.append(helper.make_node("Cast", [name], [name + "_t"], to=TensorProto.BFLOAT16))
+                node_in.append(name + "_t")
+            else:
+                node_in.append(name)
+        post = []
+        for name, rank in outputs.items():
+            is_t = name in t_names
+            g_type = TensorProto.FLOAT if (not is_t or bf16) else ONNX_TYPE[dtype]
+            g_out.append(helper.make_tensor_value_info(name, g_type, [f"{name}_{i}" for i in range(rank)]))
+            if is_t and bf16:
+                post.append(helper.make_node("Cast", [name + "_t"], [name], to=TensorProto.FLOAT))
+                node_out.append(name + "_t")
+            else:
+                node_out.append(name)
+        nodes.append(helper.make_node(op, node_in, node_out, domain=DOMAIN, **attrs))
+        graph = helper.make_graph(nodes + post, op, g_in, g_out)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(library())
+        so.log_severity_level = 3
+        # Every node must run on the GPU: a custom op without a CUDA kernel makes session creation fail here.
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        self.outputs = list(outputs)
+
+    def run(self, feeds: dict[str, np.ndarray], out_shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:
+        """Run with inputs copied to the GPU and outputs preallocated on the GPU, filled with NaN."""
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), "cuda", 0))
+        values = []
+        types = {o.name: o.type for o in self.session.get_outputs()}
+        for name in self.outputs:
+            np_type = np.float16 if types[name] == "tensor(float16)" else np.float32
+            v = ort.OrtValue.ortvalue_from_numpy(np.full(out_shapes[name], np.nan, dtype=np_type), "cuda", 0)
+            binding.bind_ortvalue_output(name, v)
+            values.append(v)
+        self.session.run_with_iobinding(binding)
+        return [v.numpy() for v in values]
+
+
+# ---- SelectiveScan ---------------------------------------------------------------------------------------------
+SCAN_IN = {"u": 3, "delta": 3, "A": 2, "B": 3, "C": 3, "D": 1, "z": 3, "delta_bias": 1, "ssm_state_in": 3}
+SCAN_OUT = {"y": 3, "ssm_state_out": 3}
+SCAN_T = {"u", "delta", "B", "C", "z", "y"}
+SCAN_SHAPES = [  # b, l, e, n
+    (1, 1, 8, 16),
+    (2, 37, 100, 16),
+    (3, 300, 67, 4),
+    (1, 2048, 192, 16),   # long sequence
+    (64, 33, 96, 16),     # batch 64
+    (2, 50, 40, 256),     # largest d_state
+    (2, 19, 33, 20),      # d_state not a power of two
+    (1, 70, 24, 1),
+]
+
+
+def scan_inputs(b, l, e, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return {
+        "u": r(b, l, e), "delta": r(b, l, e) * 0.5 - 1.0, "A": -torch.exp(r(e, n) * 0.5), "B": r(b, l, n),
+        "C": r(b, l, n), "D": r(e), "z": r(b, l, e), "delta_bias": r(e) * 0.3, "ssm_state_in": r(b, e, n),
+    }
+
+
+def scan_reference(x: dict, dtype: str):
+    t = {k: (rounded(v, dtype) if k in SCAN_T else v.float().double()) for k, v in x.items()}
+    y, h = selective_scan_ref(
+        t["u"].transpose(1, 2), t["delta"].transpose(1, 2), t["A"], t["B"].transpose(1, 2), t["C"].transpose(1, 2),
+        t["D"], t["z"].transpose(1, 2), t["delta_bias"], True, t["ssm_state_in"])
+    return y.transpose(1, 2), h
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_selective_scan_matches_reference(shape, dtype):
+    b, l, e, n = shape
+    x = scan_inputs(b, l, e, n, seed=seed_of(shape, dtype))
+    model = OneNodeModel("SelectiveScan", SCAN_IN, SCAN_OUT, SCAN_T, dtype)
+    feeds = {k: as_feed(v, dtype) if k in SCAN_T else v.float().numpy() for k, v in x.items()}
+    y, h = model.run(feeds, {"y": (b, l, e), "ssm_state_out": (b, e, n)})
+    y_ref, h_ref = scan_reference(x, dtype)
+    assert rel_err(y, y_ref) < Y_TOL[dtype]
+    assert rel_err(h, h_ref) < STATE_TOL
+
+
+def test_selective_scan_chunks_continue_the_state():
+    """Two calls, the second fed the first's state, equal one call over the whole sequence."""
+    b, l, e, n = 2, 130, 64, 16
+    x = scan_inputs(b, l, e, n, seed=3)
+    model = OneNodeModel("SelectiveScan", SCAN_IN, SCAN_OUT, SCAN_T, "float32")
+    feeds = {k: v.float().numpy() for k, v in x.items()}
+    y_all, h_all = model.run(feeds, {"y": (b, l, e), "ssm_state_out": (b, e, n)})
+    cut, state, ys = 77, feeds["ssm_state_in"], []
+    for lo, hi in ((0, cut), (cut, l)):
+        part = {k: (np.ascontiguousarray(v[:, lo:hi]) if k in SCAN_T else v) for k, v in feeds.items()}
+        part["ssm_state_in"] = state
+        y, state = model.run(part, {"y": (b, hi - lo, e), "ssm_state_out": (b, e, n)})
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys, axis=1), y_all, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state, h_all, rtol=1e-5, atol=1e-5)
+
+
+# ---- CausalConv1d ----------------------------------------------------------------------------------------------
+CONV_IN = {"x": 3, "conv_state_in": 3, "weight": 2, "bias": 1}
+CONV_OUT = {"y": 3, "conv_state_out": 3}
+CONV_T = {"x", "y"}
+CONV_SHAPES = [(1, 1, 8, 4), (2, 2, 50, 4), (3, 37, 100, 4), (1, 2048, 192, 4), (64, 9, 96, 4), (2, 5, 33, 3),
+               (2, 6, 20, 2)]  # b, l, e, k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_causal_conv1d_matches_reference(shape, dtype):
+    b, l, e, k = shape
+    g = torch.Generator().manual_seed(seed_of(shape, dtype))
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = {"x": r(b, l, e), "conv_state_in": r(b, e, k - 1), "weight": r(e, k) * 0.5, "bias": r(e)}
+    model = OneNodeModel("CausalConv1d", CONV_IN, CONV_OUT, CONV_T, dtype)
+    feeds = {k_: as_feed(v, dtype) if k_ in CONV_T else v.float().numpy() for k_, v in x.items()}
+    y, st = model.run(feeds, {"y": (b, l, e), "conv_state_out": (b, e, k - 1)})
+    xr = rounded(x["x"], dtype)
+    y_ref, st_ref = causal_conv1d_ref(xr.transpose(1, 2), x["weight"].float().double(), x["bias"].float().double(),
+                                      x["conv_state_in"].float().double(), True)
+    assert rel_err(y, y_ref.transpose(1, 2)) < Y_TOL[dtype]
+    assert rel_err(st, st_ref) < 1e-6  # a copy of inputs: exact up to float32 storage
+
+
+# ---- DecodeStep ------------------------------------------------------------------------------------------------
+STEP_IN = {"xz": 3, "conv_state_in": 3, "ssm_state_in": 3, "conv_weight": 2, "conv_bias": 1, "x_proj_weight": 2,
+           "dt_proj_weight": 2, "dt_bias": 1, "A": 2, "D": 1}
+STEP_OUT = {"y": 3, "conv_state_out": 3, "ssm_state_out": 3}
+STEP_T = {"xz", "y"}
+STEP_SHAPES = [  # b, e, n, k, r
+    (1, 64, 16, 4, 4),
+    (5, 100, 16, 4, 7),
+    (64, 96, 16, 4, 6),       # batch 64
+    (3, 48, 8, 3, 5),
+    (2, 40, 4, 2, 7),
+    (2, 32, 256, 4, 8),
+    (1, 1536, 16, 4, 48),     # mamba-130m's mixer
+    (9, 600, 16, 4, 38),      # channels not a multiple of the 256-channel tile, batch not of the 8-sequence group
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_step_matches_reference(shape, dtype):
+    b, e, n, k, r_ = shape
+    g = torch.Generator().manual_seed(seed_of(shape, dtype))
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = {"xz": r(b, 1, 2 * e), "conv_state_in": r(b, e, k - 1), "ssm_state_in": r(b, e, n),
+         "conv_weight": r(e, k) * 0.5, "conv_bias": r(e) * 0.5, "x_proj_weight": r(r_ + 2 * n, e) / e ** 0.5,
+         "dt_proj_weight": r(e, r_) / r_ ** 0.5, "dt_bias": r(e) * 0.5 - 1.0, "A": -torch.exp(r(e, n) * 0.5),
+         "D": r(e)}
+    model = OneNodeModel("DecodeStep", STEP_IN, STEP_OUT, STEP_T, dtype)
+    feeds = {k_: as_feed(v, dtype) if k_ in STEP_T else v.float().numpy() for k_, v in x.items()}
+    y, conv, ssm = model.run(feeds, {"y": (b, 1, e), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)})
+
+    t = {k_: (rounded(v, dtype) if k_ in STEP_T else v.float().double()) for k_, v in x.items()}
+    xs, z = t["xz"][:, 0, :e], t["xz"][:, 0, e:]
+    xc, conv_ref = causal_conv1d_step_ref(xs, t["conv_weight"], t["conv_bias"], t["conv_state_in"], True)
+    dt, B, C = torch.split(xc @ t["x_proj_weight"].T, [r_, n, n], dim=-1)
+    y_ref, ssm_ref = selective_state_update_ref(t["ssm_state_in"], xc, dt @ t["dt_proj_weight"].T, t["A"], B, C,
+                                                t["D"], z, t["dt_bias"], True)
+    assert rel_err(y[:, 0], y_ref) < Y_TOL[dtype]
+    assert rel_err(conv, conv_ref) < 1e-6
+    assert rel_err(ssm, ssm_ref) < STATE_TOL
+
+
+def test_decode_step_is_deterministic():
+    """Same inputs, bit-identical outputs (no atomics): needed for identical tokens with CUDA graphs on and off."""
+    b, e, n, k, r_ = 8, 768, 16, 4, 24
+    g = torch.Generator().manual_seed(5)
+    feeds = {name: torch.randn(*s, generator=g).numpy() for name, s in {
+        "xz": (b, 1, 2 * e), "conv_state_in": (b, e, k - 1), "ssm_state_in": (b, e, n), "conv_weight": (e, k),
+        "conv_bias": (e,), "x_proj_weight": (r_ + 2 * n, e), "dt_proj_weight": (e, r_), "dt_bias": (e,),
+        "A": (e, n), "D": (e,)}.items()}
+    feeds["A"] = -np.abs(feeds["A"])
+    model = OneNodeModel("DecodeStep", STEP_IN, STEP_OUT, STEP_T, "float32")
+    shapes = {"y": (b, 1, e), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)}
+    first, second = model.run(feeds, shapes), model.run(feeds, shapes)
+    for a, c in zip(first, second):
+        assert np.array_equal(a, c)
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+def test_bad_shape_is_a_clear_error():
+    b, l, e, n = 2, 5, 16, 4
+    x = scan_inputs(b, l, e, n, seed=1)
+    model = OneNodeModel("SelectiveScan", SCAN_IN, SCAN_OUT, SCAN_T, "float32")
+    feeds = {k: v.float().numpy() for k, v in x.items()}
+    feeds["ssm_state_in"] = np.zeros((b, e + 1, n), np.float32)
+    with pytest.raises(Exception, match=r"SelectiveScan \(CUDA\): input 'ssm_state_in' must have shape \[2, 16, 4\]"):
+        model.run(feeds, {"y": (b, l, e), "ssm_state_out": (b, e, n)})
+    feeds["ssm_state_in"] = np.zeros((b, e, n), np.float32)
+    feeds["D"] = np.zeros(e - 1, np.float32)
+    with pytest.raises(Exception, match=r"SelectiveScan \(CUDA\): input 'D' must have shape \[16\] \(\[e\]\), found \[15\]"):
+        model.run(feeds, {"y": (b, l, e), "ssm_state_out": (b, e, n)})
+
+
+def test_unsupported_sizes_are_clear_errors():
+    model = OneNodeModel("DecodeStep", STEP_IN, STEP_OUT, STEP_T, "float32")
+    b, e, n, k, r_ = 1, 8, 300, 4, 2
+    feeds = {"xz": np.zeros((b, 1, 2 * e), np.float32), "conv_state_in": np.zeros((b, e, k - 1), np.float32),
+             "ssm_state_in": np.zeros((b, e, n), np.float32), "conv_weight": np.zeros((e, k), np.float32),
+             "conv_bias": np.zeros(e, np.float32), "x_proj_weight": np.zeros((r_ + 2 * n, e), np.float32),
+             "dt_proj_weight": np.zeros((e, r_), np.float32), "dt_bias": np.zeros(e, np.float32),
+             "A": np.zeros((e, n), np.float32), "D": np.zeros(e, np.float32)}
+    with pytest.raises(Exception, match=r"DecodeStep \(CUDA\): d_state 300 is outside"):
+        model.run(feeds, {"y": (b, 1, e), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)})
+    feeds["xz"] = np.zeros((b, 1, 2 * e + 1), np.float32)
+    with pytest.raises(Exception, match=r"DecodeStep \(CUDA\): input 'xz' must have an even last dimension"):
+        model.run(feeds, {"y": (b, 1, e), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)})

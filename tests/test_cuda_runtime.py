@@ -1,0 +1,145 @@
+"""Exported models on onnxruntime's CUDA execution provider with the custom-op library: prefill and 64 decode steps
+against the float64 reference model, greedy tokens against the CPU runtime, CUDA graphs on and off, and node
+placement of the float16 graphs (no compute node on the CPU). Needs a GPU, onnxruntime-gpu and CuPy (skipped
+otherwise); tools/gpu_check.sh runs them on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch  # before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs
+
+import onnxruntime as ort
+
+from mamba_export.checkpoint import load_checkpoint
+from support import make_hf_model, rel_err, save_transformers
+
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_EP, reason="onnxruntime has no CUDAExecutionProvider")]
+
+CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep"}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{(config, dtype): (export dir, float64 reference model)} with the custom-op library in each export."""
+    from mamba_export.export import export_checkpoint
+
+    out = {}
+    for config, dtype in (("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16")):
+        root = tmp_path_factory.mktemp(f"{config}-{dtype}")
+        ckpt = save_transformers(make_hf_model(config, seed=3), root / "ckpt")
+        path = export_checkpoint(ckpt, root / "export", dtype=dtype, last_logits=True)
+        out[config, dtype] = (Path(path), load_checkpoint(ckpt, dtype=torch.float64))
+    return out
+
+
+def cuda_session(path: Path, profile: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.register_custom_ops_library(str(path.parent / json.loads((path.parent / "manifest.json").read_text())
+                                       ["custom_op_library"]))
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
+    return ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def zero_state(model, batch: int) -> list[np.ndarray]:
+    c = model.config
+    return [np.zeros(s, np.float32) for _ in range(c.n_layer)
+            for s in ((batch, c.d_inner, c.d_conv - 1), (batch, c.d_inner, c.d_state))]
+
+
+def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]):
+    names = [i.name for i in sess.get_inputs()]
+    out = sess.run(None, dict(zip(names, [ids.numpy(), *state])))
+    return out[0], out[1:]
+
+
+@pytest.mark.parametrize("key", [("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16")],
+                         ids=lambda k: "-".join(k))
+def test_prefill_and_64_decode_steps_match_reference(exports, key):
+    out, ref = exports[key]
+    tol = 1e-4 if key[1] == "float32" else 1e-2
+    ids = torch.randint(0, ref.config.vocab_size, (3, 7 + 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, want_state = ref(ids)
+    logits, state = run(cuda_session(out / "model.onnx"), ids[:, :7], zero_state(ref, 3))
+    assert rel_err(torch.from_numpy(logits.astype(np.float64)), want[:, :7]) <= tol
+    decode = cuda_session(out / "decode.onnx")
+    steps = []
+    for t in range(7, ids.shape[1]):
+        logits, state = run(decode, ids[:, t:t + 1], state)
+        steps.append(logits)
+    assert rel_err(torch.from_numpy(np.concatenate(steps, axis=1).astype(np.float64)), want[:, 7:]) <= tol
+    for i in range(ref.config.n_layer):
+        assert rel_err(torch.from_numpy(state[2 * i + 1]), want_state.ssm[i]) <= (1e-4 if key[1] == "float32" else 2e-2)
+
+
+def prompts_for(model, batch: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.config.vocab_size, (3 + 2 * i,), generator=g).tolist() for i in range(batch)]
+
+
+def test_greedy_tokens_identical_to_cpu_runtime(exports):
+    from mamba_runtime import MambaRuntime
+    from mamba_runtime.gpu import CudaGenerator
+
+    out, ref = exports["nondefault", "float32"]
+    prompts = prompts_for(ref, 4, seed=1)
+    cpu = MambaRuntime(out, provider="cpu", custom_ops="require").generate(prompts, 40).tokens
+    cuda_rt = MambaRuntime(out, provider="cuda", custom_ops="require")
+    assert cuda_rt.device.name == "cuda"
+    assert cuda_rt.generate(prompts, 40).tokens == cpu
+    fast = CudaGenerator(out, batch=4, custom_ops="require").generate(prompts, 40)
+    assert fast.tolist() == cpu
+
+
+@pytest.mark.parametrize("key", [("nondefault", "float32"), ("nondefault", "float16")], ids=lambda k: "-".join(k))
+def test_cuda_graphs_on_and_off_give_identical_tokens(exports, key):
+    from mamba_runtime.gpu import CudaGenerator
+
+    out, ref = exports[key]
+    prompts = prompts_for(ref, 5, seed=2)
+    plain = CudaGenerator(out, batch=5, cuda_graph=False, custom_ops="require")
+    graph = CudaGenerator(out, batch=5, cuda_graph=True, custom_ops="require")
+    for temperature in (0.0, 0.8):
+        a = plain.generate(prompts, 48, temperature=temperature, seed=7)
+        b = graph.generate(prompts, 48, temperature=temperature, seed=7)
+        np.testing.assert_array_equal(a, b)
+    conv_a, ssm_a = plain.state()
+    conv_b, ssm_b = graph.state()
+    np.testing.assert_array_equal(ssm_a, ssm_b)
+    np.testing.assert_array_equal(conv_a, conv_b)
+
+
+def cpu_compute_nodes(profile_file: str) -> tuple[list[str], set[str]]:
+    """From an onnxruntime profile: nodes on the CPU with a floating-point output, and the custom ops run on CUDA."""
+    events = json.loads(Path(profile_file).read_text())
+    on_cpu, custom_on_cuda = [], set()
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") != "Node" or "provider" not in args:
+            continue
+        if args["provider"] == "CUDAExecutionProvider" and args.get("op_name") in CUSTOM_OPS:
+            custom_on_cuda.add(args["op_name"])
+        if args["provider"] == "CPUExecutionProvider":
+            out_types = {t for o in args.get("output_type_shape", []) for t in o}
+            if out_types - {"int64", "int32", "bool"}:
+                on_cpu.append(f"{args.get('op_name')} {ev.get('name')} -> {sorted(out_types)}")
+    return on_cpu, custom_on_cuda
+
+
+def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path):
+    out, ref = exports["nondefault", "float16"]
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    for graph, n, want_ops in (("model.onnx", 9, {"SelectiveScan", "CausalConv1d"}), ("decode.onnx", 1, {"DecodeStep"})):
+        sess = cuda_session(out / graph, profile=str(tmp_path / graph))
+        run(sess, ids[:, :n], zero_state(ref, 2))
+        on_cpu, custom = cpu_compute_nodes(sess.end_profiling())
+        assert on_cpu == [], f"{graph}: nodes with floating-point outputs on the CPU: {on_cpu}"
+        assert custom == want_ops, f"{graph}: custom ops on CUDA: {custom}"

@@ -1,0 +1,254 @@
+"""GPU benchmark: decode ms/token (batch 1, 8, 64) and prefill tokens/s (2,048 tokens) of mamba-130m and mamba-1.4b
+shapes with random float16 weights, for onnxruntime's CUDA execution provider with our custom-op library (CUDA graphs
+off and on) and, when the Triton backend runs, for the PyTorch model with backend "triton" (eager and CUDA graph).
+
+Floor per decode step = (weight bytes + state bytes read and written) / measured device copy bandwidth (bytes read +
+written per second). Prints a table last; writes the numbers as JSON with --out. Run on the GPU machine through
+tools/gpu_check.sh (it installs onnxruntime-gpu and builds the library first).
+
+    python3 tools/bench_gpu.py --models 130m,1.4b --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch  # before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs
+
+import onnxruntime as ort
+
+from mamba_export.config import MambaConfig
+from mamba_export.model import MambaLM
+
+MODELS = {  # state-spaces/mamba-130m and mamba-1.4b (vocab 50277 padded to a multiple of 8)
+    "130m": dict(d_model=768, n_layer=24, vocab_size=50280),
+    "1.4b": dict(d_model=2048, n_layer=48, vocab_size=50280),
+}
+BATCHES = (1, 8, 64)
+PREFILL_TOKENS = 2048
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median of 20, 1 GiB)."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * 2**30 / statistics.median(times[5:])
+
+
+def stats_ms(times_s: list[float]) -> dict:
+    ms = sorted(t * 1e3 for t in times_s)
+    return {"median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "n": len(ms)}
+
+
+def build_model(name: str, seed: int = 0) -> MambaLM:
+    torch.manual_seed(seed)
+    model = MambaLM(MambaConfig(**MODELS[name]))
+    with torch.no_grad():  # random but Mamba-like: keep dt in its usual range so the state neither dies nor blows up
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.bias.uniform_(-6.0, -2.0)
+    return model.half().eval()
+
+
+def state_bytes(cfg: MambaConfig, batch: int) -> int:
+    return 4 * cfg.n_layer * batch * cfg.d_inner * (cfg.d_state + cfg.d_conv - 1)
+
+
+def bench_ort_decode(export_dir: Path, batch: int, cuda_graph: bool, steps: int, vocab: int) -> dict:
+    from mamba_runtime.gpu import CudaGenerator
+
+    gen = CudaGenerator(export_dir, batch, cuda_graph=cuda_graph, custom_ops="require", verify=False)
+    rng = np.random.default_rng(batch)
+    gen.prefill([rng.integers(0, vocab, 4).tolist() for _ in range(batch)])
+    for _ in range(8):  # warm-up (the first steps capture the CUDA graphs)
+        gen.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        gen.step()
+        times.append(time.perf_counter() - t0)
+    return stats_ms(times)
+
+
+def bench_ort_prefill(export_dir: Path, cfg: MambaConfig, tokens: int) -> dict:
+    from mamba_runtime.gpu import CudaDevice
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.register_custom_ops_library(str(export_dir / manifest["custom_op_library"]))
+    dev = CudaDevice()
+    sess = ort.InferenceSession(str(export_dir / "model_last.onnx"), so, providers=dev.providers())
+    binding = sess.io_binding()
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, tokens), dtype=np.int64)
+    binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids, "cuda", 0))
+    for i in range(cfg.n_layer):
+        for kind, shape in (("conv", (1, cfg.d_inner, cfg.d_conv - 1)), ("ssm", (1, cfg.d_inner, cfg.d_state))):
+            binding.bind_ortvalue_input(f"past_{kind}.{i}", dev.zeros(shape, np.float32))
+            binding.bind_output(f"present_{kind}.{i}", "cuda")
+    binding.bind_output("logits", "cuda")
+    times = []
+    for i in range(7):
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    s = stats_ms(times)
+    s["tokens_per_s"] = tokens / (s["median_ms"] / 1e3)
+    return s
+
+
+def bench_triton(model: MambaLM, batches, steps: int, tokens: int) -> dict:
+    """PyTorch model with backend "triton": decode eager and as a CUDA graph, prefill eager."""
+    model = model.cuda()
+    model.set_backend("triton")
+    out = {"backend": model.backend.name}
+    cfg = model.config
+    with torch.no_grad():
+        for b in batches:
+            state = model.empty_state(b)
+            tok = torch.randint(0, cfg.vocab_size, (b,), device="cuda")
+
+            def eager_step():
+                nonlocal state, tok
+                logits, state = model.step(tok, state)
+                tok = logits.argmax(-1)
+                return tok.cpu()
+
+            for _ in range(5):
+                eager_step()
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                eager_step()
+                times.append(time.perf_counter() - t0)
+            out[f"decode_b{b}_eager"] = stats_ms(times)
+
+            static = model.empty_state(b)
+            static_tok = torch.zeros(b, dtype=torch.long, device="cuda")
+
+            def captured():
+                logits, st = model.step(static_tok, static)
+                static.conv.copy_(st.conv)
+                static.ssm.copy_(st.ssm)
+                static_tok.copy_(logits.argmax(-1))
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    captured()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured()
+            for _ in range(5):
+                graph.replay()
+                static_tok.cpu()
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                graph.replay()
+                static_tok.cpu()
+                times.append(time.perf_counter() - t0)
+            out[f"decode_b{b}_graph"] = stats_ms(times)
+            del graph
+        ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
+        times = []
+        for i in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(ids)
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        s = stats_ms(times)
+        s["tokens_per_s"] = tokens / (s["median_ms"] / 1e3)
+        out["prefill"] = s
+    model.cpu()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="130m,1.4b")
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps per setting")
+    ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--workdir", default=None, help="where to export (default: a temporary folder)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    from mamba_export.export import export_model
+
+    card = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    results = {"card": card, "onnxruntime": ort.__version__, "torch": torch.__version__,
+               "copy_bandwidth_GBps": bw / 1e9, "models": {}}
+    print(f"card {card}, onnxruntime {ort.__version__}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s", flush=True)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_gpu_"))
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        model = build_model(name)
+        cfg = model.config
+        export_dir = export_model(model, work / name, last_logits=True, force=True)
+        weight_bytes = (export_dir / "weights.bin").stat().st_size
+        r = {"export_s": time.perf_counter() - t0, "weight_bytes": weight_bytes, "ort": {}, "floor_ms": {}}
+        print(f"{name}: exported in {r['export_s']:.0f} s, weights {weight_bytes / 1e6:.0f} MB", flush=True)
+        for b in BATCHES:
+            r["floor_ms"][f"b{b}"] = (weight_bytes + 2 * state_bytes(cfg, b)) / bw * 1e3
+            for graph in (False, True):
+                key = f"decode_b{b}_{'graph' if graph else 'plain'}"
+                try:
+                    r["ort"][key] = bench_ort_decode(export_dir, b, graph, args.steps, cfg.vocab_size)
+                except Exception as e:  # report and go on: one failing setting must not hide the others
+                    r["ort"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                print(f"  ort {key}: {r['ort'][key]}", flush=True)
+        r["ort"]["prefill"] = bench_ort_prefill(export_dir, cfg, PREFILL_TOKENS)
+        print(f"  ort prefill {PREFILL_TOKENS}: {r['ort']['prefill']}", flush=True)
+        if not args.no_triton:
+            try:
+                r["triton"] = bench_triton(model, BATCHES, args.steps, PREFILL_TOKENS)
+            except Exception as e:
+                r["triton"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            print(f"  triton: {r['triton']}", flush=True)
+        results["models"][name] = r
+        del model
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['card']}; copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s; float16 weights; "
+          "decode = median ms per token (one decode step + sampling + token to host)")
+    print(f"{'model':6} {'batch':>5} {'floor':>7} {'ort':>8} {'ort+graph':>9} {'triton':>8} {'tri+graph':>9}")
+    get = lambda d, k: d.get(k, {}).get("median_ms", float("nan"))  # noqa: E731
+    for name, r in results["models"].items():
+        tri = r.get("triton", {})
+        for b in BATCHES:
+            print(f"{name:6} {b:5d} {r['floor_ms'][f'b{b}']:7.3f} {get(r['ort'], f'decode_b{b}_plain'):8.3f} "
+                  f"{get(r['ort'], f'decode_b{b}_graph'):9.3f} {get(tri, f'decode_b{b}_eager'):8.3f} "
+                  f"{get(tri, f'decode_b{b}_graph'):9.3f}")
+        tri_p = tri.get("prefill", {}).get("tokens_per_s", float("nan"))
+        print(f"{name:6} prefill {PREFILL_TOKENS} tokens: ort {r['ort']['prefill']['tokens_per_s']:.0f} tok/s, "
+              f"triton {tri_p:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one script a GPU-machine call runs: install onnxruntime-gpu (staged in /tmp/ortparts, see docs/gpu.md), build
+# the custom-op library with its CUDA part, run the GPU tests, then the GPU benchmark. Logs and JSON go to $OUT.
+#   bash tools/gpu_check.sh [tests|bench|all] [pytest -k expression]
+# Needs third_party/onnxruntime/include (tools/fetch_ort_headers.sh here; carry it to the GPU machine).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+OUTDIR=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUTDIR"
+if [ ! -d /tmp/ortsite/onnxruntime ]; then
+  if ! ls /tmp/ortparts/part0* >/dev/null 2>&1; then
+    echo "gpu_check: no onnxruntime-gpu parts in /tmp/ortparts (see docs/gpu.md)" >&2
+    exit 1
+  fi
+  (cd /tmp/ortparts && cat part0* > ort.whl && python3 -m pip install -q --no-index --no-deps --target /tmp/ortsite ort.whl) || exit 1
+fi
+export PYTHONPATH=/tmp/ortsite:$PWD:$PWD/kernels:$PWD/runtime
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, onnxruntime as o, cupy; print('onnxruntime', o.__version__, o.get_available_providers(), 'torch', torch.__version__, 'cupy', cupy.__version__)" || exit 1
+BUILD=/tmp/gpu_check_build
+cmake -S custom_ops -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DORT_INCLUDE_DIR="$PWD/third_party/onnxruntime/include" > "$OUTDIR/cmake.log" 2>&1 || { cat "$OUTDIR/cmake.log"; exit 1; }
+grep "mamba_export_ops:" "$OUTDIR/cmake.log"
+cmake --build "$BUILD" --parallel 16 > "$OUTDIR/build.log" 2>&1 || { tail -40 "$OUTDIR/build.log"; exit 1; }
+export MAMBA_EXPORT_OPS_LIBRARY=$BUILD/libmamba_export_ops.so
+status=0
+if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
+  python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_ops.py tests/test_cuda_runtime.py ${2:+-k "$2"} \
+    2>&1 | tee "$OUTDIR/tests.log" | grep -v "^tests/.*PASSED"
+  status=${PIPESTATUS[0]}
+fi
+if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
+  python3 tools/bench_gpu.py --models "${BENCH_MODELS:-130m,1.4b}" --workdir /tmp/gpu_bench --out "$OUTDIR/bench.json" \
+    2>&1 | tee "$OUTDIR/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+exit $status
