@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [5, 17, 42, 7, 3]
 N_NEW = 12
 FLOAT32_TOL = 1e-4  # relative error of float32 logits against the float32 reference (README test policy)
+FLOAT16_TOL = 5e-3  # float16 weights and activations against the float32 reference (seen: 5e-4)
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +38,22 @@ def binary() -> Path:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    """export(config, library=True, byte_vocab=False) -> (export dir, reference MambaLM), made once per module."""
+    """export(config, library=True, byte_vocab=False, **export_options) -> (export dir, float32 reference MambaLM),
+    each made once per module."""
     from mamba_export.checkpoint import load_checkpoint
     from mamba_export.export.api import export_checkpoint
 
     root = tmp_path_factory.mktemp("cpp_runtime")
     made = {}
 
-    def get(name: str, library: bool = True, byte_vocab: bool = False):
-        key = f"{name}-{'lib' if library else 'nolib'}-{'bytes' if byte_vocab else 'ids'}"
+    def get(name: str, library: bool = True, byte_vocab: bool = False, **options):
+        key = "-".join([name, "lib" if library else "nolib", "bytes" if byte_vocab else "ids",
+                        *(f"{k}={v}" for k, v in sorted(options.items()))])
         if key not in made:
             ckpt = save_state_spaces(make_hf_model(name, seed=1), root / f"ckpt-{key}")
             if byte_vocab:
                 (ckpt / "byte_vocab.json").write_text(json.dumps({"type": "bytes", "vocab_size": 256}))
-            out = export_checkpoint(ckpt, root / f"export-{key}", with_library=library)
+            out = export_checkpoint(ckpt, root / f"export-{key}", with_library=library, **options)
             made[key] = out, load_checkpoint(ckpt)
         return made[key]
 
@@ -108,6 +111,7 @@ def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, cust
     assert tokens == reference_greedy(model, PROMPT, N_NEW)
     assert ("custom ops: off" in res["decoding"]) == (not custom_ops)
     assert res["stopped"] == "max new tokens"
+    assert res["prefill"].endswith("(model.onnx, logits float32)")
     assert float(res["decode"].split(", ")[1].split()[0]) > 0  # ms/token
 
     got = np.fromfile(dump, dtype=np.float32).reshape(N_NEW, model.config.vocab_size)
@@ -118,10 +122,29 @@ def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, cust
 
 
 def test_without_library_matches_reference(binary, export):
-    """An export made without the custom-op library (other sizes: no conv bias, d_conv 2) runs with --no-custom-ops."""
-    out, model = export("noconvbias", library=False)
+    """An export without the custom-op library (other sizes: no conv bias, d_conv 2) runs with --no-custom-ops, and
+    its model_last.onnx (last-position logits) does the prefill."""
+    out, model = export("noconvbias", library=False, last_logits=True)
     res = generate(binary, out, "--prompt-ids", "1,2,3", "--max-new-tokens", 8, "--no-custom-ops")
     assert ids(res["tokens"]) == reference_greedy(model, [1, 2, 3], 8)
+    assert res["prefill"].endswith("(model_last.onnx, logits float32)")
+
+
+def test_float16_export(binary, export, tmp_path):
+    """float16 logits are converted: same tokens as the Python runtime, logits near the float32 reference."""
+    from mamba_runtime import MambaRuntime
+
+    out, model = export("nondefault", dtype="float16")
+    dump = tmp_path / "logits.f32"
+    res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
+                   "--dump-logits", dump)
+    tokens = ids(res["tokens"])
+    assert res["prefill"].endswith("(model.onnx, logits float16)")
+    assert tokens == list(MambaRuntime(out, provider="cpu", custom_ops="require").generate(PROMPT, N_NEW).tokens[0])
+    got = np.fromfile(dump, dtype=np.float32).reshape(N_NEW, model.config.vocab_size)
+    with torch.no_grad():
+        full, _ = model(torch.tensor([PROMPT + tokens[:-1]]))
+    assert rel_err(torch.from_numpy(got), full[0, len(PROMPT) - 1:]) < FLOAT16_TOL
 
 
 def test_matches_python_runtime(binary, export):

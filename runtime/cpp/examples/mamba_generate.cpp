@@ -193,7 +193,8 @@ void print_result(const mamba::Model& model, const Args& a, const std::vector<in
                                         std::to_string(a.generate.top_k) + ", seed " +
                                         std::to_string(a.generate.seed) + ")")
             << "; custom ops: " << (info.custom_op_library.empty() ? "off" : info.custom_op_library) << "\n";
-  std::cout << "prefill: " << prompt.size() << " tokens in " << g.prefill_ms << " ms\n";
+  std::cout << "prefill: " << prompt.size() << " tokens in " << g.prefill_ms << " ms (" << info.prefill_graph
+            << ", logits " << info.logits_dtype << ")\n";
   if (g.tokens.size() > 1) {
     std::cout << "decode: " << g.tokens.size() - 1 << " tokens, " << g.ms_per_token() << " ms/token ("
               << 1000.0 / g.ms_per_token() << " tokens/s)\n";
