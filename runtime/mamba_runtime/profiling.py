@@ -1,0 +1,168 @@
+"""Latency measurements of the runtime (used by ``mamba-export profile``; numpy and onnxruntime only).
+
+Every function measures with the runtime's own code path (prefill per prompt, then :meth:`Generation.step`, greedy),
+so the numbers are what a user of :class:`~mamba_runtime.MambaRuntime` gets. Times are wall-clock
+(``time.perf_counter``); "decode ms/step" is one step of the whole batch, "tokens/s" counts every sequence's token.
+
+The memory floor of a decode step is the bytes of weights it must read (:func:`weight_bytes_per_token`) divided by
+the machine's measured read bandwidth (:func:`read_bandwidth_gbs`); achieved GB/s is those bytes over the measured
+step time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import ExportInfo
+from .sessions import open_session, session_options
+
+Tick = Callable[[int], None]
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def summary_ms(seconds: list[float]) -> dict:
+    """Median, p90, p99, min and count of a list of durations in seconds, in milliseconds."""
+    ms = np.asarray(seconds) * 1e3
+    return {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "min_ms": float(ms.min()), "n": int(ms.size)}
+
+
+def machine_info() -> dict:
+    """CPU model, core count, memory and library versions, to be written next to the numbers."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    from mamba_export import __version__
+
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": mem,
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": ort.__version__,
+                         "mamba_export": __version__}}
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 0.5, repeats: int = 5) -> float:
+    """Memory read bandwidth: ``threads`` threads each summing its slice of a ``gib`` GiB array; best of ``repeats``."""
+    a = np.ones(int(gib * 2**30) // 8, dtype=np.float64)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def weight_bytes_per_token(info: ExportInfo) -> int:
+    """Bytes of weights one decode step reads: every layer's parameters, the final norm, the LM head, one embedding
+    row. in_proj, out_proj, embedding and head are in the export dtype; the rest enters DecodeStep as float32."""
+    c = info.manifest["config"]
+    t = _DTYPE_BYTES[info.dtype]
+    D, E, N, K, R, V = c["d_model"], c["d_inner"], c["d_state"], c["d_conv"], c["dt_rank"], c["vocab_size"]
+    bias = 2 * E + D if c.get("bias") else 0
+    big = t * (D * 2 * E + E * D + bias)  # in_proj, out_proj
+    small = 4 * (E * K + E + E * (R + 2 * N) + R * E + E + E * N + E) + t * D  # conv, x/dt_proj, A, D, norm
+    return c["n_layer"] * (big + small) + t * (V * D + D + D)  # head, final norm, one embedding row
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).tolist()
+
+
+def measure_warmup(rt, prompt_len: int) -> float:
+    """Seconds of the first prefill and decode steps (onnxruntime's first-run allocations), reported apart."""
+    t0 = time.perf_counter()
+    gen = rt.start(random_prompts(1, prompt_len, rt.info.vocab_size, seed=99), 4)
+    gen.run()
+    return time.perf_counter() - t0
+
+
+def measure_prefill(rt, batch: int, prompt_len: int, repeats: int, tick: Tick | None = None) -> dict:
+    """Time to first token (prefill of ``batch`` prompts + the first greedy step) and prefill tokens/s."""
+    ttft, prefill = [], []
+    for r in range(repeats):
+        gen = rt.start(random_prompts(batch, prompt_len, rt.info.vocab_size, seed=r), 1)
+        gen.step()
+        ttft.append(gen.first_token_s)
+        prefill.append(gen.prefill_s)
+        if tick:
+            tick(1)
+    p = summary_ms(prefill)
+    return {"ttft": summary_ms(ttft), "prefill": p, "prefill_tokens_per_s": batch * prompt_len / p["p50_ms"] * 1e3}
+
+
+def measure_decode(rt, batch: int, prompt_len: int, steps: int, weight_bytes: int, tick: Tick | None = None) -> dict:
+    """Decode ``steps`` steps of a batch: ms/step percentiles, tokens/s and achieved GB/s of weight reads."""
+    gen = rt.start(random_prompts(batch, prompt_len, rt.info.vocab_size), steps + 1)
+    gen.step()
+    for _ in range(steps):
+        gen.step()
+        if tick:
+            tick(1)
+    s = summary_ms(gen.step_s)
+    return {"decode": s, "tokens_per_s": batch / s["p50_ms"] * 1e3, "achieved_GBps": weight_bytes / s["p50_ms"] / 1e6}
+
+
+def latency_vs_position(rt, tokens: int, windows: int = 20, tick: Tick | None = None) -> dict:
+    """Decode ``tokens`` steps of one sequence; median ms/step per window of positions, and last/first window."""
+    gen = rt.start([[1]], tokens + 1)
+    gen.step()
+    for i in range(tokens):
+        gen.step()
+        if tick and i % 100 == 99:
+            tick(100)
+    ms = np.asarray(gen.step_s) * 1e3
+    edges = np.linspace(0, ms.size, windows + 1).astype(int)
+    rows = [{"position": int(a) + 1, "p50_ms": float(np.median(ms[a:b])), "p90_ms": float(np.percentile(ms[a:b], 90))}
+            for a, b in zip(edges[:-1], edges[1:])]
+    return {"tokens": tokens, "windows": rows, "last_over_first": rows[-1]["p50_ms"] / rows[0]["p50_ms"]}
+
+
+def top_operators(rt, batch: int, steps: int, top: int = 10) -> list[dict]:
+    """onnxruntime's own profiler over ``steps`` decode steps of decode.onnx: total time per operator type."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(rt.threads, rt.custom_op_library, profile_prefix=str(Path(tmp) / "ort"))
+        session = open_session(rt.info.path / "decode.onnx", so, rt.device.providers())
+        feeds = {"input_ids": np.ones((batch, 1), dtype=np.int64)}
+        conv, ssm = rt.info.state_shapes(batch)
+        for i in range(rt.info.n_layer):
+            feeds[f"past_conv.{i}"] = np.zeros(conv, np.float32)
+            feeds[f"past_ssm.{i}"] = np.zeros(ssm, np.float32)
+        for _ in range(steps):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op][0] += e["dur"] / 1e3
+            per_op[op][1] += 1
+    total = sum(v[0] for v in per_op.values()) or 1.0
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"op": op, "ms_per_step": ms / steps, "share": ms / total, "calls_per_step": n // steps}
+            for op, (ms, n) in ranked]

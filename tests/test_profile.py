@@ -1,0 +1,75 @@
+"""``mamba-export profile`` on a tiny export: runs quickly, writes its JSON, Markdown and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mamba_export.cli import main
+from mamba_export.errors import MambaExportError
+from mamba_export.export import export_checkpoint
+from mamba_runtime import custom_op_library_path
+from mamba_runtime.manifest import open_export_dir
+from mamba_runtime.profiling import weight_bytes_per_token
+from support import make_hf_model, save_state_spaces
+
+
+def _library_built() -> bool:
+    try:
+        custom_op_library_path()
+        return True
+    except MambaExportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("profile")
+    hf = make_hf_model("tiny")
+    ckpt = save_state_spaces(hf, root / "ckpt")
+    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=_library_built())
+    return root, ckpt, out, hf
+
+
+def test_profile_writes_json_markdown_and_plots(exp, capsys):
+    root, ckpt, out, _ = exp
+    dest = root / "prof"
+    rc = main(["profile", str(out), "--threads", "1", "--batch", "1,3", "--prompt-len", "4,9", "--gen-len", "8",
+               "--position-tokens", "300", "--repeats", "2", "--compare-torch", str(ckpt), "-o", str(dest)])
+    assert rc == 0
+    report = json.loads((dest / "profile.json").read_text())
+    assert {"machine", "settings", "runtime", "torch", "decode_floor_ms"} <= set(report)
+    assert report["machine"]["versions"]["onnxruntime"] and report["settings"]["batch"] == [1, 3]
+    rt = report["runtime"]
+    assert [(p["batch"], p["prompt_len"]) for p in rt["prefill"]] == [(1, 4), (1, 9), (3, 4), (3, 9)]
+    assert [d["batch"] for d in rt["decode"]] == [1, 3] and [d["batch"] for d in report["torch"]["decode"]] == [1, 3]
+    for d in rt["decode"]:
+        s = d["decode"]
+        assert s["n"] == 8 and 0 < s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
+        assert d["tokens_per_s"] > 0 and d["achieved_GBps"] > 0
+    assert rt["position"]["tokens"] == 300 and len(rt["position"]["windows"]) == 20
+    assert rt["warmup_s"] > 0 and rt["peak_rss_bytes"] > 0
+    ops = [o["op"] for o in rt["top_operators"]]
+    assert "MatMul" in ops and ("DecodeStep" in ops) == (report["custom_op_library"] is not None)
+    md = (dest / "profile.md").read_text()
+    assert "| runtime | 3 |" in md and "PyTorch reference" in md and md in capsys.readouterr().out
+    for png in ("latency_vs_position.png", "latency_vs_batch.png"):
+        assert (dest / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weight_bytes_count_every_parameter_a_step_reads(exp):
+    """float32 tiny model with a tied head: all parameters once, plus one embedding row for the lookup."""
+    *_, out, hf = exp
+    n_params = sum(p.numel() for p in hf.parameters())  # tied: the embedding matrix is counted once (as the head)
+    d_model = hf.config.hidden_size
+    assert weight_bytes_per_token(open_export_dir(out)) == 4 * (n_params + d_model)
+
+
+def test_profile_bad_options_exit_2_with_one_line(exp, capsys):
+    *_, out, _ = exp
+    assert main(["profile", str(out), "--gen-len", "0"]) == 2
+    assert "error: --gen-len must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["profile", str(out), "--batch", "0,2"])
+    assert e.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
