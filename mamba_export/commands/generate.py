@@ -53,7 +53,7 @@ def _sampling(args: argparse.Namespace):
     if args.temperature is None and (args.top_k or args.top_p != 1.0):
         raise MambaExportError("--top-k/--top-p apply to sampling: also give --temperature")
     if args.temperature is not None and args.temperature <= 0:
-        raise MambaExportError(f"--temperature must be > 0 (use --greedy for greedy decoding), found {args.temperature}")
+        raise MambaExportError(f"--temperature must be > 0 (--greedy for greedy decoding), found {args.temperature}")
     return SamplingConfig(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 

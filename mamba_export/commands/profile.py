@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     for name in ("gen_len", "position_tokens", "repeats"):
         if getattr(args, name) < 1:
-            raise MambaExportError(f"--{name.replace('_', '-')} must be a positive integer, found {getattr(args, name)}")
+            flag, value = name.replace("_", "-"), getattr(args, name)
+            raise MambaExportError(f"--{flag} must be a positive integer, found {value}")
     if args.threads is not None and args.threads < 1:
         raise MambaExportError(f"--threads must be a positive integer, found {args.threads}")
 
@@ -169,7 +170,8 @@ def plot(report: dict, out: Path) -> list[str]:
     impls = [("runtime", report["runtime"])] + ([("PyTorch reference", report["torch"])] if report.get("torch") else [])
     for name, r in impls:
         ax.plot([d["batch"] for d in r["decode"]], [d["decode"]["p50_ms"] for d in r["decode"]], marker="o", label=name)
-    ax.set(xlabel="batch", ylabel="decode ms/step (p50)", xscale="log", ylim=(0, None), title="Decode latency against batch")
+    ax.set(xlabel="batch", ylabel="decode ms/step (p50)", xscale="log", ylim=(0, None),
+           title="Decode latency against batch")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "latency_vs_batch.png", dpi=100)

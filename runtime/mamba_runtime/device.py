@@ -52,5 +52,5 @@ def select_device(provider: str):
     try:
         from .gpu import CudaDevice
     except ImportError as e:
-        raise GenerationInputError(f"provider cuda: the CUDA device support of mamba_runtime is missing ({e})") from None
+        raise GenerationInputError(f"provider cuda: mamba_runtime's CUDA device support is missing ({e})") from None
     return CudaDevice()

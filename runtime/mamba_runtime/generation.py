@@ -154,8 +154,9 @@ class Generation:
             "total_ms": total_s * 1e3,
             "tokens_per_s": n / total_s if total_s > 0 else None,
         }
-        return GenerationResult([list(p) for p in self.prompts], [list(t) for t in self.tokens], [r or "unfinished" for r in self.finish_reasons],
-                                texts, timings)
+        reasons = [r or "unfinished" for r in self.finish_reasons]
+        return GenerationResult([list(p) for p in self.prompts], [list(t) for t in self.tokens], reasons, texts,
+                                timings)
 
     # ---- snapshots --------------------------------------------------------------------------------------------
     def snapshot(self) -> bytes:

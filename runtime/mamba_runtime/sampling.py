@@ -106,7 +106,7 @@ class Sampler:
             logits = apply_repetition_penalty(logits, self.seen, self.cfg.repetition_penalty)
         out = np.full(logits.shape[0], -1, dtype=np.int64)
         if self.cfg.greedy:
-            out[active] = np.argmax(logits[active], axis=-1)
+            out[active] = np.argmax(logits if active.all() else logits[active], axis=-1)
         else:
             for i in np.flatnonzero(active):
                 out[i] = sample_row(logits[i], self.cfg, self.rngs[i])

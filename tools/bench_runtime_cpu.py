@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""CPU benchmark of the Python runtime's per-token overhead and of decode latency against position.
+
+On the mamba-130m shape (d_model 768, 24 layers, vocab 50280; random weights), batch 1, ``--threads`` threads:
+
+    raw session.run:  decode.onnx with numpy feeds, the state passed back through Python each step, argmax;
+    raw IOBinding:    decode.onnx bound once to double-buffered OrtValues (what the runtime does), argmax;
+    runtime:          ``Generation.step()`` of mamba_runtime (greedy), everything included;
+    position:         the runtime's decode ms/step around position 100 and around position ``--far`` (10,000).
+
+The three decode loops run interleaved in blocks (``--blocks`` x ``--block-steps`` each), so machine noise hits
+all alike; each block's median is one sample, and the table gives the median and p10-p90 of the samples.
+Not a test. Usage:
+
+    .venv/bin/python tools/bench_runtime_cpu.py [--threads 2] [--blocks 15] [--block-steps 20] [--far 10000]
+        [--export DIR (reuse an export)] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_export(root: Path, args) -> Path:
+    """A random-weight mamba-130m-shaped checkpoint, exported with the custom-op library."""
+    import torch
+
+    from mamba_export.checkpoint import save_checkpoint
+    from mamba_export.config import MambaConfig
+    from mamba_export.export import export_checkpoint
+    from mamba_export.model import MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=768, n_layer=24, vocab_size=50280)).eval()
+    ckpt = save_checkpoint(model, root / "ckpt")
+    return export_checkpoint(ckpt, root / "export", last_logits=True)
+
+
+def raw_run_loop(rt) -> callable:
+    """A decode loop over plain ``session.run`` with numpy feeds; returns step() -> seconds."""
+    sess, info = rt.decode_session, rt.info
+    conv, ssm = info.state_shapes(1)
+    feeds = {"input_ids": np.array([[1]], dtype=np.int64)}
+    for i in range(info.n_layer):
+        feeds[f"past_conv.{i}"] = np.zeros(conv, np.float32)
+        feeds[f"past_ssm.{i}"] = np.zeros(ssm, np.float32)
+    names = [o.name for o in sess.get_outputs()]
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        outs = sess.run(None, feeds)
+        for name, value in zip(names[1:], outs[1:]):
+            feeds[name.replace("present_", "past_")] = value
+        feeds["input_ids"][0, 0] = int(outs[0][0, -1].argmax())
+        return time.perf_counter() - t0
+
+    return step
+
+
+def raw_binding_loop(rt) -> callable:
+    """decode.onnx through the runtime's double-buffered IOBinding state, argmax only (no Generation)."""
+    state = rt.new_state(1)
+    tok = np.array([1])
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        tok[0] = int(state.step(tok).argmax())
+        return time.perf_counter() - t0
+
+    return step
+
+
+def runtime_loop(rt, total: int) -> callable:
+    gen = rt.start([[1, 2, 3]], total + 2)
+    gen.step()
+
+    def step() -> float:
+        gen.step()
+        return gen.step_s[-1]
+
+    return step
+
+
+def stats(samples_ms: list[float]) -> dict:
+    a = np.asarray(samples_ms)
+    return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)), "n": int(a.size)}
+
+
+def interleaved(loops: dict, blocks: int, block_steps: int) -> dict:
+    """Median of each block of each loop, blocks of the loops alternating."""
+    samples = {name: [] for name in loops}
+    for _ in range(blocks):
+        for name, step in loops.items():
+            samples[name].append(float(np.median([step() for _ in range(block_steps)])) * 1e3)
+    return {name: stats(s) for name, s in samples.items()}
+
+
+def position_latency(rt, near: int, far: int, window: int) -> dict:
+    """Runtime decode ms/step over ``window`` steps centred on position ``near`` and on ``far`` (one sequence)."""
+    gen = rt.start([[1]], far + window)
+    while len(gen.tokens[0]) < far + window // 2:
+        gen.step()
+    ms = np.asarray(gen.step_s) * 1e3  # step_s[j] is the step that generated token j + 2 (position j + 2)
+    pick = lambda c: ms[max(c - window // 2, 0): c + window // 2]  # noqa: E731
+    return {"near": {"position": near, **stats(list(pick(near)))}, "far": {"position": far, **stats(list(pick(far)))}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=15)
+    ap.add_argument("--block-steps", type=int, default=20)
+    ap.add_argument("--far", type=int, default=10_000)
+    ap.add_argument("--window", type=int, default=200)
+    ap.add_argument("--export", type=Path, help="reuse this mamba-130m-shaped export instead of making one")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import onnxruntime
+
+    from mamba_runtime import MambaRuntime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.export or make_export(Path(tmp), args)
+        rt = MambaRuntime(out, provider="cpu", threads=args.threads, custom_ops="require")
+        total = args.blocks * args.block_steps + 10
+        loops = {"raw session.run": raw_run_loop(rt), "raw IOBinding": raw_binding_loop(rt),
+                 "runtime Generation.step": runtime_loop(rt, total)}
+        for step in loops.values():  # warm-up
+            for _ in range(5):
+                step()
+        decode = interleaved(loops, args.blocks, args.block_steps)
+        position = position_latency(rt, 100, args.far, args.window)
+        c = rt.info.manifest["config"]
+    base = decode["raw session.run"]["median_ms"]
+    print(f"\nd_model {c['d_model']}, {c['n_layer']} layers, vocab {c['vocab_size']}, batch 1, {args.threads} threads, "
+          f"CPU ({platform.processor() or platform.machine()})\n")
+    print("| decode loop | ms/step median | p10-p90 of block medians | vs raw session.run |")
+    print("| --- | --- | --- | --- |")
+    for name, s in decode.items():
+        print(f"| {name} | {s['median_ms']:.3f} | {s['p10_ms']:.3f}-{s['p90_ms']:.3f} | "
+              f"{s['median_ms'] - base:+.3f} ms ({(s['median_ms'] / base - 1) * 100:+.1f}%) |")
+    n, f = position["near"], position["far"]
+    print(f"\nruntime decode at position {n['position']}: {n['median_ms']:.3f} ms (p10-p90 {n['p10_ms']:.3f}-"
+          f"{n['p90_ms']:.3f}); at position {f['position']}: {f['median_ms']:.3f} ms (p10-p90 {f['p10_ms']:.3f}-"
+          f"{f['p90_ms']:.3f}); ratio {f['median_ms'] / n['median_ms']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": {"platform": platform.platform(), "processor": platform.processor()},
+            "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "decode": decode, "position": position}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
