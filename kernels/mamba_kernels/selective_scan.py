@@ -30,6 +30,7 @@ __all__ = ["selective_scan"]
 
 _T = 32  # time steps per register tile; the backward keeps one fp32 state per tile
 _TILE_ELEMENTS = 4096  # BLOCK_D * _T * BLOCK_N: what one program holds per 3-D tile
+_NUM_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     d_blocks = triton.cdiv(d, block_d)
     subs = triton.cdiv(nsub, _num_chunks(b, d_blocks, nsub, u.device))
     nchunk = triton.cdiv(nsub, subs)
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n)
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_NUM_WARPS)
     start = h0.view(b, d, 1, n)
     if nchunk > 1:
         local, dsum = torch.empty(b, d, nchunk, n, **f32), torch.empty(b, d, nchunk, **f32)
@@ -417,7 +418,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     d_blocks = triton.cdiv(d, block_d)
     subs = triton.cdiv(nsub, _num_chunks(b, d_blocks, nsub, u.device)) if l else 1
     nchunk = max(1, triton.cdiv(nsub, subs))
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n)
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_NUM_WARPS)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = torch.zeros(b, d, n, **f32) if dfinal is None else dfinal.to(torch.float32).contiguous()
     carry = gfinal.view(b, d, 1, n)

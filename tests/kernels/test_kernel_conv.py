@@ -5,39 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_support import FP32_FWD_TOL, FP32_GRAD_TOL, LOW_PRECISION, cast_inputs, rel_err, run_with_grads, strided
+from kernels_support import DEVICE, FP32_FWD_TOL, LOW_PRECISION, check_against_truth, rel_err, strided
 from mamba_export.ops import causal_conv1d_ref, causal_conv1d_step_ref
 
 mk = pytest.importorskip("mamba_kernels")
 
 
-def conv_inputs(b, d, l, k, dtype, bias=True, state=True, time_major=False, seed=0) -> dict:
+def conv_inputs(b, d, l, k, dtype, bias=True, state=True, time_major=False, seed=0, device=DEVICE) -> dict:
     """float64 leaves holding ``dtype``-rounded x and fp32-rounded weight, bias and conv state."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, d, l, generator=g, dtype=torch.float64).to(dtype).double()
     out = dict(x=strided(x) if time_major else x, weight=torch.randn(d, k, generator=g, dtype=torch.float64) * 0.5,
                bias=torch.randn(d, generator=g, dtype=torch.float64) if bias else None,
                conv_state=torch.randn(b, d, k - 1, generator=g, dtype=torch.float64) if state else None)
-    return {n: None if v is None else (v if n == "x" else v.float().double()).requires_grad_() for n, v in out.items()}
+    return {n: None if v is None else (v if n == "x" else v.float().double()).to(device).requires_grad_()
+            for n, v in out.items()}
 
 
 def check_conv(x64: dict, dtype: torch.dtype, silu: bool = True) -> None:
-    g = torch.Generator().manual_seed(1)
-    y64, s64 = causal_conv1d_ref(**x64, silu=silu)
-    cot = (torch.randn(y64.shape, generator=g, dtype=torch.float64),
-           torch.randn(s64.shape, generator=g, dtype=torch.float64))
-    (y_t, s_t), g_t = run_with_grads(causal_conv1d_ref, x64, cot, silu=silu)
-    (y_k, s_k), g_k = run_with_grads(mk.causal_conv1d, cast_inputs(x64, dtype), cot, silu=silu)
-    assert y_k.dtype == dtype and s_k.dtype == torch.float32
-    errs = {"y": rel_err(y_k, y_t), "state": rel_err(s_k, s_t), **{n: rel_err(g_k[n], g_t[n]) for n in g_t}}
-    if dtype in LOW_PRECISION:
-        (y_r, s_r), g_r = run_with_grads(causal_conv1d_ref, cast_inputs(x64, dtype), cot, silu=silu)
-        bound = {"y": max(2 * rel_err(y_r, y_t), FP32_FWD_TOL), "state": max(2 * rel_err(s_r, s_t), FP32_FWD_TOL),
-                 **{n: max(2 * rel_err(g_r[n], g_t[n]), FP32_GRAD_TOL) for n in g_t}}
-    else:
-        bound = {"y": FP32_FWD_TOL, "state": FP32_FWD_TOL, **{n: FP32_GRAD_TOL for n in g_t}}
-    bad = {n: (errs[n], bound[n]) for n in errs if not errs[n] <= bound[n]}
-    assert not bad, f"errors above bounds (err, bound): {bad}"
+    check_against_truth(causal_conv1d_ref, mk.causal_conv1d, x64, dtype, "conv", silu=silu)
 
 
 def test_conv_fp32_state_bias_silu_time_major():
@@ -64,9 +50,9 @@ def test_conv_low_precision(dtype):
 def test_conv_step_matches_reference(bias):
     g = torch.Generator().manual_seed(5)
     b, d, k = 3, 20, 4
-    x = torch.randn(2 * d, b, generator=g).t()[:, :d]  # strided, as a slice of in_proj's output
-    w, bi = torch.randn(d, k, generator=g), torch.randn(d, generator=g) if bias else None
-    state = torch.randn(b, d, k - 1, generator=g)
+    x = torch.randn(2 * d, b, generator=g).t()[:, :d].to(DEVICE)  # strided, as a slice of in_proj's output
+    w, bi = torch.randn(d, k, generator=g).to(DEVICE), torch.randn(d, generator=g).to(DEVICE) if bias else None
+    state = torch.randn(b, d, k - 1, generator=g).to(DEVICE)
     y, s = mk.causal_conv1d_step(x, w, bi, state, True)
     y64, s64 = causal_conv1d_step_ref(x.double(), w.double(), None if bi is None else bi.double(), state.double())
     assert y.dtype == torch.float32 and s.dtype == torch.float32
@@ -75,6 +61,7 @@ def test_conv_step_matches_reference(bias):
 
 def test_conv_rejects_bad_inputs():
     with pytest.raises(mk.KernelInputError, match=r"conv_state must have shape \(1, 3, 3\)"):
-        mk.causal_conv1d(torch.zeros(1, 3, 5), torch.zeros(3, 4), None, torch.zeros(1, 3, 2))
+        mk.causal_conv1d(torch.zeros(1, 3, 5, device=DEVICE), torch.zeros(3, 4, device=DEVICE), None,
+                         torch.zeros(1, 3, 2, device=DEVICE))
     with pytest.raises(mk.KernelInputError, match="width 2 or more"):
-        mk.causal_conv1d(torch.zeros(1, 3, 5), torch.zeros(3, 1))
+        mk.causal_conv1d(torch.zeros(1, 3, 5, device=DEVICE), torch.zeros(3, 1, device=DEVICE))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_support import FP32_FWD_TOL, rel_err
+from kernels_support import DEVICE, FP32_FWD_TOL, rel_err
 from mamba_export.ops import selective_state_update_ref
 
 mk = pytest.importorskip("mamba_kernels")
@@ -18,9 +18,10 @@ def decode_inputs(b, d, n, dtype, optional=True, seed=0) -> dict:
         return torch.randn(*shape, generator=g).to(dt)
 
     x = torch.randn(b, 2 * d, generator=g).to(dtype)
-    return dict(state=r(b, d, n, dt=torch.float32), x=x[:, :d], dt=r(b, d), A=-torch.rand(d, n, generator=g) - 0.1,
-                B=r(b, n), C=r(b, n), D=r(d, dt=torch.float32) if optional else None,
-                z=x[:, d:] if optional else None, dt_bias=r(d, dt=torch.float32) if optional else None)
+    out = dict(state=r(b, d, n, dt=torch.float32), x=x[:, :d], dt=r(b, d), A=-torch.rand(d, n, generator=g) - 0.1,
+               B=r(b, n), C=r(b, n), D=r(d, dt=torch.float32) if optional else None,
+               z=x[:, d:] if optional else None, dt_bias=r(d, dt=torch.float32) if optional else None)
+    return {k: None if v is None else v.to(DEVICE) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -47,6 +48,6 @@ def test_state_update_equals_one_scan_step():
 
 def test_state_update_rejects_bad_inputs():
     x = decode_inputs(2, 8, 4, torch.float32)
-    x["B"] = torch.zeros(2, 5)
+    x["B"] = torch.zeros(2, 5, device=DEVICE)
     with pytest.raises(mk.KernelInputError, match=r"B must have shape \(2, 4\)"):
         mk.selective_state_update(**x)

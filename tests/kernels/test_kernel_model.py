@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels_support import FP32_GRAD_TOL, rel_err
+from kernels_support import DEVICE, FP32_GRAD_TOL, rel_err
 from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 
@@ -26,15 +26,15 @@ def train_step(model: MambaLM, ids: torch.Tensor):
 
 def test_training_step_matches_reference():
     torch.manual_seed(0)
-    truth_model = MambaLM(CFG).double()
+    truth_model = MambaLM(CFG).to(DEVICE, torch.float64)
     with torch.no_grad():
         for p in truth_model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    ids = torch.randint(0, CFG.vocab_size, (2, 41))
+    ids = torch.randint(0, CFG.vocab_size, (2, 41)).to(DEVICE)
     loss64, grads64 = train_step(truth_model, ids)
-    ref = MambaLM(CFG).float()
+    ref = MambaLM(CFG).to(DEVICE)
     ref.load_state_dict(truth_model.state_dict())
-    tri = MambaLM(CFG, backend="triton").float()
+    tri = MambaLM(CFG, backend="triton").to(DEVICE)
     tri.load_state_dict(truth_model.state_dict())
     assert tri.backend.name == "triton"
     loss_r, grads_r = train_step(ref, ids)
@@ -51,10 +51,10 @@ def test_training_step_matches_reference():
 def test_prefill_and_decode_match_reference():
     """Prefill through the scan and conv kernels, then three decode steps through the step kernels."""
     torch.manual_seed(1)
-    ref = MambaLM(CFG)
-    tri = MambaLM(CFG, backend="triton")
+    ref = MambaLM(CFG).to(DEVICE)
+    tri = MambaLM(CFG, backend="triton").to(DEVICE)
     tri.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    ids = torch.randint(0, CFG.vocab_size, (2, 12)).to(DEVICE)
     with torch.no_grad():
         full, _ = ref(ids)
         logits, state = tri(ids[:, :9])
@@ -74,7 +74,7 @@ def _scan_and_conv(x, w, delta, A, B, C, D, z, bias):
 def _small_inputs():
     g = torch.Generator().manual_seed(2)
     b, d, l, n = 1, 4, 10, 4
-    return [torch.randn(*s, generator=g).requires_grad_() for s in
+    return [torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
             [(b, d, l), (d, 4), (b, d, l), (d, n), (b, n, l), (b, n, l), (d,), (b, d, l), (d,)]]
 
 

@@ -7,8 +7,7 @@ import importlib
 import pytest
 import torch
 
-from kernels_support import (FP32_FWD_TOL, FP32_GRAD_TOL, LOW_PRECISION, cast_inputs, rel_err, run_with_grads,
-                             scan_inputs)
+from kernels_support import DEVICE, LOW_PRECISION, check_against_truth, scan_inputs
 from mamba_export.ops import selective_scan_ref
 
 mk = pytest.importorskip("mamba_kernels")
@@ -16,25 +15,7 @@ scan_module = importlib.import_module("mamba_kernels.selective_scan")  # the mod
 
 
 def check_scan(x64: dict, dtype: torch.dtype, softplus: bool = True) -> None:
-    """Compare the kernel in ``dtype`` with the float64 truth; low precision against 2x the reference's error."""
-    g = torch.Generator().manual_seed(1)
-    y64, h64 = selective_scan_ref(**x64, delta_softplus=softplus)
-    cot = (torch.randn(y64.shape, generator=g, dtype=torch.float64), torch.randn(h64.shape, generator=g,
-                                                                                dtype=torch.float64))
-    (y_t, h_t), g_t = run_with_grads(selective_scan_ref, x64, cot, delta_softplus=softplus)
-    (y_k, h_k), g_k = run_with_grads(mk.selective_scan, cast_inputs(x64, dtype), cot, delta_softplus=softplus)
-    assert y_k.dtype == dtype and h_k.dtype == torch.float32 and y_k.shape == y_t.shape
-    if dtype in LOW_PRECISION:
-        (y_r, h_r), g_r = run_with_grads(selective_scan_ref, cast_inputs(x64, dtype), cot, delta_softplus=softplus)
-        bound = {"y": max(2 * rel_err(y_r, y_t), FP32_FWD_TOL), "h": max(2 * rel_err(h_r, h_t), FP32_FWD_TOL)}
-        bound.update({k: max(2 * rel_err(g_r[k], g_t[k]), FP32_GRAD_TOL) for k in g_t})
-    else:
-        bound = {"y": FP32_FWD_TOL, "h": FP32_FWD_TOL, **{k: FP32_GRAD_TOL for k in g_t}}
-    errs = {"y": rel_err(y_k, y_t), "h": rel_err(h_k, h_t), **{k: rel_err(g_k[k], g_t[k]) for k in g_t}}
-    for k, v in g_k.items():
-        assert v.dtype == cast_inputs(x64, dtype)[k].dtype, k
-    bad = {k: (errs[k], bound[k]) for k in errs if not errs[k] <= bound[k]}
-    assert not bad, f"errors above bounds (err, bound): {bad}"
+    check_against_truth(selective_scan_ref, mk.selective_scan, x64, dtype, "scan", delta_softplus=softplus)
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
@@ -82,5 +63,6 @@ def test_scan_rejects_bad_inputs(bad, message):
     x.update(bad)
     if "u" in bad:
         x["delta"] = torch.zeros(2, 5, 8)
+    x = {k: v.to(DEVICE) for k, v in x.items()}
     with pytest.raises(mk.KernelInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         mk.selective_scan(**x)

@@ -1,0 +1,176 @@
+"""Benchmark the Triton selective scan against the plain-PyTorch reference, beside the memory and exp floors.
+
+Usage (on a CUDA machine, from the repository root):
+    PYTHONPATH=$PWD:$PWD/kernels python3 tools/bench_scan.py [--sweep] [--log bench.log]
+
+Shapes: batch 8 x 1536 channels x 2048 tokens and batch 1 x 1536 x 65536, d_state 16, bf16, with z, D, delta bias and
+softplus. Times are medians (and 10th-90th percentiles) of triton.testing.do_bench after a warm-up that is reported
+apart (it includes compilation). Floors:
+    memory: every input read once and every output written once, over the measured device copy bandwidth;
+    exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
+            the least a backward that recomputes the states can do).
+--sweep also times a few tile shapes (time steps per tile, tile elements, warps) of the scan at the first shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+import mamba_kernels
+from mamba_export.ops import selective_scan_ref
+
+scan_module = importlib.import_module("mamba_kernels.selective_scan")
+
+
+@triton.jit
+def _exp_kernel(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """ITERS * 4 dependent-chain exps per element, 4 independent chains to keep the SFU busy."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = offs.to(tl.float32) * 1e-9
+    b, c, d = a + 0.1, a + 0.2, a + 0.3
+    for _ in range(ITERS):
+        a = tl.exp(a * -0.5)
+        b = tl.exp(b * -0.5)
+        c = tl.exp(c * -0.5)
+        d = tl.exp(d * -0.5)
+    tl.store(out_ptr + offs, a + b + c + d)
+
+
+def measure_exp_rate() -> float:
+    """Exponentials per second that tl.exp sustains on this GPU."""
+    n, iters = 1 << 22, 256
+    out = torch.empty(n, device="cuda")
+    ms = triton.testing.do_bench(lambda: _exp_kernel[(n // 1024,)](out, ITERS=iters, BLOCK=1024))
+    return n * iters * 4 / (ms * 1e-3)
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes per second (read + written) of a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def make_inputs(b: int, d: int, l: int, n: int, dtype=torch.bfloat16) -> dict:
+    """Inputs as the model hands them over (time the slowest dimension for delta, z, B, C), requiring grad."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale + shift).to(dt)
+
+    def time_major(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    x = dict(u=rand(b, d, l), delta=time_major(rand(b, d, l, scale=0.5, shift=-0.5)),
+             A=-torch.exp(rand(d, n, scale=0.5, dt=torch.float32)), B=time_major(rand(b, n, l)),
+             C=time_major(rand(b, n, l)), D=rand(d, dt=torch.float32), z=time_major(rand(b, d, l)),
+             delta_bias=rand(d, scale=0.5, shift=-1.0, dt=torch.float32))
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+def bytes_moved(b: int, d: int, l: int, n: int, backward: bool) -> int:
+    """Inputs read once and outputs written once (bf16 sequences, fp32 state)."""
+    seq, bc = b * d * l * 2, b * n * l * 2
+    fwd = 3 * seq + 2 * bc + seq + b * d * n * 4  # u, delta, z, B, C in; y, final state out
+    bwd = 4 * seq + 2 * bc + 3 * seq + 2 * bc  # u, delta, z, dy, B, C in; du, ddelta, dz, dB, dC out
+    return fwd + (bwd if backward else 0)
+
+
+def time_fn(fn, reps: int) -> tuple[float, float, float, float]:
+    """Warm-up time (first call), then median, p10, p90 in ms."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    warm = (time.perf_counter() - t0) * 1e3
+    med, p10, p90 = triton.testing.do_bench(fn, quantiles=[0.5, 0.1, 0.9], rep=reps)
+    return warm, med, p10, p90
+
+
+def scan_calls(x: dict, impl):
+    """The forward, and forward + backward, of ``impl`` on inputs x."""
+    grad_y = torch.randn_like(x["u"])
+
+    def fwd():
+        with torch.no_grad():
+            impl(**x, delta_softplus=True)
+
+    def fwd_bwd():
+        y, h = impl(**x, delta_softplus=True)
+        torch.autograd.backward([y, h], [grad_y, torch.zeros_like(h)])
+
+    return fwd, fwd_bwd
+
+
+def report(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes at the first shape")
+    ap.add_argument("--reference-64k", action="store_true", help="also time the reference at 64k (minutes)")
+    args = ap.parse_args(argv)
+    props = torch.cuda.get_device_properties(0)
+    print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
+          f"{triton.__version__}, CUDA {torch.version.cuda}")
+    exp_rate, bandwidth = measure_exp_rate(), measure_copy_bandwidth()
+    print(f"measured: exp {exp_rate / 1e12:.2f} T/s, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    n = 16
+    rows = [["shape", "impl", "pass", "warm-up ms", "median ms", "p10-p90 ms", "mem floor ms", "exp floor ms",
+             "GB/s", "x floor"]]
+    for b, d, l, with_ref in [(8, 1536, 2048, True), (1, 1536, 65536, args.reference_64k)]:
+        x = make_inputs(b, d, l, n)
+        impls = [("triton", mamba_kernels.selective_scan)] + ([("reference", selective_scan_ref)] if with_ref else [])
+        for name, impl in impls:
+            for pass_name, fn in zip(("fwd", "fwd+bwd"), scan_calls(x, impl)):
+                backward = pass_name == "fwd+bwd"
+                warm, med, p10, p90 = time_fn(fn, reps=2000 if name == "triton" else 200)
+                mem_floor = bytes_moved(b, d, l, n, backward) / bandwidth * 1e3
+                exp_floor = b * d * l * n * (2 if backward else 1) / exp_rate * 1e3
+                rows.append([f"b{b} d{d} l{l}", name, pass_name, f"{warm:.1f}", f"{med:.3f}", f"{p10:.3f}-{p90:.3f}",
+                             f"{mem_floor:.3f}", f"{exp_floor:.3f}",
+                             f"{bytes_moved(b, d, l, n, backward) / (med * 1e-3) / 1e9:.0f}",
+                             f"{med / max(mem_floor, exp_floor):.1f}"])
+        if not with_ref:
+            rows.append([f"b{b} d{d} l{l}", "reference", "-", "skipped: a Python loop over 65536 steps holding "
+                         "(b, d, l, n) fp32 tensors", "", "", "", "", "", ""])
+        del x
+        torch.cuda.empty_cache()
+    report(rows)
+    if args.sweep:
+        sweep()
+    return 0
+
+
+def sweep() -> None:
+    """Time fwd and fwd+bwd at b8 d1536 l2048 for a few (time tile, tile elements, warps)."""
+    x = make_inputs(8, 1536, 2048, 16)
+    fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
+    saved = (scan_module._T, scan_module._TILE_ELEMENTS, scan_module._NUM_WARPS)
+    rows = [["T", "tile", "warps", "fwd ms", "fwd+bwd ms"]]
+    for cfg in [(32, 4096, 4), (32, 4096, 8), (16, 2048, 4), (64, 8192, 8), (32, 2048, 4)]:
+        scan_module._T, scan_module._TILE_ELEMENTS, scan_module._NUM_WARPS = cfg
+        try:
+            f = triton.testing.do_bench(fwd, rep=300)
+            fb = triton.testing.do_bench(fwd_bwd, rep=300)
+            rows.append([str(c) for c in cfg] + [f"{f:.3f}", f"{fb:.3f}"])
+        except Exception as e:  # a tile that does not fit (registers, shared memory) is a result too
+            rows.append([str(c) for c in cfg] + [f"failed: {type(e).__name__}", ""])
+    scan_module._T, scan_module._TILE_ELEMENTS, scan_module._NUM_WARPS = saved
+    print("sweep (b8 d1536 l2048 bf16):")
+    report(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
