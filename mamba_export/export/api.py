@@ -8,6 +8,7 @@ A TorchScript export holds model.pt, decode.pt (and model_last.pt), manifest.jso
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +51,9 @@ def export_checkpoint(
     """
     _check_options(dtype, fmt)
     _, _, raw = read_config(ckpt_dir)
+    directory.check_target(Path(out_dir).absolute(), force)  # fail before the slow part; checked again at the end
+    if fmt == "onnx" and with_library:
+        directory.library_path()
     say = progress or (lambda msg: None)
     say(f"loading {ckpt_dir} as {dtype}")
     model = load_checkpoint(ckpt_dir, dtype=DTYPES[dtype])
@@ -75,18 +79,20 @@ def export_model(
     _check_options(dtype, fmt)
     say = progress or (lambda msg: None)
     model = model.eval()
+    library_path = directory.library_path() if fmt == "onnx" and with_library else None
 
     def build(tmp: Path) -> None:
+        library = None
         if fmt == "onnx":
             graphs = _write_onnx(model, tmp, last_logits, say)
-            library = directory.copy_library(tmp) if with_library else None
+            if library_path is not None:
+                library = shutil.copy2(library_path, tmp / library_path.name).name
             directory.write_json(tmp / "genai_config.json", genai_config(model, library, token_ids or {}))
         else:
             from .torchscript import write_torchscript
 
             say("tracing TorchScript modules")
             graphs = write_torchscript(model, tmp, last_logits)
-            library = None
         tokenizer = directory.copy_tokenizer(Path(source_dir) if source_dir else None, tmp, TOKENIZER_FILES)
         say("writing manifest.json")
         manifest = build_manifest(model, fmt, dtype, graphs, library, tokenizer, directory.file_checksums(tmp))

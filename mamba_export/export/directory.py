@@ -24,7 +24,8 @@ class ExportError(MambaExportError):
     """An export that cannot be written as asked: bad option, existing or unwritable output, missing library."""
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool) -> None:
+    """Fail early when ``out`` cannot be (re)placed: exists without ``force``, is a file, or is not writable."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
     if out.exists() and not force:
@@ -44,7 +45,7 @@ def write_atomically(out_dir: str | os.PathLike, force: bool, build: Callable[[P
             re-raised after the temporary directory is removed; an existing ``out_dir`` is then left untouched.
     """
     out = Path(out_dir).absolute()
-    _check_target(out, force)
+    check_target(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -83,8 +84,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def copy_library(out: Path) -> str:
-    """Copy the built custom-op library into ``out``; returns its file name.
+def library_path() -> Path:
+    """The built custom-op library (see :func:`mamba_runtime.custom_op_library_path`).
 
     Raises:
         ExportError: the library is not built (says how to build it, or to pass --no-library).
@@ -92,11 +93,9 @@ def copy_library(out: Path) -> str:
     from mamba_runtime import custom_op_library_path
 
     try:
-        path = Path(custom_op_library_path())
+        return Path(custom_op_library_path())
     except MambaExportError as e:
         raise ExportError(f"{e} (or export without it: --no-library / with_library=False)") from None
-    shutil.copy2(path, out / path.name)
-    return path.name
 
 
 def copy_tokenizer(ckpt_dir: Path | None, out: Path, names: tuple[str, ...]) -> list[str]:

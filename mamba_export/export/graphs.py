@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..config import MambaConfig
 from ..model import MambaLM, MambaMixer
 from ..ops import compute_dtype
 from . import torch_ops
@@ -38,6 +39,14 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
         inputs += [f"past_conv.{i}", f"past_ssm.{i}"]
         outputs += [f"present_conv.{i}", f"present_ssm.{i}"]
     return inputs, outputs
+
+
+def example_inputs(cfg: MambaConfig, batch: int, seq: int) -> tuple[Tensor, ...]:
+    """Zero inputs of the wrappers for tracing: input_ids (batch, seq) and a zero state."""
+    past: list[Tensor] = []
+    for _ in range(cfg.n_layer):
+        past += [torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1), torch.zeros(batch, cfg.d_inner, cfg.d_state)]
+    return (torch.zeros(batch, seq, dtype=torch.int64), *past)
 
 
 class _Mixer(nn.Module):

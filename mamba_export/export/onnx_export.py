@@ -23,26 +23,18 @@ from onnx import numpy_helper
 from .. import __version__
 from ..model import MambaLM
 from . import onnx_ops
-from .graphs import DecodeGraph, SequenceGraph, io_names
+from .graphs import DecodeGraph, SequenceGraph, example_inputs, io_names
 
 WEIGHTS_FILE = "weights.bin"
 _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx files
 _ALIGN = 64  # offsets in weights.bin are multiples of this, for memory mapping
 
 
-def _example_inputs(model: MambaLM, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
-    c = model.config
-    past: list[torch.Tensor] = []
-    for _ in range(c.n_layer):
-        past += [torch.zeros(batch, c.d_inner, c.d_conv - 1), torch.zeros(batch, c.d_inner, c.d_state)]
-    return (torch.zeros(batch, seq, dtype=torch.int64), *past)
-
-
 def _export(module: torch.nn.Module, model: MambaLM, seq_dynamic: bool) -> onnx.ModelProto:
     """Export one wrapper: batch (and seq when ``seq_dynamic``) dynamic, everything else static."""
     batch = torch.export.Dim("batch")
     ids_shape = {0: batch, 1: torch.export.Dim("seq")} if seq_dynamic else {0: batch}
-    inputs = _example_inputs(model, 2, 3 if seq_dynamic else 1)
+    inputs = example_inputs(model.config, 2, 3 if seq_dynamic else 1)
     names_in, names_out = io_names(model.config.n_layer)
     onnx_ops.register_schemas()
     with warnings.catch_warnings(), _quiet_exporter():

@@ -1,8 +1,12 @@
-"""The three custom-op-domain operators as ``torch.library`` custom ops, so that ``torch.export`` sees one node each.
+"""The three custom-op-domain operators in the layouts of docs/CONTRACTS.md, on top of the reference ops.
 
-Layouts follow docs/CONTRACTS.md (channels-last activations, float32 parameters and states); the CPU
-implementations transpose to the reference layout and call :mod:`mamba_export.ops`, so an exported graph computes
-exactly what the reference model computes. Symbols: b batch, l new tokens, e d_inner, n d_state, k d_conv, r dt_rank.
+``*_cl`` functions: the operators with channels-last activations and float32 parameters and states, implemented by
+transposing to the reference layout and calling :mod:`mamba_export.ops`, so an exported graph computes exactly what
+the reference model computes. They are TorchScript-compatible (the TorchScript export scripts them).
+``selective_scan``, ``causal_conv1d``, ``decode_step``: the same as ``torch.library`` custom ops with fake
+implementations, so that ``torch.export`` sees one node each (translated to one ONNX node by :mod:`.onnx_ops`).
+
+Symbols: b batch, l new tokens, e d_inner, n d_state, k d_conv, r dt_rank.
 """
 
 from __future__ import annotations
@@ -21,38 +25,27 @@ from ..ops import (
 NAMESPACE = "mamba_export"
 
 
-@torch.library.custom_op(f"{NAMESPACE}::selective_scan", mutates_args=())
-def selective_scan(
+def selective_scan_cl(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
     ssm_state: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """SelectiveScan with softplus: u, delta, z (b, l, e); A (e, n); B, C (b, l, n); D, delta_bias (e,);
     ssm_state (b, e, n) -> y (b, l, e) in u's dtype, new ssm_state (b, e, n) in the compute dtype."""
-    t = lambda x: x.transpose(1, 2)  # noqa: E731 - (b, l, c) <-> (b, c, l)
-    y, h = selective_scan_ref(t(u), t(delta), A, t(B), t(C), D, t(z), delta_bias, True, ssm_state)
-    return t(y).contiguous(), h.contiguous()
+    y, h = selective_scan_ref(
+        u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, z.transpose(1, 2),
+        delta_bias, True, ssm_state,
+    )
+    return y.transpose(1, 2).contiguous(), h.contiguous()
 
 
-@selective_scan.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, ssm_state):
-    return torch.empty_like(u), ssm_state.new_empty(ssm_state.shape, dtype=compute_dtype(u.dtype))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", mutates_args=())
-def causal_conv1d(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def causal_conv1d_cl(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """CausalConv1d with SiLU: x (b, l, e), conv_state (b, e, k-1), weight (e, k), bias (e,)
     -> y (b, l, e) in x's dtype, new conv_state (b, e, k-1) in the compute dtype."""
     y, state = causal_conv1d_ref(x.transpose(1, 2), weight, bias, conv_state, True)
     return y.transpose(1, 2).contiguous(), state.contiguous()
 
 
-@causal_conv1d.register_fake
-def _(x, conv_state, weight, bias):
-    return torch.empty_like(x), conv_state.new_empty(conv_state.shape, dtype=compute_dtype(x.dtype))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::decode_step", mutates_args=())
-def decode_step(
+def decode_step_cl(
     xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
     x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,6 +62,21 @@ def decode_step(
     dt, B, C = torch.split(x @ x_proj_weight.to(cd).t(), [dt_proj_weight.shape[1], n, n], dim=-1)
     y, h = selective_state_update_ref(ssm_state, x, dt @ dt_proj_weight.to(cd).t(), A, B, C, D, z, dt_bias, True)
     return y.unsqueeze(1).to(xz.dtype), conv_state.contiguous(), h
+
+
+selective_scan = torch.library.custom_op(f"{NAMESPACE}::selective_scan", selective_scan_cl, mutates_args=())
+causal_conv1d = torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", causal_conv1d_cl, mutates_args=())
+decode_step = torch.library.custom_op(f"{NAMESPACE}::decode_step", decode_step_cl, mutates_args=())
+
+
+@selective_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, ssm_state):
+    return torch.empty_like(u), ssm_state.new_empty(ssm_state.shape, dtype=compute_dtype(u.dtype))
+
+
+@causal_conv1d.register_fake
+def _(x, conv_state, weight, bias):
+    return torch.empty_like(x), conv_state.new_empty(conv_state.shape, dtype=compute_dtype(x.dtype))
 
 
 @decode_step.register_fake

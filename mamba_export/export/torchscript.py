@@ -1,0 +1,41 @@
+"""TorchScript export: model.pt, decode.pt (and model_last.pt) with the I/O of the ONNX graphs.
+
+The wrappers of :mod:`.graphs` are traced with the channels-last operators of :mod:`.torch_ops` compiled by
+``torch.jit.script`` (so the recurrence over time stays a loop and any batch and sequence length work). The files
+load with ``torch.jit.load`` alone, without this package; call them positionally:
+``logits, *present = module(input_ids, past_conv_0, past_ssm_0, past_conv_1, ...)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..model import MambaLM
+from . import torch_ops
+from .graphs import DecodeGraph, OpSet, SequenceGraph, example_inputs
+
+
+def scripted_ops() -> OpSet:
+    """The three operators compiled by ``torch.jit.script`` (reference math inside)."""
+    return OpSet(
+        torch.jit.script(torch_ops.selective_scan_cl),
+        torch.jit.script(torch_ops.causal_conv1d_cl),
+        torch.jit.script(torch_ops.decode_step_cl),
+    )
+
+
+def write_torchscript(model: MambaLM, out: Path, last_logits: bool) -> list[str]:
+    """Trace and save the modules into ``out``; returns the file names written."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, but still works
+        ops = scripted_ops()
+        modules = {"model.pt": (SequenceGraph(model, ops), 3), "decode.pt": (DecodeGraph(model, ops), 1)}
+        if last_logits:
+            modules["model_last.pt"] = (SequenceGraph(model, ops, last_logits=True), 3)
+        for name, (module, seq) in modules.items():
+            traced = torch.jit.trace(module.eval(), example_inputs(model.config, 2, seq), check_trace=False)
+            torch.jit.save(traced, str(out / name))
+    return list(modules)

@@ -1,0 +1,96 @@
+"""``mamba-export export``: the command line, atomic writes and the user errors (one line, exit status 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mamba_export import cli
+from mamba_export.errors import MambaExportError
+from mamba_export.export import ExportError, export_checkpoint, onnx_export
+from support import make_hf_model, save_transformers
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    hf = make_hf_model("tiny")
+    out = save_transformers(hf, root / "ckpt")
+    (out / "tokenizer.json").write_text("{}")  # any tokenizer file in the checkpoint is copied and listed
+    return out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_export_then_refuse_overwrite_then_force(ckpt, tmp_path, capsys):
+    out = tmp_path / "sub" / "export"
+    assert cli.main(["export", str(ckpt), "-o", str(out), "--no-library"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out) and "exporting ONNX graphs" in captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"]["files"] == ["tokenizer.json"] and "tokenizer.json" in manifest["files"]
+    (out / "marker").write_text("old")
+    assert cli.main(["export", str(ckpt), "-o", str(out), "--no-library"]) == 2
+    assert "already exists" in _error_line(capsys) and (out / "marker").exists()
+    assert cli.main(["export", str(ckpt), "-o", str(out), "--no-library", "--force", "--format", "torchscript"]) == 0
+    assert not (out / "marker").exists() and (out / "model.pt").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["export"]  # no temporary directories left
+
+
+def test_failed_export_leaves_nothing_and_keeps_the_old_directory(ckpt, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(onnx_export, "check_graphs", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        export_checkpoint(ckpt, tmp_path / "new", with_library=False)
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep").write_text("x")
+    with pytest.raises(RuntimeError, match="injected"):
+        export_checkpoint(ckpt, old, with_library=False, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep").read_text() == "x"
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "output under a file", "output is a file"])
+def test_bad_paths_are_one_line_errors(ckpt, tmp_path, capsys, case):
+    (tmp_path / "file").write_text("x")
+    src, dst = {
+        "missing checkpoint": (tmp_path / "nope", tmp_path / "out"),
+        "output under a file": (ckpt, tmp_path / "file" / "out"),
+        "output is a file": (ckpt, tmp_path / "file"),
+    }[case]
+    assert cli.main(["export", str(src), "-o", str(dst), "--no-library", "--force"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("mamba-export export: error: ") and str(src if case.startswith("missing") else dst) in line
+
+
+def test_unknown_dtype_and_format(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(ckpt), "-o", str(tmp_path / "o"), "--dtype", "bfloat16"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="unknown dtype 'int8'"):
+        export_checkpoint(ckpt, tmp_path / "o", dtype="int8")
+    with pytest.raises(ExportError, match="unknown format 'tflite'"):
+        export_checkpoint(ckpt, tmp_path / "o", fmt="tflite")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_library_says_how_to_build_it(ckpt, tmp_path, capsys, monkeypatch):
+    import mamba_runtime
+
+    def not_built():
+        raise MambaExportError("custom-op library libmamba_export_ops.so not found; build it with: "
+                               "bash tools/build_custom_ops.sh")
+
+    monkeypatch.setattr(mamba_runtime, "custom_op_library_path", not_built)
+    assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "o")]) == 2
+    line = _error_line(capsys)
+    assert "bash tools/build_custom_ops.sh" in line and "--no-library" in line
+    assert list(tmp_path.iterdir()) == []
