@@ -18,7 +18,7 @@ from mamba_export.errors import MambaExportError
 from mamba_export.export import export_checkpoint
 from mamba_runtime import (CustomOpsFallbackWarning, GenerationInputError, MambaRuntime, SamplingConfig,
                            SnapshotError, custom_op_library_path)
-from mamba_runtime.sessions import resolve_library
+from mamba_runtime.sessions import open_session, resolve_library, session_options
 from support import make_hf_model, save_state_spaces
 
 PROMPTS = [[5, 17, 200, 3, 9], [42], list(range(60, 80))]
@@ -58,6 +58,20 @@ def test_prefill_and_decode_logits_match_the_reference_at_every_position(exp, rt
     state.upload(conv, ssm)
     for t in range(5, 16):
         np.testing.assert_allclose(state.step(np.array([ids[t]]))[0], ref[t], atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("graph", ["model_last.onnx", "model.onnx"])
+def test_a_prompt_prefilled_in_chunks_equals_one_run(exp, rt, graph):
+    """Chunks of 7 tokens (the state carried between runs) through either prefill graph."""
+    chunked = MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False, prefill_chunk=7)
+    if graph == "model.onnx":  # the graph of exports without --last-logits: logits of every position
+        options = session_options(1, rt.custom_op_library)
+        chunked.prefill_session = open_session(exp.dir / graph, options, ["CPUExecutionProvider"])
+    prompt = list(range(3, 40))
+    whole = rt.prefill_one(prompt)
+    for a, b in zip(chunked.prefill_one(prompt), whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    assert chunked.generate(prompt, 10).tokens == rt.generate(prompt, 10).tokens
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -46,15 +46,23 @@ class MambaRuntime:
             "require" or "off". ``self.custom_op_library`` is the registered path or None.
         verify: check every file's sha256 against the manifest (reads every byte once).
         max_batch: the largest batch :meth:`start` accepts.
+        prefill_chunk: the most prompt tokens per prefill run (default 1024 with model_last.onnx, 128 with
+            model.onnx, whose logits cover every position); longer prompts run in chunks, carrying the state.
     """
 
     def __init__(self, export_dir: str | Path, *, provider: str = "auto", threads: int | None = None,
-                 custom_ops: str = "auto", verify: bool = True, max_batch: int = 256):
+                 custom_ops: str = "auto", verify: bool = True, max_batch: int = 256,
+                 prefill_chunk: int | None = None):
         self.info: ExportInfo = open_export_dir(export_dir, verify)
-        self.device = select_device(provider)
+        self.device = select_device(provider, self.info)
         self.custom_op_library = resolve_library(self.info, custom_ops)
         self.threads = threads
         self.max_batch = max_batch
+        if prefill_chunk is None:
+            prefill_chunk = 1024 if self.info.prefill_graph == "model_last.onnx" else 128
+        self.prefill_chunk = prefill_chunk
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise GenerationInputError(f"prefill_chunk must be a positive integer, found {prefill_chunk!r}")
         self.codec = load_codec(self.info.path)
         so = session_options(threads, self.custom_op_library)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
@@ -80,7 +88,7 @@ class MambaRuntime:
 
     def prefill_one(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One prompt from a zero state: last logits (V,), conv (L, 1, E, K-1), ssm (L, 1, E, N)."""
-        return prefill(self.prefill_session, self.device, self._zero_state, ids)
+        return prefill(self.prefill_session, self.device, self._zero_state, ids, self.prefill_chunk)
 
     def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
         if isinstance(prompt, str):

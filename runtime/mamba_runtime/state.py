@@ -70,31 +70,39 @@ class DeviceState:
             self.device.upload(layer[1], np.ascontiguousarray(s, dtype=np.float32))
 
 
-def prefill(session: ort.InferenceSession, device, zero_state: list[tuple], ids: list[int]):
-    """Run one prompt from the start of a sequence.
+def _prefill_chunk(session: ort.InferenceSession, device, state: list[tuple], ids: list[int]):
+    """Run ``ids`` from ``state`` (per layer (conv, ssm) OrtValues); returns logits and the new state as OrtValues."""
+    binding = session.io_binding()
+    binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+    bound = ["logits"]
+    binding.bind_output("logits", device.name)
+    names = zip(_state_names(len(state), "past"), _state_names(len(state), "present"))
+    for (past, present), values in zip(names, state):
+        for k in (0, 1):
+            binding.bind_ortvalue_input(past[k], values[k])
+            binding.bind_output(present[k], device.name)
+            bound.append(present[k])
+    session.run_with_iobinding(binding)
+    out = binding.get_outputs()  # in the order bound: logits, then (conv, ssm) per layer
+    return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(len(state))]
+
+
+def prefill(session: ort.InferenceSession, device, zero_state: list[tuple], ids: list[int], chunk: int):
+    """Run one prompt from the start of a sequence, ``chunk`` tokens per graph run (bounds activation memory).
 
     Args:
         session: model_last.onnx or model.onnx.
         device: where outputs are allocated.
         zero_state: per layer (conv, ssm) OrtValues of zeros for batch 1 (read only).
         ids: the prompt, l >= 1 token ids.
+        chunk: the most tokens per run.
 
     Returns:
         logits of the last position (V,) as a host copy, conv (L, 1, E, K-1) and ssm (L, 1, E, N) host copies.
     """
-    n_layer = len(zero_state)
-    binding = session.io_binding()
-    binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-    bound = ["logits"]
-    binding.bind_output("logits", device.name)
-    for (past, present), values in zip(zip(_state_names(n_layer, "past"), _state_names(n_layer, "present")),
-                                       zero_state):
-        for k in (0, 1):
-            binding.bind_ortvalue_input(past[k], values[k])
-            binding.bind_output(present[k], device.name)
-            bound.append(present[k])
-    session.run_with_iobinding(binding)
-    out = {name: device.to_host(v) for name, v in zip(bound, binding.get_outputs())}  # in the order bound
-    conv = np.stack([out[f"present_conv.{i}"] for i in range(n_layer)])
-    ssm = np.stack([out[f"present_ssm.{i}"] for i in range(n_layer)])
-    return np.array(out["logits"][0, -1]), conv, ssm
+    state = zero_state
+    for start in range(0, len(ids), chunk):
+        logits, state = _prefill_chunk(session, device, state, ids[start:start + chunk])
+    conv = np.stack([np.array(device.to_host(c)) for c, _ in state])
+    ssm = np.stack([np.array(device.to_host(s)) for _, s in state])
+    return np.array(device.to_host(logits)[0, -1]), conv, ssm
