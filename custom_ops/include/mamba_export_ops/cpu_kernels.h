@@ -20,7 +20,7 @@ struct half_t {
 };
 
 // Channels per task in the prefill kernels: the inner loops are vectorised over this block.
-constexpr size_t kChannelBlock = 32;
+constexpr size_t kChannelBlock = 64;
 
 template <typename T>
 struct SelectiveScanArgs {

@@ -4,7 +4,7 @@
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MAMBA_EXPORT_OPS_NO_CLONES)
-#define MAMBA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#define MAMBA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
 #define MAMBA_CLONES
 #endif

@@ -36,23 +36,29 @@ inline void scan_step_inputs(const SelectiveScanArgs<T>& a, size_t row, size_t c
     float dt = a.delta_softplus ? vec::softplus(d) : d;
     s.dt[c] = dt;
     s.dtu[c] = dt * vec::to_float(a.u[row + c]);
-    s.y[c] = 0.0f;
   }
 }
 
-// Per time step: advance the state of the block and accumulate C . h.
-inline void scan_step_state(const float* Bt, const float* Ct, size_t n, size_t cb, ScanScratch& s) {
+// Per time step: advance the state of the block and accumulate C . h. Always all CB lanes (lanes past the block's
+// channels hold zeros and stay zero): a constant trip count lets the compiler keep dt, dt*u and y in registers.
+inline void scan_step_state(const float* Bt, const float* Ct, size_t n, ScanScratch& s) {
+  float dt[CB], dtu[CB], y[CB] = {};
+  for (size_t c = 0; c < CB; ++c) {
+    dt[c] = s.dt[c];
+    dtu[c] = s.dtu[c];
+  }
   for (size_t j = 0; j < n; ++j) {
     const float bj = Bt[j], cj = Ct[j];
     float* __restrict h = s.h + j * CB;
     const float* __restrict at = s.At + j * CB;
 #pragma omp simd
-    for (size_t c = 0; c < cb; ++c) {
-      float hv = vec::exp(s.dt[c] * at[c]) * h[c] + s.dtu[c] * bj;
+    for (size_t c = 0; c < CB; ++c) {
+      float hv = vec::exp(dt[c] * at[c]) * h[c] + dtu[c] * bj;
       h[c] = hv;
-      s.y[c] += hv * cj;
+      y[c] += hv * cj;
     }
   }
+  for (size_t c = 0; c < CB; ++c) s.y[c] = y[c];
 }
 
 // Per time step: skip connection and gate, stored in T.
@@ -66,11 +72,25 @@ inline void scan_step_output(const SelectiveScanArgs<T>& a, size_t row, size_t c
   }
 }
 
+// The block's slice of a time step is a short run of e-strided rows: too far apart for the hardware prefetchers,
+// and behind a long stretch of arithmetic, so without a hint every time step waits for memory.
+constexpr size_t kPrefetchSteps = 4;
+
+template <typename T>
+inline void prefetch_slice(const T* p, size_t count) {
+  const char* first = reinterpret_cast<const char*>(p);
+  const char* last = reinterpret_cast<const char*>(p + count) - 1;
+  for (const char* q = first; q <= last; q += 64) __builtin_prefetch(q);
+  __builtin_prefetch(last);
+}
+
 template <typename T>
 void scan_block(const SelectiveScanArgs<T>& a, size_t task) {
   const size_t blocks = (a.e + CB - 1) / CB;
   const size_t bi = task / blocks, c0 = (task % blocks) * CB, cb = std::min(CB, a.e - c0), n = a.n;
-  ScanScratch s = carve_scratch(a.scratch + task * selective_scan_scratch_floats(n), n);
+  float* scratch = a.scratch + task * selective_scan_scratch_floats(n);
+  std::fill(scratch, scratch + selective_scan_scratch_floats(n), 0.0f);  // lanes past cb stay zero
+  ScanScratch s = carve_scratch(scratch, n);
   const float* state_in = a.state_in + (bi * a.e + c0) * n;
   for (size_t c = 0; c < cb; ++c) {
     for (size_t j = 0; j < n; ++j) {
@@ -82,12 +102,18 @@ void scan_block(const SelectiveScanArgs<T>& a, size_t task) {
   float* Ct = Bt + n;
   for (size_t t = 0; t < a.l; ++t) {
     const size_t row = (bi * a.l + t) * a.e + c0, bc = (bi * a.l + t) * n;
+    if (t + kPrefetchSteps < a.l) {
+      const size_t ahead = row + kPrefetchSteps * a.e;
+      prefetch_slice(a.u + ahead, cb);
+      prefetch_slice(a.delta + ahead, cb);
+      prefetch_slice(a.z + ahead, cb);
+    }
     for (size_t j = 0; j < n; ++j) {
       Bt[j] = vec::to_float(a.B[bc + j]);
       Ct[j] = vec::to_float(a.C[bc + j]);
     }
     scan_step_inputs(a, row, c0, cb, s);
-    scan_step_state(Bt, Ct, n, cb, s);
+    scan_step_state(Bt, Ct, n, s);
     scan_step_output(a, row, c0, cb, s);
   }
   float* state_out = a.state_out + (bi * a.e + c0) * n;

@@ -24,11 +24,12 @@ static inline uint32_t as_bits(float f) {
 }
 
 // exp(x): x = k ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^k through the exponent bits.
+// x is clamped to [lo, hi], where k stays in [-126, 127] and 2^k is a normal float: beyond hi the result is
+// exp(hi) ~ 2.4e38 instead of overflowing, below lo it is 0. NaN propagates through the polynomial.
 static inline float exp(float x) {
-  // Inside [lo, hi], k stays in [-126, 127], so 2^k is a normal float; beyond hi the result is +inf (a little early:
-  // exp(88.72) is still finite), below lo it is 0.
   const float hi = 88.37f, lo = -87.3365478515625f;
-  float xc = x > hi ? hi : (x < lo ? lo : x);
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low mantissa bits
   float kf = xc * 1.44269504088896341f + magic;
   int32_t k = static_cast<int32_t>(as_bits(kf)) - static_cast<int32_t>(as_bits(magic));
@@ -43,9 +44,7 @@ static inline float exp(float x) {
   p = p * r + 5.0000001201e-1f;
   float e = p * r * r + r + 1.0f;
   float scaled = e * as_float(static_cast<uint32_t>(k + 127) << 23);
-  scaled = x > hi ? as_float(0x7f800000u) : scaled;  // overflow: +inf
-  scaled = x < lo ? 0.0f : scaled;                   // underflow (denormal results flushed to 0)
-  return x != x ? x : scaled;                        // NaN propagates
+  return x < lo ? 0.0f : scaled;
 }
 
 // log(x) for normal positive x: x = 2^k m with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes logf polynomial.
