@@ -11,7 +11,7 @@ import pytest
 from mamba_runtime import ExportDirError, GenerationInputError, SamplingConfig
 from mamba_runtime.manifest import open_export_dir
 from mamba_runtime.sampling import Sampler, apply_repetition_penalty, sample_row
-from mamba_runtime.tokenizer import ByteCodec
+from mamba_runtime.tokenizer import ByteCodec, load_codec
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------
@@ -124,3 +124,32 @@ def test_a_file_instead_of_a_directory_is_an_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ExportDirError, match="not a directory"):
         open_export_dir(tmp_path / "f")
+
+
+def test_a_tokenizer_json_encodes_decodes_and_streams(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    codec = load_codec(tmp_path)
+    ids = codec.encode("hello world")
+    assert codec.decode(ids) == "hello world" and len(ids) == 11
+    stream = codec.stream()
+    assert "".join(stream.push(t) for t in ids) + stream.flush() == "hello world"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", "{broken", "not a valid tokenizer.json"),
+    ("byte_vocab.json", "[1, 2]", "expected"),
+    ("byte_vocab.json", "{nope", "not valid JSON"),
+])
+def test_broken_tokenizer_files_are_export_dir_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ExportDirError, match=message):
+        load_codec(tmp_path)
+
+
+def test_no_tokenizer_file_means_token_ids_only(tmp_path):
+    assert load_codec(tmp_path) is None
