@@ -12,6 +12,8 @@ import pytest
 import torch  # before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs
 
 import onnxruntime as ort
+
+ort.set_default_logger_severity(3)  # quiet the per-session CUDA EP device notices
 from onnx import TensorProto, helper
 
 from mamba_export.ops import (
@@ -91,13 +93,15 @@ class OneNodeModel:
                 node_out.append(name)
         nodes.append(helper.make_node(op, node_in, node_out, domain=DOMAIN, **attrs))
         graph = helper.make_graph(nodes + post, op, g_in, g_out)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
+                                  ir_version=10)
         so = ort.SessionOptions()
         so.register_custom_ops_library(library())
         so.log_severity_level = 3
         # Every node must run on the GPU: a custom op without a CUDA kernel makes session creation fail here.
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        self.session = ort.InferenceSession(model.SerializeToString(), so,
+                                            providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
         self.outputs = list(outputs)
 
     def run(self, feeds: dict[str, np.ndarray], out_shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:

@@ -23,6 +23,8 @@ import torch  # before onnxruntime: loads the CUDA libraries onnxruntime-gpu nee
 
 import onnxruntime as ort
 
+ort.set_default_logger_severity(3)
+
 from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 
@@ -84,7 +86,8 @@ def bench_ort_decode(export_dir: Path, batch: int, cuda_graph: bool, steps: int,
     return stats_ms(times)
 
 
-def bench_ort_prefill(export_dir: Path, cfg: MambaConfig, tokens: int) -> dict:
+def ort_prefill_runner(export_dir: Path, cfg: MambaConfig, tokens: int):
+    """A callable running model_last.onnx on ``tokens`` random ids (batch 1) with every input and output on the GPU."""
     from mamba_runtime.gpu import CudaDevice
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -101,15 +104,58 @@ def bench_ort_prefill(export_dir: Path, cfg: MambaConfig, tokens: int) -> dict:
             binding.bind_ortvalue_input(f"past_{kind}.{i}", dev.zeros(shape, np.float32))
             binding.bind_output(f"present_{kind}.{i}", "cuda")
     binding.bind_output("logits", "cuda")
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def bench_ort_prefill(export_dir: Path, cfg: MambaConfig, tokens: int) -> dict:
+    run = ort_prefill_runner(export_dir, cfg, tokens)
     times = []
     for i in range(7):
         t0 = time.perf_counter()
-        sess.run_with_iobinding(binding)
+        run()
         if i >= 2:
             times.append(time.perf_counter() - t0)
     s = stats_ms(times)
     s["tokens_per_s"] = tokens / (s["median_ms"] / 1e3)
     return s
+
+
+def kernel_table(fn, reps: int, rows: int = 12) -> str:
+    """Device kernels (onnxruntime's too: CUPTI sees every kernel of the process) of ``reps`` calls of ``fn``,
+    sorted by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    total: dict[str, list] = {}
+    for e in events:
+        t = total.setdefault(e.name, [0.0, 0])
+        t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        t[1] += 1
+    busy = sum(v[0] for v in total.values())
+    lines = [f"{reps} calls: {busy / reps:.1f} us of kernels per call, {len(events) / reps:.0f} kernels per call"]
+    for name, (us, n) in sorted(total.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"  {us / reps:9.1f} us/call {n / reps:6.1f}x  {name[:110]}")
+    return "\n".join(lines)
+
+
+def profile_ort(export_dir: Path, cfg: MambaConfig) -> str:
+    """Kernel breakdown of one decode step at batch 1 and 64 (no CUDA graph), and of a 2,048-token prefill."""
+    from mamba_runtime.gpu import CudaGenerator
+
+    out = []
+    for b in (1, 64):
+        gen = CudaGenerator(export_dir, b, custom_ops="require", verify=False)
+        gen.prefill([[1, 2, 3]] * b)
+        out.append(f"decode step, batch {b}: " + kernel_table(gen.step, 10))
+        del gen
+    out.append(f"prefill {PREFILL_TOKENS} tokens: " + kernel_table(ort_prefill_runner(export_dir, cfg, PREFILL_TOKENS), 3))
+    return "\n".join(out)
 
 
 def bench_triton(model: MambaLM, batches, steps: int, tokens: int) -> dict:
@@ -189,6 +235,7 @@ def main() -> None:
     ap.add_argument("--models", default="130m,1.4b")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per setting")
     ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the device kernels of onnxruntime decode steps")
     ap.add_argument("--workdir", default=None, help="where to export (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -220,6 +267,9 @@ def main() -> None:
                 print(f"  ort {key}: {r['ort'][key]}", flush=True)
         r["ort"]["prefill"] = bench_ort_prefill(export_dir, cfg, PREFILL_TOKENS)
         print(f"  ort prefill {PREFILL_TOKENS}: {r['ort']['prefill']}", flush=True)
+        if args.profile:
+            r["ort_kernels"] = profile_ort(export_dir, cfg)
+            print(r["ort_kernels"], flush=True)
         if not args.no_triton:
             try:
                 r["triton"] = bench_triton(model, BATCHES, args.steps, PREFILL_TOKENS)
@@ -227,10 +277,10 @@ def main() -> None:
                 r["triton"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             print(f"  triton: {r['triton']}", flush=True)
         results["models"][name] = r
+        if args.out:  # after each model, so that a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
         del model
         torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
 
 

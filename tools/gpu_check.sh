@@ -13,7 +13,8 @@ if [ ! -d /tmp/ortsite/onnxruntime ]; then
     echo "gpu_check: no onnxruntime-gpu parts in /tmp/ortparts (see docs/gpu.md)" >&2
     exit 1
   fi
-  (cd /tmp/ortparts && cat part0* > ort.whl && python3 -m pip install -q --no-index --no-deps --target /tmp/ortsite ort.whl) || exit 1
+  WHL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  (cd /tmp/ortparts && cat part0* > $WHL && python3 -m pip install -q --no-index --no-deps --target /tmp/ortsite $WHL) || exit 1
 fi
 export PYTHONPATH=/tmp/ortsite:$PWD:$PWD/kernels:$PWD/runtime
 export PYTHONUNBUFFERED=1
@@ -32,7 +33,7 @@ if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
-  python3 tools/bench_gpu.py --models "${BENCH_MODELS:-130m,1.4b}" --workdir /tmp/gpu_bench --out "$OUTDIR/bench.json" \
+  python3 tools/bench_gpu.py --models "${BENCH_MODELS:-130m,1.4b}" ${BENCH_ARGS:-} --workdir /tmp/gpu_bench --out "$OUTDIR/bench.json" \
     2>&1 | tee "$OUTDIR/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
