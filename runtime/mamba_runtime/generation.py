@@ -41,7 +41,7 @@ class GenerationResult:
         finish_reasons: per sequence "stop" (a stop token), "length" (max_new_tokens) or "cancelled" (callback).
         texts: per sequence the decoded text without a final stop token, when the export has a tokenizer.
         timings: prefill_ms, ttft_ms (prefill and the first token), decode_ms_per_step (median),
-            decode_steps, total_ms, tokens_per_s (generated tokens of all sequences / total time).
+            decode_steps, total_ms (prefill and every step), tokens_per_s (tokens of all sequences / total_ms).
     """
 
     prompts: list[list[int]]
@@ -134,13 +134,14 @@ class Generation:
 
     def run(self, callback: Callable[[np.ndarray], bool | None] | None = None) -> GenerationResult:
         """Step until every sequence is finished, or until ``callback(new_tokens)`` returns True (then "cancelled")."""
-        t0 = time.perf_counter()
         for new in self:
             if callback is not None and callback(new):
                 self.cancel()
-        return self.result(time.perf_counter() - t0 + self.prefill_s)
+        return self.result()
 
-    def result(self, total_s: float) -> GenerationResult:
+    def result(self) -> GenerationResult:
+        """The tokens so far, texts and timings (total: prefill and steps run in this process, not idle time)."""
+        total_s = (self.first_token_s or 0.0) + sum(self.step_s)
         texts = None
         if self.runtime.codec is not None:
             texts = [self.runtime.codec.decode(t[:-1] if r == "stop" else t)
