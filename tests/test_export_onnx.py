@@ -216,3 +216,52 @@ def test_float16_export_within_float16_bounds(exported_fp16, how):
     assert rel_err(np.concatenate(steps, axis=1), want) <= 1e-2
 
 
+
+
+def _ops_that_ran(path, how: str, batch: int, seq: int, tmp_path) -> set[str]:
+    so = ort.SessionOptions()
+    so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / f"profile_{how}")
+    if how == "library":
+        so.register_custom_ops_library(LIBRARY)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.zeros((batch, seq), np.int64)}
+    for i in sess.get_inputs()[1:]:
+        feeds[i.name] = np.zeros([batch, *i.shape[1:]], np.float32)
+    sess.run(None, feeds)
+    events = json.loads(open(sess.end_profiling()).read())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_library_kernels_run_where_registered_functions_elsewhere(exported, how, tmp_path):
+    _, _, out, _ = exported
+    prefill = _ops_that_ran(out / "model.onnx", how, 1, 4, tmp_path)
+    decode = _ops_that_ran(out / "decode.onnx", how, 1, 1, tmp_path)
+    if how == "library":
+        assert {"SelectiveScan", "CausalConv1d"} <= prefill and "Scan" not in prefill
+        assert "DecodeStep" in decode
+    else:
+        assert "Scan" in prefill and not prefill & set(onnx_ops.OP_NAMES) and not decode & set(onnx_ops.OP_NAMES)
+
+
+def test_onnxruntime_genai_runs_the_export(exported):
+    og = pytest.importorskip("onnxruntime_genai")
+    name, _, out, ref = exported
+    if name != "tiny":
+        pytest.skip("one config is enough")
+    prompt = [5, 7, 9, 11]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    logits = [np.array(gen.get_logits()).reshape(-1)]
+    while not gen.is_done():
+        gen.generate_next_token()
+        if not gen.is_done():
+            logits.append(np.array(gen.get_logits()).reshape(-1))
+    sequence = torch.tensor([list(gen.get_sequence(0))], dtype=torch.int64)
+    want, _ = reference(ref, sequence)
+    got = np.stack(logits)
+    assert sequence.shape[1] == 12
+    assert rel_err(got, want[0, len(prompt) - 1:len(prompt) - 1 + len(got)]) <= 1e-4
