@@ -14,7 +14,7 @@ from typing import Callable
 from . import ops
 from .errors import MambaExportError
 
-BACKEND_NAMES = ("reference", "triton", "auto")
+BACKEND_NAMES = ("reference", "triton", "auto", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,11 @@ REFERENCE = Backend(
 )
 
 
+# The reference operators, except a selective scan whose backward is linear in the sequence length: for training
+# on CPU (the reference's autograd through its per-step loop is quadratic).
+FAST = dataclasses.replace(REFERENCE, name="fast", selective_scan=ops.selective_scan_fast)
+
+
 def _triton_backend() -> Backend:
     try:
         import mamba_kernels
@@ -51,6 +56,8 @@ def resolve_backend(name: str, device_type: str = "cpu") -> Backend:
         return REFERENCE
     if name == "triton":
         return _triton_backend()
+    if name == "fast":
+        return FAST
     if name == "auto":
         return _triton_backend() if device_type == "cuda" else REFERENCE
     raise MambaExportError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")

@@ -15,7 +15,7 @@ from . import __version__
 from .errors import MambaExportError
 
 # One entry per subcommand module in mamba_export/commands/, in the order --help lists them.
-COMMANDS = ("inspect", "export")
+COMMANDS = ("inspect", "export", "train", "generate", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

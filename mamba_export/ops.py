@@ -177,3 +177,69 @@ def selective_state_update_ref(
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(x.dtype), h
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """hs[t] = dA[t] * hs[t - 1] + dBu[t] with hs[-1] = h0, time-major, with a hand-written backward.
+
+    Autograd through the reference's per-step loop writes a full-size gradient for every time step (quadratic in l);
+    this backward is the reverse recurrence, linear in l:
+        G[t] = grad_hs[t] + dA[t + 1] * G[t + 1];  grad_dBu = G;  grad_dA[t] = G[t] * hs[t - 1];  grad_h0 = dA[0] * G[0].
+    """
+
+    @staticmethod
+    def forward(ctx, dA: torch.Tensor, dBu: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """dA, dBu: (l, b, d, n); h0: (b, d, n) -> hs (l, b, d, n)."""
+        hs = torch.empty_like(dBu)
+        h = h0
+        for t in range(dA.shape[0]):
+            h = torch.addcmul(dBu[t], dA[t], h, out=hs[t])
+        ctx.save_for_backward(dA, hs, h0)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs: torch.Tensor):
+        dA, hs, h0 = ctx.saved_tensors
+        G = grad_hs.clone(memory_format=torch.contiguous_format)
+        for t in range(G.shape[0] - 2, -1, -1):
+            G[t].addcmul_(dA[t + 1], G[t + 1])
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0)
+        return G * h_prev, G, dA[0] * G[0]
+
+
+def selective_scan_fast(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan_ref` (same arguments, shapes and results) for training on CPU: time-major tensors and
+    a recurrence with a hand-written backward (:class:`_LinearRecurrence`), so the backward pass is linear in l."""
+    dtype_in = u.dtype
+    cd = compute_dtype(dtype_in)
+    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, l = u.shape
+    n = A.shape[1]
+    h0 = torch.zeros(b, d, n, dtype=cd, device=u.device) if initial_state is None else initial_state.to(cd)
+    if l == 0:
+        return u.new_zeros(b, d, 0), h0
+    delta_t, u_t = delta.permute(2, 0, 1), u.permute(2, 0, 1)  # (l, b, d)
+    dA = torch.exp(delta_t.unsqueeze(-1) * A)  # (l, b, d, n)
+    dBu = (delta_t * u_t).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)  # (l, b, d, n)
+    hs = _LinearRecurrence.apply(dA, dBu, h0)
+    y = torch.einsum("lbdn,lbn->bdl", hs, C.permute(2, 0, 1))
+    if D is not None:
+        y = y + u * D.to(cd)[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(dtype_in), hs[-1]

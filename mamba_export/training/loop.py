@@ -1,0 +1,332 @@
+"""The training loop: AdamW with linear warm-up and cosine decay, gradient clipping, bf16 autocast on GPU, periodic
+evaluation in bits per byte on held-out text, and checkpoints that resume exactly.
+
+A run writes one directory, replaced atomically at every save (:func:`mamba_export.checkpoint.save_checkpoint`):
+
+    config.json, model.safetensors   the model, in the state-spaces/mamba layout (loads with ``load_checkpoint``)
+    byte_vocab.json | tokenizer.json the tokenizer the exporter copies
+    train_state.pt                   optimiser moments, step, RNG states, preset: what ``--resume`` needs
+    train_log.jsonl                  one JSON object per step (loss, lr, grad norm, held-out bpb where evaluated)
+    loss_curve.png                   training and held-out bits per byte against the step
+    training.json                    a summary: preset, data, steps, tokens, time, held-out bits per byte
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import MambaConfig
+from ..errors import MambaExportError
+from ..model import MambaLM
+from .data import Corpus, load_corpus, sample_batch
+from .init import init_mamba_weights
+from .presets import Preset, get_preset
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+CURVE_FILE = "loss_curve.png"
+SUMMARY_FILE = "training.json"
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """What ``mamba-export train`` was asked to do.
+
+    Attributes:
+        data: the training text file.
+        out: the checkpoint directory to write (or to resume from).
+        preset: preset name; None only with ``resume`` (the stored preset is used).
+        steps: total optimiser steps, overriding the preset's.
+        until: stop (with a checkpoint) after this step, to resume later; None runs to ``steps``.
+        resume: continue the run stored in ``out``.
+        force: replace an existing ``out``.
+        tokenizer: a tokenizers ``tokenizer.json``; None trains a byte-level model.
+        backend: operator backend of the model ("fast", "reference", "triton", "auto"; see mamba_export.backends).
+        device: "cpu", "cuda" or "auto" (CUDA when available).
+        progress: show a progress bar.
+    """
+
+    data: str
+    out: str
+    preset: str | None = None
+    steps: int | None = None
+    until: int | None = None
+    resume: bool = False
+    force: bool = False
+    tokenizer: str | None = None
+    backend: str = "fast"
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything besides the weights that a resumed run needs to continue exactly."""
+
+    preset_name: str
+    preset: Preset
+    step: int = 0
+    wall_s: float = 0.0
+    log: list[dict] = dataclasses.field(default_factory=list)
+    optimizer: dict | None = None
+    batch_rng: torch.Tensor | None = None
+    torch_rng: torch.Tensor | None = None
+    data_sha256: str = ""
+
+
+def lr_at(step: int, p: Preset) -> float:
+    """Learning rate of 0-based ``step``: linear warm-up to ``p.lr``, then cosine decay to ``p.lr * p.min_lr_ratio``."""
+    if step < p.warmup:
+        return p.lr * (step + 1) / p.warmup
+    progress = (step - p.warmup) / max(1, p.steps - p.warmup)
+    return p.lr * (p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_optimizer(model: MambaLM, p: Preset) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) decaying only projection and convolution weights (not A_log, D, norms, biases, the
+    embedding), as state-spaces/mamba does."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_weight = name.endswith(".weight") and param.ndim >= 2 and "embedding" not in name
+        (decay if is_weight else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPU; plain float32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int) -> tuple[float, int]:
+    """Negative log-likelihood of ``ids`` (n,) in bits, and how many tokens were scored.
+
+    The ids are cut into ``streams`` contiguous pieces run side by side, window by window of ``seq_len``, carrying
+    the recurrent state across windows: every token but the first of each piece is scored with its whole piece as
+    context.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    per = len(ids) // streams
+    x = ids[: streams * per].view(streams, per).to(device)
+    state, nats, scored = None, 0.0, 0
+    for t in range(0, per - 1, seq_len):
+        inp, tgt = x[:, t:min(t + seq_len, per - 1)], x[:, t + 1:min(t + seq_len, per - 1) + 1]
+        with _autocast(device):
+            logits, state = model(inp, state)
+        nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum"))
+        scored += tgt.numel()
+    model.train(was_training)
+    return nats / math.log(2), scored
+
+
+def heldout_bpb(model: MambaLM, corpus: Corpus, p: Preset, max_tokens: int | None = None) -> float:
+    """Bits per byte on the held-out text (its first ``max_tokens`` tokens, or all of it).
+
+    Bytes per token is taken as the held-out average (exact for byte-level models)."""
+    ids = corpus.heldout if max_tokens is None else corpus.heldout[:max_tokens]
+    bits, scored = evaluate_bits(model, ids, p.batch_size, p.seq_len)
+    bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
+    return bits / (scored * bytes_per_token)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MambaExportError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise MambaExportError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def _check_output(opts: TrainOptions) -> None:
+    """One-line errors for an output directory that does not fit --resume / --force."""
+    out = Path(opts.out)
+    if opts.resume and opts.force:
+        raise MambaExportError("--resume and --force exclude each other")
+    if opts.resume:
+        if not (out / STATE_FILE).is_file():
+            raise MambaExportError(f"{out}: nothing to resume (no {STATE_FILE}; was it written by mamba-export train?)")
+    elif out.exists() and not opts.force and (not out.is_dir() or any(out.iterdir())):
+        raise MambaExportError(f"{out}: already exists; pass --resume to continue its training or --force to replace it")
+
+
+def _load_run_state(out: Path, opts: TrainOptions) -> RunState:
+    raw = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+    if opts.preset is not None and opts.preset != raw["preset_name"]:
+        raise MambaExportError(f"{out}: was trained with preset {raw['preset_name']!r}, not {opts.preset!r}")
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    return RunState(raw["preset_name"], Preset.from_dict(raw["preset"]), raw["step"], raw["wall_s"], log,
+                    raw["optimizer"], raw["batch_rng"], raw["torch_rng"], raw["data_sha256"])
+
+
+def _new_run_state(opts: TrainOptions) -> RunState:
+    if opts.preset is None:
+        raise MambaExportError("--preset is required (unless --resume continues a run)")
+    return RunState(opts.preset, get_preset(opts.preset))
+
+
+def _build_model(corpus: Corpus, p: Preset, backend: str) -> MambaLM:
+    vocab = corpus.vocab_size + (-corpus.vocab_size) % 8
+    cfg = MambaConfig(d_model=p.d_model, n_layer=p.n_layer, vocab_size=vocab, d_state=p.d_state, expand=p.expand)
+    torch.manual_seed(p.seed)
+    model = MambaLM(cfg, backend=backend)
+    init_mamba_weights(model)
+    return model
+
+
+def _plot(log: list[dict], title: str) -> bytes:
+    """The loss curve as PNG bytes: training bits per token (raw and smoothed) and held-out bits per byte."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    bits = [r["loss"] / math.log(2) for r in log]
+    smooth, ema = [], bits[0] if bits else 0.0
+    for b in bits:
+        ema = 0.95 * ema + 0.05 * b
+        smooth.append(ema)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, bits, color="0.8", lw=0.8, label="training batch (bits/token)")
+    ax.plot(steps, smooth, color="C0", label="training, smoothed")
+    ev = [(r["step"], r["heldout_bpb"]) for r in log if "heldout_bpb" in r]
+    if ev:
+        ax.plot(*zip(*ev), "o-", color="C1", ms=3, label="held-out (bits/byte)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _save(model, opt, rs: RunState, corpus: Corpus, opts: TrainOptions, gen: torch.Generator, summary: dict) -> None:
+    state = {
+        "step": rs.step, "wall_s": rs.wall_s, "preset_name": rs.preset_name, "preset": rs.preset.to_dict(),
+        "optimizer": opt.state_dict(), "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "data_sha256": corpus.sha256,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    files = {
+        **corpus.tokenizer_files,
+        STATE_FILE: buf.getvalue(),
+        LOG_FILE: "".join(json.dumps(r) + "\n" for r in rs.log),
+        CURVE_FILE: _plot(rs.log, f"{rs.preset_name}: {Path(opts.data).name}"),
+        SUMMARY_FILE: json.dumps(summary, indent=2) + "\n",
+    }
+    save_checkpoint(model, opts.out, extra_files=files)
+
+
+def _summary(rs: RunState, corpus: Corpus, opts: TrainOptions, model: MambaLM, final_bpb: float | None) -> dict:
+    last_eval = next((r for r in reversed(rs.log) if "heldout_bpb" in r), None)
+    p = rs.preset
+    return {
+        "preset": rs.preset_name, "hyperparameters": p.to_dict(), "config": model.config.to_dict(),
+        "parameters": sum(t.numel() for t in {id(t): t for t in model.parameters()}.values()),
+        "data": {"file": Path(opts.data).name, "sha256": corpus.sha256, "train_tokens": len(corpus.train),
+                 "heldout_tokens": len(corpus.heldout), "heldout_bytes": corpus.heldout_bytes,
+                 "tokenizer": "bytes" if opts.tokenizer is None else "tokenizer.json"},
+        "steps_done": rs.step, "tokens_seen": rs.step * p.batch_size * p.seq_len, "wall_s": round(rs.wall_s, 1),
+        "backend": model.backend.name, "device": str(model.lm_head.weight.device), "torch": torch.__version__,
+        "last_eval": last_eval and {"step": last_eval["step"], "heldout_bpb": last_eval["heldout_bpb"],
+                                    "on_tokens": min(p.eval_tokens, len(corpus.heldout))},
+        "final_heldout_bpb": final_bpb,
+    }
+
+
+def _train_step(model, opt, x, y, lr: float, p: Preset) -> tuple[float, float]:
+    """One optimiser step on inputs x and targets y (b, l). Returns the loss (nats/token) and the gradient norm."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with _autocast(x.device):
+        logits, _ = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+    opt.step()
+    return float(loss.detach()), float(grad_norm)
+
+
+def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
+    """Run (or resume) a training run as ``opts`` says. Returns the trained model and the run's summary."""
+    _check_output(opts)
+    out = Path(opts.out)
+    rs = _load_run_state(out, opts) if opts.resume else _new_run_state(opts)
+    if opts.steps is not None:
+        if opts.steps < 1:
+            raise MambaExportError(f"--steps must be at least 1, not {opts.steps}")
+        rs.preset = dataclasses.replace(rs.preset, steps=opts.steps)
+    p = rs.preset
+    until = p.steps if opts.until is None else opts.until
+    if not rs.step < until <= p.steps:
+        raise MambaExportError(f"nothing to do: the run is at step {rs.step}, asked to stop at {until} of {p.steps}")
+    corpus = load_corpus(opts.data, p.eval_fraction, p.seq_len + 1, opts.tokenizer)
+    if opts.resume and corpus.sha256 != rs.data_sha256:
+        raise MambaExportError(f"{opts.data}: not the text this run was trained on (its SHA-256 differs)")
+    device = _resolve_device(opts.device)
+    if opts.resume:
+        model = load_checkpoint(out, dtype=torch.float32, backend=opts.backend).train()
+    else:
+        model = _build_model(corpus, p, opts.backend)
+    model.to(device)
+    opt = build_optimizer(model, p)
+    gen = torch.Generator().manual_seed(p.seed + 1)
+    if opts.resume:
+        opt.load_state_dict(rs.optimizer)
+        gen.set_state(rs.batch_rng)
+        torch.set_rng_state(rs.torch_rng)
+    _run_steps(model, opt, gen, rs, corpus, opts, until)
+    final = heldout_bpb(model, corpus, p) if rs.step == p.steps else None
+    summary = _summary(rs, corpus, opts, model, final)
+    _save(model, opt, rs, corpus, opts, gen, summary)
+    return model.eval(), summary
+
+
+def _run_steps(model, opt, gen, rs: RunState, corpus: Corpus, opts: TrainOptions, until: int) -> None:
+    """Train from ``rs.step`` to ``until``, logging every step, evaluating and saving as the preset says."""
+    from tqdm import tqdm
+
+    p = rs.preset
+    device = model.lm_head.weight.device
+    model.train()
+    bar = tqdm(total=until, initial=rs.step, disable=not opts.progress, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter() - rs.wall_s
+    while rs.step < until:
+        x, y = (t.to(device) for t in sample_batch(corpus.train, p.batch_size, p.seq_len, gen))
+        lr = lr_at(rs.step, p)
+        loss, gnorm = _train_step(model, opt, x, y, lr, p)
+        rs.step += 1
+        rec = {"step": rs.step, "loss": loss, "lr": lr, "grad_norm": gnorm}
+        if rs.step % p.eval_every == 0 or rs.step == p.steps:
+            rec["heldout_bpb"] = heldout_bpb(model, corpus, p, p.eval_tokens)
+            bar.write(f"step {rs.step}: held-out {rec['heldout_bpb']:.3f} bits/byte")
+        rs.wall_s = time.perf_counter() - t0
+        rec["elapsed_s"] = round(rs.wall_s, 2)
+        rs.log.append(rec)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        if rs.step % p.save_every == 0 and rs.step < until:
+            _save(model, opt, rs, corpus, opts, gen, _summary(rs, corpus, opts, model, None))
+    bar.close()
