@@ -193,6 +193,15 @@ def test_byte_level_text_prompt(binary, export):
     assert text["text"] == quoted(bytes(tokens))
 
 
+def test_api_checks(binary, export):
+    """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API."""
+    out, _ = export("nondefault")
+    proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok: ") == 9, proc.stdout
+
+
 def test_help(binary):
     proc = run(binary, "--help")
     assert proc.returncode == 0

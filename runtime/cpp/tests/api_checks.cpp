@@ -1,0 +1,92 @@
+// Checks of the mamba::Model API that mamba_generate does not reach, run by tests/test_cpp_runtime.py:
+//   api_checks EXPORT_DIR
+// Prints one "ok: ..." line per check and exits 0, or prints "FAIL: ..." and exits 1.
+#include <cmath>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "mamba_runtime.hpp"
+
+namespace {
+
+const std::vector<int64_t> kPrompt = {5, 17, 42, 7, 3, 11, 2};
+constexpr size_t kSplit = 3;
+constexpr double kTolerance = 1e-5;  // float32, same graphs, different chunking
+
+[[noreturn]] void fail(const std::string& what) {
+  std::cout << "FAIL: " << what << "\n";
+  std::exit(1);
+}
+
+double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) fail("logits sizes differ");
+  double diff = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return diff / scale;
+}
+
+void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
+  double d = max_rel_diff(got, want);
+  if (!(d <= kTolerance)) fail(what + ": max relative difference " + std::to_string(d));
+  std::cout << "ok: " << what << " (max relative difference " << d << ")\n";
+}
+
+template <class F>
+void expect_error(const std::string& what, const std::string& fragment, F&& f) {
+  try {
+    f();
+  } catch (const mamba::Error& e) {
+    if (std::string(e.what()).find(fragment) == std::string::npos) fail(what + ": wrong message: " + e.what());
+    std::cout << "ok: " << what << " -> " << e.what() << "\n";
+    return;
+  }
+  fail(what + ": no mamba::Error");
+}
+
+std::vector<int64_t> slice(size_t from, size_t to) { return {kPrompt.begin() + from, kPrompt.begin() + to}; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) fail("usage: api_checks EXPORT_DIR");
+  try {
+    mamba::Model model(argv[1]);
+    const std::vector<float> whole = model.prefill(kPrompt);
+
+    model.reset();
+    model.prefill(slice(0, kSplit));
+    expect_close("prefill in two chunks equals one prefill", model.prefill(slice(kSplit, kPrompt.size())), whole);
+
+    model.reset();
+    model.prefill(slice(0, kSplit));
+    std::vector<float> last;
+    for (size_t i = kSplit; i < kPrompt.size(); ++i) last = model.step(kPrompt[i]);
+    expect_close("prefill then single steps equals one prefill", last, whole);
+
+    // A rejected call leaves the sequence where it was.
+    model.reset();
+    model.prefill(slice(0, kPrompt.size() - 1));
+    expect_error("step with an id out of range", "out of range", [&] { model.step(model.info().vocab_size); });
+    expect_error("empty prefill", "empty prompt", [&] { model.prefill({}); });
+    expect_close("state intact after failed calls", model.step(kPrompt.back()), whole);
+
+    mamba::Model moved = std::move(model);
+    moved.reset();
+    expect_close("a moved-to Model runs", moved.prefill(kPrompt), whole);
+
+    mamba::GenerateOptions options;
+    options.max_new_tokens = 0;
+    expect_error("max_new_tokens 0", "max_new_tokens must be at least 1", [&] { moved.generate(kPrompt, options); });
+    expect_error("decode_bytes without a byte vocabulary", "not byte-level",
+                 [&] { mamba::decode_bytes(moved.info(), {1}); });
+    expect_error("top_k < 0", "top_k must be >= 0", [] { mamba::Sampler(1.0f, -1, 0); });
+  } catch (const std::exception& e) {
+    fail(std::string("unexpected exception: ") + e.what());
+  }
+  return 0;
+}
