@@ -1,7 +1,8 @@
 // DecodeStep on the CPU: one token of a Mamba mixer between in_proj and out_proj (MambaMixer.step), in three
 // phases (see cpu_kernels.h). Phases 1 and 3 split the channels of each batch row into blocks; phase 2 splits the
-// rows of x_proj. A single token has no time axis to vectorise over, so the loops run over channels, the
-// reduction axes (e, r) or the state (n).
+// rows of x_proj. A single token has no time axis, so each phase works through its channels in groups of kGroup:
+// the per-channel reductions (conv taps, dt_proj rows, the state) run channel by channel, and the transcendental
+// parts (softplus, SiLU) run vectorised across the group.
 #include <algorithm>
 
 #include "dispatch.h"
@@ -13,33 +14,38 @@ namespace {
 
 constexpr size_t kDecodeChannels = 256;  // channels per task in phases 1 and 3
 constexpr size_t kDecodeRows = 16;       // x_proj rows per task in phase 2
+constexpr size_t kGroup = 64;            // channels per vectorised group inside a task
 
 size_t blocks_of(size_t total, size_t block) { return (total + block - 1) / block; }
-
-// Phase 1: shift the conv state, convolve, SiLU.
-template <typename T>
-void conv_phase(const DecodeStepArgs<T>& a, size_t task) {
-  const size_t blocks = blocks_of(a.e, kDecodeChannels), bi = task / blocks, k = a.k;
-  const size_t c0 = (task % blocks) * kDecodeChannels, c1 = std::min(a.e, c0 + kDecodeChannels);
-  const T* x = a.xz + bi * 2 * a.e;
-  for (size_t c = c0; c < c1; ++c) {
-    const float* w = a.conv_weight + c * k;
-    const float* s_in = a.conv_state_in + (bi * a.e + c) * (k - 1);
-    float* s_out = a.conv_state_out + (bi * a.e + c) * (k - 1);
-    const float xc = vec::to_float(x[c]);
-    float acc = a.conv_bias[c] + w[k - 1] * xc;
-    for (size_t j = 0; j + 1 < k; ++j) acc += w[j] * s_in[j];
-    for (size_t j = 0; j + 2 < k; ++j) s_out[j] = s_in[j + 1];
-    if (k > 1) s_out[k - 2] = xc;
-    a.x_conv[bi * a.e + c] = vec::silu(acc);
-  }
-}
 
 inline float dot(const float* __restrict p, const float* __restrict q, size_t len) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (size_t i = 0; i < len; ++i) s += p[i] * q[i];
   return s;
+}
+
+// Phase 1, channels [c0, c0 + g): shift the conv state, convolve, SiLU.
+template <typename T>
+void conv_group(const DecodeStepArgs<T>& a, size_t bi, size_t c0, size_t g) {
+  const size_t k = a.k;
+  const T* x = a.xz + bi * 2 * a.e + c0;
+  float xs[kGroup], acc[kGroup];
+#pragma omp simd
+  for (size_t c = 0; c < g; ++c) xs[c] = vec::to_float(x[c]);
+  for (size_t c = 0; c < g; ++c) {
+    const float* w = a.conv_weight + (c0 + c) * k;
+    const float* s_in = a.conv_state_in + (bi * a.e + c0 + c) * (k - 1);
+    float* s_out = a.conv_state_out + (bi * a.e + c0 + c) * (k - 1);
+    float sum = a.conv_bias[c0 + c] + w[k - 1] * xs[c];
+    for (size_t j = 0; j + 1 < k; ++j) sum += w[j] * s_in[j];
+    for (size_t j = 0; j + 2 < k; ++j) s_out[j] = s_in[j + 1];
+    if (k > 1) s_out[k - 2] = xs[c];
+    acc[c] = sum;
+  }
+  float* out = a.x_conv + bi * a.e + c0;
+#pragma omp simd
+  for (size_t c = 0; c < g; ++c) out[c] = vec::silu(acc[c]);
 }
 
 // Phase 2: x_dbl = x_proj_weight @ x_conv.
@@ -52,37 +58,54 @@ void x_proj_phase(const DecodeStepArgs<T>& a, size_t task) {
   }
 }
 
-// Phase 3: dt = softplus(dt_proj_weight @ x_dbl[:r] + dt_bias); state update; y = (C . h + D x) * silu(z).
+// Phase 3, channels [c0, c0 + g): dt = softplus(dt_proj_weight @ x_dbl[:r] + dt_bias); state update;
+// y = (C . h + D x) * silu(z).
 template <typename T>
-void ssm_phase(const DecodeStepArgs<T>& a, size_t task) {
-  const size_t blocks = blocks_of(a.e, kDecodeChannels), bi = task / blocks, n = a.n;
-  const size_t c0 = (task % blocks) * kDecodeChannels, c1 = std::min(a.e, c0 + kDecodeChannels);
+void ssm_group(const DecodeStepArgs<T>& a, size_t bi, size_t c0, size_t g) {
+  const size_t n = a.n;
   const float* x_dbl = a.x_dbl + bi * (a.r + 2 * n);
-  const float* B = x_dbl + a.r;
-  const float* C = B + n;
-  const T* z = a.xz + bi * 2 * a.e + a.e;
-  for (size_t c = c0; c < c1; ++c) {
-    const float dt = vec::softplus(dot(a.dt_proj_weight + c * a.r, x_dbl, a.r) + a.dt_bias[c]);
-    const float x = a.x_conv[bi * a.e + c], dtx = dt * x;
-    const float* __restrict A = a.A + c * n;
-    const float* __restrict h_in = a.ssm_state_in + (bi * a.e + c) * n;
-    float* __restrict h_out = a.ssm_state_out + (bi * a.e + c) * n;
-    float y = 0.0f;
-#pragma omp simd reduction(+ : y)
+  const float* __restrict B = x_dbl + a.r;
+  const float* __restrict C = B + n;
+  const float* x = a.x_conv + bi * a.e + c0;
+  const T* z = a.xz + bi * 2 * a.e + a.e + c0;
+  float dt[kGroup], y[kGroup];
+  for (size_t c = 0; c < g; ++c) dt[c] = dot(a.dt_proj_weight + (c0 + c) * a.r, x_dbl, a.r);
+#pragma omp simd
+  for (size_t c = 0; c < g; ++c) dt[c] = vec::softplus(dt[c] + a.dt_bias[c0 + c]);
+  for (size_t c = 0; c < g; ++c) {
+    const float* __restrict A = a.A + (c0 + c) * n;
+    const float* __restrict h_in = a.ssm_state_in + (bi * a.e + c0 + c) * n;
+    float* __restrict h_out = a.ssm_state_out + (bi * a.e + c0 + c) * n;
+    const float d = dt[c], dx = dt[c] * x[c];
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
     for (size_t j = 0; j < n; ++j) {
-      float h = vec::exp(dt * A[j]) * h_in[j] + dtx * B[j];
+      float h = vec::exp(d * A[j]) * h_in[j] + dx * B[j];
       h_out[j] = h;
-      y += h * C[j];
+      sum += h * C[j];
     }
-    a.y[bi * a.e + c] = vec::from_float<T>((y + a.D[c] * x) * vec::silu(vec::to_float(z[c])));
+    y[c] = sum;
   }
+  T* out = a.y + bi * a.e + c0;
+#pragma omp simd
+  for (size_t c = 0; c < g; ++c) {
+    out[c] = vec::from_float<T>((y[c] + a.D[c0 + c] * x[c]) * vec::silu(vec::to_float(z[c])));
+  }
+}
+
+// Runs `group(a, bi, c0, g)` over the channel block of a phase 1 or phase 3 task.
+template <typename T, typename Group>
+void for_channel_groups(const DecodeStepArgs<T>& a, size_t task, Group group) {
+  const size_t blocks = blocks_of(a.e, kDecodeChannels), bi = task / blocks;
+  const size_t begin = (task % blocks) * kDecodeChannels, end = std::min(a.e, begin + kDecodeChannels);
+  for (size_t c0 = begin; c0 < end; c0 += kGroup) group(a, bi, c0, std::min(kGroup, end - c0));
 }
 
 template <typename T>
 void decode_phase(const DecodeStepArgs<T>& a, int phase, size_t task) {
-  if (phase == 1) conv_phase(a, task);
+  if (phase == 1) for_channel_groups(a, task, conv_group<T>);
   if (phase == 2) x_proj_phase(a, task);
-  if (phase == 3) ssm_phase(a, task);
+  if (phase == 3) for_channel_groups(a, task, ssm_group<T>);
 }
 
 MAMBA_CLONES void decode_f32(const DecodeStepArgs<float>& a, int phase, size_t task) { decode_phase(a, phase, task); }

@@ -21,10 +21,14 @@ struct ScanScratch {
   float* dt;   // [CB]
   float* dtu;  // [CB] dt * u
   float* y;    // [CB] C . h
+  float* Bt;   // [n] this step's B in float32
+  float* Ct;   // [n] this step's C in float32
 };
 
 ScanScratch carve_scratch(float* base, size_t n) {
-  return {base, base + n * CB, base + 2 * n * CB, base + 2 * n * CB + CB, base + 2 * n * CB + 2 * CB};
+  float* h = base + n * CB;
+  float* dt = h + n * CB;
+  return {base, h, dt, dt + CB, dt + 2 * CB, dt + 3 * CB, dt + 3 * CB + n};
 }
 
 // Per time step: dt and dt*u for the block's channels.
@@ -41,14 +45,14 @@ inline void scan_step_inputs(const SelectiveScanArgs<T>& a, size_t row, size_t c
 
 // Per time step: advance the state of the block and accumulate C . h. Always all CB lanes (lanes past the block's
 // channels hold zeros and stay zero): a constant trip count lets the compiler keep dt, dt*u and y in registers.
-inline void scan_step_state(const float* Bt, const float* Ct, size_t n, ScanScratch& s) {
+inline void scan_step_state(size_t n, ScanScratch& s) {
   float dt[CB], dtu[CB], y[CB] = {};
   for (size_t c = 0; c < CB; ++c) {
     dt[c] = s.dt[c];
     dtu[c] = s.dtu[c];
   }
   for (size_t j = 0; j < n; ++j) {
-    const float bj = Bt[j], cj = Ct[j];
+    const float bj = s.Bt[j], cj = s.Ct[j];
     float* __restrict h = s.h + j * CB;
     const float* __restrict at = s.At + j * CB;
 #pragma omp simd
@@ -98,8 +102,6 @@ void scan_block(const SelectiveScanArgs<T>& a, size_t task) {
       s.h[j * CB + c] = state_in[c * n + j];
     }
   }
-  float* Bt = s.y + CB;  // [n] this step's B and C in float32
-  float* Ct = Bt + n;
   for (size_t t = 0; t < a.l; ++t) {
     const size_t row = (bi * a.l + t) * a.e + c0, bc = (bi * a.l + t) * n;
     if (t + kPrefetchSteps < a.l) {
@@ -109,11 +111,11 @@ void scan_block(const SelectiveScanArgs<T>& a, size_t task) {
       prefetch_slice(a.z + ahead, cb);
     }
     for (size_t j = 0; j < n; ++j) {
-      Bt[j] = vec::to_float(a.B[bc + j]);
-      Ct[j] = vec::to_float(a.C[bc + j]);
+      s.Bt[j] = vec::to_float(a.B[bc + j]);
+      s.Ct[j] = vec::to_float(a.C[bc + j]);
     }
     scan_step_inputs(a, row, c0, cb, s);
-    scan_step_state(Bt, Ct, n, s);
+    scan_step_state(n, s);
     scan_step_output(a, row, c0, cb, s);
   }
   float* state_out = a.state_out + (bi * a.e + c0) * n;
