@@ -58,9 +58,9 @@ def test_genai_greedy_equals_mamba_runtime_token_for_token(export_dir, prompt):
     assert ours.generate(prompt, NEW, stop_tokens=[eos]).tokens[0] == theirs
     assert len(set(theirs)) > 1  # the continuation is not one repeated token
     # and the logits each token was chosen from, through our prefill and decode graphs
-    logits, conv, ssm = ours.prefill_one(prompt)
+    logits, conv, ssm = ours.prefill([prompt])
     state = ours.new_state(1)
     state.upload(conv, ssm)
-    mine = [logits] + [state.step(np.array([t]))[0].copy() for t in theirs[:-1]]
+    mine = [logits[0]] + [state.step(np.array([t]))[0].copy() for t in theirs[:-1]]
     for a, b in zip(mine, their_logits, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())

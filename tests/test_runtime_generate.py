@@ -21,7 +21,7 @@ from mamba_runtime import (CustomOpsFallbackWarning, GenerationInputError, Mamba
 from mamba_runtime.sessions import open_session, resolve_library, session_options
 from support import make_hf_model, save_state_spaces
 
-PROMPTS = [[5, 17, 200, 3, 9], [42], list(range(60, 80))]
+PROMPTS = [[5, 17, 200, 3, 9], [42], list(range(60, 80)), [9, 8, 7, 6, 5]]  # rows 0 and 3 prefill together
 SAMPLED = SamplingConfig(temperature=1.3, top_k=40, top_p=0.95, repetition_penalty=1.3, seed=11)
 
 
@@ -52,8 +52,8 @@ def test_prefill_and_decode_logits_match_the_reference_at_every_position(exp, rt
     ids = np.random.default_rng(0).integers(0, 256, 16).tolist()
     with torch.no_grad():
         ref = exp.model(torch.tensor([ids]))[0][0].numpy()
-    logits, conv, ssm = rt.prefill_one(ids[:5])
-    np.testing.assert_allclose(logits, ref[4], atol=1e-4 * np.abs(ref).max())
+    logits, conv, ssm = rt.prefill([ids[:5]])
+    np.testing.assert_allclose(logits[0], ref[4], atol=1e-4 * np.abs(ref).max())
     state = rt.new_state(1)
     state.upload(conv, ssm)
     for t in range(5, 16):
@@ -67,11 +67,11 @@ def test_a_prompt_prefilled_in_chunks_equals_one_run(exp, rt, graph):
     if graph == "model.onnx":  # the graph of exports without --last-logits: logits of every position
         options = session_options(1, rt.custom_op_library)
         chunked.prefill_session = open_session(exp.dir / graph, options, ["CPUExecutionProvider"])
-    prompt = list(range(3, 40))
-    whole = rt.prefill_one(prompt)
-    for a, b in zip(chunked.prefill_one(prompt), whole, strict=True):
+    batch = [list(range(3, 40)), *PROMPTS]
+    whole = rt.prefill(batch)
+    for a, b in zip(chunked.prefill(batch), whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-    assert chunked.generate(prompt, 10).tokens == rt.generate(prompt, 10).tokens
+    assert chunked.generate(batch, 10).tokens == rt.generate(batch, 10).tokens
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -92,6 +92,11 @@ def test_sampled_tokens_are_reproducible_with_a_seed(rt):
 def test_an_uneven_batch_equals_each_prompt_alone(rt):
     alone = [rt.generate(p, 20).tokens[0] for p in PROMPTS]
     assert rt.generate(PROMPTS, 20).tokens == alone
+    together = rt.prefill(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        for a, b in zip(together, rt.prefill([p]), strict=True):
+            np.testing.assert_allclose(a[:, i] if a.ndim == 4 else a[i], b[:, 0] if b.ndim == 4 else b[0],
+                                       rtol=1e-6, atol=1e-6 * np.abs(b).max())
     # sampling: each row draws from its own generator, so row 0 does not depend on the other rows
     row0 = rt.generate(PROMPTS[0], 20, SAMPLED).tokens[0]
     assert rt.generate(PROMPTS, 20, SAMPLED).tokens[0] == row0
@@ -103,7 +108,7 @@ def test_a_row_that_stops_early_does_not_change_the_others(rt):
     stop = full[1][0]
     result = rt.generate(PROMPTS, 15, SAMPLED, stop_tokens=[stop])
     assert result.tokens[1] == [stop] and result.finish_reasons[1] == "stop"
-    for row in (0, 2):
+    for row in (0, 2, 3):
         want = full[row][: full[row].index(stop) + 1] if stop in full[row] else full[row]
         assert result.tokens[row] == want
 
@@ -123,7 +128,7 @@ def test_streaming_yields_the_same_tokens_and_can_stop_early(rt):
 def test_a_callback_can_stop_the_generation(rt):
     seen = []
     result = rt.generate(PROMPTS, 30, callback=lambda new: seen.append(new) or len(seen) == 3)
-    assert [len(t) for t in result.tokens] == [3, 3, 3] and result.finish_reasons == ["cancelled"] * 3
+    assert [len(t) for t in result.tokens] == [3] * 4 and result.finish_reasons == ["cancelled"] * 4
 
 
 def test_text_in_and_text_out_with_the_byte_vocabulary(rt):

@@ -3,8 +3,7 @@
 A device gives the runtime four things: the onnxruntime provider list, zero-filled OrtValues of a shape and dtype
 (the state buffers and I/O buffers bound with IOBinding), a host (numpy) view or copy of an OrtValue, and an in-place
 upload of a host array into an OrtValue. :class:`CpuDevice` is here; the CUDA one lives in ``mamba_runtime.gpu``
-(``CudaDevice(info)``, same members, given the :class:`~mamba_runtime.manifest.ExportInfo` so that it can refuse an
-export it cannot run) and is imported only when asked for. ``name`` is also the IOBinding device type ("cpu",
+(``CudaDevice``, same members) and is imported only when asked for. ``name`` is also the IOBinding device type ("cpu",
 "cuda") of the values the device allocates.
 """
 
@@ -36,9 +35,8 @@ class CpuDevice:
         np.copyto(value.numpy(), array)
 
 
-def select_device(provider: str, info):
-    """The device for ``provider``: "cpu", "cuda", or "auto" (CUDA when this onnxruntime has it, else CPU), for the
-    export ``info``.
+def select_device(provider: str):
+    """The device for ``provider``: "cpu", "cuda", or "auto" (CUDA when this onnxruntime has it, else CPU).
 
     Raises:
         GenerationInputError: an unknown provider name, or "cuda" where it is not available.
@@ -56,4 +54,4 @@ def select_device(provider: str, info):
         from .gpu import CudaDevice
     except ImportError as e:
         raise GenerationInputError(f"provider cuda: mamba_runtime's CUDA device support is missing ({e})") from None
-    return CudaDevice(info)
+    return CudaDevice()

@@ -7,7 +7,8 @@ tokens sampled last and not yet fed to the model ("pending"); the next :meth:`Ge
 snapshot taken between any two steps (state, pending tokens or logits, tokens so far, generator states) restores to
 exactly the same continuation, also in another process.
 
-Sequences of a batch are prefilled one by one (no padding enters any state) and decoded together. A sequence that
+Sequences of a batch are prefilled without padding (prompts of equal length together, see
+:meth:`MambaRuntime.prefill`) and decoded together. A sequence that
 has finished (stop token or its token limit) keeps being fed a dummy token until the whole batch is done; its
 outputs are dropped and it draws nothing from its generator, so the others are not affected.
 """
@@ -85,11 +86,10 @@ class Generation:
         return all(r is not None for r in self.finish_reasons)
 
     def prefill(self) -> None:
-        """Run every prompt from the start of a sequence (one at a time) and load the batch state."""
+        """Run every prompt from the start of a sequence and load the batch state."""
         t0 = time.perf_counter()
-        logits, convs, ssms = zip(*(self.runtime.prefill_one(p) for p in self.prompts))
-        self.state.upload(np.concatenate(convs, axis=1), np.concatenate(ssms, axis=1))
-        self._logits = np.stack(logits)
+        self._logits, conv, ssm = self.runtime.prefill(self.prompts)
+        self.state.upload(conv, ssm)
         self.prefill_s = time.perf_counter() - t0
 
     def step(self) -> np.ndarray:

@@ -54,7 +54,7 @@ class MambaRuntime:
                  custom_ops: str = "auto", verify: bool = True, max_batch: int = 256,
                  prefill_chunk: int | None = None):
         self.info: ExportInfo = open_export_dir(export_dir, verify)
-        self.device = select_device(provider, self.info)
+        self.device = select_device(provider)
         self.custom_op_library = resolve_library(self.info, custom_ops)
         self.threads = threads
         self.max_batch = max_batch
@@ -69,8 +69,6 @@ class MambaRuntime:
         self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())
         check_io(self.prefill_session, self.info, self.info.prefill_graph)
         self.logits_dtype = check_io(self.decode_session, self.info, "decode.onnx")
-        self._zero_state = [tuple(self.device.zeros(s, np.float32) for s in self.info.state_shapes(1))
-                            for _ in range(self.info.n_layer)]
 
     # ---- text -------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -86,9 +84,28 @@ class MambaRuntime:
         return DeviceState(self.decode_session, self.device, self.info.state_shapes(batch), self.info.n_layer,
                            self.logits_dtype, self.info.vocab_size)
 
-    def prefill_one(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One prompt from a zero state: last logits (V,), conv (L, 1, E, K-1), ssm (L, 1, E, N)."""
-        return prefill(self.prefill_session, self.device, self._zero_state, ids, self.prefill_chunk)
+    def prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prompts of any lengths, each from a zero state: last logits (b, V), conv (L, b, E, K-1), ssm (L, b, E, N).
+
+        Prompts of equal length run together, ``prefill_chunk`` tokens per graph run in all (rows then positions);
+        no prompt is padded.
+        """
+        b, L = len(prompts), self.info.n_layer
+        conv_shape, ssm_shape = self.info.state_shapes(b)
+        logits = np.empty((b, self.info.vocab_size), dtype=self.logits_dtype)
+        conv, ssm = np.empty((L, *conv_shape), np.float32), np.empty((L, *ssm_shape), np.float32)
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        for length, rows in by_length.items():
+            per_run = max(1, self.prefill_chunk // length)
+            for j in range(0, len(rows), per_run):
+                part = rows[j:j + per_run]
+                ids = np.array([prompts[i] for i in part], dtype=np.int64)
+                logits[part], conv[:, part], ssm[:, part] = prefill(
+                    self.prefill_session, self.device, self.info.state_shapes(len(part)), L, ids,
+                    self.prefill_chunk)
+        return logits, conv, ssm
 
     def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
         if isinstance(prompt, str):

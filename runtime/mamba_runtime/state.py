@@ -70,10 +70,10 @@ class DeviceState:
             self.device.upload(layer[1], np.ascontiguousarray(s, dtype=np.float32))
 
 
-def _prefill_chunk(session: ort.InferenceSession, device, state: list[tuple], ids: list[int]):
-    """Run ``ids`` from ``state`` (per layer (conv, ssm) OrtValues); returns logits and the new state as OrtValues."""
+def _prefill_run(session: ort.InferenceSession, device, state: list[tuple], ids: np.ndarray):
+    """Run ids (g, l) from ``state`` (per layer (conv, ssm) OrtValues); returns logits and the new state as OrtValues."""
     binding = session.io_binding()
-    binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+    binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
     bound = ["logits"]
     binding.bind_output("logits", device.name)
     names = zip(_state_names(len(state), "past"), _state_names(len(state), "present"))
@@ -87,22 +87,23 @@ def _prefill_chunk(session: ort.InferenceSession, device, state: list[tuple], id
     return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(len(state))]
 
 
-def prefill(session: ort.InferenceSession, device, zero_state: list[tuple], ids: list[int], chunk: int):
-    """Run one prompt from the start of a sequence, ``chunk`` tokens per graph run (bounds activation memory).
+def prefill(session: ort.InferenceSession, device, shapes, n_layer: int, ids: np.ndarray, chunk: int):
+    """Run g prompts of equal length from the start of a sequence, at most ``chunk`` positions per graph run.
 
     Args:
         session: model_last.onnx or model.onnx.
-        device: where outputs are allocated.
-        zero_state: per layer (conv, ssm) OrtValues of zeros for batch 1 (read only).
-        ids: the prompt, l >= 1 token ids.
-        chunk: the most tokens per run.
+        device: where the state and outputs are allocated.
+        shapes: (conv shape, ssm shape) of one layer for batch g.
+        n_layer: L.
+        ids: (g, l) int64 token ids, l >= 1.
+        chunk: the most positions per run (a long prompt runs in pieces, the state carried between them).
 
     Returns:
-        logits of the last position (V,) as a host copy, conv (L, 1, E, K-1) and ssm (L, 1, E, N) host copies.
+        logits of the last position (g, V), conv (L, g, E, K-1) and ssm (L, g, E, N), as host copies.
     """
-    state = zero_state
-    for start in range(0, len(ids), chunk):
-        logits, state = _prefill_chunk(session, device, state, ids[start:start + chunk])
+    state = [tuple(device.zeros(s, np.float32) for s in shapes) for _ in range(n_layer)]
+    for start in range(0, ids.shape[1], chunk):
+        logits, state = _prefill_run(session, device, state, ids[:, start:start + chunk])
     conv = np.stack([np.array(device.to_host(c)) for c, _ in state])
     ssm = np.stack([np.array(device.to_host(s)) for _, s in state])
-    return np.array(device.to_host(logits)[0, -1]), conv, ssm
+    return np.array(device.to_host(logits)[:, -1]), conv, ssm
