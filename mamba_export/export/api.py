@@ -84,7 +84,9 @@ def export_model(
     def build(tmp: Path) -> None:
         library = None
         if fmt == "onnx":
-            graphs = _write_onnx(model, tmp, last_logits, say)
+            from .onnx_export import write_graphs
+
+            graphs = write_graphs(model, tmp, last_logits, say)
             if library_path is not None:
                 library = shutil.copy2(library_path, tmp / library_path.name).name
             directory.write_json(tmp / "genai_config.json", genai_config(model, library, token_ids or {}))
@@ -108,18 +110,6 @@ def _check_options(dtype: str, fmt: str) -> None:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
-def _write_onnx(model: MambaLM, out: Path, last_logits: bool, say: Progress) -> list[str]:
-    from .onnx_export import build_graphs, check_graphs, save_graphs
-
-    say("exporting ONNX graphs (model.onnx, decode.onnx" + (", model_last.onnx)" if last_logits else ")"))
-    graphs = build_graphs(model, last_logits)
-    say("writing the graphs and weights.bin")
-    save_graphs(graphs, out)
-    say("checking the graphs (onnx.checker, full shape inference)")
-    check_graphs(out, list(graphs))
-    return list(graphs)
 
 
 def _token_ids(raw_config: dict) -> dict[str, int]:

@@ -53,11 +53,18 @@ def write_atomically(out_dir: str | os.PathLike, force: bool, build: Callable[[P
         raise ExportError(f"{out}: cannot create ({e.strerror})") from None
     try:
         build(tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private; the export gets the usual permissions
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(new: Path, out: Path) -> None:

@@ -1,19 +1,20 @@
 """Export a :class:`~mamba_export.model.MambaLM` to the ONNX graphs of docs/CONTRACTS.md, sharing one weights file.
 
-``build_graphs`` runs ``torch.onnx.export`` (the dynamo exporter) on the wrappers of :mod:`.graphs`, with each
-custom op translated to one node of the ``ai.mamba_export`` domain, then attaches the model-local fallback functions
-(after export: the exporter would inline them). ``save_graphs`` writes the graphs with every large initializer in
-one ``weights.bin``: tensors with equal dtype, shape and bytes are stored once and shared by offset, whatever their
-names in each graph.
+Each graph is a wrapper of :mod:`.graphs` exported by ``torch.onnx.export`` (the dynamo exporter), with each custom
+op translated to one node of the ``ai.mamba_export`` domain; the model-local fallback functions are attached after
+export (the exporter would inline them). Graphs are written one at a time, each as soon as it is exported, with
+every initializer of 1 KiB or more in one ``weights.bin``: tensors with equal dtype, shape and bytes are stored once
+and shared by offset whatever their names, so model.onnx, decode.onnx and model_last.onnx share the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import onnx
 import onnx.external_data_helper
@@ -30,15 +31,28 @@ _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx files
 _ALIGN = 64  # offsets in weights.bin are multiples of this, for memory mapping
 
 
-def _export(module: torch.nn.Module, model: MambaLM, seq_dynamic: bool) -> onnx.ModelProto:
-    """Export one wrapper: batch (and seq when ``seq_dynamic``) dynamic, everything else static."""
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's warnings and logging (deprecations, skipped torchvision ops) during an export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_graph(module: torch.nn.Module, model: MambaLM, seq_dynamic: bool) -> onnx.ModelProto:
+    """Export one wrapper with its fallback functions: batch (and seq when ``seq_dynamic``) dynamic, all else static."""
     batch = torch.export.Dim("batch")
     ids_shape = {0: batch, 1: torch.export.Dim("seq")} if seq_dynamic else {0: batch}
     inputs = example_inputs(model.config, 2, 3 if seq_dynamic else 1)
     names_in, names_out = io_names(model.config.n_layer)
     onnx_ops.register_schemas()
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
+    with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             module.eval(), inputs, dynamo=True, input_names=names_in, output_names=names_out,
             dynamic_shapes=(ids_shape, tuple({0: batch} for _ in inputs[1:])),
@@ -50,28 +64,27 @@ def _export(module: torch.nn.Module, model: MambaLM, seq_dynamic: bool) -> onnx.
     return proto
 
 
-class _quiet_exporter:
-    """Silence the exporter's logging (e.g. skipped torchvision ops) for the duration of an export."""
+class SharedWeights:
+    """weights.bin being written: moves a graph's large initializers into it, each distinct tensor once."""
 
-    def __enter__(self):
-        self._logger = logging.getLogger("torch.onnx")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+        self._stored: dict[tuple, tuple[int, int]] = {}  # (data_type, dims, sha256) -> (offset, length)
 
-    def __exit__(self, *exc):
-        self._logger.setLevel(self._level)
-
-
-def build_graphs(model: MambaLM, last_logits: bool = False) -> dict[str, onnx.ModelProto]:
-    """The graphs of an export directory, file name -> model: model.onnx, decode.onnx (and model_last.onnx)."""
-    with torch.no_grad():
-        graphs = {
-            "model.onnx": _export(SequenceGraph(model), model, seq_dynamic=True),
-            "decode.onnx": _export(DecodeGraph(model), model, seq_dynamic=False),
-        }
-        if last_logits:
-            graphs["model_last.onnx"] = _export(SequenceGraph(model, last_logits=True), model, seq_dynamic=True)
-    return graphs
+    def externalize(self, proto: onnx.ModelProto) -> None:
+        """Point every initializer of 1 KiB or more of ``proto`` into the file, writing the ones not yet there."""
+        for tensor in proto.graph.initializer:
+            raw = _raw_bytes(tensor)
+            if len(raw) < _INLINE_BYTES:
+                continue
+            key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).digest())
+            if key not in self._stored:
+                self._fh.write(b"\0" * (-self._fh.tell() % _ALIGN))
+                self._stored[key] = (self._fh.tell(), len(raw))
+                self._fh.write(raw)
+            offset, length = self._stored[key]
+            onnx.external_data_helper.set_external_data(tensor, WEIGHTS_FILE, offset, length)
+            tensor.ClearField("raw_data")
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
@@ -81,30 +94,32 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     return tensor.raw_data
 
 
-def save_graphs(graphs: dict[str, onnx.ModelProto], out_dir: str | os.PathLike) -> None:
-    """Write each graph to ``out_dir/<name>`` with its initializers of 1 KiB and more in one shared weights.bin."""
-    out = Path(out_dir)
-    stored: dict[tuple, tuple[int, int]] = {}  # (data_type, dims, sha256) -> (offset, length)
+def write_graphs(model: MambaLM, out: Path, last_logits: bool, say: Callable[[str], None]) -> list[str]:
+    """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``.
+
+    Returns:
+        The graph file names written.
+    """
+    wrappers = {
+        "model.onnx": (SequenceGraph(model), True),
+        "decode.onnx": (DecodeGraph(model), False),
+    }
+    if last_logits:
+        wrappers["model_last.onnx"] = (SequenceGraph(model, last_logits=True), True)
     with open(out / WEIGHTS_FILE, "wb") as fh:
-        for proto in graphs.values():
-            for tensor in proto.graph.initializer:
-                raw = _raw_bytes(tensor)
-                if len(raw) < _INLINE_BYTES:
-                    continue
-                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).digest())
-                if key not in stored:
-                    fh.write(b"\0" * (-fh.tell() % _ALIGN))
-                    stored[key] = (fh.tell(), len(raw))
-                    fh.write(raw)
-                offset, length = stored[key]
-                onnx.external_data_helper.set_external_data(tensor, WEIGHTS_FILE, offset, length)
-                tensor.ClearField("raw_data")
-    for name, proto in graphs.items():
-        onnx.save_model(proto, out / name)
+        weights = SharedWeights(fh)
+        for name, (module, seq_dynamic) in wrappers.items():
+            say(f"exporting {name}")
+            proto = export_graph(module, model, seq_dynamic)
+            weights.externalize(proto)
+            onnx.save_model(proto, out / name)
+    say("checking the graphs (onnx.checker, full shape inference)")
+    check_graphs(out, list(wrappers))
+    return list(wrappers)
 
 
-def check_graphs(out_dir: str | os.PathLike, names: list[str]) -> None:
+def check_graphs(out: Path, names: list[str]) -> None:
     """onnx.checker with full shape inference on each saved graph (weights read from weights.bin)."""
     onnx_ops.register_schemas()
     for name in names:
-        onnx.checker.check_model(str(Path(out_dir) / name), full_check=True)
+        onnx.checker.check_model(str(out / name), full_check=True)
