@@ -255,7 +255,12 @@ struct SelectiveScanKernel {
     MAMBA_RETURN_IF(call.output(1, {b, e, n}, &state_out));
     a.y = y, a.state_out = static_cast<float*>(state_out);
     cudaStream_t stream = nullptr;
-    MAMBA_RETURN_IF(call.stream(u, &stream));
+    MAMBA_RETURN_IF(call.stream(u, &stream));  // sets the device, which the workspace plan reads
+    if (const size_t bytes = mamba_cuda::selective_scan_workspace_bytes(a); bytes > 0) {
+      void* ws = nullptr;
+      MAMBA_RETURN_IF(call.scratch(u, bytes, &ws));
+      a.workspace = static_cast<float*>(ws);
+    }
     return call.cuda(mamba_cuda::selective_scan(a, stream), "selective_scan launch");
   }
 

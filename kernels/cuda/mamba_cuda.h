@@ -36,7 +36,11 @@ struct SelectiveScanArgs {
   const float* state_in;    // [b, e, n]
   void* y;                  // [b, l, e] T
   float* state_out;         // [b, e, n]
+  float* workspace;         // selective_scan_workspace_bytes(*this) bytes (none needed when that is 0)
 };
+// Scratch for running time segments in parallel (0 when the batch alone fills the device). Depends on the sizes and
+// the current device only, so the same arguments give the same answer before the launch.
+size_t selective_scan_workspace_bytes(const SelectiveScanArgs& a);
 cudaError_t selective_scan(const SelectiveScanArgs& a, cudaStream_t stream);
 
 // Causal depthwise convolution continuing from conv_state_in; conv_state_out = the last k - 1 inputs.
