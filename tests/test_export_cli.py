@@ -8,7 +8,7 @@ import pytest
 
 from mamba_export import cli
 from mamba_export.errors import MambaExportError
-from mamba_export.export import ExportError, export_checkpoint, onnx_export
+from mamba_export.export import ExportError, api, export_checkpoint
 from support import make_hf_model, save_transformers
 
 
@@ -46,15 +46,15 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_directory(ckpt, tmp_path
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(onnx_export, "check_graphs", fail)
+    monkeypatch.setattr(api, "build_manifest", fail)  # the last step: every other file is written by then
     with pytest.raises(RuntimeError, match="injected"):
-        export_checkpoint(ckpt, tmp_path / "new", with_library=False)
+        export_checkpoint(ckpt, tmp_path / "new", fmt="torchscript")
     assert list(tmp_path.iterdir()) == []
     old = tmp_path / "old"
     old.mkdir()
     (old / "keep").write_text("x")
     with pytest.raises(RuntimeError, match="injected"):
-        export_checkpoint(ckpt, old, with_library=False, force=True)
+        export_checkpoint(ckpt, old, fmt="torchscript", force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep").read_text() == "x"
 
 

@@ -14,6 +14,8 @@ from mamba_export.export import export_checkpoint
 from mamba_export.export.graphs import example_inputs
 from support import make_hf_model, rel_err, save_transformers
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
