@@ -79,7 +79,9 @@ class Model {
  public:
   /// Opens `export_dir`: reads manifest.json (and checks the files' sha256), registers the custom-op library,
   /// creates the sessions for the prefill graph (model_last.onnx when present, else model.onnx; any number of
-  /// tokens) and decode.onnx (one token), checks their I/O against the contract, allocates the state (zeros).
+  /// tokens) and decode.onnx (one token), checks their I/O against the contract, allocates the state, and runs
+  /// each graph once on token 0 (onnxruntime's first-run costs stay out of the first tokens); the state is then
+  /// zeros.
   explicit Model(const std::string& export_dir, const SessionOptions& options = {});
   ~Model();
   Model(Model&&) noexcept;

@@ -295,7 +295,12 @@ void Model::Impl::check_token(int64_t id, const std::string& what) const {
 }
 
 Model::Model(const std::string& export_dir, const SessionOptions& options)
-    : impl_(ort_call("onnxruntime", [&] { return std::make_unique<Impl>(export_dir, options); })) {}
+    : impl_(ort_call("onnxruntime", [&] { return std::make_unique<Impl>(export_dir, options); })) {
+  // onnxruntime allocates and plans on a session's first runs: pay for it here, not in the first tokens' latency.
+  prefill({0});
+  step(0);
+  reset();
+}
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
