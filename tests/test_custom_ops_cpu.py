@@ -7,15 +7,18 @@ and to the largest reference value: float32 results 2e-6 (about 16 float32 round
 float16 results 1e-3 (twice the float16 rounding step 2^-11); states are float32 in both cases (1e-6). Invalid inputs must give an onnxruntime error
 naming the op and the input; they run in a subprocess, so a crash fails the test instead of killing pytest.
 
-Run as a script with --bad-cases to print the outcome of every invalid-input case (what the subprocess does).
+Run as a script with --bad-cases to print the outcome of every invalid-input case, or with --too-old-onnxruntime to
+register the library against an onnxruntime without API version 21 (what the subprocesses do).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -339,6 +342,59 @@ def test_subprocess_exits_cleanly(bad_case_outcomes):
     assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
 
 
+def register_with_too_old_onnxruntime() -> str:
+    """Call RegisterCustomOps with an API base that, like onnxruntime < 1.21, has no version-21 API table (the real
+    one of this onnxruntime, minus that version); return the message of the status it gives back."""
+    capi = Path(ort.__file__).parent / "capi"
+    ortlib = ctypes.CDLL(str(next(capi.glob("libonnxruntime.so*"))))
+    ortlib.OrtGetApiBase.restype = ctypes.c_void_p
+    get_api_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+    version_t = ctypes.CFUNCTYPE(ctypes.c_void_p)
+
+    class ApiBase(ctypes.Structure):
+        _fields_ = [("GetApi", get_api_t), ("GetVersionString", version_t)]
+
+    real = ApiBase.from_address(ortlib.OrtGetApiBase())
+    old_version = ctypes.create_string_buffer(b"1.20.0")
+    old = ApiBase(get_api_t(lambda version: real.GetApi(version) if version < 21 else None),
+                  version_t(lambda: ctypes.addressof(old_version)))
+    library = ctypes.CDLL(custom_op_library_path())
+    library.RegisterCustomOps.restype = ctypes.c_void_p
+    library.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    status = library.RegisterCustomOps(None, ctypes.addressof(old))
+    assert status, "RegisterCustomOps returned success without a usable API"
+    # OrtApi starts with CreateStatus, GetErrorCode, GetErrorMessage in every version.
+    get_error_message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p).from_address(
+        real.GetApi(1) + 2 * ctypes.sizeof(ctypes.c_void_p))
+    return get_error_message(status).decode()
+
+
+def test_too_old_onnxruntime_gets_an_error_status():
+    proc = subprocess.run([sys.executable, __file__, "--too-old-onnxruntime"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "C API version 21" in proc.stdout and "this is onnxruntime 1.20.0" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("op", ["SelectiveScan", "DecodeStep"])
+def test_results_do_not_depend_on_the_thread_count(op):
+    """Tasks own disjoint outputs, so 1 and 3 threads give bit-identical results."""
+    feeds = (scan_feeds(4, np.float32, b=3, l=20, e=150, n=16, softplus=True) if op == "SelectiveScan"
+             else decode_feeds(4, np.float32, b=3, e=600, n=16, k=4, r=24))
+    model = single_node_model(op, np.float32, {})
+    results = []
+    for threads in (1, 3):
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(custom_op_library_path())
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        results.append(session.run(None, feeds))
+    for one, three in zip(*results):
+        np.testing.assert_array_equal(one, three)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:
     for case in sorted(BAD_CASES):
         print(json.dumps({case: run_bad_case(case)}), flush=True)
+if __name__ == "__main__" and sys.argv[1:] == ["--too-old-onnxruntime"]:
+    print(register_with_too_old_onnxruntime())

@@ -1,4 +1,4 @@
-"""Time the CPU custom ops in onnxruntime: SelectiveScan (prefill) and DecodeStep (one token), mamba-130m shapes.
+"""Time the CPU custom ops in onnxruntime on mamba-130m shapes: SelectiveScan, CausalConv1d (prefill), DecodeStep.
 
     .venv/bin/python custom_ops/bench/bench_cpu_ops.py [--threads 2] [--repeats 50]
 
@@ -82,6 +82,11 @@ def main() -> None:
     feeds = t.scan_feeds(0, np.float32, b, l, e, n, softplus=True)
     report("  reference: selective_scan_ref, torch float32",
            timed(lambda: t.scan_reference(feeds, True), 5, warmup=1))
+
+    b, l, e, k = 1, 512, 1536, 4
+    feeds = t.conv_feeds(0, np.float32, b, l, e, k)
+    sess = session("CausalConv1d", np.float32, args.threads, silu=1)
+    report(f"CausalConv1d b={b} l={l} e={e} k={k} float32", timed(lambda: sess.run(None, feeds), args.repeats))
 
     b, e, n, k, r = 1, 1536, 16, 4, 48
     for dtype in (np.float32, np.float16):
