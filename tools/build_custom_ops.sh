@@ -2,16 +2,16 @@
 # Build the custom-op library (custom_ops/) into custom_ops/build/libmamba_export_ops.so and copy it to
 # runtime/mamba_runtime/lib/, where mamba_runtime.custom_op_library_path() finds it.
 # Fetches onnxruntime's headers first when they are missing. Safe to run again: an unchanged tree rebuilds nothing.
+# Extra arguments go to CMake's configure step (e.g. -DMAMBA_EXPORT_OPS_CUDA=OFF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/fetch_ort_headers.sh
-GENERATOR=()
-if command -v ninja >/dev/null; then
-  GENERATOR=(-G Ninja)
+CONFIGURE=(-S custom_ops -B custom_ops/build -DCMAKE_BUILD_TYPE=Release)
+if [ ! -f custom_ops/build/CMakeCache.txt ] && command -v ninja >/dev/null; then
+  CONFIGURE+=(-G Ninja)  # only for a new build folder: CMake refuses to switch the generator of an existing one
 fi
-if [ ! -f custom_ops/build/CMakeCache.txt ]; then
-  cmake -S custom_ops -B custom_ops/build "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release >/dev/null
-fi
+# Configuring every time is cheap (well under a second) and repairs a build folder left half-configured.
+cmake "${CONFIGURE[@]}" "$@" >/dev/null
 cmake --build custom_ops/build --parallel "$(nproc 2>/dev/null || echo 2)"
 mkdir -p runtime/mamba_runtime/lib
 cp -p custom_ops/build/libmamba_export_ops.so runtime/mamba_runtime/lib/libmamba_export_ops.so
