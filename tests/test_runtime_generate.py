@@ -136,6 +136,9 @@ def test_text_in_and_text_out_with_the_byte_vocabulary(rt):
     assert result.prompts == [list("héllo".encode())]
     assert result.texts == [bytes(result.tokens[0]).decode("utf-8", errors="replace")]
     assert "".join(rt.stream_text("héllo", 12, SAMPLED)) == result.texts[0]
+    batch = rt.generate(["héllo", "a longer prompt"], 12, SAMPLED)
+    assert batch.prompts == [list("héllo".encode()), list(b"a longer prompt")]
+    assert batch.texts[0] == result.texts[0]
 
 
 @pytest.mark.parametrize("when", [0, 7])
@@ -176,6 +179,7 @@ def test_bad_snapshots_are_clear_errors(rt, tmp_path):
     (lambda rt: rt.generate([1], 0), "max_new_tokens must be a positive integer"),
     (lambda rt: rt.generate([1], 5, stop_tokens=[999]), "stop tokens: token id 999"),
     (lambda rt: rt.generate([[1]] * 257, 5), "batch of 257 prompts is over the limit of 256"),
+    (lambda rt: rt.generate([[1], ["x"]], 5), "prompt 1: expected text or a flat list of integer token ids"),
 ])
 def test_bad_requests_are_one_line_errors(rt, call, message):
     with pytest.raises(GenerationInputError, match=message) as e:

@@ -35,6 +35,12 @@ from .tokenizer import load_codec, require_codec
 Prompt = str | Iterable[int]
 
 
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GenerationInputError(f"{name} must be a positive integer, found {value!r}")
+    return value
+
+
 class MambaRuntime:
     """An opened export directory, ready to generate.
 
@@ -57,12 +63,10 @@ class MambaRuntime:
         self.device = select_device(provider)
         self.custom_op_library = resolve_library(self.info, custom_ops)
         self.threads = threads
-        self.max_batch = max_batch
         if prefill_chunk is None:
             prefill_chunk = 1024 if self.info.prefill_graph == "model_last.onnx" else 128
-        self.prefill_chunk = prefill_chunk
-        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
-            raise GenerationInputError(f"prefill_chunk must be a positive integer, found {prefill_chunk!r}")
+        self.max_batch = _positive_int(max_batch, "max_batch")
+        self.prefill_chunk = _positive_int(prefill_chunk, "prefill_chunk")
         self.codec = load_codec(self.info.path)
         so = session_options(threads, self.custom_op_library)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
@@ -129,7 +133,7 @@ class MambaRuntime:
     def _prompts(self, prompts: Prompt | list[Prompt]) -> list[list[int]]:
         """One prompt (text or ids) or a list of them -> a list of id lists."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple, np.ndarray)) and len(prompts) > 0
-                                        and np.isscalar(prompts[0])):
+                                        and isinstance(prompts[0], (int, np.integer, float, np.floating))):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
@@ -143,8 +147,7 @@ class MambaRuntime:
     def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
               stop_tokens: Iterable[int] = ()) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GenerationInputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
+        _positive_int(max_new_tokens, "max_new_tokens")
         stops = frozenset(int(t) for t in stop_tokens)
         self._check_ids(sorted(stops), "stop tokens")
         gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling or SamplingConfig(), stops)
