@@ -162,6 +162,20 @@ def test_selective_scan_long_sequence(dtype):
     check_scan(7, dtype, b=1, l=2048, e=40, n=16, softplus=True)
 
 
+def test_selective_scan_extreme_values():
+    """softplus past its threshold of 20, SiLU of large |z|, exp(dt A) underflowing to 0: still the reference."""
+    b, l, e, n = 2, 16, 70, 8
+    feeds = scan_feeds(9, np.float32, b, l, e, n, softplus=True)
+    rng = np.random.default_rng(9)
+    feeds["delta"] = rng.uniform(-40, 40, (b, l, e)).astype(np.float32)
+    feeds["z"] = rng.uniform(-100, 100, (b, l, e)).astype(np.float32)
+    feeds["A"] = -np.exp(rng.uniform(-3, 7, (e, n))).astype(np.float32)
+    y, state = run_op("SelectiveScan", np.float32, feeds, delta_softplus=1)
+    y_ref, state_ref = scan_reference(feeds, True)
+    assert_close(y, y_ref, TOL[np.float32])
+    assert_close(state, state_ref, STATE_TOL)
+
+
 def test_selective_scan_continues_from_its_state():
     """Two calls, the second fed the first's state, equal one call over the whole sequence."""
     feeds = scan_feeds(3, np.float32, b=2, l=24, e=33, n=16, softplus=True)
