@@ -61,8 +61,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(d_model=32, n_layer=2, d_state=8, seq_len=32, batch_size=4, steps=20, lr=3e-3, warmup=4,
                    eval_every=10, eval_tokens=512, save_every=10),
-    "kjv-byte": Preset(d_model=256, n_layer=4, seq_len=128, batch_size=16, steps=900, lr=3e-3, warmup=50,
-                       eval_every=100, eval_tokens=16384, save_every=100),
+    "kjv-byte": Preset(d_model=192, n_layer=4, seq_len=128, batch_size=8, steps=1200, lr=2e-3, warmup=60,
+                       eval_every=100, eval_tokens=8192, save_every=100),
 }
 
 
