@@ -153,3 +153,17 @@ def test_broken_tokenizer_files_are_export_dir_errors(tmp_path, name, content, m
 
 def test_no_tokenizer_file_means_token_ids_only(tmp_path):
     assert load_codec(tmp_path) is None
+
+
+def test_provider_choice_is_explicit():
+    import onnxruntime as ort
+
+    from mamba_runtime.device import CpuDevice, select_device
+
+    assert isinstance(select_device("cpu"), CpuDevice)
+    with pytest.raises(GenerationInputError, match="provider must be one of cpu, cuda, auto"):
+        select_device("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert isinstance(select_device("auto"), CpuDevice)
+        with pytest.raises(GenerationInputError, match="no CUDAExecutionProvider"):
+            select_device("cuda")
