@@ -147,6 +147,18 @@ def test_float16_export(binary, export, tmp_path):
     assert rel_err(torch.from_numpy(got), full[0, len(PROMPT) - 1:]) < FLOAT16_TOL
 
 
+def test_prefill_in_chunks(binary, export, tmp_path):
+    """--prefill-chunk 2 runs the 5-token prompt in three runs, each continuing the state: same tokens and logits."""
+    out, _ = export("nondefault")
+    prompt = ",".join(map(str, PROMPT))
+    one = generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", 3, "--dump-logits", tmp_path / "a")
+    chunked = generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", 3, "--prefill-chunk", 2,
+                       "--dump-logits", tmp_path / "b")
+    assert chunked["tokens"] == one["tokens"]
+    a, b = (np.fromfile(tmp_path / name, dtype=np.float32) for name in ("a", "b"))
+    assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < 1e-6
+
+
 def test_matches_python_runtime(binary, export):
     from mamba_runtime import MambaRuntime
 

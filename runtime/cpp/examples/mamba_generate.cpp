@@ -31,6 +31,7 @@ const char* kUsage =
     "  --stop-ids IDS        comma-separated ids that end the generation (included in the output)\n"
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
     "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw)\n"
+    "  --prefill-chunk N     prompt tokens per prefill run; 0 = automatic (default 0)\n"
     "  --no-verify           skip checking the files' sha256 against manifest.json\n"
     "  --no-custom-ops       do not register the custom-op library (onnxruntime inlines the graphs' ONNX functions)\n"
     "  --help                show this text\n";
@@ -116,6 +117,8 @@ Args parse_args(const std::vector<std::string>& argv) {
       a.session.intra_op_threads = int(parse_int(flag, value(), 0, 1024));
     } else if (flag == "--dump-logits") {
       a.dump_logits = value();
+    } else if (flag == "--prefill-chunk") {
+      a.session.prefill_chunk = int(parse_int(flag, value(), 0, INT32_MAX));
     } else if (flag == "--no-verify") {
       a.session.verify_checksums = false;
     } else if (flag == "--no-custom-ops") {

@@ -34,6 +34,9 @@ struct SessionOptions {
   int intra_op_threads = 0;
   /// Check every file of the export against its sha256 in manifest.json (reads every byte once).
   bool verify_checksums = true;
+  /// Prompt tokens per prefill run (each run continues the state); 0: 1024 with model_last.onnx, 128 with
+  /// model.onnx, whose logits hold every position of the run.
+  int prefill_chunk = 0;
 };
 
 /// What the export directory holds, read from manifest.json and the graphs' inputs and outputs.
@@ -93,8 +96,9 @@ class Model {
 
   /// Zeroes the recurrent state: the next prefill() starts a new sequence.
   void reset();
-  /// Runs `ids` (at least one, each in [0, vocab_size)) through the prefill graph, continuing from the current
-  /// state.
+  /// Runs `ids` (at least one, each in [0, vocab_size)) through the prefill graph in chunks of prefill_chunk
+  /// tokens, continuing from the current state. Ids are checked before anything runs; a call that fails in
+  /// onnxruntime leaves the state after the last chunk that completed.
   /// Returns the float32 logits of the last position (vocab_size values), valid until the next call.
   const std::vector<float>& prefill(const std::vector<int64_t>& ids);
   /// Runs one token through decode.onnx, continuing from the current state; returns its float32 logits.

@@ -216,6 +216,7 @@ struct Model::Impl {
   // flips `current`, so a failed run leaves the sequence where it was. No state copies, no per-token allocation.
   std::array<std::vector<Ort::Value>, 2> states;
   int current = 0;
+  size_t prefill_chunk = 0;         // prompt tokens per prefill run
   Ort::Value step_ids{nullptr};     // [1, 1] int64, rewritten for every decode step
   Ort::Value step_logits{nullptr};  // [1, 1, vocab], preallocated decode output
   std::vector<float> logits;        // float32 logits of the last position, what prefill() / step() return
@@ -259,6 +260,11 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options)
   step_ids = zeros(alloc, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
   step_logits = zeros(alloc, {1, 1, manifest.vocab_size}, logits_type);
   logits.resize(size_t(manifest.vocab_size));
+  if (options.prefill_chunk < 0) {
+    throw Error("prefill_chunk must be >= 0 (0: automatic), found " + std::to_string(options.prefill_chunk));
+  }
+  size_t automatic = manifest.prefill_graph == "model_last.onnx" ? 1024 : 128;
+  prefill_chunk = options.prefill_chunk > 0 ? size_t(options.prefill_chunk) : automatic;
 }
 
 void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out) {
@@ -320,12 +326,17 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
     impl_->check_token(ids[i], "token id " + std::to_string(ids[i]) + " at position " + std::to_string(i));
   }
   std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
-  std::array<int64_t, 2> shape{1, int64_t(ids.size())};
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
-  Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data(), buffer.size(), shape.data(), shape.size());
-  Ort::Value out{nullptr};
-  impl_->run(impl_->prefill_graph, impl_->manifest.prefill_graph.c_str(), input, out);
-  impl_->take_last_logits(out);
+  // In chunks, each continuing the state: model.onnx's logits are [1, chunk, vocab], so a long prompt in one run
+  // would allocate logits for every position.
+  for (size_t start = 0; start < buffer.size(); start += impl_->prefill_chunk) {
+    size_t n = std::min(impl_->prefill_chunk, buffer.size() - start);
+    std::array<int64_t, 2> shape{1, int64_t(n)};
+    Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data() + start, n, shape.data(), shape.size());
+    Ort::Value out{nullptr};
+    impl_->run(impl_->prefill_graph, impl_->manifest.prefill_graph.c_str(), input, out);
+    if (start + n == buffer.size()) impl_->take_last_logits(out);
+  }
   return impl_->logits;
 }
 
