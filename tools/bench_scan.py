@@ -9,7 +9,8 @@ apart (it includes compilation). Floors:
     memory: every input read once and every output written once, over the measured device copy bandwidth;
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
---sweep also times a few tile shapes (time steps per tile, tile elements, warps) of the scan at the first shape.
+--sweep first times a few tile shapes (time steps per tile, tile elements, warps) at the first shape, and runs the
+table with the fastest.
 """
 
 from __future__ import annotations
@@ -84,15 +85,22 @@ def bytes_moved(b: int, d: int, l: int, n: int, backward: bool) -> int:
     return fwd + (bwd if backward else 0)
 
 
-def time_fn(fn, reps: int) -> tuple[float, float, float, float]:
-    """Warm-up time (first call), then median, p10, p90 in ms."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    warm = (time.perf_counter() - t0) * 1e3
-    med, p10, p90 = triton.testing.do_bench(fn, quantiles=[0.5, 0.1, 0.9], rep=reps)
-    return warm, med, p10, p90
+def time_fn(fn, runs: int | None) -> tuple[float, float, float, float]:
+    """Warm-up time (first call), then median, p10, p90 in ms: of do_bench (runs None) or of ``runs`` timed calls
+    (for the slow reference)."""
+    def once() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    warm = once()
+    if runs is None:
+        med, p10, p90 = triton.testing.do_bench(fn, quantiles=[0.5, 0.1, 0.9], rep=1000)
+        return warm, med, p10, p90
+    q = torch.tensor([once() for _ in range(runs)]).quantile(torch.tensor([0.5, 0.1, 0.9])).tolist()
+    return warm, *q
 
 
 def scan_calls(x: dict, impl):
@@ -121,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes at the first shape")
     ap.add_argument("--reference-64k", action="store_true", help="also time the reference at 64k (minutes)")
     args = ap.parse_args(argv)
+    if args.sweep:
+        best = sweep()
+        set_tiles(best)
+        print(f"main table with the fastest tiles: {best}")
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
           f"{triton.__version__}, CUDA {torch.version.cuda}")
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, impl in impls:
             for pass_name, fn in zip(("fwd", "fwd+bwd"), scan_calls(x, impl)):
                 backward = pass_name == "fwd+bwd"
-                warm, med, p10, p90 = time_fn(fn, reps=2000 if name == "triton" else 200)
+                warm, med, p10, p90 = time_fn(fn, None if name == "triton" else 2)
                 mem_floor = bytes_moved(b, d, l, n, backward) / bandwidth * 1e3
                 exp_floor = b * d * l * n * (2 if backward else 1) / exp_rate * 1e3
                 rows.append([f"b{b} d{d} l{l}", name, pass_name, f"{warm:.1f}", f"{med:.3f}", f"{p10:.3f}-{p90:.3f}",
@@ -148,28 +160,41 @@ def main(argv: list[str] | None = None) -> int:
         del x
         torch.cuda.empty_cache()
     report(rows)
-    if args.sweep:
-        sweep()
     return 0
 
 
-def sweep() -> None:
-    """Time fwd and fwd+bwd at b8 d1536 l2048 for a few (time tile, tile elements, warps)."""
+SWEEP = [  # (time steps per tile, forward tile elements, forward warps, backward tile elements, backward warps)
+    (32, 4096, 4, 4096, 4),
+    (32, 4096, 8, 8192, 8),
+    (16, 2048, 4, 8192, 8),
+    (32, 4096, 4, 16384, 16),
+]
+
+
+def set_tiles(cfg: tuple) -> None:
+    scan_module._T = cfg[0]
+    scan_module._FWD_TILE = {"elements": cfg[1], "warps": cfg[2]}
+    scan_module._BWD_TILE = {"elements": cfg[3], "warps": cfg[4]}
+
+
+def sweep() -> tuple:
+    """Time fwd and fwd+bwd at b8 d1536 l2048 for each SWEEP entry; return the fastest fwd+bwd."""
     x = make_inputs(8, 1536, 2048, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
-    saved = (scan_module._T, scan_module._TILE_ELEMENTS, scan_module._NUM_WARPS)
-    rows = [["T", "tile", "warps", "fwd ms", "fwd+bwd ms"]]
-    for cfg in [(32, 4096, 4), (32, 4096, 8), (16, 2048, 4), (64, 8192, 8), (32, 2048, 4)]:
-        scan_module._T, scan_module._TILE_ELEMENTS, scan_module._NUM_WARPS = cfg
+    rows, best = [["T", "fwd tile", "fwd warps", "bwd tile", "bwd warps", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
+    for cfg in SWEEP:
+        set_tiles(cfg)
         try:
-            f = triton.testing.do_bench(fwd, rep=300)
+            f = triton.testing.do_bench(fwd, rep=200)
             fb = triton.testing.do_bench(fwd_bwd, rep=300)
-            rows.append([str(c) for c in cfg] + [f"{f:.3f}", f"{fb:.3f}"])
         except Exception as e:  # a tile that does not fit (registers, shared memory) is a result too
             rows.append([str(c) for c in cfg] + [f"failed: {type(e).__name__}", ""])
-    scan_module._T, scan_module._TILE_ELEMENTS, scan_module._NUM_WARPS = saved
-    print("sweep (b8 d1536 l2048 bf16):")
+            continue
+        rows.append([str(c) for c in cfg] + [f"{f:.3f}", f"{fb:.3f}"])
+        best = min(best, (cfg, fb), key=lambda t: t[1])
+    print("sweep (b8 d1536 l2048 bf16, medians):")
     report(rows)
+    return best[0]
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from ._checks import KernelInputError, check_runnable, check_tensor, vector_or_n
 __all__ = ["selective_scan"]
 
 _T = 32  # time steps per register tile; the backward keeps one fp32 state per tile
-_TILE_ELEMENTS = 4096  # BLOCK_D * _T * BLOCK_N: what one program holds per 3-D tile
-_NUM_WARPS = 4
+# Per pass: elements of one (BLOCK_D, _T, BLOCK_N) fp32 tile, and warps per program. Larger backward tiles mean
+# fewer channel blocks adding into dB and dC.
+_FWD_TILE = {"elements": 4096, "warps": 4}
+_BWD_TILE = {"elements": 4096, "warps": 4}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,9 +336,9 @@ def _bwd_chunk_kernel(
 # Launchers
 
 
-def _block_d(n: int) -> int:
-    """Channels per program: a (BLOCK_D, _T, BLOCK_N) tile of _TILE_ELEMENTS fp32."""
-    return max(1, _TILE_ELEMENTS // (_T * triton.next_power_of_2(n)))
+def _block_d(n: int, tile: dict) -> int:
+    """Channels per program: a (BLOCK_D, _T, BLOCK_N) tile of tile["elements"] fp32."""
+    return max(1, tile["elements"] // (_T * triton.next_power_of_2(n)))
 
 
 def _num_chunks(batch: int, d_blocks: int, nsub: int, device: torch.device) -> int:
@@ -378,11 +380,11 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     sub = torch.empty(b, d, nsub if save_states else 0, n, **f32)
     if l == 0:
         return y, h0.clone(), sub
-    block_d, block_n = _block_d(n), triton.next_power_of_2(n)
+    block_d, block_n = _block_d(n, _FWD_TILE), triton.next_power_of_2(n)
     d_blocks = triton.cdiv(d, block_d)
     subs = triton.cdiv(nsub, _num_chunks(b, d_blocks, nsub, u.device))
     nchunk = triton.cdiv(nsub, subs)
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_NUM_WARPS)
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_FWD_TILE["warps"])
     start = h0.view(b, d, 1, n)
     if nchunk > 1:
         local, dsum = torch.empty(b, d, nchunk, n, **f32), torch.empty(b, d, nchunk, **f32)
@@ -414,11 +416,11 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     nsub = triton.cdiv(l, _T)
     if sub.shape != (b, d, nsub, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
-    block_d, block_n = _block_d(n), triton.next_power_of_2(n)
+    block_d, block_n = _block_d(n, _BWD_TILE), triton.next_power_of_2(n)
     d_blocks = triton.cdiv(d, block_d)
     subs = triton.cdiv(nsub, _num_chunks(b, d_blocks, nsub, u.device)) if l else 1
     nchunk = max(1, triton.cdiv(nsub, subs))
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_NUM_WARPS)
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_BWD_TILE["warps"])
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = torch.zeros(b, d, n, **f32) if dfinal is None else dfinal.to(torch.float32).contiguous()
     carry = gfinal.view(b, d, 1, n)
