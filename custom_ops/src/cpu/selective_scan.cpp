@@ -8,6 +8,7 @@
 
 #include "dispatch.h"
 #include "mamba_export_ops/cpu_kernels.h"
+#include "prefetch.h"
 #include "vec_math.h"
 
 namespace mamba_export_ops {
@@ -74,18 +75,6 @@ inline void scan_step_output(const SelectiveScanArgs<T>& a, size_t row, size_t c
     float out = (s.y[c] + a.D[c0 + c] * u) * vec::silu(vec::to_float(a.z[row + c]));
     a.y[row + c] = vec::from_float<T>(out);
   }
-}
-
-// The block's slice of a time step is a short run of e-strided rows: too far apart for the hardware prefetchers,
-// and behind a long stretch of arithmetic, so without a hint every time step waits for memory.
-constexpr size_t kPrefetchSteps = 4;
-
-template <typename T>
-inline void prefetch_slice(const T* p, size_t count) {
-  const char* first = reinterpret_cast<const char*>(p);
-  const char* last = reinterpret_cast<const char*>(p + count) - 1;
-  for (const char* q = first; q <= last; q += 64) __builtin_prefetch(q);
-  __builtin_prefetch(last);
 }
 
 template <typename T>
