@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import subprocess
 import sys
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -163,6 +165,19 @@ def test_bad_snapshots_are_clear_errors(rt, tmp_path):
     with pytest.raises(SnapshotError, match="does not exist"):
         rt.restore(tmp_path / "none.npz")
     blob = rt.start([1, 2], 5).snapshot()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(blob)) as src, zipfile.ZipFile(buf, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name == "meta.npy":  # same header, keys removed from the JSON
+                meta = json.loads(np.load(io.BytesIO(data)).tobytes())
+                del meta["rng"], meta["tokens"]
+                out = io.BytesIO()
+                np.save(out, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                data = out.getvalue()
+            dst.writestr(name, data)
+    with pytest.raises(SnapshotError, match="incomplete or malformed"):
+        rt.restore(buf.getvalue())
     other = MambaRuntime(rt.info.path, provider="cpu", threads=1, verify=False)
     other.info = dataclasses.replace(other.info, export_id="0" * 16)
     with pytest.raises(SnapshotError, match="another export"):

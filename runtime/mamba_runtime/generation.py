@@ -194,15 +194,13 @@ def load_snapshot(runtime, data: bytes) -> Generation:
     if meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != SNAPSHOT_VERSION:
         raise SnapshotError(f"not a {SNAPSHOT_FORMAT} version {SNAPSHOT_VERSION} (found {meta.get('format')!r} "
                             f"version {meta.get('version')!r})")
-    if meta["export_id"] != runtime.info.export_id:
-        raise SnapshotError(f"snapshot was taken with another export (id {meta['export_id']}, this one is "
+    if meta.get("export_id") != runtime.info.export_id:
+        raise SnapshotError(f"snapshot was taken with another export (id {meta.get('export_id')}, this one is "
                             f"{runtime.info.export_id})")
-    gen = Generation(runtime, meta["prompts"], meta["max_new_tokens"], SamplingConfig(**meta["sampling"]),
-                     frozenset(meta["stop_tokens"]))
-    gen.tokens, gen.finish_reasons = meta["tokens"], meta["finish_reasons"]
-    for i, t in enumerate(gen.tokens):
-        gen.sampler.observe([i] * len(t), t)
-    gen.sampler.set_rng_states(meta["rng"])
+    try:
+        gen = _rebuild(runtime, meta)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise SnapshotError(f"snapshot metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     conv_shape, ssm_shape = runtime.info.state_shapes(gen.batch)
     for name, shape in (("conv", conv_shape), ("ssm", ssm_shape)):
         if arrays.get(name) is None or arrays[name].shape != (runtime.info.n_layer, *shape):
@@ -210,5 +208,16 @@ def load_snapshot(runtime, data: bytes) -> Generation:
                                 f"expected {(runtime.info.n_layer, *shape)}")
     gen.state.upload(arrays["conv"], arrays["ssm"])
     gen._pending, gen._logits = arrays.get("pending"), arrays.get("logits")
+    return gen
+
+
+def _rebuild(runtime, meta: dict) -> Generation:
+    """A Generation with the snapshot's prompts, settings, tokens so far and generator states (no state yet)."""
+    gen = Generation(runtime, meta["prompts"], meta["max_new_tokens"], SamplingConfig(**meta["sampling"]),
+                     frozenset(meta["stop_tokens"]))
+    gen.tokens, gen.finish_reasons = meta["tokens"], meta["finish_reasons"]
+    for i, t in enumerate(gen.tokens):
+        gen.sampler.observe([i] * len(t), t)
+    gen.sampler.set_rng_states(meta["rng"])
     gen.first_token_s = 0.0 if any(gen.tokens) else None
     return gen
