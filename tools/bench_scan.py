@@ -10,7 +10,7 @@ apart (it includes compilation). Floors:
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
 --sweep first times a few tile shapes (time steps per tile, tile elements, warps) at the first shape, and runs the
-table with the fastest.
+table with the fastest; then a few chunk counts at 64k tokens.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         best = sweep()
         set_tiles(best)
-        print(f"main table with the fastest tiles: {best}")
+        scan_module._PROGRAMS_PER_SM = sweep_chunks()
+        print(f"main table with the fastest tiles {best} and {scan_module._PROGRAMS_PER_SM} programs per SM")
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
           f"{triton.__version__}, CUDA {torch.version.cuda}")
@@ -193,6 +194,21 @@ def sweep() -> tuple:
         rows.append([str(c) for c in cfg] + [f"{f:.3f}", f"{fb:.3f}"])
         best = min(best, (cfg, fb), key=lambda t: t[1])
     print("sweep (b8 d1536 l2048 bf16, medians):")
+    report(rows)
+    return best[0]
+
+
+def sweep_chunks() -> int:
+    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets (which set the chunk count)."""
+    x = make_inputs(1, 1536, 65536, 16)
+    fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
+    rows, best = [["programs/SM", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
+    for target in (4, 8, 16, 32):
+        scan_module._PROGRAMS_PER_SM = target
+        f, fb = triton.testing.do_bench(fwd, rep=200), triton.testing.do_bench(fwd_bwd, rep=300)
+        rows.append([str(target), f"{f:.3f}", f"{fb:.3f}"])
+        best = min(best, (target, fb), key=lambda t: t[1])
+    print("chunk sweep (b1 d1536 l65536 bf16, medians):")
     report(rows)
     return best[0]
 

@@ -33,6 +33,7 @@ _T = 32  # time steps per register tile; the backward keeps one fp32 state per t
 # fewer channel blocks adding into dB and dC.
 _FWD_TILE = {"elements": 4096, "warps": 4}
 _BWD_TILE = {"elements": 4096, "warps": 4}
+_PROGRAMS_PER_SM = 4  # chunk the sequence until there are this many programs per SM
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,9 +343,9 @@ def _block_d(n: int, tile: dict) -> int:
 
 
 def _num_chunks(batch: int, d_blocks: int, nsub: int, device: torch.device) -> int:
-    """Chunks per sequence: enough programs for 4 per SM (1 chunk when batch x channel blocks already suffice)."""
+    """Chunks per sequence: enough for _PROGRAMS_PER_SM programs per SM (1 when batch x channel blocks suffice)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(nsub, triton.cdiv(4 * sms, batch * d_blocks)))
+    return max(1, min(nsub, triton.cdiv(_PROGRAMS_PER_SM * sms, batch * d_blocks)))
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
