@@ -139,7 +139,8 @@ def heldout_bpb(model: MambaLM, corpus: Corpus, p: Preset, max_tokens: int | Non
 
     Bytes per token is taken as the held-out average (exact for byte-level models)."""
     ids = corpus.heldout if max_tokens is None else corpus.heldout[:max_tokens]
-    bits, scored = evaluate_bits(model, ids, p.batch_size, p.seq_len)
+    streams = max(1, min(p.batch_size, len(ids) // (p.seq_len + 1)))  # each stream at least one window long
+    bits, scored = evaluate_bits(model, ids, streams, p.seq_len)
     bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
     return bits / (scored * bytes_per_token)
 
@@ -159,10 +160,12 @@ def _check_output(opts: TrainOptions) -> None:
     out = Path(opts.out)
     if opts.resume and opts.force:
         raise MambaExportError("--resume and --force exclude each other")
+    if out.exists() and not out.is_dir():
+        raise MambaExportError(f"{out}: is a file, not a checkpoint directory")
     if opts.resume:
         if not (out / STATE_FILE).is_file():
             raise MambaExportError(f"{out}: nothing to resume (no {STATE_FILE}; was it written by mamba-export train?)")
-    elif out.exists() and not opts.force and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and not opts.force and any(out.iterdir()):
         raise MambaExportError(f"{out}: already exists; pass --resume to continue its training or --force to replace it")
 
 
