@@ -12,7 +12,7 @@ import torch
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import export_checkpoint
 from mamba_export.export.graphs import example_inputs
-from support import make_hf_model, rel_err, save_transformers
+from support import make_hf_model, rel_err, save_state_spaces
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:D
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("ts")
-    ckpt = save_transformers(make_hf_model("nondefault", seed=3), root / "ckpt")
+    ckpt = save_state_spaces(make_hf_model("nondefault", seed=3), root / "ckpt", fmt="safetensors")
     out = export_checkpoint(ckpt, root / "export", fmt="torchscript", last_logits=True)
     return out, load_checkpoint(ckpt, dtype=torch.float64)
 

@@ -53,7 +53,7 @@ def export_checkpoint(
     _, _, raw = read_config(ckpt_dir)
     directory.check_target(Path(out_dir).absolute(), force)  # fail before the slow part; checked again at the end
     if fmt == "onnx" and with_library:
-        directory.library_path()
+        directory.library_path()  # raises now, before the slow part, when the library is not built
     say = progress or (lambda msg: None)
     say(f"loading {ckpt_dir} as {dtype}")
     model = load_checkpoint(ckpt_dir, dtype=DTYPES[dtype])
