@@ -110,6 +110,7 @@ class Model {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  Impl& impl() const;  // throws mamba::Error on a moved-from Model
 };
 
 /// The index of the largest logit (the first one on ties).

@@ -227,8 +227,15 @@ struct Model::Impl {
   void check_token(int64_t id, const std::string& what) const;
 };
 
-Model::Impl::Impl(const std::string& dir, const SessionOptions& options)
-    : manifest(detail::read_manifest(dir, options.verify_checksums)) {
+Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
+  if (options.intra_op_threads < 0) {
+    throw Error("intra_op_threads must be >= 0 (0: onnxruntime's choice), found " +
+                std::to_string(options.intra_op_threads));
+  }
+  if (options.prefill_chunk < 0) {
+    throw Error("prefill_chunk must be >= 0 (0: automatic), found " + std::to_string(options.prefill_chunk));
+  }
+  manifest = detail::read_manifest(dir, options.verify_checksums);
   Ort::SessionOptions so = make_session_options(options, manifest);
   prefill_graph = open_graph(env, manifest.dir / manifest.prefill_graph, so);
   decode_graph = open_graph(env, manifest.dir / "decode.onnx", so);
@@ -260,9 +267,6 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options)
   step_ids = zeros(alloc, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
   step_logits = zeros(alloc, {1, 1, manifest.vocab_size}, logits_type);
   logits.resize(size_t(manifest.vocab_size));
-  if (options.prefill_chunk < 0) {
-    throw Error("prefill_chunk must be >= 0 (0: automatic), found " + std::to_string(options.prefill_chunk));
-  }
   size_t automatic = manifest.prefill_graph == "model_last.onnx" ? 1024 : 128;
   prefill_chunk = options.prefill_chunk > 0 ? size_t(options.prefill_chunk) : automatic;
 }
@@ -311,48 +315,55 @@ Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 
-const ModelInfo& Model::info() const { return impl_->info; }
+Model::Impl& Model::impl() const {
+  if (!impl_) throw Error("this mamba::Model was moved from; use the Model it was moved to");
+  return *impl_;
+}
+
+const ModelInfo& Model::info() const { return impl().info; }
 
 void Model::reset() {
-  for (auto& v : impl_->states[impl_->current]) {
-    auto info = v.GetTensorTypeAndShapeInfo();
-    std::fill_n(v.GetTensorMutableData<float>(), info.GetElementCount(), 0.0f);
+  Impl& m = impl();
+  for (auto& v : m.states[m.current]) {
+    std::fill_n(v.GetTensorMutableData<float>(), v.GetTensorTypeAndShapeInfo().GetElementCount(), 0.0f);
   }
 }
 
 const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
+  Impl& m = impl();
   if (ids.empty()) throw Error("empty prompt: give at least one token id");
   for (size_t i = 0; i < ids.size(); ++i) {
-    impl_->check_token(ids[i], "token id " + std::to_string(ids[i]) + " at position " + std::to_string(i));
+    m.check_token(ids[i], "token id " + std::to_string(ids[i]) + " at position " + std::to_string(i));
   }
   std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
   // In chunks, each continuing the state: model.onnx's logits are [1, chunk, vocab], so a long prompt in one run
   // would allocate logits for every position.
-  for (size_t start = 0; start < buffer.size(); start += impl_->prefill_chunk) {
-    size_t n = std::min(impl_->prefill_chunk, buffer.size() - start);
+  for (size_t start = 0; start < buffer.size(); start += m.prefill_chunk) {
+    size_t n = std::min(m.prefill_chunk, buffer.size() - start);
     std::array<int64_t, 2> shape{1, int64_t(n)};
     Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data() + start, n, shape.data(), shape.size());
     Ort::Value out{nullptr};
-    impl_->run(impl_->prefill_graph, impl_->manifest.prefill_graph.c_str(), input, out);
-    if (start + n == buffer.size()) impl_->take_last_logits(out);
+    m.run(m.prefill_graph, m.manifest.prefill_graph.c_str(), input, out);
+    if (start + n == buffer.size()) m.take_last_logits(out);
   }
-  return impl_->logits;
+  return m.logits;
 }
 
 const std::vector<float>& Model::step(int64_t id) {
-  impl_->check_token(id, "token id " + std::to_string(id));
-  *impl_->step_ids.GetTensorMutableData<int64_t>() = id;
-  impl_->run(impl_->decode_graph, "decode.onnx", impl_->step_ids, impl_->step_logits);
-  impl_->take_last_logits(impl_->step_logits);
-  return impl_->logits;
+  Impl& m = impl();
+  m.check_token(id, "token id " + std::to_string(id));
+  *m.step_ids.GetTensorMutableData<int64_t>() = id;
+  m.run(m.decode_graph, "decode.onnx", m.step_ids, m.step_logits);
+  m.take_last_logits(m.step_logits);
+  return m.logits;
 }
 
 Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOptions& options) {
   if (options.max_new_tokens < 1) {
     throw Error("max_new_tokens must be at least 1, found " + std::to_string(options.max_new_tokens));
   }
-  for (int64_t stop : options.stop_tokens) impl_->check_token(stop, "stop token id " + std::to_string(stop));
+  for (int64_t stop : options.stop_tokens) impl().check_token(stop, "stop token id " + std::to_string(stop));
   Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
   auto pick = [&](const std::vector<float>& logits) {
     int64_t token = options.greedy ? argmax(logits) : sampler.sample(logits);
@@ -369,10 +380,11 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   g.tokens.push_back(pick(prefill(prompt)));
   g.prefill_ms = ms_since(start);
   start = std::chrono::steady_clock::now();
-  while (!(g.stopped = is_stop(g.tokens.back())) && int(g.tokens.size()) < options.max_new_tokens) {
+  while (int(g.tokens.size()) < options.max_new_tokens && !is_stop(g.tokens.back())) {
     g.tokens.push_back(pick(step(g.tokens.back())));
   }
   g.decode_ms = ms_since(start);
+  g.stopped = is_stop(g.tokens.back());
   return g;
 }
 

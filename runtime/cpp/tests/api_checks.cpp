@@ -78,6 +78,7 @@ int main(int argc, char** argv) {
     mamba::Model moved = std::move(model);
     moved.reset();
     expect_close("a moved-to Model runs", moved.prefill(kPrompt), whole);
+    expect_error("a moved-from Model", "was moved from", [&] { model.step(1); });
 
     mamba::GenerateOptions options;
     options.max_new_tokens = 0;
