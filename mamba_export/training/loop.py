@@ -194,7 +194,7 @@ def _build_model(corpus: Corpus, p: Preset, backend: str) -> MambaLM:
 
 
 def _plot(log: list[dict], title: str) -> bytes:
-    """The loss curve as PNG bytes: training bits per token (raw and smoothed) and held-out bits per byte."""
+    """The loss curve as PNG bytes: training bits per token (raw and a trailing mean) and held-out bits per byte."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,13 +202,11 @@ def _plot(log: list[dict], title: str) -> bytes:
 
     steps = [r["step"] for r in log]
     bits = [r["loss"] / math.log(2) for r in log]
-    smooth, ema = [], bits[0] if bits else 0.0
-    for b in bits:
-        ema = 0.95 * ema + 0.05 * b
-        smooth.append(ema)
+    window = 20
+    smooth = [sum(bits[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(bits))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, bits, color="0.8", lw=0.8, label="training batch (bits/token)")
-    ax.plot(steps, smooth, color="C0", label="training, smoothed")
+    ax.plot(steps, smooth, color="C0", label=f"training, mean of the last {window} steps")
     ev = [(r["step"], r["heldout_bpb"]) for r in log if "heldout_bpb" in r]
     if ev:
         ax.plot(*zip(*ev), "o-", color="C1", ms=3, label="held-out (bits/byte)")
