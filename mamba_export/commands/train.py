@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "training.json. See docs/training.md.",
     )
     p.add_argument("--data", required=True, metavar="TEXT_FILE", help="the training text (its last 5%% is held out)")
-    p.add_argument("--preset", choices=None, metavar="NAME",
+    p.add_argument("--preset", metavar="NAME",
                    help=f"model shape and hyper-parameters: {', '.join(PRESETS)} (required unless --resume)")
     p.add_argument("-o", "--output", required=True, metavar="CHECKPOINT_DIR", help="directory to write")
     p.add_argument("--steps", type=int, help="total optimiser steps (overrides the preset's)")
