@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [5, 17, 42, 7, 3]
 N_NEW = 12
 FLOAT32_TOL = 1e-4  # relative error of float32 logits against the float32 reference (README test policy)
+# The three exports the tests share: float32 with the custom-op library; without it, with model_last.onnx; float16
+# with a byte-level vocabulary (vocabulary 256).
+MAIN = dict(name="nondefault")
+NO_LIBRARY = dict(name="noconvbias", library=False, last_logits=True)
+BYTES_F16 = dict(name="tiny", byte_vocab=True, dtype="float16")
 FLOAT16_TOL = 5e-3  # float16 weights and activations against the float32 reference (seen: 5e-4)
 
 
@@ -38,7 +43,7 @@ def binary() -> Path:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    """export(config, library=True, byte_vocab=False, **export_options) -> (export dir, float32 reference MambaLM),
+    """export(name, library=True, byte_vocab=False, **export_options) -> (export dir, float32 reference MambaLM),
     each made once per module."""
     from mamba_export.checkpoint import load_checkpoint
     from mamba_export.export.api import export_checkpoint
@@ -102,7 +107,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("custom_ops", [True, False], ids=["custom-ops", "no-custom-ops"])
 def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, custom_ops):
     """Prefill + decode steps in C++ give the reference's greedy tokens and its full-forward logits."""
-    out, model = export("nondefault")
+    out, model = export(**MAIN)
     dump = tmp_path / "logits.f32"
     flags = [] if custom_ops else ["--no-custom-ops"]
     res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW, "--greedy",
@@ -124,7 +129,7 @@ def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, cust
 def test_without_library_matches_reference(binary, export):
     """An export without the custom-op library (other sizes: no conv bias, d_conv 2) runs with --no-custom-ops, and
     its model_last.onnx (last-position logits) does the prefill."""
-    out, model = export("noconvbias", library=False, last_logits=True)
+    out, model = export(**NO_LIBRARY)
     res = generate(binary, out, "--prompt-ids", "1,2,3", "--max-new-tokens", 8, "--no-custom-ops")
     assert ids(res["tokens"]) == reference_greedy(model, [1, 2, 3], 8)
     assert res["prefill"].endswith("(model_last.onnx, logits float32)")
@@ -134,7 +139,7 @@ def test_float16_export(binary, export, tmp_path):
     """float16 logits are converted: same tokens as the Python runtime, logits near the float32 reference."""
     from mamba_runtime import MambaRuntime
 
-    out, model = export("nondefault", dtype="float16")
+    out, model = export(**BYTES_F16)
     dump = tmp_path / "logits.f32"
     res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
                    "--dump-logits", dump)
@@ -149,7 +154,7 @@ def test_float16_export(binary, export, tmp_path):
 
 def test_prefill_in_chunks(binary, export, tmp_path):
     """--prefill-chunk 2 runs the 5-token prompt in three runs, each continuing the state: same tokens and logits."""
-    out, _ = export("nondefault")
+    out, _ = export(**MAIN)
     prompt = ",".join(map(str, PROMPT))
     one = generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", 3, "--dump-logits", tmp_path / "a")
     chunked = generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", 3, "--prefill-chunk", 2,
@@ -162,14 +167,14 @@ def test_prefill_in_chunks(binary, export, tmp_path):
 def test_matches_python_runtime(binary, export):
     from mamba_runtime import MambaRuntime
 
-    out, _ = export("nondefault")
+    out, _ = export(**MAIN)
     py = MambaRuntime(out, provider="cpu", custom_ops="require").generate(PROMPT, N_NEW).tokens[0]
     res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW)
     assert ids(res["tokens"]) == list(py)
 
 
 def test_stop_token_ends_generation(binary, export):
-    out, model = export("nondefault")
+    out, model = export(**MAIN)
     greedy = reference_greedy(model, PROMPT, N_NEW)
     stop = greedy[3]
     res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
@@ -179,7 +184,7 @@ def test_stop_token_ends_generation(binary, export):
 
 
 def test_sampling_is_seeded_and_respects_top_k(binary, export, tmp_path):
-    out, _ = export("nondefault")
+    out, _ = export(**MAIN)
 
     def sample(seed: int, dump: Path) -> list[int]:
         res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
@@ -196,18 +201,21 @@ def test_sampling_is_seeded_and_respects_top_k(binary, export, tmp_path):
 
 
 def test_byte_level_text_prompt(binary, export):
-    out, model = export("tiny", byte_vocab=True)
+    """--prompt TEXT is the UTF-8 bytes as ids, as in the Python runtime; the text line shows the new bytes."""
+    from mamba_runtime import MambaRuntime
+
+    out, _ = export(**BYTES_F16)
     text = generate(binary, out, "--prompt", "hi!", "--max-new-tokens", 6)
     as_ids = generate(binary, out, "--prompt-ids", "104,105,33", "--max-new-tokens", 6)
     assert text["tokens"] == as_ids["tokens"]
     tokens = ids(text["tokens"])
-    assert tokens == reference_greedy(model, [104, 105, 33], 6)
+    assert tokens == list(MambaRuntime(out, provider="cpu", custom_ops="require").generate("hi!", 6).tokens[0])
     assert text["text"] == quoted(bytes(tokens))
 
 
 def test_api_checks(binary, export):
     """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API."""
-    out, _ = export("nondefault")
+    out, _ = export(**MAIN)
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -276,7 +284,7 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("breakage, args, fragment", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_errors_are_one_line(binary, export, tmp_path, breakage, args, fragment):
-    out, _ = export("nondefault")
+    out, _ = export(**MAIN)
     target = out
     if breakage is not None:
         target = _copy(out, tmp_path)
@@ -290,7 +298,7 @@ def test_errors_are_one_line(binary, export, tmp_path, breakage, args, fragment)
 
 
 def test_export_without_library_needs_no_custom_ops_flag(binary, export):
-    out, _ = export("noconvbias", library=False)
+    out, _ = export(**NO_LIBRARY)
     proc = run(binary, out, "--prompt-ids", "1")
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("or re-export with the library")
@@ -298,7 +306,7 @@ def test_export_without_library_needs_no_custom_ops_flag(binary, export):
 
 
 def test_empty_text_prompt(binary, export):
-    out, _ = export("tiny", byte_vocab=True)
+    out, _ = export(**BYTES_F16)
     proc = run(binary, out, "--prompt", "")
     assert proc.returncode == 2
     assert proc.stderr == "mamba_generate: error: empty prompt: give at least one token id\n"
