@@ -22,6 +22,12 @@ struct half_t {
 // Channels per task in the prefill kernels: the inner loops are vectorised over this block.
 constexpr size_t kChannelBlock = 64;
 
+// Scratch memory must start on a 64-byte cache line; every task's share is a whole number of lines (kLineFloats),
+// so tasks on different threads never write to the same line.
+constexpr size_t kLineFloats = 16;
+
+inline size_t round_to_line(size_t floats) { return (floats + kLineFloats - 1) / kLineFloats * kLineFloats; }
+
 template <typename T>
 struct SelectiveScanArgs {
   const T* u;                  // [b, l, e]
@@ -84,7 +90,7 @@ struct DecodeStepArgs {
   float* ssm_state_out;        // [b, e, n]
   size_t b, e, n, k, r;
   float* x_conv;               // scratch [b, e]
-  float* x_dbl;                // scratch [b, r + 2n]
+  float* x_dbl;                // scratch [b, r + 2n], starting on a line of its own
 };
 
 size_t decode_step_num_tasks(int phase, size_t b, size_t e, size_t n, size_t r);

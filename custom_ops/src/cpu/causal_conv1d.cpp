@@ -63,7 +63,7 @@ MAMBA_CLONES void conv_block_f16(const CausalConv1dArgs<half_t>& a, size_t task)
 
 size_t causal_conv1d_num_tasks(size_t b, size_t e) { return b * ((e + CB - 1) / CB); }
 
-size_t causal_conv1d_scratch_floats(size_t k) { return 2 * k * CB + CB; }
+size_t causal_conv1d_scratch_floats(size_t k) { return round_to_line(2 * k * CB + CB); }
 
 template <>
 void causal_conv1d_task<float>(const CausalConv1dArgs<float>& args, size_t task) {

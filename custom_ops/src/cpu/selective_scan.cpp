@@ -120,7 +120,7 @@ MAMBA_CLONES void scan_block_f16(const SelectiveScanArgs<half_t>& a, size_t task
 
 size_t selective_scan_num_tasks(size_t b, size_t e) { return b * ((e + CB - 1) / CB); }
 
-size_t selective_scan_scratch_floats(size_t n) { return 2 * n * CB + 3 * CB + 2 * n; }
+size_t selective_scan_scratch_floats(size_t n) { return round_to_line(2 * n * CB + 3 * CB + 2 * n); }
 
 template <>
 void selective_scan_task<float>(const SelectiveScanArgs<float>& args, size_t task) {

@@ -1,6 +1,7 @@
 // onnxruntime binding of the CPU kernels: one op per (name, activation dtype). Each kernel call validates its
 // inputs (checks.h), allocates outputs and scratch, and runs the kernel's tasks on the session's intra-op pool.
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,14 @@ bool read_flag(const OrtKernelInfo* info, const char* op, const char* name, bool
                        ", expected 0 or 1");
   }
   return value == 1;
+}
+
+// `floats` floats of scratch on a fresh cache line (see kLineFloats), owned by `storage`.
+float* line_aligned(std::vector<float>& storage, size_t floats) {
+  storage.resize(floats + kLineFloats);
+  void* start = storage.data();
+  size_t space = storage.size() * sizeof(float);
+  return static_cast<float*>(std::align(kLineFloats * sizeof(float), floats * sizeof(float), start, space));
 }
 
 template <typename T>
@@ -107,11 +116,12 @@ struct SelectiveScanKernel {
     expect(h0, F32, kFloat32Why, {db, de, dn});
 
     const size_t tasks = selective_scan_num_tasks(b, e);
-    std::vector<float> scratch(tasks * selective_scan_scratch_floats(n));
+    std::vector<float> storage;
+    float* scratch = line_aligned(storage, tasks * selective_scan_scratch_floats(n));
     const SelectiveScanArgs<T> args{
         data<T>(u), data<T>(delta), data<float>(A), data<T>(B), data<T>(C), data<float>(D), data<T>(z),
         data<float>(bias), data<float>(h0), delta_softplus_, output<T>(ctx, 0, {b, l, e}),
-        output<float>(ctx, 1, {b, e, n}), size_t(b), size_t(l), size_t(e), size_t(n), scratch.data()};
+        output<float>(ctx, 1, {b, e, n}), size_t(b), size_t(l), size_t(e), size_t(n), scratch};
     parallel_for(ctx, tasks, [&](size_t i) noexcept { selective_scan_task(args, i); });
   }
 
@@ -144,10 +154,11 @@ struct CausalConv1dKernel {
     expect(bias, F32, kFloat32Why, {de});
 
     const size_t tasks = causal_conv1d_num_tasks(b, e);
-    std::vector<float> scratch(tasks * causal_conv1d_scratch_floats(k));
+    std::vector<float> storage;
+    float* scratch = line_aligned(storage, tasks * causal_conv1d_scratch_floats(k));
     const CausalConv1dArgs<T> args{
         data<T>(x), data<float>(s0), data<float>(w), data<float>(bias), silu_, output<T>(ctx, 0, {b, l, e}),
-        output<float>(ctx, 1, {b, e, k - 1}), size_t(b), size_t(l), size_t(e), size_t(k), scratch.data()};
+        output<float>(ctx, 1, {b, e, k - 1}), size_t(b), size_t(l), size_t(e), size_t(k), scratch};
     parallel_for(ctx, tasks, [&](size_t i) noexcept { causal_conv1d_task(args, i); });
   }
 
@@ -198,12 +209,14 @@ struct DecodeStepKernel {
     expect(dbias, F32, kFloat32Why, {de});
     expect(D, F32, kFloat32Why, {de});
 
-    std::vector<float> scratch(b * (e + r + 2 * n));
+    std::vector<float> storage;
+    const size_t x_conv_floats = round_to_line(b * e);
+    float* scratch = line_aligned(storage, x_conv_floats + b * (r + 2 * n));
     const DecodeStepArgs<T> args{
         data<T>(xz), data<float>(cs), data<float>(ss), data<float>(cw), data<float>(cbias), data<float>(xw),
         data<float>(dw), data<float>(dbias), data<float>(A), data<float>(D), output<T>(ctx, 0, {b, 1, e}),
         output<float>(ctx, 1, {b, e, k - 1}), output<float>(ctx, 2, {b, e, n}), size_t(b), size_t(e), size_t(n),
-        size_t(k), size_t(r), scratch.data(), scratch.data() + b * e};
+        size_t(k), size_t(r), scratch, scratch + x_conv_floats};
     for (int phase = 1; phase <= 3; ++phase) {
       const size_t tasks = decode_step_num_tasks(phase, b, e, n, r);
       parallel_for(ctx, tasks, [&](size_t i) noexcept { decode_step_task(args, phase, i); });
