@@ -104,12 +104,13 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     return model.generate_greedy(torch.tensor([prompt]), n)[0].tolist()
 
 
-@pytest.mark.parametrize("custom_ops", [True, False], ids=["custom-ops", "no-custom-ops"])
-def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, custom_ops):
+@pytest.mark.parametrize("flags", [[], ["--no-custom-ops"], ["--ort-config", "session.disable_prepacking=1"]],
+                         ids=["custom-ops", "no-custom-ops", "ort-config"])
+def test_greedy_tokens_and_logits_match_reference(binary, export, tmp_path, flags):
     """Prefill + decode steps in C++ give the reference's greedy tokens and its full-forward logits."""
     out, model = export(**MAIN)
     dump = tmp_path / "logits.f32"
-    flags = [] if custom_ops else ["--no-custom-ops"]
+    custom_ops = "--no-custom-ops" not in flags
     res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW, "--greedy",
                    "--dump-logits", dump, *flags)
     tokens = ids(res["tokens"])
@@ -275,6 +276,7 @@ ERROR_CASES = [
     ("text-without-bytes", None, ["--prompt", "hi"], "the vocabulary is not byte-level"),
     ("zero-new-tokens", None, ["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
     ("no-prompt", None, [], "give exactly one of --prompt-ids and --prompt"),
+    ("ort-config", None, IDS + ["--ort-config", "novalue"], "--ort-config: expected KEY=VALUE, found 'novalue'"),
     ("unknown-option", None, ["--prompt-ids", "1", "--fast"], "unknown option --fast"),
     ("sampling-flag", None, ["--prompt-ids", "1", "--top-k", "3"], "--temperature, --top-k and --seed need --sample"),
     ("bad-temperature", None, ["--prompt-ids", "1", "--sample", "--temperature", "0"],

@@ -32,6 +32,7 @@ const char* kUsage =
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
     "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw)\n"
     "  --prefill-chunk N     prompt tokens per prefill run; 0 = automatic (default 0)\n"
+    "  --ort-config KEY=VAL  an onnxruntime session config entry, e.g. session.disable_prepacking=1 (repeatable)\n"
     "  --no-verify           skip checking the files' sha256 against manifest.json\n"
     "  --no-custom-ops       do not register the custom-op library (onnxruntime inlines the graphs' ONNX functions)\n"
     "  --help                show this text\n";
@@ -119,6 +120,11 @@ Args parse_args(const std::vector<std::string>& argv) {
       a.dump_logits = value();
     } else if (flag == "--prefill-chunk") {
       a.session.prefill_chunk = int(parse_int(flag, value(), 0, INT32_MAX));
+    } else if (flag == "--ort-config") {
+      const std::string& entry = value();
+      size_t eq = entry.find('=');
+      if (eq == std::string::npos || eq == 0) throw mamba::Error(flag + ": expected KEY=VALUE, found '" + entry + "'");
+      a.session.ort_config.emplace_back(entry.substr(0, eq), entry.substr(eq + 1));
     } else if (flag == "--no-verify") {
       a.session.verify_checksums = false;
     } else if (flag == "--no-custom-ops") {

@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mamba {
@@ -37,6 +38,9 @@ struct SessionOptions {
   /// Prompt tokens per prefill run (each run continues the state); 0: 1024 with model_last.onnx, 128 with
   /// model.onnx, whose logits hold every position of the run.
   int prefill_chunk = 0;
+  /// onnxruntime session config entries (onnxruntime_session_options_config_keys.h), applied to both sessions;
+  /// e.g. {"session.disable_prepacking", "1"} lets the two sessions share the memory-mapped weights.
+  std::vector<std::pair<std::string, std::string>> ort_config;
 };
 
 /// What the export directory holds, read from manifest.json and the graphs' inputs and outputs.

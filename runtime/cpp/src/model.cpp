@@ -142,6 +142,9 @@ ONNXTensorElementDataType check_graph_io(const std::string& file, const Ort::Ses
 Ort::SessionOptions make_session_options(const SessionOptions& options, const detail::Manifest& m) {
   Ort::SessionOptions so;
   so.SetIntraOpNumThreads(options.intra_op_threads);
+  for (const auto& [key, value] : options.ort_config) {
+    ort_call("onnxruntime session config entry '" + key + "'", [&] { so.AddConfigEntry(key.c_str(), value.c_str()); });
+  }
   if (options.custom_ops) {
     if (m.custom_op_library.empty()) {
       throw Error((m.dir / "manifest.json").string() +
