@@ -10,8 +10,9 @@ CONFIGURE=(-S custom_ops -B custom_ops/build -DCMAKE_BUILD_TYPE=Release)
 if [ ! -f custom_ops/build/CMakeCache.txt ] && command -v ninja >/dev/null; then
   CONFIGURE+=(-G Ninja)  # only for a new build folder: CMake refuses to switch the generator of an existing one
 fi
-# Configuring every time is cheap (well under a second) and repairs a build folder left half-configured.
-cmake "${CONFIGURE[@]}" "$@" >/dev/null
+# Configuring every time is cheap (well under a second) and repairs a build folder left half-configured. Of its
+# output, only the project's own status lines are shown (e.g. whether the CUDA kernels are built).
+cmake "${CONFIGURE[@]}" "$@" | { grep "mamba_export_ops:" || true; }
 cmake --build custom_ops/build --parallel "$(nproc 2>/dev/null || echo 2)"
 mkdir -p runtime/mamba_runtime/lib
 cp -p custom_ops/build/libmamba_export_ops.so runtime/mamba_runtime/lib/libmamba_export_ops.so
