@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         best = sweep()
         set_tiles(best)
-        scan_module._PROGRAMS_PER_SM = sweep_chunks()
-        print(f"main table with the fastest tiles {best} and {scan_module._PROGRAMS_PER_SM} programs per SM")
+        scan_module._CHUNKED_PROGRAMS_PER_SM = sweep_chunks()
+        print(f"main table with the fastest tiles {best} and {scan_module._CHUNKED_PROGRAMS_PER_SM} programs per SM "
+              "when chunked")
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
           f"{triton.__version__}, CUDA {torch.version.cuda}")
@@ -199,12 +200,12 @@ def sweep() -> tuple:
 
 
 def sweep_chunks() -> int:
-    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets (which set the chunk count)."""
+    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets of the chunked path."""
     x = make_inputs(1, 1536, 65536, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
     rows, best = [["programs/SM", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
     for target in (4, 8, 16, 32):
-        scan_module._PROGRAMS_PER_SM = target
+        scan_module._CHUNKED_PROGRAMS_PER_SM = target
         f, fb = triton.testing.do_bench(fwd, rep=200), triton.testing.do_bench(fwd_bwd, rep=300)
         rows.append([str(target), f"{f:.3f}", f"{fb:.3f}"])
         best = min(best, (target, fb), key=lambda t: t[1])

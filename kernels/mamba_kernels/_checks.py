@@ -37,6 +37,6 @@ def check_runnable(device: torch.device) -> None:
     raise KernelInputError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
 
 
-def vector_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A per-channel parameter as a contiguous vector (it is tiny: the copy, if any, costs nothing)."""
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter (A, D, a bias, a filter) made contiguous: it is tiny, so the copy, if any, costs nothing."""
     return None if t is None else t.contiguous()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KernelInputError, check_runnable, check_tensor, vector_or_none
+from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
 
 __all__ = ["causal_conv1d", "causal_conv1d_step"]
 
@@ -172,7 +172,7 @@ def _conv_fwd(x, weight, bias, conv_state, silu):
     """y (b, d, l) in x's dtype from x (b, d, l), weight (d, k), bias (d,) or None, conv_state (b, d, k - 1)."""
     b, d, l = x.shape
     k = weight.shape[1]
-    weight, bias = weight.contiguous(), vector_or_none(bias)
+    weight, bias = weight.contiguous(), contiguous_or_none(bias)
     y = torch.empty(b, d, l, dtype=x.dtype, device=x.device)
     if l:
         grid = (triton.cdiv(d, _BLOCK_D), triton.cdiv(l, _BLOCK_L), b)
@@ -185,7 +185,7 @@ def _conv_bwd(dy, x, weight, bias, conv_state, silu):
     """dx (b, d, l) in x's dtype, dweight (d, k), dbias (d,) fp32 (empty without bias), dstate (b, d, k - 1) fp32."""
     b, d, l = x.shape
     k = weight.shape[1]
-    weight, bias = weight.contiguous(), vector_or_none(bias)
+    weight, bias = weight.contiguous(), contiguous_or_none(bias)
     f32 = dict(dtype=torch.float32, device=x.device)
     nblk = triton.cdiv(l + k - 1, _BLOCK_L)
     dx, dstate = torch.empty(b, d, l, dtype=x.dtype, device=x.device), torch.empty(b, d, k - 1, **f32)
@@ -271,7 +271,7 @@ def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, d = x.shape
     k = weight.shape[1]
-    weight, bias = weight.contiguous(), vector_or_none(bias)
+    weight, bias = weight.contiguous(), contiguous_or_none(bias)
     y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     new_state = torch.empty(b, d, k - 1, dtype=torch.float32, device=x.device)
     _conv_step_kernel[(triton.cdiv(d, _BLOCK_D), b)](

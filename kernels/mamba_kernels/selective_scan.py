@@ -20,11 +20,13 @@ start states. Memory beyond inputs and outputs is O(b d n l / _T), never the (b,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import KernelInputError, check_runnable, check_tensor, vector_or_none
+from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
 
 __all__ = ["selective_scan"]
 
@@ -33,7 +35,11 @@ _T = 32  # time steps per register tile; the backward keeps one fp32 state per t
 # fewer channel blocks adding into dB and dC.
 _FWD_TILE = {"elements": 4096, "warps": 4}
 _BWD_TILE = {"elements": 4096, "warps": 4}
-_PROGRAMS_PER_SM = 4  # chunk the sequence until there are this many programs per SM
+# Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
+# _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM (measured on
+# H100, docs/kernels.md: b8 d1536 l2048 fastest unchunked; b1 d1536 l65536 fwd+bwd 74 -> 57 ms going from 4 to 32).
+_UNCHUNKED_PROGRAMS_PER_SM = 4
+_CHUNKED_PROGRAMS_PER_SM = 32
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,15 +343,34 @@ def _bwd_chunk_kernel(
 # Launchers
 
 
-def _block_d(n: int, tile: dict) -> int:
-    """Channels per program: a (BLOCK_D, _T, BLOCK_N) tile of tile["elements"] fp32."""
-    return max(1, tile["elements"] // (_T * triton.next_power_of_2(n)))
+class _Plan(NamedTuple):
+    """How one pass cuts the work: channels per program, tiles per chunk, chunks, and the kernels' block sizes."""
+
+    d_blocks: int
+    nsub: int  # tiles of _T steps
+    subs: int  # tiles per chunk
+    nchunk: int
+    sizes: dict  # BLOCK_D, BLOCK_T, BLOCK_N, num_warps
 
 
-def _num_chunks(batch: int, d_blocks: int, nsub: int, device: torch.device) -> int:
-    """Chunks per sequence: enough for _PROGRAMS_PER_SM programs per SM (1 when batch x channel blocks suffice)."""
+def _plan(b: int, d: int, l: int, n: int, tile: dict, device: torch.device) -> _Plan:
+    """Channels per program from the tile budget (a (BLOCK_D, _T, BLOCK_N) fp32 tile of tile["elements"]); chunks:
+    1 when batch x channel blocks fill the GPU, else enough for _CHUNKED_PROGRAMS_PER_SM programs per SM."""
+    block_n = triton.next_power_of_2(n)
+    block_d = max(1, tile["elements"] // (_T * block_n))
+    d_blocks, nsub = triton.cdiv(d, block_d), triton.cdiv(l, _T)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(nsub, triton.cdiv(_PROGRAMS_PER_SM * sms, batch * d_blocks)))
+    nchunk = _num_chunks(b * d_blocks, sms)
+    subs = max(1, triton.cdiv(nsub, min(nchunk, max(nsub, 1))))
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=tile["warps"])
+    return _Plan(d_blocks, nsub, subs, max(1, triton.cdiv(nsub, subs)), sizes)
+
+
+def _num_chunks(programs: int, sms: int) -> int:
+    """Chunks per sequence for ``programs`` (batch x channel blocks) on ``sms`` SMs (capped by the tile count)."""
+    if programs >= _UNCHUNKED_PROGRAMS_PER_SM * sms:
+        return 1
+    return triton.cdiv(_CHUNKED_PROGRAMS_PER_SM * sms, programs)
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -354,13 +379,16 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     if u.dim() != 3 or A.dim() != 2:
-        raise KernelInputError(f"selective_scan needs u (b, d, l) and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
+        raise KernelInputError(
+            f"selective_scan needs u (b, d, l) and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}"
+        )
     b, d, l = u.shape
     n = A.shape[1]
     check_runnable(u.device)
     for name, t, shape in (
         ("u", u, (b, d, l)), ("delta", delta, (b, d, l)), ("A", A, (d, n)), ("B", B, (b, n, l)), ("C", C, (b, n, l)),
-        ("D", D, (d,)), ("z", z, (b, d, l)), ("delta_bias", delta_bias, (d,)), ("initial_state", initial_state, (b, d, n)),
+        ("D", D, (d,)), ("z", z, (b, d, l)), ("delta_bias", delta_bias, (d,)),
+        ("initial_state", initial_state, (b, d, n)),
     ):
         check_tensor(name, t, shape, u.device)
     if n > 256:
@@ -373,81 +401,79 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l = u.shape
     n = A.shape[1]
-    A, D, delta_bias = (vector_or_none(t) for t in (A, D, delta_bias))
+    A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
     h0 = torch.zeros(b, d, n, **f32) if initial_state is None else initial_state.to(torch.float32).contiguous()
     y = torch.empty(b, d, l, dtype=u.dtype, device=u.device)
-    nsub = triton.cdiv(l, _T)
-    sub = torch.empty(b, d, nsub if save_states else 0, n, **f32)
+    p = _plan(b, d, l, n, _FWD_TILE, u.device)
+    sub = torch.empty(b, d, p.nsub if save_states else 0, n, **f32)
     if l == 0:
         return y, h0.clone(), sub
-    block_d, block_n = _block_d(n, _FWD_TILE), triton.next_power_of_2(n)
-    d_blocks = triton.cdiv(d, block_d)
-    subs = triton.cdiv(nsub, _num_chunks(b, d_blocks, nsub, u.device))
-    nchunk = triton.cdiv(nsub, subs)
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_FWD_TILE["warps"])
+    grid, dims = (p.d_blocks, p.nchunk, b), (l, d, n, p.subs, p.nsub, p.nchunk)
     start = h0.view(b, d, 1, n)
-    if nchunk > 1:
-        local, dsum = torch.empty(b, d, nchunk, n, **f32), torch.empty(b, d, nchunk, **f32)
-        _fwd_local_kernel[(d_blocks, nchunk, b)](
-            u, delta, A, B, delta_bias, local, dsum, l, d, n, subs, nsub, nchunk,
-            *u.stride(), *delta.stride(), *B.stride(),
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **sizes,
+    if p.nchunk > 1:
+        local, dsum = torch.empty(b, d, p.nchunk, n, **f32), torch.empty(b, d, p.nchunk, **f32)
+        _fwd_local_kernel[grid](
+            u, delta, A, B, delta_bias, local, dsum, *dims, *u.stride(), *delta.stride(), *B.stride(),
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **p.sizes,
         )
-        start = torch.empty(b, d, nchunk, n, **f32)
-        _carry_kernel[(d_blocks, b)](A, h0, local, dsum, start, d, n, nchunk, REVERSE=False, BLOCK_D=block_d,
-                                     BLOCK_N=block_n)
+        start = torch.empty(b, d, p.nchunk, n, **f32)
+        _carry_kernel[(p.d_blocks, b)](A, h0, local, dsum, start, d, n, p.nchunk, REVERSE=False,
+                                       BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
     final = torch.empty(b, d, n, **f32)
-    _fwd_chunk_kernel[(d_blocks, nchunk, b)](
-        u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, l, d, n, subs, nsub, nchunk,
+    _fwd_chunk_kernel[grid](
+        u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        SAVE=save_states, **sizes,
+        SAVE=save_states, **p.sizes,
     )
     return y, final, sub
 
 
+def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, flags) -> torch.Tensor:
+    """The adjoint flowing into each chunk from its right: (b, d, chunks, n) fp32 (gfinal itself for one chunk)."""
+    _, d, l = delta.shape
+    n = A.shape[1]
+    if p.nchunk == 1:
+        return gfinal.view(b, d, 1, n)
+    f32 = dict(dtype=torch.float32, device=delta.device)
+    local, dsum = torch.empty(b, d, p.nchunk, n, **f32), torch.empty(b, d, p.nchunk, **f32)
+    _bwd_local_kernel[(p.d_blocks, p.nchunk, b)](
+        delta, A, C, z, delta_bias, dy, local, dsum, l, d, n, p.subs, p.nsub, p.nchunk,
+        *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags, **p.sizes,
+    )
+    carry = torch.empty(b, d, p.nchunk, n, **f32)
+    _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
+                                   BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
+    return carry
+
+
 def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
-    """Launch the backward. Returns fp32 du, dΔ, dz (b, d, l) in their inputs' dtypes, dA (d, n), dB, dC (b, n, l),
-    dD, dΔ-bias (d,) and dh0 (b, d, n), all fp32 except the (b, d, l) ones; absent inputs get empty tensors."""
+    """Launch the backward. Returns du, dΔ, dz (b, d, l) in their inputs' dtypes (dz empty without z); and in fp32
+    dA (d, n), dB, dC (b, n, l), dD, dΔ-bias (d,) and dh0 (b, d, n)."""
     b, d, l = u.shape
     n = A.shape[1]
-    A, D, delta_bias = (vector_or_none(t) for t in (A, D, delta_bias))
+    A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    nsub = triton.cdiv(l, _T)
-    if sub.shape != (b, d, nsub, n):
+    p = _plan(b, d, l, n, _BWD_TILE, u.device)
+    if sub.shape != (b, d, p.nsub, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
-    block_d, block_n = _block_d(n, _BWD_TILE), triton.next_power_of_2(n)
-    d_blocks = triton.cdiv(d, block_d)
-    subs = triton.cdiv(nsub, _num_chunks(b, d_blocks, nsub, u.device)) if l else 1
-    nchunk = max(1, triton.cdiv(nsub, subs))
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=_BWD_TILE["warps"])
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = torch.zeros(b, d, n, **f32) if dfinal is None else dfinal.to(torch.float32).contiguous()
-    carry = gfinal.view(b, d, 1, n)
-    if nchunk > 1:
-        local, dsum = torch.empty(b, d, nchunk, n, **f32), torch.empty(b, d, nchunk, **f32)
-        _bwd_local_kernel[(d_blocks, nchunk, b)](
-            delta, A, C, z, delta_bias, dy, local, dsum, l, d, n, subs, nsub, nchunk,
-            *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags, **sizes,
-        )
-        carry = torch.empty(b, d, nchunk, n, **f32)
-        _carry_kernel[(d_blocks, b)](A, gfinal, local, dsum, carry, d, n, nchunk, REVERSE=True, BLOCK_D=block_d,
-                                     BLOCK_N=block_n)
-    du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty(b, d, l, dtype=delta.dtype,
-                                                                                      device=u.device)
+    du = torch.empty(b, d, l, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(b, d, l, dtype=delta.dtype, device=u.device)
     dz = torch.empty(b, d, l, dtype=z.dtype, device=u.device) if z is not None else torch.empty(0, **f32)
     dB, dC = torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
-    dA_part, dD_part, dbias_part = torch.empty(b, nchunk, d, n, **f32), torch.empty(b, nchunk, d, **f32), \
-        torch.empty(b, nchunk, d, **f32)
-    dh0 = torch.empty(b, d, n, **f32)
     if l == 0:
         return du, ddelta, torch.zeros(d, n, **f32), dB, dC, torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal
-    _bwd_chunk_kernel[(d_blocks, nchunk, b)](
+    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C, z, delta_bias, flags)
+    dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
+    dh0 = torch.empty(b, d, n, **f32)
+    _bwd_chunk_kernel[(p.d_blocks, p.nchunk, b)](
         u, delta, A, B, C, D, z, delta_bias, dy, sub, carry,
-        du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0, l, d, n, subs, nsub, nchunk,
+        du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0, l, d, n, p.subs, p.nsub, p.nchunk,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z), *dy.stride(),
-        HAS_D=D is not None, **flags, **sizes,
+        HAS_D=D is not None, **flags, **p.sizes,
     )
     return du, ddelta, dA_part.sum((0, 1)), dB, dC, dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0
 

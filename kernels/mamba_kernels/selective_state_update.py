@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KernelInputError, check_runnable, check_tensor, vector_or_none
+from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
 
 __all__ = ["selective_state_update"]
 
@@ -58,7 +58,7 @@ def _state_update_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, d = x.shape
     n = A.shape[1]
-    A, D, dt_bias = (vector_or_none(t) for t in (A, D, dt_bias))
+    A, D, dt_bias = (contiguous_or_none(t) for t in (A, D, dt_bias))
     y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     new_state = torch.empty(b, d, n, dtype=torch.float32, device=x.device)
     zs = (0, 0) if z is None else z.stride()

@@ -66,3 +66,9 @@ def test_scan_rejects_bad_inputs(bad, message):
     x = {k: v.to(DEVICE) for k, v in x.items()}
     with pytest.raises(mk.KernelInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         mk.selective_scan(**x)
+
+
+def test_chunk_policy():
+    """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~32 per SM."""
+    assert scan_module._num_chunks(8 * 192, 132) == 1
+    assert scan_module._num_chunks(192, 132) == 22
