@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mamba_runtime.hpp"
+#include "sha256.hpp"  // internal: both block functions are checked against each other and a known digest
 
 namespace {
 
@@ -50,11 +51,32 @@ void expect_error(const std::string& what, const std::string& fragment, F&& f) {
 
 std::vector<int64_t> slice(size_t from, size_t to) { return {kPrompt.begin() + from, kPrompt.begin() + to}; }
 
+void check_sha256() {
+  using mamba::detail::Sha256Blocks;
+  using mamba::detail::sha256_hex;
+  const std::string abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";  // FIPS 180-4 "abc"
+  if (sha256_hex("abc", 3, Sha256Blocks::Portable) != abc) fail("sha256 portable: wrong digest of \"abc\"");
+  if (!mamba::detail::sha_extensions_available()) {
+    std::cout << "ok: sha256 (portable only: this CPU has no SHA extensions)\n";
+    return;
+  }
+  std::vector<unsigned char> data(70000);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<unsigned char>(i * 2654435761u >> 13);
+  for (size_t n : {size_t(0), size_t(3), size_t(55), size_t(56), size_t(63), size_t(64), size_t(65), size_t(119),
+                   size_t(120), size_t(1000), data.size()}) {
+    if (sha256_hex(data.data(), n, Sha256Blocks::ShaExtensions) != sha256_hex(data.data(), n, Sha256Blocks::Portable)) {
+      fail("sha256: SHA extensions and portable code differ for " + std::to_string(n) + " bytes");
+    }
+  }
+  std::cout << "ok: sha256 with SHA extensions equals the portable code\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 2) fail("usage: api_checks EXPORT_DIR");
   try {
+    check_sha256();
     mamba::Model model(argv[1]);
     const std::vector<float> whole = model.prefill(kPrompt);
 
