@@ -178,21 +178,21 @@ Ort::Value zeros(OrtAllocator* alloc, const std::vector<int64_t>& shape, ONNXTen
   return v;
 }
 
-// Converts the last position of logits [1, seq, vocab] (any float dtype) to float32 in `out`.
+// Converts out.size() logits (any float dtype) from element `offset` on to float32 in `out`.
 template <class T>
-void last_row(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
+void row_to_float(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
   const T* row = logits.GetTensorData<T>() + offset;
   for (size_t v = 0; v < out.size(); ++v) out[v] = static_cast<float>(row[v]);
 }
 
 template <>
-void last_row<Ort::Float16_t>(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
+void row_to_float<Ort::Float16_t>(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
   const Ort::Float16_t* row = logits.GetTensorData<Ort::Float16_t>() + offset;
   for (size_t v = 0; v < out.size(); ++v) out[v] = row[v].ToFloat();
 }
 
 template <>
-void last_row<Ort::BFloat16_t>(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
+void row_to_float<Ort::BFloat16_t>(const Ort::Value& logits, size_t offset, std::vector<float>& out) {
   const Ort::BFloat16_t* row = logits.GetTensorData<Ort::BFloat16_t>() + offset;
   for (size_t v = 0; v < out.size(); ++v) out[v] = row[v].ToFloat();
 }
@@ -219,6 +219,9 @@ struct Model::Impl {
   // flips `current`, so a failed run leaves the sequence where it was. No state copies, no per-token allocation.
   std::array<std::vector<Ort::Value>, 2> states;
   int current = 0;
+  // Per value of `current`: the run's input and output pointers, slot 0 (input_ids / logits) set at each run.
+  std::array<std::vector<const OrtValue*>, 2> run_inputs;
+  std::array<std::vector<OrtValue*>, 2> run_outputs;
   size_t prefill_chunk = 0;         // prompt tokens per prefill run
   Ort::Value step_ids{nullptr};     // [1, 1] int64, rewritten for every decode step
   Ort::Value step_logits{nullptr};  // [1, 1, vocab], preallocated decode output
@@ -226,7 +229,7 @@ struct Model::Impl {
 
   Impl(const std::string& dir, const SessionOptions& options);
   void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
-  void take_last_logits(const Ort::Value& out);
+  void take_logits(const Ort::Value& out, size_t offset);  // vocab_size values from element `offset`
   void check_token(int64_t id, const std::string& what) const;
 };
 
@@ -267,6 +270,12 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
   for (auto& [name, spec] : state_specs(manifest, "present_conv.", "present_ssm.")) output_names.push_back(name);
   for (auto& n : input_names) input_cnames.push_back(n.c_str());
   for (auto& n : output_names) output_cnames.push_back(n.c_str());
+  for (int c = 0; c < 2; ++c) {
+    run_inputs[c] = {nullptr};
+    run_outputs[c] = {nullptr};
+    for (auto& v : states[c]) run_inputs[c].push_back(v);
+    for (auto& v : states[1 - c]) run_outputs[c].push_back(v);
+  }
   step_ids = zeros(alloc, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
   step_logits = zeros(alloc, {1, 1, manifest.vocab_size}, logits_type);
   logits.resize(size_t(manifest.vocab_size));
@@ -275,25 +284,25 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
 }
 
 void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out) {
-  std::vector<const OrtValue*> inputs{ids};
-  std::vector<OrtValue*> outputs{logits_out};  // nullptr: onnxruntime allocates it
-  for (auto& v : states[current]) inputs.push_back(v);
-  for (auto& v : states[1 - current]) outputs.push_back(v);
-  ort_call(std::string(file) + ": run failed", [&] {
+  std::vector<const OrtValue*>& inputs = run_inputs[current];
+  std::vector<OrtValue*>& outputs = run_outputs[current];
+  inputs[0] = ids;
+  outputs[0] = logits_out;  // nullptr: onnxruntime allocates it
+  try {  // not ort_call: no message string is built for a run that succeeds
     Ort::ThrowOnError(Ort::GetApi().Run(graph, nullptr, input_cnames.data(), inputs.data(), inputs.size(),
                                         output_cnames.data(), output_cnames.size(), outputs.data()));
-  });
+  } catch (const Ort::Exception& e) {
+    throw Error(std::string(file) + ": run failed: " + one_line(e.what()));
+  }
   if (!logits_out) logits_out = Ort::Value(outputs[0]);
   current = 1 - current;
 }
 
-void Model::Impl::take_last_logits(const Ort::Value& out) {
-  auto shape = out.GetTensorTypeAndShapeInfo().GetShape();
-  size_t offset = size_t(shape[1] - 1) * size_t(shape[2]);
+void Model::Impl::take_logits(const Ort::Value& out, size_t offset) {
   switch (logits_type) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: last_row<Ort::Float16_t>(out, offset, logits); break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: last_row<Ort::BFloat16_t>(out, offset, logits); break;
-    default: last_row<float>(out, offset, logits); break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: row_to_float<Ort::Float16_t>(out, offset, logits); break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: row_to_float<Ort::BFloat16_t>(out, offset, logits); break;
+    default: row_to_float<float>(out, offset, logits); break;
   }
   if (!std::all_of(logits.begin(), logits.end(), [](float x) { return std::isfinite(x); })) {
     throw Error("the model produced non-finite logits (NaN or infinity)");
@@ -348,7 +357,10 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
     Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data() + start, n, shape.data(), shape.size());
     Ort::Value out{nullptr};
     m.run(m.prefill_graph, m.manifest.prefill_graph.c_str(), input, out);
-    if (start + n == buffer.size()) m.take_last_logits(out);
+    if (start + n == buffer.size()) {  // logits [1, n, vocab] (model.onnx) or [1, 1, vocab] (model_last.onnx)
+      int64_t positions = out.GetTensorTypeAndShapeInfo().GetShape()[1];
+      m.take_logits(out, size_t(positions - 1) * m.logits.size());
+    }
   }
   return m.logits;
 }
@@ -358,7 +370,7 @@ const std::vector<float>& Model::step(int64_t id) {
   m.check_token(id, "token id " + std::to_string(id));
   *m.step_ids.GetTensorMutableData<int64_t>() = id;
   m.run(m.decode_graph, "decode.onnx", m.step_ids, m.step_logits);
-  m.take_last_logits(m.step_logits);
+  m.take_logits(m.step_logits, 0);
   return m.logits;
 }
 
