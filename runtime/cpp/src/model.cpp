@@ -230,7 +230,7 @@ struct Model::Impl {
   Impl(const std::string& dir, const SessionOptions& options);
   void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
   void take_logits(const Ort::Value& out, size_t offset);  // vocab_size values from element `offset`
-  void check_token(int64_t id, const std::string& what) const;
+  void check_token(int64_t id, const char* kind, int64_t position = -1) const;
 };
 
 Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
@@ -309,11 +309,12 @@ void Model::Impl::take_logits(const Ort::Value& out, size_t offset) {
   }
 }
 
-// `what` names the token, e.g. "token id 7 at position 2".
-void Model::Impl::check_token(int64_t id, const std::string& what) const {
-  if (id < 0 || id >= manifest.vocab_size) {
-    throw Error(what + " is out of range [0, " + std::to_string(manifest.vocab_size) + ")");
-  }
+// The message names the token: "<kind> 7 at position 2 is out of range [0, 101)" (no position when < 0).
+void Model::Impl::check_token(int64_t id, const char* kind, int64_t position) const {
+  if (id >= 0 && id < manifest.vocab_size) return;
+  std::string where = position >= 0 ? " at position " + std::to_string(position) : "";
+  throw Error(kind + (" " + std::to_string(id)) + where + " is out of range [0, " +
+              std::to_string(manifest.vocab_size) + ")");
 }
 
 Model::Model(const std::string& export_dir, const SessionOptions& options)
@@ -345,7 +346,7 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
   Impl& m = impl();
   if (ids.empty()) throw Error("empty prompt: give at least one token id");
   for (size_t i = 0; i < ids.size(); ++i) {
-    m.check_token(ids[i], "token id " + std::to_string(ids[i]) + " at position " + std::to_string(i));
+    m.check_token(ids[i], "token id", int64_t(i));
   }
   std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
@@ -367,7 +368,7 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
 
 const std::vector<float>& Model::step(int64_t id) {
   Impl& m = impl();
-  m.check_token(id, "token id " + std::to_string(id));
+  m.check_token(id, "token id");
   *m.step_ids.GetTensorMutableData<int64_t>() = id;
   m.run(m.decode_graph, "decode.onnx", m.step_ids, m.step_logits);
   m.take_logits(m.step_logits, 0);
@@ -378,7 +379,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   if (options.max_new_tokens < 1) {
     throw Error("max_new_tokens must be at least 1, found " + std::to_string(options.max_new_tokens));
   }
-  for (int64_t stop : options.stop_tokens) impl().check_token(stop, "stop token id " + std::to_string(stop));
+  for (int64_t stop : options.stop_tokens) impl().check_token(stop, "stop token id");
   Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
   auto pick = [&](const std::vector<float>& logits) {
     int64_t token = options.greedy ? argmax(logits) : sampler.sample(logits);
