@@ -130,6 +130,8 @@ class Sampler {
   float temperature_;
   int top_k_;
   uint64_t state_;
+  std::vector<int64_t> order_;   // reused between draws
+  std::vector<double> weights_;
   double uniform();  // [0, 1) from a splitmix64 stream
 };
 

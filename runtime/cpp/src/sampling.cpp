@@ -32,13 +32,15 @@ double Sampler::uniform() {
 int64_t Sampler::sample(const std::vector<float>& logits) {
   if (logits.empty()) throw Error("sample: empty logits");
   size_t k = top_k_ == 0 ? logits.size() : std::min(size_t(top_k_), logits.size());
-  std::vector<int64_t> order(logits.size());
+  std::vector<int64_t>& order = order_;
+  order.resize(logits.size());
   std::iota(order.begin(), order.end(), 0);
   // Largest first; ties by the smaller id, so the candidate set does not depend on the sort's stability.
   std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   });
-  std::vector<double> weights(k);
+  std::vector<double>& weights = weights_;
+  weights.resize(k);
   double top = logits[order[0]];
   for (size_t i = 0; i < k; ++i) weights[i] = std::exp((double(logits[order[i]]) - top) / temperature_);
   double total = std::accumulate(weights.begin(), weights.end(), 0.0);
