@@ -215,12 +215,13 @@ def test_byte_level_text_prompt(binary, export):
 
 
 def test_api_checks(binary, export):
-    """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API."""
+    """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API,
+    sampler frequencies against the softmax, SHA-256."""
     out, _ = export(**MAIN)
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 11, proc.stdout
+    assert proc.stdout.count("ok: ") == 14, proc.stdout
 
 
 def test_help(binary):

@@ -1,6 +1,7 @@
 // Checks of the mamba::Model API that mamba_generate does not reach, run by tests/test_cpp_runtime.py:
 //   api_checks EXPORT_DIR
 // Prints one "ok: ..." line per check and exits 0, or prints "FAIL: ..." and exits 1.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
@@ -51,6 +52,34 @@ void expect_error(const std::string& what, const std::string& fragment, F&& f) {
 
 std::vector<int64_t> slice(size_t from, size_t to) { return {kPrompt.begin() + from, kPrompt.begin() + to}; }
 
+// Draw frequencies against softmax(logits / temperature) restricted to the top k, renormalized.
+void check_sampler(float temperature, int top_k) {
+  const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 1.0f, 1.5f};
+  std::vector<double> want(logits.size(), 0.0);
+  std::vector<size_t> order = {1, 4, 3, 0, 2};  // by decreasing logit
+  size_t k = top_k == 0 ? logits.size() : size_t(top_k);
+  double total = 0;
+  for (size_t i = 0; i < k; ++i) total += want[order[i]] = std::exp(logits[order[i]] / temperature);
+  for (double& w : want) w /= total;
+  mamba::Sampler sampler(temperature, top_k, 42);
+  const int draws = 40000;
+  std::vector<int> counts(logits.size(), 0);
+  for (int i = 0; i < draws; ++i) ++counts[size_t(sampler.sample(logits))];
+  std::vector<double> got(logits.size());
+  for (size_t v = 0; v < logits.size(); ++v) {
+    got[v] = double(counts[v]) / draws;
+    // 5 standard deviations of a binomial frequency (plus rounding), and never a token outside the top k
+    double bound = 5 * std::sqrt(want[v] * (1 - want[v]) / draws) + 1e-12;
+    if (std::abs(got[v] - want[v]) > bound || (want[v] == 0 && counts[v] != 0)) {
+      fail("sampler (temperature " + std::to_string(temperature) + ", top_k " + std::to_string(top_k) + "): token " +
+           std::to_string(v) + " drawn with frequency " + std::to_string(got[v]) + ", expected " +
+           std::to_string(want[v]));
+    }
+  }
+  std::cout << "ok: sampler frequencies match the softmax (temperature " << temperature << ", top_k " << top_k
+            << ")\n";
+}
+
 void check_sha256() {
   using mamba::detail::Sha256Blocks;
   using mamba::detail::sha256_hex;
@@ -77,6 +106,9 @@ int main(int argc, char** argv) {
   if (argc != 2) fail("usage: api_checks EXPORT_DIR");
   try {
     check_sha256();
+    check_sampler(1.0f, 0);
+    check_sampler(0.5f, 3);
+    check_sampler(2.0f, 1);
     mamba::Model model(argv[1]);
     const std::vector<float> whole = model.prefill(kPrompt);
 
