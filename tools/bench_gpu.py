@@ -158,6 +158,57 @@ def profile_ort(export_dir: Path, cfg: MambaConfig) -> str:
     return "\n".join(out)
 
 
+def ops_benchmark() -> str:
+    """Kernel time of each custom op alone (one-node float16 graphs, all I/O on the GPU) at the mixer shapes of the
+    benchmark models: prefill of 2,048 tokens (batch 1) and a decode step (batch 1 and 64)."""
+    from onnx import TensorProto, helper
+
+    lib = __import__("mamba_runtime").custom_op_library_path()
+    rng = np.random.default_rng(0)
+    out = []
+    for name, m in MODELS.items():
+        e, n, k, r = 2 * m["d_model"], 16, 4, -(-m["d_model"] // 16)
+        l = PREFILL_TOKENS
+        cases = {
+            "SelectiveScan": ([("u", 1, l, e), ("delta", 1, l, e), ("A", e, n), ("B", 1, l, n), ("C", 1, l, n),
+                               ("D", e), ("z", 1, l, e), ("delta_bias", e), ("ssm_state_in", 1, e, n)],
+                              {"u", "delta", "B", "C", "z"}, [("y", 1, l, e), ("ssm_state_out", 1, e, n)]),
+            "CausalConv1d": ([("x", 1, l, e), ("conv_state_in", 1, e, k - 1), ("weight", e, k), ("bias", e)],
+                             {"x"}, [("y", 1, l, e), ("conv_state_out", 1, e, k - 1)]),
+        }
+        for b in (1, 64):
+            cases[f"DecodeStep b{b}"] = (
+                [("xz", b, 1, 2 * e), ("conv_state_in", b, e, k - 1), ("ssm_state_in", b, e, n), ("conv_weight", e, k),
+                 ("conv_bias", e), ("x_proj_weight", r + 2 * n, e), ("dt_proj_weight", e, r), ("dt_bias", e),
+                 ("A", e, n), ("D", e)], {"xz"}, [("y", b, 1, e), ("conv_state_out", b, e, k - 1),
+                                                   ("ssm_state_out", b, e, n)])
+        for case, (ins, t_names, outs) in cases.items():
+            op = case.split()[0]
+            ttype = lambda nm: TensorProto.FLOAT16 if nm in t_names else TensorProto.FLOAT  # noqa: E731
+            graph = helper.make_graph(
+                [helper.make_node(op, [i[0] for i in ins], [o[0] for o in outs], domain="ai.mamba_export")], op,
+                [helper.make_tensor_value_info(i[0], ttype(i[0]), list(i[1:])) for i in ins],
+                [helper.make_tensor_value_info(o[0], ttype(o[0]), list(o[1:])) for o in outs])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                            helper.make_opsetid("ai.mamba_export", 1)], ir_version=10)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.register_custom_ops_library(lib)
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+            binding = sess.io_binding()
+            for nm, *shape in ins:
+                arr = rng.standard_normal(shape).astype(np.float16 if nm in t_names else np.float32)
+                if nm == "A":
+                    arr = -np.exp(0.5 * arr)
+                if nm in ("delta_bias", "dt_bias"):
+                    arr = arr - 3.0
+                binding.bind_ortvalue_input(nm, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+            for nm, *_ in outs:
+                binding.bind_output(nm, "cuda")
+            out.append(f"{name} {case}: " + kernel_table(lambda: sess.run_with_iobinding(binding), 5, rows=4))
+    return "\n".join(out)
+
+
 def bench_triton(model: MambaLM, batches, steps: int, tokens: int) -> dict:
     """PyTorch model with backend "triton": decode eager and as a CUDA graph, prefill eager."""
     model = model.cuda()
@@ -236,6 +287,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per setting")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the device kernels of onnxruntime decode steps")
+    ap.add_argument("--ops", action="store_true", help="first time each custom op alone (kernel time)")
     ap.add_argument("--workdir", default=None, help="where to export (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -247,8 +299,13 @@ def main() -> None:
     results = {"card": card, "onnxruntime": ort.__version__, "torch": torch.__version__,
                "copy_bandwidth_GBps": bw / 1e9, "models": {}}
     print(f"card {card}, onnxruntime {ort.__version__}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s", flush=True)
+    if args.ops:
+        results["ops_kernels"] = ops_benchmark()
+        print(results["ops_kernels"], flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_gpu_"))
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         t0 = time.perf_counter()
         model = build_model(name)
         cfg = model.config

@@ -33,7 +33,7 @@ if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
-  python3 tools/bench_gpu.py --models "${BENCH_MODELS:-130m,1.4b}" ${BENCH_ARGS:-} --workdir /tmp/gpu_bench --out "$OUTDIR/bench.json" \
+  python3 tools/bench_gpu.py --models "${BENCH_MODELS-130m,1.4b}" ${BENCH_ARGS:-} --workdir /tmp/gpu_bench --out "$OUTDIR/bench.json" \
     2>&1 | tee "$OUTDIR/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

@@ -293,6 +293,7 @@ struct CausalConv1dKernel {
     const int64_t b = x.dims[0], l = x.dims[1], e = x.dims[2];
     MAMBA_RETURN_IF(call.check(weight, "weight", {e, -1}, "[e, k], e from x", 1));
     const int64_t k = weight.dims[1];
+    MAMBA_RETURN_IF(check_batch(call, b));
     MAMBA_RETURN_IF(check_dconv(call, k));
     MAMBA_RETURN_IF(call.check(state, "conv_state_in", {b, e, k - 1}, "[b, e, k - 1]"));
     MAMBA_RETURN_IF(call.check(bias, "bias", {e}, "[e]"));

@@ -1,6 +1,6 @@
 // Causal depthwise convolution over time (prefill), continuing from a conv state of the previous k - 1 inputs.
-// Grid: x over blocks of kThreads channels, y over (sequence, token) rows; one thread per output, channels fastest
-// so that a warp reads and writes consecutive channels. No 64-bit division in the inner work.
+// Grid: x over blocks of kThreads channels, y over runs of tokens, z over sequences; channels fastest so that a warp
+// reads and writes consecutive channels.
 #include "common.cuh"
 
 namespace mamba_cuda {
@@ -8,30 +8,41 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxRowsPerLaunch = 65535;  // grid.y limit; rows beyond it are covered by a loop
+constexpr int kTokensPerThread = 32;
 
-template <typename T>
+// Thread: one channel over a run of kTokensPerThread tokens, the last KW - 1 inputs kept in registers (right-aligned:
+// win[KW - 2] is the previous token), so each input is loaded once. KW is the register window (>= k): 4 or 16.
+template <typename T, int KW>
 __global__ void __launch_bounds__(kThreads) causal_conv1d_kernel(CausalConv1dArgs a) {
   const int64_t L = a.seqlen, E = a.dim, K = a.width, km1 = K - 1;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= E) return;
+  const int64_t b = blockIdx.z;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTokensPerThread;
+  const int64_t t1 = t0 + kTokensPerThread < L ? t0 + kTokensPerThread : L;
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
-  float w[kMaxDConv];
+  // wr[i] multiplies the input i tokens back (wr[0]: the current one); zero beyond the filter.
+  float wr[KW], win[KW - 1];
 #pragma unroll
-  for (int j = 0; j < kMaxDConv; ++j) w[j] = j < K ? a.weight[e * K + j] : 0.f;
+  for (int i = 0; i < KW; ++i) wr[i] = i < K ? a.weight[e * K + (K - 1 - i)] : 0.f;
+#pragma unroll
+  for (int i = 1; i < KW; ++i) {  // win[KW - 1 - i] = input at t0 - i
+    const int64_t p = t0 - i;
+    float v = 0.f;
+    if (i <= km1) v = p >= 0 ? to_float(x[(b * L + p) * E + e]) : a.state_in[(b * E + e) * km1 + km1 + p];
+    win[KW - 1 - i] = v;
+  }
   const float bias = a.bias[e];
-  for (int64_t row = blockIdx.y; row < a.batch * L; row += gridDim.y) {
-    const int64_t b = row / L, t = row - b * L;
-    float acc = bias;
+  for (int64_t t = t0; t < t1; ++t) {
+    const float xt = to_float(x[(b * L + t) * E + e]);
+    float acc = bias + wr[0] * xt;
 #pragma unroll
-    for (int j = 0; j < kMaxDConv; ++j) {
-      if (j < K) {
-        const int64_t p = t - km1 + j;  // input position; < 0: from the conv state (positions -(k-1) .. -1)
-        const float v = p >= 0 ? to_float(x[(b * L + p) * E + e]) : a.state_in[(b * E + e) * km1 + km1 + p];
-        acc += w[j] * v;
-      }
-    }
-    y[row * E + e] = from_float<T>(a.silu ? silu(acc) : acc);
+    for (int i = 1; i < KW; ++i) acc += wr[i] * win[KW - 1 - i];
+#pragma unroll
+    for (int j = 0; j + 1 < KW - 1; ++j) win[j] = win[j + 1];
+    win[KW - 2] = xt;
+    y[(b * L + t) * E + e] = from_float<T>(a.silu ? silu(acc) : acc);
   }
 }
 
@@ -56,13 +67,22 @@ unsigned rows_grid(int64_t rows) { return static_cast<unsigned>(rows < kMaxRowsP
 }  // namespace
 
 cudaError_t causal_conv1d(const CausalConv1dArgs& a, cudaStream_t stream) {
-  if (a.batch < 0 || a.seqlen < 0 || a.dim < 0 || a.width < 1 || a.width > kMaxDConv) return cudaErrorInvalidValue;
+  if (a.batch < 0 || a.seqlen < 0 || a.dim < 0 || a.width < 1 || a.width > kMaxDConv || a.batch > 65535 ||
+      ceil_div(a.seqlen, kTokensPerThread) > 65535) {
+    return cudaErrorInvalidValue;
+  }
   if (a.batch == 0 || a.dim == 0) return cudaSuccess;
   return dispatch_dtype(a.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     const unsigned channel_blocks = static_cast<unsigned>(ceil_div(a.dim, kThreads));
     if (a.seqlen > 0) {
-      causal_conv1d_kernel<T><<<dim3(channel_blocks, rows_grid(a.batch * a.seqlen)), kThreads, 0, stream>>>(a);
+      const dim3 grid(channel_blocks, static_cast<unsigned>(ceil_div(a.seqlen, kTokensPerThread)),
+                      static_cast<unsigned>(a.batch));
+      if (a.width <= 4) {
+        causal_conv1d_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a);
+      } else {
+        causal_conv1d_kernel<T, kMaxDConv><<<grid, kThreads, 0, stream>>>(a);
+      }
       if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     }
     if (a.width > 1) {
