@@ -129,6 +129,13 @@ int main(int argc, char** argv) {
     expect_error("empty prefill", "empty prompt", [&] { model.prefill({}); });
     expect_close("state intact after failed calls", model.step(kPrompt.back()), whole);
 
+    {
+      mamba::Model other(argv[1]);  // a second Model in the process (onnxruntime's Env is shared): its own state
+      other.prefill(slice(0, kSplit));
+      model.reset();
+      expect_close("two Models in one process keep separate states", model.prefill(kPrompt), whole);
+    }
+
     mamba::Model moved = std::move(model);
     moved.reset();
     expect_close("a moved-to Model runs", moved.prefill(kPrompt), whole);
