@@ -314,8 +314,9 @@ def _bwd_chunk_kernel(
         gs = gl + Q * g[:, None, :]
         g = _pick(gs, offs_t0, 0)
         t_ptrs = pid_b * N * L + offs_n[None, :] * L + offs_t[:, None]
-        tl.atomic_add(dC_ptr + t_ptrs, tl.sum(dy[:, :, None] * hs, axis=0), mask=mask_tn)
-        tl.atomic_add(dB_ptr + t_ptrs, tl.sum(gs * (delta * u)[:, :, None], axis=0), mask=mask_tn)
+        # Relaxed: only the sums after the kernel matter, no ordering with other memory operations.
+        tl.atomic_add(dC_ptr + t_ptrs, tl.sum(dy[:, :, None] * hs, axis=0), mask=mask_tn, sem="relaxed")
+        tl.atomic_add(dB_ptr + t_ptrs, tl.sum(gs * (delta * u)[:, :, None], axis=0), mask=mask_tn, sem="relaxed")
         gB = tl.sum(gs * B[None, :, :], axis=2)
         gh = gs * (hs - dBu)  # g_t exp(Δ_t A) h_{t-1}
         ddelta = tl.sum(gh * A[:, None, :], axis=2) + u * gB
