@@ -54,8 +54,8 @@ struct ModelInfo {
   std::string logits_dtype;       ///< "float32", "float16" or "bfloat16"
   std::string prefill_graph;      ///< "model_last.onnx" when the export has it, else "model.onnx"
   std::string custom_op_library;  ///< absolute path of the registered library; empty when custom_ops is false
-  /// True when token id == byte value for ids 0..255 (manifest tokenizer type "byte"): text can be encoded
-  /// with encode_bytes and decoded with decode_bytes.
+  /// True when token id == byte value for ids 0..255 (the export carries byte_vocab.json, {"type": "bytes"}, and
+  /// no tokenizer.json): text can be encoded with encode_bytes and decoded with decode_bytes.
   bool byte_level = false;
 };
 
@@ -120,7 +120,8 @@ class Model {
 /// The index of the largest logit (the first one on ties).
 int64_t argmax(const std::vector<float>& logits);
 
-/// Seeded temperature / top-k sampling, the same sequence of draws on every platform.
+/// Seeded temperature / top-k sampling. The random stream (splitmix64) is the same on every platform, unlike the
+/// standard library's distributions.
 class Sampler {
  public:
   Sampler(float temperature, int top_k, uint64_t seed);
