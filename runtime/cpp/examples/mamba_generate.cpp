@@ -21,7 +21,7 @@ const char* kUsage =
     "and ms/token. Exit code 2 and one line on stderr on any error.\n"
     "\n"
     "  --prompt-ids IDS      comma-separated token ids\n"
-    "  --prompt TEXT         text; needs a byte-level vocabulary (manifest.json tokenizer type \"bytes\")\n"
+    "  --prompt TEXT         its UTF-8 bytes as ids; needs a byte-level vocabulary (byte_vocab.json in the export)\n"
     "  --max-new-tokens N    how many tokens to generate (default 32)\n"
     "  --greedy              pick the most likely token (the default)\n"
     "  --sample              sample instead, with:\n"
