@@ -106,8 +106,8 @@ def _conv_bwd_kernel(
     dxs = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
     for j in tl.static_range(K):
         w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
-        dxs += w[:, None] * _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, s - j, L, sx_b, sx_d, sx_l,
-                                  ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l, K, SILU)
+        dxs += w[:, None] * _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, s - j, L,
+                                  sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l, K, SILU)
     dx_mask = mask_d[:, None] & ((s >= K - 1) & (s < K - 1 + L))[None, :]
     tl.store(dx_ptr + pid_b * DIM * L + offs_d[:, None] * L + (s - (K - 1))[None, :],
              dxs.to(dx_ptr.dtype.element_ty), mask=dx_mask)

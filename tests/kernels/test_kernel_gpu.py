@@ -85,6 +85,7 @@ def test_scan_64k_batch1_bounded_memory():
     (y.float().sum() + h.sum()).backward()
     extra = torch.cuda.max_memory_allocated() - base
     full_states = b * d * l * n * 4
-    print(f"64k scan: peak extra memory {extra / 2**20:.0f} MiB, full fp32 states would be {full_states / 2**20:.0f} MiB")
+    print(f"64k scan: peak extra memory {extra / 2**20:.0f} MiB, full fp32 states would be "
+          f"{full_states / 2**20:.0f} MiB")
     assert torch.isfinite(y.float()).all() and all(torch.isfinite(t.grad.float()).all() for t in x)
     assert extra < full_states / 4

@@ -72,3 +72,9 @@ def test_chunk_policy():
     """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~32 per SM."""
     assert scan_module._num_chunks(8 * 192, 132) == 1
     assert scan_module._num_chunks(192, 132) == 22
+
+
+def test_scan_empty_sequence_returns_the_initial_state():
+    x = {k: None if v is None else v.detach().float() for k, v in scan_inputs(2, 3, 0, 4, torch.float32).items()}
+    y, h = mk.selective_scan(**x, delta_softplus=True)
+    assert y.shape == (2, 3, 0) and torch.equal(h, x["initial_state"])
