@@ -82,6 +82,13 @@ struct Generation {
   double ms_per_token() const;
 };
 
+/// A copy of one sequence's recurrent state: per layer, conv [d_inner * (d_conv - 1)] and ssm [d_inner * d_state]
+/// float32 values (row-major [d_inner, d_conv - 1] and [d_inner, d_state]), as in docs/CONTRACTS.md.
+struct State {
+  std::vector<std::vector<float>> conv;
+  std::vector<std::vector<float>> ssm;
+};
+
 class Model {
  public:
   /// Opens `export_dir`: reads manifest.json (and checks the files' sha256), registers the custom-op library,
@@ -100,6 +107,10 @@ class Model {
 
   /// Zeroes the recurrent state: the next prefill() starts a new sequence.
   void reset();
+  /// A copy of the current state, e.g. after prefilling a prompt prefix that many requests share.
+  State save_state() const;
+  /// Continues from `state` (from save_state() of a Model of the same export); shapes are checked.
+  void load_state(const State& state);
   /// Runs `ids` (at least one, each in [0, vocab_size)) through the prefill graph in chunks of prefill_chunk
   /// tokens, continuing from the current state. Ids are checked before anything runs; a call that fails in
   /// onnxruntime leaves the state after the last chunk that completed.

@@ -342,6 +342,40 @@ void Model::reset() {
   }
 }
 
+State Model::save_state() const {
+  const Impl& m = impl();
+  State state;
+  for (size_t i = 0; i < m.states[m.current].size(); ++i) {
+    const Ort::Value& v = m.states[m.current][i];
+    const float* data = v.GetTensorData<float>();
+    auto& dst = i < size_t(m.manifest.n_layer) ? state.conv : state.ssm;  // conv of every layer, then ssm
+    dst.emplace_back(data, data + v.GetTensorTypeAndShapeInfo().GetElementCount());
+  }
+  return state;
+}
+
+void Model::load_state(const State& state) {
+  Impl& m = impl();
+  size_t layers = size_t(m.manifest.n_layer);
+  size_t conv = size_t(m.manifest.d_inner * (m.manifest.d_conv - 1));
+  size_t ssm = size_t(m.manifest.d_inner * m.manifest.d_state);
+  if (state.conv.size() != layers || state.ssm.size() != layers) {
+    throw Error("load_state: expected " + std::to_string(layers) + " layers of conv and ssm state, found " +
+                std::to_string(state.conv.size()) + " and " + std::to_string(state.ssm.size()));
+  }
+  for (size_t i = 0; i < layers; ++i) {
+    if (state.conv[i].size() != conv || state.ssm[i].size() != ssm) {
+      throw Error("load_state: layer " + std::to_string(i) + " has " + std::to_string(state.conv[i].size()) +
+                  " conv and " + std::to_string(state.ssm[i].size()) + " ssm values, expected " + std::to_string(conv) +
+                  " and " + std::to_string(ssm));
+    }
+  }
+  for (size_t i = 0; i < layers; ++i) {
+    std::copy(state.conv[i].begin(), state.conv[i].end(), m.states[m.current][i].GetTensorMutableData<float>());
+    std::copy(state.ssm[i].begin(), state.ssm[i].end(), m.states[m.current][layers + i].GetTensorMutableData<float>());
+  }
+}
+
 const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
   Impl& m = impl();
   if (ids.empty()) throw Error("empty prompt: give at least one token id");

@@ -122,6 +122,17 @@ int main(int argc, char** argv) {
     for (size_t i = kSplit; i < kPrompt.size(); ++i) last = model.step(kPrompt[i]);
     expect_close("prefill then single steps equals one prefill", last, whole);
 
+    // Prompt caching: save after a prefix, run something else, load, continue.
+    model.reset();
+    model.prefill(slice(0, kSplit));
+    mamba::State prefix = model.save_state();
+    model.prefill({1, 2, 3, 4});
+    model.load_state(prefix);
+    expect_close("save_state / load_state continue a saved prefix", model.prefill(slice(kSplit, kPrompt.size())),
+                 whole);
+    prefix.ssm.pop_back();
+    expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
+
     // A rejected call leaves the sequence where it was.
     model.reset();
     model.prefill(slice(0, kPrompt.size() - 1));
