@@ -52,8 +52,12 @@ def _round_to_bfloat16(convert):
 
 if INTERPRET:
     import triton.language as tl
+    from triton import __version__ as triton_version
     from triton.runtime import interpreter
 
+    if not (hasattr(interpreter.ScanOps, "generic_scan") and hasattr(interpreter, "_convert_float")):
+        raise RuntimeError(f"tests/kernels/conftest.py patches triton {triton_version}'s interpreter, whose internals "
+                           "have changed: update _scan_along_axis / _round_to_bfloat16")
     interpreter.ScanOps.generic_scan = _scan_along_axis
     interpreter._convert_float = _round_to_bfloat16(interpreter._convert_float)
 
