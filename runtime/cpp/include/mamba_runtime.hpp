@@ -67,6 +67,8 @@ struct GenerateOptions {
   int top_k = 0;            ///< sample among the k most likely tokens; 0 = the whole vocabulary
   uint64_t seed = 0;        ///< same seed, same prompt, same model: same tokens
   std::vector<int64_t> stop_tokens;  ///< generation ends after emitting one of these (it is included in tokens)
+  /// Start from a zero state (true), or continue the current one (false; e.g. after load_state of a prefix).
+  bool reset = true;
   /// Called with each new token as soon as it is picked, and the float32 logits it was picked from (streaming).
   /// Its time counts in Generation::prefill_ms / decode_ms.
   std::function<void(int64_t token, const std::vector<float>& logits)> on_token;
@@ -119,7 +121,8 @@ class Model {
   /// Runs one token through decode.onnx, continuing from the current state; returns its float32 logits.
   const std::vector<float>& step(int64_t id);
 
-  /// reset(), prefill(prompt), then up to max_new_tokens - 1 step()s, picking each token as `options` says.
+  /// reset() (unless options.reset is false), prefill(prompt), then up to max_new_tokens - 1 step()s, picking
+  /// each token as `options` says.
   Generation generate(const std::vector<int64_t>& prompt, const GenerateOptions& options);
 
  private:

@@ -425,7 +425,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   };
 
   Generation g;
-  reset();
+  if (options.reset) reset();
   auto start = std::chrono::steady_clock::now();
   g.tokens.push_back(pick(prefill(prompt)));
   g.prefill_ms = ms_since(start);

@@ -52,6 +52,19 @@ void expect_error(const std::string& what, const std::string& fragment, F&& f) {
 
 std::vector<int64_t> slice(size_t from, size_t to) { return {kPrompt.begin() + from, kPrompt.begin() + to}; }
 
+// The logits of every token generate() picks (greedy, 6 tokens), concatenated; from `state` when given.
+std::vector<float> generate_logits(mamba::Model& model, const std::vector<int64_t>& prompt, bool reset,
+                                   const mamba::State* state) {
+  if (state) model.load_state(*state);
+  mamba::GenerateOptions options;
+  options.max_new_tokens = 6;
+  options.reset = reset;
+  std::vector<float> all;
+  options.on_token = [&](int64_t, const std::vector<float>& l) { all.insert(all.end(), l.begin(), l.end()); };
+  model.generate(prompt, options);
+  return all;
+}
+
 // Draw frequencies against softmax(logits / temperature) restricted to the top k, renormalized.
 void check_sampler(float temperature, int top_k) {
   const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 1.0f, 1.5f};
@@ -130,6 +143,12 @@ int main(int argc, char** argv) {
     model.load_state(prefix);
     expect_close("save_state / load_state continue a saved prefix", model.prefill(slice(kSplit, kPrompt.size())),
                  whole);
+    const std::vector<float> whole_run = generate_logits(model, kPrompt, true, nullptr);
+    expect_close("generate(reset = false) continues a loaded prefix",
+                 generate_logits(model, slice(kSplit, kPrompt.size()), false, &prefix), whole_run);
+    if (max_rel_diff(generate_logits(model, slice(kSplit, kPrompt.size()), true, nullptr), whole_run) < 1e-3) {
+      fail("the prefix does not change the logits: the check above proves nothing");
+    }
     prefix.ssm.pop_back();
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
