@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the C++ runtime (runtime/cpp): libmamba_runtime.a and the mamba_generate example, in runtime/cpp/build/.
+# Build the C++ runtime (runtime/cpp): libmamba_runtime.a, the mamba_generate example and api_checks, in
+# runtime/cpp/build/.
 #
 # Needs cmake, a C++17 compiler, the onnxruntime headers (fetched by tools/fetch_ort_headers.sh when missing) and the
 # onnxruntime Python wheel in $PYTHON (default .venv/bin/python), whose libonnxruntime the programs link against.
@@ -21,6 +22,9 @@ for tool in cmake c++; do
 done
 bash tools/fetch_ort_headers.sh
 mkdir -p "$BUILD"
+# One build at a time in this folder (two test runs may start it together).
+exec 9>"$BUILD/.build.lock"
+flock 9
 cmake -S runtime/cpp -B "$BUILD" -DMAMBA_PYTHON="$("$PY" -c 'import sys; print(sys.executable)')" \
   >"$BUILD/configure.log" 2>&1 || {
   cat "$BUILD/configure.log" >&2
