@@ -172,15 +172,15 @@ def ops_benchmark() -> str:
         cases = {
             "SelectiveScan": ([("u", 1, l, e), ("delta", 1, l, e), ("A", e, n), ("B", 1, l, n), ("C", 1, l, n),
                                ("D", e), ("z", 1, l, e), ("delta_bias", e), ("ssm_state_in", 1, e, n)],
-                              {"u", "delta", "B", "C", "z"}, [("y", 1, l, e), ("ssm_state_out", 1, e, n)]),
+                              {"u", "delta", "B", "C", "z", "y"}, [("y", 1, l, e), ("ssm_state_out", 1, e, n)]),
             "CausalConv1d": ([("x", 1, l, e), ("conv_state_in", 1, e, k - 1), ("weight", e, k), ("bias", e)],
-                             {"x"}, [("y", 1, l, e), ("conv_state_out", 1, e, k - 1)]),
+                             {"x", "y"}, [("y", 1, l, e), ("conv_state_out", 1, e, k - 1)]),
         }
         for b in (1, 64):
             cases[f"DecodeStep b{b}"] = (
                 [("xz", b, 1, 2 * e), ("conv_state_in", b, e, k - 1), ("ssm_state_in", b, e, n), ("conv_weight", e, k),
                  ("conv_bias", e), ("x_proj_weight", r + 2 * n, e), ("dt_proj_weight", e, r), ("dt_bias", e),
-                 ("A", e, n), ("D", e)], {"xz"}, [("y", b, 1, e), ("conv_state_out", b, e, k - 1),
+                 ("A", e, n), ("D", e)], {"xz", "y"}, [("y", b, 1, e), ("conv_state_out", b, e, k - 1),
                                                    ("ssm_state_out", b, e, n)])
         for case, (ins, t_names, outs) in cases.items():
             op = case.split()[0]
