@@ -198,3 +198,20 @@ def test_resume_refuses_a_different_text(tmp_path, text_file, capsys):
     other.write_text(TEXT.upper())
     err = _error_line(capsys, ["train", "--data", str(other), "--resume", "-o", out, "--no-progress"])
     assert "not the text this run was trained on" in err
+
+
+def test_shipped_model_is_a_trained_byte_model():
+    """models/kjv-byte loads, is byte-level, and predicts held-out KJV text far better than chance (8 bits/byte)."""
+    from pathlib import Path
+
+    from mamba_export.training.data import load_corpus
+    from mamba_export.training.loop import evaluate_bits
+
+    root = Path(__file__).resolve().parents[1]
+    model = load_checkpoint(root / "models" / "kjv-byte", backend="fast")
+    assert json.loads((root / "models" / "kjv-byte" / "byte_vocab.json").read_text())["type"] == "bytes"
+    summary = json.loads((root / "models" / "kjv-byte" / "training.json").read_text())
+    corpus = load_corpus(root / "data" / "kjv_genesis_to_job.txt", 0.05, 129)
+    assert corpus.sha256 == summary["data"]["sha256"]
+    bits, scored = evaluate_bits(model, corpus.heldout[:4096], 4, 128)
+    assert bits / scored < 2.2
