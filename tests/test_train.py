@@ -179,6 +179,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, text_file, capsys):
     assert "too short" in _error_line(capsys, base + ["--data", str(short), "--preset", "tiny"])
     assert "nothing to resume" in _error_line(capsys, base + ["--data", str(text_file), "--resume"])
     assert "--preset is required" in _error_line(capsys, base + ["--data", str(text_file)])
+    bad_tok = tmp_path / "tok.json"
+    bad_tok.write_text("not json")
+    assert "not a tokenizers tokenizer.json" in _error_line(
+        capsys, base + ["--data", str(text_file), "--preset", "tiny", "--tokenizer", str(bad_tok)])
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert "is a file" in _error_line(capsys, ["train", "--data", str(text_file), "--preset", "tiny", "--force",
