@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -141,7 +142,8 @@ def main() -> None:
         position = position_latency(rt, 100, args.far, args.window)
         c = rt.info.manifest["config"]
     base = decode["raw session.run"]["median_ms"]
-    print(f"\nd_model {c['d_model']}, {c['n_layer']} layers, vocab {c['vocab_size']}, batch 1, {args.threads} threads, "
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"d_model {c['d_model']}, {c['n_layer']} layers, vocab {c['vocab_size']}, batch 1, {args.threads} threads, "
           f"CPU ({platform.processor() or platform.machine()})\n")
     print("| decode loop | ms/step median | p10-p90 of block medians | vs raw session.run |")
     print("| --- | --- | --- | --- |")
@@ -154,7 +156,8 @@ def main() -> None:
           f"{f['p90_ms']:.3f}); ratio {f['median_ms'] / n['median_ms']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": {"platform": platform.platform(), "processor": platform.processor()},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "load_average_1m_at_end": os.getloadavg()[0]},
             "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "decode": decode, "position": position}, indent=2))

@@ -118,7 +118,8 @@ def markdown(report: dict) -> str:
     """The report's tables in Markdown."""
     rt, floor = report["runtime"], report["decode_floor_ms"]
     lines = [f"# Profile of {report['export_dir']}", "",
-             f"{report['machine']['cpu']}, {report['settings']['threads'] or 'default'} threads, provider "
+             f"{report['machine']['cpu']} (load average {report['machine']['load_average_1m']:.1f} at the end), "
+             f"{report['settings']['threads'] or 'default'} threads, provider "
              f"{report['settings']['provider']}, custom ops: {report['custom_op_library'] or 'function fallback'}; "
              f"warm-up {rt['warmup_s'] * 1e3:.0f} ms (not counted); peak RSS {rt['peak_rss_bytes'] / 2**20:.0f} MiB",
              f"weights read per step {report['weight_bytes_per_token'] / 1e6:.1f} MB, read bandwidth "

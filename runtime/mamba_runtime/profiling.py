@@ -40,7 +40,7 @@ def summary_ms(seconds: list[float]) -> dict:
 
 
 def machine_info() -> dict:
-    """CPU model, core count, memory and library versions, to be written next to the numbers."""
+    """CPU model, core count, memory, load and library versions, to be written next to the numbers."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -53,6 +53,7 @@ def machine_info() -> dict:
     from mamba_export import __version__
 
     return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": mem,
+            "load_average_1m": os.getloadavg()[0],  # other work on the machine skews every number
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": ort.__version__,
                          "mamba_export": __version__}}
 
