@@ -6,7 +6,8 @@ On the mamba-130m shape (d_model 768, 24 layers, vocab 50280; random weights), b
     raw session.run:  decode.onnx with numpy feeds, the state passed back through Python each step, argmax;
     raw IOBinding:    decode.onnx bound once to double-buffered OrtValues (what the runtime does), argmax;
     runtime:          ``Generation.step()`` of mamba_runtime (greedy), everything included;
-    position:         the runtime's decode ms/step around position 100 and around position ``--far`` (10,000).
+    position:         the runtime's decode ms/step of a sequence at position ``--far`` (10,000) against one at
+                      position 100, the two stepped in alternating blocks.
 
 The three decode loops run interleaved in blocks (``--blocks`` x ``--block-steps`` each), so machine noise hits
 all alike; each block's median is one sample, and the table gives the median and p10-p90 of the samples.
@@ -78,9 +79,11 @@ def raw_binding_loop(rt) -> callable:
     return step
 
 
-def runtime_loop(rt, total: int) -> callable:
-    gen = rt.start([[1, 2, 3]], total + 2)
-    gen.step()
+def timed_steps(gen) -> callable:
+    """``Generation.step()`` of ``gen``; returns the step's own timing (seconds). The first token (sampled from the
+    prefill logits, no decode run) is taken here, untimed."""
+    if gen.first_token_s is None:
+        gen.step()
 
     def step() -> float:
         gen.step()
@@ -104,14 +107,17 @@ def interleaved(loops: dict, blocks: int, block_steps: int) -> dict:
     return {name: stats(s) for name, s in samples.items()}
 
 
-def position_latency(rt, near: int, far: int, window: int) -> dict:
-    """Runtime decode ms/step over ``window`` steps centred on position ``near`` and on ``far`` (one sequence)."""
-    gen = rt.start([[1]], far + window)
-    while len(gen.tokens[0]) < far + window // 2:
-        gen.step()
-    ms = np.asarray(gen.step_s) * 1e3  # step_s[j] is the step that generated token j + 2 (position j + 2)
-    pick = lambda c: ms[max(c - window // 2, 0): c + window // 2]  # noqa: E731
-    return {"near": {"position": near, **stats(list(pick(near)))}, "far": {"position": far, **stats(list(pick(far)))}}
+def position_latency(rt, near: int, far: int, blocks: int, block_steps: int) -> dict:
+    """Runtime decode ms/step of a sequence at position ``far`` against one at ``near``, stepped in alternating
+    blocks (so both see the same machine); positions advance by ``blocks * block_steps`` during the measurement."""
+    steps = blocks * block_steps
+    far_gen = rt.start([[1]], far + steps + 1)
+    while len(far_gen.tokens[0]) < far:  # advance (not measured)
+        far_gen.step()
+    near_gen = rt.start([[1 + i % 200 for i in range(near)]], steps + 1)
+    out = interleaved({"near": timed_steps(near_gen), "far": timed_steps(far_gen)}, blocks, block_steps)
+    out["near"]["position"], out["far"]["position"] = near, far
+    return out
 
 
 def main() -> None:
@@ -120,7 +126,6 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=15)
     ap.add_argument("--block-steps", type=int, default=20)
     ap.add_argument("--far", type=int, default=10_000)
-    ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--export", type=Path, help="reuse this mamba-130m-shaped export instead of making one")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -134,12 +139,12 @@ def main() -> None:
         rt = MambaRuntime(out, provider="cpu", threads=args.threads, custom_ops="require")
         total = args.blocks * args.block_steps + 10
         loops = {"raw session.run": raw_run_loop(rt), "raw IOBinding": raw_binding_loop(rt),
-                 "runtime Generation.step": runtime_loop(rt, total)}
+                 "runtime Generation.step": timed_steps(rt.start([[1, 2, 3]], total + 2))}
         for step in loops.values():  # warm-up
             for _ in range(5):
                 step()
         decode = interleaved(loops, args.blocks, args.block_steps)
-        position = position_latency(rt, 100, args.far, args.window)
+        position = position_latency(rt, 100, args.far, args.blocks, args.block_steps)
         c = rt.info.manifest["config"]
     base = decode["raw session.run"]["median_ms"]
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
