@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, then run what the project does end to end so far.
+# The main job on a fresh machine: set up, export the shipped model (models/kjv-byte) to ONNX with the custom-op
+# library, and generate text with it through onnxruntime (mamba_runtime: no torch involved in generation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-.venv/bin/python - <<'PY'
-import tempfile, torch
-from mamba_export.config import MambaConfig
-from mamba_export.model import MambaLM
-from mamba_export.checkpoint import save_checkpoint
-torch.manual_seed(0)
-d = tempfile.mkdtemp()
-save_checkpoint(MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=256)), d + "/ckpt")
-print(d + "/ckpt")
-PY
+.venv/bin/mamba-export export models/kjv-byte -o out/kjv-byte --last-logits --force
+.venv/bin/mamba-export generate out/kjv-byte --prompt "And God said unto Moses, " \
+    --max-new-tokens 200 --temperature 0.7 --top-k 40 --seed 1 --stream
+echo
+.venv/bin/mamba-export generate out/kjv-byte --prompt "In the beginning" --max-new-tokens 120 --greedy --json
