@@ -1,4 +1,4 @@
-"""Where the custom-op library is, for Python users (C++ users: see README, "Using the library from C++")."""
+"""Where the custom-op library is, for Python users (C++ users: see docs/cpp_runtime.md)."""
 
 from __future__ import annotations
 
