@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,22 +39,6 @@ def summary(samples_s: list[float]) -> dict:
     ms = [s * 1e3 for s in samples_s]
     return {"median_ms": statistics.median(ms), "p10_ms": _percentile(ms, 10), "p90_ms": _percentile(ms, 90),
             "n": len(ms)}
-
-
-def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Memory read bandwidth: ``threads`` threads each summing its slice of a ``gib`` GiB array; best of ``repeats``."""
-    a = np.ones(int(gib * 2**30) // 8, dtype=np.float64)
-    parts = np.array_split(a, threads)
-    best = float("inf")
-    for _ in range(repeats):
-        ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best / 1e9
 
 
 def make_checkpoint(root: Path, args) -> tuple[Path, object]:
@@ -211,6 +194,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mamba_export.export import export_checkpoint
     from mamba_runtime import custom_op_library_path
+    from mamba_runtime.profiling import read_bandwidth_gbs
 
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, dict] = {}
