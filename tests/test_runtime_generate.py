@@ -246,6 +246,13 @@ def _cli(*args, block_torch=False):
     return SimpleNamespace(returncode=out.returncode, stdout=out.stdout.decode(), stderr=out.stderr.decode())
 
 
+def test_every_runtime_module_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import pkgutil, importlib, mamba_runtime; "
+            "[importlib.import_module('mamba_runtime.' + m.name) for m in pkgutil.iter_modules(mamba_runtime.__path__)]")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):
     out = _cli("generate", str(exp.dir), "--prompt", "héllo", "--max-new-tokens", "9", "--json", "--threads", "1",
                block_torch=True)
