@@ -1,7 +1,7 @@
 """Named training presets: the model shape and the optimisation hyper-parameters of one training run.
 
 "tiny" is for tests and CI (a few steps in seconds on a CPU). "kjv-byte" is the shape of the model the project ships
-(models/kjv-byte, trained on a 2-core CPU in about 45 minutes); see docs/training.md.
+(models/kjv-byte, trained on one thread of a shared 2-core CPU in 23 minutes); see docs/training.md.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(d_model=32, n_layer=2, d_state=8, seq_len=32, batch_size=4, steps=20, lr=3e-3, warmup=4,
                    eval_every=10, eval_tokens=512, save_every=10),
-    "kjv-byte": Preset(d_model=192, n_layer=4, seq_len=128, batch_size=8, steps=1200, lr=2e-3, warmup=60,
+    "kjv-byte": Preset(d_model=192, n_layer=4, seq_len=128, batch_size=8, steps=2400, lr=2e-3, warmup=60,
                        eval_every=100, eval_tokens=8192, save_every=100),
 }
 
