@@ -27,6 +27,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_step_ref",
     "selective_state_update_ref",
+    "selective_scan_fast",
 ]
 
 
