@@ -167,6 +167,15 @@ def load_checkpoint(
     return model.eval()
 
 
+def _default_permissions(directory: Path) -> None:
+    """Give ``directory`` and its files the modes a plain mkdir/open would (mkdtemp and safetensors use 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
 def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safetensors",
                     extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write ``model`` in the state-spaces/mamba layout (this project's own), atomically.
@@ -197,6 +206,7 @@ def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safe
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as fh:
                 fh.write(content)
+        _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -81,3 +81,17 @@ def test_conv_state_holds_the_last_inputs_for_short_chunks():
         lg, state = m(ids[:, t:t + 1], state)
         outs.append(lg)
     assert rel_err(torch.cat(outs, 1), full) <= 1e-12
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from mamba_export.checkpoint import save_checkpoint
+
+    out = save_checkpoint(_model(CONFIGS[0], torch.float32), tmp_path / "ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
