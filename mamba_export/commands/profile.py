@@ -9,6 +9,7 @@ position over ``--position-tokens`` tokens; onnxruntime's top operators in decod
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -50,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.compare_torch and importlib.util.find_spec("torch") is None:
+        raise MambaExportError("--compare-torch needs torch (pip install 'mamba-export[export]')")
     for name in ("gen_len", "position_tokens", "repeats"):
         if getattr(args, name) < 1:
             flag, value = name.replace("_", "-"), getattr(args, name)
@@ -213,7 +216,11 @@ def run(args: argparse.Namespace) -> int:
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out / "profile.md").write_text(table)
-    pngs = plot(report, out)
     print(table)
-    print(f"wrote {out / 'profile.json'}, {out / 'profile.md'}, " + ", ".join(str(out / p) for p in pngs))
+    if importlib.util.find_spec("matplotlib") is None:
+        pngs = []
+        print("mamba-export profile: note: no plots (matplotlib is not installed)", file=sys.stderr)
+    else:
+        pngs = plot(report, out)
+    print(f"wrote {out / 'profile.json'}, {out / 'profile.md'}" + "".join(f", {out / p}" for p in pngs))
     return 0
