@@ -13,7 +13,7 @@ namespace mamba_export_ops {
 namespace {
 
 constexpr size_t kDecodeChannels = 256;  // channels per task in phases 1 and 3
-constexpr size_t kDecodeRows = 16;       // x_proj rows per task in phase 2
+constexpr size_t kDecodeRows = 8;        // x_proj rows per task in phase 2 (mamba-130m: 10 tasks)
 constexpr size_t kGroup = 64;            // channels per vectorised group inside a task
 
 size_t blocks_of(size_t total, size_t block) { return (total + block - 1) / block; }
@@ -23,6 +23,24 @@ inline float dot(const float* __restrict p, const float* __restrict q, size_t le
 #pragma omp simd reduction(+ : s)
   for (size_t i = 0; i < len; ++i) s += p[i] * q[i];
   return s;
+}
+
+// A short dot product (dt_proj rows, length r): 16 running sums of fixed width, so the loop body is one or two
+// whole vectors with no remainder handling per row, then one tree reduction; a scalar tail when 16 does not divide len.
+inline float short_dot(const float* __restrict p, const float* __restrict q, size_t len) {
+  float acc[16] = {};
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+#pragma omp simd
+    for (size_t j = 0; j < 16; ++j) acc[j] += p[i + j] * q[i + j];
+  }
+  float tail = 0.0f;
+  for (; i < len; ++i) tail += p[i] * q[i];
+  for (size_t w = 8; w >= 1; w /= 2) {
+#pragma omp simd
+    for (size_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0] + tail;
 }
 
 // Phase 1, channels [c0, c0 + g): shift the conv state, convolve, SiLU.
@@ -59,17 +77,18 @@ void x_proj_phase(const DecodeStepArgs<T>& a, size_t task) {
 }
 
 // Phase 3, channels [c0, c0 + g): dt = softplus(dt_proj_weight @ x_dbl[:r] + dt_bias); state update;
-// y = (C . h + D x) * silu(z).
-template <typename T>
-void ssm_group(const DecodeStepArgs<T>& a, size_t bi, size_t c0, size_t g) {
-  const size_t n = a.n;
+// y = (C . h + D x) * silu(z). kN is n when it is known at compile time (16, every released Mamba-1 model), else 0:
+// with a constant n the per-channel state loop is one or two vectors with no loop or remainder around it.
+template <size_t kN, typename T>
+void ssm_group_n(const DecodeStepArgs<T>& a, size_t bi, size_t c0, size_t g) {
+  const size_t n = kN ? kN : a.n;
   const float* x_dbl = a.x_dbl + bi * (a.r + 2 * n);
   const float* __restrict B = x_dbl + a.r;
   const float* __restrict C = B + n;
   const float* x = a.x_conv + bi * a.e + c0;
   const T* z = a.xz + bi * 2 * a.e + a.e + c0;
   float dt[kGroup], y[kGroup];
-  for (size_t c = 0; c < g; ++c) dt[c] = dot(a.dt_proj_weight + (c0 + c) * a.r, x_dbl, a.r);
+  for (size_t c = 0; c < g; ++c) dt[c] = short_dot(a.dt_proj_weight + (c0 + c) * a.r, x_dbl, a.r);
 #pragma omp simd
   for (size_t c = 0; c < g; ++c) dt[c] = vec::softplus(dt[c] + a.dt_bias[c0 + c]);
   for (size_t c = 0; c < g; ++c) {
@@ -90,6 +109,15 @@ void ssm_group(const DecodeStepArgs<T>& a, size_t bi, size_t c0, size_t g) {
 #pragma omp simd
   for (size_t c = 0; c < g; ++c) {
     out[c] = vec::from_float<T>((y[c] + a.D[c0 + c] * x[c]) * vec::silu(vec::to_float(z[c])));
+  }
+}
+
+template <typename T>
+void ssm_group(const DecodeStepArgs<T>& a, size_t bi, size_t c0, size_t g) {
+  if (a.n == 16) {
+    ssm_group_n<16>(a, bi, c0, g);
+  } else {
+    ssm_group_n<0>(a, bi, c0, g);
   }
 }
 
