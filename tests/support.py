@@ -88,6 +88,18 @@ def save_transformers(hf_model, out: Path, sharded: bool = False, fmt: str = "sa
     return out
 
 
+def library_built() -> bool:
+    """Whether the custom-op library has been built (tools/build_custom_ops.sh; setup does it)."""
+    from mamba_export.errors import MambaExportError
+    from mamba_runtime import custom_op_library_path
+
+    try:
+        custom_op_library_path()
+        return True
+    except MambaExportError:
+        return False
+
+
 def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(input_ids=ids, use_cache=False).logits

@@ -7,20 +7,10 @@ import json
 import pytest
 
 from mamba_export.cli import main
-from mamba_export.errors import MambaExportError
 from mamba_export.export import export_checkpoint
-from mamba_runtime import custom_op_library_path
 from mamba_runtime.manifest import open_export_dir
 from mamba_runtime.profiling import weight_bytes_per_token
-from support import make_hf_model, save_state_spaces
-
-
-def _library_built() -> bool:
-    try:
-        custom_op_library_path()
-        return True
-    except MambaExportError:
-        return False
+from support import library_built, make_hf_model, save_state_spaces
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +18,7 @@ def exp(tmp_path_factory):
     root = tmp_path_factory.mktemp("profile")
     hf = make_hf_model("tiny")
     ckpt = save_state_spaces(hf, root / "ckpt")
-    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=_library_built())
+    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=library_built())
     return root, ckpt, out, hf
 
 

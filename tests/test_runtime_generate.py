@@ -19,20 +19,12 @@ from mamba_export.checkpoint import load_checkpoint
 from mamba_export.errors import MambaExportError
 from mamba_export.export import export_checkpoint
 from mamba_runtime import (CustomOpsFallbackWarning, GenerationInputError, MambaRuntime, SamplingConfig,
-                           SnapshotError, custom_op_library_path)
+                           SnapshotError)
 from mamba_runtime.sessions import open_session, resolve_library, session_options
-from support import make_hf_model, save_state_spaces
+from support import library_built, make_hf_model, save_state_spaces
 
 PROMPTS = [[5, 17, 200, 3, 9], [42], list(range(60, 80)), [9, 8, 7, 6, 5]]  # rows 0 and 3 prefill together
 SAMPLED = SamplingConfig(temperature=1.3, top_k=40, top_p=0.95, repetition_penalty=1.3, seed=11)
-
-
-def _library_built() -> bool:
-    try:
-        custom_op_library_path()
-        return True
-    except MambaExportError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +33,7 @@ def exp(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     ckpt = save_state_spaces(make_hf_model("tiny"), root / "ckpt")
     (ckpt / "byte_vocab.json").write_text(json.dumps({"type": "bytes", "vocab_size": 256}))
-    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=_library_built())
+    out = export_checkpoint(ckpt, root / "export", last_logits=True, with_library=library_built())
     return SimpleNamespace(dir=out, model=load_checkpoint(ckpt), root=root)
 
 
