@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backends import Backend, resolve_backend
 from .config import MambaConfig
