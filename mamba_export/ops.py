@@ -36,6 +36,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scan_prologue(u, delta, A, B, C, delta_bias, delta_softplus, initial_state):
+    """Inputs of a selective scan in the compute dtype, Δ with its bias and softplus applied, and h_0 (b, d, n)."""
+    cd = compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, _ = u.shape
+    h0 = torch.zeros(b, d, A.shape[1], dtype=cd, device=u.device) if initial_state is None else initial_state.to(cd)
+    return u, delta, A, B, C, h0
+
+
+def _scan_epilogue(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """y + D u, gated by silu(z), in y's (compute) dtype; u is already in that dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -65,15 +87,8 @@ def selective_scan_ref(
         y: (b, d, l) in u's dtype, and the final state h_l: (b, d, n) in the compute dtype.
     """
     dtype_in = u.dtype
-    cd = compute_dtype(dtype_in)
-    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cd)[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, A, B, C, h = _scan_prologue(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
     b, d, l = u.shape
-    n = A.shape[1]
-    h = torch.zeros(b, d, n, dtype=cd, device=u.device) if initial_state is None else initial_state.to(cd)
     dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])  # (b, d, l, n)
     dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, l, n)
     ys = []
@@ -81,10 +96,7 @@ def selective_scan_ref(
         h = dA[:, :, t] * h + dBu[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(b, d, 0)
-    if D is not None:
-        y = y + u * D.to(cd)[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.to(cd))
+    y = _scan_epilogue(y, u, D, z)
     return y.to(dtype_in), h
 
 
@@ -223,15 +235,8 @@ def selective_scan_fast(
     """:func:`selective_scan_ref` (same arguments, shapes and results) for training on CPU: time-major tensors and
     a recurrence with a hand-written backward (:class:`_LinearRecurrence`), so the backward pass is linear in l."""
     dtype_in = u.dtype
-    cd = compute_dtype(dtype_in)
-    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cd)[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, A, B, C, h0 = _scan_prologue(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
     b, d, l = u.shape
-    n = A.shape[1]
-    h0 = torch.zeros(b, d, n, dtype=cd, device=u.device) if initial_state is None else initial_state.to(cd)
     if l == 0:
         return u.new_zeros(b, d, 0), h0
     delta_t, u_t = delta.permute(2, 0, 1), u.permute(2, 0, 1)  # (l, b, d)
@@ -239,8 +244,5 @@ def selective_scan_fast(
     dBu = (delta_t * u_t).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)  # (l, b, d, n)
     hs = _LinearRecurrence.apply(dA, dBu, h0)
     y = torch.einsum("lbdn,lbn->bdl", hs, C.permute(2, 0, 1))
-    if D is not None:
-        y = y + u * D.to(cd)[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.to(cd))
+    y = _scan_epilogue(y, u, D, z)
     return y.to(dtype_in), hs[-1]
