@@ -36,15 +36,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scan_prologue(u, delta, A, B, C, delta_bias, delta_softplus, initial_state):
-    """Inputs of a selective scan in the compute dtype, Δ with its bias and softplus applied, and h_0 (b, d, n)."""
+def _scan_prologue(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of a selective scan in the compute dtype, Δ with its bias and softplus applied, and h_0 (b, d, n).
+
+    Fully annotated and TorchScript-compatible: the TorchScript exporter compiles the reference scan and this with it.
+    """
     cd = compute_dtype(u.dtype)
-    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
+    u, delta, A, B, C = u.to(cd), delta.to(cd), A.to(cd), B.to(cd), C.to(cd)
     if delta_bias is not None:
         delta = delta + delta_bias.to(cd)[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    b, d, _ = u.shape
+    b, d = u.shape[0], u.shape[1]
     h0 = torch.zeros(b, d, A.shape[1], dtype=cd, device=u.device) if initial_state is None else initial_state.to(cd)
     return u, delta, A, B, C, h0
 
