@@ -1,4 +1,5 @@
-"""The CPU custom ops of libmamba_export_ops (SelectiveScan, CausalConv1d, DecodeStep) against the float64 references.
+"""The CPU custom ops of libmamba_export_ops (SelectiveScan, CausalConv1d, DecodeStep, RMSNorm, AddRMSNorm) against
+the float64 references.
 
 Each op runs as a single-node ONNX model in onnxruntime with the library registered. Inputs are random (hypothesis
 draws the shapes and a seed), in float32 or float16; the references in :mod:`mamba_export.ops` (and
@@ -6,6 +7,7 @@ draws the shapes and a seed), in float32 or float16; the references in :mod:`mam
 and to the largest reference value: float32 results 2e-6 (about 16 float32 rounding steps; seen: up to 4e-7),
 float16 results 1e-3 (twice the float16 rounding step 2^-11); states are float32 in both cases (1e-6). Invalid inputs must give an onnxruntime error
 naming the op and the input; they run in a subprocess, so a crash fails the test instead of killing pytest.
+The norms' model-local ONNX functions (what a stock onnxruntime runs) are held to the same references.
 
 Run as a script with --bad-cases to print the outcome of every invalid-input case, or with --too-old-onnxruntime to
 register the library against an onnxruntime without API version 21 (what the subprocesses do).
@@ -31,6 +33,7 @@ from onnx import TensorProto, helper
 
 from mamba_export.backends import REFERENCE
 from mamba_export.config import MambaConfig
+from mamba_export.export import onnx_ops
 from mamba_export.model import MambaMixer
 from mamba_export.ops import causal_conv1d_ref, selective_scan_ref
 from mamba_runtime import custom_op_library_path
@@ -40,7 +43,8 @@ ONNX_DTYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np
 TOL = {np.float32: 2e-6, np.float16: 1e-3}
 STATE_TOL = 1e-6
 
-# (name, "T" for the activation dtype or a fixed numpy dtype) of every input and output, in contract order.
+# (name, "T" for the activation dtype, "R" for the residual dtype, or a fixed numpy dtype) of every input and output,
+# in contract order.
 SIGNATURES = {
     "SelectiveScan": (
         [("u", "T"), ("delta", "T"), ("A", np.float32), ("B", "T"), ("C", "T"), ("D", np.float32), ("z", "T"),
@@ -57,40 +61,50 @@ SIGNATURES = {
          ("dt_bias", np.float32), ("A", np.float32), ("D", np.float32)],
         [("y", "T"), ("conv_state_out", np.float32), ("ssm_state_out", np.float32)],
     ),
+    "RMSNorm": ([("x", "R"), ("weight", "T")], [("y", "T")]),
+    "AddRMSNorm": ([("x", "T"), ("residual", "R"), ("weight", "T")], [("y", "T"), ("residual_out", "R")]),
 }
 
 
-def single_node_model(op: str, dtype, attrs: dict, input_dtypes: dict | None = None) -> onnx.ModelProto:
+def single_node_model(op: str, dtype, attrs: dict, input_dtypes: dict | None = None, rdtype=np.float32,
+                      functions: bool = False) -> onnx.ModelProto:
     """One `op` node whose inputs and outputs are graph I/O of unknown shape, so that only the library checks shapes.
 
-    ``input_dtypes`` overrides the declared dtype of some inputs (to build invalid models).
+    ``input_dtypes`` overrides the declared dtype of some inputs (to build invalid models); ``rdtype`` is the
+    residual dtype R of the norms; ``functions`` attaches the model-local fallback functions of the exported graphs.
     """
     ins, outs = SIGNATURES[op]
-    declared = lambda kind: ONNX_DTYPE[dtype if kind == "T" else kind]  # noqa: E731
+    declared = lambda kind: ONNX_DTYPE[dtype if kind == "T" else rdtype if kind == "R" else kind]  # noqa: E731
     overrides = input_dtypes or {}
     inputs = [helper.make_tensor_value_info(n, ONNX_DTYPE[overrides[n]] if n in overrides else declared(k), None)
               for n, k in ins]
     outputs = [helper.make_tensor_value_info(n, declared(k), None) for n, k in outs]
     node = helper.make_node(op, [n for n, _ in ins], [n for n, _ in outs], domain=DOMAIN, **attrs)
     graph = helper.make_graph([node], op, inputs, outputs)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    opsets = [helper.make_opsetid("", onnx_ops.OPSET if functions else 17), helper.make_opsetid(DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    if functions:
+        model.functions.extend(onnx_ops.model_functions())
+    return model
 
 
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, library: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.register_custom_ops_library(custom_op_library_path())
+    if library:
+        options.register_custom_ops_library(custom_op_library_path())
     options.intra_op_num_threads = 2
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @functools.lru_cache(maxsize=None)
-def cached_session(op: str, dtype, attr_items: tuple) -> ort.InferenceSession:
-    return make_session(single_node_model(op, dtype, dict(attr_items)))
+def cached_session(op: str, dtype, attr_items: tuple, rdtype=np.float32, library: bool = True) -> ort.InferenceSession:
+    model = single_node_model(op, dtype, dict(attr_items), rdtype=rdtype, functions=not library)
+    return make_session(model, library)
 
 
-def run_op(op: str, dtype, feeds: dict, **attrs) -> list[np.ndarray]:
-    return cached_session(op, dtype, tuple(sorted(attrs.items()))).run(None, feeds)
+def run_op(op: str, dtype, feeds: dict, rdtype=np.float32, library: bool = True, **attrs) -> list[np.ndarray]:
+    """Run `op` once; ``library=False`` runs its model-local function in a stock onnxruntime instead."""
+    return cached_session(op, dtype, tuple(sorted(attrs.items())), rdtype, library).run(None, feeds)
 
 
 def f64(a: np.ndarray) -> torch.Tensor:
@@ -268,6 +282,86 @@ def check_decode(seed, dtype, b, e, n, k, r):
     assert_close(ssm_state, ssm_ref, STATE_TOL)
 
 
+# ---- RMSNorm, AddRMSNorm ---------------------------------------------------------------------------------------------
+
+NORM_PATHS = ["library", "function"]
+
+
+def norm_feeds(seed: int, op: str, dtype, rdtype, b: int, l: int, d: int, scale: float = 1.0) -> dict:
+    """x/residual of ~N(0, scale^2) (the residual larger than the block output, as in a model), weight ~ 1."""
+    g = Inputs(seed, dtype)
+    weight = (1.0 + 0.3 * g.rng.standard_normal(d)).astype(np.float32).astype(dtype)
+    residual = (4 * scale * g.rng.standard_normal((b, l, d))).astype(np.float32).astype(rdtype)
+    if op == "RMSNorm":
+        return dict(x=residual, weight=weight)
+    return dict(x=g.act(b, l, d, scale=scale), residual=residual, weight=weight)
+
+
+def norm_reference(feeds: dict, op: str, rdtype, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(y in float64, residual_out): residual_out = R(float32(residual) + float32(x)) (an exact emulation of the
+    contract's one rounding, so the op must match it bit for bit), y normalised from it in float64."""
+    if op == "RMSNorm":
+        r = feeds["x"]
+    else:
+        r = (feeds["residual"].astype(np.float32) + feeds["x"].astype(np.float32)).astype(rdtype)
+    r64 = r.astype(np.float64)
+    y = r64 / np.sqrt(np.mean(r64 * r64, axis=-1, keepdims=True) + eps) * feeds["weight"].astype(np.float64)
+    return y, r
+
+
+def check_norm(seed, op, dtype, rdtype, b, l, d, eps=1e-5, path="library", scale=1.0, attrs=None):
+    feeds = norm_feeds(seed, op, dtype, rdtype, b, l, d, scale)
+    attrs = {"epsilon": eps} if attrs is None else attrs
+    outs = run_op(op, dtype, feeds, rdtype=rdtype, library=path == "library", **attrs)
+    y_ref, r_ref = norm_reference(feeds, op, rdtype, eps)
+    assert outs[0].dtype == dtype and outs[0].shape == (b, l, d)
+    assert_close(outs[0], y_ref, TOL[dtype])
+    if op == "AddRMSNorm":
+        assert outs[1].dtype == rdtype and outs[1].shape == (b, l, d)
+        np.testing.assert_array_equal(outs[1], r_ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), op=st.sampled_from(["RMSNorm", "AddRMSNorm"]),
+       dtype=st.sampled_from([np.float32, np.float16]), residual_fp32=st.booleans(), b=st.integers(1, 3),
+       l=st.integers(1, 5), d=st.integers(1, 300), eps=st.sampled_from([1e-5, 1e-6, 0.25]),
+       path=st.sampled_from(NORM_PATHS))
+def test_norms_match_reference(seed, op, dtype, residual_fp32, b, l, d, eps, path):
+    check_norm(seed, op, dtype, np.float32 if residual_fp32 else dtype, b, l, d, eps, path)
+
+
+@pytest.mark.parametrize("path", NORM_PATHS)
+@pytest.mark.parametrize("op", ["RMSNorm", "AddRMSNorm"])
+@pytest.mark.parametrize("dtype,rdtype", [(np.float32, np.float32), (np.float16, np.float32),
+                                          (np.float16, np.float16)])
+def test_norms_mamba_130m_shapes(op, dtype, rdtype, path):
+    """d_model 768: one decode row (inline), and a 2 x 300 prefill (rows shared between the pool's threads)."""
+    check_norm(1, op, dtype, rdtype, 1, 1, 768, path=path)
+    check_norm(2, op, dtype, rdtype, 2, 300, 768, path=path)
+
+
+@pytest.mark.parametrize("path", NORM_PATHS)
+def test_norms_extreme_values(path):
+    """Rows of large values (float16 residual sums near its range, float32 squares near 1e30), zeros, tiny values."""
+    check_norm(3, "AddRMSNorm", np.float16, np.float16, 2, 3, 257, path=path, scale=1500.0)
+    check_norm(4, "AddRMSNorm", np.float32, np.float32, 2, 3, 257, path=path, scale=1e14)
+    for op in ("RMSNorm", "AddRMSNorm"):
+        feeds = norm_feeds(5, op, np.float32, np.float32, 1, 2, 64)
+        for k in feeds:
+            if k != "weight":
+                feeds[k][0, 0] = 0.0
+                feeds[k][0, 1] *= 1e-20
+        outs = run_op(op, np.float32, feeds, library=path == "library", epsilon=1e-5)
+        y_ref, _ = norm_reference(feeds, op, np.float32, 1e-5)
+        assert_close(outs[0], y_ref, TOL[np.float32])
+
+
+@pytest.mark.parametrize("path", NORM_PATHS)
+def test_norm_epsilon_defaults_to_1e_5(path):
+    check_norm(6, "AddRMSNorm", np.float32, np.float32, 1, 2, 40, eps=1e-5, path=path, scale=1e-3, attrs={})
+    check_norm(6, "RMSNorm", np.float32, np.float32, 1, 2, 40, eps=1e-5, path=path, scale=1e-3, attrs={})
+
+
 # ---- invalid inputs -------------------------------------------------------------------------------------------------
 
 # name -> (op, attributes, changes to valid feeds, declared-dtype overrides, strings the error must contain).
@@ -310,6 +404,33 @@ BAD_CASES = {
     "decode_conv_state_batch": ("DecodeStep", {}, {"conv_state_in": np.zeros((3, 5, 3), np.float32)}, {},
                                 ["'conv_state_in'", "b=2"]),
     "decode_A_rank": ("DecodeStep", {}, {"A": np.zeros(20, np.float32)}, {}, ["'A'", "rank 1"]),
+    "norm_x_rank": ("RMSNorm", {}, {"x": np.ones((2, 15), np.float32)}, {}, ["RMSNorm", "'x'", "rank 2", "rank 3"]),
+    "norm_weight_width": ("RMSNorm", {}, {"weight": np.ones(6, np.float32)}, {}, ["RMSNorm", "'weight'", "d=5"]),
+    "norm_weight_rank": ("RMSNorm", {}, {"weight": np.ones((1, 5), np.float32)}, {}, ["'weight'", "[1, 5]", "d=5"]),
+    "norm_empty_batch": ("RMSNorm", {}, {"x": np.ones((0, 3, 5), np.float32)}, {}, ["'x'", "b = 0", "empty batch"]),
+    "norm_empty_sequence": ("RMSNorm", {}, {"x": np.ones((2, 0, 5), np.float32)}, {}, ["'x'", "l = 0"]),
+    "norm_empty_row": ("RMSNorm", {}, {"x": np.ones((2, 3, 0), np.float32), "weight": np.ones(0, np.float32)}, {},
+                       ["'x'", "d = 0", "empty row"]),
+    "norm_weight_float64": ("RMSNorm", {}, {"weight": np.ones(5)}, {"weight": np.float64}, ["RMSNorm"]),
+    "norm_epsilon_negative": ("RMSNorm", {"epsilon": -1e-5}, {}, {}, ["epsilon", ">= 0"]),
+    "norm_epsilon_int": ("RMSNorm", {"epsilon": 1}, {}, {}, ["epsilon", "not a float"]),
+    "norm_epsilon_nan": ("AddRMSNorm", {"epsilon": float("nan")}, {}, {}, ["AddRMSNorm", "epsilon", "finite"]),
+    "add_norm_x_rank": ("AddRMSNorm", {}, {"x": np.ones((2, 3, 5, 1), np.float32)}, {},
+                        ["AddRMSNorm", "'x'", "rank 4"]),
+    "add_norm_residual_length": ("AddRMSNorm", {}, {"residual": np.ones((2, 4, 5), np.float32)}, {},
+                                 ["AddRMSNorm", "'residual'", "[2, 4, 5]", "l=3"]),
+    "add_norm_residual_width": ("AddRMSNorm", {}, {"residual": np.ones((2, 3, 6), np.float32)}, {},
+                                ["'residual'", "d=5"]),
+    "add_norm_residual_rank": ("AddRMSNorm", {}, {"residual": np.ones((6, 5), np.float32)}, {},
+                               ["'residual'", "[6, 5]"]),
+    "add_norm_weight_width": ("AddRMSNorm", {}, {"weight": np.ones(4, np.float32)}, {}, ["'weight'", "d=5"]),
+    "add_norm_empty_sequence": ("AddRMSNorm", {}, {"x": np.ones((2, 0, 5), np.float32),
+                                                   "residual": np.ones((2, 0, 5), np.float32)}, {},
+                                ["'x'", "l = 0"]),
+    "add_norm_mixed_T": ("AddRMSNorm", {}, {"x": np.ones((2, 3, 5), np.float16)}, {"x": np.float16},
+                         ["AddRMSNorm"]),
+    "add_norm_residual_float64": ("AddRMSNorm", {}, {"residual": np.ones((2, 3, 5))}, {"residual": np.float64},
+                                  ["AddRMSNorm"]),
 }
 
 
@@ -318,6 +439,8 @@ def valid_small_feeds(op: str) -> dict:
         return scan_feeds(0, np.float32, b=2, l=3, e=5, n=4, softplus=True)
     if op == "CausalConv1d":
         return conv_feeds(0, np.float32, b=2, l=3, e=5, k=4)
+    if op in ("RMSNorm", "AddRMSNorm"):
+        return norm_feeds(0, op, np.float32, np.float32, b=2, l=3, d=5)
     return decode_feeds(0, np.float32, b=2, e=5, n=4, k=4, r=3)
 
 
@@ -391,11 +514,12 @@ def test_too_old_onnxruntime_gets_an_error_status():
     assert "C API version 21" in proc.stdout and "this is onnxruntime 1.20.0" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("op", ["SelectiveScan", "DecodeStep"])
+@pytest.mark.parametrize("op", ["SelectiveScan", "DecodeStep", "AddRMSNorm"])
 def test_results_do_not_depend_on_the_thread_count(op):
     """Tasks own disjoint outputs, so 1 and 3 threads give bit-identical results."""
     feeds = (scan_feeds(4, np.float32, b=3, l=20, e=150, n=16, softplus=True) if op == "SelectiveScan"
-             else decode_feeds(4, np.float32, b=3, e=600, n=16, k=4, r=24))
+             else decode_feeds(4, np.float32, b=3, e=600, n=16, k=4, r=24) if op == "DecodeStep"
+             else norm_feeds(4, op, np.float32, np.float32, b=3, l=100, d=500))  # 300 rows: several tasks
     model = single_node_model(op, np.float32, {})
     results = []
     for threads in (1, 3):

@@ -155,9 +155,13 @@ def test_graphs_pass_checker_and_match_manifest(exported):
         for kind, values in (("inputs", graph.input), ("outputs", graph.output)):
             got = [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
             assert got == [(e["name"], e["shape"]) for e in manifest["graphs"][name][kind]]
-        ops = {(n.domain, n.op_type) for n in graph.node}
+        ops = [(n.domain, n.op_type) for n in graph.node]
         expect = {"DecodeStep"} if name == "decode.onnx" else {"SelectiveScan", "CausalConv1d"}
-        assert {op for dom, op in ops if dom == onnx_ops.DOMAIN} == expect
+        assert {op for dom, op in ops if dom == onnx_ops.DOMAIN} == expect | {"RMSNorm", "AddRMSNorm"}
+        # one RMSNorm (layer 0), one AddRMSNorm per later layer and the final norm; no standard-op norm or add left
+        assert ops.count((onnx_ops.DOMAIN, "RMSNorm")) == 1
+        assert ops.count((onnx_ops.DOMAIN, "AddRMSNorm")) == ref.config.n_layer
+        assert not {op for dom, op in ops if dom == ""} & {"Pow", "ReduceMean", "Sqrt", "Rsqrt", "Reciprocal", "Div"}
         assert {f.name for f in onnx.load(str(out / name), load_external_data=False).functions} == set(
             onnx_ops.OP_NAMES)
     assert manifest["config"]["n_layer"] == ref.config.n_layer
@@ -218,6 +222,45 @@ def test_float16_export_within_float16_bounds(exported_fp16, how):
 
 
 
+@pytest.fixture(scope="module")
+def exported_fp16_residual(tmp_path_factory):
+    """(float16 export dir, float16 reference model, float64 reference model) of the "nondefault" config with
+    residual_in_fp32 off: the residual stream and the norms' R are float16."""
+    root = tmp_path_factory.mktemp("fp16_residual")
+    ckpt = save_transformers(make_hf_model("nondefault", seed=5), root / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "residual_in_fp32": False}))
+    out = export_checkpoint(ckpt, root / "export", dtype="float16", last_logits=True, with_library=False)
+    model16 = load_checkpoint(ckpt, dtype=torch.float16)
+    assert not model16.config.residual_in_fp32
+    return out, model16, load_checkpoint(ckpt, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_float16_residual_stream_export(exported_fp16_residual, how):
+    """residual_in_fp32 = False: the graphs carry a float16 residual (AddRMSNorm with R = T = float16) and match the
+    float16 reference model, which rounds the residual to float16 at every add, as closely as float32 export does
+    the float32 one; and the float64 reference within float16 bounds."""
+    out, model16, ref = exported_fp16_residual
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(out / "decode.onnx"), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.graph.value_info, *graph.graph.output]}
+    residuals = [n.output[1] for n in graph.graph.node if n.op_type == "AddRMSNorm"]
+    assert residuals and all(types[r] == onnx.TensorProto.FLOAT16 for r in residuals[:-1])
+    ids = torch.randint(0, ref.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(6))
+    logits, state = run(session(out / "model.onnx", how), ids[:, :6], zero_state(ref, 2))
+    decode = session(out / "decode.onnx", how)
+    steps = [logits]
+    for t in (6, 7):
+        logits, state = run(decode, ids[:, t:t + 1], state)
+        steps.append(logits)
+    got = np.concatenate(steps, axis=1)
+    last, _ = run(session(out / "model_last.onnx", how), ids, zero_state(ref, 2))
+    want64, _ = reference(ref, ids)
+    want16, _ = reference(model16, ids)
+    assert rel_err(got, want64) <= 1e-2 and rel_err(last, want64[:, -1:]) <= 1e-2
+    assert rel_err(got, want16) <= 1e-2
+
+
 def _ops_that_ran(path, how: str, batch: int, seq: int, tmp_path) -> set[str]:
     so = ort.SessionOptions()
     so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / f"profile_{how}")
@@ -238,8 +281,8 @@ def test_library_kernels_run_where_registered_functions_elsewhere(exported, how,
     prefill = _ops_that_ran(out / "model.onnx", how, 1, 4, tmp_path)
     decode = _ops_that_ran(out / "decode.onnx", how, 1, 1, tmp_path)
     if how == "library":
-        assert {"SelectiveScan", "CausalConv1d"} <= prefill and "Scan" not in prefill
-        assert "DecodeStep" in decode
+        assert {"SelectiveScan", "CausalConv1d", "RMSNorm", "AddRMSNorm"} <= prefill and "Scan" not in prefill
+        assert {"DecodeStep", "RMSNorm", "AddRMSNorm"} <= decode and "ReduceMean" not in decode
     else:
         assert "Scan" in prefill and not prefill & set(onnx_ops.OP_NAMES) and not decode & set(onnx_ops.OP_NAMES)
 

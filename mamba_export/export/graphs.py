@@ -3,8 +3,10 @@
 Both wrappers take ``forward(input_ids, past_conv.0, past_ssm.0, past_conv.1, ...)`` and return
 ``(logits, present_conv.0, present_ssm.0, ...)``: input_ids (b, l) int64; past/present_conv.i (b, E, K-1) and
 past/present_ssm.i (b, E, N) float32; logits (b, l, V) in the weight dtype ((b, 1, V) for ``last_logits``).
-They compute what :class:`~mamba_export.model.MambaLM` computes, with the mixer's sequence operators replaced by
-the custom-op-domain operators of docs/CONTRACTS.md (an :class:`OpSet`, see :mod:`.torch_ops`).
+They compute what :class:`~mamba_export.model.MambaLM` computes, with the mixer's sequence operators, the RMSNorms
+and the residual adds replaced by the custom-op-domain operators of docs/CONTRACTS.md (an :class:`OpSet`, see
+:mod:`.torch_ops`): layer 0 normalises the embedding with ``RMSNorm``; every later layer and the final norm take the
+previous block's output and the residual stream through one ``AddRMSNorm`` (the residual add, then the norm).
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from . import torch_ops
 
 
 class OpSet(NamedTuple):
-    """Implementations of SelectiveScan, CausalConv1d and DecodeStep with the signatures of :mod:`.torch_ops`."""
+    """Implementations of SelectiveScan, CausalConv1d, DecodeStep, RMSNorm and AddRMSNorm with the signatures of
+    :mod:`.torch_ops`."""
 
     selective_scan: Callable
     causal_conv1d: Callable
     decode_step: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
 
 
-CUSTOM_OPS = OpSet(torch_ops.selective_scan, torch_ops.causal_conv1d, torch_ops.decode_step)
+CUSTOM_OPS = OpSet(torch_ops.selective_scan, torch_ops.causal_conv1d, torch_ops.decode_step, torch_ops.rms_norm,
+                   torch_ops.add_rms_norm)
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -96,16 +102,24 @@ class _Graph(nn.Module):
         self.residual_dtype = model._residual_dtype()
 
     def _run(self, input_ids: Tensor, past: tuple[Tensor, ...], mode: str, last_logits: bool) -> tuple[Tensor, ...]:
+        """MambaLM.forward with each block's residual add fused into the next norm:
+        h_0 = RMSNorm(residual_0); h_i, residual_i = AddRMSNorm(out_{i-1}, residual_{i-1}) for i > 0 and norm_f."""
+        ops = self.ops
         residual = self.embedding(input_ids).to(self.residual_dtype)
+        first = self.norms[0]
+        h = ops.rms_norm(residual, first.weight, float(first.eps))
         present: list[Tensor] = []
-        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
-            h = norm(residual).to(self.weight_dtype)
-            out, conv, ssm = getattr(mixer, mode)(self.ops, h, past[2 * i], past[2 * i + 1])
-            residual = residual + out.to(self.residual_dtype)
+        out = h  # replaced by the first block's output
+        for i, mixer in enumerate(self.mixers):
+            if i > 0:
+                norm = self.norms[i]
+                h, residual = ops.add_rms_norm(out, residual, norm.weight, float(norm.eps))
+            out, conv, ssm = getattr(mixer, mode)(ops, h, past[2 * i], past[2 * i + 1])
             present += [conv.to(torch.float32), ssm.to(torch.float32)]
         if last_logits:
-            residual = residual[:, -1:]
-        return (self.lm_head(self.norm_f(residual)), *present)
+            out, residual = out[:, -1:], residual[:, -1:]
+        h, _ = ops.add_rms_norm(out, residual, self.norm_f.weight, float(self.norm_f.eps))
+        return (self.lm_head(h), *present)
 
 
 class SequenceGraph(_Graph):

@@ -22,28 +22,45 @@ from . import torch_ops
 DOMAIN = "ai.mamba_export"
 DOMAIN_VERSION = 1
 OPSET = 18  # the standard opset of every exported graph and of the functions
-OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep")
+OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm")
+DEFAULT_EPSILON = 1e-5  # RMSNorm's and AddRMSNorm's epsilon when a node does not set it
 
-_T = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")
-_F = ("F", ["tensor(float)"], "parameters and states")
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_TYPES = {
+    "T": ("T", _FLOATS, "activations (and, for the norms, the weight)"),
+    "F": ("F", ["tensor(float)"], "parameters and states"),
+    "R": ("R", _FLOATS, "the residual stream: float32, or the same type as T"),
+}
+_FLAG = "0 or 1"
 _P = onnx.defs.OpSchema.FormalParameter
+# name -> (inputs, outputs, attributes {name: (default, description)}); each input/output is (name, type name).
 _SIGNATURES = {
     "SelectiveScan": (
         [("u", "T"), ("delta", "T"), ("A", "F"), ("B", "T"), ("C", "T"), ("D", "F"), ("z", "T"),
          ("delta_bias", "F"), ("ssm_state_in", "F")],
         [("y", "T"), ("ssm_state_out", "F")],
-        {"delta_softplus": 1},
+        {"delta_softplus": (1, _FLAG)},
     ),
     "CausalConv1d": (
         [("x", "T"), ("conv_state_in", "F"), ("weight", "F"), ("bias", "F")],
         [("y", "T"), ("conv_state_out", "F")],
-        {"silu": 1},
+        {"silu": (1, _FLAG)},
     ),
     "DecodeStep": (
         [("xz", "T"), ("conv_state_in", "F"), ("ssm_state_in", "F"), ("conv_weight", "F"), ("conv_bias", "F"),
          ("x_proj_weight", "F"), ("dt_proj_weight", "F"), ("dt_bias", "F"), ("A", "F"), ("D", "F")],
         [("y", "T"), ("conv_state_out", "F"), ("ssm_state_out", "F")],
         {},
+    ),
+    "RMSNorm": (
+        [("x", "R"), ("weight", "T")],
+        [("y", "T")],
+        {"epsilon": (DEFAULT_EPSILON, "added to the mean square, >= 0")},
+    ),
+    "AddRMSNorm": (
+        [("x", "T"), ("residual", "R"), ("weight", "T")],
+        [("y", "T"), ("residual_out", "R")],
+        {"epsilon": (DEFAULT_EPSILON, "added to the mean square, >= 0")},
     ),
 }
 
@@ -53,13 +70,14 @@ def register_schemas() -> None:
     for name, (inputs, outputs, attrs) in _SIGNATURES.items():
         if onnx.defs.has(name, DOMAIN):
             continue
+        used = sorted({t for _, t in inputs + outputs})
         schema = onnx.defs.OpSchema(
             name, DOMAIN, DOMAIN_VERSION, f"{name} of docs/CONTRACTS.md",
             inputs=[_P(n, t) for n, t in inputs],
             outputs=[_P(n, t) for n, t in outputs],
-            type_constraints=[_T, _F],
+            type_constraints=[_TYPES[t] for t in used],
             attributes=[
-                onnx.defs.OpSchema.Attribute(a, helper.make_attribute(a, v), "0 or 1") for a, v in attrs.items()
+                onnx.defs.OpSchema.Attribute(a, helper.make_attribute(a, v), why) for a, (v, why) in attrs.items()
             ],
         )
         onnx.defs.register_schema(schema)
@@ -85,12 +103,23 @@ def _decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weigh
     return y, conv, ssm
 
 
+def _rms_norm(x, weight, eps: float):
+    return _op.RMSNorm(x, weight, epsilon=float(eps))
+
+
+def _add_rms_norm(x, residual, weight, eps: float):
+    y, residual_out = _op.AddRMSNorm(x, residual, weight, epsilon=float(eps))
+    return y, residual_out
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: each torch op becomes one node of the domain."""
     return {
         torch_ops.selective_scan._opoverload: _selective_scan,
         torch_ops.causal_conv1d._opoverload: _causal_conv1d,
         torch_ops.decode_step._opoverload: _decode_step,
+        torch_ops.rms_norm._opoverload: _rms_norm,
+        torch_ops.add_rms_norm._opoverload: _add_rms_norm,
     }
 
 
@@ -112,6 +141,13 @@ class _FunctionBuilder:
         """An int64 1-D constant."""
         return self.op("Constant", value=helper.make_tensor("v", TensorProto.INT64, [len(values)], values))
 
+    def float_attr(self, attr: str) -> str:
+        """A float32 scalar taken from the function's float attribute ``attr``."""
+        node = helper.make_node("Constant", [], [f"_{self.name}_{attr}"])
+        node.attribute.append(helper.make_attribute_ref("value_float", AttributeProto.FLOAT, ref_attr_name=attr))
+        self.nodes.append(node)
+        return node.output[0]
+
     def flag(self, attr: str) -> str:
         """A boolean scalar taken from the function's int attribute ``attr``."""
         node = helper.make_node("Constant", [], [f"_{self.name}_{attr}"])
@@ -125,10 +161,12 @@ class _FunctionBuilder:
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
-    def function(self, inputs: list[str], outputs: list[str], attrs: dict[str, int]) -> onnx.FunctionProto:
+    def function(self, outputs: list[str]) -> onnx.FunctionProto:
+        """The function of the op named like this builder: its contract inputs, ``outputs`` and attribute defaults."""
+        inputs, _, attrs = _SIGNATURES[self.name]
         return helper.make_function(
-            DOMAIN, self.name, inputs, outputs, self.nodes, [helper.make_opsetid("", OPSET)],
-            attribute_protos=[helper.make_attribute(k, v) for k, v in attrs.items()],
+            DOMAIN, self.name, [n for n, _ in inputs], outputs, self.nodes, [helper.make_opsetid("", OPSET)],
+            attribute_protos=[helper.make_attribute(k, v) for k, (v, _) in attrs.items()],
         )
 
 
@@ -167,8 +205,7 @@ def _selective_scan_function() -> onnx.FunctionProto:
     y = g.op("Add", g.op("Transpose", ys, perm=[1, 0, 2]), g.op("Mul", u, "D"))
     g.nodes.append(helper.make_node("CastLike", [g.op("Mul", y, g.silu(z)), "u"], ["y"]))
     g.nodes.append(helper.make_node("Identity", [h], ["ssm_state_out"]))
-    inputs = [n for n, _ in _SIGNATURES["SelectiveScan"][0]]
-    return g.function(inputs, ["y", "ssm_state_out"], {"delta_softplus": 1})
+    return g.function(["y", "ssm_state_out"])
 
 
 def _causal_conv1d_function() -> onnx.FunctionProto:
@@ -189,8 +226,7 @@ def _causal_conv1d_function() -> onnx.FunctionProto:
     g.nodes.append(helper.make_node("CastLike", [g.op("Transpose", y, perm=[0, 2, 1]), "x"], ["y"]))
     big = g.const([2**62])
     g.nodes.append(helper.make_node("Slice", [xs, length, big, g.const([2])], ["conv_state_out"]))
-    inputs = [n for n, _ in _SIGNATURES["CausalConv1d"][0]]
-    return g.function(inputs, ["y", "conv_state_out"], {"silu": 1})
+    return g.function(["y", "conv_state_out"])
 
 
 def _decode_step_function() -> onnx.FunctionProto:
@@ -213,10 +249,34 @@ def _decode_step_function() -> onnx.FunctionProto:
     y = g.op("ReduceSum", g.op("Mul", "ssm_state_out", g.op("Unsqueeze", C, one)), last, keepdims=0)  # (b, e)
     y = g.op("Mul", g.op("Add", y, g.op("Mul", xc, "D")), g.silu(z))
     g.nodes.append(helper.make_node("CastLike", [g.op("Unsqueeze", y, one), "xz"], ["y"]))
-    inputs = [n for n, _ in _SIGNATURES["DecodeStep"][0]]
-    return g.function(inputs, ["y", "conv_state_out", "ssm_state_out"], {})
+    return g.function(["y", "conv_state_out", "ssm_state_out"])
+
+
+def _normalize(g: _FunctionBuilder, x32: str) -> str:
+    """The nodes of RMSNorm on a float32 input: x32 / sqrt(mean(x32^2, last axis) + epsilon) * float32(weight),
+    cast to the weight's type into the function output "y"."""
+    mean_square = g.op("ReduceMean", g.op("Mul", x32, x32), g.const([-1]), keepdims=1)  # (b, l, 1)
+    scale = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_square, g.float_attr("epsilon"))))
+    y = g.op("Mul", g.op("Mul", x32, scale), g.f32("weight"))
+    g.nodes.append(helper.make_node("CastLike", [y, "weight"], ["y"]))
+    return "y"
+
+
+def _rms_norm_function() -> onnx.FunctionProto:
+    g = _FunctionBuilder("RMSNorm")
+    _normalize(g, g.f32("x"))
+    return g.function(["y"])
+
+
+def _add_rms_norm_function() -> onnx.FunctionProto:
+    g = _FunctionBuilder("AddRMSNorm")
+    total = g.op("Add", g.f32("residual"), g.f32("x"))
+    g.nodes.append(helper.make_node("CastLike", [total, "residual"], ["residual_out"]))
+    _normalize(g, g.f32("residual_out"))  # the rounded sum, as the reference model normalises it
+    return g.function(["y", "residual_out"])
 
 
 def model_functions() -> list[onnx.FunctionProto]:
-    """The three ops as model-local functions of standard ops (opset :data:`OPSET`), for ``model.functions``."""
-    return [_selective_scan_function(), _causal_conv1d_function(), _decode_step_function()]
+    """Every op as a model-local function of standard ops (opset :data:`OPSET`), for ``model.functions``."""
+    return [_selective_scan_function(), _causal_conv1d_function(), _decode_step_function(), _rms_norm_function(),
+            _add_rms_norm_function()]

@@ -1,12 +1,15 @@
-"""The three custom-op-domain operators in the layouts of docs/CONTRACTS.md, on top of the reference ops.
+"""The custom-op-domain operators in the layouts of docs/CONTRACTS.md, on top of the reference ops.
 
 ``*_cl`` functions: the operators with channels-last activations and float32 parameters and states, implemented by
 transposing to the reference layout and calling :mod:`mamba_export.ops`, so an exported graph computes exactly what
 the reference model computes. They are TorchScript-compatible (the TorchScript export scripts them).
-``selective_scan``, ``causal_conv1d``, ``decode_step``: the same as ``torch.library`` custom ops with fake
-implementations, so that ``torch.export`` sees one node each (translated to one ONNX node by :mod:`.onnx_ops`).
+``rms_norm_cl`` and ``add_rms_norm_cl``: the pre-norm RMSNorm of :class:`mamba_export.model.RMSNorm` (and the residual
+add before it), computed as the reference model computes them.
+``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``: the same as ``torch.library``
+custom ops with fake implementations, so that ``torch.export`` sees one node each (translated to one ONNX node by
+:mod:`.onnx_ops`).
 
-Symbols: b batch, l new tokens, e d_inner, n d_state, k d_conv, r dt_rank.
+Symbols: b batch, l new tokens, e d_inner, n d_state, k d_conv, r dt_rank, d d_model.
 """
 
 from __future__ import annotations
@@ -64,9 +67,33 @@ def decode_step_cl(
     return y.unsqueeze(1).to(xz.dtype), conv_state.contiguous(), h
 
 
+def rms_norm_cl(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last axis: x (b, l, d) in the residual dtype, weight (d,) -> y (b, l, d) in the weight's dtype.
+
+    y = x / sqrt(mean(x^2) + eps) * weight in the compute dtype (float32; float64 for float64 weights), exactly
+    :meth:`mamba_export.model.RMSNorm.forward`."""
+    cd = compute_dtype(weight.dtype)
+    xf = x.to(cd)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(cd)).to(weight.dtype)
+
+
+def add_rms_norm_cl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add of a pre-norm block, then the next RMSNorm: x (b, l, d) (a block's output, weight dtype),
+    residual (b, l, d) (the residual stream's dtype), weight (d,) -> y (b, l, d) in the weight's dtype, and the new
+    residual (b, l, d) in the residual's dtype.
+
+    residual_out = residual + x (added in the residual's dtype, as :class:`mamba_export.model.MambaLM` does);
+    y = rms_norm(residual_out) of the rounded sum."""
+    residual_out = residual + x.to(residual.dtype)
+    return rms_norm_cl(residual_out, weight, eps), residual_out
+
+
 selective_scan = torch.library.custom_op(f"{NAMESPACE}::selective_scan", selective_scan_cl, mutates_args=())
 causal_conv1d = torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", causal_conv1d_cl, mutates_args=())
 decode_step = torch.library.custom_op(f"{NAMESPACE}::decode_step", decode_step_cl, mutates_args=())
+rms_norm = torch.library.custom_op(f"{NAMESPACE}::rms_norm", rms_norm_cl, mutates_args=())
+add_rms_norm = torch.library.custom_op(f"{NAMESPACE}::add_rms_norm", add_rms_norm_cl, mutates_args=())
 
 
 @selective_scan.register_fake
@@ -84,3 +111,13 @@ def _(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_
     cd = compute_dtype(xz.dtype)
     y = xz.new_empty((xz.shape[0], 1, xz.shape[2] // 2))
     return y, conv_state.new_empty(conv_state.shape, dtype=cd), ssm_state.new_empty(ssm_state.shape, dtype=cd)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=weight.dtype)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return residual.new_empty(residual.shape, dtype=weight.dtype), torch.empty_like(residual)

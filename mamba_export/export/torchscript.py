@@ -19,11 +19,13 @@ from .graphs import DecodeGraph, OpSet, SequenceGraph, example_inputs
 
 
 def scripted_ops() -> OpSet:
-    """The three operators compiled by ``torch.jit.script`` (reference math inside)."""
+    """The operators compiled by ``torch.jit.script`` (reference math inside)."""
     return OpSet(
         torch.jit.script(torch_ops.selective_scan_cl),
         torch.jit.script(torch_ops.causal_conv1d_cl),
         torch.jit.script(torch_ops.decode_step_cl),
+        torch.jit.script(torch_ops.rms_norm_cl),
+        torch.jit.script(torch_ops.add_rms_norm_cl),
     )
 
 

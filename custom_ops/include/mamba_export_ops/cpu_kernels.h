@@ -6,7 +6,8 @@
 // [0, num_tasks) exactly once, in any order and on any thread.
 //
 // Layout (docs/CONTRACTS.md): activations channels-last [b, l, e]; states [b, e, n] and [b, e, k-1]; all state
-// arithmetic in float32. Symbols: b batch, l tokens, e channels (d_inner), n d_state, k d_conv, r dt_rank.
+// arithmetic in float32. Symbols: b batch, l tokens, e channels (d_inner), n d_state, k d_conv, r dt_rank,
+// d d_model (the norms' width).
 #pragma once
 
 #include <cstddef>
@@ -96,5 +97,27 @@ struct DecodeStepArgs {
 size_t decode_step_num_tasks(int phase, size_t b, size_t e, size_t n, size_t r);
 template <typename T>
 void decode_step_task(const DecodeStepArgs<T>& args, int phase, size_t task);
+
+// RMSNorm and AddRMSNorm over rows of d values (the b * l positions of [b, l, d] tensors), float32 arithmetic.
+// R is the residual stream's type (float32, or T), T the type of the weight and of y.
+//   RMSNorm    (x == nullptr):  y = T(r / sqrt(mean(r^2) + epsilon) * weight) with r = float32(residual);
+//   AddRMSNorm (x != nullptr):  residual_out = R(float32(residual) + float32(x)), then y as above from the ROUNDED
+//                               residual_out (what the reference model normalises when R is float16).
+// A task owns a contiguous run of rows; rms_norm_num_tasks is 1 when the work is too small to be worth sharing
+// between threads (then run task 0 inline).
+template <typename R, typename T>
+struct RmsNormArgs {
+  const T* x;                  // [rows, d] AddRMSNorm's x (a block's output); nullptr for RMSNorm
+  const R* residual;           // [rows, d] RMSNorm's x; AddRMSNorm's residual
+  const T* weight;             // [d]
+  float epsilon;
+  T* y;                        // [rows, d]
+  R* residual_out;             // [rows, d] AddRMSNorm only (nullptr for RMSNorm)
+  size_t rows, d;
+};
+
+size_t rms_norm_num_tasks(size_t rows, size_t d);
+template <typename R, typename T>
+void rms_norm_task(const RmsNormArgs<R, T>& args, size_t task, size_t num_tasks);
 
 }  // namespace mamba_export_ops

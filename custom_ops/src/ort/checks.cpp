@@ -11,10 +11,12 @@ std::string describe(const Input& in) {
   return s.str();
 }
 
-std::string format_shape(const std::vector<int64_t>& shape) {
+std::string format_shape(const Shape& shape) {
   std::ostringstream s;
   s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  const size_t shown = shape.rank < Shape::kMaxRank ? shape.rank : Shape::kMaxRank;
+  for (size_t i = 0; i < shown; ++i) s << (i ? ", " : "") << shape.dims[i];
+  if (shown < shape.rank) s << ", ...";
   s << "]";
   return s.str();
 }
@@ -22,12 +24,29 @@ std::string format_shape(const std::vector<int64_t>& shape) {
 }  // namespace
 
 Input get_input(const Ort::KernelContext& ctx, const char* op, size_t index, const char* name) {
-  Ort::ConstValue value = ctx.GetInput(index);
-  if (!value || !value.IsTensor()) {
+  const OrtApi& api = Ort::GetApi();
+  const OrtValue* value = nullptr;
+  Ort::ThrowOnError(api.KernelContext_GetInput(ctx.GetOrtKernelContext(), index, &value));
+  int is_tensor = 0;
+  if (value != nullptr) Ort::ThrowOnError(api.IsTensor(value, &is_tensor));
+  if (!is_tensor) {
     throw InvalidInput(std::string(op) + ": input '" + name + "' (#" + std::to_string(index) + ") is missing or not a tensor");
   }
-  auto info = value.GetTensorTypeAndShapeInfo();
-  return Input{op, name, index, info.GetElementType(), info.GetShape(), value.GetTensorRawData()};
+  Input in{op, name, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}, nullptr};
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  Ort::ThrowOnError(api.GetTensorTypeAndShape(value, &info));
+  OrtStatus* status = api.GetTensorElementType(info, &in.dtype);
+  if (status == nullptr) status = api.GetDimensionsCount(info, &in.shape.rank);
+  if (status == nullptr) {
+    const size_t stored = in.shape.rank < Shape::kMaxRank ? in.shape.rank : Shape::kMaxRank;
+    status = api.GetDimensions(info, in.shape.dims, stored);
+  }
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  Ort::ThrowOnError(status);
+  void* data = nullptr;
+  Ort::ThrowOnError(api.GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  in.data = data;
+  return in;
 }
 
 const char* dtype_name(ONNXTensorElementDataType dtype) {
@@ -49,7 +68,7 @@ void expect_dtype(const Input& in, ONNXTensorElementDataType dtype, const char* 
   }
 }
 
-const std::vector<int64_t>& expect_rank(const Input& in, std::initializer_list<const char*> names) {
+const Shape& expect_rank(const Input& in, std::initializer_list<const char*> names) {
   if (in.shape.size() != names.size()) {
     std::ostringstream s;
     s << describe(in) << " has rank " << in.shape.size() << " (shape " << format_shape(in.shape)

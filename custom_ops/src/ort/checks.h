@@ -19,13 +19,25 @@ struct InvalidInput : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A tensor's shape, held inline (no heap allocation per call): the rank and up to kMaxRank dimensions. Every input
+// of the ops has rank 3 or less; a deeper input keeps its true rank (so the rank check fails) and its first
+// kMaxRank dimensions (for the message).
+struct Shape {
+  static constexpr size_t kMaxRank = 8;
+  size_t rank = 0;
+  int64_t dims[kMaxRank] = {};
+
+  size_t size() const { return rank; }
+  int64_t operator[](size_t i) const { return dims[i]; }
+};
+
 // One input of a kernel call, with what the checks need to describe it.
 struct Input {
   const char* op;
   const char* name;
   size_t index;
   ONNXTensorElementDataType dtype;
-  std::vector<int64_t> shape;
+  Shape shape;
   const void* data;
 };
 
@@ -35,6 +47,8 @@ struct Dim {
   int64_t value;
 };
 
+// Reads input `index` (named `name` in messages) through the C API: one onnxruntime call per property, no
+// allocation of ours. Throws InvalidInput when it is missing or not a tensor.
 Input get_input(const Ort::KernelContext& ctx, const char* op, size_t index, const char* name);
 
 const char* dtype_name(ONNXTensorElementDataType dtype);
@@ -43,7 +57,7 @@ const char* dtype_name(ONNXTensorElementDataType dtype);
 void expect_dtype(const Input& in, ONNXTensorElementDataType dtype, const char* what);
 
 // Throws unless `in` has rank names.size(); returns its shape. `names` only label the message.
-const std::vector<int64_t>& expect_rank(const Input& in, std::initializer_list<const char*> names);
+const Shape& expect_rank(const Input& in, std::initializer_list<const char*> names);
 
 // Throws unless dimension `axis` of `in` (named `name`) is at least `minimum`.
 void expect_at_least(const Input& in, size_t axis, const char* name, int64_t minimum, const char* why);

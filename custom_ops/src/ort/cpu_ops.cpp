@@ -1,7 +1,11 @@
-// onnxruntime binding of the CPU kernels: one op per (name, activation dtype). Each kernel call validates its
-// inputs (checks.h), allocates outputs and scratch, and runs the kernel's tasks on the session's intra-op pool.
+// onnxruntime binding of the CPU kernels: one op per (name, activation dtype[, residual dtype]). Each kernel call
+// validates its inputs (checks.h), allocates outputs and scratch, and runs the kernel's tasks on the session's
+// intra-op pool. The per-call path allocates nothing of its own on the heap in the common case: input shapes are held
+// inline (checks.h), output shapes are passed as arrays, and scratch up to kStackScratchFloats lives on the stack.
+#include <cmath>
 #include <iterator>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -22,9 +26,17 @@ constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEM
 template <>
 constexpr ONNXTensorElementDataType onnx_type<half_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
 
-// Runs task(i) for every i in [0, n) on the session's intra-op thread pool (inline when it has one thread).
+// The type of an op's input or output: T (the activations), R (the residual stream) or float32.
+enum class Kind { T, R, F32 };
+
+// Runs task(i) for every i in [0, n) on the session's intra-op thread pool (inline when it has one thread, or when
+// there is one task: no hand-off at all then).
 template <typename F>
 void parallel_for(const Ort::KernelContext& ctx, size_t n, const F& task) {
+  if (n == 1) {
+    task(0);
+    return;
+  }
   ctx.ParallelFor([](void* data, size_t i) { (*static_cast<const F*>(data))(i); }, n, 0, const_cast<F*>(&task));
 }
 
@@ -60,17 +72,62 @@ bool read_flag(const OrtKernelInfo* info, const char* op, const char* name, bool
   return value == 1;
 }
 
-// `floats` floats of scratch on a fresh cache line (see kLineFloats), owned by `storage`.
-float* line_aligned(std::vector<float>& storage, size_t floats) {
-  storage.resize(floats + kLineFloats);
-  void* start = storage.data();
-  size_t space = storage.size() * sizeof(float);
-  return static_cast<float*>(std::align(kLineFloats * sizeof(float), floats * sizeof(float), start, space));
+// Epsilon of RMSNorm/AddRMSNorm: a finite float >= 0, 1e-5 when the node does not set it.
+float read_epsilon(const OrtKernelInfo* info, const char* op) {
+  const OrtApi& api = Ort::GetApi();
+  float value = 1e-5f;
+  if (OrtStatus* not_float = api.KernelInfoGetAttribute_float(info, "epsilon", &value)) {
+    api.ReleaseStatus(not_float);
+    int64_t as_int = 0;
+    size_t string_size = 0;
+    OrtStatus* not_int = api.KernelInfoGetAttribute_int64(info, "epsilon", &as_int);
+    OrtStatus* not_string = not_int ? api.KernelInfoGetAttribute_string(info, "epsilon", nullptr, &string_size) : nullptr;
+    const bool other_type = not_int == nullptr || not_string == nullptr;
+    if (not_int) api.ReleaseStatus(not_int);
+    if (not_string) api.ReleaseStatus(not_string);
+    if (other_type) throw InvalidInput(std::string(op) + ": attribute 'epsilon' is not a float, expected a float >= 0");
+    return 1e-5f;
+  }
+  if (!std::isfinite(value) || value < 0.0f) {
+    std::ostringstream message;
+    message << op << ": attribute 'epsilon' is " << value << ", expected a finite float >= 0";
+    throw InvalidInput(message.str());
+  }
+  return value;
 }
 
-template <typename T>
-T* output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) {
-  return static_cast<T*>(ctx.GetOutput(index, shape).GetTensorMutableRawData());
+// Scratch of a kernel call, on a fresh cache line (see kLineFloats): on the stack up to kStackScratchFloats (a
+// decode step of a model up to d_inner ~3500 at batch 1, or the scan of a few channel blocks), else on the heap. The
+// pool's threads use it only inside the call's ParallelFor, while the caller's frame is alive.
+constexpr size_t kStackScratchFloats = 4096;
+
+class Scratch {
+ public:
+  explicit Scratch(size_t floats) {
+    if (floats + kLineFloats <= kStackScratchFloats) {
+      data_ = aligned(stack_, kStackScratchFloats, floats);
+    } else {
+      heap_.reset(new float[floats + kLineFloats]);
+      data_ = aligned(heap_.get(), floats + kLineFloats, floats);
+    }
+  }
+  float* get() const { return data_; }
+
+ private:
+  static float* aligned(float* start, size_t capacity, size_t floats) {
+    void* p = start;
+    size_t space = capacity * sizeof(float);
+    return static_cast<float*>(std::align(kLineFloats * sizeof(float), floats * sizeof(float), p, space));
+  }
+
+  float stack_[kStackScratchFloats];
+  std::unique_ptr<float[]> heap_;
+  float* data_ = nullptr;
+};
+
+template <typename T, size_t N>
+T* output(Ort::KernelContext& ctx, size_t index, const int64_t (&shape)[N]) {
+  return static_cast<T*>(ctx.GetOutput(index, shape, N).GetTensorMutableRawData());
 }
 
 template <typename T>
@@ -96,8 +153,9 @@ void expect_activation_layout(const Input& x) {
 template <typename T>
 struct SelectiveScanKernel {
   static constexpr const char* kName = "SelectiveScan";
-  static constexpr bool kInputIsT[] = {true, true, false, true, true, false, true, false, false};
-  static constexpr bool kOutputIsT[] = {true, false};
+  static constexpr Kind kInputs[] = {Kind::T, Kind::T, Kind::F32, Kind::T, Kind::T, Kind::F32, Kind::T, Kind::F32,
+                                     Kind::F32};
+  static constexpr Kind kOutputs[] = {Kind::T, Kind::F32};
 
   explicit SelectiveScanKernel(const OrtKernelInfo* info)
       : delta_softplus_(read_flag(info, kName, "delta_softplus", true)) {}
@@ -127,12 +185,11 @@ struct SelectiveScanKernel {
     expect(h0, F32, kFloat32Why, {db, de, dn});
 
     const size_t tasks = selective_scan_num_tasks(b, e);
-    std::vector<float> storage;
-    float* scratch = line_aligned(storage, tasks * selective_scan_scratch_floats(n));
+    const Scratch scratch(tasks * selective_scan_scratch_floats(n));
     const SelectiveScanArgs<T> args{
         data<T>(u), data<T>(delta), data<float>(A), data<T>(B), data<T>(C), data<float>(D), data<T>(z),
         data<float>(bias), data<float>(h0), delta_softplus_, output<T>(ctx, 0, {b, l, e}),
-        output<float>(ctx, 1, {b, e, n}), size_t(b), size_t(l), size_t(e), size_t(n), scratch};
+        output<float>(ctx, 1, {b, e, n}), size_t(b), size_t(l), size_t(e), size_t(n), scratch.get()};
     parallel_for(ctx, tasks, [&](size_t i) noexcept { selective_scan_task(args, i); });
   }
 
@@ -142,8 +199,8 @@ struct SelectiveScanKernel {
 template <typename T>
 struct CausalConv1dKernel {
   static constexpr const char* kName = "CausalConv1d";
-  static constexpr bool kInputIsT[] = {true, false, false, false};
-  static constexpr bool kOutputIsT[] = {true, false};
+  static constexpr Kind kInputs[] = {Kind::T, Kind::F32, Kind::F32, Kind::F32};
+  static constexpr Kind kOutputs[] = {Kind::T, Kind::F32};
 
   explicit CausalConv1dKernel(const OrtKernelInfo* info) : silu_(read_flag(info, kName, "silu", true)) {}
 
@@ -165,11 +222,10 @@ struct CausalConv1dKernel {
     expect(bias, F32, kFloat32Why, {de});
 
     const size_t tasks = causal_conv1d_num_tasks(b, e);
-    std::vector<float> storage;
-    float* scratch = line_aligned(storage, tasks * causal_conv1d_scratch_floats(k));
+    const Scratch scratch(tasks * causal_conv1d_scratch_floats(k));
     const CausalConv1dArgs<T> args{
         data<T>(x), data<float>(s0), data<float>(w), data<float>(bias), silu_, output<T>(ctx, 0, {b, l, e}),
-        output<float>(ctx, 1, {b, e, k - 1}), size_t(b), size_t(l), size_t(e), size_t(k), scratch};
+        output<float>(ctx, 1, {b, e, k - 1}), size_t(b), size_t(l), size_t(e), size_t(k), scratch.get()};
     parallel_for(ctx, tasks, [&](size_t i) noexcept { causal_conv1d_task(args, i); });
   }
 
@@ -179,8 +235,9 @@ struct CausalConv1dKernel {
 template <typename T>
 struct DecodeStepKernel {
   static constexpr const char* kName = "DecodeStep";
-  static constexpr bool kInputIsT[] = {true, false, false, false, false, false, false, false, false, false};
-  static constexpr bool kOutputIsT[] = {true, false, false};
+  static constexpr Kind kInputs[] = {Kind::T,   Kind::F32, Kind::F32, Kind::F32, Kind::F32,
+                                     Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::F32};
+  static constexpr Kind kOutputs[] = {Kind::T, Kind::F32, Kind::F32};
 
   explicit DecodeStepKernel(const OrtKernelInfo*) {}
 
@@ -220,9 +277,9 @@ struct DecodeStepKernel {
     expect(dbias, F32, kFloat32Why, {de});
     expect(D, F32, kFloat32Why, {de});
 
-    std::vector<float> storage;
     const size_t x_conv_floats = round_to_line(b * e);
-    float* scratch = line_aligned(storage, x_conv_floats + b * (r + 2 * n));
+    const Scratch storage(x_conv_floats + b * (r + 2 * n));
+    float* scratch = storage.get();
     const DecodeStepArgs<T> args{
         data<T>(xz), data<float>(cs), data<float>(ss), data<float>(cw), data<float>(cbias), data<float>(xw),
         data<float>(dw), data<float>(dbias), data<float>(A), data<float>(D), output<T>(ctx, 0, {b, 1, e}),
@@ -235,29 +292,99 @@ struct DecodeStepKernel {
   }
 };
 
-// One registered op: kernel K over activation dtype T.
-template <template <typename> class K, typename T>
-struct Op : Ort::CustomOpBase<Op<K, T>, K<T>, /*WithStatus=*/true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded([&] { *kernel = new K<T>(info); });
+// RMSNorm (kAdd false) and AddRMSNorm (kAdd true) over activation dtype T and residual dtype R.
+template <typename R, typename T, bool kAdd>
+struct NormKernel {
+  static constexpr const char* kName = kAdd ? "AddRMSNorm" : "RMSNorm";
+  static constexpr const char* kWhyT = "T of this kernel (the weight's type): float32 or float16";
+  static constexpr const char* kWhyR = "R of this kernel (the residual stream): float32, or T";
+
+  explicit NormKernel(const OrtKernelInfo* info) : epsilon_(read_epsilon(info, kName)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    return guarded([&] { compute(Ort::KernelContext(context)); });
   }
-  const char* GetName() const { return K<T>::kName; }
-  size_t GetInputTypeCount() const { return std::size(K<T>::kInputIsT); }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return K<T>::kInputIsT[i] ? onnx_type<T>() : F32; }
-  size_t GetOutputTypeCount() const { return std::size(K<T>::kOutputIsT); }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return K<T>::kOutputIsT[i] ? onnx_type<T>() : F32; }
+
+  void compute(Ort::KernelContext ctx) const {
+    // RMSNorm: x (R), weight (T). AddRMSNorm: x (T), residual (R), weight (T). The normalised input has type R.
+    const Input first = get_input(ctx, kName, 0, "x");
+    const Input residual = kAdd ? get_input(ctx, kName, 1, "residual") : first;
+    const Input weight = get_input(ctx, kName, kAdd ? 2 : 1, "weight");
+    expect_dtype(first, kAdd ? onnx_type<T>() : onnx_type<R>(), kAdd ? kWhyT : kWhyR);
+    expect_rank(first, {"b", "l", "d"});
+    expect_at_least(first, 0, "b", 1, "an empty batch");
+    expect_at_least(first, 1, "l", 1, "an empty sequence");
+    expect_at_least(first, 2, "d", 1, "an empty row");
+    const int64_t b = first.shape[0], l = first.shape[1], d = first.shape[2];
+    const Dim dd{"d", d};
+    if (kAdd) expect(residual, onnx_type<R>(), kWhyR, {{"b", b}, {"l", l}, dd});
+    expect(weight, onnx_type<T>(), kWhyT, {dd});
+
+    const RmsNormArgs<R, T> args{kAdd ? data<T>(first) : nullptr, data<R>(residual), data<T>(weight), epsilon_,
+                                 output<T>(ctx, 0, {b, l, d}), kAdd ? output<R>(ctx, 1, {b, l, d}) : nullptr,
+                                 size_t(b * l), size_t(d)};
+    const size_t tasks = rms_norm_num_tasks(args.rows, args.d);  // 1 for a decode step's rows: run inline
+    parallel_for(ctx, tasks, [&](size_t i) noexcept { rms_norm_task(args, i, tasks); });
+  }
+
+  float epsilon_;
 };
+
+template <typename R, typename T>
+struct RmsNormKernel : NormKernel<R, T, false> {
+  static constexpr Kind kInputs[] = {Kind::R, Kind::T};
+  static constexpr Kind kOutputs[] = {Kind::T};
+  using NormKernel<R, T, false>::NormKernel;
+};
+
+template <typename R, typename T>
+struct AddRmsNormKernel : NormKernel<R, T, true> {
+  static constexpr Kind kInputs[] = {Kind::T, Kind::R, Kind::T};
+  static constexpr Kind kOutputs[] = {Kind::T, Kind::R};
+  using NormKernel<R, T, true>::NormKernel;
+};
+
+template <typename R, typename T>
+constexpr ONNXTensorElementDataType type_of(Kind kind) {
+  return kind == Kind::T ? onnx_type<T>() : kind == Kind::R ? onnx_type<R>() : F32;
+}
+
+// One registered op: kernel K over activation dtype T and residual dtype R.
+template <typename K, typename R, typename T>
+struct Op : Ort::CustomOpBase<Op<K, R, T>, K, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new K(info); });
+  }
+  const char* GetName() const { return K::kName; }
+  size_t GetInputTypeCount() const { return std::size(K::kInputs); }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return type_of<R, T>(K::kInputs[i]); }
+  size_t GetOutputTypeCount() const { return std::size(K::kOutputs); }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return type_of<R, T>(K::kOutputs[i]); }
+};
+
+template <template <typename> class K, typename T>
+using OpT = Op<K<T>, float, T>;  // ops over T alone (R unused)
+template <template <typename, typename> class K, typename R, typename T>
+using OpRT = Op<K<R, T>, R, T>;
 
 }  // namespace
 
 std::vector<const OrtCustomOp*> cpu_ops() {
-  static const Op<SelectiveScanKernel, float> scan_f32;
-  static const Op<SelectiveScanKernel, half_t> scan_f16;
-  static const Op<CausalConv1dKernel, float> conv_f32;
-  static const Op<CausalConv1dKernel, half_t> conv_f16;
-  static const Op<DecodeStepKernel, float> decode_f32;
-  static const Op<DecodeStepKernel, half_t> decode_f16;
-  return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16};
+  static const OpT<SelectiveScanKernel, float> scan_f32;
+  static const OpT<SelectiveScanKernel, half_t> scan_f16;
+  static const OpT<CausalConv1dKernel, float> conv_f32;
+  static const OpT<CausalConv1dKernel, half_t> conv_f16;
+  static const OpT<DecodeStepKernel, float> decode_f32;
+  static const OpT<DecodeStepKernel, half_t> decode_f16;
+  // The norms: (R, T) = (float32, float32), (float32, float16) (residual_in_fp32), (float16, float16).
+  static const OpRT<RmsNormKernel, float, float> norm_f32;
+  static const OpRT<RmsNormKernel, float, half_t> norm_f32_f16;
+  static const OpRT<RmsNormKernel, half_t, half_t> norm_f16;
+  static const OpRT<AddRmsNormKernel, float, float> add_norm_f32;
+  static const OpRT<AddRmsNormKernel, float, half_t> add_norm_f32_f16;
+  static const OpRT<AddRmsNormKernel, half_t, half_t> add_norm_f16;
+  return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16,
+          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16};
 }
 
 }  // namespace mamba_export_ops
