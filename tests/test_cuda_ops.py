@@ -1,6 +1,6 @@
 """The CUDA kernels of the custom-op library, alone: one-node graphs on onnxruntime's CUDA execution provider against
-the float64 reference operators (mamba_export.ops), on random shapes including long sequences and batch 64, for
-float32, float16 and bfloat16 activations. Outputs are poisoned with NaN before each run. Needs a GPU and
+the float64 reference operators (mamba_export.ops; a float64 RMSNorm for the norms), on random shapes including long
+sequences and batch 64, for float32, float16 and bfloat16 activations (the norms also with a float32 or T residual). Outputs are poisoned with NaN before each run. Needs a GPU and
 onnxruntime-gpu (skipped otherwise); tools/gpu_check.sh runs them on the GPU machine."""
 
 from __future__ import annotations
@@ -264,6 +264,74 @@ def test_decode_step_is_deterministic():
     first, second = model.run(feeds, shapes), model.run(feeds, shapes)
     for a, c in zip(first, second):
         assert np.array_equal(a, c)
+
+
+# ---- RMSNorm, AddRMSNorm ----------------------------------------------------------------------------------------
+NORM_SHAPES = [  # b, l, d
+    (1, 1, 768),      # a decode step of mamba-130m
+    (64, 1, 768),     # batch 64
+    (2, 300, 768),    # prefill
+    (3, 17, 257),     # odd d
+    (2, 3, 1),        # d = 1
+    (4, 5, 2560),     # mamba-2.8b's d_model: 1024 threads
+    (1, 2, 9000),     # wider than the 8192 values a block keeps in registers
+]
+NORM_TYPES = [("float32", "float32"), ("float16", "float32"), ("bfloat16", "float32"), ("float16", "float16"),
+              ("bfloat16", "bfloat16")]  # (T, R)
+
+
+def norm_case(op: str, b: int, l: int, d: int, dtype: str, rdtype: str, seed: int):
+    """(model, feeds, output shapes, y reference in float64, residual_out reference as float64).
+
+    residual_out = R(float32(residual) + float32(x)) is emulated exactly (one float32 add, one rounding to R), so the
+    kernel must match it bit for bit; y is the float64 RMSNorm of that rounded sum."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = {"x": r(b, l, d), "residual": 4 * r(b, l, d), "weight": 1 + 0.3 * r(d)}
+    if op == "RMSNorm":
+        x = {"x": x["residual"], "weight": x["weight"]}
+    r_names = {"residual", "residual_out"} if op == "AddRMSNorm" else {"x"}
+    t_names = {"weight", "y"} | ({"x"} if op == "AddRMSNorm" else set())
+    if rdtype != "float32":
+        t_names |= r_names
+    types = {k: (dtype if k in t_names else "float32") for k in (*x, "y", "residual_out")}
+    t = {k: rounded(v, types[k]) for k, v in x.items()}
+    if op == "AddRMSNorm":
+        res = (t["residual"].float() + t["x"].float()).to(getattr(torch, rdtype)).double()
+    else:
+        res = t["x"]
+    y = res / torch.sqrt(res.pow(2).mean(-1, keepdim=True) + 1e-5) * t["weight"]
+    ins = {k: (1 if k == "weight" else 3) for k in x}
+    outs = {"y": 3, **({"residual_out": 3} if op == "AddRMSNorm" else {})}
+    model = OneNodeModel(op, ins, outs, t_names, dtype, epsilon=1e-5)
+    feeds = {k: as_feed(v, dtype) if k in t_names else v.float().numpy() for k, v in x.items()}
+    return model, feeds, {k: (b, l, d) for k in outs}, y, res
+
+
+@pytest.mark.parametrize("dtype,rdtype", NORM_TYPES, ids=lambda v: v)
+@pytest.mark.parametrize("op", ["RMSNorm", "AddRMSNorm"])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_norms_match_reference(shape, op, dtype, rdtype):
+    model, feeds, out_shapes, y_ref, res_ref = norm_case(op, *shape, dtype, rdtype, seed=seed_of(shape, op, dtype))
+    outs = model.run(feeds, out_shapes)
+    assert rel_err(outs[0], y_ref) < Y_TOL[dtype]
+    if op == "AddRMSNorm":
+        np.testing.assert_array_equal(outs[1].astype(np.float64), res_ref.numpy())
+
+
+def test_norm_bad_inputs_are_clear_errors():
+    model, feeds, out_shapes, _, _ = norm_case("AddRMSNorm", 2, 3, 16, "float32", "float32", seed=1)
+    bad = {**feeds, "residual": np.zeros((2, 4, 16), np.float32)}
+    with pytest.raises(Exception, match=r"AddRMSNorm \(CUDA\): input 'residual' must have shape \[2, 3, 16\]"):
+        model.run(bad, out_shapes)
+    bad = {**feeds, "weight": np.zeros(15, np.float32)}
+    with pytest.raises(Exception, match=r"AddRMSNorm \(CUDA\): input 'weight' must have shape \[16\]"):
+        model.run(bad, out_shapes)
+    bad = {**feeds, "x": np.zeros((2, 0, 16), np.float32), "residual": np.zeros((2, 0, 16), np.float32)}
+    with pytest.raises(Exception, match=r"AddRMSNorm \(CUDA\): input 'x' must have shape"):
+        model.run(bad, {k: (2, 0, 16) for k in out_shapes})
+    with pytest.raises(Exception, match=r"RMSNorm \(CUDA\): attribute 'epsilon' is -1"):
+        OneNodeModel("RMSNorm", {"x": 3, "weight": 1}, {"y": 3}, {"weight", "y"}, "float32", epsilon=-1.0)
 
 
 # ---- validation ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from support import make_hf_model, rel_err, save_transformers
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_EP, reason="onnxruntime has no CUDAExecutionProvider")]
 
-CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep"}
+CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm"}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,9 @@ def cpu_compute_nodes(profile_file: str) -> tuple[list[str], set[str]]:
 def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path):
     out, ref = exports["nondefault", "float16"]
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
-    for graph, n, want_ops in (("model.onnx", 9, {"SelectiveScan", "CausalConv1d"}), ("decode.onnx", 1, {"DecodeStep"})):
+    norms = {"RMSNorm", "AddRMSNorm"}
+    for graph, n, want_ops in (("model.onnx", 9, {"SelectiveScan", "CausalConv1d"} | norms),
+                               ("decode.onnx", 1, {"DecodeStep"} | norms)):
         sess = cuda_session(out / graph, profile=str(tmp_path / graph))
         run(sess, ids[:, :n], zero_state(ref, 2))
         on_cpu, custom = cpu_compute_nodes(sess.end_profiling())

@@ -4,10 +4,12 @@
 #include "cuda_ops.h"
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <cuda_runtime_api.h>
@@ -44,11 +46,16 @@ std::string shape_str(const std::vector<int64_t>& dims) {
   return s.str();
 }
 
-// An input or output of an op: its name and whether its dtype is T (else float32).
+// An input or output of an op: its name and whether its dtype is T, or (for the norms) R, else float32.
 struct Port {
   const char* name;
   bool is_t;
+  bool is_r = false;
 };
+
+ONNXTensorElementDataType port_type(const Port& p, ONNXTensorElementDataType t, ONNXTensorElementDataType r) {
+  return p.is_t ? t : p.is_r ? r : kF32;
+}
 
 struct Tensor {
   const OrtValue* value = nullptr;
@@ -66,7 +73,8 @@ class Call {
     return api_.CreateStatus(code, (std::string(op_) + " (CUDA): " + msg).c_str());
   }
 
-  OrtStatus* read_inputs(const std::vector<Port>& ports, ONNXTensorElementDataType t, std::vector<Tensor>& out) {
+  OrtStatus* read_inputs(const std::vector<Port>& ports, ONNXTensorElementDataType t, std::vector<Tensor>& out,
+                         ONNXTensorElementDataType r = kF32) {
     size_t count = 0;
     if (OrtStatus* st = api_.KernelContext_GetInputCount(ctx_, &count)) return st;
     if (count != ports.size()) {
@@ -88,7 +96,7 @@ class Call {
       void* data = nullptr;
       if (OrtStatus* st = api_.GetTensorMutableData(const_cast<OrtValue*>(x.value), &data)) return st;
       x.data = data;
-      const ONNXTensorElementDataType want = ports[i].is_t ? t : kF32;
+      const ONNXTensorElementDataType want = port_type(ports[i], t, r);
       if (x.type != want) {
         return error(ORT_INVALID_ARGUMENT, std::string("input '") + ports[i].name + "' must be " + type_name(want) +
                                                ", found " + type_name(x.type));
@@ -391,20 +399,115 @@ struct DecodeStepKernel {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// One OrtCustomOp per (op, T), filled in by hand so that this file needs only the C API.
+// RMSNorm (kAdd false) and AddRMSNorm (kAdd true): activations/weight T, residual stream R (float32 or T).
+template <bool kAdd>
+struct NormKernel {
+  static constexpr const char* kName = kAdd ? "AddRMSNorm" : "RMSNorm";
+  static const std::vector<Port>& inputs() {
+    static const std::vector<Port> p = kAdd ? std::vector<Port>{{"x", true}, {"residual", false, true}, {"weight", true}}
+                                            : std::vector<Port>{{"x", false, true}, {"weight", true}};
+    return p;
+  }
+  static const std::vector<Port>& outputs() {
+    static const std::vector<Port> p = kAdd ? std::vector<Port>{{"y", true}, {"residual_out", false, true}}
+                                            : std::vector<Port>{{"y", true}};
+    return p;
+  }
+
+  NormKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
+      : api(api), t(t), r(r) {}
+
+  // Reads epsilon (a finite float >= 0; 1e-5 when the node does not set it); an error status fails session creation.
+  OrtStatus* init(const OrtKernelInfo* info) {
+    float value = 1e-5f;
+    if (OrtStatus* not_float = api.KernelInfoGetAttribute_float(info, "epsilon", &value)) {
+      api.ReleaseStatus(not_float);
+      int64_t as_int = 0;
+      size_t string_size = 0;
+      OrtStatus* not_int = api.KernelInfoGetAttribute_int64(info, "epsilon", &as_int);
+      OrtStatus* not_string = not_int ? api.KernelInfoGetAttribute_string(info, "epsilon", nullptr, &string_size) : nullptr;
+      const bool other_type = not_int == nullptr || not_string == nullptr;
+      if (not_int) api.ReleaseStatus(not_int);
+      if (not_string) api.ReleaseStatus(not_string);
+      if (other_type) {
+        return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kName) + " (CUDA): attribute 'epsilon' is not a float, "
+                                                       "expected a float >= 0").c_str());
+      }
+      value = 1e-5f;
+    }
+    if (!std::isfinite(value) || value < 0.f) {
+      std::ostringstream s;
+      s << kName << " (CUDA): attribute 'epsilon' is " << value << ", expected a finite float >= 0";
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, s.str().c_str());
+    }
+    epsilon = value;
+    return nullptr;
+  }
+
+  OrtStatus* Compute(OrtKernelContext* ctx) {
+    Call call(api, ctx, kName);
+    std::vector<Tensor> in;
+    MAMBA_RETURN_IF(call.read_inputs(inputs(), t, in, r));
+    const Tensor& x = in[0];
+    const Tensor& residual = kAdd ? in[1] : in[0];
+    const Tensor& weight = kAdd ? in[2] : in[1];
+    MAMBA_RETURN_IF(call.check(x, "x", {-1, -1, -1}, "[b, l, d], none empty", 1));
+    const int64_t b = x.dims[0], l = x.dims[1], d = x.dims[2];
+    if (kAdd) MAMBA_RETURN_IF(call.check(residual, "residual", {b, l, d}, "[b, l, d] like x"));
+    MAMBA_RETURN_IF(call.check(weight, "weight", {d}, "[d]"));
+    mamba_cuda::RmsNormArgs a{};
+    a.dtype = to_dtype(t);
+    a.residual_dtype = to_dtype(r);
+    a.rows = b * l, a.dim = d, a.epsilon = epsilon;
+    a.x = kAdd ? x.data : nullptr;
+    a.residual = residual.data;
+    a.weight = weight.data;
+    void *y = nullptr, *residual_out = nullptr;
+    MAMBA_RETURN_IF(call.output(0, {b, l, d}, &y));
+    if (kAdd) MAMBA_RETURN_IF(call.output(1, {b, l, d}, &residual_out));
+    a.y = y, a.residual_out = residual_out;
+    cudaStream_t stream = nullptr;
+    MAMBA_RETURN_IF(call.stream(x, &stream));
+    return call.cuda(mamba_cuda::rms_norm(a, stream), "rms_norm launch");
+  }
+
+  const OrtApi& api;
+  ONNXTensorElementDataType t, r;
+  float epsilon = 1e-5f;
+};
+
+// Kernels of the three Mamba ops take (api, info, T); the norms also take R and check their attribute in init().
+template <typename Kernel>
+OrtStatus* create_kernel(const OrtApi& api, const OrtKernelInfo* info, ONNXTensorElementDataType t,
+                         ONNXTensorElementDataType r, void** out) {
+  if constexpr (std::is_constructible_v<Kernel, const OrtApi&, const OrtKernelInfo*, ONNXTensorElementDataType,
+                                        ONNXTensorElementDataType>) {
+    auto kernel = std::make_unique<Kernel>(api, info, t, r);
+    if (OrtStatus* st = kernel->init(info)) return st;
+    *out = kernel.release();
+  } else {
+    *out = new Kernel(api, info, t);
+  }
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One OrtCustomOp per (op, T[, R]), filled in by hand so that this file needs only the C API.
 template <typename Kernel>
 struct CudaOp : OrtCustomOp {
-  explicit CudaOp(ONNXTensorElementDataType t_) : OrtCustomOp{}, t(t_) {
+  explicit CudaOp(ONNXTensorElementDataType t_, ONNXTensorElementDataType r_ = kF32) : OrtCustomOp{}, t(t_), r(r_) {
     version = ORT_API_VERSION;
     GetName = [](const OrtCustomOp*) { return Kernel::kName; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return kProvider; };
     GetInputTypeCount = [](const OrtCustomOp*) { return Kernel::inputs().size(); };
     GetOutputTypeCount = [](const OrtCustomOp*) { return Kernel::outputs().size(); };
     GetInputType = [](const OrtCustomOp* op, size_t i) {
-      return Kernel::inputs()[i].is_t ? static_cast<const CudaOp*>(op)->t : kF32;
+      const auto* self = static_cast<const CudaOp*>(op);
+      return port_type(Kernel::inputs()[i], self->t, self->r);
     };
     GetOutputType = [](const OrtCustomOp* op, size_t i) {
-      return Kernel::outputs()[i].is_t ? static_cast<const CudaOp*>(op)->t : kF32;
+      const auto* self = static_cast<const CudaOp*>(op);
+      return port_type(Kernel::outputs()[i], self->t, self->r);
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
@@ -414,8 +517,8 @@ struct CudaOp : OrtCustomOp {
     GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
     GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
     CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** kernel) -> OrtStatusPtr {
-      *kernel = new Kernel(*api, info, static_cast<const CudaOp*>(op)->t);
-      return nullptr;
+      const auto* self = static_cast<const CudaOp*>(op);
+      return create_kernel<Kernel>(*api, info, self->t, self->r, kernel);
     };
     KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) -> OrtStatusPtr {
       return static_cast<Kernel*>(kernel)->Compute(ctx);
@@ -424,7 +527,7 @@ struct CudaOp : OrtCustomOp {
     GetStartVersion = [](const OrtCustomOp*) { return 1; };
     GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
   }
-  ONNXTensorElementDataType t;
+  ONNXTensorElementDataType t, r;
 };
 
 }  // namespace
@@ -446,10 +549,22 @@ std::vector<const OrtCustomOp*> cuda_ops() {
       CudaOp<mamba_export_cuda::DecodeStepKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
       CudaOp<mamba_export_cuda::DecodeStepKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
       CudaOp<mamba_export_cuda::DecodeStepKernel>(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
+  // The norms: (T, R) = (T, float32) for each T, and (T, T) for float16 and bfloat16 (float32 is already there).
+  using mamba_export_cuda::NormKernel;
+  constexpr ONNXTensorElementDataType f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                                      bf16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  static const CudaOp<NormKernel<false>> norm[] = {
+      CudaOp<NormKernel<false>>(f32, f32), CudaOp<NormKernel<false>>(f16, f32), CudaOp<NormKernel<false>>(bf16, f32),
+      CudaOp<NormKernel<false>>(f16, f16), CudaOp<NormKernel<false>>(bf16, bf16)};
+  static const CudaOp<NormKernel<true>> add_norm[] = {
+      CudaOp<NormKernel<true>>(f32, f32), CudaOp<NormKernel<true>>(f16, f32), CudaOp<NormKernel<true>>(bf16, f32),
+      CudaOp<NormKernel<true>>(f16, f16), CudaOp<NormKernel<true>>(bf16, bf16)};
   std::vector<const OrtCustomOp*> ops;
   for (const auto& op : scan) ops.push_back(&op);
   for (const auto& op : conv) ops.push_back(&op);
   for (const auto& op : step) ops.push_back(&op);
+  for (const auto& op : norm) ops.push_back(&op);
+  for (const auto& op : add_norm) ops.push_back(&op);
   return ops;
 }
 

@@ -1,7 +1,8 @@
 // Launchers of the Mamba-1 CUDA kernels: plain device pointers, sizes and a stream. No onnxruntime here.
 //
 // Layouts are the custom-op contract's (docs/CONTRACTS.md), all contiguous row-major:
-//   activations (T = float32, float16 or bfloat16): u, delta, z, x, y [b, l, e]; B, C [b, l, n]; xz [b, 1, 2e]
+//   activations (T = float32, float16 or bfloat16): u, delta, z, x, y [b, l, e]; B, C [b, l, n]; xz [b, 1, 2e];
+//   the norms' x, residual, y [b, l, d] (the residual in R = float32 or T) and weight [d] (T)
 //   float32: A [e, n], D, delta_bias, conv bias [e], conv weight [e, k], x_proj weight [r + 2n, e],
 //            dt_proj weight [e, r], conv state [b, e, k - 1], ssm state [b, e, n].
 // All state arithmetic is float32 whatever T is. Inputs and outputs must not overlap.
@@ -79,5 +80,23 @@ struct DecodeStepArgs {
 };
 size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream);
+
+// RMSNorm (x == nullptr) and AddRMSNorm over `rows` rows of `dim` values (the b * l positions of [b, l, d]):
+//   AddRMSNorm: residual_out = R(float32(residual) + float32(x)), then y from the ROUNDED residual_out;
+//   both:       y = T(r / sqrt(mean(r^2) + epsilon) * float32(weight)), r = float32(residual or residual_out).
+// T (`dtype`) is the weight's and y's type, R (`residual_dtype`) the residual stream's: float32, or T.
+// One block per row, float32 arithmetic, warp-shuffle reductions.
+struct RmsNormArgs {
+  DType dtype;                 // T
+  DType residual_dtype;        // R: kFloat32 or dtype
+  int64_t rows, dim;           // b * l, d
+  float epsilon;
+  const void* x;               // [rows, d] T: AddRMSNorm's x (a block's output); nullptr for RMSNorm
+  const void* residual;        // [rows, d] R: RMSNorm's x, AddRMSNorm's residual
+  const void* weight;          // [d] T
+  void* y;                     // [rows, d] T
+  void* residual_out;          // [rows, d] R: AddRMSNorm only (ignored for RMSNorm)
+};
+cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 
 }  // namespace mamba_cuda
