@@ -1,7 +1,7 @@
 """Benchmark the Triton selective scan against the plain-PyTorch reference, beside the memory and exp floors.
 
 Usage (on a CUDA machine, from the repository root):
-    PYTHONPATH=$PWD:$PWD/kernels python3 tools/bench_scan.py [--sweep] [--log bench.log]
+    PYTHONPATH=$PWD:$PWD/kernels:$PWD/tools python3 tools/bench_scan.py [--sweep] [--official SDIST_DIR]
 
 Shapes: batch 8 x 1536 channels x 2048 tokens and batch 1 x 1536 x 65536, d_state 16, bf16, with z, D, delta bias and
 softplus. Times are medians (and 10th-90th percentiles) of triton.testing.do_bench after a warm-up that is reported
@@ -9,8 +9,8 @@ apart (it includes compilation). Floors:
     memory: every input read once and every output written once, over the measured device copy bandwidth;
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
---sweep first times a few tile shapes (time steps per tile, tile elements, warps) at the first shape, and runs the
-table with the fastest; then a few chunk counts at 64k tokens.
+--sweep first times a few program shapes (channels per program, warps) at the first shape, and runs the table with
+the fastest; then a few chunk counts at 64k tokens.
 """
 
 from __future__ import annotations
@@ -118,6 +118,16 @@ def scan_calls(x: dict, impl):
     return fwd, fwd_bwd
 
 
+def check_official(official) -> None:
+    """The official kernel against the float64 reference on a small bf16 problem (a sanity check of the binding)."""
+    x = make_inputs(2, 64, 300, 16)
+    y, h = official(**x, delta_softplus=True)
+    ref = selective_scan_ref(**{k: v.detach().double() for k, v in x.items()}, delta_softplus=True)
+    errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip((y, h), ref)]
+    print(f"official kernel vs float64 reference (b2 d64 l300 bf16): relative error y {errs[0]:.1e}, "
+          f"final state {errs[1]:.1e}")
+
+
 def report(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -126,31 +136,43 @@ def report(rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes at the first shape")
+    ap.add_argument("--sweep", action="store_true", help="also time a few program shapes at the first shape and chunk counts at 64k")
     ap.add_argument("--reference-64k", action="store_true", help="also time the reference at 64k (minutes)")
     ap.add_argument("--skip-reference", action="store_true", help="time the Triton scan only")
+    ap.add_argument("--official", metavar="SDIST_DIR",
+                    help="also time the official state-spaces/mamba kernel, compiled from this unpacked mamba-ssm "
+                         "sdist (tools/official_scan.py; about 2.5 minutes of nvcc)")
     args = ap.parse_args(argv)
     if args.sweep:
         best = sweep()
         set_tiles(best)
         scan_module._CHUNKED_PROGRAMS_PER_SM = sweep_chunks()
-        print(f"main table with the fastest tiles {best} and {scan_module._CHUNKED_PROGRAMS_PER_SM} programs per SM "
+        print(f"main table with the fastest program shapes {best} and {scan_module._CHUNKED_PROGRAMS_PER_SM} programs per SM "
               "when chunked")
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
           f"{triton.__version__}, CUDA {torch.version.cuda}")
     exp_rate, bandwidth = measure_exp_rate(), measure_copy_bandwidth()
     print(f"measured: exp {exp_rate / 1e12:.2f} T/s, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    official = None
+    if args.official:
+        from official_scan import load, official_scan
+
+        t0 = time.perf_counter()
+        official = official_scan(load(args.official))
+        print(f"official kernel compiled in {time.perf_counter() - t0:.0f} s")
+        check_official(official)
     n = 16
     rows = [["shape", "impl", "pass", "warm-up ms", "median ms", "p10-p90 ms", "mem floor ms", "exp floor ms",
              "GB/s", "x floor"]]
     for b, d, l, with_ref in [(8, 1536, 2048, not args.skip_reference), (1, 1536, 65536, args.reference_64k)]:
         x = make_inputs(b, d, l, n)
-        impls = [("triton", mamba_kernels.selective_scan)] + ([("reference", selective_scan_ref)] if with_ref else [])
+        impls = [("triton", mamba_kernels.selective_scan)] + ([("official", official)] if official else [])
+        impls += [("reference", selective_scan_ref)] if with_ref else []
         for name, impl in impls:
             for pass_name, fn in zip(("fwd", "fwd+bwd"), scan_calls(x, impl)):
                 backward = pass_name == "fwd+bwd"
-                warm, med, p10, p90 = time_fn(fn, None if name == "triton" else 2)
+                warm, med, p10, p90 = time_fn(fn, 2 if name == "reference" else None)
                 mem_floor = bytes_moved(b, d, l, n, backward) / bandwidth * 1e3
                 exp_floor = b * d * l * n * (2 if backward else 1) / exp_rate * 1e3
                 rows.append([f"b{b} d{d} l{l}", name, pass_name, f"{warm:.1f}", f"{med:.3f}", f"{p10:.3f}-{p90:.3f}",
@@ -166,31 +188,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SWEEP = [  # (time steps per tile, forward tile elements, forward warps, backward tile elements, backward warps)
-    (32, 4096, 4, 4096, 4),
-    (32, 4096, 8, 8192, 8),
-    (16, 2048, 4, 8192, 8),
-    (32, 4096, 4, 16384, 16),
+SWEEP = [  # (forward channels per program, backward channels per program, backward warps)
+    (8, 8, 1),
+    (16, 16, 1),
+    (8, 4, 1),
+    (8, 16, 2),
 ]
 
 
 def set_tiles(cfg: tuple) -> None:
-    scan_module._T = cfg[0]
-    scan_module._FWD_TILE = {"elements": cfg[1], "warps": cfg[2]}
-    scan_module._BWD_TILE = {"elements": cfg[3], "warps": cfg[4]}
+    scan_module._FWD["block_d"] = cfg[0]
+    scan_module._BWD["block_d"], scan_module._BWD["warps"] = cfg[1], cfg[2]
 
 
 def sweep() -> tuple:
     """Time fwd and fwd+bwd at b8 d1536 l2048 for each SWEEP entry; return the fastest fwd+bwd."""
     x = make_inputs(8, 1536, 2048, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
-    rows, best = [["T", "fwd tile", "fwd warps", "bwd tile", "bwd warps", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
+    rows, best = [["fwd block_d", "bwd block_d", "bwd warps", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
     for cfg in SWEEP:
         set_tiles(cfg)
         try:
             f = triton.testing.do_bench(fwd, rep=200)
             fb = triton.testing.do_bench(fwd_bwd, rep=300)
-        except Exception as e:  # a tile that does not fit (registers, shared memory) is a result too
+        except Exception as e:  # a shape that does not fit (registers, shared memory) is a result too
             rows.append([str(c) for c in cfg] + [f"failed: {type(e).__name__}", ""])
             continue
         rows.append([str(c) for c in cfg] + [f"{f:.3f}", f"{fb:.3f}"])

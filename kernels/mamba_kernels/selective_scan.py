@@ -6,16 +6,20 @@ Contract: :func:`selective_scan` has the signature, layouts and return values of
 Recurrence, per channel d and state n (Δ after bias and softplus):
     h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t;   y_t = (C_t . h_t + D u_t) silu(z_t)
 
-How it runs. Time is cut into tiles of ``_T`` steps; a tile of (BLOCK_D channels, _T steps, N states) is scanned
-in registers with ``tl.associative_scan`` (pairs (a, b) composed as h -> a h + b). Tiles are grouped into chunks,
-one program per (channel block, chunk, batch), so that batch 1 at 64k tokens still fills the GPU:
-    1. each chunk scans from a zero state: its local end state and sum of Δ    (_fwd_local_kernel, skipped for 1 chunk)
+How it runs. Each program holds the (BLOCK_D channels, N states) fp32 state of its channels in registers and steps
+through time one token per iteration (a sequential recurrence, as the official CUDA kernel does within a thread:
+one exp, two FMAs and the C.h reduction per state and step, the next step's inputs loaded while this one computes).
+Time is cut into tiles of ``_T`` steps, and tiles into chunks, one program per (channel block, chunk, batch), so that
+batch 1 at 64k tokens still fills the GPU:
+    1. each chunk runs from a zero state: its local end state and sum of Δ      (_fwd_seq_kernel LOCAL, 1 chunk: skip)
     2. one short sequential pass carries states across chunks                  (_carry_kernel)
-    3. each chunk scans again from its true start state, writes y, and saves the state at each tile start
-                                                                               (_fwd_chunk_kernel)
-The backward mirrors it for the adjoint g_t = dL/dh_t, a reverse recurrence g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}
-(_bwd_local_kernel, _carry_kernel reversed, _bwd_chunk_kernel), recomputing each tile's states from the saved tile
-start states. Memory beyond inputs and outputs is O(b d n l / _T), never the (b, d, l, n) states.
+    3. each chunk runs again from its true start state, writes y, and saves the state at each tile start
+                                                                               (_fwd_seq_kernel)
+The backward runs the adjoint g_t = dL/dh_t, a reverse recurrence g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, chunked
+the same way (the local adjoint of each chunk: _bwd_local_kernel, an associative scan over register tiles; carry;
+then _bwd_seq_kernel). _bwd_seq_kernel takes each tile last to first: it recomputes the tile's states forward from the
+saved tile start state into a per-program scratch (_T x BLOCK_D x N fp32, cache-resident), then steps backward through
+them. Memory beyond inputs and outputs is O(b d n l / _T), never the (b, d, l, n) states.
 """
 
 from __future__ import annotations
@@ -30,14 +34,14 @@ from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_
 
 __all__ = ["selective_scan"]
 
-_T = 32  # time steps per register tile; the backward keeps one fp32 state per tile
-# Per pass: elements of one (BLOCK_D, _T, BLOCK_N) fp32 tile, and warps per program. Larger backward tiles mean
-# fewer channel blocks adding into dB and dC.
-_FWD_TILE = {"elements": 4096, "warps": 4}
-_BWD_TILE = {"elements": 4096, "warps": 4}
+_T = 32  # time steps per tile: the forward saves the state at each tile start, the backward recomputes a tile
+# Programs of the sequential kernels: channels per program and warps (measured on H100, docs/kernels.md). The forward
+# takes wider programs once it is chunked. The backward adds dB and dC into bc_groups partial sums (channel block i
+# into i % bc_groups) and runs the chunked case's local adjoint (_bwd_local_kernel) with local_warps.
+_FWD = {"block_d": 8, "chunked_block_d": 16, "warps": 1}
+_BWD = {"block_d": 8, "warps": 1, "bc_groups": 4, "local_warps": 4}
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
-# _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM (measured on
-# H100, docs/kernels.md: b8 d1536 l2048 fastest unchunked; b1 d1536 l65536 fwd+bwd 74 -> 57 ms going from 4 to 32).
+# _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM.
 _UNCHUNKED_PROGRAMS_PER_SM = 4
 _CHUNKED_PROGRAMS_PER_SM = 32
 
@@ -61,6 +65,16 @@ def _load_delta(ptrs, mask, bias, SOFTPLUS: tl.constexpr):
     else:
         dt = raw
     return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _softplus(raw, SOFTPLUS: tl.constexpr):
+    """softplus with torch's threshold 20 (identity when SOFTPLUS is off)."""
+    if SOFTPLUS:
+        out = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+    else:
+        out = raw
+    return out
 
 
 @triton.jit
@@ -102,40 +116,6 @@ def _state_ptrs(pid_b, offs_d, idx, offs_n, DIM, NIDX, N):
 
 
 @triton.jit
-def _fwd_local_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, local_ptr, dsum_ptr,
-    L, DIM, N, SUBS, NSUB, NCHUNK,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Per chunk, from a zero state: the end state -> local (b, d, chunks, n), and sum of Δ -> dsum (b, d, chunks)."""
-    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t0 = tl.arange(0, BLOCK_T)
-    mask_dn = (offs_d < DIM)[:, None] & (offs_n < N)[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = _load_vector(bias_ptr, offs_d, offs_d < DIM, HAS_BIAS)
-    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dsum = tl.zeros((BLOCK_D,), tl.float32)
-    for j in range(pid_c * SUBS, tl.minimum((pid_c + 1) * SUBS, NSUB)):
-        offs_t = j * BLOCK_T + offs_t0
-        mask = (offs_d < DIM)[:, None] & (offs_t < L)[None, :]
-        delta, _ = _load_delta(dt_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sdt_b, sdt_d, sdt_l), mask, bias[:, None],
-                               SOFTPLUS)
-        u = tl.load(u_ptr + _tile_ptrs(pid_b, offs_d, offs_t, su_b, su_d, su_l), mask=mask, other=0.0).to(tl.float32)
-        mask_tn = (offs_t < L)[:, None] & (offs_n < N)[None, :]
-        B = tl.load(B_ptr + _bc_ptrs(pid_b, offs_n, offs_t, sB_b, sB_n, sB_l), mask=mask_tn, other=0.0).to(tl.float32)
-        dA = tl.exp(delta[:, :, None] * A[:, None, :])
-        P, hl = tl.associative_scan((dA, (delta * u)[:, :, None] * B[None, :, :]), 1, _combine)
-        h = _pick(hl + P * h[:, None, :], offs_t0, BLOCK_T - 1)
-        dsum += tl.sum(delta, axis=1)
-    tl.store(local_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), h, mask=mask_dn)
-    tl.store(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + pid_c, dsum, mask=offs_d < DIM)
-
-
-@triton.jit
 def _carry_kernel(
     A_ptr, init_ptr, local_ptr, dsum_ptr, out_ptr, DIM, N, NCHUNK,
     REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -160,47 +140,90 @@ def _carry_kernel(
 
 
 @triton.jit
-def _fwd_chunk_kernel(
+def _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
+                HAS_Z: tl.constexpr, LOCAL: tl.constexpr):
+    """The raw inputs of time step t (zeros past L): u, Δ (BLOCK_D,), B, C (BLOCK_N,), z (BLOCK_D,).
+    A LOCAL pass needs no C and z: it gets B and u in their place (never used)."""
+    md, mn = mask_d & (offs_d * 0 + t < L), mask_n & (offs_n * 0 + t < L)
+    u = tl.load(u_ptr + pid_b * su_b + offs_d * su_d + t * su_l, mask=md, other=0.0)
+    dt = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d + t * sdt_l, mask=md, other=0.0)
+    B = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n + t * sB_l, mask=mn, other=0.0)
+    if LOCAL:
+        C, z = B, u
+    else:
+        C = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n + t * sC_l, mask=mn, other=0.0)
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * sz_b + offs_d * sz_d + t * sz_l, mask=md, other=0.0)
+        else:
+            z = u
+    return u, dt, B, C, z
+
+
+@triton.jit
+def _fwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
     L, DIM, N, SUBS, NSUB, NCHUNK,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Scan one chunk from its start state (start: (b, d, chunks, n)); write y (contiguous (b, d, l)), the final state
-    (last chunk) and, when SAVE, the state at each tile start -> sub (b, d, NSUB, n)."""
+    """One chunk of the forward as a sequential recurrence, a time step per iteration: each program holds the
+    (BLOCK_D, BLOCK_N) state of its channels in registers, so a step costs one exp, two FMAs and the C.h reduction
+    per state, with the next step's inputs loaded while this one computes.
+
+    LOCAL: from a zero state, write the chunk's end state to final_ptr as (b, d, chunks, n) and its sum of Δ to
+    sub_ptr as (b, d, chunks). Otherwise: from the chunk's start state (start: (b, d, chunks, n)) write y
+    (time-major, (b, l, d) memory), the final state (last chunk, (b, d, n)) and, when SAVE, the state at each tile
+    start -> sub (b, d, NSUB, n).
+    """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_t0 = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < DIM
-    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
+    mask_d, mask_n = offs_d < DIM, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
     bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     Dv = _load_vector(D_ptr, offs_d, mask_d, HAS_D)
-    h = tl.load(start_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), mask=mask_dn, other=0.0)
-    for j in range(pid_c * SUBS, tl.minimum((pid_c + 1) * SUBS, NSUB)):
+    if LOCAL:
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    else:
+        h = tl.load(start_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), mask=mask_dn, other=0.0)
+    dsum = tl.zeros((BLOCK_D,), tl.float32)
+    j0 = pid_c * SUBS
+    j1 = tl.minimum(j0 + SUBS, NSUB)
+    nxt = _step_loads(j0 * BLOCK_T, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                      su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
+                      HAS_Z, LOCAL)
+    for j in range(j0, j1):
         if SAVE:
             tl.store(sub_ptr + _state_ptrs(pid_b, offs_d, j, offs_n, DIM, NSUB, N), h, mask=mask_dn)
-        offs_t = j * BLOCK_T + offs_t0
-        mask = mask_d[:, None] & (offs_t < L)[None, :]
-        delta, _ = _load_delta(dt_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sdt_b, sdt_d, sdt_l), mask, bias[:, None],
-                               SOFTPLUS)
-        u = tl.load(u_ptr + _tile_ptrs(pid_b, offs_d, offs_t, su_b, su_d, su_l), mask=mask, other=0.0).to(tl.float32)
-        mask_tn = (offs_t < L)[:, None] & (offs_n < N)[None, :]
-        B = tl.load(B_ptr + _bc_ptrs(pid_b, offs_n, offs_t, sB_b, sB_n, sB_l), mask=mask_tn, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + _bc_ptrs(pid_b, offs_n, offs_t, sC_b, sC_n, sC_l), mask=mask_tn, other=0.0).to(tl.float32)
-        dA = tl.exp(delta[:, :, None] * A[:, None, :])
-        P, hl = tl.associative_scan((dA, (delta * u)[:, :, None] * B[None, :, :]), 1, _combine)
-        hs = hl + P * h[:, None, :]
-        y = tl.sum(hs * C[None, :, :], axis=2) + Dv[:, None] * u
-        if HAS_Z:
-            z = tl.load(z_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sz_b, sz_d, sz_l), mask=mask, other=0.0)
-            z = z.to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        tl.store(y_ptr + _tile_ptrs(pid_b, offs_d, offs_t, DIM * L, L, 1), y.to(y_ptr.dtype.element_ty), mask=mask)
-        h = _pick(hs, offs_t0, BLOCK_T - 1)
-    if pid_c == NCHUNK - 1:
+        for t in range(j * BLOCK_T, tl.minimum(j * BLOCK_T + BLOCK_T, L)):
+            u, raw, Bt, Ct, z = nxt
+            nxt = _step_loads(t + 1, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                              su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+                              sz_b, sz_d, sz_l, HAS_Z, LOCAL)
+            u = u.to(tl.float32)
+            raw = raw.to(tl.float32) + bias
+            if SOFTPLUS:
+                dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+            else:
+                dt = raw
+            dt = tl.where(mask_d, dt, 0.0)
+            h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt.to(tl.float32)[None, :]
+            if LOCAL:
+                dsum += dt
+            else:
+                y = tl.sum(h * Ct.to(tl.float32)[None, :], axis=1) + Dv * u
+                if HAS_Z:
+                    zf = z.to(tl.float32)
+                    y *= zf * tl.sigmoid(zf)
+                tl.store(y_ptr + (pid_b * L + t) * DIM + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    if LOCAL:
+        tl.store(final_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), h, mask=mask_dn)
+        tl.store(sub_ptr + (pid_b * DIM + offs_d) * NCHUNK + pid_c, dsum, mask=mask_d)
+    elif pid_c == NCHUNK - 1:
         tl.store(final_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], h, mask=mask_dn)
 
 
@@ -252,92 +275,117 @@ def _bwd_local_kernel(
 
 
 @triton.jit
-def _bwd_chunk_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, N, SUBS, NSUB, NCHUNK,
+def _bwd_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    L, DIM, N, SUBS, NSUB, NCHUNK, DBLOCKS, GROUPS,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
-    sdy_b, sdy_d, sdy_l,
+    sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients of one chunk, tiles last to first, from the adjoint flowing in from the right (carry: (b, d, c, n)).
+    """Gradients of one chunk as sequential recurrences, tiles last to first. Per tile: the states are recomputed
+    forward from the tile's saved start state into this program's scratch (BLOCK_T, BLOCK_D, BLOCK_N) fp32, then a
+    reverse loop runs the adjoint g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1} from the adjoint flowing in from the right
+    (carry: (b, d, chunks, n)).
 
-    Writes du, dΔ, dz (contiguous (b, d, l)); adds into dB, dC (fp32 (b, n, l)); writes per-(batch, chunk) partial
-    sums dA (b, c, d, n), dD and dΔ-bias (b, c, d); and dh0 (b, d, n) from chunk 0.
+    Writes du, dΔ, dz in their given strides; adds dB, dC into GROUPS partial sums (b, GROUPS, l, n) (channel
+    block i into group i % GROUPS, relaxed fp32 atomics);
+    per-(batch, chunk) partial sums dA (b, c, d, n), dD and dΔ-bias (b, c, d); and dh0 (b, d, n) from chunk 0.
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_t0 = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < DIM
-    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
+    mask_d, mask_n = offs_d < DIM, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
     bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     Dv = _load_vector(D_ptr, offs_d, mask_d, HAS_D)
+    prog = (pid_b * NCHUNK + pid_c) * DBLOCKS + pid_d
+    local_dn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
+    scratch = scratch_ptr + prog * (BLOCK_T * BLOCK_D * BLOCK_N) + local_dn
     g = tl.load(carry_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), mask=mask_dn, other=0.0)
+    j0 = pid_c * SUBS
+    j1 = tl.minimum(j0 + SUBS, NSUB)
+    t_end = tl.minimum(j1 * BLOCK_T, L)
+    # exp(Δ_{t+1} A) for the chunk's last step t (Δ is 0 past the sequence).
+    _, raw_next, _, _, _ = _step_loads(t_end, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr,
+                                       z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n,
+                                       sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
+    dt_next = _softplus(raw_next.to(tl.float32) + bias, SOFTPLUS)
+    dt_next = tl.where(mask_d & (offs_d * 0 + t_end < L), dt_next, 0.0)
+    alpha = tl.exp2(dt_next[:, None] * A2)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    first = pid_c * SUBS
-    for i in range(tl.minimum(SUBS, NSUB - first)):
-        j = tl.minimum(first + SUBS, NSUB) - 1 - i
-        offs_t = j * BLOCK_T + offs_t0
-        mask = mask_d[:, None] & (offs_t < L)[None, :]
-        mask_tn = (offs_t < L)[:, None] & (offs_n < N)[None, :]
-        delta, raw = _load_delta(dt_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sdt_b, sdt_d, sdt_l), mask, bias[:, None],
-                                 SOFTPLUS)
-        delta_next, _ = _load_delta(dt_ptr + _tile_ptrs(pid_b, offs_d, offs_t + 1, sdt_b, sdt_d, sdt_l),
-                                    mask_d[:, None] & (offs_t + 1 < L)[None, :], bias[:, None], SOFTPLUS)
-        u = tl.load(u_ptr + _tile_ptrs(pid_b, offs_d, offs_t, su_b, su_d, su_l), mask=mask, other=0.0).to(tl.float32)
-        B = tl.load(B_ptr + _bc_ptrs(pid_b, offs_n, offs_t, sB_b, sB_n, sB_l), mask=mask_tn, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + _bc_ptrs(pid_b, offs_n, offs_t, sC_b, sC_n, sC_l), mask=mask_tn, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sdy_b, sdy_d, sdy_l), mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
-        # States of this tile, recomputed from the saved state at its start.
-        h0 = tl.load(sub_ptr + _state_ptrs(pid_b, offs_d, j, offs_n, DIM, NSUB, N), mask=mask_dn, other=0.0)
-        dBu = (delta * u)[:, :, None] * B[None, :, :]
-        P, hl = tl.associative_scan((tl.exp(delta[:, :, None] * A[:, None, :]), dBu), 1, _combine)
-        hs = hl + P * h0[:, None, :]
-        if HAS_Z:
-            z = tl.load(z_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sz_b, sz_d, sz_l), mask=mask, other=0.0)
-            z = z.to(tl.float32)
-            sig = tl.sigmoid(z)
-            y = tl.sum(hs * C[None, :, :], axis=2) + Dv[:, None] * u
-            dz = dy * y * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + _tile_ptrs(pid_b, offs_d, offs_t, DIM * L, L, 1), dz.to(dz_ptr.dtype.element_ty),
-                     mask=mask)
-            dy *= z * sig
-        # Adjoint g_t = C_t dy_t + exp(Δ_{t+1} A) g_{t+1}, continuing the one from the right.
-        alpha = tl.exp(delta_next[:, :, None] * A[:, None, :])
-        Q, gl = tl.associative_scan((alpha, dy[:, :, None] * C[None, :, :]), 1, _combine, reverse=True)
-        gs = gl + Q * g[:, None, :]
-        g = _pick(gs, offs_t0, 0)
-        t_ptrs = pid_b * N * L + offs_n[None, :] * L + offs_t[:, None]
-        # Relaxed: only the sums after the kernel matter, no ordering with other memory operations.
-        tl.atomic_add(dC_ptr + t_ptrs, tl.sum(dy[:, :, None] * hs, axis=0), mask=mask_tn, sem="relaxed")
-        tl.atomic_add(dB_ptr + t_ptrs, tl.sum(gs * (delta * u)[:, :, None], axis=0), mask=mask_tn, sem="relaxed")
-        gB = tl.sum(gs * B[None, :, :], axis=2)
-        gh = gs * (hs - dBu)  # g_t exp(Δ_t A) h_{t-1}
-        ddelta = tl.sum(gh * A[:, None, :], axis=2) + u * gB
-        if SOFTPLUS:
-            ddelta *= tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
-        ddelta = tl.where(mask, ddelta, 0.0)
-        du = delta * gB + Dv[:, None] * dy
-        dA_acc += tl.sum(gh * delta[:, :, None], axis=1)
-        dD_acc += tl.sum(dy * u, axis=1)
-        dbias_acc += tl.sum(ddelta, axis=1)
-        out_ptrs = _tile_ptrs(pid_b, offs_d, offs_t, DIM * L, L, 1)
-        tl.store(du_ptr + out_ptrs, du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddt_ptr + out_ptrs, ddelta.to(ddt_ptr.dtype.element_ty), mask=mask)
+    for i in range(j1 - j0):
+        j = j1 - 1 - i
+        t0 = j * BLOCK_T
+        t1 = tl.minimum(t0 + BLOCK_T, L)
+        h_start = tl.load(sub_ptr + _state_ptrs(pid_b, offs_d, j, offs_n, DIM, NSUB, N), mask=mask_dn, other=0.0)
+        # Forward over the tile: h_t -> scratch[t - t0].
+        h = h_start
+        for t in range(t0, t1):
+            u, raw, Bt, _, _ = _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr,
+                                           z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b,
+                                           sC_n, sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
+            dt = tl.where(mask_d, _softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bt.to(tl.float32)[None, :]
+            tl.store(scratch + (t - t0) * (BLOCK_D * BLOCK_N), h)
+        tl.debug_barrier()
+        # Backward over the tile, last step first; h_cur = h_t.
+        h_cur = h
+        for k in range(t1 - t0):
+            t = t1 - 1 - k
+            s = t - t0
+            prev = tl.load(scratch + (s - 1) * (BLOCK_D * BLOCK_N), mask=(local_dn * 0 + s) > 0, other=0.0)
+            h_prev = tl.where(s > 0, prev, h_start)
+            u, raw, Bt, Ct, z = _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr,
+                                            C_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l,
+                                            sC_b, sC_n, sC_l, sz_b, sz_d, sz_l, HAS_Z, False)
+            dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d * sdy_d + t * sdy_l, mask=mask_d, other=0.0).to(tl.float32)
+            u = u.to(tl.float32)
+            Bt = Bt.to(tl.float32)
+            Ct = Ct.to(tl.float32)
+            raw = raw.to(tl.float32) + bias
+            dt = tl.where(mask_d, _softplus(raw, SOFTPLUS), 0.0)
+            if HAS_Z:
+                zf = z.to(tl.float32)
+                sig = tl.sigmoid(zf)
+                y = tl.sum(h_cur * Ct[None, :], axis=1) + Dv * u
+                dz = dy * y * sig * (1.0 + zf * (1.0 - sig))
+                tl.store(dz_ptr + pid_b * sdz_b + offs_d * sdz_d + t * sdz_l, dz.to(dz_ptr.dtype.element_ty),
+                         mask=mask_d)
+                dy = dy * zf * sig
+            g = dy[:, None] * Ct[None, :] + alpha * g
+            dA_t = tl.exp2(dt[:, None] * A2)
+            gh = g * dA_t * h_prev
+            dtu = dt * u
+            bc_ptrs = ((pid_b * GROUPS + pid_d % GROUPS) * L + t) * N + offs_n
+            tl.atomic_add(dCp_ptr + bc_ptrs, tl.sum(dy[:, None] * h_cur, axis=0), mask=mask_n, sem="relaxed")
+            tl.atomic_add(dBp_ptr + bc_ptrs, tl.sum(g * dtu[:, None], axis=0), mask=mask_n, sem="relaxed")
+            gB = tl.sum(g * Bt[None, :], axis=1)
+            ddelta = tl.sum(gh * A, axis=1) + u * gB
+            if SOFTPLUS:
+                ddelta *= tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+            ddelta = tl.where(mask_d, ddelta, 0.0)
+            du = dt * gB + Dv * dy
+            dA_acc += gh * dt[:, None]
+            dD_acc += dy * u
+            dbias_acc += ddelta
+            tl.store(du_ptr + pid_b * sdu_b + offs_d * sdu_d + t * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(ddt_ptr + pid_b * sddt_b + offs_d * sddt_d + t * sddt_l, ddelta.to(ddt_ptr.dtype.element_ty),
+                     mask=mask_d)
+            alpha = dA_t
+            h_cur = h_prev
+        tl.debug_barrier()
     part = (pid_b * NCHUNK + pid_c) * DIM + offs_d
     tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
     tl.store(dD_ptr + part, dD_acc, mask=mask_d)
     tl.store(dbias_ptr + part, dbias_acc, mask=mask_d)
     if pid_c == 0:  # dh0 = exp(Δ_0 A) g_0
-        delta0, _ = _load_delta(dt_ptr + pid_b * sdt_b + offs_d * sdt_d, mask_d, bias, SOFTPLUS)
-        dh0 = tl.exp(delta0[:, None] * A) * g
-        tl.store(dh0_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], dh0, mask=mask_dn)
+        tl.store(dh0_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], alpha * g, mask=mask_dn)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -354,16 +402,14 @@ class _Plan(NamedTuple):
     sizes: dict  # BLOCK_D, BLOCK_T, BLOCK_N, num_warps
 
 
-def _plan(b: int, d: int, l: int, n: int, tile: dict, device: torch.device) -> _Plan:
-    """Channels per program from the tile budget (a (BLOCK_D, _T, BLOCK_N) fp32 tile of tile["elements"]); chunks:
-    1 when batch x channel blocks fill the GPU, else enough for _CHUNKED_PROGRAMS_PER_SM programs per SM."""
-    block_n = triton.next_power_of_2(n)
-    block_d = max(1, tile["elements"] // (_T * block_n))
+def _plan(b: int, d: int, l: int, n: int, block_d: int, warps: int, device: torch.device) -> _Plan:
+    """Programs of ``block_d`` channels; chunks: 1 when batch x channel blocks fill the GPU, else enough for
+    _CHUNKED_PROGRAMS_PER_SM programs per SM."""
     d_blocks, nsub = triton.cdiv(d, block_d), triton.cdiv(l, _T)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     nchunk = _num_chunks(b * d_blocks, sms)
     subs = max(1, triton.cdiv(nsub, min(nchunk, max(nsub, 1))))
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=block_n, num_warps=tile["warps"])
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=triton.next_power_of_2(n), num_warps=warps)
     return _Plan(d_blocks, nsub, subs, max(1, triton.cdiv(nsub, subs)), sizes)
 
 
@@ -397,37 +443,36 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
-    """Launch the forward. Returns y (b, d, l) in u's dtype, final state (b, d, n) fp32, and the state at each tile
-    start (b, d, cdiv(l, _T), n) fp32 when ``save_states`` (else (b, d, 0, n))."""
+    """Launch the forward. Returns y (b, d, l) in u's dtype (time-major in memory, a (b, l, d) buffer transposed, as
+    out_proj wants it), the final state (b, d, n) fp32, and the state at each tile start (b, d, cdiv(l, _T), n) fp32
+    when ``save_states`` (else (b, d, 0, n))."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l = u.shape
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
     h0 = torch.zeros(b, d, n, **f32) if initial_state is None else initial_state.to(torch.float32).contiguous()
-    y = torch.empty(b, d, l, dtype=u.dtype, device=u.device)
-    p = _plan(b, d, l, n, _FWD_TILE, u.device)
+    y = torch.empty(b, l, d, dtype=u.dtype, device=u.device).transpose(1, 2)
+    p = _plan(b, d, l, n, _FWD["block_d"], _FWD["warps"], u.device)
+    if p.nchunk > 1:
+        p = _plan(b, d, l, n, _FWD["chunked_block_d"], _FWD["warps"], u.device)
     sub = torch.empty(b, d, p.nsub if save_states else 0, n, **f32)
     if l == 0:
         return y, h0.clone(), sub
     grid, dims = (p.d_blocks, p.nchunk, b), (l, d, n, p.subs, p.nsub, p.nchunk)
+    strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     start = h0.view(b, d, 1, n)
     if p.nchunk > 1:
         local, dsum = torch.empty(b, d, p.nchunk, n, **f32), torch.empty(b, d, p.nchunk, **f32)
-        _fwd_local_kernel[grid](
-            u, delta, A, B, delta_bias, local, dsum, *dims, *u.stride(), *delta.stride(), *B.stride(),
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **p.sizes,
-        )
+        _fwd_seq_kernel[grid](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims, *strides, **flags,
+                              SAVE=False, LOCAL=True, **p.sizes)
         start = torch.empty(b, d, p.nchunk, n, **f32)
         _carry_kernel[(p.d_blocks, b)](A, h0, local, dsum, start, d, n, p.nchunk, REVERSE=False,
                                        BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
     final = torch.empty(b, d, n, **f32)
-    _fwd_chunk_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        SAVE=save_states, **p.sizes,
-    )
+    _fwd_seq_kernel[grid](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides, **flags,
+                          SAVE=save_states, LOCAL=False, **p.sizes)
     return y, final, sub
 
 
@@ -441,7 +486,8 @@ def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, flags) -
     local, dsum = torch.empty(b, d, p.nchunk, n, **f32), torch.empty(b, d, p.nchunk, **f32)
     _bwd_local_kernel[(p.d_blocks, p.nchunk, b)](
         delta, A, C, z, delta_bias, dy, local, dsum, l, d, n, p.subs, p.nsub, p.nchunk,
-        *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags, **p.sizes,
+        *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags,
+        **dict(p.sizes, num_warps=_BWD["local_warps"]),
     )
     carry = torch.empty(b, d, p.nchunk, n, **f32)
     _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
@@ -450,32 +496,37 @@ def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, flags) -
 
 
 def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
-    """Launch the backward. Returns du, dΔ, dz (b, d, l) in their inputs' dtypes (dz empty without z); and in fp32
-    dA (d, n), dB, dC (b, n, l), dD, dΔ-bias (d,) and dh0 (b, d, n)."""
+    """Launch the backward. Returns du, dΔ, dz (b, d, l) in their inputs' dtypes and strides (dz empty without z);
+    and in fp32 dA (d, n), dB, dC (b, n, l) (time-major in memory), dD, dΔ-bias (d,) and dh0 (b, d, n)."""
     b, d, l = u.shape
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    p = _plan(b, d, l, n, _BWD_TILE, u.device)
+    p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device)
     if sub.shape != (b, d, p.nsub, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = torch.zeros(b, d, n, **f32) if dfinal is None else dfinal.to(torch.float32).contiguous()
-    du = torch.empty(b, d, l, dtype=u.dtype, device=u.device)
-    ddelta = torch.empty(b, d, l, dtype=delta.dtype, device=u.device)
-    dz = torch.empty(b, d, l, dtype=z.dtype, device=u.device) if z is not None else torch.empty(0, **f32)
-    dB, dC = torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else torch.empty(0, **f32)
+    groups = min(p.d_blocks, _BWD["bc_groups"])
+    dB_part, dC_part = torch.zeros(b, groups, l, n, **f32), torch.zeros(b, groups, l, n, **f32)
     if l == 0:
+        dB, dC = dB_part.sum(1).transpose(1, 2), dC_part.sum(1).transpose(1, 2)
         return du, ddelta, torch.zeros(d, n, **f32), dB, dC, torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal
     carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C, z, delta_bias, flags)
+    scratch = torch.empty(b * p.nchunk * p.d_blocks * _T * p.sizes["BLOCK_D"] * p.sizes["BLOCK_N"], **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, d, n, **f32)
-    _bwd_chunk_kernel[(p.d_blocks, p.nchunk, b)](
-        u, delta, A, B, C, D, z, delta_bias, dy, sub, carry,
-        du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0, l, d, n, p.subs, p.nsub, p.nchunk,
+    _bwd_seq_kernel[(p.d_blocks, p.nchunk, b)](
+        u, delta, A, B, C, D, z, delta_bias, dy, sub, carry, scratch,
+        du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
+        l, d, n, p.subs, p.nsub, p.nchunk, p.d_blocks, groups,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z), *dy.stride(),
+        *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None),
         HAS_D=D is not None, **flags, **p.sizes,
     )
+    dB, dC = (part.sum(1).transpose(1, 2) for part in (dB_part, dC_part))
     return du, ddelta, dA_part.sum((0, 1)), dB, dC, dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0
 
 
@@ -497,7 +548,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_s
     b, d, l = u.shape
     n = A.shape[1]
     nsub = (l + _T - 1) // _T if save_states else 0
-    return (u.new_empty(b, d, l), u.new_empty(b, d, n, dtype=torch.float32),
+    return (u.new_empty(b, l, d).transpose(1, 2), u.new_empty(b, d, n, dtype=torch.float32),
             u.new_empty(b, d, nsub, n, dtype=torch.float32))
 
 
@@ -516,9 +567,11 @@ def _(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
     b, d, l = u.shape
     n = A.shape[1]
     f32 = dict(dtype=torch.float32)
-    dz = z.new_empty(b, d, l) if z is not None else u.new_empty(0, **f32)
-    return (u.new_empty(b, d, l), delta.new_empty(b, d, l), u.new_empty(d, n, **f32), u.new_empty(b, n, l, **f32),
-            u.new_empty(b, n, l, **f32), u.new_empty(d, **f32), dz, u.new_empty(d, **f32), u.new_empty(b, d, n, **f32))
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0, **f32)
+    dBC = [u.new_empty(b, l, n, **f32).transpose(1, 2) for _ in range(2)]
+    return (torch.empty_like(u), torch.empty_like(delta),
+            u.new_empty(d, n, **f32), dBC[0], dBC[1], u.new_empty(d, **f32), dz, u.new_empty(d, **f32),
+            u.new_empty(b, d, n, **f32))
 
 
 def _setup_context(ctx, inputs, output):
