@@ -37,9 +37,10 @@ __all__ = ["selective_scan"]
 _T = 32  # time steps per tile: the forward saves the state at each tile start, the backward recomputes a tile
 # Programs of the sequential kernels: channels per program and warps (measured on H100, docs/kernels.md). The forward
 # takes wider programs once it is chunked. The backward adds dB and dC into bc_groups partial sums (channel block i
-# into i % bc_groups) and runs the chunked case's local adjoint (_bwd_local_kernel) with local_warps.
-_FWD = {"block_d": 8, "chunked_block_d": 16, "warps": 1}
-_BWD = {"block_d": 8, "warps": 1, "bc_groups": 4, "local_warps": 4}
+# into i % bc_groups) and runs the chunked case's local adjoint (_bwd_local_kernel, register tiles of local_block_d
+# channels x _T steps x N states) with local_warps.
+_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1}
+_BWD = {"block_d": 32, "warps": 1, "bc_groups": 4, "local_block_d": 8, "local_warps": 4}
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM.
 _UNCHUNKED_PROGRAMS_PER_SM = 4
@@ -107,12 +108,14 @@ def _bc_ptrs(pid_b, offs_n, offs_t, s_b, s_n, s_l):
 
 @triton.jit
 def _state_ptrs(pid_b, offs_d, idx, offs_n, DIM, NIDX, N):
-    """Pointer offsets of a (BLOCK_D, BLOCK_N) slice [b, :, idx, :] of a contiguous (b, d, NIDX, n) tensor."""
-    return ((pid_b * DIM + offs_d[:, None]) * NIDX + idx) * N + offs_n[None, :]
+    """Pointer offsets of a (BLOCK_D, BLOCK_N) slice [b, idx]^T of a contiguous (b, NIDX, n, d) state tensor."""
+    return ((pid_b * NIDX + idx) * N + offs_n[None, :]) * DIM + offs_d[:, None]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Forward kernels
+@triton.jit
+def _states_nd(pid_b, offs_n, offs_d, idx, DIM, NIDX, N):
+    """Pointer offsets of a (BLOCK_N, BLOCK_D) slice [b, idx] of a contiguous (b, NIDX, n, d) state tensor."""
+    return ((pid_b * NIDX + idx) * N + offs_n[:, None]) * DIM + offs_d[None, :]
 
 
 @triton.jit
@@ -123,20 +126,35 @@ def _carry_kernel(
     """Carry a state across chunks: out[c] = s, then s = exp(A dsum[c]) s + local[c], from s = init.
 
     Forward (REVERSE False): out[c] is the state at the start of chunk c. Reverse: the chunks run last to first and
-    out[c] is the adjoint flowing into chunk c from its right. init: contiguous (b, d, n); local, out: (b, d, c, n).
+    out[c] is the adjoint flowing into chunk c from its right. init: contiguous (b, n, d); local, out: (b, c, n, d).
     """
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_dn = (offs_d < DIM)[:, None] & (offs_n < N)[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    s = tl.load(init_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    s = tl.load(init_ptr + _state_ptrs(pid_b, offs_d, 0, offs_n, DIM, 1, N), mask=mask_dn, other=0.0)
     for i in range(NCHUNK):
         c = NCHUNK - 1 - i if REVERSE else i
         ptrs = _state_ptrs(pid_b, offs_d, c, offs_n, DIM, NCHUNK, N)
         tl.store(out_ptr + ptrs, s, mask=mask_dn)
         dsum = tl.load(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + c, mask=offs_d < DIM, other=0.0)
         s = tl.exp(A * dsum[:, None]) * s + tl.load(local_ptr + ptrs, mask=mask_dn, other=0.0)
+
+
+@triton.jit
+def _channel_loads(t, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+                   sz_b, sz_d, sz_l, HAS_Z: tl.constexpr):
+    """The per-channel raw inputs of time step t (zeros past L): u, Δ, z (BLOCK_D,) (u again in place of z when
+    HAS_Z is off)."""
+    md = mask_d & (offs_d * 0 + t < L)
+    u = tl.load(u_ptr + pid_b * su_b + offs_d * su_d + t * su_l, mask=md, other=0.0)
+    dt = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d + t * sdt_l, mask=md, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * sz_b + offs_d * sz_d + t * sz_l, mask=md, other=0.0)
+    else:
+        z = u
+    return u, dt, z
 
 
 @triton.jit
@@ -162,69 +180,67 @@ def _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_pt
 
 @triton.jit
 def _fwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
+    u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
     L, DIM, N, SUBS, NSUB, NCHUNK,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
     LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One chunk of the forward as a sequential recurrence, a time step per iteration: each program holds the
-    (BLOCK_D, BLOCK_N) state of its channels in registers, so a step costs one exp, two FMAs and the C.h reduction
-    per state, with the next step's inputs loaded while this one computes.
+    state of its channels in registers as a (BLOCK_N, BLOCK_D) tile, states first, so that Triton lays the channels
+    across lanes and the states along each thread's registers: the per-channel work (softplus, gate, loads, the store
+    of y) is done once per channel, B_t and C_t are broadcast loads, and C.h is summed inside the thread. A step costs
+    one exp, two FMAs and one FMA of C.h per state, with the next step's inputs loaded while this one computes.
 
-    LOCAL: from a zero state, write the chunk's end state to final_ptr as (b, d, chunks, n) and its sum of Δ to
-    sub_ptr as (b, d, chunks). Otherwise: from the chunk's start state (start: (b, d, chunks, n)) write y
-    (time-major, (b, l, d) memory), the final state (last chunk, (b, d, n)) and, when SAVE, the state at each tile
-    start -> sub (b, d, NSUB, n).
+    States in memory are (b, index, n, d), channels contiguous. LOCAL: from a zero state, write the chunk's end
+    state to final_ptr as (b, chunks, n, d) and its sum of Δ to sub_ptr as (b, d, chunks). Otherwise: from the
+    chunk's start state (start: (b, chunks, n, d)) write y (time-major, (b, l, d) memory), the final state (last
+    chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, n, d).
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d, mask_n = offs_d < DIM, offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A = tl.load(At_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
     A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
     bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     Dv = _load_vector(D_ptr, offs_d, mask_d, HAS_D)
     if LOCAL:
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     else:
-        h = tl.load(start_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), mask=mask_dn, other=0.0)
+        h = tl.load(start_ptr + _states_nd(pid_b, offs_n, offs_d, pid_c, DIM, NCHUNK, N), mask=mask_nd, other=0.0)
     dsum = tl.zeros((BLOCK_D,), tl.float32)
     j0 = pid_c * SUBS
     j1 = tl.minimum(j0 + SUBS, NSUB)
-    nxt = _step_loads(j0 * BLOCK_T, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                      su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
-                      HAS_Z, LOCAL)
+    nxt = _channel_loads(j0 * BLOCK_T, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr,
+                         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, HAS_Z and not LOCAL)
     for j in range(j0, j1):
         if SAVE:
-            tl.store(sub_ptr + _state_ptrs(pid_b, offs_d, j, offs_n, DIM, NSUB, N), h, mask=mask_dn)
+            tl.store(sub_ptr + _states_nd(pid_b, offs_n, offs_d, j, DIM, NSUB, N), h, mask=mask_nd)
         for t in range(j * BLOCK_T, tl.minimum(j * BLOCK_T + BLOCK_T, L)):
-            u, raw, Bt, Ct, z = nxt
-            nxt = _step_loads(t + 1, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                              su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
-                              sz_b, sz_d, sz_l, HAS_Z, LOCAL)
+            u, raw, z = nxt
+            nxt = _channel_loads(t + 1, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr,
+                                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, HAS_Z and not LOCAL)
+            # B_t and C_t are loaded here, in the broadcast layout they are used in (not carried from the last step).
+            Bt = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n + t * sB_l, mask=mask_n, other=0.0)
             u = u.to(tl.float32)
-            raw = raw.to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
-            else:
-                dt = raw
-            dt = tl.where(mask_d, dt, 0.0)
-            h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt.to(tl.float32)[None, :]
+            dt = tl.where(mask_d, _softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
+            h = tl.exp2(dt[None, :] * A) * h + Bt.to(tl.float32)[:, None] * (dt * u)[None, :]
             if LOCAL:
                 dsum += dt
             else:
-                y = tl.sum(h * Ct.to(tl.float32)[None, :], axis=1) + Dv * u
+                Ct = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n + t * sC_l, mask=mask_n, other=0.0)
+                y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0) + Dv * u
                 if HAS_Z:
                     zf = z.to(tl.float32)
                     y *= zf * tl.sigmoid(zf)
                 tl.store(y_ptr + (pid_b * L + t) * DIM + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     if LOCAL:
-        tl.store(final_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), h, mask=mask_dn)
+        tl.store(final_ptr + _states_nd(pid_b, offs_n, offs_d, pid_c, DIM, NCHUNK, N), h, mask=mask_nd)
         tl.store(sub_ptr + (pid_b * DIM + offs_d) * NCHUNK + pid_c, dsum, mask=mask_d)
     elif pid_c == NCHUNK - 1:
-        tl.store(final_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], h, mask=mask_dn)
+        tl.store(final_ptr + _states_nd(pid_b, offs_n, offs_d, 0, DIM, 1, N), h, mask=mask_nd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -240,7 +256,7 @@ def _bwd_local_kernel(
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per chunk, with nothing flowing in from the right: the adjoint at the chunk's first step -> local
-    (b, d, chunks, n), and the sum of Δ_{t+1} over the chunk's steps t -> dsum (b, d, chunks)."""
+    (b, chunks, n, d), and the sum of Δ_{t+1} over the chunk's steps t -> dsum (b, d, chunks)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -276,7 +292,7 @@ def _bwd_local_kernel(
 
 @triton.jit
 def _bwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
+    u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     L, DIM, N, SUBS, NSUB, NCHUNK, DBLOCKS, GROUPS,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
@@ -284,28 +300,28 @@ def _bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients of one chunk as sequential recurrences, tiles last to first. Per tile: the states are recomputed
-    forward from the tile's saved start state into this program's scratch (BLOCK_T, BLOCK_D, BLOCK_N) fp32, then a
-    reverse loop runs the adjoint g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1} from the adjoint flowing in from the right
-    (carry: (b, d, chunks, n)).
+    """Gradients of one chunk as sequential recurrences, tiles last to first, states as (BLOCK_N, BLOCK_D) tiles
+    (channels across lanes, as in the forward). Per tile: the states are recomputed forward from the tile's saved
+    start state into this program's scratch (BLOCK_T, BLOCK_N, BLOCK_D) fp32, then a reverse loop runs the adjoint
+    g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1} from the adjoint flowing in from the right (carry: (b, chunks, n, d)).
 
     Writes du, dΔ, dz in their given strides; adds dB, dC into GROUPS partial sums (b, GROUPS, l, n) (channel
-    block i into group i % GROUPS, relaxed fp32 atomics);
-    per-(batch, chunk) partial sums dA (b, c, d, n), dD and dΔ-bias (b, c, d); and dh0 (b, d, n) from chunk 0.
+    block i into group i % GROUPS, relaxed fp32 atomics); per-(batch, chunk) partial sums dA (b, c, d, n), dD and
+    dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0.
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d, mask_n = offs_d < DIM, offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A = tl.load(At_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     Dv = _load_vector(D_ptr, offs_d, mask_d, HAS_D)
     prog = (pid_b * NCHUNK + pid_c) * DBLOCKS + pid_d
-    local_dn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
-    scratch = scratch_ptr + prog * (BLOCK_T * BLOCK_D * BLOCK_N) + local_dn
-    g = tl.load(carry_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), mask=mask_dn, other=0.0)
+    local_nd = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    scratch = scratch_ptr + prog * (BLOCK_T * BLOCK_N * BLOCK_D) + local_nd
+    g = tl.load(carry_ptr + _states_nd(pid_b, offs_n, offs_d, pid_c, DIM, NCHUNK, N), mask=mask_nd, other=0.0)
     j0 = pid_c * SUBS
     j1 = tl.minimum(j0 + SUBS, NSUB)
     t_end = tl.minimum(j1 * BLOCK_T, L)
@@ -315,15 +331,15 @@ def _bwd_seq_kernel(
                                        sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
     dt_next = _softplus(raw_next.to(tl.float32) + bias, SOFTPLUS)
     dt_next = tl.where(mask_d & (offs_d * 0 + t_end < L), dt_next, 0.0)
-    alpha = tl.exp2(dt_next[:, None] * A2)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    alpha = tl.exp2(dt_next[None, :] * A2)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(j1 - j0):
         j = j1 - 1 - i
         t0 = j * BLOCK_T
         t1 = tl.minimum(t0 + BLOCK_T, L)
-        h_start = tl.load(sub_ptr + _state_ptrs(pid_b, offs_d, j, offs_n, DIM, NSUB, N), mask=mask_dn, other=0.0)
+        h_start = tl.load(sub_ptr + _states_nd(pid_b, offs_n, offs_d, j, DIM, NSUB, N), mask=mask_nd, other=0.0)
         # Forward over the tile: h_t -> scratch[t - t0].
         h = h_start
         for t in range(t0, t1):
@@ -331,15 +347,15 @@ def _bwd_seq_kernel(
                                            z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b,
                                            sC_n, sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
             dt = tl.where(mask_d, _softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bt.to(tl.float32)[None, :]
-            tl.store(scratch + (t - t0) * (BLOCK_D * BLOCK_N), h)
+            h = tl.exp2(dt[None, :] * A2) * h + Bt.to(tl.float32)[:, None] * (dt * u.to(tl.float32))[None, :]
+            tl.store(scratch + (t - t0) * (BLOCK_N * BLOCK_D), h)
         tl.debug_barrier()
         # Backward over the tile, last step first; h_cur = h_t.
         h_cur = h
         for k in range(t1 - t0):
             t = t1 - 1 - k
             s = t - t0
-            prev = tl.load(scratch + (s - 1) * (BLOCK_D * BLOCK_N), mask=(local_dn * 0 + s) > 0, other=0.0)
+            prev = tl.load(scratch + (s - 1) * (BLOCK_N * BLOCK_D), mask=(local_nd * 0 + s) > 0, other=0.0)
             h_prev = tl.where(s > 0, prev, h_start)
             u, raw, Bt, Ct, z = _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr,
                                             C_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l,
@@ -353,25 +369,25 @@ def _bwd_seq_kernel(
             if HAS_Z:
                 zf = z.to(tl.float32)
                 sig = tl.sigmoid(zf)
-                y = tl.sum(h_cur * Ct[None, :], axis=1) + Dv * u
+                y = tl.sum(h_cur * Ct[:, None], axis=0) + Dv * u
                 dz = dy * y * sig * (1.0 + zf * (1.0 - sig))
                 tl.store(dz_ptr + pid_b * sdz_b + offs_d * sdz_d + t * sdz_l, dz.to(dz_ptr.dtype.element_ty),
                          mask=mask_d)
                 dy = dy * zf * sig
-            g = dy[:, None] * Ct[None, :] + alpha * g
-            dA_t = tl.exp2(dt[:, None] * A2)
-            gh = g * dA_t * h_prev
+            g = Ct[:, None] * dy[None, :] + alpha * g
+            dA_t = tl.exp2(dt[None, :] * A2)
+            gh = g * dA_t * h_prev  # g_t exp(Δ_t A) h_{t-1}
             dtu = dt * u
             bc_ptrs = ((pid_b * GROUPS + pid_d % GROUPS) * L + t) * N + offs_n
-            tl.atomic_add(dCp_ptr + bc_ptrs, tl.sum(dy[:, None] * h_cur, axis=0), mask=mask_n, sem="relaxed")
-            tl.atomic_add(dBp_ptr + bc_ptrs, tl.sum(g * dtu[:, None], axis=0), mask=mask_n, sem="relaxed")
-            gB = tl.sum(g * Bt[None, :], axis=1)
-            ddelta = tl.sum(gh * A, axis=1) + u * gB
+            tl.atomic_add(dCp_ptr + bc_ptrs, tl.sum(h_cur * dy[None, :], axis=1), mask=mask_n, sem="relaxed")
+            tl.atomic_add(dBp_ptr + bc_ptrs, tl.sum(g * dtu[None, :], axis=1), mask=mask_n, sem="relaxed")
+            gB = tl.sum(g * Bt[:, None], axis=0)
+            ddelta = tl.sum(gh * A, axis=0) + u * gB
             if SOFTPLUS:
                 ddelta *= tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
             ddelta = tl.where(mask_d, ddelta, 0.0)
             du = dt * gB + Dv * dy
-            dA_acc += gh * dt[:, None]
+            dA_acc += gh * dt[None, :]
             dD_acc += dy * u
             dbias_acc += ddelta
             tl.store(du_ptr + pid_b * sdu_b + offs_d * sdu_d + t * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask_d)
@@ -381,11 +397,11 @@ def _bwd_seq_kernel(
             h_cur = h_prev
         tl.debug_barrier()
     part = (pid_b * NCHUNK + pid_c) * DIM + offs_d
-    tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    tl.store(dA_ptr + part[None, :] * N + offs_n[:, None], dA_acc, mask=mask_nd)
     tl.store(dD_ptr + part, dD_acc, mask=mask_d)
     tl.store(dbias_ptr + part, dbias_acc, mask=mask_d)
     if pid_c == 0:  # dh0 = exp(Δ_0 A) g_0
-        tl.store(dh0_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], alpha * g, mask=mask_dn)
+        tl.store(dh0_ptr + _states_nd(pid_b, offs_n, offs_d, 0, DIM, 1, N), alpha * g, mask=mask_nd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,6 +436,11 @@ def _num_chunks(programs: int, sms: int) -> int:
     return triton.cdiv(_CHUNKED_PROGRAMS_PER_SM * sms, programs)
 
 
+def _nd(state: torch.Tensor) -> torch.Tensor:
+    """A (b, d, n) state as the kernels keep it: fp32 (b, n, d), channels contiguous."""
+    return state.to(torch.float32).transpose(1, 2).contiguous()
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride())
 
@@ -444,54 +465,56 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
     """Launch the forward. Returns y (b, d, l) in u's dtype (time-major in memory, a (b, l, d) buffer transposed, as
-    out_proj wants it), the final state (b, d, n) fp32, and the state at each tile start (b, d, cdiv(l, _T), n) fp32
-    when ``save_states`` (else (b, d, 0, n))."""
+    out_proj wants it), the final state (b, d, n) fp32 (a (b, n, d) buffer transposed), and the state at each tile
+    start (b, cdiv(l, _T), n, d) fp32 when ``save_states`` (else (b, 0, n, d))."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l = u.shape
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    h0 = torch.zeros(b, d, n, **f32) if initial_state is None else initial_state.to(torch.float32).contiguous()
+    h0 = torch.zeros(b, n, d, **f32) if initial_state is None else _nd(initial_state)
     y = torch.empty(b, l, d, dtype=u.dtype, device=u.device).transpose(1, 2)
     p = _plan(b, d, l, n, _FWD["block_d"], _FWD["warps"], u.device)
     if p.nchunk > 1:
         p = _plan(b, d, l, n, _FWD["chunked_block_d"], _FWD["warps"], u.device)
-    sub = torch.empty(b, d, p.nsub if save_states else 0, n, **f32)
+    sub = torch.empty(b, p.nsub if save_states else 0, n, d, **f32)
     if l == 0:
-        return y, h0.clone(), sub
+        return y, h0.transpose(1, 2), sub
     grid, dims = (p.d_blocks, p.nchunk, b), (l, d, n, p.subs, p.nsub, p.nchunk)
     strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
-    start = h0.view(b, d, 1, n)
+    start = h0.view(b, 1, n, d)
+    At = A.t().contiguous()  # (n, d): the kernel's tiles are (states, channels)
     if p.nchunk > 1:
-        local, dsum = torch.empty(b, d, p.nchunk, n, **f32), torch.empty(b, d, p.nchunk, **f32)
-        _fwd_seq_kernel[grid](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims, *strides, **flags,
+        local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
+        _fwd_seq_kernel[grid](u, delta, At, B, C, D, z, delta_bias, start, y, local, dsum, *dims, *strides, **flags,
                               SAVE=False, LOCAL=True, **p.sizes)
-        start = torch.empty(b, d, p.nchunk, n, **f32)
+        start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(p.d_blocks, b)](A, h0, local, dsum, start, d, n, p.nchunk, REVERSE=False,
                                        BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
-    final = torch.empty(b, d, n, **f32)
-    _fwd_seq_kernel[grid](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides, **flags,
+    final = torch.empty(b, n, d, **f32)
+    _fwd_seq_kernel[grid](u, delta, At, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides, **flags,
                           SAVE=save_states, LOCAL=False, **p.sizes)
-    return y, final, sub
+    return y, final.transpose(1, 2), sub
 
 
 def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, flags) -> torch.Tensor:
-    """The adjoint flowing into each chunk from its right: (b, d, chunks, n) fp32 (gfinal itself for one chunk)."""
+    """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk)."""
     _, d, l = delta.shape
     n = A.shape[1]
     if p.nchunk == 1:
-        return gfinal.view(b, d, 1, n)
+        return gfinal.view(b, 1, n, d)
     f32 = dict(dtype=torch.float32, device=delta.device)
-    local, dsum = torch.empty(b, d, p.nchunk, n, **f32), torch.empty(b, d, p.nchunk, **f32)
-    _bwd_local_kernel[(p.d_blocks, p.nchunk, b)](
+    local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
+    sizes = dict(p.sizes, BLOCK_D=_BWD["local_block_d"], num_warps=_BWD["local_warps"])
+    d_blocks = triton.cdiv(d, sizes["BLOCK_D"])
+    _bwd_local_kernel[(d_blocks, p.nchunk, b)](
         delta, A, C, z, delta_bias, dy, local, dsum, l, d, n, p.subs, p.nsub, p.nchunk,
-        *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags,
-        **dict(p.sizes, num_warps=_BWD["local_warps"]),
+        *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags, **sizes,
     )
-    carry = torch.empty(b, d, p.nchunk, n, **f32)
-    _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
-                                   BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
+    carry = torch.empty(b, p.nchunk, n, d, **f32)
+    _carry_kernel[(d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
+                                 BLOCK_D=sizes["BLOCK_D"], BLOCK_N=sizes["BLOCK_N"])
     return carry
 
 
@@ -503,23 +526,24 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
     p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device)
-    if sub.shape != (b, d, p.nsub, n):
+    if sub.shape != (b, p.nsub, n, d):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
-    gfinal = torch.zeros(b, d, n, **f32) if dfinal is None else dfinal.to(torch.float32).contiguous()
+    gfinal = torch.zeros(b, n, d, **f32) if dfinal is None else _nd(dfinal)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else torch.empty(0, **f32)
     groups = min(p.d_blocks, _BWD["bc_groups"])
     dB_part, dC_part = torch.zeros(b, groups, l, n, **f32), torch.zeros(b, groups, l, n, **f32)
     if l == 0:
         dB, dC = dB_part.sum(1).transpose(1, 2), dC_part.sum(1).transpose(1, 2)
-        return du, ddelta, torch.zeros(d, n, **f32), dB, dC, torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal
+        return (du, ddelta, torch.zeros(d, n, **f32), dB, dC, torch.zeros(d, **f32), dz, torch.zeros(d, **f32),
+                gfinal.transpose(1, 2))
     carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C, z, delta_bias, flags)
     scratch = torch.empty(b * p.nchunk * p.d_blocks * _T * p.sizes["BLOCK_D"] * p.sizes["BLOCK_N"], **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
-    dh0 = torch.empty(b, d, n, **f32)
+    dh0 = torch.empty(b, n, d, **f32)
     _bwd_seq_kernel[(p.d_blocks, p.nchunk, b)](
-        u, delta, A, B, C, D, z, delta_bias, dy, sub, carry, scratch,
+        u, delta, A.t().contiguous(), B, C, D, z, delta_bias, dy, sub, carry, scratch,
         du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
         l, d, n, p.subs, p.nsub, p.nchunk, p.d_blocks, groups,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z), *dy.stride(),
@@ -527,7 +551,8 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
         HAS_D=D is not None, **flags, **p.sizes,
     )
     dB, dC = (part.sum(1).transpose(1, 2) for part in (dB_part, dC_part))
-    return du, ddelta, dA_part.sum((0, 1)), dB, dC, dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0
+    return (du, ddelta, dA_part.sum((0, 1)), dB, dC, dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)),
+            dh0.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -548,8 +573,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_s
     b, d, l = u.shape
     n = A.shape[1]
     nsub = (l + _T - 1) // _T if save_states else 0
-    return (u.new_empty(b, l, d).transpose(1, 2), u.new_empty(b, d, n, dtype=torch.float32),
-            u.new_empty(b, d, nsub, n, dtype=torch.float32))
+    return (u.new_empty(b, l, d).transpose(1, 2), u.new_empty(b, n, d, dtype=torch.float32).transpose(1, 2),
+            u.new_empty(b, nsub, n, d, dtype=torch.float32))
 
 
 @torch.library.custom_op("mamba_kernels::selective_scan_bwd", mutates_args=())
@@ -571,7 +596,7 @@ def _(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
     dBC = [u.new_empty(b, l, n, **f32).transpose(1, 2) for _ in range(2)]
     return (torch.empty_like(u), torch.empty_like(delta),
             u.new_empty(d, n, **f32), dBC[0], dBC[1], u.new_empty(d, **f32), dz, u.new_empty(d, **f32),
-            u.new_empty(b, d, n, **f32))
+            u.new_empty(b, n, d, **f32).transpose(1, 2))
 
 
 def _setup_context(ctx, inputs, output):
