@@ -10,10 +10,18 @@ For the mamba-130m shape (d_model 768, 24 layers, vocab 50280; random weights fr
                       transformers its forward);
     floor:            bytes of weights read per decoded token / this machine's measured memory read bandwidth.
 
+The implementations run interleaved in ``--rounds`` rounds (each round: every implementation's prefills, then its
+``--decode-steps`` decode steps; ours, the fallback, PyTorch, transformers, then again), so that load from other jobs
+on a shared machine falls on all of them alike. Each round gives every implementation a median ms/token and a
+speed-up against transformers in that round; the table shows the medians over all samples, the ratio of those
+medians, and the median (and range) of the per-round speed-ups, which is the steadier number when the load changes
+during the run. The load average (os.getloadavg) before and after is printed and kept in the JSON.
+
 Prints a Markdown table (median, p10-p90 spread, ratio to the floor and to transformers) and writes JSON with the
 machine, versions and settings. Usage:
 
-    .venv/bin/python tools/bench_export_cpu.py [--threads 2] [--decode-steps 64] [--prompt-len 512] [--json out.json]
+    .venv/bin/python tools/bench_export_cpu.py [--threads 2] [--decode-steps 64] [--prompt-len 512]
+        [--prefill-repeats 4] [--rounds 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,91 +85,132 @@ def zero_state_feeds(cfg, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def bench_ort(out_dir: Path, cfg, prompt: np.ndarray, steps: int, threads: int, library: str | None,
-              prefill_repeats: int) -> dict:
-    """Prefill (last-logits graph) and decode (decode.onnx) timings of onnxruntime, with or without the library."""
-    prefill_graph = out_dir / ("model_last.onnx" if (out_dir / "model_last.onnx").exists() else "model.onnx")
-    pre = ort_session(prefill_graph, threads, library)
-    dec = ort_session(out_dir / "decode.onnx", threads, library)
-    names = [o.name for o in pre.get_outputs()]
-    feeds = {"input_ids": prompt, **zero_state_feeds(cfg, 1)}
-    pre.run(None, feeds)  # warm-up
-    pre_times = []
-    for _ in range(prefill_repeats):
+class OrtRunner:
+    """onnxruntime, with or without the library: prefill with the last-logits graph, decode with decode.onnx."""
+
+    def __init__(self, out_dir: Path, cfg, prompt: np.ndarray, threads: int, library: str | None):
+        prefill_graph = out_dir / ("model_last.onnx" if (out_dir / "model_last.onnx").exists() else "model.onnx")
+        self.pre = ort_session(prefill_graph, threads, library)
+        self.dec = ort_session(out_dir / "decode.onnx", threads, library)
+        self.feeds = {"input_ids": prompt, **zero_state_feeds(cfg, 1)}
+        self.pre_names = [o.name for o in self.pre.get_outputs()]
+        self.dec_names = [o.name for o in self.dec.get_outputs()]
+
+    def prefill(self) -> float:
+        """One timed prefill of the prompt from a zero state; the decode continues from its state and token."""
         t0 = time.perf_counter()
-        outs = pre.run(None, feeds)
-        pre_times.append(time.perf_counter() - t0)
-    state = {n.replace("present_", "past_"): v for n, v in zip(names[1:], outs[1:])}
-    tok = np.array([[int(outs[0][0, -1].argmax())]], dtype=np.int64)
-    dec_names = [o.name for o in dec.get_outputs()]
-    for _ in range(3):  # warm-up, state not advanced
-        dec.run(None, {"input_ids": tok, **state})
-    dec_times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        outs = dec.run(None, {"input_ids": tok, **state})
-        dec_times.append(time.perf_counter() - t0)
-        state = {n.replace("present_", "past_"): v for n, v in zip(dec_names[1:], outs[1:])}
-        tok = np.array([[int(outs[0][0, -1].argmax())]], dtype=np.int64)
-    return {"prefill": summary(pre_times), "decode": summary(dec_times)}
+        outs = self.pre.run(None, self.feeds)
+        elapsed = time.perf_counter() - t0
+        self.state = {n.replace("present_", "past_"): v for n, v in zip(self.pre_names[1:], outs[1:])}
+        self.tok = np.array([[int(outs[0][0, -1].argmax())]], dtype=np.int64)
+        return elapsed
 
-
-def bench_torch_reference(model, prompt: np.ndarray, steps: int, prefill_repeats: int) -> dict:
-    import torch
-
-    ids = torch.from_numpy(prompt)
-    with torch.no_grad():
-        model(ids[:, :8])  # warm-up
-        pre_times = []
-        for _ in range(prefill_repeats):
-            t0 = time.perf_counter()
-            logits, state = model(ids)
-            pre_times.append(time.perf_counter() - t0)
-        tok = logits[:, -1].argmax(-1)
-        dec_times = []
+    def decode(self, steps: int) -> list[float]:
+        """Seconds of each of `steps` greedy decode steps, after 3 untimed ones (state not advanced)."""
+        for _ in range(3):
+            self.dec.run(None, {"input_ids": self.tok, **self.state})
+        times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            logits, state = model.step(tok, state)
-            dec_times.append(time.perf_counter() - t0)
-            tok = logits.argmax(-1)
-    return {"prefill": summary(pre_times), "decode": summary(dec_times)}
+            outs = self.dec.run(None, {"input_ids": self.tok, **self.state})
+            times.append(time.perf_counter() - t0)
+            self.state = {n.replace("present_", "past_"): v for n, v in zip(self.dec_names[1:], outs[1:])}
+            self.tok = np.array([[int(outs[0][0, -1].argmax())]], dtype=np.int64)
+        return times
 
 
-def bench_transformers(model, prompt: np.ndarray, steps: int, prefill_repeats: int, repeats: int = 3) -> dict:
+class TorchReferenceRunner:
+    """The PyTorch reference model: forward for prefill, MambaLM.step per decoded token."""
+
+    def __init__(self, model, prompt: np.ndarray):
+        import torch
+
+        self.torch, self.model, self.ids = torch, model, torch.from_numpy(prompt)
+        with torch.no_grad():
+            model(self.ids[:, :8])  # warm-up
+
+    def prefill(self) -> float:
+        with self.torch.no_grad():
+            t0 = time.perf_counter()
+            logits, self.state = self.model(self.ids)
+            elapsed = time.perf_counter() - t0
+        self.tok = logits[:, -1].argmax(-1)
+        return elapsed
+
+    def decode(self, steps: int) -> list[float]:
+        times = []
+        with self.torch.no_grad():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                logits, self.state = self.model.step(self.tok, self.state)
+                times.append(time.perf_counter() - t0)
+                self.tok = logits.argmax(-1)
+        return times
+
+
+class TransformersRunner:
     """transformers' MambaForCausalLM with the same weights: forward for prefill, generate() with cache for decode.
 
-    Decode ms/token = (generate(prompt, N + 1 tokens) - generate(prompt, 1 token)) / N, median over ``repeats``."""
-    import torch
-    from transformers import MambaConfig as HFConfig
-    from transformers import MambaForCausalLM
+    Decode ms/token = (generate(prompt, N + 1 tokens) - generate(prompt, 1 token)) / N: one value per call of
+    decode(N), with the 1-token time the mean of one call before and one after the long one."""
 
-    c = model.config
-    hf_cfg = HFConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, state_size=c.d_state,
-                      num_hidden_layers=c.n_layer, conv_kernel=c.d_conv, expand=c.expand, time_step_rank=c.dt_rank,
-                      use_bias=c.bias, use_conv_bias=c.conv_bias, tie_word_embeddings=c.tie_embeddings)
-    hf = MambaForCausalLM(hf_cfg).eval()
-    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(sd, strict=False)
-    ids = torch.from_numpy(prompt)
-    with torch.no_grad():
-        hf(input_ids=ids[:, :8], use_cache=False)
-        pre_times = []
-        for _ in range(prefill_repeats):
+    def __init__(self, model, prompt: np.ndarray):
+        import torch
+        from transformers import MambaConfig as HFConfig
+        from transformers import MambaForCausalLM
+
+        c = model.config
+        hf_cfg = HFConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, state_size=c.d_state,
+                          num_hidden_layers=c.n_layer, conv_kernel=c.d_conv, expand=c.expand,
+                          time_step_rank=c.dt_rank, use_bias=c.bias, use_conv_bias=c.conv_bias,
+                          tie_word_embeddings=c.tie_embeddings)
+        self.hf = MambaForCausalLM(hf_cfg).eval()
+        sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in model.state_dict().items()}
+        self.hf.load_state_dict(sd, strict=False)
+        self.torch, self.ids = torch, torch.from_numpy(prompt)
+        self.kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.no_grad():
+            self.hf(input_ids=self.ids[:, :8], use_cache=False)
+            self.hf.generate(self.ids[:, :16], max_new_tokens=2, min_new_tokens=2, **self.kw)  # warm-up
+
+    def prefill(self) -> float:
+        with self.torch.no_grad():
             t0 = time.perf_counter()
-            hf(input_ids=ids, use_cache=False)
-            pre_times.append(time.perf_counter() - t0)
-        short = ids[:, :16]
-        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-        hf.generate(short, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-        per_token = []
-        for _ in range(repeats):
+            self.hf(input_ids=self.ids, use_cache=False)
+            return time.perf_counter() - t0
+
+    def decode(self, steps: int) -> list[float]:
+        short = self.ids[:, :16]
+        with self.torch.no_grad():
             t0 = time.perf_counter()
-            hf.generate(short, max_new_tokens=1, min_new_tokens=1, **kw)
+            self.hf.generate(short, max_new_tokens=1, min_new_tokens=1, **self.kw)
             t1 = time.perf_counter()
-            hf.generate(short, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+            self.hf.generate(short, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **self.kw)
             t2 = time.perf_counter()
-            per_token.append(((t2 - t1) - (t1 - t0)) / steps)
-    return {"prefill": summary(pre_times), "decode": summary(per_token)}
+            self.hf.generate(short, max_new_tokens=1, min_new_tokens=1, **self.kw)
+            t3 = time.perf_counter()
+        return [((t2 - t1) - ((t1 - t0) + (t3 - t2)) / 2) / steps]
+
+
+def run_rounds(runners: dict, rounds: int, prefills_per_round: int, steps: int) -> dict[str, dict]:
+    """Interleave the runners round by round; per runner, all samples and the per-round medians (seconds)."""
+    samples = {name: {"prefill": [], "decode": [], "prefill_rounds": [], "decode_rounds": []} for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            pre = [runner.prefill() for _ in range(prefills_per_round)]
+            dec = runner.decode(steps)
+            s = samples[name]
+            s["prefill"] += pre
+            s["decode"] += dec
+            s["prefill_rounds"].append(statistics.median(pre))
+            s["decode_rounds"].append(statistics.median(dec))
+    return samples
+
+
+def per_round_speedups(base: list[float], ours: list[float]) -> dict:
+    """base / ours per round: median, min and max."""
+    ratios = [b / o for b, o in zip(base, ours)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
 def weight_bytes_per_token(model) -> int:
@@ -178,9 +227,11 @@ def weight_bytes_per_token(model) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=64, help="timed decode steps per implementation and round")
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--prefill-repeats", type=int, default=5)
+    ap.add_argument("--prefill-repeats", type=int, default=4,
+                    help="timed prefills per implementation in all, spread over the rounds (at least 1 per round)")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the interleaved implementations")
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=50280)
@@ -197,7 +248,7 @@ def main() -> None:
     from mamba_runtime.profiling import read_bandwidth_gbs
 
     skip = set(filter(None, args.skip.split(",")))
-    results: dict[str, dict] = {}
+    load_before = os.getloadavg()
     # The read bandwidth of a shared VM moves between runs: measure it before and after the timings, and take the
     # highest as the floor's bandwidth (the conservative choice: the lowest floor).
     bandwidths = [read_bandwidth_gbs(args.threads)]
@@ -209,28 +260,43 @@ def main() -> None:
         export_s = time.perf_counter() - t0
         prompt = np.random.default_rng(0).integers(0, args.vocab, (1, args.prompt_len), dtype=np.int64)
         lib = custom_op_library_path()
+        runners: dict[str, object] = {}
         if "ort_lib" not in skip:
-            results["onnxruntime + library"] = bench_ort(out, model.config, prompt, args.decode_steps, args.threads,
-                                                         lib, args.prefill_repeats)
+            runners["onnxruntime + library"] = OrtRunner(out, model.config, prompt, args.threads, lib)
         if "ort_nolib" not in skip:
-            results["onnxruntime, function fallback"] = bench_ort(out, model.config, prompt, args.decode_steps,
-                                                                  args.threads, None, max(1, args.prefill_repeats // 2))
+            runners["onnxruntime, function fallback"] = OrtRunner(out, model.config, prompt, args.threads, None)
         if "torch" not in skip:
-            results["PyTorch reference"] = bench_torch_reference(model, prompt, args.decode_steps,
-                                                                 max(1, args.prefill_repeats // 2))
+            runners["PyTorch reference"] = TorchReferenceRunner(model, prompt)
         if "transformers" not in skip:
-            results["transformers MambaForCausalLM"] = bench_transformers(model, prompt, args.decode_steps,
-                                                                          max(1, args.prefill_repeats // 2))
+            runners["transformers MambaForCausalLM"] = TransformersRunner(model, prompt)
+        for runner in runners.values():  # untimed: first-run allocations, caches
+            runner.prefill()
+            runner.decode(2)
+        samples = run_rounds(runners, args.rounds, max(1, args.prefill_repeats // args.rounds), args.decode_steps)
+        del runners
         wbytes = weight_bytes_per_token(model)
     bandwidths.append(read_bandwidth_gbs(args.threads))
+    load_after = os.getloadavg()
     bw = max(bandwidths)
     floor_ms = wbytes / (bw * 1e9) * 1e3
-    base = results.get("transformers MambaForCausalLM")
+    base_name = "transformers MambaForCausalLM"
+    base = samples.get(base_name)
+    results = {}
+    for name, s in samples.items():
+        r = {"prefill": summary(s["prefill"]), "decode": summary(s["decode"]),
+             "prefill_round_medians_ms": [v * 1e3 for v in s["prefill_rounds"]],
+             "decode_round_medians_ms": [v * 1e3 for v in s["decode_rounds"]]}
+        if base is not None:
+            r["decode_speedup_per_round"] = per_round_speedups(base["decode_rounds"], s["decode_rounds"])
+            r["prefill_speedup_per_round"] = per_round_speedups(base["prefill_rounds"], s["prefill_rounds"])
+        results[name] = r
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "python": platform.python_version()},
         "settings": vars(args) | {"json": str(args.json) if args.json else None},
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "export_seconds": export_s,
         "weight_bytes_per_token": wbytes,
         "read_bandwidth_GBps": bw,
@@ -238,17 +304,26 @@ def main() -> None:
         "decode_floor_ms": floor_ms,
         "results": results,
     }
+    load = lambda la: "/".join(f"{v:.2f}" for v in la)  # noqa: E731
     print(f"\nmamba-{args.d_model}x{args.n_layer} shape, batch 1, {args.threads} threads; weights "
           f"{wbytes / 1e6:.0f} MB/token, read bandwidth {bw:.1f} GB/s (best of "
-          f"{', '.join(f'{b:.1f}' for b in bandwidths)}) -> decode floor {floor_ms:.2f} ms/token\n")
-    print("| implementation | decode ms/token (median, p10-p90) | x floor | speed-up vs transformers "
-          f"| prefill {args.prompt_len} tok/s | speed-up vs transformers |")
+          f"{', '.join(f'{b:.1f}' for b in bandwidths)}) -> decode floor {floor_ms:.2f} ms/token")
+    print(f"{args.rounds} interleaved rounds x {args.decode_steps} decode steps; load average (1/5/15 min) before "
+          f"{load(load_before)}, after {load(load_after)}\n")
+    print("| implementation | decode ms/token (median, p10-p90) | x floor | speed-up vs transformers: ratio of medians "
+          "/ median of per-round ratios (min-max) | prefill {} tok/s | prefill speed-up: ratio of medians / "
+          "median per round |".format(args.prompt_len))
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         d, p = r["decode"], r["prefill"]
         tps = args.prompt_len / (p["median_ms"] / 1e3)
-        dx = f"{base['decode']['median_ms'] / d['median_ms']:.2f}x" if base else "-"
-        px = f"{base['prefill']['median_ms'] / p['median_ms']:.2f}x" if base else "-"
+        if base is not None:
+            dr, pr = r["decode_speedup_per_round"], r["prefill_speedup_per_round"]
+            dx = (f"{results[base_name]['decode']['median_ms'] / d['median_ms']:.2f}x / {dr['median']:.2f}x "
+                  f"({dr['min']:.2f}-{dr['max']:.2f})")
+            px = f"{results[base_name]['prefill']['median_ms'] / p['median_ms']:.2f}x / {pr['median']:.2f}x"
+        else:
+            dx = px = "-"
         print(f"| {name} | {d['median_ms']:.2f} ({d['p10_ms']:.2f}-{d['p90_ms']:.2f}) | "
               f"{d['median_ms'] / floor_ms:.2f} | {dx} | {tps:.0f} | {px} |")
     if args.json:
