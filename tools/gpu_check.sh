@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script a GPU-machine call runs: install onnxruntime-gpu (staged in /tmp/ortparts, see docs/gpu.md), build
 # the custom-op library with its CUDA part, run the GPU tests, then the GPU benchmark. Logs and JSON go to $OUT.
-#   bash tools/gpu_check.sh [tests|bench|all] [pytest -k expression]
+#   bash tools/gpu_check.sh [tests|bench|profile|all] [pytest -k expression]
+# profile: export the shipped model (models/kjv-byte) in float16 and run `mamba-export profile --provider cuda` on it.
 # Needs third_party/onnxruntime/include (tools/fetch_ort_headers.sh here; carry it to the GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,14 @@ fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
   python3 tools/bench_gpu.py --models "${BENCH_MODELS-130m,1.4b}" ${BENCH_ARGS:-} --workdir /tmp/gpu_bench --out "$OUTDIR/bench.json" \
     2>&1 | tee "$OUTDIR/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$WHAT" = profile ] || [ "$WHAT" = all ]; then
+  rm -rf /tmp/gpu_check_kjv16
+  python3 -m mamba_export.cli export models/kjv-byte -o /tmp/gpu_check_kjv16 --dtype float16 \
+    > "$OUTDIR/profile_export.log" 2>&1 || { cat "$OUTDIR/profile_export.log"; exit 1; }
+  python3 -m mamba_export.cli profile /tmp/gpu_check_kjv16 --provider cuda ${PROFILE_ARGS:-} -o "$OUTDIR/profile_cuda" \
+    2>&1 | tee "$OUTDIR/profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status
