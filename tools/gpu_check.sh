@@ -42,7 +42,7 @@ if [ "$WHAT" = profile ] || [ "$WHAT" = all ]; then
   rm -rf /tmp/gpu_check_kjv16
   python3 -m mamba_export.cli export models/kjv-byte -o /tmp/gpu_check_kjv16 --dtype float16 \
     > "$OUTDIR/profile_export.log" 2>&1 || { cat "$OUTDIR/profile_export.log"; exit 1; }
-  python3 -m mamba_export.cli profile /tmp/gpu_check_kjv16 --provider cuda ${PROFILE_ARGS:-} -o "$OUTDIR/profile_cuda" \
+  python3 -m mamba_export.cli profile /tmp/gpu_check_kjv16 --provider cuda ${PROFILE_ARGS:---batch 1,8 --position-tokens 2000} -o "$OUTDIR/profile_cuda" \
     2>&1 | tee "$OUTDIR/profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
