@@ -63,3 +63,22 @@ def test_profile_bad_options_exit_2_with_one_line(exp, capsys):
     with pytest.raises(SystemExit) as e:
         main(["profile", str(out), "--batch", "0,2"])
     assert e.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_decode_floor_bandwidth_source(monkeypatch):
+    """The floor's bandwidth: the host's on the CPU; on CUDA the GPU's, or the host's with the reason when the GPU
+    measurement fails (here it is made to fail, as it does without CuPy)."""
+    from mamba_export.commands import profile as cmd
+    from mamba_runtime import profiling as prof
+
+    monkeypatch.setattr(prof, "read_bandwidth_gbs", lambda threads: 40.0)
+    assert cmd._bandwidth("cpu", 1) == (40.0, "host memory read bandwidth")
+    monkeypatch.setattr(prof, "device_bandwidth_gbs", lambda: 3000.0)
+    assert cmd._bandwidth("cuda", 1) == (3000.0, "GPU copy bandwidth (read + write)")
+
+    def no_cupy():
+        raise ModuleNotFoundError("No module named 'cupy'")
+
+    monkeypatch.setattr(prof, "device_bandwidth_gbs", no_cupy)
+    fallback = (40.0, "host memory read bandwidth (GPU measurement failed: ModuleNotFoundError)")
+    assert cmd._bandwidth("cuda", 1) == fallback

@@ -136,7 +136,8 @@ def report(rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweep", action="store_true", help="also time a few program shapes at the first shape and chunk counts at 64k")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time a few program shapes at the first shape and chunk counts at 64k")
     ap.add_argument("--reference-64k", action="store_true", help="also time the reference at 64k (minutes)")
     ap.add_argument("--skip-reference", action="store_true", help="time the Triton scan only")
     ap.add_argument("--official", metavar="SDIST_DIR",
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         best = sweep()
         set_tiles(best)
         scan_module._CHUNKED_PROGRAMS_PER_SM = sweep_chunks()
-        print(f"main table with the fastest program shapes {best} and {scan_module._CHUNKED_PROGRAMS_PER_SM} programs per SM "
-              "when chunked")
+        print(f"main table with the fastest program shapes {best} and {scan_module._CHUNKED_PROGRAMS_PER_SM} "
+              "programs per SM when chunked")
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
           f"{triton.__version__}, CUDA {torch.version.cuda}")

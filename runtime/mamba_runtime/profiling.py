@@ -5,7 +5,8 @@ so the numbers are what a user of :class:`~mamba_runtime.MambaRuntime` gets. Tim
 (``time.perf_counter``); "decode ms/step" is one step of the whole batch, "tokens/s" counts every sequence's token.
 
 The memory floor of a decode step is the bytes of weights it must read (:func:`weight_bytes_per_token`) divided by
-the machine's measured read bandwidth (:func:`read_bandwidth_gbs`); achieved GB/s is those bytes over the measured
+the machine's measured read bandwidth (:func:`read_bandwidth_gbs`; on CUDA the device's copy bandwidth,
+:func:`device_bandwidth_gbs`); achieved GB/s is those bytes over the measured
 step time.
 """
 
@@ -72,6 +73,26 @@ def read_bandwidth_gbs(threads: int, gib: float = 0.5, repeats: int = 5) -> floa
             w.join()
         best = min(best, time.perf_counter() - t0)
     return a.nbytes / best / 1e9
+
+
+def device_bandwidth_gbs(gib: float = 0.5, repeats: int = 5) -> float:
+    """CUDA device memory bandwidth (CuPy): bytes read plus bytes written by a device-to-device copy of ``gib`` GiB,
+    timed with CUDA events, best of ``repeats`` after one warm-up copy. The GPU decode floor of tools/bench_gpu.py
+    uses the same measure."""
+    import cupy as cp
+
+    a = cp.ones(int(gib * 2**30) // 4, dtype=cp.float32)
+    b = cp.empty_like(a)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    cp.copyto(b, a)
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        cp.copyto(b, a)
+        stop.record()
+        stop.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return 2 * a.nbytes / best / 1e9
 
 
 def weight_bytes_per_token(info: ExportInfo) -> int:
