@@ -4,7 +4,6 @@
 #include "cuda_ops.h"
 
 #include <climits>
-#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <sstream>
@@ -14,6 +13,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../src/ort/attributes.h"
 #include "mamba_cuda.h"
 
 namespace mamba_export_cuda {
@@ -419,29 +419,8 @@ struct NormKernel {
 
   // Reads epsilon (a finite float >= 0; 1e-5 when the node does not set it); an error status fails session creation.
   OrtStatus* init(const OrtKernelInfo* info) {
-    float value = 1e-5f;
-    if (OrtStatus* not_float = api.KernelInfoGetAttribute_float(info, "epsilon", &value)) {
-      api.ReleaseStatus(not_float);
-      int64_t as_int = 0;
-      size_t string_size = 0;
-      OrtStatus* not_int = api.KernelInfoGetAttribute_int64(info, "epsilon", &as_int);
-      OrtStatus* not_string = not_int ? api.KernelInfoGetAttribute_string(info, "epsilon", nullptr, &string_size) : nullptr;
-      const bool other_type = not_int == nullptr || not_string == nullptr;
-      if (not_int) api.ReleaseStatus(not_int);
-      if (not_string) api.ReleaseStatus(not_string);
-      if (other_type) {
-        return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kName) + " (CUDA): attribute 'epsilon' is not a float, "
-                                                       "expected a float >= 0").c_str());
-      }
-      value = 1e-5f;
-    }
-    if (!std::isfinite(value) || value < 0.f) {
-      std::ostringstream s;
-      s << kName << " (CUDA): attribute 'epsilon' is " << value << ", expected a finite float >= 0";
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, s.str().c_str());
-    }
-    epsilon = value;
-    return nullptr;
+    const std::string error = mamba_export_ops::read_epsilon(api, info, std::string(kName) + " (CUDA)", &epsilon);
+    return error.empty() ? nullptr : api.CreateStatus(ORT_INVALID_ARGUMENT, error.c_str());
   }
 
   OrtStatus* Compute(OrtKernelContext* ctx) {

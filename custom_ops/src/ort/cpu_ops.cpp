@@ -2,13 +2,12 @@
 // validates its inputs (checks.h), allocates outputs and scratch, and runs the kernel's tasks on the session's
 // intra-op pool. The per-call path allocates nothing of its own on the heap in the common case: input shapes are held
 // inline (checks.h), output shapes are passed as arrays, and scratch up to kStackScratchFloats lives on the stack.
-#include <cmath>
 #include <iterator>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "attributes.h"
 #include "guard.h"
 #include "mamba_export_ops/cpu_kernels.h"
 #include "op_registry.h"
@@ -72,27 +71,11 @@ bool read_flag(const OrtKernelInfo* info, const char* op, const char* name, bool
   return value == 1;
 }
 
-// Epsilon of RMSNorm/AddRMSNorm: a finite float >= 0, 1e-5 when the node does not set it.
-float read_epsilon(const OrtKernelInfo* info, const char* op) {
-  const OrtApi& api = Ort::GetApi();
+// Epsilon of RMSNorm/AddRMSNorm (attributes.h); a bad one throws InvalidInput.
+float epsilon_of(const OrtKernelInfo* info, const char* op) {
   float value = 1e-5f;
-  if (OrtStatus* not_float = api.KernelInfoGetAttribute_float(info, "epsilon", &value)) {
-    api.ReleaseStatus(not_float);
-    int64_t as_int = 0;
-    size_t string_size = 0;
-    OrtStatus* not_int = api.KernelInfoGetAttribute_int64(info, "epsilon", &as_int);
-    OrtStatus* not_string = not_int ? api.KernelInfoGetAttribute_string(info, "epsilon", nullptr, &string_size) : nullptr;
-    const bool other_type = not_int == nullptr || not_string == nullptr;
-    if (not_int) api.ReleaseStatus(not_int);
-    if (not_string) api.ReleaseStatus(not_string);
-    if (other_type) throw InvalidInput(std::string(op) + ": attribute 'epsilon' is not a float, expected a float >= 0");
-    return 1e-5f;
-  }
-  if (!std::isfinite(value) || value < 0.0f) {
-    std::ostringstream message;
-    message << op << ": attribute 'epsilon' is " << value << ", expected a finite float >= 0";
-    throw InvalidInput(message.str());
-  }
+  const std::string error = read_epsilon(Ort::GetApi(), info, op, &value);
+  if (!error.empty()) throw InvalidInput(error);
   return value;
 }
 
@@ -299,7 +282,7 @@ struct NormKernel {
   static constexpr const char* kWhyT = "T of this kernel (the weight's type): float32 or float16";
   static constexpr const char* kWhyR = "R of this kernel (the residual stream): float32, or T";
 
-  explicit NormKernel(const OrtKernelInfo* info) : epsilon_(read_epsilon(info, kName)) {}
+  explicit NormKernel(const OrtKernelInfo* info) : epsilon_(epsilon_of(info, kName)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
     return guarded([&] { compute(Ort::KernelContext(context)); });

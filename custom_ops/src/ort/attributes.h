@@ -1,0 +1,14 @@
+// Node attributes shared by the CPU and CUDA bindings. C API only, so that both bindings can use it.
+#pragma once
+
+#include <string>
+
+#include "onnxruntime_c_api.h"
+
+namespace mamba_export_ops {
+
+// The `epsilon` attribute of RMSNorm/AddRMSNorm: a finite float >= 0, 1e-5 when the node does not set it. Sets
+// *value and returns an empty string, or returns the error message ("<op>: attribute 'epsilon' is ...").
+std::string read_epsilon(const OrtApi& api, const OrtKernelInfo* info, const std::string& op, float* value);
+
+}  // namespace mamba_export_ops
