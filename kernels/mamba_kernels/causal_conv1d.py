@@ -16,21 +16,12 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
+from ._triton_common import load_channel_vector
 
 __all__ = ["causal_conv1d", "causal_conv1d_step"]
 
 _BLOCK_D = 16
 _BLOCK_L = 64
-
-
-@triton.jit
-def _load_bias(ptr, offs_d, mask_d, HAS_BIAS: tl.constexpr):
-    """The per-channel bias in fp32, zeros when absent."""
-    if HAS_BIAS:
-        v = tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        v = tl.zeros(offs_d.shape, tl.float32)
-    return v
 
 
 @triton.jit
@@ -68,7 +59,7 @@ def _conv_fwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < DIM
-    bias = _load_bias(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     y = _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, K)
     if SILU:
         y = y * tl.sigmoid(y)
@@ -102,7 +93,7 @@ def _conv_bwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < DIM
-    bias = _load_bias(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     dxs = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
     for j in tl.static_range(K):
         w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)

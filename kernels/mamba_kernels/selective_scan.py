@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
+from ._triton_common import load_channel_vector, softplus
 
 __all__ = ["selective_scan"]
 
@@ -63,31 +64,7 @@ def _combine(a1, b1, a2, b2):
 def _load_delta(ptrs, mask, bias, SOFTPLUS: tl.constexpr):
     """Δ in fp32 after bias (and softplus, torch's threshold 20), 0 where masked; and the value before softplus."""
     raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + bias
-    if SOFTPLUS:
-        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
-    else:
-        dt = raw
-    return tl.where(mask, dt, 0.0), raw
-
-
-@triton.jit
-def _softplus(raw, SOFTPLUS: tl.constexpr):
-    """softplus with torch's threshold 20 (identity when SOFTPLUS is off)."""
-    if SOFTPLUS:
-        out = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
-    else:
-        out = raw
-    return out
-
-
-@triton.jit
-def _load_vector(ptr, offs_d, mask_d, PRESENT: tl.constexpr):
-    """A per-channel parameter (D or the Δ bias) in fp32, zeros when absent."""
-    if PRESENT:
-        v = tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        v = tl.zeros(offs_d.shape, tl.float32)
-    return v
+    return tl.where(mask, softplus(raw, SOFTPLUS), 0.0), raw
 
 
 @triton.jit
@@ -165,18 +142,14 @@ def _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_pt
                 HAS_Z: tl.constexpr, LOCAL: tl.constexpr):
     """The raw inputs of time step t (zeros past L): u, Δ (BLOCK_D,), B, C (BLOCK_N,), z (BLOCK_D,).
     A LOCAL pass needs no C and z: it gets B and u in their place (never used)."""
-    md, mn = mask_d & (offs_d * 0 + t < L), mask_n & (offs_n * 0 + t < L)
-    u = tl.load(u_ptr + pid_b * su_b + offs_d * su_d + t * su_l, mask=md, other=0.0)
-    dt = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d + t * sdt_l, mask=md, other=0.0)
+    u, dt, z = _channel_loads(t, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d,
+                              sdt_l, sz_b, sz_d, sz_l, HAS_Z and not LOCAL)
+    mn = mask_n & (offs_n * 0 + t < L)
     B = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n + t * sB_l, mask=mn, other=0.0)
     if LOCAL:
-        C, z = B, u
+        C = B
     else:
         C = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n + t * sC_l, mask=mn, other=0.0)
-        if HAS_Z:
-            z = tl.load(z_ptr + pid_b * sz_b + offs_d * sz_d + t * sz_l, mask=md, other=0.0)
-        else:
-            z = u
     return u, dt, B, C, z
 
 
@@ -206,8 +179,8 @@ def _fwd_seq_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     A = tl.load(At_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
     A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-    bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
-    Dv = _load_vector(D_ptr, offs_d, mask_d, HAS_D)
+    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    Dv = load_channel_vector(D_ptr, offs_d, mask_d, HAS_D)
     if LOCAL:
         h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     else:
@@ -227,7 +200,7 @@ def _fwd_seq_kernel(
             # B_t and C_t are loaded here, in the broadcast layout they are used in (not carried from the last step).
             Bt = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n + t * sB_l, mask=mask_n, other=0.0)
             u = u.to(tl.float32)
-            dt = tl.where(mask_d, _softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
+            dt = tl.where(mask_d, softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
             h = tl.exp2(dt[None, :] * A) * h + Bt.to(tl.float32)[:, None] * (dt * u)[None, :]
             if LOCAL:
                 dsum += dt
@@ -266,7 +239,7 @@ def _bwd_local_kernel(
     mask_d = offs_d < DIM
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dsum = tl.zeros((BLOCK_D,), tl.float32)
     first = pid_c * SUBS
@@ -318,8 +291,8 @@ def _bwd_seq_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     A = tl.load(At_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
-    bias = _load_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
-    Dv = _load_vector(D_ptr, offs_d, mask_d, HAS_D)
+    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
+    Dv = load_channel_vector(D_ptr, offs_d, mask_d, HAS_D)
     prog = (pid_b * NCHUNK + pid_c) * DBLOCKS + pid_d
     local_nd = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     scratch = scratch_ptr + prog * (BLOCK_T * BLOCK_N * BLOCK_D) + local_nd
@@ -331,7 +304,7 @@ def _bwd_seq_kernel(
     _, raw_next, _, _, _ = _step_loads(t_end, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr,
                                        z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n,
                                        sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
-    dt_next = _softplus(raw_next.to(tl.float32) + bias, SOFTPLUS)
+    dt_next = softplus(raw_next.to(tl.float32) + bias, SOFTPLUS)
     dt_next = tl.where(mask_d & (offs_d * 0 + t_end < L), dt_next, 0.0)
     alpha = tl.exp2(dt_next[None, :] * A2)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -348,7 +321,7 @@ def _bwd_seq_kernel(
             u, raw, Bt, _, _ = _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr,
                                            z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b,
                                            sC_n, sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
-            dt = tl.where(mask_d, _softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
+            dt = tl.where(mask_d, softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
             h = tl.exp2(dt[None, :] * A2) * h + Bt.to(tl.float32)[:, None] * (dt * u.to(tl.float32))[None, :]
             tl.store(scratch + (t - t0) * (BLOCK_N * BLOCK_D), h)
         tl.debug_barrier()
@@ -367,7 +340,7 @@ def _bwd_seq_kernel(
             Bt = Bt.to(tl.float32)
             Ct = Ct.to(tl.float32)
             raw = raw.to(tl.float32) + bias
-            dt = tl.where(mask_d, _softplus(raw, SOFTPLUS), 0.0)
+            dt = tl.where(mask_d, softplus(raw, SOFTPLUS), 0.0)
             if HAS_Z:
                 zf = z.to(tl.float32)
                 sig = tl.sigmoid(zf)

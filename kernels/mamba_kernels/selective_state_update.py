@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
+from ._triton_common import softplus
 
 __all__ = ["selective_state_update"]
 
@@ -33,8 +34,7 @@ def _state_update_kernel(
     dt = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if SOFTPLUS:
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    dt = softplus(dt, SOFTPLUS)
     x = tl.load(x_ptr + pid_b * sx_b + offs_d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     B = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n, mask=offs_n < N, other=0.0).to(tl.float32)
