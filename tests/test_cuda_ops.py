@@ -227,12 +227,16 @@ STEP_SHAPES = [  # b, e, n, k, r
     (2, 32, 256, 4, 8),
     (1, 1536, 16, 4, 48),     # mamba-130m's mixer
     (9, 600, 16, 4, 38),      # channels not a multiple of the 256-channel tile, batch not of the 8-sequence group
+    (64, 4096, 16, 4, 128),   # mamba-1.4b's mixer at batch 64: more phase-1 items than resident blocks
 ]
+DECODE_PATHS = ["fused", "split"]  # MAMBA_EXPORT_CUDA_DECODE: one cooperative kernel, or one kernel per phase
 
 
+@pytest.mark.parametrize("path", DECODE_PATHS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_decode_step_matches_reference(shape, dtype):
+def test_decode_step_matches_reference(shape, dtype, path, monkeypatch):
+    monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE", path)
     b, e, n, k, r_ = shape
     g = torch.Generator().manual_seed(seed_of(shape, dtype))
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -255,9 +259,11 @@ def test_decode_step_matches_reference(shape, dtype):
     assert rel_err(ssm, ssm_ref) < STATE_TOL
 
 
-def test_decode_step_is_deterministic():
-    """Same inputs, bit-identical outputs (no atomics): needed for identical tokens with CUDA graphs on and off."""
-    b, e, n, k, r_ = 8, 768, 16, 4, 24
+@pytest.mark.parametrize("shape", [(8, 768, 16, 4, 24), (64, 4096, 16, 4, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_decode_step_is_deterministic(shape, monkeypatch):
+    """Same inputs, bit-identical outputs (no atomics): needed for identical tokens with CUDA graphs on and off.
+    The fused and the split path run the same per-item code, so they agree bit for bit too."""
+    b, e, n, k, r_ = shape
     g = torch.Generator().manual_seed(5)
     feeds = {name: torch.randn(*s, generator=g).numpy() for name, s in {
         "xz": (b, 1, 2 * e), "conv_state_in": (b, e, k - 1), "ssm_state_in": (b, e, n), "conv_weight": (e, k),
@@ -266,9 +272,13 @@ def test_decode_step_is_deterministic():
     feeds["A"] = -np.abs(feeds["A"])
     model = OneNodeModel("DecodeStep", STEP_IN, STEP_OUT, STEP_T, "float32")
     shapes = {"y": (b, 1, e), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)}
-    first, second = model.run(feeds, shapes), model.run(feeds, shapes)
-    for a, c in zip(first, second):
-        assert np.array_equal(a, c)
+    runs = []
+    for path in ("fused", "fused", "split"):
+        monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE", path)
+        runs.append(model.run(feeds, shapes))
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert np.array_equal(a, c)
 
 
 # ---- RMSNorm, AddRMSNorm ----------------------------------------------------------------------------------------

@@ -149,3 +149,23 @@ def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path):
         on_cpu, custom = cpu_compute_nodes(sess.end_profiling())
         assert on_cpu == [], f"{graph}: nodes with floating-point outputs on the CPU: {on_cpu}"
         assert custom == want_ops, f"{graph}: custom ops on CUDA: {custom}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(1, 50280), (64, 50280), (3, 7), (5, 4097)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_argmax_matches_numpy(shape, dtype):
+    """CudaGenerator's argmax kernels: the first maximum of each row, as numpy picks it (ties, -inf, NaN)."""
+    cp = pytest.importorskip("cupy")
+    from mamba_runtime.gpu import _Argmax
+
+    b, V = shape
+    rng = np.random.default_rng(V + b)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[0, :] = -np.inf
+    x[0, V // 2] = x[0, V - 1] = 3.0  # a tie: the first index wins
+    if b > 2:
+        x[1, :] = np.round(x[1, :])  # many ties
+        x[2, V // 3] = np.nan  # NaN counts as the maximum in numpy
+    ids = cp.full((b, 1), -1, dtype=cp.int64)
+    _Argmax(cp, b, V)(cp.asarray(x), ids)
+    np.testing.assert_array_equal(cp.asnumpy(ids)[:, 0], np.argmax(x, axis=-1))

@@ -1,53 +1,78 @@
-// One decode step of a Mamba mixer between in_proj and out_proj, in three kernels on float32 intermediates:
-//   1. conv_xproj: per tile of kTile channels, group of kRows x_proj rows and group of up to kBatchGroup sequences:
-//      shift the conv state, conv + SiLU -> xc (the first row group writes xc and the new conv state), then this
-//      tile's partial dot products of its rows with xc -> partial[b, tile, row]. Each weight element is read once per
-//      batch group, with all of a warp's loads in flight together; the grid is tiles x row groups x batch groups.
-//   2. reduce_xproj: dbc[b, row] = sum over tiles of the partials, in a fixed order (deterministic, no atomics).
-//   3. scan: per (channel block, sequence): dt = softplus(dt_proj . dbc[:r] + dt_bias), state update with
+// One decode step of a Mamba mixer between in_proj and out_proj, on float32 intermediates, in two phases:
+//   1. conv + x_proj partials, per work item (tile of kTile channels, group of kRows x_proj rows, group of up to
+//      kBatchGroup sequences): shift the conv state, conv + SiLU -> xc (the first row group writes xc and the new
+//      conv state), then this tile's partial dot products of its rows with xc -> partial[b, tile, row]. Each weight
+//      element is read once per batch group, with all of a warp's loads in flight together.
+//   2. scan, per work item (block of channels, sequence): dbc = sum over tiles of the partials in a fixed order
+//      (deterministic, no atomics), dt = softplus(dt_proj . dbc[:r] + dt_bias), state update with
 //      B = dbc[r:r+n], C = dbc[r+n:], y = C.h + D x, gate silu(z).
-// Workspace (float32): xc [b, e], partial [b, tiles, r + 2n], dbc [b, r + 2n].
+// Where the device supports cooperative launches, both phases run in ONE kernel (a grid-stride loop over each
+// phase's items, with a grid-wide barrier between them): at batch 1 the step is launch-bound, so one kernel instead
+// of two saves a launch and a drain per layer. Otherwise (or with MAMBA_EXPORT_CUDA_DECODE=split) each phase is
+// its own kernel. Both paths run the same per-item code, so they give bit-identical results.
+// Workspace (float32): xc [b, e], partial [b, tiles, r + 2n].
+#include <cstdlib>
+#include <cstring>
+
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 namespace mamba_cuda {
 namespace {
 
-constexpr int kTile = 128;        // channels per block of kernel 1 (4 per lane of each warp)
+constexpr int kTile = 128;        // channels per phase-1 item (4 per lane of each warp); also the block size
 constexpr int kWarps = kTile / 32;
-constexpr int kRowsPerWarp = 4;   // x_proj rows per warp of kernel 1, loaded together
+constexpr int kRowsPerWarp = 4;   // x_proj rows per warp of phase 1, loaded together
 constexpr int kRows = kWarps * kRowsPerWarp;
-constexpr int kBatchGroup = 8;    // sequences per block of kernel 1
-constexpr int kScanThreads = 128;
+constexpr int kBatchGroup = 8;    // sequences per phase-1 item
+constexpr int kThreads = kTile;   // threads per block of every kernel here
 
 __host__ __device__ inline int64_t tiles(int64_t dim) { return (dim + kTile - 1) / kTile; }
 
 struct Workspace {
   float* xc;
   float* partial;
-  float* dbc;
 };
 
 __host__ __device__ inline Workspace split_workspace(const DecodeStepArgs& a) {
-  const int64_t R2 = a.dt_rank + 2 * a.dstate;
   Workspace w;
   w.xc = a.workspace;
   w.partial = w.xc + a.batch * a.dim;
-  w.dbc = w.partial + a.batch * tiles(a.dim) * R2;
   return w;
 }
 
+// Phase-1 and phase-2 work items.
+struct Items {
+  int64_t tiles, batch_groups, row_groups;  // phase 1: tiles x batch groups x row groups
+  int64_t chunks;                           // phase 2: batch x chunks, `cpb` channels per chunk
+  int tpc, cpb;                             // threads per channel, channels per chunk
+  __host__ __device__ int64_t phase1() const { return tiles * batch_groups * row_groups; }
+};
+
+// Phase 1, one item: conv step + SiLU of kTile channels for up to kBatchGroup sequences, and the partial dot
+// products of kRows x_proj rows with them. `s_x` is the block's [kBatchGroup][kTile] staging area; the caller
+// separates consecutive items with __syncthreads().
 template <typename T>
-__global__ void __launch_bounds__(kTile) conv_xproj_kernel(DecodeStepArgs a) {
-  __shared__ float s_x[kBatchGroup][kTile];
+__device__ __forceinline__ void xproj_item(const DecodeStepArgs& a, const Workspace& ws, int64_t tile, int64_t b0,
+                                           int64_t row0, bool writer, float (*s_x)[kTile]) {
   const int64_t E = a.dim, K = a.width, km1 = K - 1, R2 = a.dt_rank + 2 * a.dstate, T1 = tiles(E);
-  const int64_t tile = blockIdx.x, b0 = static_cast<int64_t>(blockIdx.y) * kBatchGroup;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * kRows;
   const int nb = static_cast<int>(a.batch - b0 < kBatchGroup ? a.batch - b0 : kBatchGroup);
   const int64_t e = tile * kTile + threadIdx.x;
-  const bool writer = blockIdx.z == 0;  // one row group writes xc and the conv state
   const T* xz = static_cast<const T*>(a.xz);
-  const Workspace ws = split_workspace(a);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
+  // The weights first: they do not depend on the conv, so their loads overlap its latency.
+  float w[kRowsPerWarp][kTile / 32];
+#pragma unroll
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+    const int64_t row = row0 + warp * kRowsPerWarp + q;
+#pragma unroll
+    for (int i = 0; i < kTile / 32; ++i) {
+      const int64_t ch = tile * kTile + lane + 32 * i;
+      w[q][i] = (row < R2 && ch < E) ? a.x_proj_weight[row * E + ch] : 0.f;
+    }
+  }
   for (int bb = 0; bb < kBatchGroup; ++bb) {
     float xc = 0.f;
     if (bb < nb && e < E) {
@@ -68,17 +93,6 @@ __global__ void __launch_bounds__(kTile) conv_xproj_kernel(DecodeStepArgs a) {
   }
   __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float w[kRowsPerWarp][kTile / 32];
-#pragma unroll
-  for (int q = 0; q < kRowsPerWarp; ++q) {
-    const int64_t row = row0 + warp * kRowsPerWarp + q;
-#pragma unroll
-    for (int i = 0; i < kTile / 32; ++i) {
-      const int64_t ch = tile * kTile + lane + 32 * i;
-      w[q][i] = (row < R2 && ch < E) ? a.x_proj_weight[row * E + ch] : 0.f;
-    }
-  }
 #pragma unroll
   for (int bb = 0; bb < kBatchGroup; ++bb) {
     if (bb >= nb) break;  // uniform across the block
@@ -97,30 +111,28 @@ __global__ void __launch_bounds__(kTile) conv_xproj_kernel(DecodeStepArgs a) {
   }
 }
 
-// dbc[b, row] = sum over tiles of partial[b, tile, row]. Grid: (row blocks, b).
-__global__ void __launch_bounds__(128) reduce_xproj_kernel(DecodeStepArgs a) {
-  const int64_t R2 = a.dt_rank + 2 * a.dstate, T1 = tiles(a.dim), b = blockIdx.y;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 128 + threadIdx.x;
-  if (row >= R2) return;
-  const Workspace ws = split_workspace(a);
-  float sum = 0.f;
-  for (int64_t t = 0; t < T1; ++t) sum += ws.partial[(b * T1 + t) * R2 + row];
-  ws.dbc[b * R2 + row] = sum;
+template <typename T>
+__device__ __forceinline__ void xproj_item(const DecodeStepArgs& a, const Workspace& ws, const Items& it, int64_t i,
+                                           float (*s_x)[kTile]) {
+  const int64_t tile = i % it.tiles, rest = i / it.tiles;
+  const int64_t bg = rest % it.batch_groups, rg = rest / it.batch_groups;
+  xproj_item<T>(a, ws, tile, bg * kBatchGroup, rg * kRows, rg == 0, s_x);
 }
 
+// Phase 2, one item: `cpb` channels of sequence b, `tpc` threads per channel (each holding J states). Reads the
+// phase-1 results with __ldcg (L2, not L1: in the fused kernel other blocks wrote them during this launch).
+// `s_dbc` is the block's [r + 2n] area; the caller separates consecutive items with __syncthreads().
 template <typename T, int J>
-__global__ void __launch_bounds__(kScanThreads) decode_scan_kernel(DecodeStepArgs a, int tpc) {
-  extern __shared__ float smem[];
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = R + 2 * N;
-  const int cpb = kScanThreads / tpc;
-  float* s_dbc = smem;  // [r + 2n]
-  const int64_t b = blockIdx.y, c0 = static_cast<int64_t>(blockIdx.x) * cpb;
-  const Workspace ws = split_workspace(a);
+__device__ __forceinline__ void scan_item(const DecodeStepArgs& a, const Workspace& ws, const Items& it, int64_t i,
+                                          float* s_dbc) {
+  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = R + 2 * N, T1 = tiles(E);
+  const int64_t b = i / it.chunks, c0 = (i % it.chunks) * it.cpb;
+  const int tpc = it.tpc;
 
-  // Issue this thread's own loads first, so that their latency overlaps the dt phase.
+  // Issue this thread's own loads first, so that their latency overlaps the reduction and the dt phase.
   const int cl = threadIdx.x / tpc, sub = threadIdx.x % tpc;
   const int64_t e = c0 + cl;
-  const bool active = e < E;
+  const bool active = cl < it.cpb && e < E;
   float h[J], A[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
@@ -129,11 +141,18 @@ __global__ void __launch_bounds__(kScanThreads) decode_scan_kernel(DecodeStepArg
     h[j] = ok ? a.ssm_state_in[(b * E + e) * N + st] : 0.f;
     A[j] = ok ? a.A[e * N + st] : 0.f;
   }
-  const float x = active ? ws.xc[b * E + e] : 0.f;
+  const float x = active ? __ldcg(ws.xc + b * E + e) : 0.f;
   const float z = (active && sub == 0) ? to_float(static_cast<const T*>(a.xz)[b * 2 * E + E + e]) : 0.f;
   const float D = (active && sub == 0) ? a.D[e] : 0.f;
 
-  for (int64_t row = threadIdx.x; row < R2; row += kScanThreads) s_dbc[row] = ws.dbc[b * R2 + row];
+  // dbc = the x_proj output of sequence b: the tiles' partial sums, added in tile order.
+  const float* part = ws.partial + b * T1 * R2;
+  for (int64_t row = threadIdx.x; row < R2; row += kThreads) {
+    float sum = 0.f;
+#pragma unroll 8
+    for (int64_t t = 0; t < T1; ++t) sum += __ldcg(part + t * R2 + row);
+    s_dbc[row] = sum;
+  }
   __syncthreads();
 
   // dt: the channel's lane group splits the dt_proj dot product (lane `sub` takes k = sub, sub + tpc, ...).
@@ -158,19 +177,78 @@ __global__ void __launch_bounds__(kScanThreads) decode_scan_kernel(DecodeStepArg
   if (sub == 0 && active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + D * x) * silu(z));
 }
 
+// Split path: one kernel per phase, one item per block.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) xproj_kernel(DecodeStepArgs a, Items it) {
+  __shared__ float s_x[kBatchGroup][kTile];
+  xproj_item<T>(a, split_workspace(a), it, blockIdx.x, s_x);
+}
+
+template <typename T, int J>
+__global__ void __launch_bounds__(kThreads) scan_kernel(DecodeStepArgs a, Items it) {
+  extern __shared__ float s_dbc[];
+  scan_item<T, J>(a, split_workspace(a), it, blockIdx.x, s_dbc);
+}
+
+// Fused path (cooperative launch): both phases in one grid, a grid-stride loop over each phase's items.
+template <typename T, int J>
+__global__ void __launch_bounds__(kThreads) fused_kernel(DecodeStepArgs a, Items it) {
+  __shared__ float s_x[kBatchGroup][kTile];
+  extern __shared__ float s_dbc[];
+  const Workspace ws = split_workspace(a);
+  for (int64_t i = blockIdx.x; i < it.phase1(); i += gridDim.x) {
+    xproj_item<T>(a, ws, it, i, s_x);
+    __syncthreads();
+  }
+  __threadfence();
+  cooperative_groups::this_grid().sync();
+  for (int64_t i = blockIdx.x; i < a.batch * it.chunks; i += gridDim.x) {
+    scan_item<T, J>(a, ws, it, i, s_dbc);
+    __syncthreads();
+  }
+}
+
+// Which path: "split" in MAMBA_EXPORT_CUDA_DECODE forces two kernels (tests compare the paths); otherwise fused
+// where the device supports cooperative launches.
+bool use_fused() {
+  const char* mode = std::getenv("MAMBA_EXPORT_CUDA_DECODE");
+  if (mode != nullptr && std::strcmp(mode, "split") == 0) return false;
+  int device = 0, coop = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && coop != 0;
+}
+
 template <typename T, int J>
 cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
-  const int64_t R2 = a.dt_rank + 2 * a.dstate;
-  const dim3 grid1(static_cast<unsigned>(tiles(a.dim)), ceil_div(a.batch, kBatchGroup), ceil_div(R2, kRows));
-  conv_xproj_kernel<T><<<grid1, kTile, 0, stream>>>(a);
+  Items it{};
+  it.tiles = tiles(a.dim);
+  it.batch_groups = (a.batch + kBatchGroup - 1) / kBatchGroup;
+  it.row_groups = (a.dt_rank + 2 * a.dstate + kRows - 1) / kRows;
+  it.tpc = next_pow2((a.dstate + J - 1) / J);
+  it.cpb = kThreads / it.tpc;
+  it.chunks = (a.dim + it.cpb - 1) / it.cpb;
+  const size_t smem = (a.dt_rank + 2 * a.dstate) * sizeof(float);
+  const int64_t phase2 = a.batch * it.chunks;
+  if (use_fused()) {
+    const auto kernel = fused_kernel<T, J>;
+    int per_sm = 0;
+    if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+        err != cudaSuccess) {
+      return err;
+    }
+    const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
+    if (resident > 0) {
+      const int64_t want = it.phase1() > phase2 ? it.phase1() : phase2;
+      const unsigned grid = static_cast<unsigned>(want < resident ? want : resident);
+      void* args[] = {const_cast<DecodeStepArgs*>(&a), &it};
+      return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), args,
+                                         smem, stream);
+    }
+  }
+  if (it.phase1() > 0x7fffffff || phase2 > 0x7fffffff) return cudaErrorInvalidValue;
+  xproj_kernel<T><<<static_cast<unsigned>(it.phase1()), kThreads, 0, stream>>>(a, it);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  reduce_xproj_kernel<<<dim3(ceil_div(R2, 128), static_cast<unsigned>(a.batch)), 128, 0, stream>>>(a);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  const int tpc = next_pow2((a.dstate + J - 1) / J);
-  const int cpb = kScanThreads / tpc;
-  const size_t smem = R2 * sizeof(float);
-  const dim3 grid3(ceil_div(a.dim, cpb), static_cast<unsigned>(a.batch));
-  decode_scan_kernel<T, J><<<grid3, kScanThreads, smem, stream>>>(a, tpc);
+  scan_kernel<T, J><<<static_cast<unsigned>(phase2), kThreads, smem, stream>>>(a, it);
   return cudaGetLastError();
 }
 
@@ -178,7 +256,7 @@ cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
 
 size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank) {
   const int64_t R2 = dt_rank + 2 * dstate;
-  return static_cast<size_t>(batch * dim + batch * tiles(dim) * R2 + batch * R2) * sizeof(float);
+  return static_cast<size_t>(batch * dim + batch * tiles(dim) * R2) * sizeof(float);
 }
 
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream) {
@@ -187,7 +265,6 @@ cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (a.batch == 0 || a.dim == 0) return cudaSuccess;
-  if (ceil_div(a.dt_rank + 2 * a.dstate, kRows) > 65535) return cudaErrorInvalidValue;
   return dispatch_dtype(a.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     return a.dstate > 128 ? launch<T, 8>(a, stream) : launch<T, 4>(a, stream);
