@@ -229,14 +229,23 @@ STEP_SHAPES = [  # b, e, n, k, r
     (9, 600, 16, 4, 38),      # channels not a multiple of the 256-channel tile, batch not of the 8-sequence group
     (64, 4096, 16, 4, 128),   # mamba-1.4b's mixer at batch 64: more phase-1 items than resident blocks
 ]
-DECODE_PATHS = ["fused", "split"]  # MAMBA_EXPORT_CUDA_DECODE: one cooperative kernel, or one kernel per phase
+# MAMBA_EXPORT_CUDA_DECODE: "auto" (unset: the fused cooperative kernel at small batches), "split" (one kernel per
+# phase) or "unfolded" (phase 1, the partials' reduction, phase 2); kernels/cuda/decode_step.cu.
+DECODE_PATHS = ["auto", "split", "unfolded"]
+
+
+def set_decode_path(monkeypatch, path: str) -> None:
+    if path == "auto":
+        monkeypatch.delenv("MAMBA_EXPORT_CUDA_DECODE", raising=False)
+    else:
+        monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE", path)
 
 
 @pytest.mark.parametrize("path", DECODE_PATHS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_step_matches_reference(shape, dtype, path, monkeypatch):
-    monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE", path)
+    set_decode_path(monkeypatch, path)
     b, e, n, k, r_ = shape
     g = torch.Generator().manual_seed(seed_of(shape, dtype))
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -262,7 +271,7 @@ def test_decode_step_matches_reference(shape, dtype, path, monkeypatch):
 @pytest.mark.parametrize("shape", [(8, 768, 16, 4, 24), (64, 4096, 16, 4, 128)], ids=lambda s: "x".join(map(str, s)))
 def test_decode_step_is_deterministic(shape, monkeypatch):
     """Same inputs, bit-identical outputs (no atomics): needed for identical tokens with CUDA graphs on and off.
-    The fused and the split path run the same per-item code, so they agree bit for bit too."""
+    The three paths run the same per-item code in the same summation order, so they agree bit for bit too."""
     b, e, n, k, r_ = shape
     g = torch.Generator().manual_seed(5)
     feeds = {name: torch.randn(*s, generator=g).numpy() for name, s in {
@@ -273,8 +282,8 @@ def test_decode_step_is_deterministic(shape, monkeypatch):
     model = OneNodeModel("DecodeStep", STEP_IN, STEP_OUT, STEP_T, "float32")
     shapes = {"y": (b, 1, e), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)}
     runs = []
-    for path in ("fused", "fused", "split"):
-        monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE", path)
+    for path in ("auto", "auto", "split", "unfolded"):
+        set_decode_path(monkeypatch, path)
         runs.append(model.run(feeds, shapes))
     for other in runs[1:]:
         for a, c in zip(runs[0], other):

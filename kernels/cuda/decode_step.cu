@@ -3,17 +3,18 @@
 //      kBatchGroup sequences): shift the conv state, conv + SiLU -> xc (the first row group writes xc and the new
 //      conv state), then this tile's partial dot products of its rows with xc -> partial[b, tile, row]. Each weight
 //      element is read once per batch group, with all of a warp's loads in flight together.
-//   2. scan, per work item (block of channels, sequence): dbc = sum over tiles of the partials in a fixed order
-//      (deterministic, no atomics), dt = softplus(dt_proj . dbc[:r] + dt_bias), state update with
+//   2. scan, per work item (block of channels, sequence): dbc = the x_proj output (the tiles' partial sums, added in
+//      a fixed order: deterministic, no atomics), dt = softplus(dt_proj . dbc[:r] + dt_bias), state update with
 //      B = dbc[r:r+n], C = dbc[r+n:], y = C.h + D x, gate silu(z).
-// Where the device supports cooperative launches, both phases run in ONE kernel (a grid-stride loop over each
-// phase's items, with a grid-wide barrier between them): at batch 1 the step is launch-bound, so one kernel instead
-// of two saves a launch and a drain per layer. Otherwise (or with MAMBA_EXPORT_CUDA_DECODE=split) each phase is
-// its own kernel. Both paths run the same per-item code, so they give bit-identical results.
-// Workspace (float32): xc [b, e], partial [b, tiles, r + 2n].
-#include <cstdlib>
-#include <cstring>
-
+// Three ways to run them, all with the same per-item code and the same summation order, so with identical bits:
+//   fused     one cooperative kernel: a loop over each phase's items with a grid-wide barrier between the phases,
+//             phase 2 summing the partials itself. Used at small batches, where the step is launch-bound and every
+//             item gets its own resident block (mamba-130m at batch 1 and 8).
+//   split     one kernel per phase, phase 2 summing the partials itself (the redundant reads stay small).
+//   unfolded  three kernels: phase 1, the partials' reduction once per sequence into dbc, phase 2 reading dbc. Used
+//             where folding the reduction would read the partials many times over (large batch x channels).
+// MAMBA_EXPORT_CUDA_DECODE=split or =unfolded forces a path (tests); the fused path also needs cooperative launches.
+// Workspace (float32): xc [b, e], partial [b, tiles, r + 2n], dbc [b, r + 2n].
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -33,12 +34,14 @@ __host__ __device__ inline int64_t tiles(int64_t dim) { return (dim + kTile - 1)
 struct Workspace {
   float* xc;
   float* partial;
+  float* dbc;  // the reduced x_proj output [b, r + 2n], where the reduction is not folded into phase 2
 };
 
 __host__ __device__ inline Workspace split_workspace(const DecodeStepArgs& a) {
   Workspace w;
   w.xc = a.workspace;
   w.partial = w.xc + a.batch * a.dim;
+  w.dbc = w.partial + a.batch * tiles(a.dim) * (a.dt_rank + 2 * a.dstate);
   return w;
 }
 
@@ -47,6 +50,7 @@ struct Items {
   int64_t tiles, batch_groups, row_groups;  // phase 1: tiles x batch groups x row groups
   int64_t chunks;                           // phase 2: batch x chunks, `cpb` channels per chunk
   int tpc, cpb;                             // threads per channel, channels per chunk
+  bool fold;                                // phase 2 sums the partials itself (else it reads dbc)
   __host__ __device__ int64_t phase1() const { return tiles * batch_groups * row_groups; }
 };
 
@@ -119,62 +123,120 @@ __device__ __forceinline__ void xproj_item(const DecodeStepArgs& a, const Worksp
   xproj_item<T>(a, ws, tile, bg * kBatchGroup, rg * kRows, rg == 0, s_x);
 }
 
-// Phase 2, one item: `cpb` channels of sequence b, `tpc` threads per channel (each holding J states). Reads the
-// phase-1 results with __ldcg (L2, not L1: in the fused kernel other blocks wrote them during this launch).
-// `s_dbc` is the block's [r + 2n] area; the caller separates consecutive items with __syncthreads().
-template <typename T, int J>
-__device__ __forceinline__ void scan_item(const DecodeStepArgs& a, const Workspace& ws, const Items& it, int64_t i,
-                                          float* s_dbc) {
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = R + 2 * N, T1 = tiles(E);
-  const int64_t b = i / it.chunks, c0 = (i % it.chunks) * it.cpb;
-  const int tpc = it.tpc;
+// Row `row` of sequence b's x_proj output: its tiles' partial sums, added in tile order (the same order wherever it
+// runs, so every path gives the same bits).
+__device__ __forceinline__ float reduce_row(const Workspace& ws, int64_t T1, int64_t R2, int64_t b, int64_t row) {
+  const float* part = ws.partial + b * T1 * R2 + row;
+  float sum = 0.f;
+#pragma unroll 8
+  for (int64_t t = 0; t < T1; ++t) sum += __ldcg(part + t * R2);
+  return sum;
+}
 
-  // Issue this thread's own loads first, so that their latency overlaps the reduction and the dt phase.
-  const int cl = threadIdx.x / tpc, sub = threadIdx.x % tpc;
-  const int64_t e = c0 + cl;
-  const bool active = cl < it.cpb && e < E;
-  float h[J], A[J];
+// Phase 2, one item: `cpb` channels of sequence b, `tpc` threads per channel (each holding J states), in two parts:
+// scan_loads issues the item's loads that do not depend on phase 1 (the fused kernel issues them before phase 1, so
+// that their latency overlaps it and the barrier), scan_finish does the rest. The first kWPrefetch of the lane's
+// dt_proj weights travel in registers, the rest is loaded in scan_finish, in the same k order either way.
+constexpr int kWPrefetch = 16;
+
+template <int J>
+struct ScanLoads {
+  float h[J], A[J], w[kWPrefetch];
+  float z, D, bias;
+};
+
+struct ScanItem {
+  int64_t b, e;
+  int sub;
+  bool active;
+};
+
+__device__ __forceinline__ ScanItem scan_item_of(const DecodeStepArgs& a, const Items& it, int64_t i) {
+  ScanItem s;
+  s.b = i / it.chunks;
+  const int cl = threadIdx.x / it.tpc;
+  s.sub = threadIdx.x % it.tpc;
+  s.e = (i % it.chunks) * it.cpb + cl;
+  s.active = cl < it.cpb && s.e < a.dim;
+  return s;
+}
+
+template <typename T, int J>
+__device__ __forceinline__ void scan_loads(const DecodeStepArgs& a, const Items& it, int64_t i, ScanLoads<J>& L) {
+  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
+  const ScanItem s = scan_item_of(a, it, i);
+  const int64_t b = s.b, e = s.e;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(sub) * J + j;
-    const bool ok = active && st < N;
-    h[j] = ok ? a.ssm_state_in[(b * E + e) * N + st] : 0.f;
-    A[j] = ok ? a.A[e * N + st] : 0.f;
+    const int64_t st = static_cast<int64_t>(s.sub) * J + j;
+    const bool ok = s.active && st < N;
+    L.h[j] = ok ? a.ssm_state_in[(b * E + e) * N + st] : 0.f;
+    L.A[j] = ok ? a.A[e * N + st] : 0.f;
   }
-  const float x = active ? __ldcg(ws.xc + b * E + e) : 0.f;
-  const float z = (active && sub == 0) ? to_float(static_cast<const T*>(a.xz)[b * 2 * E + E + e]) : 0.f;
-  const float D = (active && sub == 0) ? a.D[e] : 0.f;
+#pragma unroll
+  for (int q = 0; q < kWPrefetch; ++q) {
+    const int64_t k = s.sub + static_cast<int64_t>(q) * it.tpc;
+    L.w[q] = (s.active && k < R) ? a.dt_proj_weight[e * R + k] : 0.f;
+  }
+  L.z = (s.active && s.sub == 0) ? to_float(static_cast<const T*>(a.xz)[b * 2 * E + E + e]) : 0.f;
+  L.D = (s.active && s.sub == 0) ? a.D[e] : 0.f;
+  L.bias = s.active ? a.dt_bias[e] : 0.f;
+}
+
+// Reads the phase-1 results with __ldcg (L2, not L1: in the fused kernel other blocks wrote them during this launch).
+// `s_dbc` is the block's [r + 2n] area; the caller separates consecutive items with __syncthreads().
+template <typename T, int J>
+__device__ __forceinline__ void scan_finish(const DecodeStepArgs& a, const Workspace& ws, const Items& it, int64_t i,
+                                            ScanLoads<J>& L, float* s_dbc) {
+  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = R + 2 * N, T1 = tiles(E);
+  const ScanItem s = scan_item_of(a, it, i);
+  const int64_t b = s.b, e = s.e;
+  const int tpc = it.tpc, sub = s.sub;
+  const float x = s.active ? __ldcg(ws.xc + b * E + e) : 0.f;
 
   // dbc = the x_proj output of sequence b: the tiles' partial sums, added in tile order.
-  const float* part = ws.partial + b * T1 * R2;
-  for (int64_t row = threadIdx.x; row < R2; row += kThreads) {
-    float sum = 0.f;
-#pragma unroll 8
-    for (int64_t t = 0; t < T1; ++t) sum += __ldcg(part + t * R2 + row);
-    s_dbc[row] = sum;
+  if (it.fold) {
+    for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = reduce_row(ws, T1, R2, b, row);
+  } else {
+    for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
   }
   __syncthreads();
 
   // dt: the channel's lane group splits the dt_proj dot product (lane `sub` takes k = sub, sub + tpc, ...).
   float dt_acc = 0.f;
-  if (active) {
+  if (s.active) {
+#pragma unroll
+    for (int q = 0; q < kWPrefetch; ++q) {
+      const int64_t k = sub + static_cast<int64_t>(q) * tpc;
+      if (k < R) dt_acc += L.w[q] * s_dbc[k];
+    }
 #pragma unroll 4
-    for (int64_t k = sub; k < R; k += tpc) dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
+    for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
+      dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
+    }
   }
   dt_acc = group_sum(dt_acc, tpc);
-  const float dt = active ? softplus(dt_acc + a.dt_bias[e]) : 0.f;
+  const float dt = s.active ? softplus(dt_acc + L.bias) : 0.f;
   float acc = 0.f;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int64_t st = static_cast<int64_t>(sub) * J + j;
-    if (active && st < N) {
-      h[j] = expf(dt * A[j]) * h[j] + dt * x * s_dbc[R + st];
-      a.ssm_state_out[(b * E + e) * N + st] = h[j];
-      acc += h[j] * s_dbc[R + N + st];
+    if (s.active && st < N) {
+      const float h = expf(dt * L.A[j]) * L.h[j] + dt * x * s_dbc[R + st];
+      a.ssm_state_out[(b * E + e) * N + st] = h;
+      acc += h * s_dbc[R + N + st];
     }
   }
   acc = group_sum(acc, tpc);
-  if (sub == 0 && active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + D * x) * silu(z));
+  if (sub == 0 && s.active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + L.D * x) * silu(L.z));
+}
+
+template <typename T, int J>
+__device__ __forceinline__ void scan_item(const DecodeStepArgs& a, const Workspace& ws, const Items& it, int64_t i,
+                                          float* s_dbc) {
+  ScanLoads<J> L;
+  scan_loads<T, J>(a, it, i, L);
+  scan_finish<T, J>(a, ws, it, i, L, s_dbc);
 }
 
 // Split path: one kernel per phase, one item per block.
@@ -184,39 +246,56 @@ __global__ void __launch_bounds__(kThreads) xproj_kernel(DecodeStepArgs a, Items
   xproj_item<T>(a, split_workspace(a), it, blockIdx.x, s_x);
 }
 
+// Unfolded split path: dbc[b, row] once per sequence. Grid: (row blocks, b).
+__global__ void __launch_bounds__(kThreads) reduce_kernel(DecodeStepArgs a) {
+  const int64_t R2 = a.dt_rank + 2 * a.dstate, b = blockIdx.y;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const Workspace ws = split_workspace(a);
+  if (row < R2) ws.dbc[b * R2 + row] = reduce_row(ws, tiles(a.dim), R2, b, row);
+}
+
 template <typename T, int J>
 __global__ void __launch_bounds__(kThreads) scan_kernel(DecodeStepArgs a, Items it) {
   extern __shared__ float s_dbc[];
   scan_item<T, J>(a, split_workspace(a), it, blockIdx.x, s_dbc);
 }
 
-// Fused path (cooperative launch): both phases in one grid, a grid-stride loop over each phase's items.
+// Fused path (cooperative launch with one block per item of the larger phase): block i runs phase-1 item i and
+// phase-2 item i where they exist, with phase 2's own loads issued before phase 1 and a grid-wide barrier between.
 template <typename T, int J>
 __global__ void __launch_bounds__(kThreads) fused_kernel(DecodeStepArgs a, Items it) {
   __shared__ float s_x[kBatchGroup][kTile];
   extern __shared__ float s_dbc[];
   const Workspace ws = split_workspace(a);
-  for (int64_t i = blockIdx.x; i < it.phase1(); i += gridDim.x) {
-    xproj_item<T>(a, ws, it, i, s_x);
-    __syncthreads();
-  }
-  __threadfence();
+  const int64_t i = blockIdx.x;
+  const bool has2 = i < a.batch * it.chunks;
+  ScanLoads<J> L;
+  if (has2) scan_loads<T, J>(a, it, i, L);
+  if (i < it.phase1()) xproj_item<T>(a, ws, it, i, s_x);
   cooperative_groups::this_grid().sync();
-  for (int64_t i = blockIdx.x; i < a.batch * it.chunks; i += gridDim.x) {
-    scan_item<T, J>(a, ws, it, i, s_dbc);
-    __syncthreads();
-  }
+  if (has2) scan_finish<T, J>(a, ws, it, i, L, s_dbc);
 }
 
-// Which path: "split" in MAMBA_EXPORT_CUDA_DECODE forces two kernels (tests compare the paths); otherwise fused
-// where the device supports cooperative launches.
-bool use_fused() {
+// MAMBA_EXPORT_CUDA_DECODE = "split" or "unfolded" forces those paths (the tests compare every path); otherwise the
+// fused kernel where it fits (below).
+int forced_path() {
   const char* mode = std::getenv("MAMBA_EXPORT_CUDA_DECODE");
-  if (mode != nullptr && std::strcmp(mode, "split") == 0) return false;
+  if (mode == nullptr) return 0;
+  if (std::strcmp(mode, "split") == 0) return 1;
+  if (std::strcmp(mode, "unfolded") == 0) return 2;
+  return 0;
+}
+
+bool cooperative_launch_supported() {
   int device = 0, coop = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && coop != 0;
 }
+
+// Phase 2 sums the partials itself when the redundant reads that costs (every item of a sequence reads all its
+// tiles' partials) stay small: up to 1M floats per step (mamba-130m at batch 8: 0.37M; mamba-1.4b at batch 64: 34M,
+// where the separate reduction wins).
+constexpr int64_t kMaxFoldedReads = int64_t{1} << 20;
 
 template <typename T, int J>
 cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
@@ -227,9 +306,14 @@ cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
   it.tpc = next_pow2((a.dstate + J - 1) / J);
   it.cpb = kThreads / it.tpc;
   it.chunks = (a.dim + it.cpb - 1) / it.cpb;
-  const size_t smem = (a.dt_rank + 2 * a.dstate) * sizeof(float);
-  const int64_t phase2 = a.batch * it.chunks;
-  if (use_fused()) {
+  const int64_t R2 = a.dt_rank + 2 * a.dstate, phase2 = a.batch * it.chunks;
+  const size_t smem = R2 * sizeof(float);
+  const int forced = forced_path();
+  it.fold = forced == 1 || (forced != 2 && phase2 * it.tiles * R2 <= kMaxFoldedReads);
+  // Fused: one cooperative kernel, when every item of both phases gets its own resident block. That is the
+  // launch-bound regime (small batches); with more items than resident blocks, each block would run its items one
+  // after another with few warps per SM to hide their latency, and separate launches do better.
+  if (forced == 0 && it.fold && cooperative_launch_supported()) {
     const auto kernel = fused_kernel<T, J>;
     int per_sm = 0;
     if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
@@ -237,17 +321,20 @@ cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
       return err;
     }
     const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
-    if (resident > 0) {
-      const int64_t want = it.phase1() > phase2 ? it.phase1() : phase2;
-      const unsigned grid = static_cast<unsigned>(want < resident ? want : resident);
+    const int64_t want = it.phase1() > phase2 ? it.phase1() : phase2;
+    if (want <= resident) {
       void* args[] = {const_cast<DecodeStepArgs*>(&a), &it};
-      return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), args,
-                                         smem, stream);
+      return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(want)),
+                                         dim3(kThreads), args, smem, stream);
     }
   }
   if (it.phase1() > 0x7fffffff || phase2 > 0x7fffffff) return cudaErrorInvalidValue;
   xproj_kernel<T><<<static_cast<unsigned>(it.phase1()), kThreads, 0, stream>>>(a, it);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (!it.fold) {
+    reduce_kernel<<<dim3(ceil_div(R2, kThreads), static_cast<unsigned>(a.batch)), kThreads, 0, stream>>>(a);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
   scan_kernel<T, J><<<static_cast<unsigned>(phase2), kThreads, smem, stream>>>(a, it);
   return cudaGetLastError();
 }
@@ -256,7 +343,7 @@ cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
 
 size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank) {
   const int64_t R2 = dt_rank + 2 * dstate;
-  return static_cast<size_t>(batch * dim + batch * tiles(dim) * R2) * sizeof(float);
+  return static_cast<size_t>(batch * dim + batch * tiles(dim) * R2 + batch * R2) * sizeof(float);
 }
 
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream) {
