@@ -120,4 +120,17 @@ size_t rms_norm_num_tasks(size_t rows, size_t d);
 template <typename R, typename T>
 void rms_norm_task(const RmsNormArgs<R, T>& args, size_t task, size_t num_tasks);
 
+// LinearF16W: y = x W^T, float16 weights widened to float32, float32 sums. The m rows of x (the product of x's
+// leading dimensions) all go through each task, so every weight is read from memory once per call. A task owns a
+// contiguous block of output rows (columns of y).
+struct LinearF16WArgs {
+  const float* x;              // [m, k]
+  const half_t* w;             // [n, k]: each output's weights contiguous
+  float* y;                    // [m, n]
+  size_t m, n, k;
+};
+
+size_t linear_f16w_num_tasks(size_t n, size_t k);
+void linear_f16w_task(const LinearF16WArgs& args, size_t task);
+
 }  // namespace mamba_export_ops

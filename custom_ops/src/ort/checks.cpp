@@ -105,4 +105,19 @@ void expect_shape(const Input& in, std::initializer_list<Dim> dims) {
   }
 }
 
+void expect_rank_between(const Input& in, size_t lowest, size_t highest, const char* layout) {
+  if (in.shape.size() < lowest || in.shape.size() > highest) {
+    throw InvalidInput(describe(in) + " has rank " + std::to_string(in.shape.size()) + " (shape " +
+                       format_shape(in.shape) + "), expected rank " + std::to_string(lowest) + " to " +
+                       std::to_string(highest) + " " + layout);
+  }
+}
+
+void expect_dim(const Input& in, size_t axis, Dim dim, const char* layout) {
+  if (in.shape[axis] != dim.value) {
+    throw InvalidInput(describe(in) + " has shape " + format_shape(in.shape) + ", expected " + layout + " with " +
+                       dim.name + "=" + std::to_string(dim.value));
+  }
+}
+
 }  // namespace mamba_export_ops

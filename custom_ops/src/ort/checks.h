@@ -65,4 +65,10 @@ void expect_at_least(const Input& in, size_t axis, const char* name, int64_t min
 // Throws unless `in` has exactly the shape `dims` (rank included).
 void expect_shape(const Input& in, std::initializer_list<Dim> dims);
 
+// Throws unless `in` has a rank in [lowest, highest]; `layout` describes the expected shape (e.g. "[..., K]").
+void expect_rank_between(const Input& in, size_t lowest, size_t highest, const char* layout);
+
+// Throws unless dimension `axis` of `in` equals `dim.value`; `layout` describes the expected shape.
+void expect_dim(const Input& in, size_t axis, Dim dim, const char* layout);
+
 }  // namespace mamba_export_ops

@@ -16,6 +16,7 @@ namespace mamba_export_ops {
 namespace {
 
 constexpr ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr ONNXTensorElementDataType F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr const char* kFloat32Why = "parameters and states are float32";
 
 template <typename T>
@@ -25,8 +26,8 @@ constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEM
 template <>
 constexpr ONNXTensorElementDataType onnx_type<half_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
 
-// The type of an op's input or output: T (the activations), R (the residual stream) or float32.
-enum class Kind { T, R, F32 };
+// The type of an op's input or output: T (the activations), R (the residual stream), float32 or float16.
+enum class Kind { T, R, F32, F16 };
 
 // Runs task(i) for every i in [0, n) on the session's intra-op thread pool (inline when it has one thread, or when
 // there is one task: no hand-off at all then).
@@ -327,9 +328,47 @@ struct AddRmsNormKernel : NormKernel<R, T, true> {
   using NormKernel<R, T, true>::NormKernel;
 };
 
+// LinearF16W: X float32 [..., K], W float16 [N, K] -> Y float32 [..., N] = X W^T (float32 sums).
+struct LinearF16WKernel {
+  static constexpr const char* kName = "LinearF16W";
+  static constexpr Kind kInputs[] = {Kind::F32, Kind::F16};
+  static constexpr Kind kOutputs[] = {Kind::F32};
+  static constexpr const char* kLayoutX = "[..., K]";
+
+  explicit LinearF16WKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    return guarded([&] { compute(Ort::KernelContext(context)); });
+  }
+
+  void compute(Ort::KernelContext ctx) const {
+    const Input x = get_input(ctx, kName, 0, "X"), w = get_input(ctx, kName, 1, "W");
+    expect_dtype(x, F32, "the activations: float32");
+    expect_dtype(w, F16, "the weights: float16");
+    expect_rank(w, {"N", "K"});
+    expect_at_least(w, 0, "N", 1, "no outputs");
+    expect_at_least(w, 1, "K", 1, "empty rows");
+    const int64_t n = w.shape[0], k = w.shape[1];
+    expect_rank_between(x, 1, Shape::kMaxRank, kLayoutX);
+    const size_t rank = x.shape.size();
+    expect_dim(x, rank - 1, {"K", k}, kLayoutX);
+    int64_t y_shape[Shape::kMaxRank];
+    size_t m = 1;
+    for (size_t i = 0; i + 1 < rank; ++i) {
+      expect_at_least(x, i, "a leading dimension", 1, "an empty input");
+      y_shape[i] = x.shape[i];
+      m *= size_t(x.shape[i]);
+    }
+    y_shape[rank - 1] = n;
+    float* y = static_cast<float*>(ctx.GetOutput(0, y_shape, rank).GetTensorMutableRawData());
+    const LinearF16WArgs args{data<float>(x), data<half_t>(w), y, m, size_t(n), size_t(k)};
+    parallel_for(ctx, linear_f16w_num_tasks(args.n, args.k), [&](size_t i) noexcept { linear_f16w_task(args, i); });
+  }
+};
+
 template <typename R, typename T>
 constexpr ONNXTensorElementDataType type_of(Kind kind) {
-  return kind == Kind::T ? onnx_type<T>() : kind == Kind::R ? onnx_type<R>() : F32;
+  return kind == Kind::T ? onnx_type<T>() : kind == Kind::R ? onnx_type<R>() : kind == Kind::F16 ? F16 : F32;
 }
 
 // One registered op: kernel K over activation dtype T and residual dtype R.
@@ -366,8 +405,9 @@ std::vector<const OrtCustomOp*> cpu_ops() {
   static const OpRT<AddRmsNormKernel, float, float> add_norm_f32;
   static const OpRT<AddRmsNormKernel, float, half_t> add_norm_f32_f16;
   static const OpRT<AddRmsNormKernel, half_t, half_t> add_norm_f16;
+  static const Op<LinearF16WKernel, float, float> linear_f16w;  // X float32, W float16: no type parameter
   return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16,
-          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16};
+          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w};
 }
 
 }  // namespace mamba_export_ops

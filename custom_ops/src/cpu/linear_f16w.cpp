@@ -1,0 +1,194 @@
+// LinearF16W on the CPU (see cpu_kernels.h): y = x W^T with float16 weights, widened to float32 in registers and
+// summed in float32. A decode step's matrix-vector products are bound by memory, so reading 2 bytes per weight
+// instead of 4 halves their time, provided the widening keeps up with the memory.
+//
+// A task owns a contiguous block of output rows (about kTaskBytes of weights) and reads it front to back, one row
+// after the other: a single sequential stream, which this machine's prefetchers follow at full speed (working on 2,
+// 4 or 8 rows at once, to reuse each load of x, read memory at half the speed: several streams 2K bytes apart; x
+// stays in L1 anyway). Along a row, 16 running sums in vector lanes, reduced at the end of every chunk of kChunk
+// values, then a scalar tail when K is not a multiple of the vector width. With several rows of x (batch > 1), each
+// chunk of a weight row is widened once into a float32 buffer and reused for every row of x, so the weights are read
+// from memory once per call whatever the batch. Both ways add in the same order, so a result depends neither on the
+// batch nor on the thread count.
+//
+// Two implementations of the inner loops: on x86-64 CPUs with AVX2, FMA and F16C, intrinsics (vcvtph2ps widens 8
+// weights in one instruction; GCC 12 does not vectorise float16 conversions, and the portable bit-level conversion
+// takes about a dozen instructions per 8 weights, which made the loop compute-bound at half the memory bandwidth);
+// elsewhere portable loops, compiled as MAMBA_CLONES. The CPU decides which, once; a build with
+// MAMBA_EXPORT_OPS_NO_CLONES uses the intrinsics only when compiled for F16C (-march=x86-64-v3).
+#include <algorithm>
+#include <cmath>
+
+#include "dispatch.h"
+#include "mamba_export_ops/cpu_kernels.h"
+#include "vec_math.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    (!defined(MAMBA_EXPORT_OPS_NO_CLONES) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)))
+#define MAMBA_LINEAR_F16C 1
+#include <immintrin.h>
+#define MAMBA_F16C_TARGET __attribute__((target("avx2,fma,f16c")))
+#else
+#define MAMBA_LINEAR_F16C 0
+#endif
+
+namespace mamba_export_ops {
+namespace {
+
+constexpr size_t kLanes = 16;             // running sums per row
+constexpr size_t kChunk = 512;            // K values per reduction (a multiple of kLanes)
+constexpr size_t kRowsOfX = 4;            // rows of x per pass over a chunk of weights (batch > 1)
+static_assert(kRowsOfX == 4, "output_row handles the last 1 to 3 rows of x case by case");
+// With a batch, the loop is busy enough that the hardware prefetchers fall behind: software prefetch 2 KB ahead
+// (batch 4 and 8 of mamba-130m's GEMVs 20-25% faster; no gain at batch 1, where it is left out).
+constexpr size_t kPrefetchBytes = 2048;
+constexpr size_t kTaskBytes = 64 * 1024;  // weights per task: 36 to 72 tasks per in_proj or out_proj of mamba-130m
+constexpr size_t kTaskRowMultiple = 16;   // task blocks end on a 64-byte line of y
+
+// The portable inner loops: float16 widened by vec::to_float, vectorised by the compiler.
+struct Portable {
+  // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
+  // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
+  template <size_t kM, bool kPrefetch>
+  static void dots(const half_t* __restrict w, const float* __restrict x, size_t ldx, size_t len, float* sums) {
+    float acc[kM][kLanes] = {};
+    size_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      if (kPrefetch) __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes);
+      float wf[kLanes];
+#pragma omp simd
+      for (size_t j = 0; j < kLanes; ++j) wf[j] = vec::to_float(w[i + j]);
+      for (size_t m = 0; m < kM; ++m) {
+#pragma omp simd
+        for (size_t j = 0; j < kLanes; ++j) acc[m][j] += wf[j] * x[m * ldx + i + j];
+      }
+    }
+    for (size_t m = 0; m < kM; ++m) {
+      for (size_t width = kLanes / 2; width >= 1; width /= 2) {
+#pragma omp simd
+        for (size_t j = 0; j < width; ++j) acc[m][j] += acc[m][j + width];
+      }
+      float tail = 0.0f;
+      for (size_t t = i; t < len; ++t) tail += vec::to_float(w[t]) * x[m * ldx + t];
+      sums[m] = acc[m][0] + tail;
+    }
+  }
+};
+
+#if MAMBA_LINEAR_F16C
+// The x86-64 inner loops: vcvtph2ps + FMA on 8-float vectors, two running vectors (16 sums) per row of x.
+struct F16c {
+  MAMBA_F16C_TARGET static __m256 load8(const half_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+
+  MAMBA_F16C_TARGET static float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  template <size_t kM, bool kPrefetch>
+  MAMBA_F16C_TARGET static void dots(const half_t* __restrict w, const float* __restrict x, size_t ldx, size_t len,
+                                     float* sums) {
+    __m256 lo[kM], hi[kM];
+    for (size_t m = 0; m < kM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      const __m256 w0 = load8(w + i), w1 = load8(w + i + 8);
+      if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, _MM_HINT_T0);
+      for (size_t m = 0; m < kM; ++m) {
+        lo[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + i), lo[m]);
+        hi[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + i + 8), hi[m]);
+      }
+    }
+    if (i + 8 <= len) {
+      const __m256 w0 = load8(w + i);
+      for (size_t m = 0; m < kM; ++m) lo[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + i), lo[m]);
+      i += 8;
+    }
+    for (size_t m = 0; m < kM; ++m) {
+      float s = sum8(_mm256_add_ps(lo[m], hi[m]));
+      for (size_t t = i; t < len; ++t) s = std::fma(_cvtsh_ss(w[t].bits), x[m * ldx + t], s);
+      sums[m] = s;
+    }
+  }
+};
+#endif
+
+// y[mi + j, row] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of row `row`.
+template <class Path, size_t kM, bool kPrefetch>
+inline void add_dots(const LinearF16WArgs& a, size_t row, size_t mi, size_t c0, size_t len) {
+  float part[kM];
+  Path::template dots<kM, kPrefetch>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
+  for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row] += part[j];
+}
+
+// Output row `row` (a column of y) for every row of x: chunk by chunk, the rows of x kRowsOfX at a time, so that
+// each chunk of weights is read from memory once and widened once per kRowsOfX rows of x.
+template <class Path>
+inline void output_row(const LinearF16WArgs& a, size_t row) {
+  const size_t k = a.k, m = a.m;
+  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] = 0.0f;
+  for (size_t c0 = 0; c0 < k; c0 += kChunk) {
+    const size_t len = std::min(kChunk, k - c0);
+    if (m == 1) {
+      add_dots<Path, 1, false>(a, row, 0, c0, len);
+      continue;
+    }
+    size_t mi = 0;
+    for (; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kRowsOfX, true>(a, row, mi, c0, len);
+    switch (m - mi) {
+      case 3: add_dots<Path, 3, true>(a, row, mi, c0, len); break;
+      case 2: add_dots<Path, 2, true>(a, row, mi, c0, len); break;
+      case 1: add_dots<Path, 1, true>(a, row, mi, c0, len); break;
+      default: break;
+    }
+  }
+}
+
+size_t task_rows(size_t k) {
+  const size_t rows = kTaskBytes / (k * sizeof(half_t));
+  return std::max(kTaskRowMultiple, (rows + kTaskRowMultiple - 1) / kTaskRowMultiple * kTaskRowMultiple);
+}
+
+template <class Path>
+inline void rows_of_task(const LinearF16WArgs& a, size_t task) {
+  const size_t per_task = task_rows(a.k);
+  const size_t end = std::min(a.n, (task + 1) * per_task);
+  for (size_t row = task * per_task; row < end; ++row) output_row<Path>(a, row);
+}
+
+MAMBA_CLONES void linear_portable(const LinearF16WArgs& a, size_t task) { rows_of_task<Portable>(a, task); }
+
+#if MAMBA_LINEAR_F16C
+__attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearF16WArgs& a, size_t task) {
+  rows_of_task<F16c>(a, task);
+}
+
+bool cpu_has_f16c() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+}  // namespace
+
+size_t linear_f16w_num_tasks(size_t n, size_t k) {
+  const size_t per_task = task_rows(k);
+  return (n + per_task - 1) / per_task;
+}
+
+void linear_f16w_task(const LinearF16WArgs& args, size_t task) {
+#if MAMBA_LINEAR_F16C
+  if (cpu_has_f16c()) {
+    linear_f16c(args, task);
+    return;
+  }
+#endif
+  linear_portable(args, task);
+}
+
+}  // namespace mamba_export_ops
