@@ -28,6 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-library", dest="with_library", action="store_false",
                    help="do not copy the custom-op library (the graphs then run through their ONNX functions)")
+    p.add_argument("--decode-weights", choices=("float32", "float16"), default="float32",
+                   help="dtype of decode.onnx's in_proj, out_proj and LM head weights (only with --dtype float32 and "
+                   "--format onnx). float16 stores half-size copies in decode_weights_f16.bin and multiplies them "
+                   "with the LinearF16W op, which widens them to float32 in registers: a decode step reads half the "
+                   "bytes, at float16 weight rounding (activations, sums, states and the prefill graphs stay "
+                   "float32); default float32")
     p.set_defaults(run=run)
 
 
@@ -41,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(
         args.checkpoint, args.output, dtype=args.dtype, last_logits=args.last_logits, fmt=args.fmt,
-        force=args.force, with_library=args.with_library, progress=progress,
+        force=args.force, with_library=args.with_library, decode_weights=args.decode_weights, progress=progress,
     )
     print(out)
     return 0

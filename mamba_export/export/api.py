@@ -1,7 +1,8 @@
 """The public export API: :func:`export_checkpoint` (a checkpoint directory) and :func:`export_model` (a model).
 
-An ONNX export directory holds model.onnx, decode.onnx (and model_last.onnx), weights.bin, the custom-op library,
-manifest.json, genai_config.json and the checkpoint's tokenizer files (docs/CONTRACTS.md, docs/export.md).
+An ONNX export directory holds model.onnx, decode.onnx (and model_last.onnx), weights.bin (and, with float16 decode
+weights, decode_weights_f16.bin), the custom-op library, manifest.json, genai_config.json and the checkpoint's
+tokenizer files (docs/CONTRACTS.md, docs/export.md).
 A TorchScript export holds model.pt, decode.pt (and model_last.pt), manifest.json and the tokenizer files.
 """
 
@@ -19,7 +20,8 @@ from ..checkpoint import TOKENIZER_FILES, load_checkpoint, read_config
 from ..model import MambaLM
 from . import directory, onnx_ops
 from .directory import ExportError
-from .graphs import io_names
+from .graphs import DECODE_WEIGHT_DTYPES, io_names
+from .onnx_export import DECODE_F16_WEIGHTS_FILE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FORMATS = ("onnx", "torchscript")
@@ -29,7 +31,8 @@ Progress = Callable[[str], None]
 
 def export_checkpoint(
     ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", last_logits: bool = False,
-    fmt: str = "onnx", force: bool = False, with_library: bool = True, progress: Progress | None = None,
+    fmt: str = "onnx", force: bool = False, with_library: bool = True, decode_weights: str = "float32",
+    progress: Progress | None = None,
 ) -> Path:
     """Export the checkpoint in ``ckpt_dir`` (either layout) to the directory ``out_dir``.
 
@@ -41,6 +44,9 @@ def export_checkpoint(
         fmt: "onnx" or "torchscript".
         force: replace an existing ``out_dir``.
         with_library: copy the custom-op library into the export (ONNX only); it must be built.
+        decode_weights: "float32" or "float16" (ONNX with dtype float32 only): the dtype of decode.onnx's in_proj,
+            out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes a
+            decode step reads), the prefill graphs keep the float32 weights.
         progress: called with a short message at each step.
 
     Returns:
@@ -49,7 +55,7 @@ def export_checkpoint(
     Raises:
         ExportError, CheckpointError: one line saying what is wrong.
     """
-    _check_options(dtype, fmt)
+    _check_options(dtype, fmt, decode_weights)
     _, _, raw = read_config(ckpt_dir)
     directory.check_target(Path(out_dir).absolute(), force)  # fail before the slow part; checked again at the end
     if fmt == "onnx" and with_library:
@@ -59,14 +65,15 @@ def export_checkpoint(
     model = load_checkpoint(ckpt_dir, dtype=DTYPES[dtype])
     return export_model(
         model, out_dir, last_logits=last_logits, fmt=fmt, force=force, with_library=with_library,
-        source_dir=ckpt_dir, token_ids=_token_ids(raw), progress=progress,
+        decode_weights=decode_weights, source_dir=ckpt_dir, token_ids=_token_ids(raw), progress=progress,
     )
 
 
 def export_model(
     model: MambaLM, out_dir: str | os.PathLike, *, last_logits: bool = False, fmt: str = "onnx",
-    force: bool = False, with_library: bool = True, source_dir: str | os.PathLike | None = None,
-    token_ids: dict[str, int] | None = None, progress: Progress | None = None,
+    force: bool = False, with_library: bool = True, decode_weights: str = "float32",
+    source_dir: str | os.PathLike | None = None, token_ids: dict[str, int] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Export ``model`` (float32 or float16 parameters) to the directory ``out_dir``.
 
@@ -76,7 +83,7 @@ def export_model(
     dtype = next((name for name, dt in DTYPES.items() if dt == model.lm_head.weight.dtype), None)
     if dtype is None:
         raise ExportError(f"model dtype {model.lm_head.weight.dtype} cannot be exported; use float32 or float16")
-    _check_options(dtype, fmt)
+    _check_options(dtype, fmt, decode_weights)
     say = progress or (lambda msg: None)
     model = model.eval()
     library_path = directory.library_path() if fmt == "onnx" and with_library else None
@@ -86,7 +93,7 @@ def export_model(
         if fmt == "onnx":
             from .onnx_export import write_graphs
 
-            graphs = write_graphs(model, tmp, last_logits, say)
+            graphs = write_graphs(model, tmp, last_logits, say, decode_weights)
             if library_path is not None:
                 library = shutil.copy2(library_path, tmp / library_path.name).name
             directory.write_json(tmp / "genai_config.json", genai_config(model, library, token_ids or {}))
@@ -97,7 +104,8 @@ def export_model(
             graphs = write_torchscript(model, tmp, last_logits)
         tokenizer = directory.copy_tokenizer(Path(source_dir) if source_dir else None, tmp, TOKENIZER_FILES)
         say("writing manifest.json")
-        manifest = build_manifest(model, fmt, dtype, graphs, library, tokenizer, directory.file_checksums(tmp))
+        manifest = build_manifest(model, fmt, dtype, graphs, library, tokenizer, directory.file_checksums(tmp),
+                                  decode_weights)
         directory.write_json(tmp / "manifest.json", manifest)
 
     out = directory.write_atomically(out_dir, force, build)
@@ -105,11 +113,19 @@ def export_model(
     return out
 
 
-def _check_options(dtype: str, fmt: str) -> None:
+def _check_options(dtype: str, fmt: str, decode_weights: str = "float32") -> None:
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if decode_weights not in DECODE_WEIGHT_DTYPES:
+        raise ExportError(f"unknown decode weight dtype {decode_weights!r}; choose one of "
+                          f"{', '.join(DECODE_WEIGHT_DTYPES)}")
+    if decode_weights == "float16" and fmt != "onnx":
+        raise ExportError(f"--decode-weights float16 is for ONNX exports only, not --format {fmt}")
+    if decode_weights == "float16" and dtype != "float32":
+        raise ExportError(f"--decode-weights float16 needs the float32 export (--dtype float32); a --dtype {dtype} "
+                          f"export stores every weight as {dtype} already")
 
 
 def _token_ids(raw_config: dict) -> dict[str, int]:
@@ -136,9 +152,12 @@ def _graph_io(model: MambaLM, graph: str, dtype: str) -> dict:
 
 def build_manifest(
     model: MambaLM, fmt: str, dtype: str, graphs: list[str], library: str | None, tokenizer: list[str],
-    files: dict[str, dict],
+    files: dict[str, dict], decode_weights: str = "float32",
 ) -> dict:
-    """manifest.json: what a runtime needs to know about the export, and the sha256 of every file."""
+    """manifest.json: what a runtime needs to know about the export, and the sha256 of every file.
+
+    ``decode_weight_dtype``: the dtype of decode.onnx's in_proj, out_proj and LM head weights (ONNX exports; null for
+    TorchScript); ``decode_weights_file``: where the float16 copies are (null unless float16)."""
     c = model.config
     return {
         "format_version": directory.FORMAT_VERSION,
@@ -159,6 +178,8 @@ def build_manifest(
                 "fallback": "model-local ONNX functions of standard ops"} if fmt == "onnx" else None,
         "custom_op_library": library,
         "weights": "weights.bin" if fmt == "onnx" else None,
+        "decode_weight_dtype": decode_weights if fmt == "onnx" else None,
+        "decode_weights_file": DECODE_F16_WEIGHTS_FILE if fmt == "onnx" and decode_weights == "float16" else None,
         "tokenizer": {"files": tokenizer},
         "files": files,
     }

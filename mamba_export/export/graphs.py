@@ -7,6 +7,8 @@ They compute what :class:`~mamba_export.model.MambaLM` computes, with the mixer'
 and the residual adds replaced by the custom-op-domain operators of docs/CONTRACTS.md (an :class:`OpSet`, see
 :mod:`.torch_ops`): layer 0 normalises the embedding with ``RMSNorm``; every later layer and the final norm take the
 previous block's output and the residual stream through one ``AddRMSNorm`` (the residual add, then the norm).
+``DecodeGraph(model, decode_weights="float16")`` keeps float16 copies of in_proj, out_proj and the LM head and
+multiplies them with ``LinearF16W`` (float32 activations, weights widened to float32); the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +55,24 @@ def example_inputs(cfg: MambaConfig, batch: int, seq: int) -> tuple[Tensor, ...]
     for _ in range(cfg.n_layer):
         past += [torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1), torch.zeros(batch, cfg.d_inner, cfg.d_state)]
     return (torch.zeros(batch, seq, dtype=torch.int64), *past)
+
+
+DECODE_WEIGHT_DTYPES = ("float32", "float16")
+
+
+class F16WeightLinear(nn.Module):
+    """An ``nn.Linear`` of a float32 model with its weight stored as float16: ``LinearF16W(x, weight)`` (+ bias, float32).
+
+    weight (N, K) float16, each output's row contiguous; x (..., K) float32 -> (..., N) float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to(torch.float16).contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch_ops.linear_f16w(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class _Mixer(nn.Module):
@@ -135,7 +155,21 @@ class SequenceGraph(_Graph):
 
 
 class DecodeGraph(_Graph):
-    """decode.onnx: exactly one new token per sequence, one fused DecodeStep per layer."""
+    """decode.onnx: exactly one new token per sequence, one fused DecodeStep per layer.
+
+    ``decode_weights="float16"`` (float32 models only): in_proj, out_proj and the LM head are
+    :class:`F16WeightLinear` (half the bytes a step reads); the embedding keeps its float32 table."""
+
+    def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS, decode_weights: str = "float32"):
+        super().__init__(model, ops)
+        if decode_weights not in DECODE_WEIGHT_DTYPES:
+            raise ValueError(f"decode_weights must be one of {DECODE_WEIGHT_DTYPES}, not {decode_weights!r}")
+        if decode_weights == "float16":
+            if self.weight_dtype != torch.float32:
+                raise ValueError("float16 decode weights need a float32 model")
+            for mixer in self.mixers:
+                mixer.in_proj, mixer.out_proj = F16WeightLinear(mixer.in_proj), F16WeightLinear(mixer.out_proj)
+            self.lm_head = F16WeightLinear(self.lm_head)
 
     def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         """input_ids (b, 1), past states -> logits (b, 1, V), present states."""

@@ -4,7 +4,9 @@ Each graph is a wrapper of :mod:`.graphs` exported by ``torch.onnx.export`` (the
 op translated to one node of the ``ai.mamba_export`` domain; the model-local fallback functions are attached after
 export (the exporter would inline them). Graphs are written one at a time, each as soon as it is exported, with
 every initializer of 1 KiB or more in one ``weights.bin``: tensors with equal dtype, shape and bytes are stored once
-and shared by offset whatever their names, so model.onnx, decode.onnx and model_last.onnx share the weights.
+and shared by offset whatever their names, so model.onnx, decode.onnx and model_last.onnx share the weights. With
+float16 decode weights, decode.onnx's float16 copies of in_proj, out_proj and the LM head go to their own
+``decode_weights_f16.bin`` instead (the rest of decode.onnx still points into weights.bin).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import onnx_ops
 from .graphs import DecodeGraph, SequenceGraph, example_inputs, io_names
 
 WEIGHTS_FILE = "weights.bin"
+DECODE_F16_WEIGHTS_FILE = "decode_weights_f16.bin"  # decode.onnx's float16 matrices (--decode-weights float16)
 _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx files
 _ALIGN = 64  # offsets in weights.bin are multiples of this, for memory mapping
 
@@ -65,15 +68,20 @@ def export_graph(module: torch.nn.Module, model: MambaLM, seq_dynamic: bool) -> 
 
 
 class SharedWeights:
-    """weights.bin being written: moves a graph's large initializers into it, each distinct tensor once."""
+    """An external-data file being written (``location``, e.g. weights.bin): moves a graph's large initializers into
+    it, each distinct tensor once."""
 
-    def __init__(self, fh: BinaryIO):
+    def __init__(self, fh: BinaryIO, location: str = WEIGHTS_FILE):
         self._fh = fh
+        self._location = location
         self._stored: dict[tuple, tuple[int, int]] = {}  # (data_type, dims, sha256) -> (offset, length)
 
-    def externalize(self, proto: onnx.ModelProto) -> None:
-        """Point every initializer of 1 KiB or more of ``proto`` into the file, writing the ones not yet there."""
+    def externalize(self, proto: onnx.ModelProto, select: Callable[[onnx.TensorProto], bool] = lambda t: True) -> None:
+        """Point every initializer of 1 KiB or more of ``proto`` that ``select`` accepts, and that is not in a file
+        yet, into this file, writing the ones not yet there."""
         for tensor in proto.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or not select(tensor):
+                continue
             raw = _raw_bytes(tensor)
             if len(raw) < _INLINE_BYTES:
                 continue
@@ -83,7 +91,7 @@ class SharedWeights:
                 self._stored[key] = (self._fh.tell(), len(raw))
                 self._fh.write(raw)
             offset, length = self._stored[key]
-            onnx.external_data_helper.set_external_data(tensor, WEIGHTS_FILE, offset, length)
+            onnx.external_data_helper.set_external_data(tensor, self._location, offset, length)
             tensor.ClearField("raw_data")
 
 
@@ -94,23 +102,32 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     return tensor.raw_data
 
 
-def write_graphs(model: MambaLM, out: Path, last_logits: bool, say: Callable[[str], None]) -> list[str]:
-    """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``.
+def write_graphs(
+    model: MambaLM, out: Path, last_logits: bool, say: Callable[[str], None], decode_weights: str = "float32",
+) -> list[str]:
+    """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``; with
+    ``decode_weights="float16"`` also decode_weights_f16.bin, decode.onnx's float16 in_proj, out_proj and LM head.
 
     Returns:
         The graph file names written.
     """
     wrappers = {
         "model.onnx": (SequenceGraph(model), True),
-        "decode.onnx": (DecodeGraph(model), False),
+        "decode.onnx": (DecodeGraph(model, decode_weights=decode_weights), False),
     }
     if last_logits:
         wrappers["model_last.onnx"] = (SequenceGraph(model, last_logits=True), True)
-    with open(out / WEIGHTS_FILE, "wb") as fh:
-        weights = SharedWeights(fh)
+    with contextlib.ExitStack() as files:
+        weights = SharedWeights(files.enter_context(open(out / WEIGHTS_FILE, "wb")))
+        halves = None
+        if decode_weights == "float16":
+            halves = SharedWeights(files.enter_context(open(out / DECODE_F16_WEIGHTS_FILE, "wb")),
+                                   DECODE_F16_WEIGHTS_FILE)
         for name, (module, seq_dynamic) in wrappers.items():
             say(f"exporting {name}")
             proto = export_graph(module, model, seq_dynamic)
+            if halves is not None and name == "decode.onnx":
+                halves.externalize(proto, lambda t: t.data_type == onnx.TensorProto.FLOAT16)
             weights.externalize(proto)
             onnx.save_model(proto, out / name)
     say("checking the graphs (onnx.checker, full shape inference)")
@@ -119,7 +136,7 @@ def write_graphs(model: MambaLM, out: Path, last_logits: bool, say: Callable[[st
 
 
 def check_graphs(out: Path, names: list[str]) -> None:
-    """onnx.checker with full shape inference on each saved graph (weights read from weights.bin)."""
+    """onnx.checker with full shape inference on each saved graph (weights read from their external-data files)."""
     onnx_ops.register_schemas()
     for name in names:
         onnx.checker.check_model(str(out / name), full_check=True)

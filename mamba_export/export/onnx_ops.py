@@ -22,13 +22,14 @@ from . import torch_ops
 DOMAIN = "ai.mamba_export"
 DOMAIN_VERSION = 1
 OPSET = 18  # the standard opset of every exported graph and of the functions
-OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm")
+OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W")
 DEFAULT_EPSILON = 1e-5  # RMSNorm's and AddRMSNorm's epsilon when a node does not set it
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TYPES = {
     "T": ("T", _FLOATS, "activations (and, for the norms, the weight)"),
-    "F": ("F", ["tensor(float)"], "parameters and states"),
+    "F": ("F", ["tensor(float)"], "parameters and states (LinearF16W: its activations)"),
+    "H": ("H", ["tensor(float16)"], "weights stored as float16"),
     "R": ("R", _FLOATS, "the residual stream: float32, or the same type as T"),
 }
 _FLAG = "0 or 1"
@@ -61,6 +62,11 @@ _SIGNATURES = {
         [("x", "T"), ("residual", "R"), ("weight", "T")],
         [("y", "T"), ("residual_out", "R")],
         {"epsilon": (DEFAULT_EPSILON, "added to the mean square, >= 0")},
+    ),
+    "LinearF16W": (
+        [("X", "F"), ("W", "H")],
+        [("Y", "F")],
+        {},
     ),
 }
 
@@ -112,6 +118,10 @@ def _add_rms_norm(x, residual, weight, eps: float):
     return y, residual_out
 
 
+def _linear_f16w(x, weight):
+    return _op.LinearF16W(x, weight)
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: each torch op becomes one node of the domain."""
     return {
@@ -120,6 +130,7 @@ def translation_table() -> dict:
         torch_ops.decode_step._opoverload: _decode_step,
         torch_ops.rms_norm._opoverload: _rms_norm,
         torch_ops.add_rms_norm._opoverload: _add_rms_norm,
+        torch_ops.linear_f16w._opoverload: _linear_f16w,
     }
 
 
@@ -276,7 +287,15 @@ def _add_rms_norm_function() -> onnx.FunctionProto:
     return g.function(["y", "residual_out"])
 
 
+def _linear_f16w_function() -> onnx.FunctionProto:
+    """Y = MatMul(X, Transpose(Cast(W, float))): a stock onnxruntime folds the cast of an initializer at session
+    creation, so the function runs a float32 MatMul (float32 weights in memory, the same values)."""
+    g = _FunctionBuilder("LinearF16W")
+    g.nodes.append(helper.make_node("MatMul", ["X", g.op("Transpose", g.f32("W"), perm=[1, 0])], ["Y"]))
+    return g.function(["Y"])
+
+
 def model_functions() -> list[onnx.FunctionProto]:
     """Every op as a model-local function of standard ops (opset :data:`OPSET`), for ``model.functions``."""
     return [_selective_scan_function(), _causal_conv1d_function(), _decode_step_function(), _rms_norm_function(),
-            _add_rms_norm_function()]
+            _add_rms_norm_function(), _linear_f16w_function()]

@@ -5,9 +5,11 @@ transposing to the reference layout and calling :mod:`mamba_export.ops`, so an e
 the reference model computes. They are TorchScript-compatible (the TorchScript export scripts them).
 ``rms_norm_cl`` and ``add_rms_norm_cl``: the pre-norm RMSNorm of :class:`mamba_export.model.RMSNorm` (and the residual
 add before it), computed as the reference model computes them.
-``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``: the same as ``torch.library``
-custom ops with fake implementations, so that ``torch.export`` sees one node each (translated to one ONNX node by
-:mod:`.onnx_ops`).
+``linear_f16w_ref``: a linear layer whose weight is stored as float16: float32 activations times the weight widened
+to float32 (decode.onnx with float16 decode weights).
+``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``, ``linear_f16w``: the same as
+``torch.library`` custom ops with fake implementations, so that ``torch.export`` sees one node each (translated to one
+ONNX node by :mod:`.onnx_ops`).
 
 Symbols: b batch, l new tokens, e d_inner, n d_state, k d_conv, r dt_rank, d d_model.
 """
@@ -89,11 +91,17 @@ def add_rms_norm_cl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> 
     return rms_norm_cl(residual_out, weight, eps), residual_out
 
 
+def linear_f16w_ref(x: Tensor, weight: Tensor) -> Tensor:
+    """LinearF16W: x (..., K) float32, weight (N, K) float16 -> x @ float32(weight).T (..., N) float32 (no bias)."""
+    return x @ weight.to(torch.float32).t()
+
+
 selective_scan = torch.library.custom_op(f"{NAMESPACE}::selective_scan", selective_scan_cl, mutates_args=())
 causal_conv1d = torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", causal_conv1d_cl, mutates_args=())
 decode_step = torch.library.custom_op(f"{NAMESPACE}::decode_step", decode_step_cl, mutates_args=())
 rms_norm = torch.library.custom_op(f"{NAMESPACE}::rms_norm", rms_norm_cl, mutates_args=())
 add_rms_norm = torch.library.custom_op(f"{NAMESPACE}::add_rms_norm", add_rms_norm_cl, mutates_args=())
+linear_f16w = torch.library.custom_op(f"{NAMESPACE}::linear_f16w", linear_f16w_ref, mutates_args=())
 
 
 @selective_scan.register_fake
@@ -121,3 +129,8 @@ def _(x, weight, eps):
 @add_rms_norm.register_fake
 def _(x, residual, weight, eps):
     return residual.new_empty(residual.shape, dtype=weight.dtype), torch.empty_like(residual)
+
+
+@linear_f16w.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

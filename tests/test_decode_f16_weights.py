@@ -1,0 +1,472 @@
+"""Float16 decode weights: the LinearF16W op of libmamba_export_ops, and exports with ``--decode-weights float16``.
+
+The op: random float16 weights and float32 inputs of many shapes (K and N not multiples of 8 or 16, one row of x or
+several, x of rank 1 to 3) against numpy in float64 on the very float16 values, with its model-local function (what a
+stock onnxruntime runs) held to the same bound. Tolerance policy: the kernel sums K products in float32 (16 running
+sums per row, a tree of 4 levels, a scalar tail of up to 15 terms, one add per chunk of 512), so every result is
+within (K/16 + 32) float32 rounding steps (2^-24) of sum |x_i w_i|; seen: far below.
+
+The exports ("tiny": tied LM head, with the library; "nondefault": biases, untied head, d_state 8): decode.onnx with
+float16 in_proj/out_proj/LM head, with the library and without it (function fallback), after a prefill through
+model.onnx, against the float64 reference model whose in_proj, out_proj and LM head weights were rounded to float16
+and back (the embedding table keeps its float32 values, as decode.onnx's Gather does), within 1e-4 relative over 64
+steps: the float32 tolerance of the other export tests, since only the rounding of the weights differs and the
+reference has it too. Invalid inputs run in a subprocess, so a crash fails the test instead of killing pytest.
+
+Run as a script with --bad-cases to print the outcome of every invalid-input case (what the subprocess does).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from mamba_export import cli
+from mamba_export.checkpoint import load_checkpoint
+from mamba_export.export import ExportError, export_checkpoint, onnx_ops
+from mamba_runtime import custom_op_library_path
+from support import library_built, make_hf_model, rel_err, save_transformers
+
+DOMAIN = "ai.mamba_export"
+ROOT = Path(__file__).resolve().parents[1]
+F16_FILE = "decode_weights_f16.bin"
+STEP_TOL = 1e-4  # decode logits against the reference with float16-rounded weights (see the module docstring)
+
+pytestmark = pytest.mark.skipif(not library_built(), reason="custom-op library not built (bash tools/build_custom_ops.sh)")
+
+
+# ---- the op alone -------------------------------------------------------------------------------------------------
+
+
+def op_model(weight: np.ndarray | None = None, x_dtype=TensorProto.FLOAT, w_dtype=TensorProto.FLOAT16,
+             functions: bool = False) -> onnx.ModelProto:
+    """One LinearF16W node; X (and W unless ``weight`` makes it an initializer) are graph inputs of unknown shape, so
+    that only the library checks shapes."""
+    inputs = [helper.make_tensor_value_info("X", x_dtype, None)]
+    inits = []
+    if weight is None:
+        inputs.append(helper.make_tensor_value_info("W", w_dtype, None))
+    else:
+        inits.append(numpy_helper.from_array(weight, "W"))
+    node = helper.make_node("LinearF16W", ["X", "W"], ["Y"], domain=DOMAIN)
+    graph = helper.make_graph([node], "linear_f16w", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT,
+                                                                                             None)], inits)
+    opsets = [helper.make_opsetid("", onnx_ops.OPSET), helper.make_opsetid(DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    if functions:
+        model.functions.extend(onnx_ops.model_functions())
+    return model
+
+
+def op_session(model: onnx.ModelProto, library: bool = True, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if library:
+        options.register_custom_ops_library(custom_op_library_path())
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+_SESSIONS: dict[bool, ort.InferenceSession] = {}
+
+
+def run_op(x: np.ndarray, w: np.ndarray, library: bool = True) -> np.ndarray:
+    if library not in _SESSIONS:
+        _SESSIONS[library] = op_session(op_model(functions=not library), library)
+    return _SESSIONS[library].run(None, {"X": x, "W": w})[0]
+
+
+def random_case(seed: int, lead: tuple[int, ...], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * k**-0.5).astype(np.float16)
+    return x, w
+
+
+def check_against_float64(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """|y - x @ w.T| <= (K/16 + 32) * 2^-24 * (|x| @ |w|.T), all in float64 on the float16 weights' exact values."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    want = x64 @ w64.T
+    k = w.shape[1]
+    bound = (k / 16 + 32) * 2.0**-24 * (np.abs(x64) @ np.abs(w64).T)
+    assert y.dtype == np.float32 and y.shape == want.shape
+    excess = np.abs(y - want) - bound
+    assert excess.max() <= 0, f"worst error {np.abs(y - want).max():.3g} exceeds its bound by {excess.max():.3g}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), lead=st.lists(st.integers(1, 5), min_size=0, max_size=2).map(tuple),
+       n=st.integers(1, 300), k=st.integers(1, 1100), path=st.sampled_from(["library", "function"]))
+def test_linear_f16w_matches_float64(seed, lead, n, k, path):
+    x, w = random_case(seed, lead, n, k)
+    check_against_float64(run_op(x, w, library=path == "library"), x, w)
+
+
+@pytest.mark.parametrize("path", ["library", "function"])
+@pytest.mark.parametrize("lead,n,k", [((1, 1), 3072, 768), ((1, 1), 768, 1536), ((3, 1), 1000, 777),
+                                      ((7,), 129, 1031), ((2, 5), 33, 16), ((1,), 1, 1), ((6, 1), 17, 513)])
+def test_linear_f16w_shapes(lead, n, k, path):
+    """mamba-130m's in_proj and out_proj (several tasks, two chunks of K), batches of 3, 6, 7 and 10 rows (blocks of
+    4 rows and remainders of 1 to 3), K one past a chunk, a single weight."""
+    x, w = random_case(n * k, lead, n, k)
+    check_against_float64(run_op(x, w, library=path == "library"), x, w)
+
+
+def test_linear_f16w_special_weights():
+    """Subnormal, largest finite, negative zero and +-inf float16 weights widen exactly."""
+    rng = np.random.default_rng(3)
+    k = 40
+    w = (rng.standard_normal((6, k)) * 0.1).astype(np.float16)
+    w[0, :] = np.float16(6.0e-8)  # subnormals
+    w[1, :5] = np.float16(65504.0)
+    w[2, :] = np.float16(-0.0)
+    w[3, 7] = np.float16(np.inf)
+    w[4, 9] = -np.float16(np.inf)
+    x = np.abs(rng.standard_normal((2, k))).astype(np.float32) + 0.5  # positive: inf * x stays inf
+    y = run_op(x, w)
+    assert np.isposinf(y[:, 3]).all() and np.isneginf(y[:, 4]).all()
+    finite = [0, 1, 2, 5]
+    check_against_float64(y[:, finite], x, w[finite])
+    assert np.all(y[:, 0] > 0) and np.all(y[:, 2] == 0)
+
+
+def test_batch_rows_equal_single_rows_and_threads_do_not_matter():
+    """Each output element is summed in the same order whatever the batch and the thread count: bit for bit."""
+    x, w = random_case(5, (9,), 1000, 900)  # 2 blocks of 4 rows of x and 1 more; several tasks; 2 chunks of K
+    batch = run_op(x, w)
+    for i in range(x.shape[0]):
+        np.testing.assert_array_equal(run_op(x[i:i + 1], w), batch[i:i + 1])
+    model = op_model()
+    one, three = (op_session(model, threads=t).run(None, {"X": x, "W": w})[0] for t in (1, 3))
+    np.testing.assert_array_equal(one, batch)
+    np.testing.assert_array_equal(three, batch)
+
+
+# ---- invalid inputs -------------------------------------------------------------------------------------------------
+
+_X, _W = np.ones((2, 1, 8), np.float32), np.ones((5, 8), np.float16)
+# name -> (X, W, declared X and W dtypes, strings the error must contain)
+BAD_CASES = {
+    "x_scalar": (np.array(1.0, np.float32), _W, None, ["LinearF16W", "'X'", "rank 0", "[..., K]"]),
+    "x_rank_9": (np.ones((1,) * 8 + (8,), np.float32), _W, None, ["'X'", "rank 9"]),
+    "w_rank_1": (_X, np.ones(8, np.float16), None, ["'W'", "rank 1", "[N, K]"]),
+    "w_rank_3": (_X, np.ones((1, 5, 8), np.float16), None, ["'W'", "rank 3"]),
+    "k_mismatch": (_X, np.ones((5, 7), np.float16), None, ["'X'", "[2, 1, 8]", "K=7"]),
+    "empty_k": (np.ones((2, 0), np.float32), np.ones((5, 0), np.float16), None, ["'W'", "K = 0"]),
+    "empty_n": (_X, np.ones((0, 8), np.float16), None, ["'W'", "N = 0"]),
+    "empty_batch": (np.ones((0, 1, 8), np.float32), _W, None, ["'X'", "leading dimension = 0"]),
+    "w_float32": (_X, np.ones((5, 8), np.float32), (TensorProto.FLOAT, TensorProto.FLOAT), ["LinearF16W"]),
+    "x_float16": (_X.astype(np.float16), _W, (TensorProto.FLOAT16, TensorProto.FLOAT16), ["LinearF16W"]),
+    "x_float64": (_X.astype(np.float64), _W, (TensorProto.DOUBLE, TensorProto.FLOAT16), ["LinearF16W"]),
+}
+
+
+def run_bad_case(name: str) -> dict:
+    """Build and run one invalid case; report whether onnxruntime raised, and its message."""
+    x, w, dtypes, _ = BAD_CASES[name]
+    x_dtype, w_dtype = dtypes or (TensorProto.FLOAT, TensorProto.FLOAT16)
+    try:
+        session = op_session(op_model(x_dtype=x_dtype, w_dtype=w_dtype))
+        session.run(None, {"X": x, "W": w})
+    except Exception as error:  # onnxruntime raises its own exception classes
+        return {"raised": type(error).__name__, "message": str(error)}
+    return {"raised": None, "message": ""}
+
+
+@pytest.fixture(scope="module")
+def bad_case_outcomes() -> dict:
+    """Every invalid case, run in one subprocess that prints one JSON line per finished case."""
+    proc = subprocess.run([sys.executable, __file__, "--bad-cases"], capture_output=True, text=True, timeout=120)
+    outcomes = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            outcomes.update(json.loads(line))
+    return {"returncode": proc.returncode, "stderr": proc.stderr[-2000:], "cases": outcomes}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
+def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
+    got = bad_case_outcomes["cases"].get(name)
+    assert got is not None, (f"the subprocess ended (exit code {bad_case_outcomes['returncode']}) before case {name} "
+                             f"finished:\n{bad_case_outcomes['stderr']}")
+    assert got["raised"], f"{name}: no error"
+    for part in BAD_CASES[name][3]:
+        assert part in got["message"], f"{name}: {part!r} not in {got['message']!r}"
+
+
+def test_bad_case_subprocess_exits_cleanly(bad_case_outcomes):
+    assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
+
+
+# ---- exports --------------------------------------------------------------------------------------------------------
+
+
+def rounded_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose in_proj, out_proj and LM head weights are rounded to float16 and back; the embedding
+    keeps its values (a tied LM head is untied)."""
+    ref = copy.deepcopy(model)
+    rounded = lambda w: torch.nn.Parameter(w.detach().to(torch.float16).to(w.dtype))  # noqa: E731
+    for layer in ref.backbone.layers:
+        layer.mixer.in_proj.weight = rounded(layer.mixer.in_proj.weight)
+        layer.mixer.out_proj.weight = rounded(layer.mixer.out_proj.weight)
+    ref.lm_head.weight = rounded(ref.lm_head.weight)
+    return ref
+
+
+@pytest.fixture(scope="module", params=["tiny", "nondefault"])
+def exported(request, tmp_path_factory):
+    """(config, export dir with float16 decode weights, float64 reference, the same with rounded weights).
+    "tiny" ships the library and has model_last.onnx; "nondefault" neither."""
+    root = tmp_path_factory.mktemp(f"f16w-{request.param}")
+    ckpt = save_transformers(make_hf_model(request.param, seed=1), root / "ckpt")
+    tiny = request.param == "tiny"
+    out = export_checkpoint(ckpt, root / "export", decode_weights="float16", with_library=tiny, last_logits=tiny)
+    ref = load_checkpoint(ckpt, dtype=torch.float64)
+    return request.param, out, ref, rounded_reference(ref)
+
+
+def session(path: Path, how: str) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if how == "library":
+        so.register_custom_ops_library(custom_op_library_path())
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def zero_state(cfg, batch: int) -> list[np.ndarray]:
+    state = []
+    for _ in range(cfg.n_layer):
+        state += [np.zeros((batch, cfg.d_inner, cfg.d_conv - 1), np.float32),
+                  np.zeros((batch, cfg.d_inner, cfg.d_state), np.float32)]
+    return state
+
+
+def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    out = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], [ids.numpy(), *state])))
+    return out[0], out[1:]
+
+
+@pytest.mark.parametrize("how", ["library", "function"])
+def test_prefill_then_64_decode_steps_match_rounded_reference(exported, how):
+    """Prefill through model.onnx (float32 weights) then 64 steps of decode.onnx (float16 weights), batch 2."""
+    _, out, ref, ref16 = exported
+    prompt = 5
+    ids = torch.randint(0, ref.config.vocab_size, (2, prompt + 64), generator=torch.Generator().manual_seed(1))
+    logits, state = run(session(out / "model.onnx", how), ids[:, :prompt], zero_state(ref.config, 2))
+    decode = session(out / "decode.onnx", how)
+    steps = []
+    for t in range(prompt, ids.shape[1]):
+        step_logits, state = run(decode, ids[:, t:t + 1], state)
+        steps.append(step_logits)
+    got = np.concatenate(steps, axis=1)
+    with torch.no_grad():
+        want_prefill, ref_state = ref(ids[:, :prompt])
+        state16, state32 = ref_state, ref_state
+        want16, want32 = [], []
+        for t in range(prompt, ids.shape[1]):
+            l16, state16 = ref16.step(ids[:, t], state16)
+            l32, state32 = ref.step(ids[:, t], state32)
+            want16.append(l16[:, None])
+            want32.append(l32[:, None])
+    want16, want32 = torch.cat(want16, dim=1), torch.cat(want32, dim=1)
+    assert rel_err(torch.from_numpy(logits), want_prefill) <= STEP_TOL
+    assert rel_err(torch.from_numpy(got), want16) <= STEP_TOL
+    assert rel_err(torch.from_numpy(got), want32) > STEP_TOL  # the tolerance tells rounded from float32 weights
+
+
+def graph_of(path: Path) -> onnx.GraphProto:
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def test_decode_graph_uses_linear_f16w_and_its_own_weights_file(exported):
+    _, out, ref, _ = exported
+    n_layer = ref.config.n_layer
+    onnx_ops.register_schemas()
+    onnx.checker.check_model(str(out / "decode.onnx"), full_check=True)
+    decode = graph_of(out / "decode.onnx")
+    ops = [(n.domain, n.op_type) for n in decode.node]
+    assert ops.count((DOMAIN, "LinearF16W")) == 2 * n_layer + 1 and ("", "MatMul") not in ops
+    assert ops.count((DOMAIN, "DecodeStep")) == n_layer and ops.count((DOMAIN, "AddRMSNorm")) == n_layer
+    locations = {}
+    for t in decode.initializer:
+        where = {e.key: e.value for e in t.external_data}.get("location", "inline")
+        locations.setdefault(t.data_type, set()).add(where)
+    assert locations[TensorProto.FLOAT16] == {F16_FILE}
+    assert locations[TensorProto.FLOAT] <= {"weights.bin", "inline"}
+    halves = [t for t in decode.initializer if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) == 2 * n_layer + 1  # in_proj, out_proj per layer, LM head (tied or not)
+    assert (out / F16_FILE).stat().st_size >= sum(2 * int(np.prod(t.dims)) for t in halves)
+    for name in ("model.onnx", "model_last.onnx"):
+        if (out / name).exists():
+            graph = graph_of(out / name)
+            assert all(n.op_type != "LinearF16W" for n in graph.node)
+            assert all(t.data_type != TensorProto.FLOAT16 for t in graph.initializer)
+
+
+def test_manifest_records_the_decode_weights(exported):
+    config, out, _, _ = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decode_weight_dtype"] == "float16" and manifest["decode_weights_file"] == F16_FILE
+    assert manifest["dtype"] == "float32" and "LinearF16W" in manifest["ops"]["names"]
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def _ops_that_ran(path: Path, how: str, tmp_path: Path) -> set[str]:
+    so = ort.SessionOptions()
+    so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / f"profile_{how}")
+    if how == "library":
+        so.register_custom_ops_library(custom_op_library_path())
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.zeros((1, 1), np.int64)}
+    for i in sess.get_inputs()[1:]:
+        feeds[i.name] = np.zeros([1, *i.shape[1:]], np.float32)
+    sess.run(None, feeds)
+    events = json.loads(open(sess.end_profiling()).read())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+@pytest.mark.parametrize("how", ["library", "function"])
+def test_library_kernel_runs_where_registered_function_elsewhere(exported, how, tmp_path):
+    _, out, _, _ = exported
+    ran = _ops_that_ran(out / "decode.onnx", how, tmp_path)
+    if how == "library":
+        assert {"LinearF16W", "DecodeStep"} <= ran and "MatMul" not in ran
+    else:
+        assert "MatMul" in ran and not ran & set(onnx_ops.OP_NAMES)
+
+
+def test_profile_floor_counts_two_bytes_per_matrix_weight(exported):
+    """``mamba-export profile``'s memory floor: in_proj, out_proj and the LM head at 2 bytes a weight."""
+    import dataclasses
+
+    from mamba_runtime.manifest import open_export_dir
+    from mamba_runtime.profiling import weight_bytes_per_token
+
+    _, out, ref, _ = exported
+    info = open_export_dir(out)
+    as_float32 = dataclasses.replace(info, manifest={**info.manifest, "decode_weight_dtype": "float32"})
+    c = ref.config
+    matrices = c.n_layer * 3 * c.d_inner * c.d_model + c.vocab_size * c.d_model
+    assert weight_bytes_per_token(as_float32) - weight_bytes_per_token(info) == 2 * matrices
+
+
+def reference_greedy(ref, ref16, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens as the export computes them: prefill with the float32 weights, steps with the rounded ones."""
+    with torch.no_grad():
+        logits, state = ref(torch.tensor([prompt]))
+        tok = logits[:, -1].argmax(-1)
+        out = [int(tok)]
+        for _ in range(n - 1):
+            logits, state = ref16.step(tok, state)
+            tok = logits.argmax(-1)
+            out.append(int(tok))
+    return out
+
+
+def test_python_runtime_runs_the_export(exported):
+    from mamba_runtime import MambaRuntime
+
+    config, out, ref, ref16 = exported
+    prompt = [5, 17, 42, 7, 3]
+    custom_ops = "require" if config == "tiny" else "off"
+    rt = MambaRuntime(out, provider="cpu", threads=2, custom_ops=custom_ops)
+    assert rt.generate(prompt, 16).tokens[0] == reference_greedy(ref, ref16, prompt, 16)
+
+
+def test_cpp_runtime_runs_the_export(exported):
+    config, out, ref, ref16 = exported
+    if config != "tiny":
+        pytest.skip("one config is enough")
+    proc = subprocess.run(["bash", "tools/build_cpp_runtime.sh"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    binary = proc.stdout.strip().splitlines()[-1]
+    prompt = [5, 17, 42, 7, 3]
+    res = subprocess.run([binary, str(out), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
+                          "--greedy"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    fields = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert [int(t) for t in fields["tokens"].split(",")] == reference_greedy(ref, ref16, prompt, 12)
+
+
+def test_onnxruntime_genai_runs_the_export(exported):
+    og = pytest.importorskip("onnxruntime_genai")
+    config, out, ref, _ = exported
+    if config != "tiny":
+        pytest.skip("one config is enough")
+    prompt = [5, 7, 9, 11]
+    model = og.Model(str(out))  # genai runs model.onnx, whose weights stay float32
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    tokens = list(gen.get_sequence(0))[len(prompt):]
+    assert tokens == ref.generate_greedy(torch.tensor([prompt]), len(tokens))[0].tolist()
+
+
+# ---- the command line and its errors --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_transformers(make_hf_model("tiny"), tmp_path_factory.mktemp("f16w-cli") / "ckpt")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--dtype", "float16"], "needs the float32 export"),
+    (["--format", "torchscript"], "for ONNX exports only"),
+])
+def test_cli_refuses_float16_decode_weights_where_they_do_not_apply(ckpt, tmp_path, capsys, flags, says):
+    out = tmp_path / "out"
+    assert cli.main(["export", str(ckpt), "-o", str(out), "--no-library", "--decode-weights", "float16", *flags]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("mamba-export export: error: --decode-weights float16 ") and says in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_refuses_an_unknown_decode_weight_dtype(ckpt, tmp_path):
+    with pytest.raises(ExportError, match="unknown decode weight dtype 'int8'"):
+        export_checkpoint(ckpt, tmp_path / "o", decode_weights="int8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_with_float16_decode_weights_keeps_the_float32_files(ckpt, tmp_path, capsys):
+    """The prefill graph and weights.bin are those of a plain float32 export; only decode.onnx and the new file
+    differ."""
+    plain, half = tmp_path / "plain", tmp_path / "half"
+    assert cli.main(["export", str(ckpt), "-o", str(plain), "--no-library"]) == 0
+    assert cli.main(["export", str(ckpt), "-o", str(half), "--no-library", "--decode-weights", "float16"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(half)
+    files = lambda d: json.loads((d / "manifest.json").read_text())["files"]  # noqa: E731
+    a, b = files(plain), files(half)
+    assert set(b) - set(a) == {F16_FILE}
+    assert a["weights.bin"] == b["weights.bin"] and a["decode.onnx"] != b["decode.onnx"]
+    assert json.loads((plain / "manifest.json").read_text())["decode_weight_dtype"] == "float32"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:
+    for case in sorted(BAD_CASES):
+        print(json.dumps({case: run_bad_case(case)}), flush=True)
