@@ -4,11 +4,15 @@
 For the mamba-130m shape (d_model 768, 24 layers, vocab 50280; random weights from its config), batch 1, with
 ``--threads`` intra-op threads (default 2), it measures:
 
-    decode ms/token:  onnxruntime + our library (decode.onnx), onnxruntime without it (model-local function fallback),
-                      the PyTorch reference (MambaLM.step), transformers' generation loop with its cache;
-    prefill tok/s:    the same four on a ``--prompt-len`` prompt (onnxruntime uses the last-position-only graph,
-                      transformers its forward);
-    floor:            bytes of weights read per decoded token / this machine's measured memory read bandwidth.
+    decode ms/token:  onnxruntime + our library (decode.onnx), the same with float16 decode weights (an export with
+                      ``--decode-weights float16``: in_proj, out_proj and the LM head multiplied by LinearF16W),
+                      onnxruntime without the library (model-local function fallback), the PyTorch reference
+                      (MambaLM.step), transformers' generation loop with its cache;
+    prefill tok/s:    the same on a ``--prompt-len`` prompt (onnxruntime uses the last-position-only graph,
+                      transformers its forward; both of our exports share the float32 prefill graph);
+    floor:            bytes of weights read per decoded token / this machine's measured memory read bandwidth, for
+                      the float32 decode graph and for the one with float16 decode weights (each row's "x floor" is
+                      against its own).
 
 The implementations run interleaved in ``--rounds`` rounds (each round: every implementation's prefills, then its
 ``--decode-steps`` decode steps; ours, the fallback, PyTorch, transformers, then again), so that load from other jobs
@@ -21,7 +25,7 @@ Prints a Markdown table (median, p10-p90 spread, ratio to the floor and to trans
 machine, versions and settings. Usage:
 
     .venv/bin/python tools/bench_export_cpu.py [--threads 2] [--decode-steps 64] [--prompt-len 512]
-        [--prefill-repeats 4] [--rounds 4] [--json out.json]
+        [--prefill-repeats 4] [--rounds 4] [--skip ort_lib_f16,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+F16_NAME = "onnxruntime + library, float16 decode weights"
 
 
 def _percentile(xs, q):
@@ -213,14 +220,22 @@ def per_round_speedups(base: list[float], ours: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
-def weight_bytes_per_token(model) -> int:
+def weight_bytes_per_token(model, decode_weights: str = "float32") -> int:
     """Bytes of weights a decode step must read: every parameter once, except the embedding rows not looked up
-    (the tied LM head still reads the whole matrix)."""
+    (the tied LM head still reads the whole matrix). With float16 decode weights, in_proj, out_proj and the LM head
+    are read at 2 bytes a weight, and a tied head's embedding row comes from the float32 table besides."""
     seen = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in seen.values())
+    emb = model.backbone.embedding.weight
     if not model.config.tie_embeddings:
-        emb = model.backbone.embedding.weight
         total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    if decode_weights == "float16":
+        matrices = [w for layer in model.backbone.layers for w in (layer.mixer.in_proj.weight,
+                                                                   layer.mixer.out_proj.weight)]
+        matrices.append(model.lm_head.weight)
+        total -= sum(w.numel() * (w.element_size() - 2) for w in matrices)
+        if model.config.tie_embeddings:
+            total += emb.shape[1] * emb.element_size()
     return total
 
 
@@ -235,7 +250,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=50280)
-    ap.add_argument("--skip", default="", help="comma list of: ort_lib, ort_nolib, torch, transformers")
+    ap.add_argument("--skip", default="", help="comma list of: ort_lib, ort_lib_f16, ort_nolib, torch, transformers")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
@@ -258,11 +273,16 @@ def main() -> None:
         t0 = time.perf_counter()
         out = export_checkpoint(ckpt, root / "export", last_logits=True)
         export_s = time.perf_counter() - t0
+        out16 = None
+        if "ort_lib_f16" not in skip:
+            out16 = export_checkpoint(ckpt, root / "export_f16", last_logits=True, decode_weights="float16")
         prompt = np.random.default_rng(0).integers(0, args.vocab, (1, args.prompt_len), dtype=np.int64)
         lib = custom_op_library_path()
         runners: dict[str, object] = {}
         if "ort_lib" not in skip:
             runners["onnxruntime + library"] = OrtRunner(out, model.config, prompt, args.threads, lib)
+        if out16 is not None:
+            runners[F16_NAME] = OrtRunner(out16, model.config, prompt, args.threads, lib)
         if "ort_nolib" not in skip:
             runners["onnxruntime, function fallback"] = OrtRunner(out, model.config, prompt, args.threads, None)
         if "torch" not in skip:
@@ -275,10 +295,13 @@ def main() -> None:
         samples = run_rounds(runners, args.rounds, max(1, args.prefill_repeats // args.rounds), args.decode_steps)
         del runners
         wbytes = weight_bytes_per_token(model)
+        wbytes16 = weight_bytes_per_token(model, "float16")
     bandwidths.append(read_bandwidth_gbs(args.threads))
     load_after = os.getloadavg()
     bw = max(bandwidths)
     floor_ms = wbytes / (bw * 1e9) * 1e3
+    floor16_ms = wbytes16 / (bw * 1e9) * 1e3
+    row_floor = lambda name: floor16_ms if name == F16_NAME else floor_ms  # noqa: E731
     base_name = "transformers MambaForCausalLM"
     base = samples.get(base_name)
     results = {}
@@ -302,12 +325,15 @@ def main() -> None:
         "read_bandwidth_GBps": bw,
         "read_bandwidth_GBps_measured": bandwidths,
         "decode_floor_ms": floor_ms,
+        "weight_bytes_per_token_float16_decode_weights": wbytes16,
+        "decode_floor_ms_float16_decode_weights": floor16_ms,
         "results": results,
     }
     load = lambda la: "/".join(f"{v:.2f}" for v in la)  # noqa: E731
     print(f"\nmamba-{args.d_model}x{args.n_layer} shape, batch 1, {args.threads} threads; weights "
           f"{wbytes / 1e6:.0f} MB/token, read bandwidth {bw:.1f} GB/s (best of "
-          f"{', '.join(f'{b:.1f}' for b in bandwidths)}) -> decode floor {floor_ms:.2f} ms/token")
+          f"{', '.join(f'{b:.1f}' for b in bandwidths)}) -> decode floor {floor_ms:.2f} ms/token; float16 decode "
+          f"weights {wbytes16 / 1e6:.0f} MB/token -> floor {floor16_ms:.2f} ms/token")
     print(f"{args.rounds} interleaved rounds x {args.decode_steps} decode steps; load average (1/5/15 min) before "
           f"{load(load_before)}, after {load(load_after)}\n")
     print("| implementation | decode ms/token (median, p10-p90) | x floor | speed-up vs transformers: ratio of medians "
@@ -325,7 +351,7 @@ def main() -> None:
         else:
             dx = px = "-"
         print(f"| {name} | {d['median_ms']:.2f} ({d['p10_ms']:.2f}-{d['p90_ms']:.2f}) | "
-              f"{d['median_ms'] / floor_ms:.2f} | {dx} | {tps:.0f} | {px} |")
+              f"{d['median_ms'] / row_floor(name):.2f} | {dx} | {tps:.0f} | {px} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
