@@ -227,8 +227,7 @@ STEP_SHAPES = [  # b, e, n, k, r
     (2, 32, 256, 4, 8),
     (1, 1536, 16, 4, 48),     # mamba-130m's mixer
     (9, 600, 16, 4, 38),      # channels not a multiple of the 256-channel tile, batch not of the 8-sequence group
-    (64, 4096, 16, 4, 128),   # mamba-1.4b's mixer at batch 64: more phase-1 items than resident blocks, 8 rows per item
-    (61, 2048, 16, 4, 64),    # phase-2 items of 8 sequences, the last one of 5
+    (64, 4096, 16, 4, 128),   # mamba-1.4b's mixer at batch 64: more phase-1 items than resident blocks
 ]
 # MAMBA_EXPORT_CUDA_DECODE: "auto" (unset: the fused cooperative kernel at small batches), "split" (one kernel per
 # phase) or "unfolded" (phase 1, the partials' reduction, phase 2); kernels/cuda/decode_step.cu.

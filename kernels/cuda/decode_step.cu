@@ -48,13 +48,10 @@ __host__ __device__ inline Workspace split_workspace(const DecodeStepArgs& a) {
 // Phase-1 and phase-2 work items.
 struct Items {
   int64_t tiles, batch_groups, row_groups;  // phase 1: tiles x batch groups x row groups
-  int64_t chunks;                           // phase 2: row groups x chunks, `cpb` channels per chunk
-  int rows;                                 // phase 2: sequences per item (<= kScanRows)
+  int64_t chunks;                           // phase 2: batch x chunks, `cpb` channels per chunk
   int tpc, cpb;                             // threads per channel, channels per chunk
   bool fold;                                // phase 2 sums the partials itself (else it reads dbc)
-  int64_t batch;
   __host__ __device__ int64_t phase1() const { return tiles * batch_groups * row_groups; }
-  __host__ __device__ int64_t phase2() const { return (batch + rows - 1) / rows * chunks; }
 };
 
 // Phase 1, one item: conv step + SiLU of kTile channels for up to kBatchGroup sequences, and the partial dot
@@ -136,32 +133,27 @@ __device__ __forceinline__ float reduce_row(const Workspace& ws, int64_t T1, int
   return sum;
 }
 
-// Phase 2, one item: `cpb` channels of up to kScanRows sequences (`rows` per item), `tpc` threads per channel (each
-// holding J states of each sequence). A thread loads its channel's A and dt_proj weights once for all its sequences:
-// at batch 64 the per-sequence reloads of dt_proj (e x r floats per sequence) were most of the step's memory traffic.
-// Two parts: scan_loads issues the loads that do not depend on phase 1 (the fused kernel issues them before phase 1,
-// so that their latency overlaps it and the barrier), scan_finish does the rest. The first kWPrefetch of the lane's
-// dt_proj weights travel in registers, the rest is loaded in scan_finish, in the same k order either way, so every
-// sequence's dt sums in the same order whatever the grouping.
+// Phase 2, one item: `cpb` channels of sequence b, `tpc` threads per channel (each holding J states), in two parts:
+// scan_loads issues the item's loads that do not depend on phase 1 (the fused kernel issues them before phase 1, so
+// that their latency overlaps it and the barrier), scan_finish does the rest. The first kWPrefetch of the lane's
+// dt_proj weights travel in registers, the rest is loaded in scan_finish, in the same k order either way.
 constexpr int kWPrefetch = 16;
-constexpr int kScanRows = 8;
 
 template <int J>
 struct ScanLoads {
-  float h[kScanRows][J], A[J], w[kWPrefetch];
-  float z[kScanRows], D, bias;
+  float h[J], A[J], w[kWPrefetch];
+  float z, D, bias;
 };
 
 struct ScanItem {
-  int64_t b0, e;  // first sequence, channel
-  int nrows, sub;
+  int64_t b, e;
+  int sub;
   bool active;
 };
 
 __device__ __forceinline__ ScanItem scan_item_of(const DecodeStepArgs& a, const Items& it, int64_t i) {
   ScanItem s;
-  s.b0 = (i / it.chunks) * it.rows;
-  s.nrows = static_cast<int>(a.batch - s.b0 < it.rows ? a.batch - s.b0 : it.rows);
+  s.b = i / it.chunks;
   const int cl = threadIdx.x / it.tpc;
   s.sub = threadIdx.x % it.tpc;
   s.e = (i % it.chunks) * it.cpb + cl;
@@ -173,84 +165,70 @@ template <typename T, int J>
 __device__ __forceinline__ void scan_loads(const DecodeStepArgs& a, const Items& it, int64_t i, ScanLoads<J>& L) {
   const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
   const ScanItem s = scan_item_of(a, it, i);
-  const int64_t e = s.e;
+  const int64_t b = s.b, e = s.e;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int64_t st = static_cast<int64_t>(s.sub) * J + j;
-    L.A[j] = (s.active && st < N) ? a.A[e * N + st] : 0.f;
-  }
-#pragma unroll
-  for (int g = 0; g < kScanRows; ++g) {
-    const bool row = s.active && g < s.nrows;
-#pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int64_t st = static_cast<int64_t>(s.sub) * J + j;
-      L.h[g][j] = (row && st < N) ? a.ssm_state_in[((s.b0 + g) * E + e) * N + st] : 0.f;
-    }
-    L.z[g] = (row && s.sub == 0) ? to_float(static_cast<const T*>(a.xz)[(s.b0 + g) * 2 * E + E + e]) : 0.f;
+    const bool ok = s.active && st < N;
+    L.h[j] = ok ? a.ssm_state_in[(b * E + e) * N + st] : 0.f;
+    L.A[j] = ok ? a.A[e * N + st] : 0.f;
   }
 #pragma unroll
   for (int q = 0; q < kWPrefetch; ++q) {
     const int64_t k = s.sub + static_cast<int64_t>(q) * it.tpc;
     L.w[q] = (s.active && k < R) ? a.dt_proj_weight[e * R + k] : 0.f;
   }
+  L.z = (s.active && s.sub == 0) ? to_float(static_cast<const T*>(a.xz)[b * 2 * E + E + e]) : 0.f;
   L.D = (s.active && s.sub == 0) ? a.D[e] : 0.f;
   L.bias = s.active ? a.dt_bias[e] : 0.f;
 }
 
 // Reads the phase-1 results with __ldcg (L2, not L1: in the fused kernel other blocks wrote them during this launch).
-// `s_dbc` is the block's [kScanRows][r + 2n] area; the caller separates consecutive items with __syncthreads().
+// `s_dbc` is the block's [r + 2n] area; the caller separates consecutive items with __syncthreads().
 template <typename T, int J>
 __device__ __forceinline__ void scan_finish(const DecodeStepArgs& a, const Workspace& ws, const Items& it, int64_t i,
                                             ScanLoads<J>& L, float* s_dbc) {
   const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = R + 2 * N, T1 = tiles(E);
   const ScanItem s = scan_item_of(a, it, i);
-  const int64_t e = s.e;
+  const int64_t b = s.b, e = s.e;
   const int tpc = it.tpc, sub = s.sub;
+  const float x = s.active ? __ldcg(ws.xc + b * E + e) : 0.f;
 
-  // dbc = the x_proj output of each sequence: the tiles' partial sums, added in tile order.
-  for (int64_t idx = threadIdx.x; idx < s.nrows * R2; idx += kThreads) {
-    const int64_t g = idx / R2, row = idx % R2;
-    s_dbc[idx] = it.fold ? reduce_row(ws, T1, R2, s.b0 + g, row) : __ldcg(ws.dbc + (s.b0 + g) * R2 + row);
+  // dbc = the x_proj output of sequence b: the tiles' partial sums, added in tile order.
+  if (it.fold) {
+    for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = reduce_row(ws, T1, R2, b, row);
+  } else {
+    for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
   }
-  float x[kScanRows];
-#pragma unroll
-  for (int g = 0; g < kScanRows; ++g) x[g] = (s.active && g < s.nrows) ? __ldcg(ws.xc + (s.b0 + g) * E + e) : 0.f;
   __syncthreads();
 
+  // dt: the channel's lane group splits the dt_proj dot product (lane `sub` takes k = sub, sub + tpc, ...).
+  float dt_acc = 0.f;
+  if (s.active) {
 #pragma unroll
-  for (int g = 0; g < kScanRows; ++g) {
-    if (g >= s.nrows) break;  // uniform across the block
-    const float* dbc = s_dbc + g * R2;
-    const int64_t b = s.b0 + g;
-    // dt: the channel's lane group splits the dt_proj dot product (lane `sub` takes k = sub, sub + tpc, ...).
-    float dt_acc = 0.f;
-    if (s.active) {
-#pragma unroll
-      for (int q = 0; q < kWPrefetch; ++q) {
-        const int64_t k = sub + static_cast<int64_t>(q) * tpc;
-        if (k < R) dt_acc += L.w[q] * dbc[k];
-      }
+    for (int q = 0; q < kWPrefetch; ++q) {
+      const int64_t k = sub + static_cast<int64_t>(q) * tpc;
+      if (k < R) dt_acc += L.w[q] * s_dbc[k];
+    }
 #pragma unroll 4
-      for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
-        dt_acc += a.dt_proj_weight[e * R + k] * dbc[k];
-      }
+    for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
+      dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
     }
-    dt_acc = group_sum(dt_acc, tpc);
-    const float dt = s.active ? softplus(dt_acc + L.bias) : 0.f;
-    float acc = 0.f;
-#pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int64_t st = static_cast<int64_t>(sub) * J + j;
-      if (s.active && st < N) {
-        const float h = expf(dt * L.A[j]) * L.h[g][j] + dt * x[g] * dbc[R + st];
-        a.ssm_state_out[(b * E + e) * N + st] = h;
-        acc += h * dbc[R + N + st];
-      }
-    }
-    acc = group_sum(acc, tpc);
-    if (sub == 0 && s.active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + L.D * x[g]) * silu(L.z[g]));
   }
+  dt_acc = group_sum(dt_acc, tpc);
+  const float dt = s.active ? softplus(dt_acc + L.bias) : 0.f;
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int64_t st = static_cast<int64_t>(sub) * J + j;
+    if (s.active && st < N) {
+      const float h = expf(dt * L.A[j]) * L.h[j] + dt * x * s_dbc[R + st];
+      a.ssm_state_out[(b * E + e) * N + st] = h;
+      acc += h * s_dbc[R + N + st];
+    }
+  }
+  acc = group_sum(acc, tpc);
+  if (sub == 0 && s.active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + L.D * x) * silu(L.z));
 }
 
 template <typename T, int J>
@@ -290,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(DecodeStepArgs a, Items
   extern __shared__ float s_dbc[];
   const Workspace ws = split_workspace(a);
   const int64_t i = blockIdx.x;
-  const bool has2 = i < it.phase2();
+  const bool has2 = i < a.batch * it.chunks;
   ScanLoads<J> L;
   if (has2) scan_loads<T, J>(a, it, i, L);
   if (i < it.phase1()) xproj_item<T>(a, ws, it, i, s_x);
@@ -328,16 +306,10 @@ cudaError_t launch(const DecodeStepArgs& a, cudaStream_t stream) {
   it.tpc = next_pow2((a.dstate + J - 1) / J);
   it.cpb = kThreads / it.tpc;
   it.chunks = (a.dim + it.cpb - 1) / it.cpb;
-  it.batch = a.batch;
-  // Sequences per phase-2 item: as many as keep two items per SM (up to kScanRows), so that large batches share
-  // their A and dt_proj loads while small ones keep every SM busy.
-  const int64_t sms = sm_count() > 0 ? sm_count() : 1;
-  const int64_t share = a.batch * it.chunks / (2 * sms);
-  it.rows = static_cast<int>(share < 1 ? 1 : (share > kScanRows ? kScanRows : share));
-  const int64_t R2 = a.dt_rank + 2 * a.dstate, phase2 = it.phase2();
-  const size_t smem = it.rows * R2 * sizeof(float);
+  const int64_t R2 = a.dt_rank + 2 * a.dstate, phase2 = a.batch * it.chunks;
+  const size_t smem = R2 * sizeof(float);
   const int forced = forced_path();
-  it.fold = forced == 1 || (forced != 2 && a.batch * it.chunks * it.tiles * R2 <= kMaxFoldedReads);
+  it.fold = forced == 1 || (forced != 2 && phase2 * it.tiles * R2 <= kMaxFoldedReads);
   // Fused: one cooperative kernel, when every item of both phases gets its own resident block. That is the
   // launch-bound regime (small batches); with more items than resident blocks, each block would run its items one
   // after another with few warps per SM to hide their latency, and separate launches do better.
