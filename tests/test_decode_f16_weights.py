@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 F16_FILE = "decode_weights_f16.bin"
 STEP_TOL = 1e-4  # decode logits against the reference with float16-rounded weights (see the module docstring)
 
-pytestmark = pytest.mark.skipif(not library_built(), reason="custom-op library not built (bash tools/build_custom_ops.sh)")
+pytestmark = pytest.mark.skipif(not library_built(),
+                                reason="custom-op library not built (bash tools/build_custom_ops.sh)")
 
 
 # ---- the op alone -------------------------------------------------------------------------------------------------

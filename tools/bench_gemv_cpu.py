@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Is the CPU decode step at the memory floor? Times the 49 matrix-vector products of one mamba-130m decode token
 (24 x in_proj 768x3072, 24 x out_proj 1536x768, the 768x50280 LM head; float32, 494 MB, weights far larger than the
-caches) three ways in one run, interleaved in rounds:
+caches) four ways in one run, interleaved in rounds:
 
     onnxruntime: the 49 MatMul nodes in one graph, 2 intra-op threads (as decode.onnx runs them);
-    OpenBLAS:    numpy's x @ W over the same matrices (set OPENBLAS_NUM_THREADS=2);
-    read floor:  numpy summing two halves of as many bytes on two threads (the memory read bandwidth).
+    LinearF16W:  the same products as 49 LinearF16W nodes of our library with float16 weights (247 MB; what
+                 decode.onnx runs with --decode-weights float16), 2 intra-op threads;
+    OpenBLAS:    numpy's x @ W over the float32 matrices (set OPENBLAS_NUM_THREADS=2);
+    read floor:  numpy summing two halves of as many bytes as the float32 matrices on two threads (the memory read
+                 bandwidth).
 
-Prints medians and p10-p90 of ms per token and the GB/s they mean. Usage:
+Prints medians and p10-p90 of ms per token and the GB/s they mean (each over its own bytes). --batch B multiplies B
+rows of x instead of one. Usage:
 
-    OPENBLAS_NUM_THREADS=2 .venv/bin/python tools/bench_gemv_cpu.py [--rounds 5] [--reps 10]
+    OPENBLAS_NUM_THREADS=2 .venv/bin/python tools/bench_gemv_cpu.py [--rounds 5] [--reps 10] [--batch 1]
 """
 
 from __future__ import annotations
@@ -26,17 +30,24 @@ from onnx import TensorProto, helper, numpy_helper
 SHAPES = [(768, 3072), (1536, 768)] * 24 + [(768, 50280)]
 
 
-def ort_session(weights: list[np.ndarray]) -> ort.InferenceSession:
+def ort_session(weights: list[np.ndarray], batch: int, library: str | None = None) -> ort.InferenceSession:
+    """MatMul nodes over float32 weights [K, N]; with ``library``, LinearF16W nodes over float16 weights [N, K]."""
     nodes, inits, outs = [], [], []
     for i, w in enumerate(weights):
+        k, n = w.shape if library is None else w.shape[::-1]
         inits.append(numpy_helper.from_array(w, f"W{i}"))
-        nodes.append(helper.make_node("MatMul", [f"x{w.shape[0]}", f"W{i}"], [f"y{i}"]))
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, w.shape[1]]))
-    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in (768, 1536)]
+        if library is None:
+            nodes.append(helper.make_node("MatMul", [f"x{k}", f"W{i}"], [f"y{i}"]))
+        else:
+            nodes.append(helper.make_node("LinearF16W", [f"x{k}", f"W{i}"], [f"y{i}"], domain="ai.mamba_export"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, n]))
+    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [batch, k]) for k in (768, 1536)]
     model = helper.make_model(helper.make_graph(nodes, "gemvs", inputs, outs, inits),
-                              opset_imports=[helper.make_opsetid("", 18)])
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.mamba_export", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    if library is not None:
+        so.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -52,19 +63,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10, help="timed tokens per implementation and round")
+    ap.add_argument("--batch", type=int, default=1, help="rows of x per product")
     args = ap.parse_args()
+    from mamba_runtime import custom_op_library_path
+
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in SHAPES]
+    halves16 = [np.ascontiguousarray(w.T).astype(np.float16) for w in weights]  # [N, K]: each output's row
     nbytes = sum(w.nbytes for w in weights)
-    x = {k: rng.standard_normal((1, k), dtype=np.float32) for k in (768, 1536)}
-    session, feeds = ort_session(weights), {"x768": x[768], "x1536": x[1536]}
+    x = {k: rng.standard_normal((args.batch, k), dtype=np.float32) for k in (768, 1536)}
+    feeds = {"x768": x[768], "x1536": x[1536]}
+    session = ort_session(weights, args.batch)
+    session16 = ort_session(halves16, args.batch, custom_op_library_path())
     flat = np.ones(nbytes // 8)
     halves = np.array_split(flat, 2)
     impls = {
         "onnxruntime MatMul": lambda: session.run(None, feeds),
+        "onnxruntime LinearF16W (float16 weights)": lambda: session16.run(None, feeds),
         "OpenBLAS (numpy)": lambda: [x[w.shape[0]] @ w for w in weights],
         "read floor (numpy sum)": lambda: two_thread_sum(halves),
     }
+    impl_bytes = {name: nbytes for name in impls} | {"onnxruntime LinearF16W (float16 weights)": nbytes // 2}
     times: dict[str, list[float]] = {k: [] for k in impls}
     for fn in impls.values():
         fn()  # warm-up
@@ -74,14 +93,15 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    print(f"{nbytes / 1e6:.0f} MB per token; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
+    print(f"{nbytes / 1e6:.0f} MB per token (float32), batch {args.batch}; "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
           f"load average {os.getloadavg()[0]:.2f}; onnxruntime {ort.__version__}, numpy {np.__version__}")
     print("| implementation | ms/token median (p10-p90) | GB/s at the median |\n| --- | --- | --- |")
     for name, ts in times.items():
         ms = np.asarray(ts) * 1e3
         med = float(np.median(ms))
         print(f"| {name} | {med:.2f} ({np.percentile(ms, 10):.2f}-{np.percentile(ms, 90):.2f}) | "
-              f"{nbytes / med / 1e6:.1f} |")
+              f"{impl_bytes[name] / med / 1e6:.1f} |")
 
 
 if __name__ == "__main__":

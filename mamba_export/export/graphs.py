@@ -61,7 +61,7 @@ DECODE_WEIGHT_DTYPES = ("float32", "float16")
 
 
 class F16WeightLinear(nn.Module):
-    """An ``nn.Linear`` of a float32 model with its weight stored as float16: ``LinearF16W(x, weight)`` (+ bias, float32).
+    """An ``nn.Linear`` of a float32 model with its weight stored as float16: ``LinearF16W(x, weight)`` (+ bias).
 
     weight (N, K) float16, each output's row contiguous; x (..., K) float32 -> (..., N) float32."""
 
