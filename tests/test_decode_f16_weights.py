@@ -455,16 +455,18 @@ def test_api_refuses_an_unknown_decode_weight_dtype(ckpt, tmp_path):
 
 
 def test_cli_export_with_float16_decode_weights_keeps_the_float32_files(ckpt, tmp_path, capsys):
-    """The prefill graph and weights.bin are those of a plain float32 export; only decode.onnx and the new file
-    differ."""
+    """The prefill graphs and weights.bin are those of a plain float32 export, byte for byte; only decode.onnx and the
+    new file differ."""
     plain, half = tmp_path / "plain", tmp_path / "half"
-    assert cli.main(["export", str(ckpt), "-o", str(plain), "--no-library"]) == 0
-    assert cli.main(["export", str(ckpt), "-o", str(half), "--no-library", "--decode-weights", "float16"]) == 0
+    assert cli.main(["export", str(ckpt), "-o", str(plain), "--no-library", "--last-logits"]) == 0
+    assert cli.main(["export", str(ckpt), "-o", str(half), "--no-library", "--last-logits",
+                     "--decode-weights", "float16"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(half)
     files = lambda d: json.loads((d / "manifest.json").read_text())["files"]  # noqa: E731
     a, b = files(plain), files(half)
     assert set(b) - set(a) == {F16_FILE}
-    assert a["weights.bin"] == b["weights.bin"] and a["decode.onnx"] != b["decode.onnx"]
+    assert all(a[name] == b[name] for name in ("weights.bin", "model.onnx", "model_last.onnx"))
+    assert a["decode.onnx"] != b["decode.onnx"]
     assert json.loads((plain / "manifest.json").read_text())["decode_weight_dtype"] == "float32"
 
 
