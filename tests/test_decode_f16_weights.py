@@ -389,10 +389,9 @@ def test_python_runtime_runs_the_export(exported):
     assert rt.generate(prompt, 16).tokens[0] == reference_greedy(ref, ref16, prompt, 16)
 
 
+@pytest.mark.parametrize("exported", ["tiny"], indirect=True)  # one config is enough
 def test_cpp_runtime_runs_the_export(exported):
-    config, out, ref, ref16 = exported
-    if config != "tiny":
-        pytest.skip("one config is enough")
+    _, out, ref, ref16 = exported
     proc = subprocess.run(["bash", "tools/build_cpp_runtime.sh"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -405,11 +404,10 @@ def test_cpp_runtime_runs_the_export(exported):
     assert [int(t) for t in fields["tokens"].split(",")] == reference_greedy(ref, ref16, prompt, 12)
 
 
+@pytest.mark.parametrize("exported", ["tiny"], indirect=True)  # one config is enough
 def test_onnxruntime_genai_runs_the_export(exported):
     og = pytest.importorskip("onnxruntime_genai")
-    config, out, ref, _ = exported
-    if config != "tiny":
-        pytest.skip("one config is enough")
+    _, out, ref, _ = exported
     prompt = [5, 7, 9, 11]
     model = og.Model(str(out))  # genai runs model.onnx, whose weights stay float32
     params = og.GeneratorParams(model)
