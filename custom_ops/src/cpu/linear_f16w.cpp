@@ -4,12 +4,12 @@
 //
 // A task owns a contiguous block of output rows (about kTaskBytes of weights) and reads it front to back, one row
 // after the other: a single sequential stream, which this machine's prefetchers follow at full speed (working on 2,
-// 4 or 8 rows at once, to reuse each load of x, read memory at half the speed: several streams 2K bytes apart; x
-// stays in L1 anyway). Along a row, 16 running sums in vector lanes, reduced at the end of every chunk of kChunk
-// values, then a scalar tail when K is not a multiple of the vector width. With several rows of x (batch > 1), each
-// chunk of a weight row is widened once into a float32 buffer and reused for every row of x, so the weights are read
-// from memory once per call whatever the batch. Both ways add in the same order, so a result depends neither on the
-// batch nor on the thread count.
+// 4 or 8 rows at once, to reuse each load of x, read memory at half the speed: several streams 1.5-3 KB apart; x
+// stays in L1 anyway). Along a row, 16 running sums in vector lanes per row of x, reduced at the end of every chunk
+// of kChunk values, then a scalar tail when K is not a multiple of the vector width. With several rows of x
+// (batch > 1), each chunk of a weight row is read from memory once and widened once per kRowsOfX rows of x (the
+// next rows of x find it in L1), so the weights are read from memory once per call whatever the batch. Every row of
+// x adds in the same order, so a result depends neither on the batch nor on the thread count.
 //
 // Two implementations of the inner loops: on x86-64 CPUs with AVX2, FMA and F16C, intrinsics (vcvtph2ps widens 8
 // weights in one instruction; GCC 12 does not vectorise float16 conversions, and the portable bit-level conversion
