@@ -109,3 +109,46 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+# ---- exported graphs and the custom-op library ---------------------------------------------------------------------
+def zero_state(cfg, batch: int) -> list:
+    """The flat zero state of an exported graph for a model config: per layer conv (b, E, K-1), ssm (b, E, N)."""
+    import numpy as np
+
+    state = []
+    for _ in range(cfg.n_layer):
+        state += [np.zeros((batch, cfg.d_inner, cfg.d_conv - 1), np.float32),
+                  np.zeros((batch, cfg.d_inner, cfg.d_state), np.float32)]
+    return state
+
+
+def run_graph(sess, ids: torch.Tensor, state: list) -> tuple:
+    """One call of an exported graph: ids (b, l) and the flat state -> logits, the new flat state."""
+    names = [i.name for i in sess.get_inputs()]
+    out = sess.run(None, dict(zip(names, [ids.numpy(), *state])))
+    return out[0], out[1:]
+
+
+def bad_case_outcomes_of(test_file: str) -> dict:
+    """Runs ``python test_file --bad-cases`` (each invalid-input case in one subprocess, so that a crash fails the
+    tests instead of killing pytest), which prints one JSON line {case: {"raised", "message"}} per finished case."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, test_file, "--bad-cases"], capture_output=True, text=True, timeout=120)
+    outcomes = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            outcomes.update(json.loads(line))
+    return {"returncode": proc.returncode, "stderr": proc.stderr[-2000:], "cases": outcomes}
+
+
+def check_bad_case(outcomes: dict, name: str, message_parts) -> None:
+    """The case finished in the subprocess, raised an onnxruntime error, and its message holds every part."""
+    got = outcomes["cases"].get(name)
+    assert got is not None, (f"the subprocess ended (exit code {outcomes['returncode']}) before case {name} "
+                             f"finished:\n{outcomes['stderr']}")
+    assert got["raised"], f"{name}: no error"
+    for part in message_parts:
+        assert part in got["message"], f"{name}: {part!r} not in {got['message']!r}"

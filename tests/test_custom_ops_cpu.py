@@ -36,6 +36,7 @@ from mamba_export.config import MambaConfig
 from mamba_export.export import onnx_ops
 from mamba_export.model import MambaMixer
 from mamba_export.ops import causal_conv1d_ref, selective_scan_ref
+from support import bad_case_outcomes_of, check_bad_case
 from mamba_runtime import custom_op_library_path
 
 DOMAIN = "ai.mamba_export"
@@ -457,23 +458,12 @@ def run_bad_case(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bad_case_outcomes() -> dict:
-    """Every invalid case, run in one subprocess that prints one JSON line per finished case."""
-    proc = subprocess.run([sys.executable, __file__, "--bad-cases"], capture_output=True, text=True, timeout=120)
-    outcomes = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            outcomes.update(json.loads(line))
-    return {"returncode": proc.returncode, "stderr": proc.stderr[-2000:], "cases": outcomes}
+    return bad_case_outcomes_of(__file__)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CASES))
 def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
-    got = bad_case_outcomes["cases"].get(name)
-    assert got is not None, (f"the subprocess ended (exit code {bad_case_outcomes['returncode']}) before case {name} "
-                             f"finished:\n{bad_case_outcomes['stderr']}")
-    assert got["raised"], f"{name}: no error"
-    for part in BAD_CASES[name][4]:
-        assert part in got["message"], f"{name}: {part!r} not in {got['message']!r}"
+    check_bad_case(bad_case_outcomes, name, BAD_CASES[name][4])
 
 
 def test_subprocess_exits_cleanly(bad_case_outcomes):

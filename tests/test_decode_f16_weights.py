@@ -39,7 +39,8 @@ from mamba_export import cli
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import ExportError, export_checkpoint, onnx_ops
 from mamba_runtime import custom_op_library_path
-from support import library_built, make_hf_model, rel_err, save_transformers
+from support import (bad_case_outcomes_of, check_bad_case, library_built, make_hf_model, rel_err, run_graph,
+                     save_transformers, zero_state)
 
 DOMAIN = "ai.mamba_export"
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,23 +190,12 @@ def run_bad_case(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bad_case_outcomes() -> dict:
-    """Every invalid case, run in one subprocess that prints one JSON line per finished case."""
-    proc = subprocess.run([sys.executable, __file__, "--bad-cases"], capture_output=True, text=True, timeout=120)
-    outcomes = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            outcomes.update(json.loads(line))
-    return {"returncode": proc.returncode, "stderr": proc.stderr[-2000:], "cases": outcomes}
+    return bad_case_outcomes_of(__file__)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CASES))
 def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
-    got = bad_case_outcomes["cases"].get(name)
-    assert got is not None, (f"the subprocess ended (exit code {bad_case_outcomes['returncode']}) before case {name} "
-                             f"finished:\n{bad_case_outcomes['stderr']}")
-    assert got["raised"], f"{name}: no error"
-    for part in BAD_CASES[name][3]:
-        assert part in got["message"], f"{name}: {part!r} not in {got['message']!r}"
+    check_bad_case(bad_case_outcomes, name, BAD_CASES[name][3])
 
 
 def test_bad_case_subprocess_exits_cleanly(bad_case_outcomes):
@@ -247,30 +237,17 @@ def session(path: Path, how: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def zero_state(cfg, batch: int) -> list[np.ndarray]:
-    state = []
-    for _ in range(cfg.n_layer):
-        state += [np.zeros((batch, cfg.d_inner, cfg.d_conv - 1), np.float32),
-                  np.zeros((batch, cfg.d_inner, cfg.d_state), np.float32)]
-    return state
-
-
-def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]) -> tuple[np.ndarray, list]:
-    out = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], [ids.numpy(), *state])))
-    return out[0], out[1:]
-
-
 @pytest.mark.parametrize("how", ["library", "function"])
 def test_prefill_then_64_decode_steps_match_rounded_reference(exported, how):
     """Prefill through model.onnx (float32 weights) then 64 steps of decode.onnx (float16 weights), batch 2."""
     _, out, ref, ref16 = exported
     prompt = 5
     ids = torch.randint(0, ref.config.vocab_size, (2, prompt + 64), generator=torch.Generator().manual_seed(1))
-    logits, state = run(session(out / "model.onnx", how), ids[:, :prompt], zero_state(ref.config, 2))
+    logits, state = run_graph(session(out / "model.onnx", how), ids[:, :prompt], zero_state(ref.config, 2))
     decode = session(out / "decode.onnx", how)
     steps = []
     for t in range(prompt, ids.shape[1]):
-        step_logits, state = run(decode, ids[:, t:t + 1], state)
+        step_logits, state = run_graph(decode, ids[:, t:t + 1], state)
         steps.append(step_logits)
     got = np.concatenate(steps, axis=1)
     with torch.no_grad():

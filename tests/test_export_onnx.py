@@ -15,7 +15,7 @@ import torch
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import export_checkpoint
 from mamba_export.export import onnx_ops
-from support import make_hf_model, save_transformers
+from support import make_hf_model, run_graph, save_transformers, zero_state
 
 CONFIGS = ("tiny", "nondefault", "noconvbias")
 
@@ -58,23 +58,6 @@ def session(path, how: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def zero_state(model, batch: int) -> list[np.ndarray]:
-    c = model.config
-    state = []
-    for _ in range(c.n_layer):
-        state += [np.zeros((batch, c.d_inner, c.d_conv - 1), np.float32),
-                  np.zeros((batch, c.d_inner, c.d_state), np.float32)]
-    return state
-
-
-def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]) -> tuple[np.ndarray, list]:
-    """One call of an exported graph: ids (b, l) and the flat state -> logits, the new flat state."""
-    names = [i.name for i in sess.get_inputs()]
-    feeds = dict(zip(names, [ids.numpy(), *state]))
-    out = sess.run(None, feeds)
-    return out[0], out[1:]
-
-
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(np.asarray(a, dtype=np.float64)), torch.as_tensor(b).double()
     return float((a - b).norm() / b.norm())
@@ -96,12 +79,12 @@ def flat_state(state) -> list[np.ndarray]:
 def test_prefill_matches_reference(exported, how):
     _, _, out, ref = exported
     ids = torch.randint(0, ref.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
-    logits, state = run(session(out / "model.onnx", how), ids, zero_state(ref, 2))
+    logits, state = run_graph(session(out / "model.onnx", how), ids, zero_state(ref.config, 2))
     want, want_state = reference(ref, ids)
     assert rel_err(logits, want) <= 1e-4
     for got, exp in zip(state, flat_state(want_state)):
         assert rel_err(got, exp) <= 1e-4
-    last, _ = run(session(out / "model_last.onnx", how), ids, zero_state(ref, 2))
+    last, _ = run_graph(session(out / "model_last.onnx", how), ids, zero_state(ref.config, 2))
     assert last.shape == (2, 1, ref.config.vocab_size)
     assert rel_err(last, want[:, -1:]) <= 1e-4
 
@@ -111,11 +94,11 @@ def test_prefill_then_64_decode_steps(exported, how):
     _, _, out, ref = exported
     ids = torch.randint(0, ref.config.vocab_size, (2, 5 + 64), generator=torch.Generator().manual_seed(1))
     want, _ = reference(ref, ids)
-    _, state = run(session(out / "model.onnx", how), ids[:, :5], zero_state(ref, 2))
+    _, state = run_graph(session(out / "model.onnx", how), ids[:, :5], zero_state(ref.config, 2))
     decode = session(out / "decode.onnx", how)
     steps = []
     for t in range(5, ids.shape[1]):
-        logits, state = run(decode, ids[:, t:t + 1], state)
+        logits, state = run_graph(decode, ids[:, t:t + 1], state)
         steps.append(logits)
     assert rel_err(np.concatenate(steps, axis=1), want[:, 5:]) <= 1e-4
 
@@ -125,8 +108,8 @@ def test_prefill_in_two_chunks(exported, how):
     _, _, out, ref = exported
     ids = torch.randint(0, ref.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     sess = session(out / "model.onnx", how)
-    first, state = run(sess, ids[:, :1], zero_state(ref, 1))  # shorter than d_conv - 1 for most configs
-    second, state = run(sess, ids[:, 1:], state)
+    first, state = run_graph(sess, ids[:, :1], zero_state(ref.config, 1))  # shorter than d_conv - 1 for most configs
+    second, state = run_graph(sess, ids[:, 1:], state)
     want, want_state = reference(ref, ids)
     assert rel_err(np.concatenate([first, second], axis=1), want) <= 1e-4
     assert rel_err(state[-1], want_state.ssm[-1]) <= 1e-4
@@ -137,11 +120,11 @@ def test_batch_of_three_different_sequences(exported, how):
     _, _, out, ref = exported
     ids = torch.randint(0, ref.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(3))
     sess = session(out / "model.onnx", how)
-    logits, _ = run(sess, ids, zero_state(ref, 3))
+    logits, _ = run_graph(sess, ids, zero_state(ref.config, 3))
     for i in range(3):
         want, _ = reference(ref, ids[i:i + 1])
         assert rel_err(logits[i:i + 1], want) <= 1e-4
-    alone, _ = run(sess, ids[1:2], zero_state(ref, 1))
+    alone, _ = run_graph(sess, ids[1:2], zero_state(ref.config, 1))
     np.testing.assert_allclose(logits[1:2], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -210,11 +193,11 @@ def test_float16_export_within_float16_bounds(exported_fp16, how):
     sess = session(out / "model.onnx", how)
     assert sess.get_inputs()[1].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float16)"
     assert sess.get_outputs()[1].type == "tensor(float)"
-    logits, state = run(sess, ids[:, :6], zero_state(ref, 2))
+    logits, state = run_graph(sess, ids[:, :6], zero_state(ref.config, 2))
     decode = session(out / "decode.onnx", how)
     steps = [logits]
     for t in (6, 7):
-        logits, state = run(decode, ids[:, t:t + 1], state)
+        logits, state = run_graph(decode, ids[:, t:t + 1], state)
         steps.append(logits)
     want, _ = reference(ref, ids)
     assert rel_err(np.concatenate(steps, axis=1), want) <= 1e-2
@@ -247,14 +230,14 @@ def test_float16_residual_stream_export(exported_fp16_residual, how):
     residuals = [n.output[1] for n in graph.graph.node if n.op_type == "AddRMSNorm"]
     assert residuals and all(types[r] == onnx.TensorProto.FLOAT16 for r in residuals[:-1])
     ids = torch.randint(0, ref.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(6))
-    logits, state = run(session(out / "model.onnx", how), ids[:, :6], zero_state(ref, 2))
+    logits, state = run_graph(session(out / "model.onnx", how), ids[:, :6], zero_state(ref.config, 2))
     decode = session(out / "decode.onnx", how)
     steps = [logits]
     for t in (6, 7):
-        logits, state = run(decode, ids[:, t:t + 1], state)
+        logits, state = run_graph(decode, ids[:, t:t + 1], state)
         steps.append(logits)
     got = np.concatenate(steps, axis=1)
-    last, _ = run(session(out / "model_last.onnx", how), ids, zero_state(ref, 2))
+    last, _ = run_graph(session(out / "model_last.onnx", how), ids, zero_state(ref.config, 2))
     want64, _ = reference(ref, ids)
     want16, _ = reference(model16, ids)
     assert rel_err(got, want64) <= 1e-2 and rel_err(last, want64[:, -1:]) <= 1e-2
