@@ -151,6 +151,22 @@ def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path):
         assert custom == want_ops, f"{graph}: custom ops on CUDA: {custom}"
 
 
+def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports):
+    """MambaRuntime and CudaGenerator check onnxruntime's node assignment when they open a graph under CUDA: our
+    exports place no compute node on the CPU, so no CpuPlacementWarning (None: this onnxruntime cannot say)."""
+    import warnings
+
+    from mamba_runtime import CpuPlacementWarning, MambaRuntime
+    from mamba_runtime.gpu import CudaGenerator
+
+    out, _ = exports["nondefault", "float16"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CpuPlacementWarning)
+        rt = MambaRuntime(out, provider="cuda", custom_ops="require")
+        CudaGenerator(out, batch=2, custom_ops="require")
+    assert all(nodes in ([], None) for nodes in rt.cpu_nodes.values()), rt.cpu_nodes
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("shape", [(1, 50280), (64, 50280), (3, 7), (5, 4097)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_argmax_matches_numpy(shape, dtype):

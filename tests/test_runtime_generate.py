@@ -272,3 +272,46 @@ def test_cli_generate_bad_input_exits_2_with_one_line(exp, args, message, capsys
     assert main(["generate", *[a.format(dir=exp.dir) for a in args]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1 and "Traceback" not in err
+
+
+# ---- node placement under a GPU provider --------------------------------------------------------------------------
+def test_compute_nodes_on_cpu_are_the_custom_ops_and_matmuls_of_the_cpu_provider():
+    from mamba_runtime.sessions import compute_nodes_on_cpu
+
+    groups = [("CUDAExecutionProvider", [("ai.mamba_export", "DecodeStep", "d0"), ("", "MatMul", "m0")]),
+              ("CPUExecutionProvider", [("", "Shape", "s"), ("", "Gather", "g"), ("", "Concat", "c"),
+                                        ("", "MatMul", "m1"), ("ai.mamba_export", "LinearF16W", "l1")])]
+    assert compute_nodes_on_cpu(groups) == [("LinearF16W", "l1"), ("MatMul", "m1")]
+    assert compute_nodes_on_cpu(groups[:1]) == []
+
+
+@pytest.mark.skipif(not library_built(), reason="custom-op library not built")
+def test_cpu_placement_is_read_from_onnxruntime_and_warned_about(exp):
+    """What a GPU provider's session does (the option on, the check after opening), on the CPU provider: every node
+    is on the CPU there, so the decode graph's DecodeStep, norms and MatMuls are all reported."""
+    from mamba_runtime import CpuPlacementWarning
+    from mamba_runtime.sessions import _ASSIGNMENT_KEY, cpu_placed_nodes, warn_cpu_placement
+
+    so = session_options(1, resolve_library(MambaRuntime(exp.dir, provider="cpu").info, "require"))
+    so.add_session_config_entry(_ASSIGNMENT_KEY, "1")
+    session = open_session(exp.dir / "decode.onnx", so, ["CPUExecutionProvider"])
+    nodes = cpu_placed_nodes(session)
+    if nodes is None:
+        pytest.skip("this onnxruntime does not report its node assignment")
+    ops = [op for op, _ in nodes]
+    n_layer = exp.model.config.n_layer
+    assert ops.count("DecodeStep") == n_layer and ops.count("MatMul") == 2 * n_layer + 1
+    assert ops.count("AddRMSNorm") == n_layer and ops.count("RMSNorm") == 1 and "Gather" not in ops
+    with pytest.warns(CpuPlacementWarning, match=rf"placed {len(nodes)} compute nodes on the CPU .*DecodeStep x{n_layer}"):
+        warn_cpu_placement(session, exp.dir / "decode.onnx")
+
+
+def test_profile_report_names_the_cpu_placed_nodes_under_a_gpu_provider():
+    from mamba_export.commands.profile import _placement
+
+    report = {"settings": {"provider": "cuda"},
+              "cpu_placed_nodes": {"model_last.onnx": [], "decode.onnx": [["LinearF16W", "node_linear"]]}}
+    assert _placement(report) == ["compute nodes on the CPU: model_last.onnx none; decode.onnx LinearF16W node_linear"]
+    assert _placement({"settings": {"provider": "cpu"}, "cpu_placed_nodes": {}}) == []
+    report["cpu_placed_nodes"] = {"decode.onnx": None}
+    assert _placement(report) == ["compute nodes on the CPU: decode.onnx not reported by this onnxruntime"]

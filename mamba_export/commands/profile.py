@@ -131,6 +131,19 @@ def _bandwidth(provider: str, threads: int | None) -> tuple[float, str]:
     return prof.read_bandwidth_gbs(threads or os.cpu_count() or 1), "host memory read bandwidth"
 
 
+def _placement(report: dict) -> list[str]:
+    """Under a GPU provider: which compute nodes onnxruntime placed on the CPU, per graph."""
+    if report["settings"]["provider"] == "cpu":
+        return []
+    parts = []
+    for graph, nodes in report.get("cpu_placed_nodes", {}).items():
+        if nodes is None:
+            parts.append(f"{graph} not reported by this onnxruntime")
+        else:
+            parts.append(f"{graph} " + (", ".join(f"{op} {name}" for op, name in nodes) if nodes else "none"))
+    return ["compute nodes on the CPU: " + "; ".join(parts)] if parts else []
+
+
 def markdown(report: dict) -> str:
     """The report's tables in Markdown."""
     rt, floor = report["runtime"], report["decode_floor_ms"]
@@ -141,7 +154,7 @@ def markdown(report: dict) -> str:
              f"warm-up {rt['warmup_s'] * 1e3:.0f} ms (not counted); peak RSS {rt['peak_rss_bytes'] / 2**20:.0f} MiB",
              f"weights read per step {report['weight_bytes_per_token'] / 1e6:.1f} MB, "
              f"{report.get('bandwidth_source', 'host memory read bandwidth')} "
-             f"{report['read_bandwidth_GBps']:.1f} GB/s -> decode floor {floor:.3f} ms/step", "",
+             f"{report['read_bandwidth_GBps']:.1f} GB/s -> decode floor {floor:.3f} ms/step", *_placement(report), "",
              "| implementation | batch | prompt | TTFT p50 ms | prefill tok/s |", "| --- | --- | --- | --- | --- |"]
     impls = [("runtime", rt)] + ([("PyTorch reference", report["torch"])] if report.get("torch") else [])
     for name, r in impls:
@@ -224,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
                 "repeats": args.repeats, "dtype": rt.info.dtype},
             "custom_op_library": rt.custom_op_library, "weight_bytes_per_token": wbytes, "read_bandwidth_GBps": bw,
             "bandwidth_source": bw_source,
-            "decode_floor_ms": wbytes / bw / 1e6, "runtime": measured,
+            "decode_floor_ms": wbytes / bw / 1e6, "runtime": measured, "cpu_placed_nodes": rt.cpu_nodes,
         }
         if args.compare_torch:
             report["torch"] = _measure_torch(args.compare_torch, args, rt, bar)

@@ -8,10 +8,10 @@ from .generation import Generation, GenerationResult
 from .library import LIBRARY_NAME, custom_op_library_path
 from .runtime import MambaRuntime
 from .sampling import SamplingConfig
-from .sessions import CustomOpsFallbackWarning
+from .sessions import CpuPlacementWarning, CustomOpsFallbackWarning
 
 __all__ = [
-    "LIBRARY_NAME", "CustomOpsFallbackWarning", "ExportDirError", "Generation", "GenerationInputError",
+    "LIBRARY_NAME", "CpuPlacementWarning", "CustomOpsFallbackWarning", "ExportDirError", "Generation", "GenerationInputError",
     "GenerationResult", "MambaExportError", "MambaRuntime", "SamplingConfig", "SnapshotError",
     "custom_op_library_path",
 ]

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from .errors import GenerationInputError
 from .manifest import ExportInfo, open_export_dir
-from .sessions import resolve_library
+from .sessions import open_session, resolve_library
 
 _NP_TO_ORT = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
 
@@ -225,8 +225,7 @@ class CudaGenerator:
         if self.library is not None:
             so.register_custom_ops_library(self.library)
         opts = {**self.device.provider_options, "enable_cuda_graph": "1" if graph else "0"}
-        return ort.InferenceSession(str(self.info.path / name), so,
-                                    providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
+        return open_session(self.info.path / name, so, [("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
 
     def _state_names(self, prefix: str):
         return [(f"{prefix}_conv.{i}", f"{prefix}_ssm.{i}") for i in range(self.info.n_layer)]

@@ -28,7 +28,7 @@ from .errors import GenerationInputError, SnapshotError
 from .generation import Generation, GenerationResult, load_snapshot
 from .manifest import ExportInfo, open_export_dir
 from .sampling import SamplingConfig
-from .sessions import check_io, open_session, resolve_library, session_options
+from .sessions import check_io, cpu_placed_nodes, open_session, resolve_library, session_options
 from .state import DeviceState, prefill
 from .tokenizer import load_codec, require_codec
 
@@ -73,6 +73,10 @@ class MambaRuntime:
         self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())
         check_io(self.prefill_session, self.info, self.info.prefill_graph)
         self.logits_dtype = check_io(self.decode_session, self.info, "decode.onnx")
+        # Per graph, the compute nodes onnxruntime placed on the CPU under a GPU provider (warned about when the
+        # sessions opened); None on the CPU provider or where onnxruntime cannot say.
+        self.cpu_nodes = {self.info.prefill_graph: cpu_placed_nodes(self.prefill_session),
+                          "decode.onnx": cpu_placed_nodes(self.decode_session)}
 
     # ---- text -------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

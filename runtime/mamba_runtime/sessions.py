@@ -20,6 +20,19 @@ class CustomOpsFallbackWarning(UserWarning):
     """The custom-op library is not used: the ops run as their (slower) ONNX-function fallbacks in the graphs."""
 
 
+class CpuPlacementWarning(UserWarning):
+    """Under a GPU provider, onnxruntime placed compute nodes of a graph on the CPU (each one costs copies between
+    the devices and runs at CPU speed). :func:`cpu_placed_nodes` lists them."""
+
+
+# Nodes that do a graph's arithmetic: the project's custom ops (any op of the domain) and these standard ones. Other
+# nodes onnxruntime puts on the CPU on purpose (the small int64 shape computations: Shape, Gather and Concat of
+# shapes, ...), so they are not reported.
+_CUSTOM_DOMAIN = "ai.mamba_export"
+_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "Loop", "Scan", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization"}
+_ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
+
+
 def resolve_library(info: ExportInfo, mode: str) -> str | None:
     """Path of the custom-op library to register, or None to run the graphs' function fallbacks.
 
@@ -66,12 +79,56 @@ def session_options(threads: int | None, library: str | None, profile_prefix: st
     return so
 
 
+def _provider_names(providers: list) -> list[str]:
+    return [p[0] if isinstance(p, tuple) else p for p in providers]
+
+
 def open_session(path: Path, so, providers: list) -> ort.InferenceSession:
-    """An InferenceSession of ``path``; a graph onnxruntime cannot load is an :class:`ExportDirError`."""
+    """An InferenceSession of ``path``; a graph onnxruntime cannot load is an :class:`ExportDirError`. Under a GPU
+    provider, compute nodes placed on the CPU are reported with a :class:`CpuPlacementWarning`."""
+    gpu = _provider_names(providers)[0] != "CPUExecutionProvider"
+    if gpu:
+        so.add_session_config_entry(_ASSIGNMENT_KEY, "1")
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        session = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime's InvalidGraph, Fail, NoSuchFile ... share no public base class
         raise ExportDirError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+    if gpu:
+        warn_cpu_placement(session, path)
+    return session
+
+
+def cpu_placed_nodes(session: ort.InferenceSession) -> list[tuple[str, str]] | None:
+    """(op type, node name) of the compute nodes onnxruntime placed on the CPU execution provider; None when this
+    onnxruntime cannot say (no ``get_provider_graph_assignment_info``, or the session was made without the option
+    ``session.record_ep_graph_assignment_info``)."""
+    try:
+        groups = session.get_provider_graph_assignment_info()
+    except Exception:  # an older onnxruntime (AttributeError) or the option not set (its own error type)
+        return None
+    return compute_nodes_on_cpu((g.ep_name, [(n.domain, n.op_type, n.name) for n in g.get_nodes()]) for g in groups)
+
+
+def compute_nodes_on_cpu(groups) -> list[tuple[str, str]]:
+    """From (execution provider, [(domain, op type, node name)]) groups: the compute nodes on the CPU provider."""
+    out = []
+    for ep, nodes in groups:
+        if ep != "CPUExecutionProvider":
+            continue
+        out += [(op, name) for domain, op, name in nodes if domain == _CUSTOM_DOMAIN or op in _COMPUTE_OPS]
+    return sorted(out)
+
+
+def warn_cpu_placement(session: ort.InferenceSession, path: Path) -> None:
+    nodes = cpu_placed_nodes(session)
+    if nodes:
+        counts: dict[str, int] = {}
+        for op, _ in nodes:
+            counts[op] = counts.get(op, 0) + 1
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+        warnings.warn(f"{path}: onnxruntime placed {len(nodes)} compute nodes on the CPU under "
+                      f"{session.get_providers()[0]} ({ops}): they run at CPU speed with copies between the devices",
+                      CpuPlacementWarning, stacklevel=3)
 
 
 def check_io(session: ort.InferenceSession, info: ExportInfo, name: str) -> np.dtype:
