@@ -152,3 +152,32 @@ def check_bad_case(outcomes: dict, name: str, message_parts) -> None:
     assert got["raised"], f"{name}: no error"
     for part in message_parts:
         assert part in got["message"], f"{name}: {part!r} not in {got['message']!r}"
+
+
+def outcome_of(run) -> dict:
+    """What the subprocess prints for one invalid-input case: whether ``run()`` raised, and the message."""
+    try:
+        run()
+    except Exception as error:  # onnxruntime raises its own exception classes
+        return {"raised": type(error).__name__, "message": str(error)}
+    return {"raised": None, "message": ""}
+
+
+def bad_case_tests(test_file: str, cases: dict, message_parts):
+    """A test module's invalid-input tests: a module fixture running ``python test_file --bad-cases`` once, one test
+    per case (``message_parts(cases[name])``: the parts its error message must hold) and one for a clean exit.
+    Assign the returned (fixture, test, test) to module names so that pytest collects them."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def bad_case_outcomes() -> dict:
+        return bad_case_outcomes_of(test_file)
+
+    @pytest.mark.parametrize("name", sorted(cases))
+    def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
+        check_bad_case(bad_case_outcomes, name, message_parts(cases[name]))
+
+    def test_bad_case_subprocess_exits_cleanly(bad_case_outcomes):
+        assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
+
+    return bad_case_outcomes, test_invalid_input_is_an_onnxruntime_error, test_bad_case_subprocess_exits_cleanly

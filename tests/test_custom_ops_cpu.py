@@ -36,7 +36,7 @@ from mamba_export.config import MambaConfig
 from mamba_export.export import onnx_ops
 from mamba_export.model import MambaMixer
 from mamba_export.ops import causal_conv1d_ref, selective_scan_ref
-from support import bad_case_outcomes_of, check_bad_case
+from support import bad_case_tests, outcome_of
 from mamba_runtime import custom_op_library_path
 
 DOMAIN = "ai.mamba_export"
@@ -448,26 +448,12 @@ def valid_small_feeds(op: str) -> dict:
 def run_bad_case(name: str) -> dict:
     """Build and run one invalid case; report whether onnxruntime raised, and its message."""
     op, attrs, changes, dtypes, _ = BAD_CASES[name]
-    try:
-        session = make_session(single_node_model(op, np.float32, attrs, dtypes))
-        session.run(None, {**valid_small_feeds(op), **changes})
-    except Exception as error:  # onnxruntime raises its own exception classes
-        return {"raised": type(error).__name__, "message": str(error)}
-    return {"raised": None, "message": ""}
+    return outcome_of(lambda: make_session(single_node_model(op, np.float32, attrs, dtypes)).run(
+        None, {**valid_small_feeds(op), **changes}))
 
 
-@pytest.fixture(scope="module")
-def bad_case_outcomes() -> dict:
-    return bad_case_outcomes_of(__file__)
-
-
-@pytest.mark.parametrize("name", sorted(BAD_CASES))
-def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
-    check_bad_case(bad_case_outcomes, name, BAD_CASES[name][4])
-
-
-def test_subprocess_exits_cleanly(bad_case_outcomes):
-    assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
+(bad_case_outcomes, test_invalid_input_is_an_onnxruntime_error,
+ test_bad_case_subprocess_exits_cleanly) = bad_case_tests(__file__, BAD_CASES, lambda case: case[4])
 
 
 def register_with_too_old_onnxruntime() -> str:

@@ -39,7 +39,7 @@ from mamba_export import cli
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import ExportError, export_checkpoint, onnx_ops
 from mamba_runtime import custom_op_library_path
-from support import (bad_case_outcomes_of, check_bad_case, library_built, make_hf_model, rel_err, run_graph,
+from support import (bad_case_tests, library_built, outcome_of, make_hf_model, rel_err, run_graph,
                      save_transformers, zero_state)
 
 DOMAIN = "ai.mamba_export"
@@ -180,26 +180,11 @@ def run_bad_case(name: str) -> dict:
     """Build and run one invalid case; report whether onnxruntime raised, and its message."""
     x, w, dtypes, _ = BAD_CASES[name]
     x_dtype, w_dtype = dtypes or (TensorProto.FLOAT, TensorProto.FLOAT16)
-    try:
-        session = op_session(op_model(x_dtype=x_dtype, w_dtype=w_dtype))
-        session.run(None, {"X": x, "W": w})
-    except Exception as error:  # onnxruntime raises its own exception classes
-        return {"raised": type(error).__name__, "message": str(error)}
-    return {"raised": None, "message": ""}
+    return outcome_of(lambda: op_session(op_model(x_dtype=x_dtype, w_dtype=w_dtype)).run(None, {"X": x, "W": w}))
 
 
-@pytest.fixture(scope="module")
-def bad_case_outcomes() -> dict:
-    return bad_case_outcomes_of(__file__)
-
-
-@pytest.mark.parametrize("name", sorted(BAD_CASES))
-def test_invalid_input_is_an_onnxruntime_error(name, bad_case_outcomes):
-    check_bad_case(bad_case_outcomes, name, BAD_CASES[name][3])
-
-
-def test_bad_case_subprocess_exits_cleanly(bad_case_outcomes):
-    assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
+(bad_case_outcomes, test_invalid_input_is_an_onnxruntime_error,
+ test_bad_case_subprocess_exits_cleanly) = bad_case_tests(__file__, BAD_CASES, lambda case: case[3])
 
 
 # ---- exports --------------------------------------------------------------------------------------------------------
