@@ -7,9 +7,10 @@
 //      a fixed order: deterministic, no atomics), dt = softplus(dt_proj . dbc[:r] + dt_bias), state update with
 //      B = dbc[r:r+n], C = dbc[r+n:], y = C.h + D x, gate silu(z).
 // Three ways to run them, all with the same per-item code and the same summation order, so with identical bits:
-//   fused     one cooperative kernel: a loop over each phase's items with a grid-wide barrier between the phases,
-//             phase 2 summing the partials itself. Used at small batches, where the step is launch-bound and every
-//             item gets its own resident block (mamba-130m at batch 1 and 8).
+//   fused     one cooperative kernel, one block per item of the larger phase (block i runs phase-1 item i and
+//             phase-2 item i where they exist), a grid-wide barrier between the phases, phase 2 summing the partials
+//             itself. Used at small batches, where the step is launch-bound and every item fits a resident block
+//             (mamba-130m at batch 1 and 8).
 //   split     one kernel per phase, phase 2 summing the partials itself (the redundant reads stay small).
 //   unfolded  three kernels: phase 1, the partials' reduction once per sequence into dbc, phase 2 reading dbc. Used
 //             where folding the reduction would read the partials many times over (large batch x channels).

@@ -122,13 +122,13 @@ def _bandwidth(provider: str, threads: int | None) -> tuple[float, str]:
     bandwidth, said so, if that measurement fails), else the host's read bandwidth."""
     from mamba_runtime import profiling as prof
 
+    source = "host memory read bandwidth"
     if provider == "cuda":
         try:
             return prof.device_bandwidth_gbs(), "GPU copy bandwidth (read + write)"
         except Exception as e:  # noqa: BLE001 - the profile stands without the GPU figure; the report says which
-            return (prof.read_bandwidth_gbs(threads or os.cpu_count() or 1),
-                    f"host memory read bandwidth (GPU measurement failed: {type(e).__name__})")
-    return prof.read_bandwidth_gbs(threads or os.cpu_count() or 1), "host memory read bandwidth"
+            source += f" (GPU measurement failed: {type(e).__name__})"
+    return prof.read_bandwidth_gbs(threads or os.cpu_count() or 1), source
 
 
 def _placement(report: dict) -> list[str]:

@@ -77,8 +77,8 @@ def read_bandwidth_gbs(threads: int, gib: float = 0.5, repeats: int = 5) -> floa
 
 def device_bandwidth_gbs(gib: float = 0.5, repeats: int = 5) -> float:
     """CUDA device memory bandwidth (CuPy): bytes read plus bytes written by a device-to-device copy of ``gib`` GiB,
-    timed with CUDA events, best of ``repeats`` after one warm-up copy. The GPU decode floor of tools/bench_gpu.py
-    uses the same measure."""
+    timed with CUDA events, best of ``repeats`` after one warm-up copy (tools/bench_gpu.py measures the same
+    quantity with torch: the median of 20 copies of 1 GiB)."""
     import cupy as cp
 
     a = cp.ones(int(gib * 2**30) // 4, dtype=cp.float32)
