@@ -123,6 +123,52 @@ def zero_state(cfg, batch: int) -> list:
     return state
 
 
+def cli_refusal(argv: list[str], capsys) -> str:
+    """Runs ``mamba-export ARGV``, which must refuse with exit status 2 and one line on stderr; returns that line."""
+    from mamba_export import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def op_session(model, library: bool = True, threads: int = 2):
+    """A CPU onnxruntime session of an in-memory model, with the custom-op library registered (``library=False``: a
+    stock onnxruntime, so the model-local functions run)."""
+    import onnxruntime as ort
+    from mamba_runtime import custom_op_library_path
+
+    options = ort.SessionOptions()
+    if library:
+        options.register_custom_ops_library(custom_op_library_path())
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def float64_mixer(cfg, t: dict):
+    """A float64 ``MambaMixer`` of config ``cfg`` whose parameters are the float64 tensors ``t``, named as the custom
+    ops' inputs (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D; in_proj_weight and
+    out_proj_weight when present, else those projections are identities)."""
+    from mamba_export.model import MambaMixer
+
+    mixer = MambaMixer(cfg).double()
+    with torch.no_grad():
+        for name in ("in_proj", "out_proj"):
+            if f"{name}_weight" in t:
+                getattr(mixer, name).weight.copy_(t[f"{name}_weight"])
+            else:
+                setattr(mixer, name, torch.nn.Identity())
+        mixer.conv1d.weight.copy_(t["conv_weight"].unsqueeze(1))
+        mixer.conv1d.bias.copy_(t["conv_bias"])
+        mixer.x_proj.weight.copy_(t["x_proj_weight"])
+        mixer.dt_proj.weight.copy_(t["dt_proj_weight"])
+        mixer.dt_proj.bias.copy_(t["dt_bias"])
+        mixer.A_log.copy_(torch.log(-t["A"]))
+        mixer.D.copy_(t["D"])
+    return mixer
+
+
 def run_graph(sess, ids: torch.Tensor, state: list) -> tuple:
     """One call of an exported graph: ids (b, l) and the flat state -> logits, the new flat state."""
     names = [i.name for i in sess.get_inputs()]

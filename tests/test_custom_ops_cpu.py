@@ -34,9 +34,8 @@ from onnx import TensorProto, helper
 from mamba_export.backends import REFERENCE
 from mamba_export.config import MambaConfig
 from mamba_export.export import onnx_ops
-from mamba_export.model import MambaMixer
 from mamba_export.ops import causal_conv1d_ref, selective_scan_ref
-from support import bad_case_tests, outcome_of
+from support import bad_case_tests, float64_mixer, op_session, outcome_of
 from mamba_runtime import custom_op_library_path
 
 DOMAIN = "ai.mamba_export"
@@ -89,18 +88,10 @@ def single_node_model(op: str, dtype, attrs: dict, input_dtypes: dict | None = N
     return model
 
 
-def make_session(model: onnx.ModelProto, library: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if library:
-        options.register_custom_ops_library(custom_op_library_path())
-    options.intra_op_num_threads = 2
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 @functools.lru_cache(maxsize=None)
 def cached_session(op: str, dtype, attr_items: tuple, rdtype=np.float32, library: bool = True) -> ort.InferenceSession:
     model = single_node_model(op, dtype, dict(attr_items), rdtype=rdtype, functions=not library)
-    return make_session(model, library)
+    return op_session(model, library)
 
 
 def run_op(op: str, dtype, feeds: dict, rdtype=np.float32, library: bool = True, **attrs) -> list[np.ndarray]:
@@ -246,17 +237,9 @@ def decode_feeds(seed, dtype, b, e, n, k, r) -> dict:
 def decode_reference(feeds: dict, e, n, k, r):
     """MambaMixer.step in float64 with in_proj and out_proj replaced by identities: its input is xz, its output y."""
     cfg = MambaConfig(d_model=e, n_layer=1, vocab_size=8, d_state=n, d_conv=k, expand=1, dt_rank=r, conv_bias=True)
-    mixer = MambaMixer(cfg).double()
     t = {name: f64(v) for name, v in feeds.items()}
+    mixer = float64_mixer(cfg, t)
     with torch.no_grad():
-        mixer.in_proj, mixer.out_proj = torch.nn.Identity(), torch.nn.Identity()
-        mixer.conv1d.weight.copy_(t["conv_weight"].unsqueeze(1))
-        mixer.conv1d.bias.copy_(t["conv_bias"])
-        mixer.x_proj.weight.copy_(t["x_proj_weight"])
-        mixer.dt_proj.weight.copy_(t["dt_proj_weight"])
-        mixer.dt_proj.bias.copy_(t["dt_bias"])
-        mixer.A_log.copy_(torch.log(-t["A"]))
-        mixer.D.copy_(t["D"])
         y, conv_state, ssm_state = mixer.step(t["xz"][:, 0], t["conv_state_in"], t["ssm_state_in"], REFERENCE)
     return y.unsqueeze(1), conv_state, ssm_state
 
@@ -448,7 +431,7 @@ def valid_small_feeds(op: str) -> dict:
 def run_bad_case(name: str) -> dict:
     """Build and run one invalid case; report whether onnxruntime raised, and its message."""
     op, attrs, changes, dtypes, _ = BAD_CASES[name]
-    return outcome_of(lambda: make_session(single_node_model(op, np.float32, attrs, dtypes)).run(
+    return outcome_of(lambda: op_session(single_node_model(op, np.float32, attrs, dtypes)).run(
         None, {**valid_small_feeds(op), **changes}))
 
 

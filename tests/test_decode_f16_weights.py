@@ -39,8 +39,8 @@ from mamba_export import cli
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import ExportError, export_checkpoint, onnx_ops
 from mamba_runtime import custom_op_library_path
-from support import (bad_case_tests, library_built, outcome_of, make_hf_model, rel_err, run_graph,
-                     save_transformers, zero_state)
+from support import (bad_case_tests, cli_refusal, library_built, make_hf_model, op_session, outcome_of, rel_err,
+                     run_graph, save_transformers, zero_state)
 
 DOMAIN = "ai.mamba_export"
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +72,6 @@ def op_model(weight: np.ndarray | None = None, x_dtype=TensorProto.FLOAT, w_dtyp
     if functions:
         model.functions.extend(onnx_ops.model_functions())
     return model
-
-
-def op_session(model: onnx.ModelProto, library: bool = True, threads: int = 2) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if library:
-        options.register_custom_ops_library(custom_op_library_path())
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 _SESSIONS: dict[bool, ort.InferenceSession] = {}
@@ -390,20 +382,13 @@ def ckpt(tmp_path_factory):
     return save_transformers(make_hf_model("tiny"), tmp_path_factory.mktemp("f16w-cli") / "ckpt")
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 @pytest.mark.parametrize("flags,says", [
     (["--dtype", "float16"], "needs the float32 export"),
     (["--format", "torchscript"], "for ONNX exports only"),
 ])
 def test_cli_refuses_float16_decode_weights_where_they_do_not_apply(ckpt, tmp_path, capsys, flags, says):
-    out = tmp_path / "out"
-    assert cli.main(["export", str(ckpt), "-o", str(out), "--no-library", "--decode-weights", "float16", *flags]) == 2
-    line = _error_line(capsys)
+    line = cli_refusal(["export", str(ckpt), "-o", str(tmp_path / "out"), "--no-library", "--decode-weights",
+                        "float16", *flags], capsys)
     assert line.startswith("mamba-export export: error: --decode-weights float16 ") and says in line
     assert list(tmp_path.iterdir()) == []
 

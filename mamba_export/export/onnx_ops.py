@@ -22,7 +22,7 @@ from . import torch_ops
 DOMAIN = "ai.mamba_export"
 DOMAIN_VERSION = 1
 OPSET = 18  # the standard opset of every exported graph and of the functions
-OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W")
+OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W", "DecodeBlock")
 DEFAULT_EPSILON = 1e-5  # RMSNorm's and AddRMSNorm's epsilon when a node does not set it
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
@@ -67,6 +67,13 @@ _SIGNATURES = {
         [("X", "F"), ("W", "H")],
         [("Y", "F")],
         {},
+    ),
+    "DecodeBlock": (
+        [("x", "T"), ("residual", "R"), ("norm_weight", "T"), ("in_proj_weight", "T"), ("conv_state_in", "F"),
+         ("ssm_state_in", "F"), ("conv_weight", "F"), ("conv_bias", "F"), ("x_proj_weight", "F"),
+         ("dt_proj_weight", "F"), ("dt_bias", "F"), ("A", "F"), ("D", "F"), ("out_proj_weight", "T")],
+        [("out", "T"), ("residual_out", "R"), ("conv_state_out", "F"), ("ssm_state_out", "F")],
+        {"epsilon": (DEFAULT_EPSILON, "added to the mean square, >= 0")},
     ),
 }
 
@@ -122,6 +129,15 @@ def _linear_f16w(x, weight):
     return _op.LinearF16W(x, weight)
 
 
+def _decode_block(x, residual, norm_weight, in_proj_weight, conv_state, ssm_state, conv_weight, conv_bias,
+                  x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, eps: float):
+    out, residual_out, conv, ssm = _op.DecodeBlock(
+        x, residual, norm_weight, in_proj_weight, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
+        dt_proj_weight, dt_bias, A, D, out_proj_weight, epsilon=float(eps),
+    )
+    return out, residual_out, conv, ssm
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: each torch op becomes one node of the domain."""
     return {
@@ -131,6 +147,7 @@ def translation_table() -> dict:
         torch_ops.rms_norm._opoverload: _rms_norm,
         torch_ops.add_rms_norm._opoverload: _add_rms_norm,
         torch_ops.linear_f16w._opoverload: _linear_f16w,
+        torch_ops.decode_block._opoverload: _decode_block,
     }
 
 
@@ -172,11 +189,22 @@ class _FunctionBuilder:
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
+    def custom(self, op_type: str, *inputs: str, n_out: int, forward: tuple[str, ...] = ()) -> list[str]:
+        """A node of this domain (another op, run through its own function or the library's kernel); its attributes
+        ``forward`` take the values of this function's attributes of the same names."""
+        outs = self.op(op_type, *inputs, n_out=n_out, domain=DOMAIN)
+        for attr in forward:
+            self.nodes[-1].attribute.append(helper.make_attribute_ref(attr, AttributeProto.FLOAT, ref_attr_name=attr))
+        return outs
+
     def function(self, outputs: list[str]) -> onnx.FunctionProto:
         """The function of the op named like this builder: its contract inputs, ``outputs`` and attribute defaults."""
         inputs, _, attrs = _SIGNATURES[self.name]
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == DOMAIN for node in self.nodes):
+            opsets.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
         return helper.make_function(
-            DOMAIN, self.name, [n for n, _ in inputs], outputs, self.nodes, [helper.make_opsetid("", OPSET)],
+            DOMAIN, self.name, [n for n, _ in inputs], outputs, self.nodes, opsets,
             attribute_protos=[helper.make_attribute(k, v) for k, (v, _) in attrs.items()],
         )
 
@@ -295,7 +323,26 @@ def _linear_f16w_function() -> onnx.FunctionProto:
     return g.function(["Y"])
 
 
+def _linear(g: _FunctionBuilder, x: str, weight: str) -> str:
+    """x (b, 1, K) T times weight (N, K) T transposed, summed in float32 -> float32 (b, 1, N), not rounded yet."""
+    return g.op("MatMul", g.f32(x), g.op("Transpose", g.f32(weight), perm=[1, 0]))
+
+
+def _decode_block_function() -> onnx.FunctionProto:
+    """AddRMSNorm -> in_proj -> DecodeStep -> out_proj, the two custom steps as nodes of the domain (inlined in turn by
+    onnxruntime where the library is not registered), each product rounded to T."""
+    g = _FunctionBuilder("DecodeBlock")
+    h, residual_out = g.custom("AddRMSNorm", "x", "residual", "norm_weight", n_out=2, forward=("epsilon",))
+    xz = g.op("CastLike", _linear(g, h, "in_proj_weight"), "x")
+    step_inputs = [name for name, _ in _SIGNATURES["DecodeStep"][0][1:]]  # the states and parameters: same names
+    y, conv, ssm = g.custom("DecodeStep", xz, *step_inputs, n_out=3)
+    g.nodes.append(helper.make_node("CastLike", [_linear(g, y, "out_proj_weight"), "x"], ["out"]))
+    for name, value in (("residual_out", residual_out), ("conv_state_out", conv), ("ssm_state_out", ssm)):
+        g.nodes.append(helper.make_node("Identity", [value], [name]))
+    return g.function(["out", "residual_out", "conv_state_out", "ssm_state_out"])
+
+
 def model_functions() -> list[onnx.FunctionProto]:
     """Every op as a model-local function of standard ops (opset :data:`OPSET`), for ``model.functions``."""
     return [_selective_scan_function(), _causal_conv1d_function(), _decode_step_function(), _rms_norm_function(),
-            _add_rms_norm_function(), _linear_f16w_function()]
+            _add_rms_norm_function(), _linear_f16w_function(), _decode_block_function()]

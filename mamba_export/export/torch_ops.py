@@ -7,7 +7,10 @@ the reference model computes. They are TorchScript-compatible (the TorchScript e
 add before it), computed as the reference model computes them.
 ``linear_f16w_ref``: a linear layer whose weight is stored as float16: float32 activations times the weight widened
 to float32 (decode.onnx with float16 decode weights).
-``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``, ``linear_f16w``: the same as
+``decode_block_cl``: one whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj), the matrix products summed in
+float32 and rounded to the activation dtype.
+``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``, ``linear_f16w``,
+``decode_block``: the same as
 ``torch.library`` custom ops with fake implementations, so that ``torch.export`` sees one node each (translated to one
 ONNX node by :mod:`.onnx_ops`).
 
@@ -96,12 +99,39 @@ def linear_f16w_ref(x: Tensor, weight: Tensor) -> Tensor:
     return x @ weight.to(torch.float32).t()
 
 
+def linear_cl(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., K), weight (N, K) in nn.Linear's layout -> x @ weight.T (..., N) in the weight's dtype, summed in the
+    compute dtype (float32 for float16 weights) and rounded once."""
+    cd = compute_dtype(weight.dtype)
+    return (x.to(cd) @ weight.to(cd).t()).to(weight.dtype)
+
+
+def decode_block_cl(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, in_proj_weight: Tensor, conv_state: Tensor, ssm_state: Tensor,
+    conv_weight: Tensor, conv_bias: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A: Tensor,
+    D: Tensor, out_proj_weight: Tensor, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DecodeBlock: one decode layer i > 0, AddRMSNorm -> in_proj -> DecodeStep -> out_proj.
+
+    x (b, 1, d) (block i-1's output) and norm_weight (d,) in T; residual (b, 1, d) in R; in_proj_weight (2e, d) and
+    out_proj_weight (d, e) in T (nn.Linear layout); the DecodeStep inputs as in :func:`decode_step_cl`
+    -> out (b, 1, d) in T, residual_out (b, 1, d) in R, new conv_state, new ssm_state.
+    """
+    h, residual_out = add_rms_norm_cl(x, residual, norm_weight, eps)
+    y, conv_state, ssm_state = decode_step_cl(
+        linear_cl(h, in_proj_weight), conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+        dt_bias, A, D,
+    )
+    return linear_cl(y, out_proj_weight), residual_out, conv_state, ssm_state
+
+
 selective_scan = torch.library.custom_op(f"{NAMESPACE}::selective_scan", selective_scan_cl, mutates_args=())
 causal_conv1d = torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", causal_conv1d_cl, mutates_args=())
 decode_step = torch.library.custom_op(f"{NAMESPACE}::decode_step", decode_step_cl, mutates_args=())
 rms_norm = torch.library.custom_op(f"{NAMESPACE}::rms_norm", rms_norm_cl, mutates_args=())
 add_rms_norm = torch.library.custom_op(f"{NAMESPACE}::add_rms_norm", add_rms_norm_cl, mutates_args=())
 linear_f16w = torch.library.custom_op(f"{NAMESPACE}::linear_f16w", linear_f16w_ref, mutates_args=())
+decode_block = torch.library.custom_op(f"{NAMESPACE}::decode_block", decode_block_cl, mutates_args=())
 
 
 @selective_scan.register_fake
@@ -134,3 +164,12 @@ def _(x, residual, weight, eps):
 @linear_f16w.register_fake
 def _(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@decode_block.register_fake
+def _(x, residual, norm_weight, in_proj_weight, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
+      dt_proj_weight, dt_bias, A, D, out_proj_weight, eps):
+    cd = compute_dtype(x.dtype)
+    out = x.new_empty((x.shape[0], 1, out_proj_weight.shape[0]), dtype=out_proj_weight.dtype)
+    return (out, torch.empty_like(residual), conv_state.new_empty(conv_state.shape, dtype=cd),
+            ssm_state.new_empty(ssm_state.shape, dtype=cd))

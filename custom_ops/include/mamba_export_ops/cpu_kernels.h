@@ -120,17 +120,61 @@ size_t rms_norm_num_tasks(size_t rows, size_t d);
 template <typename R, typename T>
 void rms_norm_task(const RmsNormArgs<R, T>& args, size_t task, size_t num_tasks);
 
-// LinearF16W: y = x W^T, float16 weights widened to float32, float32 sums. The m rows of x (the product of x's
-// leading dimensions) all go through each task, so every weight is read from memory once per call. A task owns a
-// contiguous block of output rows (columns of y).
-struct LinearF16WArgs {
+// A linear layer y = x W^T (LinearF16W, and the projections of DecodeBlock): float32 x, weights W float32 or float16
+// (widened to float32 in registers), float32 sums. The m rows of x (the product of x's leading dimensions) all go
+// through each task, so every weight is read from memory once per call. A task owns a contiguous block of output
+// rows (columns of y); with y_f16 set it also writes that block of y rounded to float16 (y then is scratch).
+template <typename W>
+struct LinearArgs {
   const float* x;              // [m, k]
-  const half_t* w;             // [n, k]: each output's weights contiguous
+  const W* w;                  // [n, k]: each output's weights contiguous
   float* y;                    // [m, n]
   size_t m, n, k;
+  half_t* y_f16 = nullptr;     // [m, n] or nullptr
+};
+using LinearF16WArgs = LinearArgs<half_t>;
+
+template <typename W>
+size_t linear_num_tasks(size_t n, size_t k);
+template <typename W>
+void linear_task(const LinearArgs<W>& args, size_t task);
+
+// DecodeBlock: one whole decode layer, AddRMSNorm -> in_proj -> DecodeStep -> out_proj, with the semantics of those
+// ops (docs/CONTRACTS.md): h = AddRMSNorm(x, residual) in T; xz = T(h in_proj^T), y = DecodeStep(xz) in T,
+// out = T(y out_proj^T), both products summed in float32. It runs in kDecodeBlockPhases phases, each a set of tasks
+// that may start only when the previous phase has finished:
+//   0. AddRMSNorm of every batch row, h widened to float32;   1. in_proj;
+//   2-4. DecodeStep's three phases;                           5. y widened to float32;   6. out_proj.
+template <typename R, typename T>
+struct DecodeBlockArgs {
+  const T* x;                  // [b, 1, d]
+  const R* residual;           // [b, 1, d]
+  const T* norm_weight;        // [d]
+  const T* in_proj_weight;     // [2e, d]
+  const float* conv_state_in;  // [b, e, k-1]
+  const float* ssm_state_in;   // [b, e, n]
+  const float* conv_weight;    // [e, k]
+  const float* conv_bias;      // [e]
+  const float* x_proj_weight;  // [r + 2n, e]
+  const float* dt_proj_weight; // [e, r]
+  const float* dt_bias;        // [e]
+  const float* A;              // [e, n]
+  const float* D;              // [e]
+  const T* out_proj_weight;    // [d, e]
+  float epsilon;
+  T* out;                      // [b, 1, d]
+  R* residual_out;             // [b, 1, d]
+  float* conv_state_out;       // [b, e, k-1]
+  float* ssm_state_out;        // [b, e, n]
+  size_t b, d, e, n, k, r;
+  float* scratch;              // decode_block_scratch_floats(b, d, e, n, r), on a cache line
 };
 
-size_t linear_f16w_num_tasks(size_t n, size_t k);
-void linear_f16w_task(const LinearF16WArgs& args, size_t task);
+constexpr int kDecodeBlockPhases = 7;
+size_t decode_block_scratch_floats(size_t b, size_t d, size_t e, size_t n, size_t r);
+template <typename R, typename T>
+size_t decode_block_num_tasks(const DecodeBlockArgs<R, T>& args, int phase);
+template <typename R, typename T>
+void decode_block_task(const DecodeBlockArgs<R, T>& args, int phase, size_t task);
 
 }  // namespace mamba_export_ops

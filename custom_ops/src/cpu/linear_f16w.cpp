@@ -1,6 +1,7 @@
-// LinearF16W on the CPU (see cpu_kernels.h): y = x W^T with float16 weights, widened to float32 in registers and
-// summed in float32. A decode step's matrix-vector products are bound by memory, so reading 2 bytes per weight
-// instead of 4 halves their time, provided the widening keeps up with the memory.
+// The linear layer of LinearF16W and DecodeBlock on the CPU (see cpu_kernels.h): y = x W^T with float32 or float16
+// weights (float16 widened to float32 in registers), summed in float32. A decode step's matrix-vector products are
+// bound by memory, so reading 2 bytes per weight instead of 4 halves their time, provided the widening keeps up with
+// the memory; float32 weights take the same loops without the widening.
 //
 // A task owns a contiguous block of output rows (about kTaskBytes of weights) and reads it front to back, one row
 // after the other: a single sequential stream, which this machine's prefetchers follow at full speed (working on 2,
@@ -49,8 +50,8 @@ constexpr size_t kTaskRowMultiple = 16;   // task blocks end on a 64-byte line o
 struct Portable {
   // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
   // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
-  template <size_t kM, bool kPrefetch>
-  static void dots(const half_t* __restrict w, const float* __restrict x, size_t ldx, size_t len, float* sums) {
+  template <size_t kM, bool kPrefetch, typename W>
+  static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len, float* sums) {
     float acc[kM][kLanes] = {};
     size_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
@@ -81,6 +82,9 @@ struct F16c {
   MAMBA_F16C_TARGET static __m256 load8(const half_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  MAMBA_F16C_TARGET static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  MAMBA_F16C_TARGET static float widen(half_t w) { return _cvtsh_ss(w.bits); }
+  MAMBA_F16C_TARGET static float widen(float w) { return w; }
 
   MAMBA_F16C_TARGET static float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -89,8 +93,8 @@ struct F16c {
     return _mm_cvtss_f32(s);
   }
 
-  template <size_t kM, bool kPrefetch>
-  MAMBA_F16C_TARGET static void dots(const half_t* __restrict w, const float* __restrict x, size_t ldx, size_t len,
+  template <size_t kM, bool kPrefetch, typename W>
+  MAMBA_F16C_TARGET static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len,
                                      float* sums) {
     __m256 lo[kM], hi[kM];
     for (size_t m = 0; m < kM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
@@ -110,7 +114,7 @@ struct F16c {
     }
     for (size_t m = 0; m < kM; ++m) {
       float s = sum8(_mm256_add_ps(lo[m], hi[m]));
-      for (size_t t = i; t < len; ++t) s = std::fma(_cvtsh_ss(w[t].bits), x[m * ldx + t], s);
+      for (size_t t = i; t < len; ++t) s = std::fma(widen(w[t]), x[m * ldx + t], s);
       sums[m] = s;
     }
   }
@@ -118,8 +122,8 @@ struct F16c {
 #endif
 
 // y[mi + j, row] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of row `row`.
-template <class Path, size_t kM, bool kPrefetch>
-inline void add_dots(const LinearF16WArgs& a, size_t row, size_t mi, size_t c0, size_t len) {
+template <class Path, size_t kM, bool kPrefetch, typename W>
+inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, size_t len) {
   float part[kM];
   Path::template dots<kM, kPrefetch>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
   for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row] += part[j];
@@ -127,8 +131,8 @@ inline void add_dots(const LinearF16WArgs& a, size_t row, size_t mi, size_t c0, 
 
 // Output row `row` (a column of y) for every row of x: chunk by chunk, the rows of x kRowsOfX at a time, so that
 // each chunk of weights is read from memory once and widened once per kRowsOfX rows of x.
-template <class Path>
-inline void output_row(const LinearF16WArgs& a, size_t row) {
+template <class Path, typename W>
+inline void output_row(const LinearArgs<W>& a, size_t row) {
   const size_t k = a.k, m = a.m;
   for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] = 0.0f;
   for (size_t c0 = 0; c0 < k; c0 += kChunk) {
@@ -148,22 +152,35 @@ inline void output_row(const LinearF16WArgs& a, size_t row) {
   }
 }
 
-size_t task_rows(size_t k) {
-  const size_t rows = kTaskBytes / (k * sizeof(half_t));
+size_t task_rows(size_t k, size_t weight_bytes) {
+  const size_t rows = kTaskBytes / (k * weight_bytes);
   return std::max(kTaskRowMultiple, (rows + kTaskRowMultiple - 1) / kTaskRowMultiple * kTaskRowMultiple);
 }
 
-template <class Path>
-inline void rows_of_task(const LinearF16WArgs& a, size_t task) {
-  const size_t per_task = task_rows(a.k);
-  const size_t end = std::min(a.n, (task + 1) * per_task);
-  for (size_t row = task * per_task; row < end; ++row) output_row<Path>(a, row);
+// The task's block of output rows, then (when y_f16 is set) the same block of y rounded to float16.
+template <class Path, typename W>
+inline void rows_of_task(const LinearArgs<W>& a, size_t task) {
+  const size_t per_task = task_rows(a.k, sizeof(W));
+  const size_t begin = task * per_task, end = std::min(a.n, (task + 1) * per_task);
+  for (size_t row = begin; row < end; ++row) output_row<Path>(a, row);
+  if (a.y_f16 == nullptr) return;
+  for (size_t mi = 0; mi < a.m; ++mi) {
+    const float* y = a.y + mi * a.n;
+    half_t* rounded = a.y_f16 + mi * a.n;
+    for (size_t row = begin; row < end; ++row) rounded[row] = vec::from_float<half_t>(y[row]);
+  }
 }
 
-MAMBA_CLONES void linear_portable(const LinearF16WArgs& a, size_t task) { rows_of_task<Portable>(a, task); }
+MAMBA_CLONES void portable_f16(const LinearArgs<half_t>& a, size_t task) { rows_of_task<Portable>(a, task); }
+MAMBA_CLONES void portable_f32(const LinearArgs<float>& a, size_t task) { rows_of_task<Portable>(a, task); }
+inline void linear_portable(const LinearArgs<half_t>& a, size_t task) { portable_f16(a, task); }
+inline void linear_portable(const LinearArgs<float>& a, size_t task) { portable_f32(a, task); }
 
 #if MAMBA_LINEAR_F16C
-__attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearF16WArgs& a, size_t task) {
+__attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearArgs<half_t>& a, size_t task) {
+  rows_of_task<F16c>(a, task);
+}
+__attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearArgs<float>& a, size_t task) {
   rows_of_task<F16c>(a, task);
 }
 
@@ -176,12 +193,14 @@ bool cpu_has_f16c() {
 
 }  // namespace
 
-size_t linear_f16w_num_tasks(size_t n, size_t k) {
-  const size_t per_task = task_rows(k);
+template <typename W>
+size_t linear_num_tasks(size_t n, size_t k) {
+  const size_t per_task = task_rows(k, sizeof(W));
   return (n + per_task - 1) / per_task;
 }
 
-void linear_f16w_task(const LinearF16WArgs& args, size_t task) {
+template <typename W>
+void linear_task(const LinearArgs<W>& args, size_t task) {
 #if MAMBA_LINEAR_F16C
   if (cpu_has_f16c()) {
     linear_f16c(args, task);
@@ -190,5 +209,10 @@ void linear_f16w_task(const LinearF16WArgs& args, size_t task) {
 #endif
   linear_portable(args, task);
 }
+
+template size_t linear_num_tasks<float>(size_t n, size_t k);
+template size_t linear_num_tasks<half_t>(size_t n, size_t k);
+template void linear_task<float>(const LinearArgs<float>& args, size_t task);
+template void linear_task<half_t>(const LinearArgs<half_t>& args, size_t task);
 
 }  // namespace mamba_export_ops

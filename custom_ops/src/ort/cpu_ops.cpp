@@ -33,6 +33,7 @@ enum class Kind { T, R, F32, F16 };
 // there is one task: no hand-off at all then).
 template <typename F>
 void parallel_for(const Ort::KernelContext& ctx, size_t n, const F& task) {
+  if (n == 0) return;
   if (n == 1) {
     task(0);
     return;
@@ -216,6 +217,46 @@ struct CausalConv1dKernel {
   bool silu_;
 };
 
+// DecodeStep's states and parameters, its inputs 1 to 9 (DecodeBlock's 4 to 12), in that order.
+struct StepInputs {
+  Input cs, ss, cw, cbias, xw, dw, dbias, A, D;
+};
+
+StepInputs step_inputs(const Ort::KernelContext& ctx, const char* op, size_t first) {
+  auto in = [&](size_t i, const char* name) { return get_input(ctx, op, first + i, name); };
+  return {in(0, "conv_state_in"), in(1, "ssm_state_in"), in(2, "conv_weight"), in(3, "conv_bias"),
+          in(4, "x_proj_weight"), in(5, "dt_proj_weight"), in(6, "dt_bias"), in(7, "A"), in(8, "D")};
+}
+
+struct StepSizes {
+  int64_t k, n, r;
+};
+
+// Checks DecodeStep's states and parameters for b rows of e channels; returns d_conv, d_state and dt_rank.
+StepSizes expect_step_inputs(const StepInputs& p, int64_t b, int64_t e) {
+  expect_dtype(p.cw, F32, kFloat32Why);
+  expect_rank(p.cw, {"e", "k"});
+  expect_at_least(p.cw, 1, "k", 1, "an empty filter");
+  expect_dtype(p.A, F32, kFloat32Why);
+  expect_rank(p.A, {"e", "n"});
+  expect_at_least(p.A, 1, "n", 1, "an empty state");
+  expect_dtype(p.dw, F32, kFloat32Why);
+  expect_rank(p.dw, {"e", "r"});
+  expect_at_least(p.dw, 1, "r", 1, "an empty dt_rank");
+  const int64_t k = p.cw.shape[1], n = p.A.shape[1], r = p.dw.shape[1];
+  const Dim db{"b", b}, de{"e", e}, dn{"n", n};
+  expect(p.cw, F32, kFloat32Why, {de, {"k", k}});
+  expect(p.A, F32, kFloat32Why, {de, dn});
+  expect(p.dw, F32, kFloat32Why, {de, {"r", r}});
+  expect(p.cs, F32, kFloat32Why, {db, de, {"k-1", k - 1}});
+  expect(p.ss, F32, kFloat32Why, {db, de, dn});
+  expect(p.cbias, F32, kFloat32Why, {de});
+  expect(p.xw, F32, kFloat32Why, {{"r+2n", r + 2 * n}, de});
+  expect(p.dbias, F32, kFloat32Why, {de});
+  expect(p.D, F32, kFloat32Why, {de});
+  return {k, n, r};
+}
+
 template <typename T>
 struct DecodeStepKernel {
   static constexpr const char* kName = "DecodeStep";
@@ -230,45 +271,24 @@ struct DecodeStepKernel {
   }
 
   void compute(Ort::KernelContext ctx) const {
-    auto in = [&](size_t i, const char* name) { return get_input(ctx, kName, i, name); };
-    const Input xz = in(0, "xz"), cs = in(1, "conv_state_in"), ss = in(2, "ssm_state_in"),
-                cw = in(3, "conv_weight"), cbias = in(4, "conv_bias"), xw = in(5, "x_proj_weight"),
-                dw = in(6, "dt_proj_weight"), dbias = in(7, "dt_bias"), A = in(8, "A"), D = in(9, "D");
+    const Input xz = get_input(ctx, kName, 0, "xz");
     expect_dtype(xz, onnx_type<T>(), "T of this kernel: float32 or float16");
     expect_rank(xz, {"b", "l", "2e"});
     expect_at_least(xz, 0, "b", 1, "an empty batch");
     expect_at_least(xz, 2, "2e", 2, "no channels");
     const int64_t b = xz.shape[0], e = xz.shape[2] / 2;
     expect_shape(xz, {{"b", b}, {"l", 1}, {"2e", 2 * e}});  // one token; x and z halves of equal width
-    expect_dtype(cw, F32, kFloat32Why);
-    expect_rank(cw, {"e", "k"});
-    expect_at_least(cw, 1, "k", 1, "an empty filter");
-    expect_dtype(A, F32, kFloat32Why);
-    expect_rank(A, {"e", "n"});
-    expect_at_least(A, 1, "n", 1, "an empty state");
-    expect_dtype(dw, F32, kFloat32Why);
-    expect_rank(dw, {"e", "r"});
-    expect_at_least(dw, 1, "r", 1, "an empty dt_rank");
-    const int64_t k = cw.shape[1], n = A.shape[1], r = dw.shape[1];
-    const Dim db{"b", b}, de{"e", e}, dn{"n", n};
-    expect(cw, F32, kFloat32Why, {de, {"k", k}});
-    expect(A, F32, kFloat32Why, {de, dn});
-    expect(dw, F32, kFloat32Why, {de, {"r", r}});
-    expect(cs, F32, kFloat32Why, {db, de, {"k-1", k - 1}});
-    expect(ss, F32, kFloat32Why, {db, de, dn});
-    expect(cbias, F32, kFloat32Why, {de});
-    expect(xw, F32, kFloat32Why, {{"r+2n", r + 2 * n}, de});
-    expect(dbias, F32, kFloat32Why, {de});
-    expect(D, F32, kFloat32Why, {de});
+    const StepInputs p = step_inputs(ctx, kName, 1);
+    const auto [k, n, r] = expect_step_inputs(p, b, e);
 
     const size_t x_conv_floats = round_to_line(b * e);
     const Scratch storage(x_conv_floats + b * (r + 2 * n));
     float* scratch = storage.get();
     const DecodeStepArgs<T> args{
-        data<T>(xz), data<float>(cs), data<float>(ss), data<float>(cw), data<float>(cbias), data<float>(xw),
-        data<float>(dw), data<float>(dbias), data<float>(A), data<float>(D), output<T>(ctx, 0, {b, 1, e}),
-        output<float>(ctx, 1, {b, e, k - 1}), output<float>(ctx, 2, {b, e, n}), size_t(b), size_t(e), size_t(n),
-        size_t(k), size_t(r), scratch, scratch + x_conv_floats};
+        data<T>(xz), data<float>(p.cs), data<float>(p.ss), data<float>(p.cw), data<float>(p.cbias),
+        data<float>(p.xw), data<float>(p.dw), data<float>(p.dbias), data<float>(p.A), data<float>(p.D),
+        output<T>(ctx, 0, {b, 1, e}), output<float>(ctx, 1, {b, e, k - 1}), output<float>(ctx, 2, {b, e, n}),
+        size_t(b), size_t(e), size_t(n), size_t(k), size_t(r), scratch, scratch + x_conv_floats};
     for (int phase = 1; phase <= 3; ++phase) {
       const size_t tasks = decode_step_num_tasks(phase, b, e, n, r);
       parallel_for(ctx, tasks, [&](size_t i) noexcept { decode_step_task(args, phase, i); });
@@ -328,6 +348,61 @@ struct AddRmsNormKernel : NormKernel<R, T, true> {
   using NormKernel<R, T, true>::NormKernel;
 };
 
+// DecodeBlock: a whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj) over T and residual type R.
+template <typename R, typename T>
+struct DecodeBlockKernel {
+  static constexpr const char* kName = "DecodeBlock";
+  static constexpr const char* kWhyT = "T of this kernel: float32 or float16";
+  static constexpr const char* kWhyR = "R of this kernel (the residual stream): float32, or T";
+  static constexpr Kind kInputs[] = {Kind::T,   Kind::R,   Kind::T,   Kind::T,   Kind::F32, Kind::F32, Kind::F32,
+                                     Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::T};
+  static constexpr Kind kOutputs[] = {Kind::T, Kind::R, Kind::F32, Kind::F32};
+
+  explicit DecodeBlockKernel(const OrtKernelInfo* info) : epsilon_(epsilon_of(info, kName)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    return guarded([&] { compute(Ort::KernelContext(context)); });
+  }
+
+  void compute(Ort::KernelContext ctx) const {
+    auto in = [&](size_t i, const char* name) { return get_input(ctx, kName, i, name); };
+    const Input x = in(0, "x"), residual = in(1, "residual"), norm_w = in(2, "norm_weight"),
+                in_w = in(3, "in_proj_weight"), out_w = in(13, "out_proj_weight");
+    expect_dtype(x, onnx_type<T>(), kWhyT);
+    expect_rank(x, {"b", "l", "d"});
+    expect_at_least(x, 0, "b", 1, "an empty batch");
+    expect_at_least(x, 2, "d", 1, "an empty row");
+    const int64_t b = x.shape[0], d = x.shape[2];
+    const Dim db{"b", b}, dd{"d", d};
+    expect_shape(x, {db, {"l", 1}, dd});  // one token
+    expect(residual, onnx_type<R>(), kWhyR, {db, {"l", 1}, dd});
+    expect(norm_w, onnx_type<T>(), kWhyT, {dd});
+    expect_dtype(in_w, onnx_type<T>(), kWhyT);
+    expect_rank(in_w, {"2e", "d"});
+    expect_at_least(in_w, 0, "2e", 2, "no channels");
+    const int64_t e = in_w.shape[0] / 2;
+    expect_shape(in_w, {{"2e", 2 * e}, dd});  // x and z halves of equal width
+    expect(out_w, onnx_type<T>(), kWhyT, {dd, {"e", e}});
+    const StepInputs p = step_inputs(ctx, kName, 4);
+    const auto [k, n, r] = expect_step_inputs(p, b, e);
+
+    const Scratch scratch(decode_block_scratch_floats(b, d, e, n, r));
+    const DecodeBlockArgs<R, T> args{
+        data<T>(x), data<R>(residual), data<T>(norm_w), data<T>(in_w), data<float>(p.cs), data<float>(p.ss),
+        data<float>(p.cw), data<float>(p.cbias), data<float>(p.xw), data<float>(p.dw), data<float>(p.dbias),
+        data<float>(p.A), data<float>(p.D), data<T>(out_w), epsilon_, output<T>(ctx, 0, {b, 1, d}),
+        output<R>(ctx, 1, {b, 1, d}), output<float>(ctx, 2, {b, e, k - 1}), output<float>(ctx, 3, {b, e, n}),
+        size_t(b), size_t(d), size_t(e), size_t(n), size_t(k), size_t(r), scratch.get()};
+    for (int phase = 0; phase < kDecodeBlockPhases; ++phase) {
+      parallel_for(ctx, decode_block_num_tasks(args, phase), [&](size_t i) noexcept {
+        decode_block_task(args, phase, i);
+      });
+    }
+  }
+
+  float epsilon_;
+};
+
 // LinearF16W: X float32 [..., K], W float16 [N, K] -> Y float32 [..., N] = X W^T (float32 sums).
 struct LinearF16WKernel {
   static constexpr const char* kName = "LinearF16W";
@@ -362,7 +437,7 @@ struct LinearF16WKernel {
     y_shape[rank - 1] = n;
     float* y = static_cast<float*>(ctx.GetOutput(0, y_shape, rank).GetTensorMutableRawData());
     const LinearF16WArgs args{data<float>(x), data<half_t>(w), y, m, size_t(n), size_t(k)};
-    parallel_for(ctx, linear_f16w_num_tasks(args.n, args.k), [&](size_t i) noexcept { linear_f16w_task(args, i); });
+    parallel_for(ctx, linear_num_tasks<half_t>(args.n, args.k), [&](size_t i) noexcept { linear_task(args, i); });
   }
 };
 
@@ -406,8 +481,13 @@ std::vector<const OrtCustomOp*> cpu_ops() {
   static const OpRT<AddRmsNormKernel, float, half_t> add_norm_f32_f16;
   static const OpRT<AddRmsNormKernel, half_t, half_t> add_norm_f16;
   static const Op<LinearF16WKernel, float, float> linear_f16w;  // X float32, W float16: no type parameter
+  // DecodeBlock: the norms' (R, T) combinations.
+  static const OpRT<DecodeBlockKernel, float, float> block_f32;
+  static const OpRT<DecodeBlockKernel, float, half_t> block_f32_f16;
+  static const OpRT<DecodeBlockKernel, half_t, half_t> block_f16;
   return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16,
-          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w};
+          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w,
+          &block_f32, &block_f32_f16, &block_f16};
 }
 
 }  // namespace mamba_export_ops
