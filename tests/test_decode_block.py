@@ -1,4 +1,5 @@
-"""DecodeBlock: one whole decode layer (AddRMSNorm -> in_proj -> DecodeStep -> out_proj) as one op.
+"""DecodeBlock: one whole decode layer (AddRMSNorm -> in_proj -> DecodeStep -> out_proj) as one op, and exports with
+``--decode-blocks``.
 
 The op, through onnxruntime with the library and through its model-local function (a stock onnxruntime), against a
 float64 reference built from the reference model's own modules (RMSNorm and MambaMixer.step with the case's weights),
@@ -9,7 +10,9 @@ held to TOL of its dtype relative to max(1, max |ref|): float32 2e-5 (a few thou
 4e-3 (8 units of float16 rounding, 2^-11, for four roundings in a row); and no worse than 2x the same computation in
 plain PyTorch in that dtype (torch_ops.decode_block_cl), plus one unit of the dtype's rounding.
 
-Invalid inputs run in a subprocess, so a crash fails the test instead of killing pytest.
+The exports (the "tiny" config, float16 and float32): decode.onnx with DecodeBlock nodes, after a prefill through
+model.onnx, for 64 steps against decode.onnx without them and against the float64 reference model; greedy tokens
+identical. Invalid inputs run in a subprocess, so a crash fails the test instead of killing pytest.
 
 Run as a script with --bad-cases to print the outcome of every invalid-input case (what the subprocess does).
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,11 +33,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from mamba_export import cli
 from mamba_export.backends import REFERENCE
+from mamba_export.checkpoint import load_checkpoint
 from mamba_export.config import MambaConfig
-from mamba_export.export import onnx_ops, torch_ops
+from mamba_export.export import ExportError, export_checkpoint, onnx_ops, torch_ops
 from mamba_export.model import RMSNorm
-from support import bad_case_tests, float64_mixer, library_built, op_session, outcome_of
+from mamba_runtime import custom_op_library_path
+from support import (bad_case_tests, cli_refusal, float64_mixer, library_built, make_hf_model, op_session,
+                     outcome_of, rel_err, run_graph, save_transformers, zero_state)
 
 DOMAIN = "ai.mamba_export"
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +203,198 @@ def run_bad_case(name: str) -> dict:
 
 (bad_case_outcomes, test_invalid_input_is_an_onnxruntime_error,
  test_bad_case_subprocess_exits_cleanly) = bad_case_tests(__file__, BAD_CASES, lambda case: case[2])
+
+
+# ---- exports --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_transformers(make_hf_model("tiny", seed=2), tmp_path_factory.mktemp("decode-block") / "ckpt")
+
+
+@pytest.fixture(scope="module", params=["float16", "float32"])
+def exports(request, ckpt, tmp_path_factory):
+    """(dtype, {"on": dir, "off": dir}) through the command line: float16 with the default (auto: on) and with
+    --decode-blocks off; float32 with --decode-blocks on and with the default (auto: off)."""
+    root = tmp_path_factory.mktemp(f"decode-block-{request.param}")
+    dtype = request.param
+    flags = {"float16": {"on": [], "off": ["--decode-blocks", "off"]},
+             "float32": {"on": ["--decode-blocks", "on"], "off": []}}[dtype]
+    dirs = {}
+    for mode, extra in flags.items():
+        dirs[mode] = root / mode
+        assert cli.main(["export", str(ckpt), "-o", str(dirs[mode]), "--dtype", dtype, *extra]) == 0
+    return dtype, dirs
+
+
+def session(path: Path, library: bool = True) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if library:
+        so.register_custom_ops_library(custom_op_library_path())
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def decode_logits(out: Path, ids: torch.Tensor, prompt: int, library: bool = True) -> np.ndarray:
+    """Prefill ids[:, :prompt] through model.onnx, then one decode.onnx step per later token: the steps' logits."""
+    cfg = load_config(out)
+    _, state = run_graph(session(out / "model.onnx", library), ids[:, :prompt], zero_state(cfg, ids.shape[0]))
+    decode, steps = session(out / "decode.onnx", library), []
+    for t in range(prompt, ids.shape[1]):
+        logits, state = run_graph(decode, ids[:, t:t + 1], state)
+        steps.append(logits)
+    return np.concatenate(steps, axis=1)
+
+
+def load_config(out: Path) -> MambaConfig:
+    return MambaConfig.from_dict(json.loads((out / "manifest.json").read_text())["config"])
+
+
+def greedy(out: Path, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens through model.onnx then decode.onnx, with the library."""
+    cfg = load_config(out)
+    logits, state = run_graph(session(out / "model.onnx"), torch.tensor([prompt]), zero_state(cfg, 1))
+    decode, tokens = session(out / "decode.onnx"), []
+    for _ in range(n):
+        tokens.append(int(logits[0, -1].argmax()))
+        logits, state = run_graph(decode, torch.tensor([[tokens[-1]]]), state)
+    return tokens
+
+
+def test_decode_graph_has_one_decode_block_per_later_layer(exports):
+    _, dirs = exports
+    onnx_ops.register_schemas()
+    n_layer = load_config(dirs["on"]).n_layer
+    counts = {}
+    for mode, out in dirs.items():
+        onnx.checker.check_model(str(out / "decode.onnx"), full_check=True)
+        graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
+        ops = [n.op_type for n in graph.node if n.domain == DOMAIN]
+        counts[mode] = {op: ops.count(op) for op in ("DecodeBlock", "DecodeStep", "AddRMSNorm", "RMSNorm")}
+        assert json.loads((out / "manifest.json").read_text())["decode_blocks"] is (mode == "on")
+    assert counts["on"] == {"DecodeBlock": n_layer - 1, "DecodeStep": 1, "AddRMSNorm": 1, "RMSNorm": 1}
+    assert counts["off"] == {"DecodeBlock": 0, "DecodeStep": n_layer, "AddRMSNorm": n_layer, "RMSNorm": 1}
+    assert "DecodeBlock" in json.loads((dirs["on"] / "manifest.json").read_text())["ops"]["names"]
+
+
+def test_weights_grow_by_the_untransposed_projections(exports, ckpt):
+    """weights.bin holds in_proj and out_proj of layers 1.. a second time (64-byte aligned); the other files' weights
+    are shared."""
+    dtype, dirs = exports
+    model = load_checkpoint(ckpt)
+    extra = sum(layer.mixer.in_proj.weight.numel() + layer.mixer.out_proj.weight.numel()
+                for layer in model.backbone.layers[1:]) * (2 if dtype == "float16" else 4)
+    grown = (dirs["on"] / "weights.bin").stat().st_size - (dirs["off"] / "weights.bin").stat().st_size
+    assert extra <= grown < extra + 64 * 2 * (model.config.n_layer - 1)
+
+
+@pytest.mark.parametrize("how", ["library", "function"])
+def test_prefill_then_64_steps_match_unfused_graph_and_reference(exports, ckpt, how):
+    dtype, dirs = exports
+    ref = load_checkpoint(ckpt, dtype=torch.float64)
+    prompt = 5
+    ids = torch.randint(0, ref.config.vocab_size, (2, prompt + 64), generator=torch.Generator().manual_seed(3))
+    on = decode_logits(dirs["on"], ids, prompt, library=how == "library")
+    off = decode_logits(dirs["off"], ids, prompt, library=how == "library")
+    with torch.no_grad():
+        _, state = ref(ids[:, :prompt])
+        want = []
+        for t in range(prompt, ids.shape[1]):
+            logits, state = ref.step(ids[:, t], state)
+            want.append(logits[:, None])
+    want = torch.cat(want, dim=1)
+    tol = 1e-4 if dtype == "float32" else 1e-2  # the other export tests' bounds against float64
+    assert rel_err(torch.from_numpy(on), want) <= tol
+    # the fused graph is as close to the reference as the unfused one, and close to it
+    assert rel_err(torch.from_numpy(on), want) <= 1.5 * rel_err(torch.from_numpy(off), want) + 1e-6
+    assert rel_err(torch.from_numpy(on), torch.from_numpy(off)) <= tol
+
+
+def test_greedy_tokens_equal_unfused_graph_and_reference(exports, ckpt):
+    dtype, dirs = exports
+    ref = load_checkpoint(ckpt, dtype=torch.float64)
+    prompt = [5, 17, 42, 7, 3]
+    want = ref.generate_greedy(torch.tensor([prompt]), 24)[0].tolist()
+    assert greedy(dirs["on"], prompt, 24) == greedy(dirs["off"], prompt, 24) == want
+
+
+def test_python_runtime_runs_the_export(exports):
+    from mamba_runtime import MambaRuntime
+
+    _, dirs = exports
+    prompt = [5, 17, 42, 7, 3]
+    rt = MambaRuntime(dirs["on"], provider="cpu", threads=2, custom_ops="require")
+    assert rt.generate(prompt, 16).tokens[0] == greedy(dirs["off"], prompt, 16)
+
+
+@pytest.mark.parametrize("exports", ["float16"], indirect=True)
+def test_cpp_runtime_and_genai_run_the_export(exports):
+    _, dirs = exports
+    prompt = [5, 17, 42, 7, 3]
+    want = greedy(dirs["off"], prompt, 12)
+    proc = subprocess.run(["bash", "tools/build_cpp_runtime.sh"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    binary = proc.stdout.strip().splitlines()[-1]
+    res = subprocess.run([binary, str(dirs["on"]), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
+                          "12", "--greedy"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    fields = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert [int(t) for t in fields["tokens"].split(",")] == want
+    og = pytest.importorskip("onnxruntime_genai")
+    gen_model = og.Model(str(dirs["on"]))  # genai runs model.onnx; the library it registers has DecodeBlock too
+    params = og.GeneratorParams(gen_model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    gen = og.Generator(gen_model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert list(gen.get_sequence(0))[len(prompt):] == want
+
+
+# ---- the command line and its errors --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def biased_ckpt(tmp_path_factory):
+    return save_transformers(make_hf_model("nondefault"), tmp_path_factory.mktemp("decode-block-bias") / "ckpt")
+
+
+@pytest.mark.parametrize("case,flags,says", [
+    ("tiny", ["--format", "torchscript"], "for ONNX exports only, not --format torchscript"),
+    ("tiny", ["--decode-weights", "float16"], "not with --decode-weights float16"),
+    ("biased", ["--dtype", "float16"], "in_proj/out_proj biases"),
+])
+def test_cli_refuses_decode_blocks_where_they_do_not_apply(ckpt, biased_ckpt, tmp_path, capsys, case, flags, says):
+    source = ckpt if case == "tiny" else biased_ckpt
+    line = cli_refusal(["export", str(source), "-o", str(tmp_path / "out"), "--no-library", "--decode-blocks", "on",
+                        *flags], capsys)
+    assert line.startswith("mamba-export export: error: --decode-blocks on: ") and says in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_is_off_where_blocks_do_not_apply(biased_ckpt, tmp_path):
+    """--dtype float16 of a model with in_proj/out_proj bias: auto exports without DecodeBlock, no error."""
+    out = export_checkpoint(biased_ckpt, tmp_path / "o", dtype="float16", with_library=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decode_blocks"] is False
+    graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
+    assert all(n.op_type != "DecodeBlock" for n in graph.node)
+
+
+def test_api_refuses_an_unknown_mode(ckpt, tmp_path):
+    with pytest.raises(ExportError, match="unknown decode blocks mode 'yes'"):
+        export_checkpoint(ckpt, tmp_path / "o", decode_blocks="yes")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_help_explains_the_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--decode-blocks {auto,on,off}" in text
+    assert "one DecodeBlock node" in text and "CUDA execution provider" in text and "weights.bin" in text
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:

@@ -34,6 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "with the LinearF16W op, which widens them to float32 in registers: a decode step reads half the "
                    "bytes, at float16 weight rounding (activations, sums, states and the prefill graphs stay "
                    "float32); default float32")
+    p.add_argument("--decode-blocks", choices=("auto", "on", "off"), default="auto",
+                   help="on: decode.onnx runs every layer after the first as one DecodeBlock node (norm, in_proj, "
+                   "mixer and out_proj in one op, for the CUDA execution provider: one kernel launch per layer); "
+                   "weights.bin then holds in_proj and out_proj a second time, untransposed, so it grows by about "
+                   "60%%. Not with --format torchscript, --decode-weights float16 or models with in_proj/out_proj "
+                   "bias. auto (default): on for --dtype float16 ONNX exports where it applies, off otherwise")
     p.set_defaults(run=run)
 
 
@@ -47,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(
         args.checkpoint, args.output, dtype=args.dtype, last_logits=args.last_logits, fmt=args.fmt,
-        force=args.force, with_library=args.with_library, decode_weights=args.decode_weights, progress=progress,
+        force=args.force, with_library=args.with_library, decode_weights=args.decode_weights,
+        decode_blocks=args.decode_blocks, progress=progress,
     )
     print(out)
     return 0

@@ -17,14 +17,16 @@ import torch
 
 from .. import __version__
 from ..checkpoint import TOKENIZER_FILES, load_checkpoint, read_config
+from ..config import MambaConfig
 from ..model import MambaLM
 from . import directory, onnx_ops
 from .directory import ExportError
-from .graphs import DECODE_WEIGHT_DTYPES, io_names
+from .graphs import DECODE_WEIGHT_DTYPES, decode_blocks_unavailable, io_names
 from .onnx_export import DECODE_F16_WEIGHTS_FILE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FORMATS = ("onnx", "torchscript")
+DECODE_BLOCK_MODES = ("auto", "on", "off")
 GENAI_CONTEXT_LENGTH = 4096  # onnxruntime-genai needs a bound; Mamba itself has none
 Progress = Callable[[str], None]
 
@@ -32,7 +34,7 @@ Progress = Callable[[str], None]
 def export_checkpoint(
     ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", last_logits: bool = False,
     fmt: str = "onnx", force: bool = False, with_library: bool = True, decode_weights: str = "float32",
-    progress: Progress | None = None,
+    decode_blocks: str = "auto", progress: Progress | None = None,
 ) -> Path:
     """Export the checkpoint in ``ckpt_dir`` (either layout) to the directory ``out_dir``.
 
@@ -47,6 +49,10 @@ def export_checkpoint(
         decode_weights: "float32" or "float16" (ONNX with dtype float32 only): the dtype of decode.onnx's in_proj,
             out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes a
             decode step reads), the prefill graphs keep the float32 weights.
+        decode_blocks: "auto", "on" or "off": whether decode.onnx runs each layer after the first as one DecodeBlock
+            node (for the CUDA execution provider; in_proj and out_proj stored a second time, untransposed). "auto"
+            is on for float16 ONNX exports of models without in_proj/out_proj bias; "on" where it does not apply
+            (TorchScript, such biases, float16 decode weights) raises.
         progress: called with a short message at each step.
 
     Returns:
@@ -56,7 +62,8 @@ def export_checkpoint(
         ExportError, CheckpointError: one line saying what is wrong.
     """
     _check_options(dtype, fmt, decode_weights)
-    _, _, raw = read_config(ckpt_dir)
+    cfg, _, raw = read_config(ckpt_dir)
+    resolve_decode_blocks(decode_blocks, cfg, dtype, fmt, decode_weights)  # fails before the slow part
     directory.check_target(Path(out_dir).absolute(), force)  # fail before the slow part; checked again at the end
     if fmt == "onnx" and with_library:
         directory.library_path()  # raises now, before the slow part, when the library is not built
@@ -65,13 +72,14 @@ def export_checkpoint(
     model = load_checkpoint(ckpt_dir, dtype=DTYPES[dtype])
     return export_model(
         model, out_dir, last_logits=last_logits, fmt=fmt, force=force, with_library=with_library,
-        decode_weights=decode_weights, source_dir=ckpt_dir, token_ids=_token_ids(raw), progress=progress,
+        decode_weights=decode_weights, decode_blocks=decode_blocks, source_dir=ckpt_dir, token_ids=_token_ids(raw),
+        progress=progress,
     )
 
 
 def export_model(
     model: MambaLM, out_dir: str | os.PathLike, *, last_logits: bool = False, fmt: str = "onnx",
-    force: bool = False, with_library: bool = True, decode_weights: str = "float32",
+    force: bool = False, with_library: bool = True, decode_weights: str = "float32", decode_blocks: str = "auto",
     source_dir: str | os.PathLike | None = None, token_ids: dict[str, int] | None = None,
     progress: Progress | None = None,
 ) -> Path:
@@ -84,6 +92,7 @@ def export_model(
     if dtype is None:
         raise ExportError(f"model dtype {model.lm_head.weight.dtype} cannot be exported; use float32 or float16")
     _check_options(dtype, fmt, decode_weights)
+    blocks = resolve_decode_blocks(decode_blocks, model.config, dtype, fmt, decode_weights)
     say = progress or (lambda msg: None)
     model = model.eval()
     library_path = directory.library_path() if fmt == "onnx" and with_library else None
@@ -93,7 +102,7 @@ def export_model(
         if fmt == "onnx":
             from .onnx_export import write_graphs
 
-            graphs = write_graphs(model, tmp, last_logits, say, decode_weights)
+            graphs = write_graphs(model, tmp, last_logits, say, decode_weights, blocks)
             if library_path is not None:
                 library = shutil.copy2(library_path, tmp / library_path.name).name
             directory.write_json(tmp / "genai_config.json", genai_config(model, library, token_ids or {}))
@@ -105,7 +114,7 @@ def export_model(
         tokenizer = directory.copy_tokenizer(Path(source_dir) if source_dir else None, tmp, TOKENIZER_FILES)
         say("writing manifest.json")
         manifest = build_manifest(model, fmt, dtype, graphs, library, tokenizer, directory.file_checksums(tmp),
-                                  decode_weights)
+                                  decode_weights, blocks)
         directory.write_json(tmp / "manifest.json", manifest)
 
     out = directory.write_atomically(out_dir, force, build)
@@ -126,6 +135,22 @@ def _check_options(dtype: str, fmt: str, decode_weights: str = "float32") -> Non
     if decode_weights == "float16" and dtype != "float32":
         raise ExportError(f"--decode-weights float16 needs the float32 export (--dtype float32); a --dtype {dtype} "
                           f"export stores every weight as {dtype} already")
+
+
+def resolve_decode_blocks(mode: str, cfg: MambaConfig, dtype: str, fmt: str, decode_weights: str) -> bool:
+    """Whether decode.onnx gets DecodeBlock nodes: "on", "off", or "auto" (on for float16 ONNX exports where the op
+    applies).
+
+    Raises:
+        ExportError: an unknown mode, or "on" where DecodeBlock does not apply.
+    """
+    if mode not in DECODE_BLOCK_MODES:
+        raise ExportError(f"unknown decode blocks mode {mode!r}; choose one of {', '.join(DECODE_BLOCK_MODES)}")
+    why_not = (f"for ONNX exports only, not --format {fmt}" if fmt != "onnx"
+               else decode_blocks_unavailable(cfg, decode_weights))
+    if mode == "on" and why_not:
+        raise ExportError(f"--decode-blocks on: {why_not}")
+    return why_not is None and (mode == "on" or (mode == "auto" and dtype == "float16"))
 
 
 def _token_ids(raw_config: dict) -> dict[str, int]:
@@ -152,12 +177,13 @@ def _graph_io(model: MambaLM, graph: str, dtype: str) -> dict:
 
 def build_manifest(
     model: MambaLM, fmt: str, dtype: str, graphs: list[str], library: str | None, tokenizer: list[str],
-    files: dict[str, dict], decode_weights: str = "float32",
+    files: dict[str, dict], decode_weights: str = "float32", decode_blocks: bool = False,
 ) -> dict:
     """manifest.json: what a runtime needs to know about the export, and the sha256 of every file.
 
     ``decode_weight_dtype``: the dtype of decode.onnx's in_proj, out_proj and LM head weights (ONNX exports; null for
-    TorchScript); ``decode_weights_file``: where the float16 copies are (null unless float16)."""
+    TorchScript); ``decode_weights_file``: where the float16 copies are (null unless float16); ``decode_blocks``:
+    whether decode.onnx runs layers 1 to n_layer - 1 as one DecodeBlock node each (null for TorchScript)."""
     c = model.config
     return {
         "format_version": directory.FORMAT_VERSION,
@@ -180,6 +206,7 @@ def build_manifest(
         "weights": "weights.bin" if fmt == "onnx" else None,
         "decode_weight_dtype": decode_weights if fmt == "onnx" else None,
         "decode_weights_file": DECODE_F16_WEIGHTS_FILE if fmt == "onnx" and decode_weights == "float16" else None,
+        "decode_blocks": decode_blocks if fmt == "onnx" else None,
         "tokenizer": {"files": tokenizer},
         "files": files,
     }

@@ -9,6 +9,8 @@ and the residual adds replaced by the custom-op-domain operators of docs/CONTRAC
 previous block's output and the residual stream through one ``AddRMSNorm`` (the residual add, then the norm).
 ``DecodeGraph(model, decode_weights="float16")`` keeps float16 copies of in_proj, out_proj and the LM head and
 multiplies them with ``LinearF16W`` (float32 activations, weights widened to float32); the rest is unchanged.
+``DecodeGraph(model, decode_blocks=True)`` runs every layer after the first as one ``DecodeBlock`` (AddRMSNorm,
+in_proj, DecodeStep and out_proj in one node, the projection weights in nn.Linear's [out, in] layout).
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ from . import torch_ops
 
 
 class OpSet(NamedTuple):
-    """Implementations of SelectiveScan, CausalConv1d, DecodeStep, RMSNorm and AddRMSNorm with the signatures of
-    :mod:`.torch_ops`."""
+    """Implementations of SelectiveScan, CausalConv1d, DecodeStep, RMSNorm, AddRMSNorm and DecodeBlock with the
+    signatures of :mod:`.torch_ops`."""
 
     selective_scan: Callable
     causal_conv1d: Callable
     decode_step: Callable
     rms_norm: Callable
     add_rms_norm: Callable
+    decode_block: Callable
 
 
 CUSTOM_OPS = OpSet(torch_ops.selective_scan, torch_ops.causal_conv1d, torch_ops.decode_step, torch_ops.rms_norm,
-                   torch_ops.add_rms_norm)
+                   torch_ops.add_rms_norm, torch_ops.decode_block)
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -58,6 +61,17 @@ def example_inputs(cfg: MambaConfig, batch: int, seq: int) -> tuple[Tensor, ...]
 
 
 DECODE_WEIGHT_DTYPES = ("float32", "float16")
+
+
+def decode_blocks_unavailable(cfg: MambaConfig, decode_weights: str = "float32") -> str | None:
+    """Why decode.onnx cannot use DecodeBlock for a model of config ``cfg`` (None when it can): the op has no
+    in_proj/out_proj bias and takes its matrices in the activation dtype."""
+    if cfg.bias:
+        return "the model has in_proj/out_proj biases, which DecodeBlock does not take"
+    if decode_weights != "float32":
+        return (f"not with --decode-weights {decode_weights} (DecodeBlock takes its matrices in the activation "
+                "dtype)")
+    return None
 
 
 class F16WeightLinear(nn.Module):
@@ -101,13 +115,24 @@ class _Mixer(nn.Module):
         y, ssm = ops.selective_scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm)
         return self.out_proj(y), conv, ssm
 
+    def _step_parameters(self) -> tuple[Tensor, ...]:
+        """DecodeStep's inputs after the states, float32: conv weight and bias, x_proj, dt_proj, dt_bias, A, D."""
+        return (self.conv_weight, self.conv_bias, self.x_proj.weight.to(torch.float32),
+                self.dt_proj_weight.to(torch.float32), self.dt_bias, self.A, self.D)
+
     def decode(self, ops: OpSet, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (b, 1, D) -> (b, 1, D), new conv, new ssm; the parameters enter DecodeStep as float32."""
-        y, conv, ssm = ops.decode_step(
-            self.in_proj(h), conv, ssm, self.conv_weight, self.conv_bias, self.x_proj.weight.to(torch.float32),
-            self.dt_proj_weight.to(torch.float32), self.dt_bias, self.A, self.D,
-        )
+        y, conv, ssm = ops.decode_step(self.in_proj(h), conv, ssm, *self._step_parameters())
         return self.out_proj(y), conv, ssm
+
+    def block(self, ops: OpSet, norm: nn.Module, out: Tensor, residual: Tensor, conv: Tensor,
+              ssm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The previous block's output and the residual (b, 1, D) -> this block's output, the new residual, new conv,
+        new ssm: one DecodeBlock (``norm`` is the layer's pre-norm)."""
+        return ops.decode_block(
+            out, residual, norm.weight, self.in_proj.weight, conv, ssm, *self._step_parameters(),
+            self.out_proj.weight, float(norm.eps),
+        )
 
 
 class _Graph(nn.Module):
@@ -120,6 +145,7 @@ class _Graph(nn.Module):
         self.norm_f, self.lm_head = model.backbone.norm_f, model.lm_head
         self.weight_dtype = model.lm_head.weight.dtype
         self.residual_dtype = model._residual_dtype()
+        self.decode_blocks = False  # layers after the first as one DecodeBlock each (decode mode only)
 
     def _run(self, input_ids: Tensor, past: tuple[Tensor, ...], mode: str, last_logits: bool) -> tuple[Tensor, ...]:
         """MambaLM.forward with each block's residual add fused into the next norm:
@@ -131,10 +157,14 @@ class _Graph(nn.Module):
         present: list[Tensor] = []
         out = h  # replaced by the first block's output
         for i, mixer in enumerate(self.mixers):
-            if i > 0:
-                norm = self.norms[i]
-                h, residual = ops.add_rms_norm(out, residual, norm.weight, float(norm.eps))
-            out, conv, ssm = getattr(mixer, mode)(ops, h, past[2 * i], past[2 * i + 1])
+            conv, ssm = past[2 * i], past[2 * i + 1]
+            if i > 0 and mode == "decode" and self.decode_blocks:
+                out, residual, conv, ssm = mixer.block(ops, self.norms[i], out, residual, conv, ssm)
+            else:
+                if i > 0:
+                    norm = self.norms[i]
+                    h, residual = ops.add_rms_norm(out, residual, norm.weight, float(norm.eps))
+                out, conv, ssm = getattr(mixer, mode)(ops, h, conv, ssm)
             present += [conv.to(torch.float32), ssm.to(torch.float32)]
         if last_logits:
             out, residual = out[:, -1:], residual[:, -1:]
@@ -158,12 +188,19 @@ class DecodeGraph(_Graph):
     """decode.onnx: exactly one new token per sequence, one fused DecodeStep per layer.
 
     ``decode_weights="float16"`` (float32 models only): in_proj, out_proj and the LM head are
-    :class:`F16WeightLinear` (half the bytes a step reads); the embedding keeps its float32 table."""
+    :class:`F16WeightLinear` (half the bytes a step reads); the embedding keeps its float32 table.
+    ``decode_blocks`` (models without in_proj/out_proj bias, float32 decode weights): layers 1 to n_layer - 1 are one
+    DecodeBlock each, layer 0 stays RMSNorm, in_proj, DecodeStep, out_proj."""
 
-    def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS, decode_weights: str = "float32"):
+    def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS, decode_weights: str = "float32",
+                 decode_blocks: bool = False):
         super().__init__(model, ops)
         if decode_weights not in DECODE_WEIGHT_DTYPES:
             raise ValueError(f"decode_weights must be one of {DECODE_WEIGHT_DTYPES}, not {decode_weights!r}")
+        why_not = decode_blocks_unavailable(model.config, decode_weights)
+        if decode_blocks and why_not:
+            raise ValueError(f"decode blocks are not available: {why_not}")
+        self.decode_blocks = decode_blocks
         if decode_weights == "float16":
             if self.weight_dtype != torch.float32:
                 raise ValueError("float16 decode weights need a float32 model")

@@ -104,16 +104,19 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
 
 def write_graphs(
     model: MambaLM, out: Path, last_logits: bool, say: Callable[[str], None], decode_weights: str = "float32",
+    decode_blocks: bool = False,
 ) -> list[str]:
     """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``; with
     ``decode_weights="float16"`` also decode_weights_f16.bin, decode.onnx's float16 in_proj, out_proj and LM head.
+    With ``decode_blocks`` decode.onnx runs layers after the first as DecodeBlock nodes, whose in_proj and out_proj
+    weights (nn.Linear layout) are stored in weights.bin beside model.onnx's transposed ones.
 
     Returns:
         The graph file names written.
     """
     wrappers = {
         "model.onnx": (SequenceGraph(model), True),
-        "decode.onnx": (DecodeGraph(model, decode_weights=decode_weights), False),
+        "decode.onnx": (DecodeGraph(model, decode_weights=decode_weights, decode_blocks=decode_blocks), False),
     }
     if last_logits:
         wrappers["model_last.onnx"] = (SequenceGraph(model, last_logits=True), True)
