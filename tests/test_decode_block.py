@@ -38,6 +38,7 @@ from mamba_export.backends import REFERENCE
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.config import MambaConfig
 from mamba_export.export import ExportError, export_checkpoint, onnx_ops, torch_ops
+from mamba_export.export.api import resolve_decode_blocks
 from mamba_export.model import RMSNorm
 from mamba_runtime import custom_op_library_path
 from support import (bad_case_tests, cli_refusal, float64_mixer, library_built, make_hf_model, op_session,
@@ -215,12 +216,12 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["float16", "float32"])
 def exports(request, ckpt, tmp_path_factory):
-    """(dtype, {"on": dir, "off": dir}) through the command line: float16 with the default (auto: on) and with
-    --decode-blocks off; float32 with --decode-blocks on and with the default (auto: off)."""
+    """(dtype, {"on": dir, "off": dir}) through the command line: --decode-blocks on, and without it: float16 with
+    the default (auto, which is off for every export), float32 with --decode-blocks off."""
     root = tmp_path_factory.mktemp(f"decode-block-{request.param}")
     dtype = request.param
-    flags = {"float16": {"on": [], "off": ["--decode-blocks", "off"]},
-             "float32": {"on": ["--decode-blocks", "on"], "off": []}}[dtype]
+    flags = {"float16": {"on": ["--decode-blocks", "on"], "off": []},
+             "float32": {"on": ["--decode-blocks", "on"], "off": ["--decode-blocks", "off"]}}[dtype]
     dirs = {}
     for mode, extra in flags.items():
         dirs[mode] = root / mode
@@ -374,6 +375,32 @@ def test_cli_refuses_decode_blocks_where_they_do_not_apply(ckpt, biased_ckpt, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("mode", ["auto", "off", "on"])
+def test_only_on_turns_blocks_on(ckpt, mode, dtype):
+    """auto (the default) is off for every export, float16 included: the fused CUDA kernel is faster only at batch 1;
+    on turns it on wherever it applies."""
+    cfg = load_checkpoint(ckpt).config
+    assert resolve_decode_blocks(mode, cfg, dtype, "onnx", "float32") is (mode == "on")
+    if mode == "on":
+        with pytest.raises(ExportError, match="--decode-blocks on: for ONNX exports only"):
+            resolve_decode_blocks(mode, cfg, dtype, "torchscript", "float32")
+    else:
+        assert resolve_decode_blocks(mode, cfg, dtype, "torchscript", "float32") is False
+
+
+@pytest.mark.parametrize("how", ["default", "auto"])
+def test_float16_export_has_no_blocks_by_default(ckpt, tmp_path, how):
+    """--dtype float16 without --decode-blocks, and with --decode-blocks auto: decode.onnx has no DecodeBlock."""
+    extra = [] if how == "default" else ["--decode-blocks", "auto"]
+    out = tmp_path / "o"
+    assert cli.main(["export", str(ckpt), "-o", str(out), "--dtype", "float16", "--no-library", *extra]) == 0
+    assert json.loads((out / "manifest.json").read_text())["decode_blocks"] is False
+    graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
+    assert all(n.op_type != "DecodeBlock" for n in graph.node)
+    assert sum(n.op_type == "DecodeStep" for n in graph.node) == load_config(out).n_layer
+
+
 def test_auto_is_off_where_blocks_do_not_apply(biased_ckpt, tmp_path):
     """--dtype float16 of a model with in_proj/out_proj bias: auto exports without DecodeBlock, no error."""
     out = export_checkpoint(biased_ckpt, tmp_path / "o", dtype="float16", with_library=False)
@@ -395,6 +422,8 @@ def test_cli_help_explains_the_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--decode-blocks {auto,on,off}" in text
     assert "one DecodeBlock node" in text and "CUDA execution provider" in text and "weights.bin" in text
+    assert "batch-1 decode latency" in text and "slower at batch 8 and above" in text
+    assert "Default off (auto, the default value, means off for every export)" in text
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:

@@ -34,6 +34,7 @@ def test_cli_export_then_refuse_overwrite_then_force(ckpt, tmp_path, capsys):
     assert captured.out.strip() == str(out) and "exporting decode.onnx" in captured.err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer"]["files"] == ["tokenizer.json"] and "tokenizer.json" in manifest["files"]
+    assert manifest["decode_blocks"] is False  # --decode-blocks auto (the default) is off
     (out / "marker").write_text("old")
     assert cli.main(["export", str(ckpt), "-o", str(out), "--no-library"]) == 2
     assert "already exists" in _error_line(capsys) and (out / "marker").exists()

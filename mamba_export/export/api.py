@@ -50,9 +50,9 @@ def export_checkpoint(
             out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes a
             decode step reads), the prefill graphs keep the float32 weights.
         decode_blocks: "auto", "on" or "off": whether decode.onnx runs each layer after the first as one DecodeBlock
-            node (for the CUDA execution provider; in_proj and out_proj stored a second time, untransposed). "auto"
-            is on for float16 ONNX exports of models without in_proj/out_proj bias; "on" where it does not apply
-            (TorchScript, such biases, float16 decode weights) raises.
+            node (for the CUDA execution provider: lower batch-1 decode latency, slower at batch 8 and above;
+            in_proj and out_proj stored a second time, untransposed). "auto" (the default) is off for every
+            export; "on" where it does not apply (TorchScript, such biases, float16 decode weights) raises.
         progress: called with a short message at each step.
 
     Returns:
@@ -138,8 +138,8 @@ def _check_options(dtype: str, fmt: str, decode_weights: str = "float32") -> Non
 
 
 def resolve_decode_blocks(mode: str, cfg: MambaConfig, dtype: str, fmt: str, decode_weights: str) -> bool:
-    """Whether decode.onnx gets DecodeBlock nodes: "on", "off", or "auto" (on for float16 ONNX exports where the op
-    applies).
+    """Whether decode.onnx gets DecodeBlock nodes: "on", or "off" / "auto" (auto is off for every export: the fused
+    kernel is faster only at batch 1).
 
     Raises:
         ExportError: an unknown mode, or "on" where DecodeBlock does not apply.
@@ -150,7 +150,7 @@ def resolve_decode_blocks(mode: str, cfg: MambaConfig, dtype: str, fmt: str, dec
                else decode_blocks_unavailable(cfg, decode_weights))
     if mode == "on" and why_not:
         raise ExportError(f"--decode-blocks on: {why_not}")
-    return why_not is None and (mode == "on" or (mode == "auto" and dtype == "float16"))
+    return mode == "on"
 
 
 def _token_ids(raw_config: dict) -> dict[str, int]:
