@@ -1,6 +1,7 @@
 """The CUDA kernels of the custom-op library, alone: one-node graphs on onnxruntime's CUDA execution provider against
 the float64 reference operators (mamba_export.ops; a float64 RMSNorm for the norms), on random shapes including long
-sequences and batch 64, for float32, float16 and bfloat16 activations (the norms also with a float32 or T residual). Outputs are poisoned with NaN before each run. Needs a GPU and
+sequences and batch 64, for float32, float16 and bfloat16 activations (the norms and DecodeBlock also with a float32 or T
+residual). Outputs are poisoned with NaN before each run. Needs a GPU and
 onnxruntime-gpu (skipped otherwise); tools/gpu_check.sh runs them on the GPU machine."""
 
 from __future__ import annotations
@@ -356,6 +357,105 @@ def test_norm_bad_inputs_are_clear_errors():
         model.run(bad, {k: (2, 0, 16) for k in out_shapes})
     with pytest.raises(Exception, match=r"RMSNorm \(CUDA\): attribute 'epsilon' is -1"):
         OneNodeModel("RMSNorm", {"x": 3, "weight": 1}, {"y": 3}, {"weight", "y"}, "float32", epsilon=-1.0)
+
+
+# ---- DecodeBlock -----------------------------------------------------------------------------------------------
+BLOCK_IN = {"x": 3, "residual": 3, "norm_weight": 1, "in_proj_weight": 2, "conv_state_in": 3, "ssm_state_in": 3,
+            "conv_weight": 2, "conv_bias": 1, "x_proj_weight": 2, "dt_proj_weight": 2, "dt_bias": 1, "A": 2, "D": 1,
+            "out_proj_weight": 2}
+BLOCK_OUT = {"out": 3, "residual_out": 3, "conv_state_out": 3, "ssm_state_out": 3}
+BLOCK_SHAPES = [  # b, d, e, n, k, r
+    (1, 768, 1536, 16, 4, 48),     # mamba-130m at batch 1 (the NB = 1 build, fused)
+    (1, 2048, 4096, 16, 4, 128),   # mamba-1.4b at batch 1
+    (8, 768, 1536, 16, 4, 48),     # one full group
+    (3, 100, 204, 12, 3, 7),       # a partial group, channels not a multiple of the 16-channel tile
+    (64, 256, 512, 16, 4, 16),     # eight groups
+    (2, 36, 72, 160, 4, 3),        # d_state > 128 (8 states per thread), r + 2n > 256 x_proj rows
+    (5, 37, 74, 16, 1, 5),         # odd d (scalar weight loads), d_conv 1 (no conv state)
+    (9, 2600, 5200, 16, 4, 163),   # d beyond one 2048-value chunk, two groups
+]
+# out goes through three more roundings to T than DecodeStep's y (h, xz and y itself), each emulated in the reference.
+BLOCK_TOL = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+def block_case(b, d, e, n, k, r_, dtype, rdtype, seed):
+    """(model, feeds, output shapes, references as float64) for one DecodeBlock node. The reference rounds h, xz and
+    y to T where the op does, in float64 otherwise; residual_out is emulated exactly."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = {"x": r(b, 1, d), "residual": 2 * r(b, 1, d), "norm_weight": 1 + 0.2 * r(d),
+         "in_proj_weight": r(2 * e, d) / d ** 0.5, "conv_state_in": r(b, e, k - 1), "ssm_state_in": r(b, e, n),
+         "conv_weight": r(e, k) * 0.5, "conv_bias": r(e) * 0.5, "x_proj_weight": r(r_ + 2 * n, e) / e ** 0.5,
+         "dt_proj_weight": r(e, r_) / r_ ** 0.5, "dt_bias": r(e) * 0.5 - 1.0, "A": -torch.exp(r(e, n) * 0.5),
+         "D": r(e), "out_proj_weight": r(d, e) / e ** 0.5}
+    t_names = {"x", "norm_weight", "in_proj_weight", "out_proj_weight", "out"}
+    if rdtype != "float32":
+        t_names |= {"residual", "residual_out"}
+    t = {k_: (rounded(v, dtype) if k_ in t_names else v.float().double()) for k_, v in x.items()}
+    res = (t["residual"].float() + t["x"].float()).to(getattr(torch, rdtype)).double()[:, 0]
+    h = rounded(res / torch.sqrt(res.pow(2).mean(-1, keepdim=True) + 1e-5) * t["norm_weight"], dtype)
+    xz = rounded(h @ t["in_proj_weight"].T, dtype)
+    xs, z = xz[:, :e], xz[:, e:]
+    xc, conv_ref = causal_conv1d_step_ref(xs, t["conv_weight"], t["conv_bias"], t["conv_state_in"], True)
+    dt, B, C = torch.split(xc @ t["x_proj_weight"].T, [r_, n, n], dim=-1)
+    y, ssm_ref = selective_state_update_ref(t["ssm_state_in"], xc, dt @ t["dt_proj_weight"].T, t["A"], B, C, t["D"],
+                                            z, t["dt_bias"], True)
+    out_ref = rounded(y, dtype) @ t["out_proj_weight"].T
+    model = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, t_names, dtype, epsilon=1e-5)
+    feeds = {k_: as_feed(v, dtype) if k_ in t_names else v.float().numpy() for k_, v in x.items()}
+    shapes = {"out": (b, 1, d), "residual_out": (b, 1, d), "conv_state_out": (b, e, k - 1), "ssm_state_out": (b, e, n)}
+    return model, feeds, shapes, (out_ref, res, conv_ref, ssm_ref)
+
+
+@pytest.mark.parametrize("dtype,rdtype", NORM_TYPES, ids=lambda v: v)
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_block_matches_reference(shape, dtype, rdtype):
+    model, feeds, shapes, (out_ref, res_ref, conv_ref, ssm_ref) = block_case(*shape, dtype, rdtype,
+                                                                            seed_of(shape, dtype, rdtype))
+    out, res, conv, ssm = model.run(feeds, shapes)
+    assert rel_err(out[:, 0], out_ref) < BLOCK_TOL[dtype]
+    np.testing.assert_array_equal(res[:, 0].astype(np.float64), res_ref.numpy())
+    # The states follow xz, which the reference rounds to T itself: a rounding that lands on the other side moves
+    # them by one ulp of T.
+    state_tol = STATE_TOL if dtype == "float32" else BLOCK_TOL[dtype]
+    if conv.size:
+        assert rel_err(conv, conv_ref) < state_tol
+    assert rel_err(ssm, ssm_ref) < state_tol
+
+
+BLOCK_PATHS = ["auto", "split", "unfolded"]  # MAMBA_EXPORT_CUDA_DECODE_BLOCK; kernels/cuda/decode_block.cu
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[3], BLOCK_SHAPES[4], BLOCK_SHAPES[7]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_decode_block_paths_agree_bit_for_bit(shape, dtype, monkeypatch):
+    """The fused kernel, one kernel per phase, and the unfolded reduction give identical bits (no atomics, sums in
+    orders fixed by the sizes), and so do repeated runs: needed for identical tokens with CUDA graphs on and off."""
+    model, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=7)
+    runs = []
+    for path in ("auto", "auto", "split", "unfolded"):
+        if path == "auto":
+            monkeypatch.delenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", raising=False)
+        else:
+            monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", path)
+        runs.append(model.run(feeds, shapes))
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_decode_block_bad_inputs_are_clear_errors():
+    model, feeds, shapes, _ = block_case(2, 16, 32, 4, 4, 2, "float32", "float32", seed=1)
+    bad = {**feeds, "out_proj_weight": np.zeros((16, 31), np.float32)}
+    with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'out_proj_weight' must have shape \[16, 32\]"):
+        model.run(bad, shapes)
+    bad = {**feeds, "in_proj_weight": np.zeros((63, 16), np.float32)}
+    with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'in_proj_weight' must have an even first"):
+        model.run(bad, shapes)
+    bad = {**feeds, "residual": np.zeros((2, 1, 15), np.float32)}
+    with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"):
+        model.run(bad, shapes)
 
 
 # ---- validation ------------------------------------------------------------------------------------------------

@@ -22,19 +22,23 @@ from support import make_hf_model, rel_err, save_transformers
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_EP, reason="onnxruntime has no CUDAExecutionProvider")]
 
-CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm"}
+CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "DecodeBlock"}
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """{(config, dtype): (export dir, float64 reference model)} with the custom-op library in each export."""
+    """{(config, dtype): (export dir, float64 reference model)} with the custom-op library in each export; dtype
+    "float16-blocks" / "float32-blocks": exported with --decode-blocks on (one DecodeBlock node per layer >= 1)."""
     from mamba_export.export import export_checkpoint
 
     out = {}
-    for config, dtype in (("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16")):
+    for config, dtype in (("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16"),
+                          ("nondefault", "float16-blocks"), ("nondefault", "float32-blocks")):
         root = tmp_path_factory.mktemp(f"{config}-{dtype}")
         ckpt = save_transformers(make_hf_model(config, seed=3), root / "ckpt")
-        path = export_checkpoint(ckpt, root / "export", dtype=dtype, last_logits=True)
+        blocks = "on" if dtype.endswith("-blocks") else "off"
+        path = export_checkpoint(ckpt, root / "export", dtype=dtype.removesuffix("-blocks"), last_logits=True,
+                                 decode_blocks=blocks)
         out[config, dtype] = (Path(path), load_checkpoint(ckpt, dtype=torch.float64))
     return out
 
@@ -64,11 +68,12 @@ def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]):
     return out[0], out[1:]
 
 
-@pytest.mark.parametrize("key", [("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16")],
+@pytest.mark.parametrize("key", [("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16"),
+                                 ("nondefault", "float16-blocks"), ("nondefault", "float32-blocks")],
                          ids=lambda k: "-".join(k))
 def test_prefill_and_64_decode_steps_match_reference(exports, key):
     out, ref = exports[key]
-    tol = 1e-4 if key[1] == "float32" else 1e-2
+    tol = 1e-4 if key[1].startswith("float32") else 1e-2
     ids = torch.randint(0, ref.config.vocab_size, (3, 7 + 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, want_state = ref(ids)
@@ -81,7 +86,7 @@ def test_prefill_and_64_decode_steps_match_reference(exports, key):
         steps.append(logits)
     assert rel_err(torch.from_numpy(np.concatenate(steps, axis=1).astype(np.float64)), want[:, 7:]) <= tol
     for i in range(ref.config.n_layer):
-        assert rel_err(torch.from_numpy(state[2 * i + 1]), want_state.ssm[i]) <= (1e-4 if key[1] == "float32" else 2e-2)
+        assert rel_err(torch.from_numpy(state[2 * i + 1]), want_state.ssm[i]) <= (1e-4 if tol == 1e-4 else 2e-2)
 
 
 def prompts_for(model, batch: int, seed: int) -> list[list[int]]:
@@ -89,11 +94,12 @@ def prompts_for(model, batch: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, model.config.vocab_size, (3 + 2 * i,), generator=g).tolist() for i in range(batch)]
 
 
-def test_greedy_tokens_identical_to_cpu_runtime(exports):
+@pytest.mark.parametrize("dtype", ["float32", "float32-blocks"])
+def test_greedy_tokens_identical_to_cpu_runtime(exports, dtype):
     from mamba_runtime import MambaRuntime
     from mamba_runtime.gpu import CudaGenerator
 
-    out, ref = exports["nondefault", "float32"]
+    out, ref = exports["nondefault", dtype]
     prompts = prompts_for(ref, 4, seed=1)
     cpu = MambaRuntime(out, provider="cpu", custom_ops="require").generate(prompts, 40).tokens
     cuda_rt = MambaRuntime(out, provider="cuda", custom_ops="require")
@@ -103,7 +109,8 @@ def test_greedy_tokens_identical_to_cpu_runtime(exports):
     assert fast.tolist() == cpu
 
 
-@pytest.mark.parametrize("key", [("nondefault", "float32"), ("nondefault", "float16")], ids=lambda k: "-".join(k))
+@pytest.mark.parametrize("key", [("nondefault", "float32"), ("nondefault", "float16"), ("nondefault", "float16-blocks")],
+                         ids=lambda k: "-".join(k))
 def test_cuda_graphs_on_and_off_give_identical_tokens(exports, key):
     from mamba_runtime.gpu import CudaGenerator
 
@@ -138,12 +145,14 @@ def cpu_compute_nodes(profile_file: str) -> tuple[list[str], set[str]]:
     return on_cpu, custom_on_cuda
 
 
-def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path):
-    out, ref = exports["nondefault", "float16"]
+@pytest.mark.parametrize("dtype", ["float16", "float16-blocks"])
+def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path, dtype):
+    out, ref = exports["nondefault", dtype]
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     norms = {"RMSNorm", "AddRMSNorm"}
+    decode_ops = {"DecodeStep", "DecodeBlock"} if dtype.endswith("-blocks") else {"DecodeStep"}
     for graph, n, want_ops in (("model.onnx", 9, {"SelectiveScan", "CausalConv1d"} | norms),
-                               ("decode.onnx", 1, {"DecodeStep"} | norms)):
+                               ("decode.onnx", 1, decode_ops | norms)):
         sess = cuda_session(out / graph, profile=str(tmp_path / graph))
         run(sess, ids[:, :n], zero_state(ref, 2))
         on_cpu, custom = cpu_compute_nodes(sess.end_profiling())
@@ -151,7 +160,8 @@ def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path):
         assert custom == want_ops, f"{graph}: custom ops on CUDA: {custom}"
 
 
-def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports):
+@pytest.mark.parametrize("dtype", ["float16", "float16-blocks"])
+def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports, dtype):
     """MambaRuntime and CudaGenerator check onnxruntime's node assignment when they open a graph under CUDA: our
     exports place no compute node on the CPU, so no CpuPlacementWarning (None: this onnxruntime cannot say)."""
     import warnings
@@ -159,7 +169,7 @@ def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports):
     from mamba_runtime import CpuPlacementWarning, MambaRuntime
     from mamba_runtime.gpu import CudaGenerator
 
-    out, _ = exports["nondefault", "float16"]
+    out, _ = exports["nondefault", dtype]
     with warnings.catch_warnings():
         warnings.simplefilter("error", CpuPlacementWarning)
         rt = MambaRuntime(out, provider="cuda", custom_ops="require")

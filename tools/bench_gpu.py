@@ -1,6 +1,7 @@
 """GPU benchmark: decode ms/token (batch 1, 8, 64) and prefill tokens/s (2,048 tokens) of mamba-130m and mamba-1.4b
 shapes with random float16 weights, for onnxruntime's CUDA execution provider with our custom-op library (CUDA graphs
-off and on) and, when the Triton backend runs, for the PyTorch model with backend "triton" (eager and CUDA graph).
+off and on; with --decode-blocks also for an export with one DecodeBlock node per layer) and, when the Triton backend
+runs, for the PyTorch model with backend "triton" (eager and CUDA graph).
 
 Floor per decode step = (weight bytes + state bytes read and written) / measured device copy bandwidth (bytes read +
 written per second). Prints a table last; writes the numbers as JSON with --out. Run on the GPU machine through
@@ -288,6 +289,8 @@ def main() -> None:
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the device kernels of onnxruntime decode steps")
     ap.add_argument("--ops", action="store_true", help="first time each custom op alone (kernel time)")
+    ap.add_argument("--decode-blocks", action="store_true",
+                    help="also export with --decode-blocks on (one DecodeBlock node per layer) and time its decoding")
     ap.add_argument("--workdir", default=None, help="where to export (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -322,6 +325,17 @@ def main() -> None:
                 except Exception as e:  # report and go on: one failing setting must not hide the others
                     r["ort"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
                 print(f"  ort {key}: {r['ort'][key]}", flush=True)
+        if args.decode_blocks:
+            blocks_dir = export_model(model, work / f"{name}-blocks", force=True, decode_blocks="on")
+            r["ort_blocks"] = {}
+            for b in BATCHES:
+                for graph in (False, True):
+                    key = f"decode_b{b}_{'graph' if graph else 'plain'}"
+                    try:
+                        r["ort_blocks"][key] = bench_ort_decode(blocks_dir, b, graph, args.steps, cfg.vocab_size)
+                    except Exception as e:
+                        r["ort_blocks"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                    print(f"  ort decode blocks {key}: {r['ort_blocks'][key]}", flush=True)
         r["ort"]["prefill"] = bench_ort_prefill(export_dir, cfg, PREFILL_TOKENS)
         print(f"  ort prefill {PREFILL_TOKENS}: {r['ort']['prefill']}", flush=True)
         if args.profile:
@@ -344,13 +358,15 @@ def main() -> None:
 def print_table(results: dict) -> None:
     print(f"\n{results['card']}; copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s; float16 weights; "
           "decode = median ms per token (one decode step + sampling + token to host)")
-    print(f"{'model':6} {'batch':>5} {'floor':>7} {'ort':>8} {'ort+graph':>9} {'triton':>8} {'tri+graph':>9}")
+    print(f"{'model':6} {'batch':>5} {'floor':>7} {'ort':>8} {'ort+graph':>9} {'blocks':>8} {'blk+graph':>9} "
+          f"{'triton':>8} {'tri+graph':>9}")
     get = lambda d, k: d.get(k, {}).get("median_ms", float("nan"))  # noqa: E731
     for name, r in results["models"].items():
-        tri = r.get("triton", {})
+        tri, blk = r.get("triton", {}), r.get("ort_blocks", {})
         for b in BATCHES:
             print(f"{name:6} {b:5d} {r['floor_ms'][f'b{b}']:7.3f} {get(r['ort'], f'decode_b{b}_plain'):8.3f} "
-                  f"{get(r['ort'], f'decode_b{b}_graph'):9.3f} {get(tri, f'decode_b{b}_eager'):8.3f} "
+                  f"{get(r['ort'], f'decode_b{b}_graph'):9.3f} {get(blk, f'decode_b{b}_plain'):8.3f} "
+                  f"{get(blk, f'decode_b{b}_graph'):9.3f} {get(tri, f'decode_b{b}_eager'):8.3f} "
                   f"{get(tri, f'decode_b{b}_graph'):9.3f}")
         tri_p = tri.get("prefill", {}).get("tokens_per_s", float("nan"))
         print(f"{name:6} prefill {PREFILL_TOKENS} tokens: ort {r['ort']['prefill']['tokens_per_s']:.0f} tok/s, "

@@ -455,7 +455,103 @@ struct NormKernel {
   float epsilon = 1e-5f;
 };
 
-// Kernels of the three Mamba ops take (api, info, T); the norms also take R and check their attribute in init().
+// ---------------------------------------------------------------------------------------------------------------
+// DecodeBlock: one whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj); activations and the norm, in_proj
+// and out_proj weights T, residual stream R (float32 or T), the rest float32.
+struct DecodeBlockKernel {
+  static constexpr const char* kName = "DecodeBlock";
+  static const std::vector<Port>& inputs() {
+    static const std::vector<Port> p = {
+        {"x", true},           {"residual", false, true}, {"norm_weight", true},    {"in_proj_weight", true},
+        {"conv_state_in", false}, {"ssm_state_in", false}, {"conv_weight", false}, {"conv_bias", false},
+        {"x_proj_weight", false}, {"dt_proj_weight", false}, {"dt_bias", false},   {"A", false},
+        {"D", false},          {"out_proj_weight", true}};
+    return p;
+  }
+  static const std::vector<Port>& outputs() {
+    static const std::vector<Port> p = {
+        {"out", true}, {"residual_out", false, true}, {"conv_state_out", false}, {"ssm_state_out", false}};
+    return p;
+  }
+
+  DecodeBlockKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
+      : api(api), t(t), r(r) {}
+
+  OrtStatus* init(const OrtKernelInfo* info) {
+    const std::string error = mamba_export_ops::read_epsilon(api, info, std::string(kName) + " (CUDA)", &epsilon);
+    return error.empty() ? nullptr : api.CreateStatus(ORT_INVALID_ARGUMENT, error.c_str());
+  }
+
+  OrtStatus* Compute(OrtKernelContext* ctx) {
+    Call call(api, ctx, kName);
+    std::vector<Tensor> in;
+    MAMBA_RETURN_IF(call.read_inputs(inputs(), t, in, r));
+    const Tensor &x = in[0], &residual = in[1], &norm_w = in[2], &in_proj = in[3], &conv_state = in[4],
+                 &ssm_state = in[5], &conv_w = in[6], &conv_b = in[7], &xproj = in[8], &dtproj = in[9],
+                 &dt_bias = in[10], &A = in[11], &D = in[12], &out_proj = in[13];
+    MAMBA_RETURN_IF(call.check(x, "x", {-1, 1, -1}, "[b, 1, d]"));
+    const int64_t b = x.dims[0], d = x.dims[2];
+    if (d < 1) return call.error(ORT_INVALID_ARGUMENT, "input 'x' must have a non-empty last dimension, found " + shape_str(x.dims));
+    MAMBA_RETURN_IF(call.check(residual, "residual", {b, 1, d}, "[b, 1, d] like x"));
+    MAMBA_RETURN_IF(call.check(norm_w, "norm_weight", {d}, "[d]"));
+    MAMBA_RETURN_IF(call.check(in_proj, "in_proj_weight", {-1, d}, "[2e, d]", 2));
+    if (in_proj.dims[0] % 2 != 0) {
+      return call.error(ORT_INVALID_ARGUMENT, "input 'in_proj_weight' must have an even first dimension (x rows then z rows), found " + shape_str(in_proj.dims));
+    }
+    const int64_t e = in_proj.dims[0] / 2;
+    MAMBA_RETURN_IF(call.check(A, "A", {e, -1}, "[e, n], e from in_proj_weight", 1));
+    const int64_t n = A.dims[1];
+    MAMBA_RETURN_IF(call.check(conv_w, "conv_weight", {e, -1}, "[e, k]", 1));
+    const int64_t k = conv_w.dims[1];
+    MAMBA_RETURN_IF(call.check(dtproj, "dt_proj_weight", {e, -1}, "[e, r]", 1));
+    const int64_t rk = dtproj.dims[1];
+    MAMBA_RETURN_IF(check_batch(call, b));
+    MAMBA_RETURN_IF(check_dstate(call, n));
+    MAMBA_RETURN_IF(check_dconv(call, k));
+    MAMBA_RETURN_IF(call.check(conv_state, "conv_state_in", {b, e, k - 1}, "[b, e, k - 1]"));
+    MAMBA_RETURN_IF(call.check(ssm_state, "ssm_state_in", {b, e, n}, "[b, e, n]"));
+    MAMBA_RETURN_IF(call.check(conv_b, "conv_bias", {e}, "[e]"));
+    MAMBA_RETURN_IF(call.check(xproj, "x_proj_weight", {rk + 2 * n, e}, "[r + 2n, e]"));
+    MAMBA_RETURN_IF(call.check(dt_bias, "dt_bias", {e}, "[e]"));
+    MAMBA_RETURN_IF(call.check(D, "D", {e}, "[e]"));
+    MAMBA_RETURN_IF(call.check(out_proj, "out_proj_weight", {d, e}, "[d, e]"));
+    mamba_cuda::DecodeBlockArgs a{};
+    a.dtype = to_dtype(t);
+    a.residual_dtype = to_dtype(r);
+    a.batch = b, a.dmodel = d, a.dim = e, a.dstate = n, a.width = k, a.dt_rank = rk, a.epsilon = epsilon;
+    a.x = x.data, a.residual = residual.data, a.norm_weight = norm_w.data, a.in_proj_weight = in_proj.data;
+    a.conv_state_in = static_cast<const float*>(conv_state.data);
+    a.ssm_state_in = static_cast<const float*>(ssm_state.data);
+    a.conv_weight = static_cast<const float*>(conv_w.data);
+    a.conv_bias = static_cast<const float*>(conv_b.data);
+    a.x_proj_weight = static_cast<const float*>(xproj.data);
+    a.dt_proj_weight = static_cast<const float*>(dtproj.data);
+    a.dt_bias = static_cast<const float*>(dt_bias.data);
+    a.A = static_cast<const float*>(A.data);
+    a.D = static_cast<const float*>(D.data);
+    a.out_proj_weight = out_proj.data;
+    void *out = nullptr, *residual_out = nullptr, *conv_out = nullptr, *ssm_out = nullptr, *ws = nullptr;
+    MAMBA_RETURN_IF(call.output(0, {b, 1, d}, &out));
+    MAMBA_RETURN_IF(call.output(1, {b, 1, d}, &residual_out));
+    MAMBA_RETURN_IF(call.output(2, {b, e, k - 1}, &conv_out));
+    MAMBA_RETURN_IF(call.output(3, {b, e, n}, &ssm_out));
+    a.out = out, a.residual_out = residual_out;
+    a.conv_state_out = static_cast<float*>(conv_out), a.ssm_state_out = static_cast<float*>(ssm_out);
+    if (b == 0) return nullptr;
+    MAMBA_RETURN_IF(call.scratch(x, mamba_cuda::decode_block_workspace_bytes(b, e, n, rk), &ws));
+    a.workspace = static_cast<float*>(ws);
+    cudaStream_t stream = nullptr;
+    MAMBA_RETURN_IF(call.stream(x, &stream));
+    return call.cuda(mamba_cuda::decode_block(a, stream), "decode_block launch");
+  }
+
+  const OrtApi& api;
+  ONNXTensorElementDataType t, r;
+  float epsilon = 1e-5f;
+};
+
+// Kernels of the three Mamba ops take (api, info, T); the norms and DecodeBlock also take R and check their attribute
+// in init().
 template <typename Kernel>
 OrtStatus* create_kernel(const OrtApi& api, const OrtKernelInfo* info, ONNXTensorElementDataType t,
                          ONNXTensorElementDataType r, void** out) {
@@ -538,12 +634,17 @@ std::vector<const OrtCustomOp*> cuda_ops() {
   static const CudaOp<NormKernel<true>> add_norm[] = {
       CudaOp<NormKernel<true>>(f32, f32), CudaOp<NormKernel<true>>(f16, f32), CudaOp<NormKernel<true>>(bf16, f32),
       CudaOp<NormKernel<true>>(f16, f16), CudaOp<NormKernel<true>>(bf16, bf16)};
+  static const CudaOp<mamba_export_cuda::DecodeBlockKernel> block[] = {
+      CudaOp<mamba_export_cuda::DecodeBlockKernel>(f32, f32), CudaOp<mamba_export_cuda::DecodeBlockKernel>(f16, f32),
+      CudaOp<mamba_export_cuda::DecodeBlockKernel>(bf16, f32), CudaOp<mamba_export_cuda::DecodeBlockKernel>(f16, f16),
+      CudaOp<mamba_export_cuda::DecodeBlockKernel>(bf16, bf16)};
   std::vector<const OrtCustomOp*> ops;
   for (const auto& op : scan) ops.push_back(&op);
   for (const auto& op : conv) ops.push_back(&op);
   for (const auto& op : step) ops.push_back(&op);
   for (const auto& op : norm) ops.push_back(&op);
   for (const auto& op : add_norm) ops.push_back(&op);
+  for (const auto& op : block) ops.push_back(&op);
   return ops;
 }
 

@@ -81,6 +81,39 @@ struct DecodeStepArgs {
 size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream);
 
+// One whole decode layer (DecodeBlock, layers >= 1 of decode.onnx), all sums float32:
+//   h, residual_out = AddRMSNorm(x, residual, norm_weight)             (h in T, residual_out in R)
+//   xz = T(h in_proj_weight^T); y, conv/ssm state = DecodeStep(xz, ...)  (y in T)
+//   out = T(y out_proj_weight^T)
+// Needs a float32 device workspace of decode_block_workspace_bytes().
+struct DecodeBlockArgs {
+  DType dtype;                   // T: activations, norm weight, in_proj and out_proj weights
+  DType residual_dtype;          // R: kFloat32 or dtype
+  int64_t batch, dmodel, dim, dstate, width, dt_rank;  // b, d, e, n, k, r
+  float epsilon;
+  const void* x;                 // [b, 1, d] T
+  const void* residual;          // [b, 1, d] R
+  const void* norm_weight;       // [d] T
+  const void* in_proj_weight;    // [2e, d] T (one row per output)
+  const float* conv_state_in;    // [b, e, k - 1]
+  const float* ssm_state_in;     // [b, e, n]
+  const float* conv_weight;      // [e, k]
+  const float* conv_bias;        // [e]
+  const float* x_proj_weight;    // [r + 2n, e]
+  const float* dt_proj_weight;   // [e, r]
+  const float* dt_bias;          // [e]
+  const float* A;                // [e, n]
+  const float* D;                // [e]
+  const void* out_proj_weight;   // [d, e] T
+  void* out;                     // [b, 1, d] T
+  void* residual_out;            // [b, 1, d] R
+  float* conv_state_out;         // [b, e, k - 1]
+  float* ssm_state_out;          // [b, e, n]
+  float* workspace;              // decode_block_workspace_bytes(...) bytes, 16-byte aligned
+};
+size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
+cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream);
+
 // RMSNorm (x == nullptr) and AddRMSNorm over `rows` rows of `dim` values (the b * l positions of [b, l, d]):
 //   AddRMSNorm: residual_out = R(float32(residual) + float32(x)), then y from the ROUNDED residual_out;
 //   both:       y = T(r / sqrt(mean(r^2) + epsilon) * float32(weight)), r = float32(residual or residual_out).

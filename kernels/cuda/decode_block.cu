@@ -1,0 +1,781 @@
+// One whole decode layer of a Mamba model (the DecodeBlock op, mamba_cuda.h), in three phases of work items:
+//   A. per tile of kTileA channels and group of up to kGroup sequences: the group's AddRMSNorm (each block computes
+//      it for its group; the tile-0 items write residual_out), the tile's 2 x kTileA in_proj rows (x and z of its
+//      channels, one warp per kRowsA rows) against the normalised rows staged in shared memory, the conv step + SiLU
+//      of its channels, and the tile's partial x_proj sums -> partial[b, tile, row].
+//   B. per block of channels and sequence: the x_proj output (its tiles' partials summed in a fixed order), dt_proj,
+//      softplus, state update, output, gate -> y (rounded to T).
+//   C. per kRowsC out_proj rows and group: the rows against y -> out (rounded to T).
+// Every dot product over the model or channel dimension is one warp's (lane l takes the 16-byte vectors l, l + 32,
+// ... of each kChunk-long chunk in order, then the warp's butterfly), every other sum has an order fixed by the
+// sizes alone, and no result depends on which block or launch computes it. So the paths below give identical bits:
+//   fused     one cooperative kernel, block i running item i of each phase with a grid-wide barrier between phases
+//             (phase B then sums the partials itself). Used when the batch fits one group and every item of every
+//             phase gets a resident block: the launch-bound small-batch regime this op exists for.
+//   split     one kernel per phase (phase B summing the partials itself).
+//   unfolded  four kernels: A, the partials' sum once per sequence, B reading it, C. Used where folding the sum into
+//             phase B would read the partials many times over (large batch x channels).
+// Latency, not bandwidth, bounds it at batch 1: weights and phase-B state are requested before they are needed (in
+// registers, cp.async into shared memory, or an L2 bulk prefetch), and batch 1 has its own build (NB = 1). The matrix
+// products are SIMT loops: at batch 8 and above onnxruntime's cuBLAS MatMul nodes are faster (docs/gpu.md).
+// MAMBA_EXPORT_CUDA_DECODE_BLOCK=split or =unfolded forces a path (tests).
+// Workspace (float32, each part 16-byte aligned): xc [b, e], z [b, e], partial [b, tiles, r + 2n rounded up to 4],
+// dbc [b, r + 2n], y [b, e].
+#include <cooperative_groups.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace mamba_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kGroup = 8;                            // sequences per group (phases A and C)
+constexpr int kTileA = 16;                           // channels per phase-A item
+constexpr int kRowsA = 2 * kTileA / kWarps;          // in_proj rows per warp (warps 0-3: x rows, 4-7: z rows)
+constexpr int kRowsC = kWarps;                       // out_proj rows per phase-C item, one per warp
+constexpr int kNVA = 4;                              // in_proj vectors per lane and row in one pass
+constexpr int kXW = 256;                             // x_proj rows of a tile staged in shared memory
+constexpr int kChunk = 2048;                         // activation values per row staged in shared memory at a time
+constexpr int kWPrefetch = 16;                       // dt_proj weights per lane loaded before phase B needs them
+constexpr int64_t kMaxFoldedReads = int64_t{4} << 20;  // partials phase B may read in all when it sums them itself
+
+__host__ __device__ inline int64_t pad4(int64_t n) { return (n + 3) / 4 * 4; }
+
+struct Plan {
+  int64_t tiles;             // phase A: tiles of kTileA channels
+  int64_t groups;            // batch groups of kGroup
+  int64_t rows_c;            // phase C: groups of kRowsC out_proj rows
+  int64_t chunks_b;          // phase B: channel blocks of cpb channels, tpc threads per channel
+  int tpc, cpb;              // phase B: threads per channel, channels per block
+  int nb_max;                // rows of shared activations: min(batch, kGroup)
+  bool fold;                 // phase B sums the partials itself (else it reads dbc)
+  __host__ __device__ int64_t items_a() const { return tiles * groups; }
+  __host__ __device__ int64_t items_c() const { return rows_c * groups; }
+};
+
+struct Workspace {
+  float *xc, *z, *partial, *dbc, *y;
+};
+
+__host__ __device__ inline int64_t r2_of(const DecodeBlockArgs& a) { return a.dt_rank + 2 * a.dstate; }
+
+__host__ __device__ inline Workspace split_workspace(const DecodeBlockArgs& a, int64_t tiles) {
+  const int64_t b = a.batch, e = a.dim, r2 = r2_of(a);
+  Workspace w;
+  w.xc = a.workspace;
+  w.z = w.xc + pad4(b * e);
+  w.partial = w.z + pad4(b * e);
+  w.dbc = w.partial + b * tiles * pad4(r2);
+  w.y = w.dbc + pad4(b * r2);
+  return w;
+}
+
+// Shared memory of every kernel: the fixed part, then (dynamic) the staged activations [nb_max][kChunk] and dbc.
+struct Shared {
+  float sq[kWarps][kGroup];          // the warps' sums of squares of the group's rows
+  float scale[kGroup];               // 1 / rms of the group's rows
+  float xz[2 * kTileA][kGroup];      // the tile's in_proj outputs (rounded to T): x rows, then z rows
+  float xc[kGroup][kTileA];          // conv + SiLU of the tile's channels
+  float xw[kXW][kTileA];             // the tile's x_proj weights (rows beyond kXW are read from global memory)
+  float cst[kGroup][kTileA][kMaxDConv - 1];  // the tile's conv states
+  float cw[kTileA][kMaxDConv];       // and conv weights
+  float cb[kTileA];                  // and conv biases
+};
+
+// ---- loads -------------------------------------------------------------------------------------------------------
+template <int V>
+__device__ __forceinline__ void load_act(const float* p, float (&out)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + j);
+      out[j] = v.x, out[j + 1] = v.y, out[j + 2] = v.z, out[j + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = p[j];
+  }
+}
+
+// Asks the L2 cache to fetch [p, p + bytes) ahead of its use (sm_90 bulk prefetch; skipped where unaligned).
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  if (bytes <= 0 || bytes >= (int64_t{1} << 31) || addr % 16 != 0 || bytes % 16 != 0) return;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr), "r"(static_cast<unsigned>(bytes)) : "memory");
+#endif
+}
+
+// Asynchronous 4-byte copy global -> shared (cp.async, sm_80+): no register waits for it; cp_async_wait() then a
+// __syncthreads() make every thread's copies visible.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// ---- the warp dot product ----------------------------------------------------------------------------------------
+// acc[q][bb] += W[row q][k] * act[bb][k - k0] over a chunk [k0, k0 + kc): lane l takes the V-vectors l, l + 32, ... of
+// the chunk in order. The weights travel in passes of NV vectors per lane and row, each pass's loads issued together
+// (load_pass) before its products (fma_pass); the order of the sums does not depend on NV.
+template <typename T, int V>
+using Raw = std::conditional_t<V == 1, T, uint4>;
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const Raw<T, V>& raw, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_float(raw);
+  } else {
+    static_assert(V * sizeof(T) == 16, "16-byte vectors");
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = to_float(e[j]);
+  }
+}
+
+template <typename T, int V, int Q, int NV>
+struct Pass {
+  Raw<T, V> w[Q][NV];
+  static constexpr int kLen = 32 * V * NV;  // chunk elements per pass
+};
+
+// Loads pass `k` (chunk-relative start) of the rows: lane l takes vectors l, l + 32, ... (NV of them).
+template <typename T, int V, int Q, int NV>
+__device__ __forceinline__ void load_pass(const T* const (&wrow)[Q], const bool (&valid)[Q], int64_t k0, int k, int kc,
+                                          Pass<T, V, Q, NV>& P) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int kk = k + (lane + 32 * i) * V;
+      P.w[q][i] = (valid[q] && kk < kc) ? *reinterpret_cast<const Raw<T, V>*>(wrow[q] + k0 + kk) : Raw<T, V>{};
+    }
+  }
+}
+
+template <typename T, int V, int Q, int NV, int NB>
+__device__ __forceinline__ void fma_pass(const Pass<T, V, Q, NV>& P, int k, int kc, const float* act, int nb,
+                                         float (&acc)[Q][NB]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int kk = k + (lane + 32 * i) * V;
+    if (kk >= kc) break;
+    float w[Q][V];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) unpack<T, V>(P.w[q][i], w[q]);
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb) {
+      if (bb >= nb) break;  // uniform across the warp
+      float x[V];
+      load_act<V>(act + bb * kChunk + kk, x);
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[q][bb] += w[q][j] * x[j];
+      }
+    }
+  }
+}
+
+// The rest of a chunk after its first pass (already loaded into P and not yet multiplied).
+template <typename T, int V, int Q, int NV, int NB>
+__device__ __forceinline__ void dot_chunk(const T* const (&wrow)[Q], const bool (&valid)[Q], int64_t k0, int kc,
+                                          const float* act, int nb, Pass<T, V, Q, NV>& P, float (&acc)[Q][NB]) {
+  constexpr int L = Pass<T, V, Q, NV>::kLen;
+  fma_pass<T, V, Q, NV, NB>(P, 0, kc, act, nb, acc);
+  for (int k = L; k < kc; k += L) {
+    load_pass<T, V, Q, NV>(wrow, valid, k0, k, kc, P);
+    fma_pass<T, V, Q, NV, NB>(P, k, kc, act, nb, acc);
+  }
+}
+
+// Copies n floats (n a multiple of 4, both 16-byte aligned) with all of a thread's loads issued together.
+__device__ __forceinline__ void stage(float* dst, const float* src, int n) {
+  const float4* s4 = reinterpret_cast<const float4*>(src);
+  float4* d4 = reinterpret_cast<float4*>(dst);
+  const int n4 = n / 4;
+  for (int i0 = threadIdx.x; i0 < n4; i0 += 4 * kThreads) {
+    float4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i < n4) v[u] = __ldcg(s4 + i);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i < n4) d4[i] = v[u];
+    }
+  }
+}
+
+
+// ---- phase A -----------------------------------------------------------------------------------------------------
+template <typename T, typename R, int V, int NB, int NV>
+__device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t item,
+                                        Shared& sh, float* act) {
+  constexpr int Q = kRowsA;
+  constexpr int kG = kChunk / kThreads;  // norm weights per thread kept in registers (staged rows)
+  const int64_t E = a.dim, K = a.width, km1 = K - 1, R2 = r2_of(a);
+  const int Dm = static_cast<int>(a.dmodel);
+  const int64_t tile = item % p.tiles, b0 = (item / p.tiles) * kGroup, e0 = tile * kTileA;
+  const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* xin = static_cast<const T*>(a.x) + b0 * Dm;
+  const R* res = static_cast<const R*>(a.residual) + b0 * Dm;
+  R* rout = static_cast<R*>(a.residual_out) + b0 * Dm;
+  const T* nw = static_cast<const T*>(a.norm_weight);
+
+  // in_proj: warp w takes local rows w * Q + q; local row lr < kTileA is x row e0 + lr, else z row E + e0 + lr - kTileA.
+  const T* W = static_cast<const T*>(a.in_proj_weight);
+  const T* wrow[Q];
+  bool valid[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int lr = warp * Q + q, c = lr % kTileA;
+    valid[q] = e0 + c < E;
+    wrow[q] = W + ((lr < kTileA ? 0 : E) + e0 + c) * Dm;
+  }
+  // Batch 1: the row's residual and x are loaded first, so that the norm does not wait behind the weights.
+  const bool staged = Dm <= kChunk;
+  float r1[kG];
+  if constexpr (NB == 1) {
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {
+      const int k = threadIdx.x + i * kThreads;
+      r1[i] = staged && k < Dm ? to_float(res[k]) + to_float(xin[k]) : 0.f;
+    }
+  }
+  const int kc0 = Dm < kChunk ? Dm : kChunk;
+  Pass<T, V, Q, NV> P;
+  load_pass<T, V, Q, NV>(wrow, valid, 0, 0, kc0, P);  // in flight during the norm
+
+  // Phase A's other inputs that do not depend on the norm, copied into shared memory meanwhile: the tile's conv
+  // states, weights and biases and its x_proj weights.
+  const int cbb = threadIdx.x / kTileA, cc = threadIdx.x % kTileA;
+  const bool conv_thread = cbb < nb && e0 + cc < E;
+  {
+    const int ch = static_cast<int>(E - e0 < kTileA ? E - e0 : kTileA), k1 = static_cast<int>(km1), kk = static_cast<int>(K);
+    const int xrows = static_cast<int>(R2 < kXW ? R2 : kXW);
+    for (int i = threadIdx.x; i < xrows * kTileA; i += kThreads) {
+      const int row = i / kTileA, c = i % kTileA;
+      if (c < ch) cp_async4(&sh.xw[row][c], a.x_proj_weight + row * E + e0 + c);
+    }
+    for (int i = threadIdx.x; i < nb * kTileA * k1; i += kThreads) {
+      const int bb = i / (kTileA * k1), c = (i / k1) % kTileA, j = i % k1;
+      if (c < ch) cp_async4(&sh.cst[bb][c][j], a.conv_state_in + ((b0 + bb) * E + e0 + c) * km1 + j);
+    }
+    for (int i = threadIdx.x; i < ch * kk; i += kThreads) cp_async4(&sh.cw[i / kk][i % kk], a.conv_weight + e0 * K + i);
+    if (threadIdx.x < ch) cp_async4(&sh.cb[threadIdx.x], a.conv_bias + e0 + threadIdx.x);
+  }
+
+  // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
+  // butterfly, then the warps in order. Rows that fit a chunk keep r in `act` (scaled in place below).
+  float g[kG];
+  float sq[NB];
+#pragma unroll
+  for (int i = 0; i < kG; ++i) {
+    const int k = threadIdx.x + i * kThreads;
+    g[i] = staged && k < Dm ? to_float(nw[k]) : 0.f;
+  }
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) {
+    sq[bb] = 0.f;
+    if (bb >= nb) continue;
+    if (NB == 1 && staged) {
+#pragma unroll
+      for (int i = 0; i < kG; ++i) {
+        const int k = threadIdx.x + i * kThreads;
+        if (k < Dm) {
+          const R rounded = from_float<R>(r1[i]);
+          const float v = to_float(rounded);
+          if (tile == 0) rout[k] = rounded;
+          act[k] = v;
+          sq[0] += v * v;
+        }
+      }
+      continue;
+    }
+    for (int k0 = threadIdx.x; k0 < Dm; k0 += 4 * kThreads) {
+      float r[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int k = k0 + u * kThreads;
+        r[u] = k < Dm ? to_float(res[bb * Dm + k]) + to_float(xin[bb * Dm + k]) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int k = k0 + u * kThreads;
+        if (k < Dm) {
+          const R rounded = from_float<R>(r[u]);
+          const float v = to_float(rounded);
+          if (tile == 0) rout[bb * Dm + k] = rounded;
+          if (staged) act[bb * kChunk + k] = v;
+          sq[bb] += v * v;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) {
+    const float v = group_sum(sq[bb], 32);
+    if (lane == 0) sh.sq[warp][bb] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < nb) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += sh.sq[w][threadIdx.x];
+    sh.scale[threadIdx.x] = 1.f / sqrtf(total / static_cast<float>(Dm) + a.epsilon);
+  }
+  __syncthreads();
+
+  float acc[Q][NB];
+#pragma unroll
+  for (int q = 0; q < Q; ++q)
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb) acc[q][bb] = 0.f;
+  for (int k0 = 0; k0 < Dm; k0 += kChunk) {
+    const int kc = Dm - k0 < kChunk ? Dm - k0 : kChunk;
+    if (staged) {
+#pragma unroll
+      for (int bb = 0; bb < NB; ++bb) {
+        if (bb >= nb) break;
+        const float scale = sh.scale[bb];
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+          const int k = threadIdx.x + i * kThreads;
+          if (k < Dm) act[bb * kChunk + k] = to_float(from_float<T>(act[bb * kChunk + k] * scale * g[i]));
+        }
+      }
+    } else {
+      load_pass<T, V, Q, NV>(wrow, valid, k0, 0, kc, P);
+      for (int i = threadIdx.x; i < nb * kc; i += kThreads) {
+        const int bb = i / kc, k = k0 + i % kc;
+        const float r = to_float(from_float<R>(to_float(res[bb * Dm + k]) + to_float(xin[bb * Dm + k])));
+        act[bb * kChunk + k - k0] = to_float(from_float<T>(r * sh.scale[bb] * to_float(nw[k])));
+      }
+    }
+    __syncthreads();
+    dot_chunk<T, V, Q, NV, NB>(wrow, valid, k0, kc, act, nb, P, acc);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb) {
+      const float v = group_sum(acc[q][bb], 32);
+      if (lane == 0) sh.xz[warp * Q + q][bb] = to_float(from_float<T>(v));
+    }
+  }
+  cp_async_wait();
+  __syncthreads();
+
+  // conv step + SiLU of the tile's channels (the order of DecodeStep's: bias, newest input, then the state).
+  if (threadIdx.x < NB * kTileA) {
+    float xc = 0.f;
+    if (conv_thread) {
+      const int64_t e = e0 + cc, b = b0 + cbb;
+      const float* st = sh.cst[cbb][cc];
+      const float* cw = sh.cw[cc];
+      const float xnew = sh.xz[cc][cbb];
+      float v = sh.cb[cc] + cw[km1] * xnew;
+      for (int64_t j = 0; j < km1; ++j) v += cw[j] * st[j];
+      xc = silu(v);
+      float* st_out = a.conv_state_out + (b * E + e) * km1;
+      for (int64_t j = 0; j + 1 < km1; ++j) st_out[j] = st[j + 1];
+      if (km1 > 0) st_out[km1 - 1] = xnew;
+      ws.xc[b * E + e] = xc;
+      ws.z[b * E + e] = sh.xz[kTileA + cc][cbb];
+    }
+    sh.xc[cbb][cc] = xc;
+  }
+  __syncthreads();
+
+  // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group; the last tile
+  // also zeroes the row's padding.
+  for (int64_t row = threadIdx.x; row < R2; row += kThreads) {
+    float wx[kTileA];
+#pragma unroll
+    for (int c = 0; c < kTileA; ++c) {
+      wx[c] = e0 + c >= E ? 0.f : row < kXW ? sh.xw[row][c] : a.x_proj_weight[row * E + e0 + c];
+    }
+    for (int bb = 0; bb < nb; ++bb) {
+      float s = 0.f;
+#pragma unroll
+      for (int c = 0; c < kTileA; ++c) s += wx[c] * sh.xc[bb][c];
+      ws.partial[((b0 + bb) * p.tiles + tile) * pad4(R2) + row] = s;
+    }
+  }
+}
+
+// ---- phase B -----------------------------------------------------------------------------------------------------
+// dbc[row] of sequence b = the sum of its tiles' partials ([tiles][r2 rounded up to 4] per sequence): thread t takes
+// the row quad t % quads of the tiles g, g + G, ... (g = t / quads, G = kThreads / quads groups), all its loads in
+// flight together, summing them in tile order; then thread `row` adds the groups' sums in group order. Reads with
+// __ldcg: in the fused kernel other blocks wrote them during this launch. `s_dbc` holds pad4(r2) + 4 kThreads floats.
+__device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, int64_t R2, int64_t b, float* s_dbc) {
+  constexpr int kBatch = 16;
+  const int quads = static_cast<int>(pad4(R2) / 4);
+  float* parts = s_dbc + pad4(R2);
+  for (int q0 = 0; q0 < quads; q0 += kThreads) {  // more than kThreads quads: rounds of kThreads (one group)
+    const int nq = quads - q0 < kThreads ? quads - q0 : kThreads;
+    const int groups = kThreads / nq, q = q0 + static_cast<int>(threadIdx.x) % nq, g = static_cast<int>(threadIdx.x) / nq;
+    const float4* src = reinterpret_cast<const float4*>(ws.partial + b * p.tiles * pad4(R2)) + q;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (g < groups) {
+      for (int64_t t0 = g; t0 < p.tiles; t0 += static_cast<int64_t>(kBatch) * groups) {
+        float4 v[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t t = t0 + static_cast<int64_t>(u) * groups;
+          v[u] = t < p.tiles ? __ldcg(src + t * quads) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (t0 + static_cast<int64_t>(u) * groups < p.tiles) {
+            s.x += v[u].x;
+            s.y += v[u].y;
+            s.z += v[u].z;
+            s.w += v[u].w;
+          }
+        }
+      }
+      reinterpret_cast<float4*>(parts)[g * nq + (q - q0)] = s;
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < 4 * nq; r += kThreads) {
+      const int row = 4 * q0 + r;
+      float sum = 0.f;
+      for (int gg = 0; gg < groups; ++gg) sum += parts[gg * 4 * nq + r];
+      if (row < R2) s_dbc[row] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+template <int J>
+struct ScanLoads {
+  float h[J], A[J], w[kWPrefetch];
+  float bias;
+};
+
+struct ScanItem {
+  int64_t b, e;
+  int sub;
+  bool active;
+};
+
+__device__ __forceinline__ ScanItem scan_item_of(const DecodeBlockArgs& a, const Plan& p, int64_t i) {
+  ScanItem s;
+  s.b = i / p.chunks_b;
+  const int cl = threadIdx.x / p.tpc;
+  s.sub = threadIdx.x % p.tpc;
+  s.e = (i % p.chunks_b) * p.cpb + cl;
+  s.active = cl < p.cpb && s.e < a.dim;
+  return s;
+}
+
+// The item's loads that do not depend on phase A (the fused kernel issues them before its barrier).
+template <int J>
+__device__ __forceinline__ void scan_loads(const DecodeBlockArgs& a, const Plan& p, int64_t i, ScanLoads<J>& L) {
+  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
+  const ScanItem s = scan_item_of(a, p, i);
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int64_t st = static_cast<int64_t>(s.sub) * J + j;
+    const bool ok = s.active && st < N;
+    L.h[j] = ok ? a.ssm_state_in[(s.b * E + s.e) * N + st] : 0.f;
+    L.A[j] = ok ? a.A[s.e * N + st] : 0.f;
+  }
+#pragma unroll
+  for (int q = 0; q < kWPrefetch; ++q) {
+    const int64_t k = s.sub + static_cast<int64_t>(q) * p.tpc;
+    L.w[q] = (s.active && k < R) ? a.dt_proj_weight[s.e * R + k] : 0.f;
+  }
+  L.bias = s.active ? a.dt_bias[s.e] : 0.f;
+}
+
+template <typename T, int J>
+__device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t i,
+                                            ScanLoads<J>& L, float* s_dbc) {
+  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = r2_of(a);
+  const ScanItem s = scan_item_of(a, p, i);
+  const int64_t b = s.b, e = s.e;
+  const int tpc = p.tpc, sub = s.sub;
+  const float x = s.active ? __ldcg(ws.xc + b * E + e) : 0.f;
+  const float z = (s.active && sub == 0) ? __ldcg(ws.z + b * E + e) : 0.f;
+  const float Dp = (s.active && sub == 0) ? a.D[e] : 0.f;
+  if (p.fold) {
+    reduce_dbc(ws, p, R2, b, s_dbc);
+  } else {
+    for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
+  }
+  __syncthreads();
+
+  float dt_acc = 0.f;
+  if (s.active) {
+#pragma unroll
+    for (int q = 0; q < kWPrefetch; ++q) {
+      const int64_t k = sub + static_cast<int64_t>(q) * tpc;
+      if (k < R) dt_acc += L.w[q] * s_dbc[k];
+    }
+#pragma unroll 4
+    for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
+      dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
+    }
+  }
+  dt_acc = group_sum(dt_acc, tpc);
+  const float dt = s.active ? softplus(dt_acc + L.bias) : 0.f;
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int64_t st = static_cast<int64_t>(sub) * J + j;
+    if (s.active && st < N) {
+      const float h = expf(dt * L.A[j]) * L.h[j] + dt * x * s_dbc[R + st];
+      a.ssm_state_out[(b * E + e) * N + st] = h;
+      acc += h * s_dbc[R + N + st];
+    }
+  }
+  acc = group_sum(acc, tpc);
+  if (sub == 0 && s.active) ws.y[b * E + e] = to_float(from_float<T>((acc + Dp * x) * silu(z)));
+}
+
+// ---- phase C -----------------------------------------------------------------------------------------------------
+constexpr int kNVC = 8;  // out_proj vectors per lane and pass
+
+template <typename T, int V>
+struct PhaseC {
+  const T* wrow[1];
+  bool valid[1];
+  Pass<T, V, 1, kNVC> P;
+};
+
+// The loads of the item's first pass of out_proj weights (the fused kernel issues them before its barrier).
+template <typename T, int V>
+__device__ __forceinline__ void phase_c_loads(const DecodeBlockArgs& a, const Plan& p, int64_t item, PhaseC<T, V>& S) {
+  const int64_t E = a.dim, d = (item % p.rows_c) * kRowsC + threadIdx.x / 32;
+  S.wrow[0] = static_cast<const T*>(a.out_proj_weight) + d * E;
+  S.valid[0] = d < a.dmodel;
+  load_pass<T, V, 1, kNVC>(S.wrow, S.valid, 0, 0, static_cast<int>(E < kChunk ? E : kChunk), S.P);
+}
+
+template <typename T, int V, int NB>
+__device__ __forceinline__ void phase_c(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t item,
+                                        PhaseC<T, V>& S, float* act) {
+  const int64_t E = a.dim, Dm = a.dmodel;
+  const int64_t b0 = (item / p.rows_c) * kGroup, d = (item % p.rows_c) * kRowsC + threadIdx.x / 32;
+  const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
+  float acc[1][NB];
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) acc[0][bb] = 0.f;
+  for (int64_t k0 = 0; k0 < E; k0 += kChunk) {
+    const int kc = static_cast<int>(E - k0 < kChunk ? E - k0 : kChunk);
+    if (k0 > 0) load_pass<T, V, 1, kNVC>(S.wrow, S.valid, k0, 0, kc, S.P);
+    if (kc % 4 == 0 && E % 4 == 0) {
+      for (int bb = 0; bb < nb; ++bb) stage(act + bb * kChunk, ws.y + (b0 + bb) * E + k0, kc);
+    } else {
+      for (int i = threadIdx.x; i < nb * kc; i += kThreads) {
+        act[(i / kc) * kChunk + i % kc] = __ldcg(ws.y + (b0 + i / kc) * E + k0 + i % kc);
+      }
+    }
+    __syncthreads();
+    dot_chunk<T, V, 1, kNVC, NB>(S.wrow, S.valid, k0, kc, act, nb, S.P, acc);
+    __syncthreads();
+  }
+  T* out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) {
+    const float v = group_sum(acc[0][bb], 32);
+    if (threadIdx.x % 32 == 0 && bb < nb && S.valid[0]) out[(b0 + bb) * Dm + d] = from_float<T>(v);
+  }
+}
+
+// ---- kernels -----------------------------------------------------------------------------------------------------
+// NB: the rows of a group the code is built for: 1 (batch 1, the latency-bound case) or kGroup.
+template <typename T, typename R, int V, int NB>
+__global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) a_kernel(DecodeBlockArgs a, Plan p) {
+  __shared__ Shared sh;
+  extern __shared__ float4 dyn[];
+  phase_a<T, R, V, NB, kNVA>(a, p, split_workspace(a, p.tiles), blockIdx.x, sh, reinterpret_cast<float*>(dyn));
+}
+
+__global__ void __launch_bounds__(kThreads) reduce_kernel(DecodeBlockArgs a, Plan p) {
+  extern __shared__ float4 dyn[];
+  float* s_dbc = reinterpret_cast<float*>(dyn);
+  const Workspace ws = split_workspace(a, p.tiles);
+  const int64_t R2 = r2_of(a), b = blockIdx.x;
+  reduce_dbc(ws, p, R2, b, s_dbc);
+  __syncthreads();
+  for (int64_t row = threadIdx.x; row < R2; row += kThreads) ws.dbc[b * R2 + row] = s_dbc[row];
+}
+
+template <typename T, int J>
+__global__ void __launch_bounds__(kThreads) b_kernel(DecodeBlockArgs a, Plan p) {
+  extern __shared__ float4 dyn[];
+  ScanLoads<J> L;
+  scan_loads<J>(a, p, blockIdx.x, L);
+  scan_finish<T, J>(a, p, split_workspace(a, p.tiles), blockIdx.x, L, reinterpret_cast<float*>(dyn));
+}
+
+template <typename T, int V, int NB>
+__global__ void __launch_bounds__(kThreads) c_kernel(DecodeBlockArgs a, Plan p) {
+  extern __shared__ float4 dyn[];
+  PhaseC<T, V> S;
+  phase_c_loads<T, V>(a, p, blockIdx.x, S);
+  phase_c<T, V, NB>(a, p, split_workspace(a, p.tiles), blockIdx.x, S, reinterpret_cast<float*>(dyn));
+}
+
+// One cooperative kernel (one group): block i runs item i of each phase that has one, with grid-wide barriers
+// between the phases. Thread 0 first asks L2 for the block's out_proj rows and phase-B state, so that the later
+// phases find them there; phase B's and phase C's own loads are issued before the barrier that precedes them.
+template <typename T, typename R, int V, int J, int NB>
+__global__ void __launch_bounds__(kThreads) fused_kernel(DecodeBlockArgs a, Plan p) {
+  __shared__ Shared sh;
+  extern __shared__ float4 dyn[];
+  float* act = reinterpret_cast<float*>(dyn);
+  float* s_dbc = act + p.nb_max * kChunk;
+  const Workspace ws = split_workspace(a, p.tiles);
+  const int64_t i = blockIdx.x, E = a.dim, Dm = a.dmodel;
+  const bool has_a = i < p.items_a(), has_b = i < a.batch * p.chunks_b, has_c = i < p.items_c();
+  if (threadIdx.x == 0) {
+    if (has_c) {
+      const int64_t d0 = i * kRowsC, rows = Dm - d0 < kRowsC ? Dm - d0 : kRowsC;
+      prefetch_l2(static_cast<const T*>(a.out_proj_weight) + d0 * E, rows * E * static_cast<int64_t>(sizeof(T)));
+    }
+    if (has_b) {
+      const int64_t b = i / p.chunks_b, e0 = (i % p.chunks_b) * p.cpb, ch = E - e0 < p.cpb ? E - e0 : p.cpb;
+      prefetch_l2(a.ssm_state_in + (b * E + e0) * a.dstate, ch * a.dstate * 4);
+      prefetch_l2(a.dt_proj_weight + e0 * a.dt_rank, ch * a.dt_rank * 4);
+      prefetch_l2(a.A + e0 * a.dstate, ch * a.dstate * 4);
+    }
+  }
+  if (has_a) phase_a<T, R, V, NB, kNVA>(a, p, ws, i, sh, act);
+  ScanLoads<J> L;
+  if (has_b) scan_loads<J>(a, p, i, L);
+  cooperative_groups::this_grid().sync();
+  PhaseC<T, V> S;
+  if (has_c) phase_c_loads<T, V>(a, p, i, S);
+  if (has_b) scan_finish<T, J>(a, p, ws, i, L, s_dbc);
+  cooperative_groups::this_grid().sync();
+  if (has_c) phase_c<T, V, NB>(a, p, ws, i, S, act);
+}
+
+// ---- launch ------------------------------------------------------------------------------------------------------
+int forced_path() {
+  const char* mode = std::getenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK");
+  if (mode == nullptr) return 0;
+  if (std::strcmp(mode, "split") == 0) return 1;
+  if (std::strcmp(mode, "unfolded") == 0) return 2;
+  return 0;
+}
+
+Plan make_plan(const DecodeBlockArgs& a, int J) {
+  Plan p{};
+  const int64_t R2 = r2_of(a);
+  p.tiles = (a.dim + kTileA - 1) / kTileA;
+  p.groups = (a.batch + kGroup - 1) / kGroup;
+  p.rows_c = (a.dmodel + kRowsC - 1) / kRowsC;
+  p.tpc = next_pow2((a.dstate + J - 1) / J);
+  p.cpb = kThreads / p.tpc;
+  p.chunks_b = (a.dim + p.cpb - 1) / p.cpb;
+  p.nb_max = static_cast<int>(a.batch < kGroup ? a.batch : kGroup);
+  return p;
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory on top of its static part (needed past 48 KiB in all).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, typename R, int V, int J, int NB>
+cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
+  Plan p = make_plan(a, J);
+  const int64_t R2 = r2_of(a), items_b = a.batch * p.chunks_b;
+  const int forced = forced_path();
+  p.fold = forced == 1 || (forced != 2 && items_b * p.tiles * pad4(R2) <= kMaxFoldedReads);
+  const size_t act_bytes = static_cast<size_t>(p.nb_max) * kChunk * sizeof(float);
+  const size_t dbc_bytes = static_cast<size_t>(pad4(R2) + 4 * kThreads) * sizeof(float);  // dbc + the sum's parts
+  int device = 0, coop = 0;
+  if (forced == 0 && p.fold && p.groups == 1 && cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && coop != 0) {
+    const auto kernel = fused_kernel<T, R, V, J, NB>;
+    const size_t smem = act_bytes + dbc_bytes;
+    if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+    int per_sm = 0;
+    if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+        err != cudaSuccess) {
+      return err;
+    }
+    const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
+    int64_t want = p.items_a() > items_b ? p.items_a() : items_b;
+    if (p.items_c() > want) want = p.items_c();
+    if (want <= resident) {
+      void* args[] = {const_cast<DecodeBlockArgs*>(&a), &p};
+      return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(want)),
+                                         dim3(kThreads), args, smem, stream);
+    }
+  }
+  if (p.items_a() > 0x7fffffff || items_b > 0x7fffffff || p.items_c() > 0x7fffffff) return cudaErrorInvalidValue;
+  {
+    const auto kernel = a_kernel<T, R, V, NB>;
+    if (cudaError_t err = allow_smem(kernel, act_bytes); err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(p.items_a()), kThreads, act_bytes, stream>>>(a, p);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  if (!p.fold) {
+    reduce_kernel<<<static_cast<unsigned>(a.batch), kThreads, dbc_bytes, stream>>>(a, p);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  b_kernel<T, J><<<static_cast<unsigned>(items_b), kThreads, dbc_bytes, stream>>>(a, p);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  {
+    const auto kernel = c_kernel<T, V, NB>;
+    if (cudaError_t err = allow_smem(kernel, act_bytes); err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(p.items_c()), kThreads, act_bytes, stream>>>(a, p);
+  }
+  return cudaGetLastError();
+}
+
+// The batch-1 code (NB = 1) for the common shapes (16-byte weight rows, d_state <= 128); kGroup rows otherwise.
+template <typename T, typename R>
+cudaError_t dispatch(const DecodeBlockArgs& a, cudaStream_t stream) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool vec = a.dmodel % V == 0 && a.dim % V == 0 && aligned(a.in_proj_weight) && aligned(a.out_proj_weight);
+  if (a.dstate > 128) return vec ? launch<T, R, V, 8, kGroup>(a, stream) : launch<T, R, 1, 8, kGroup>(a, stream);
+  if (!vec) return launch<T, R, 1, 4, kGroup>(a, stream);
+  return a.batch == 1 ? launch<T, R, V, 4, 1>(a, stream) : launch<T, R, V, 4, kGroup>(a, stream);
+}
+
+}  // namespace
+
+size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank) {
+  const int64_t r2 = dt_rank + 2 * dstate, tiles = (dim + kTileA - 1) / kTileA;
+  return static_cast<size_t>(2 * pad4(batch * dim) + batch * tiles * pad4(r2) + pad4(batch * r2) + batch * dim) *
+         sizeof(float);
+}
+
+cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream) {
+  if (a.batch < 0 || a.dim < 0 || a.dmodel < 1 || a.dstate < 1 || a.dstate > kMaxDState || a.width < 1 ||
+      a.width > kMaxDConv || a.dt_rank < 1 || a.batch > 65535 || a.workspace == nullptr ||
+      (a.residual_dtype != DType::kFloat32 && a.residual_dtype != a.dtype)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.batch == 0) return cudaSuccess;
+  return dispatch_dtype(a.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (a.residual_dtype == DType::kFloat32) return dispatch<T, float>(a, stream);
+    return dispatch<T, T>(a, stream);
+  });
+}
+
+}  // namespace mamba_cuda
