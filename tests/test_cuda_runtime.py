@@ -28,12 +28,13 @@ CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSN
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """{(config, dtype): (export dir, float64 reference model)} with the custom-op library in each export; dtype
-    "float16-blocks" / "float32-blocks": exported with --decode-blocks on (one DecodeBlock node per layer >= 1)."""
+    "float16-blocks" / "float32-blocks": exported with --decode-blocks on (one DecodeBlock node per layer >= 1; the
+    "tiny" config, as DecodeBlock takes no in_proj/out_proj biases)."""
     from mamba_export.export import export_checkpoint
 
     out = {}
     for config, dtype in (("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16"),
-                          ("nondefault", "float16-blocks"), ("nondefault", "float32-blocks")):
+                          ("tiny", "float16-blocks"), ("tiny", "float32-blocks")):
         root = tmp_path_factory.mktemp(f"{config}-{dtype}")
         ckpt = save_transformers(make_hf_model(config, seed=3), root / "ckpt")
         blocks = "on" if dtype.endswith("-blocks") else "off"
@@ -69,7 +70,7 @@ def run(sess: ort.InferenceSession, ids: torch.Tensor, state: list[np.ndarray]):
 
 
 @pytest.mark.parametrize("key", [("tiny", "float32"), ("nondefault", "float32"), ("nondefault", "float16"),
-                                 ("nondefault", "float16-blocks"), ("nondefault", "float32-blocks")],
+                                 ("tiny", "float16-blocks"), ("tiny", "float32-blocks")],
                          ids=lambda k: "-".join(k))
 def test_prefill_and_64_decode_steps_match_reference(exports, key):
     out, ref = exports[key]
@@ -94,12 +95,12 @@ def prompts_for(model, batch: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, model.config.vocab_size, (3 + 2 * i,), generator=g).tolist() for i in range(batch)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float32-blocks"])
-def test_greedy_tokens_identical_to_cpu_runtime(exports, dtype):
+@pytest.mark.parametrize("key", [("nondefault", "float32"), ("tiny", "float32-blocks")], ids=lambda k: "-".join(k))
+def test_greedy_tokens_identical_to_cpu_runtime(exports, key):
     from mamba_runtime import MambaRuntime
     from mamba_runtime.gpu import CudaGenerator
 
-    out, ref = exports["nondefault", dtype]
+    out, ref = exports[key]
     prompts = prompts_for(ref, 4, seed=1)
     cpu = MambaRuntime(out, provider="cpu", custom_ops="require").generate(prompts, 40).tokens
     cuda_rt = MambaRuntime(out, provider="cuda", custom_ops="require")
@@ -109,7 +110,7 @@ def test_greedy_tokens_identical_to_cpu_runtime(exports, dtype):
     assert fast.tolist() == cpu
 
 
-@pytest.mark.parametrize("key", [("nondefault", "float32"), ("nondefault", "float16"), ("nondefault", "float16-blocks")],
+@pytest.mark.parametrize("key", [("nondefault", "float32"), ("nondefault", "float16"), ("tiny", "float16-blocks")],
                          ids=lambda k: "-".join(k))
 def test_cuda_graphs_on_and_off_give_identical_tokens(exports, key):
     from mamba_runtime.gpu import CudaGenerator
@@ -145,9 +146,10 @@ def cpu_compute_nodes(profile_file: str) -> tuple[list[str], set[str]]:
     return on_cpu, custom_on_cuda
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float16-blocks"])
-def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path, dtype):
-    out, ref = exports["nondefault", dtype]
+@pytest.mark.parametrize("key", [("nondefault", "float16"), ("tiny", "float16-blocks")], ids=lambda k: "-".join(k))
+def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path, key):
+    out, ref = exports[key]
+    dtype = key[1]
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     norms = {"RMSNorm", "AddRMSNorm"}
     decode_ops = {"DecodeStep", "DecodeBlock"} if dtype.endswith("-blocks") else {"DecodeStep"}
@@ -160,8 +162,8 @@ def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path, dtype):
         assert custom == want_ops, f"{graph}: custom ops on CUDA: {custom}"
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float16-blocks"])
-def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports, dtype):
+@pytest.mark.parametrize("key", [("nondefault", "float16"), ("tiny", "float16-blocks")], ids=lambda k: "-".join(k))
+def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports, key):
     """MambaRuntime and CudaGenerator check onnxruntime's node assignment when they open a graph under CUDA: our
     exports place no compute node on the CPU, so no CpuPlacementWarning (None: this onnxruntime cannot say)."""
     import warnings
@@ -169,7 +171,7 @@ def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports, dty
     from mamba_runtime import CpuPlacementWarning, MambaRuntime
     from mamba_runtime.gpu import CudaGenerator
 
-    out, _ = exports["nondefault", dtype]
+    out, _ = exports[key]
     with warnings.catch_warnings():
         warnings.simplefilter("error", CpuPlacementWarning)
         rt = MambaRuntime(out, provider="cuda", custom_ops="require")
