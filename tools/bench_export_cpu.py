@@ -6,6 +6,7 @@ For the mamba-130m shape (d_model 768, 24 layers, vocab 50280; random weights fr
 
     decode ms/token:  onnxruntime + our library (decode.onnx), the same with float16 decode weights (an export with
                       ``--decode-weights float16``: in_proj, out_proj and the LM head multiplied by LinearF16W),
+                      the same with decode blocks (an export with ``--decode-blocks on``: one DecodeBlock per layer),
                       onnxruntime without the library (model-local function fallback), the PyTorch reference
                       (MambaLM.step), transformers' generation loop with its cache;
     prefill tok/s:    the same on a ``--prompt-len`` prompt (onnxruntime uses the last-position-only graph,
@@ -43,6 +44,7 @@ import numpy as np
 
 
 F16_NAME = "onnxruntime + library, float16 decode weights"
+BLOCKS_NAME = "onnxruntime + library, decode blocks"  # --decode-blocks on: one DecodeBlock per layer
 
 
 def _percentile(xs, q):
@@ -250,7 +252,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=50280)
-    ap.add_argument("--skip", default="", help="comma list of: ort_lib, ort_lib_f16, ort_nolib, torch, transformers")
+    ap.add_argument("--skip", default="",
+                    help="comma list of: ort_lib, ort_lib_f16, ort_lib_blocks, ort_nolib, torch, transformers")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
@@ -276,6 +279,9 @@ def main() -> None:
         out16 = None
         if "ort_lib_f16" not in skip:
             out16 = export_checkpoint(ckpt, root / "export_f16", last_logits=True, decode_weights="float16")
+        out_blocks = None
+        if "ort_lib_blocks" not in skip:
+            out_blocks = export_checkpoint(ckpt, root / "export_blocks", last_logits=True, decode_blocks="on")
         prompt = np.random.default_rng(0).integers(0, args.vocab, (1, args.prompt_len), dtype=np.int64)
         lib = custom_op_library_path()
         runners: dict[str, object] = {}
@@ -283,6 +289,8 @@ def main() -> None:
             runners["onnxruntime + library"] = OrtRunner(out, model.config, prompt, args.threads, lib)
         if out16 is not None:
             runners[F16_NAME] = OrtRunner(out16, model.config, prompt, args.threads, lib)
+        if out_blocks is not None:
+            runners[BLOCKS_NAME] = OrtRunner(out_blocks, model.config, prompt, args.threads, lib)
         if "ort_nolib" not in skip:
             runners["onnxruntime, function fallback"] = OrtRunner(out, model.config, prompt, args.threads, None)
         if "torch" not in skip:
