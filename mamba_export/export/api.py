@@ -63,7 +63,7 @@ def export_checkpoint(
     """
     _check_options(dtype, fmt, decode_weights)
     cfg, _, raw = read_config(ckpt_dir)
-    resolve_decode_blocks(decode_blocks, cfg, dtype, fmt, decode_weights)  # fails before the slow part
+    resolve_decode_blocks(decode_blocks, cfg, fmt, decode_weights)  # fails before the slow part
     directory.check_target(Path(out_dir).absolute(), force)  # fail before the slow part; checked again at the end
     if fmt == "onnx" and with_library:
         directory.library_path()  # raises now, before the slow part, when the library is not built
@@ -92,7 +92,7 @@ def export_model(
     if dtype is None:
         raise ExportError(f"model dtype {model.lm_head.weight.dtype} cannot be exported; use float32 or float16")
     _check_options(dtype, fmt, decode_weights)
-    blocks = resolve_decode_blocks(decode_blocks, model.config, dtype, fmt, decode_weights)
+    blocks = resolve_decode_blocks(decode_blocks, model.config, fmt, decode_weights)
     say = progress or (lambda msg: None)
     model = model.eval()
     library_path = directory.library_path() if fmt == "onnx" and with_library else None
@@ -137,9 +137,9 @@ def _check_options(dtype: str, fmt: str, decode_weights: str = "float32") -> Non
                           f"export stores every weight as {dtype} already")
 
 
-def resolve_decode_blocks(mode: str, cfg: MambaConfig, dtype: str, fmt: str, decode_weights: str) -> bool:
-    """Whether decode.onnx gets DecodeBlock nodes: "on", or "off" / "auto" (auto is off for every export: the fused
-    kernel is faster only at batch 1).
+def resolve_decode_blocks(mode: str, cfg: MambaConfig, fmt: str, decode_weights: str) -> bool:
+    """Whether decode.onnx gets DecodeBlock nodes: "on", or "off" / "auto" (auto is off for every export and dtype:
+    the fused CUDA kernel is faster only at batch 1).
 
     Raises:
         ExportError: an unknown mode, or "on" where DecodeBlock does not apply.
