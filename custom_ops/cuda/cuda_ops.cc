@@ -196,6 +196,13 @@ int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name,
   return v;
 }
 
+// Reads op `name`'s epsilon attribute (a finite float >= 0; 1e-5 when the node does not set it) into `out`; an error
+// status (which fails session creation) otherwise.
+OrtStatus* epsilon_of(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* out) {
+  const std::string error = mamba_export_ops::read_epsilon(api, info, std::string(name) + " (CUDA)", out);
+  return error.empty() ? nullptr : api.CreateStatus(ORT_INVALID_ARGUMENT, error.c_str());
+}
+
 OrtStatus* check_batch(const Call& call, int64_t b) {
   if (b > 65535) return call.error(ORT_INVALID_ARGUMENT, "batch " + std::to_string(b) + " exceeds the CUDA kernels' limit of 65535");
   return nullptr;
@@ -325,6 +332,53 @@ struct CausalConv1dKernel {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+// The mixer inputs DecodeStep and DecodeBlock share, m[0..8] = conv_state_in, ssm_state_in, conv_weight, conv_bias,
+// x_proj_weight, dt_proj_weight, dt_bias, A, D (their order in both contracts): checked against batch b and channels
+// e (`e_from` says which input gave e), then their sizes and pointers go into `a` (DecodeStepArgs or DecodeBlockArgs,
+// which name them alike).
+template <typename Args>
+OrtStatus* read_mixer(const Call& call, const Tensor* m, int64_t b, int64_t e, const std::string& e_from, Args& a) {
+  const Tensor &conv_state = m[0], &ssm_state = m[1], &conv_w = m[2], &conv_b = m[3], &xproj = m[4], &dtproj = m[5],
+               &dt_bias = m[6], &A = m[7], &D = m[8];
+  MAMBA_RETURN_IF(call.check(A, "A", {e, -1}, "[e, n], e from " + e_from, 1));
+  const int64_t n = A.dims[1];
+  MAMBA_RETURN_IF(call.check(conv_w, "conv_weight", {e, -1}, "[e, k]", 1));
+  const int64_t k = conv_w.dims[1];
+  MAMBA_RETURN_IF(call.check(dtproj, "dt_proj_weight", {e, -1}, "[e, r]", 1));
+  const int64_t r = dtproj.dims[1];
+  MAMBA_RETURN_IF(check_batch(call, b));
+  MAMBA_RETURN_IF(check_dstate(call, n));
+  MAMBA_RETURN_IF(check_dconv(call, k));
+  MAMBA_RETURN_IF(call.check(conv_state, "conv_state_in", {b, e, k - 1}, "[b, e, k - 1]"));
+  MAMBA_RETURN_IF(call.check(ssm_state, "ssm_state_in", {b, e, n}, "[b, e, n]"));
+  MAMBA_RETURN_IF(call.check(conv_b, "conv_bias", {e}, "[e]"));
+  MAMBA_RETURN_IF(call.check(xproj, "x_proj_weight", {r + 2 * n, e}, "[r + 2n, e]"));
+  MAMBA_RETURN_IF(call.check(dt_bias, "dt_bias", {e}, "[e]"));
+  MAMBA_RETURN_IF(call.check(D, "D", {e}, "[e]"));
+  a.batch = b, a.dim = e, a.dstate = n, a.width = k, a.dt_rank = r;
+  a.conv_state_in = static_cast<const float*>(conv_state.data);
+  a.ssm_state_in = static_cast<const float*>(ssm_state.data);
+  a.conv_weight = static_cast<const float*>(conv_w.data);
+  a.conv_bias = static_cast<const float*>(conv_b.data);
+  a.x_proj_weight = static_cast<const float*>(xproj.data);
+  a.dt_proj_weight = static_cast<const float*>(dtproj.data);
+  a.dt_bias = static_cast<const float*>(dt_bias.data);
+  a.A = static_cast<const float*>(A.data);
+  a.D = static_cast<const float*>(D.data);
+  return nullptr;
+}
+
+// Creates the mixer's new conv and ssm states as outputs `first` and `first + 1` of the node (sizes from `a`).
+template <typename Args>
+OrtStatus* mixer_outputs(Call& call, size_t first, Args& a) {
+  void *conv_out = nullptr, *ssm_out = nullptr;
+  MAMBA_RETURN_IF(call.output(first, {a.batch, a.dim, a.width - 1}, &conv_out));
+  MAMBA_RETURN_IF(call.output(first + 1, {a.batch, a.dim, a.dstate}, &ssm_out));
+  a.conv_state_out = static_cast<float*>(conv_out), a.ssm_state_out = static_cast<float*>(ssm_out);
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 struct DecodeStepKernel {
   static constexpr const char* kName = "DecodeStep";
   static const std::vector<Port>& inputs() {
@@ -345,49 +399,23 @@ struct DecodeStepKernel {
     Call call(api, ctx, kName);
     std::vector<Tensor> in;
     MAMBA_RETURN_IF(call.read_inputs(inputs(), t, in));
-    const Tensor &xz = in[0], &conv_state = in[1], &ssm_state = in[2], &conv_w = in[3], &conv_b = in[4],
-                 &xproj = in[5], &dtproj = in[6], &dt_bias = in[7], &A = in[8], &D = in[9];
+    const Tensor& xz = in[0];
     MAMBA_RETURN_IF(call.check(xz, "xz", {-1, 1, -1}, "[b, 1, 2e]"));
     const int64_t b = xz.dims[0];
     if (xz.dims[2] % 2 != 0) {
       return call.error(ORT_INVALID_ARGUMENT, "input 'xz' must have an even last dimension (x then z), found " + shape_str(xz.dims));
     }
     const int64_t e = xz.dims[2] / 2;
-    MAMBA_RETURN_IF(call.check(A, "A", {e, -1}, "[e, n], e from xz", 1));
-    const int64_t n = A.dims[1];
-    MAMBA_RETURN_IF(call.check(conv_w, "conv_weight", {e, -1}, "[e, k]", 1));
-    const int64_t k = conv_w.dims[1];
-    MAMBA_RETURN_IF(call.check(dtproj, "dt_proj_weight", {e, -1}, "[e, r]", 1));
-    const int64_t r = dtproj.dims[1];
-    MAMBA_RETURN_IF(check_batch(call, b));
-    MAMBA_RETURN_IF(check_dstate(call, n));
-    MAMBA_RETURN_IF(check_dconv(call, k));
-    MAMBA_RETURN_IF(call.check(conv_state, "conv_state_in", {b, e, k - 1}, "[b, e, k - 1]"));
-    MAMBA_RETURN_IF(call.check(ssm_state, "ssm_state_in", {b, e, n}, "[b, e, n]"));
-    MAMBA_RETURN_IF(call.check(conv_b, "conv_bias", {e}, "[e]"));
-    MAMBA_RETURN_IF(call.check(xproj, "x_proj_weight", {r + 2 * n, e}, "[r + 2n, e]"));
-    MAMBA_RETURN_IF(call.check(dt_bias, "dt_bias", {e}, "[e]"));
-    MAMBA_RETURN_IF(call.check(D, "D", {e}, "[e]"));
     mamba_cuda::DecodeStepArgs a{};
+    MAMBA_RETURN_IF(read_mixer(call, &in[1], b, e, "xz", a));
     a.dtype = to_dtype(t);
-    a.batch = b, a.dim = e, a.dstate = n, a.width = k, a.dt_rank = r;
     a.xz = xz.data;
-    a.conv_state_in = static_cast<const float*>(conv_state.data);
-    a.ssm_state_in = static_cast<const float*>(ssm_state.data);
-    a.conv_weight = static_cast<const float*>(conv_w.data);
-    a.conv_bias = static_cast<const float*>(conv_b.data);
-    a.x_proj_weight = static_cast<const float*>(xproj.data);
-    a.dt_proj_weight = static_cast<const float*>(dtproj.data);
-    a.dt_bias = static_cast<const float*>(dt_bias.data);
-    a.A = static_cast<const float*>(A.data);
-    a.D = static_cast<const float*>(D.data);
-    void *y = nullptr, *conv_out = nullptr, *ssm_out = nullptr, *ws = nullptr;
+    void *y = nullptr, *ws = nullptr;
     MAMBA_RETURN_IF(call.output(0, {b, 1, e}, &y));
-    MAMBA_RETURN_IF(call.output(1, {b, e, k - 1}, &conv_out));
-    MAMBA_RETURN_IF(call.output(2, {b, e, n}, &ssm_out));
-    a.y = y, a.conv_state_out = static_cast<float*>(conv_out), a.ssm_state_out = static_cast<float*>(ssm_out);
+    MAMBA_RETURN_IF(mixer_outputs(call, 1, a));
+    a.y = y;
     if (b == 0 || e == 0) return nullptr;
-    MAMBA_RETURN_IF(call.scratch(xz, mamba_cuda::decode_step_workspace_bytes(b, e, n, r), &ws));
+    MAMBA_RETURN_IF(call.scratch(xz, mamba_cuda::decode_step_workspace_bytes(b, e, a.dstate, a.dt_rank), &ws));
     a.workspace = static_cast<float*>(ws);
     cudaStream_t stream = nullptr;
     MAMBA_RETURN_IF(call.stream(xz, &stream));
@@ -417,11 +445,7 @@ struct NormKernel {
   NormKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
       : api(api), t(t), r(r) {}
 
-  // Reads epsilon (a finite float >= 0; 1e-5 when the node does not set it); an error status fails session creation.
-  OrtStatus* init(const OrtKernelInfo* info) {
-    const std::string error = mamba_export_ops::read_epsilon(api, info, std::string(kName) + " (CUDA)", &epsilon);
-    return error.empty() ? nullptr : api.CreateStatus(ORT_INVALID_ARGUMENT, error.c_str());
-  }
+  OrtStatus* init(const OrtKernelInfo* info) { return epsilon_of(api, info, kName, &epsilon); }
 
   OrtStatus* Compute(OrtKernelContext* ctx) {
     Call call(api, ctx, kName);
@@ -477,18 +501,13 @@ struct DecodeBlockKernel {
   DecodeBlockKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
       : api(api), t(t), r(r) {}
 
-  OrtStatus* init(const OrtKernelInfo* info) {
-    const std::string error = mamba_export_ops::read_epsilon(api, info, std::string(kName) + " (CUDA)", &epsilon);
-    return error.empty() ? nullptr : api.CreateStatus(ORT_INVALID_ARGUMENT, error.c_str());
-  }
+  OrtStatus* init(const OrtKernelInfo* info) { return epsilon_of(api, info, kName, &epsilon); }
 
   OrtStatus* Compute(OrtKernelContext* ctx) {
     Call call(api, ctx, kName);
     std::vector<Tensor> in;
     MAMBA_RETURN_IF(call.read_inputs(inputs(), t, in, r));
-    const Tensor &x = in[0], &residual = in[1], &norm_w = in[2], &in_proj = in[3], &conv_state = in[4],
-                 &ssm_state = in[5], &conv_w = in[6], &conv_b = in[7], &xproj = in[8], &dtproj = in[9],
-                 &dt_bias = in[10], &A = in[11], &D = in[12], &out_proj = in[13];
+    const Tensor &x = in[0], &residual = in[1], &norm_w = in[2], &in_proj = in[3], &out_proj = in[13];
     MAMBA_RETURN_IF(call.check(x, "x", {-1, 1, -1}, "[b, 1, d]"));
     const int64_t b = x.dims[0], d = x.dims[2];
     if (d < 1) return call.error(ORT_INVALID_ARGUMENT, "input 'x' must have a non-empty last dimension, found " + shape_str(x.dims));
@@ -499,46 +518,21 @@ struct DecodeBlockKernel {
       return call.error(ORT_INVALID_ARGUMENT, "input 'in_proj_weight' must have an even first dimension (x rows then z rows), found " + shape_str(in_proj.dims));
     }
     const int64_t e = in_proj.dims[0] / 2;
-    MAMBA_RETURN_IF(call.check(A, "A", {e, -1}, "[e, n], e from in_proj_weight", 1));
-    const int64_t n = A.dims[1];
-    MAMBA_RETURN_IF(call.check(conv_w, "conv_weight", {e, -1}, "[e, k]", 1));
-    const int64_t k = conv_w.dims[1];
-    MAMBA_RETURN_IF(call.check(dtproj, "dt_proj_weight", {e, -1}, "[e, r]", 1));
-    const int64_t rk = dtproj.dims[1];
-    MAMBA_RETURN_IF(check_batch(call, b));
-    MAMBA_RETURN_IF(check_dstate(call, n));
-    MAMBA_RETURN_IF(check_dconv(call, k));
-    MAMBA_RETURN_IF(call.check(conv_state, "conv_state_in", {b, e, k - 1}, "[b, e, k - 1]"));
-    MAMBA_RETURN_IF(call.check(ssm_state, "ssm_state_in", {b, e, n}, "[b, e, n]"));
-    MAMBA_RETURN_IF(call.check(conv_b, "conv_bias", {e}, "[e]"));
-    MAMBA_RETURN_IF(call.check(xproj, "x_proj_weight", {rk + 2 * n, e}, "[r + 2n, e]"));
-    MAMBA_RETURN_IF(call.check(dt_bias, "dt_bias", {e}, "[e]"));
-    MAMBA_RETURN_IF(call.check(D, "D", {e}, "[e]"));
-    MAMBA_RETURN_IF(call.check(out_proj, "out_proj_weight", {d, e}, "[d, e]"));
     mamba_cuda::DecodeBlockArgs a{};
+    MAMBA_RETURN_IF(read_mixer(call, &in[4], b, e, "in_proj_weight", a));
+    MAMBA_RETURN_IF(call.check(out_proj, "out_proj_weight", {d, e}, "[d, e]"));
     a.dtype = to_dtype(t);
     a.residual_dtype = to_dtype(r);
-    a.batch = b, a.dmodel = d, a.dim = e, a.dstate = n, a.width = k, a.dt_rank = rk, a.epsilon = epsilon;
+    a.dmodel = d, a.epsilon = epsilon;
     a.x = x.data, a.residual = residual.data, a.norm_weight = norm_w.data, a.in_proj_weight = in_proj.data;
-    a.conv_state_in = static_cast<const float*>(conv_state.data);
-    a.ssm_state_in = static_cast<const float*>(ssm_state.data);
-    a.conv_weight = static_cast<const float*>(conv_w.data);
-    a.conv_bias = static_cast<const float*>(conv_b.data);
-    a.x_proj_weight = static_cast<const float*>(xproj.data);
-    a.dt_proj_weight = static_cast<const float*>(dtproj.data);
-    a.dt_bias = static_cast<const float*>(dt_bias.data);
-    a.A = static_cast<const float*>(A.data);
-    a.D = static_cast<const float*>(D.data);
     a.out_proj_weight = out_proj.data;
-    void *out = nullptr, *residual_out = nullptr, *conv_out = nullptr, *ssm_out = nullptr, *ws = nullptr;
+    void *out = nullptr, *residual_out = nullptr, *ws = nullptr;
     MAMBA_RETURN_IF(call.output(0, {b, 1, d}, &out));
     MAMBA_RETURN_IF(call.output(1, {b, 1, d}, &residual_out));
-    MAMBA_RETURN_IF(call.output(2, {b, e, k - 1}, &conv_out));
-    MAMBA_RETURN_IF(call.output(3, {b, e, n}, &ssm_out));
+    MAMBA_RETURN_IF(mixer_outputs(call, 2, a));
     a.out = out, a.residual_out = residual_out;
-    a.conv_state_out = static_cast<float*>(conv_out), a.ssm_state_out = static_cast<float*>(ssm_out);
     if (b == 0) return nullptr;
-    MAMBA_RETURN_IF(call.scratch(x, mamba_cuda::decode_block_workspace_bytes(b, e, n, rk), &ws));
+    MAMBA_RETURN_IF(call.scratch(x, mamba_cuda::decode_block_workspace_bytes(b, e, a.dstate, a.dt_rank), &ws));
     a.workspace = static_cast<float*>(ws);
     cudaStream_t stream = nullptr;
     MAMBA_RETURN_IF(call.stream(x, &stream));
