@@ -3,9 +3,14 @@
 Symbols: b batch, L n_layer, E d_inner, K d_conv, N d_state, V vocab_size, l prompt length.
 
 Decode double-buffers the state: two sets of per-layer OrtValues (conv (b, E, K-1), ssm (b, E, N), float32) and two
-IOBindings of decode.onnx built once, one reading set 0 and writing set 1, the other the reverse. A step writes the
-new token ids into a host buffer bound as ``input_ids``, runs the binding that reads the current set, and flips
-``current``: no state crosses Python per token and nothing is allocated. Only the logits (b, V) come to the host.
+IOBindings of decode.onnx built once, one reading set 0 and writing set 1, the other the reverse. A step copies the
+new token ids into the ``input_ids`` OrtValue on the device (b int64 values), runs the binding that reads the current
+set, and flips ``current``: no state crosses Python per token and nothing is allocated. Only the logits (b, V) come to
+the host.
+
+The ids live on the device, not in a host buffer bound once: onnxruntime copies a bound input that is not where its
+consumer runs at bind time (IOBinding::BindInput), so a host buffer bound to a CUDA session would feed every step the
+ids it held when it was bound.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class DeviceState:
         batch = shapes[0][0]
         self.sets = [[tuple(device.zeros(s, np.float32) for s in shapes) for _ in range(n_layer)] for _ in range(2)]
         self.ids = np.zeros((batch, 1), dtype=np.int64)
-        self._ids_value = ort.OrtValue.ortvalue_from_numpy(self.ids)  # shares memory with self.ids
+        self._ids_value = device.zeros((batch, 1), np.int64)  # on the device: see the module's docstring
         self._logits = device.zeros((batch, 1, vocab_size), logits_dtype)
         self.bindings = [self._bind(src) for src in (0, 1)]
         self.current = 0
@@ -54,6 +59,7 @@ class DeviceState:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per sequence: tokens (b,) int -> logits (b, V), a host view valid until the next step."""
         self.ids[:, 0] = tokens
+        self.device.upload(self._ids_value, self.ids)
         self.session.run_with_iobinding(self.bindings[self.current])
         self.current ^= 1
         return self.device.to_host(self._logits)[:, 0]
