@@ -445,6 +445,81 @@ def test_decode_block_paths_agree_bit_for_bit(shape, dtype, monkeypatch):
             np.testing.assert_array_equal(a, c)
 
 
+BLOCK_WEIGHTS = ["norm_weight", "in_proj_weight", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight",
+                 "dt_bias", "A", "D", "out_proj_weight"]
+
+
+def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.InferenceSession:
+    """A graph of len(layers) DecodeBlock nodes, each node's (out, residual_out) the next one's (x, residual), the
+    weights constant initializers (which lets the CUDA kernel start before the previous node's has finished:
+    kernels/cuda/decode_block.cu, "Early start"). Inputs x, residual, conv_i, ssm_i; outputs out, residual_out,
+    conv_out_i, ssm_out_i."""
+    t_type = ONNX_TYPE[dtype]
+    inits, nodes = [], []
+    x, res = "x", "residual"
+    g_in = [helper.make_tensor_value_info("x", t_type, None), helper.make_tensor_value_info("residual", TensorProto.FLOAT, None)]
+    g_out = []
+    for i, w in enumerate(layers):
+        for name in BLOCK_WEIGHTS:
+            inits.append(helper.make_tensor(f"{name}_{i}", t_type if name in ("norm_weight", "in_proj_weight", "out_proj_weight") else TensorProto.FLOAT,
+                                            w[name].shape, w[name].tobytes(), raw=True))
+        g_in += [helper.make_tensor_value_info(f"conv_{i}", TensorProto.FLOAT, None),
+                 helper.make_tensor_value_info(f"ssm_{i}", TensorProto.FLOAT, None)]
+        last = i == len(layers) - 1
+        out, res_out = ("out", "residual_out") if last else (f"out_{i}", f"residual_out_{i}")
+        ins = [x, res, f"norm_weight_{i}", f"in_proj_weight_{i}", f"conv_{i}", f"ssm_{i}"] + [
+            f"{name}_{i}" for name in BLOCK_WEIGHTS[2:]]
+        nodes.append(helper.make_node("DecodeBlock", ins, [out, res_out, f"conv_out_{i}", f"ssm_out_{i}"],
+                                      domain=DOMAIN, epsilon=1e-5))
+        g_out += [helper.make_tensor_value_info(f"conv_out_{i}", TensorProto.FLOAT, None),
+                  helper.make_tensor_value_info(f"ssm_out_{i}", TensorProto.FLOAT, None)]
+        x, res = out, res_out
+    g_out = [helper.make_tensor_value_info("out", t_type, None),
+             helper.make_tensor_value_info("residual_out", TensorProto.FLOAT, None)] + g_out
+    model = helper.make_model(helper.make_graph(nodes, "chain", g_in, g_out, inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=10)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library())
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[3], BLOCK_SHAPES[2]], ids=lambda s: "x".join(map(str, s)))
+def test_decode_block_chain_early_start_is_exact(shape, dtype, monkeypatch):
+    """Four chained DecodeBlock nodes with constant weights, whose kernels start before the previous node's has
+    finished (on sm_90+), against the same four layers run one node at a time with the weights as graph inputs (no
+    early start): identical bits, also with the early start turned off (MAMBA_EXPORT_CUDA_PDL=0) and over repeated
+    runs. A layer that read x or the residual before the previous layer had written them would differ."""
+    layers, states = [], []
+    for i in range(4):
+        _, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=20 + i)
+        layers.append({k: feeds[k] for k in BLOCK_WEIGHTS})
+        states.append((feeds["conv_state_in"], feeds["ssm_state_in"]))
+    x0, res0 = feeds["x"], feeds["residual"]
+    single = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, {"x", "norm_weight", "in_proj_weight", "out_proj_weight",
+                                                               "out"}, dtype, epsilon=1e-5)
+    x, res, want_states = x0, res0, []
+    for w, (conv, ssm) in zip(layers, states):
+        x, res, conv_out, ssm_out = single.run({"x": x, "residual": res, "conv_state_in": conv, "ssm_state_in": ssm, **w},
+                                               shapes)
+        want_states += [conv_out, ssm_out]
+    want = [x, res, *want_states]
+    sess = block_chain_session(layers, dtype)
+    feeds = {"x": x0, "residual": res0}
+    for i, (conv, ssm) in enumerate(states):
+        feeds[f"conv_{i}"], feeds[f"ssm_{i}"] = conv, ssm
+    for pdl in (None, None, "0", None):
+        if pdl is None:
+            monkeypatch.delenv("MAMBA_EXPORT_CUDA_PDL", raising=False)
+        else:
+            monkeypatch.setenv("MAMBA_EXPORT_CUDA_PDL", pdl)
+        got = sess.run(None, feeds)
+        for a, c in zip(got, want):
+            np.testing.assert_array_equal(a.reshape(c.shape), c)
+
+
 def test_decode_block_bad_inputs_are_clear_errors():
     model, feeds, shapes, _ = block_case(2, 16, 32, 4, 4, 2, "float32", "float32", seed=1)
     bad = {**feeds, "out_proj_weight": np.zeros((16, 31), np.float32)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -336,6 +337,17 @@ def main() -> None:
                     except Exception as e:
                         r["ort_blocks"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
                     print(f"  ort decode blocks {key}: {r['ort_blocks'][key]}", flush=True)
+            # The same export with the kernels' early start off (kernels/cuda/decode_block.cu, "Early start").
+            for b in (1, 8):
+                key = f"decode_b{b}_graph_no_early_start"
+                os.environ["MAMBA_EXPORT_CUDA_PDL"] = "0"
+                try:
+                    r["ort_blocks"][key] = bench_ort_decode(blocks_dir, b, True, args.steps, cfg.vocab_size)
+                except Exception as e:
+                    r["ort_blocks"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                finally:
+                    del os.environ["MAMBA_EXPORT_CUDA_PDL"]
+                print(f"  ort decode blocks {key}: {r['ort_blocks'][key]}", flush=True)
         r["ort"]["prefill"] = bench_ort_prefill(export_dir, cfg, PREFILL_TOKENS)
         print(f"  ort prefill {PREFILL_TOKENS}: {r['ort']['prefill']}", flush=True)
         if args.profile:

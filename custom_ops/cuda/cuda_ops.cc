@@ -501,7 +501,21 @@ struct DecodeBlockKernel {
   DecodeBlockKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
       : api(api), t(t), r(r) {}
 
-  OrtStatus* init(const OrtKernelInfo* info) { return epsilon_of(api, info, kName, &epsilon); }
+  // Also notes whether the weights the kernel may read early (mamba_cuda.h, DecodeBlockArgs::constant_weights) are
+  // constant initializers of the graph.
+  OrtStatus* init(const OrtKernelInfo* info) {
+    constant_weights = true;
+    for (size_t index : {2, 3, 6, 7, 8}) {  // norm_weight, in_proj_weight, conv_weight, conv_bias, x_proj_weight
+      int is_constant = 0;
+      const OrtValue* value = nullptr;
+      if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) {
+        api.ReleaseStatus(st);
+        is_constant = 0;
+      }
+      constant_weights = constant_weights && is_constant != 0;
+    }
+    return epsilon_of(api, info, kName, &epsilon);
+  }
 
   OrtStatus* Compute(OrtKernelContext* ctx) {
     Call call(api, ctx, kName);
@@ -523,7 +537,7 @@ struct DecodeBlockKernel {
     MAMBA_RETURN_IF(call.check(out_proj, "out_proj_weight", {d, e}, "[d, e]"));
     a.dtype = to_dtype(t);
     a.residual_dtype = to_dtype(r);
-    a.dmodel = d, a.epsilon = epsilon;
+    a.dmodel = d, a.epsilon = epsilon, a.constant_weights = constant_weights;
     a.x = x.data, a.residual = residual.data, a.norm_weight = norm_w.data, a.in_proj_weight = in_proj.data;
     a.out_proj_weight = out_proj.data;
     void *out = nullptr, *residual_out = nullptr, *ws = nullptr;
@@ -542,6 +556,7 @@ struct DecodeBlockKernel {
   const OrtApi& api;
   ONNXTensorElementDataType t, r;
   float epsilon = 1e-5f;
+  bool constant_weights = false;
 };
 
 // Kernels of the three Mamba ops take (api, info, T); the norms and DecodeBlock also take R and check their attribute

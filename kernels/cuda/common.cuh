@@ -45,6 +45,21 @@ inline int sm_count() {
   return count;
 }
 
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and for kernels launched without the attribute): a kernel
+// launched with cudaLaunchAttributeProgrammaticStreamSerialization may start while the previous kernel on its stream
+// still runs. pdl_wait() returns once that kernel has finished and its writes are visible: nothing it writes, and
+// nothing this kernel writes, may be touched before. pdl_trigger() lets the next such kernel start.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Calls f.template operator()<T>() with T the CUDA type of `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

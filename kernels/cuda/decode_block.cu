@@ -19,6 +19,11 @@
 // registers, cp.async into shared memory, or an L2 bulk prefetch), and batch 1 has its own build (NB = 1). The matrix
 // products are SIMT loops: at batch 8 and above onnxruntime's cuBLAS MatMul nodes are faster (docs/gpu.md).
 // MAMBA_EXPORT_CUDA_DECODE_BLOCK=split or =unfolded forces a path (tests).
+// Early start: with constant weights (DecodeBlockArgs::constant_weights) on sm_90+, the fused kernel and phase A's
+// kernel are launched with programmatic dependent launch. A block first issues its constant weights' loads (in_proj
+// rows into registers, conv and x_proj weights into shared memory, the norm weight), then waits (pdl_wait) for the
+// previous kernel, typically the previous layer's DecodeBlock, and only then reads x, residual and the states or
+// writes anything. So a layer's weight loads overlap the previous layer's phases B and C, and the launch gap goes.
 // Workspace (float32, each part 16-byte aligned): xc [b, e], z [b, e], partial [b, tiles, r + 2n rounded up to 4],
 // dbc [b, r + 2n], y [b, e].
 #include <cooperative_groups.h>
@@ -54,6 +59,7 @@ struct Plan {
   int tpc, cpb;              // phase B: threads per channel, channels per block
   int nb_max;                // rows of shared activations: min(batch, kGroup)
   bool fold;                 // phase B sums the partials itself (else it reads dbc)
+  bool pdl;                  // launched to start before the previous kernel has finished (phase A's load order)
   __host__ __device__ int64_t items_a() const { return tiles * groups; }
   __host__ __device__ int64_t items_c() const { return rows_c * groups; }
 };
@@ -243,48 +249,60 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
     valid[q] = e0 + c < E;
     wrow[q] = W + ((lr < kTileA ? 0 : E) + e0 + c) * Dm;
   }
-  // Batch 1: the row's residual and x are loaded first, so that the norm does not wait behind the weights.
+  // The weights (constant) and the previous kernel's outputs (x, residual) are loaded in one of two orders. Launched
+  // early (p.pdl): the weights first, all of them before pdl_wait(), so that they arrive while the previous kernel
+  // finishes. Otherwise, at batch 1, the row's residual and x first, so that the norm does not wait behind the weights.
   const bool staged = Dm <= kChunk;
   float r1[kG];
-  if constexpr (NB == 1) {
+  const auto load_rows = [&] {
+    if constexpr (NB == 1) {
 #pragma unroll
-    for (int i = 0; i < kG; ++i) {
-      const int k = threadIdx.x + i * kThreads;
-      r1[i] = staged && k < Dm ? to_float(res[k]) + to_float(xin[k]) : 0.f;
+      for (int i = 0; i < kG; ++i) {
+        const int k = threadIdx.x + i * kThreads;
+        r1[i] = staged && k < Dm ? to_float(res[k]) + to_float(xin[k]) : 0.f;
+      }
     }
-  }
+  };
+  if (!p.pdl) load_rows();
   const int kc0 = Dm < kChunk ? Dm : kChunk;
   Pass<T, V, Q, NV> P;
   load_pass<T, V, Q, NV>(wrow, valid, 0, 0, kc0, P);  // in flight during the norm
 
-  // Phase A's other inputs that do not depend on the norm, copied into shared memory meanwhile: the tile's conv
-  // states, weights and biases and its x_proj weights.
+  // Phase A's other inputs that do not depend on the norm, copied into shared memory meanwhile: the tile's x_proj
+  // weights, conv weights and biases (constant), then, once the previous kernel has finished, its conv states.
   const int cbb = threadIdx.x / kTileA, cc = threadIdx.x % kTileA;
   const bool conv_thread = cbb < nb && e0 + cc < E;
+  const int ch = static_cast<int>(E - e0 < kTileA ? E - e0 : kTileA);
   {
-    const int ch = static_cast<int>(E - e0 < kTileA ? E - e0 : kTileA), k1 = static_cast<int>(km1), kk = static_cast<int>(K);
-    const int xrows = static_cast<int>(R2 < kXW ? R2 : kXW);
+    const int kk = static_cast<int>(K), xrows = static_cast<int>(R2 < kXW ? R2 : kXW);
     for (int i = threadIdx.x; i < xrows * kTileA; i += kThreads) {
       const int row = i / kTileA, c = i % kTileA;
       if (c < ch) cp_async4(&sh.xw[row][c], a.x_proj_weight + row * E + e0 + c);
     }
-    for (int i = threadIdx.x; i < nb * kTileA * k1; i += kThreads) {
-      const int bb = i / (kTileA * k1), c = (i / k1) % kTileA, j = i % k1;
-      if (c < ch) cp_async4(&sh.cst[bb][c][j], a.conv_state_in + ((b0 + bb) * E + e0 + c) * km1 + j);
-    }
     for (int i = threadIdx.x; i < ch * kk; i += kThreads) cp_async4(&sh.cw[i / kk][i % kk], a.conv_weight + e0 * K + i);
     if (threadIdx.x < ch) cp_async4(&sh.cb[threadIdx.x], a.conv_bias + e0 + threadIdx.x);
   }
-
-  // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
-  // butterfly, then the warps in order. Rows that fit a chunk keep r in `act` (scaled in place below).
   float g[kG];
-  float sq[NB];
 #pragma unroll
   for (int i = 0; i < kG; ++i) {
     const int k = threadIdx.x + i * kThreads;
     g[i] = staged && k < Dm ? to_float(nw[k]) : 0.f;
   }
+
+  pdl_wait();
+  pdl_trigger();
+  if (p.pdl) load_rows();
+  {
+    const int k1 = static_cast<int>(km1);
+    for (int i = threadIdx.x; i < nb * kTileA * k1; i += kThreads) {
+      const int bb = i / (kTileA * k1), c = (i / k1) % kTileA, j = i % k1;
+      if (c < ch) cp_async4(&sh.cst[bb][c][j], a.conv_state_in + ((b0 + bb) * E + e0 + c) * km1 + j);
+    }
+  }
+
+  // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
+  // butterfly, then the warps in order. Rows that fit a chunk keep r in `act` (scaled in place below).
+  float sq[NB];
 #pragma unroll
   for (int bb = 0; bb < NB; ++bb) {
     sq[bb] = 0.f;
@@ -636,8 +654,12 @@ __global__ void __launch_bounds__(kThreads) c_kernel(DecodeBlockArgs a, Plan p) 
 // One cooperative kernel (one group): block i runs item i of each phase that has one, with grid-wide barriers
 // between the phases. Thread 0 first asks L2 for the block's out_proj rows and phase-B state, so that the later
 // phases find them there; phase B's and phase C's own loads are issued before the barrier that precedes them.
+// Batch 1 is held to 128 registers a thread, so that two blocks fit an SM: the next layer's kernel, launched early,
+// then loads its weights beside this one's phases B and C.
+// H100, 130m decode step with CUDA graphs (docs/gpu.md): with this bound 0.432-0.444 ms early start on, 0.477-0.483
+// off; without it 0.448 on, 0.462 off.
 template <typename T, typename R, int V, int J, int NB>
-__global__ void __launch_bounds__(kThreads) fused_kernel(DecodeBlockArgs a, Plan p) {
+__global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(DecodeBlockArgs a, Plan p) {
   __shared__ Shared sh;
   extern __shared__ float4 dyn[];
   float* act = reinterpret_cast<float*>(dyn);
@@ -657,7 +679,12 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(DecodeBlockArgs a, Plan
       prefetch_l2(a.A + e0 * a.dstate, ch * a.dstate * 4);
     }
   }
-  if (has_a) phase_a<T, R, V, NB, kNVA>(a, p, ws, i, sh, act);
+  if (has_a) {
+    phase_a<T, R, V, NB, kNVA>(a, p, ws, i, sh, act);
+  } else {
+    pdl_wait();
+    pdl_trigger();
+  }
   ScanLoads<J> L;
   if (has_b) scan_loads<J>(a, p, i, L);
   cooperative_groups::this_grid().sync();
@@ -675,6 +702,45 @@ int forced_path() {
   if (std::strcmp(mode, "split") == 0) return 1;
   if (std::strcmp(mode, "unfolded") == 0) return 2;
   return 0;
+}
+
+// Whether phase A's kernel may start before the previous kernel on the stream has finished: its early reads must be
+// of constant weights, the device must have griddepcontrol (sm_90+), and MAMBA_EXPORT_CUDA_PDL=0 turns it off.
+bool early_start(const DecodeBlockArgs& a) {
+  const char* env = std::getenv("MAMBA_EXPORT_CUDA_PDL");
+  if (!a.constant_weights || (env != nullptr && std::strcmp(env, "0") == 0)) return false;
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
+// kernel<<<grid, kThreads, smem, stream>>>(a, p), cooperative when `coop`, with programmatic dependent launch when
+// p.pdl; a launch refused with that attribute is made again without it (and p.pdl false).
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, int64_t grid, size_t smem, cudaStream_t stream, const DecodeBlockArgs& a,
+                          Plan p, bool coop) {
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
+  if (coop) {
+    attrs[n].id = cudaLaunchAttributeCooperative;
+    attrs[n++].val.cooperative = 1;
+  }
+  if (p.pdl) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = n;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, a, p);
+  if (err == cudaSuccess || !p.pdl) return err;
+  (void)cudaGetLastError();
+  p.pdl = false;
+  return launch_kernel(kernel, grid, smem, stream, a, p, coop);
 }
 
 Plan make_plan(const DecodeBlockArgs& a, int J) {
@@ -702,6 +768,7 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   const int64_t R2 = r2_of(a), items_b = a.batch * p.chunks_b;
   const int forced = forced_path();
   p.fold = forced == 1 || (forced != 2 && items_b * p.tiles * pad4(R2) <= kMaxFoldedReads);
+  p.pdl = early_start(a);
   const size_t act_bytes = static_cast<size_t>(p.nb_max) * kChunk * sizeof(float);
   const size_t dbc_bytes = static_cast<size_t>(pad4(R2) + 4 * kThreads) * sizeof(float);  // dbc + the sum's parts
   int device = 0, coop = 0;
@@ -718,18 +785,15 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
     const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
     int64_t want = p.items_a() > items_b ? p.items_a() : items_b;
     if (p.items_c() > want) want = p.items_c();
-    if (want <= resident) {
-      void* args[] = {const_cast<DecodeBlockArgs*>(&a), &p};
-      return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(want)),
-                                         dim3(kThreads), args, smem, stream);
-    }
+    if (want <= resident) return launch_kernel(kernel, want, smem, stream, a, p, true);
   }
   if (p.items_a() > 0x7fffffff || items_b > 0x7fffffff || p.items_c() > 0x7fffffff) return cudaErrorInvalidValue;
   {
     const auto kernel = a_kernel<T, R, V, NB>;
     if (cudaError_t err = allow_smem(kernel, act_bytes); err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(p.items_a()), kThreads, act_bytes, stream>>>(a, p);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    if (cudaError_t err = launch_kernel(kernel, p.items_a(), act_bytes, stream, a, p, false); err != cudaSuccess) {
+      return err;
+    }
   }
   if (!p.fold) {
     reduce_kernel<<<static_cast<unsigned>(a.batch), kThreads, dbc_bytes, stream>>>(a, p);

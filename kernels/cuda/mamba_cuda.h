@@ -110,6 +110,11 @@ struct DecodeBlockArgs {
   float* conv_state_out;         // [b, e, k - 1]
   float* ssm_state_out;          // [b, e, n]
   float* workspace;              // decode_block_workspace_bytes(...) bytes, 16-byte aligned
+  // True when norm_weight, in_proj_weight, conv_weight, conv_bias and x_proj_weight are never written while kernels
+  // run on the stream (constant initializers of the graph): the kernel may then start before the previous kernel on
+  // the stream has finished and read them early (programmatic dependent launch, sm_90+). Everything else it reads
+  // only once that kernel has finished. MAMBA_EXPORT_CUDA_PDL=0 turns the early start off.
+  bool constant_weights;
 };
 size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream);
