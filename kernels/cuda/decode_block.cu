@@ -19,11 +19,14 @@
 // registers, cp.async into shared memory, or an L2 bulk prefetch), and batch 1 has its own build (NB = 1). The matrix
 // products are SIMT loops: at batch 8 and above onnxruntime's cuBLAS MatMul nodes are faster (docs/gpu.md).
 // MAMBA_EXPORT_CUDA_DECODE_BLOCK=split or =unfolded forces a path (tests).
-// Early start: with constant weights (DecodeBlockArgs::constant_weights) on sm_90+, the fused kernel and phase A's
-// kernel are launched with programmatic dependent launch. A block first issues its constant weights' loads (in_proj
-// rows into registers, conv and x_proj weights into shared memory, the norm weight), then waits (pdl_wait) for the
-// previous kernel, typically the previous layer's DecodeBlock, and only then reads x, residual and the states or
-// writes anything. So a layer's weight loads overlap the previous layer's phases B and C, and the launch gap goes.
+// Early start: with constant weights (DecodeBlockArgs::constant_weights) on sm_90+, the fused batch-1 kernel is
+// launched with programmatic dependent launch. A block first issues its constant weights' loads (in_proj rows into
+// registers, conv and x_proj weights into shared memory, the norm weight), then waits (pdl_wait) for the previous
+// kernel, typically the previous layer's DecodeBlock, and only then reads x, residual and the states or writes
+// anything. So a layer's weight loads overlap the previous layer's phases B and C, and the launch gap goes. Measured
+// on the H100 (docs/gpu.md) it pays only there: the batch-8 fused kernel (one block an SM, no room for the next
+// layer's) and the split kernels (phase C never lets the next layer in early) were 1-7% slower with it, so they run
+// without it.
 // Workspace (float32, each part 16-byte aligned): xc [b, e], z [b, e], partial [b, tiles, r + 2n rounded up to 4],
 // dbc [b, r + 2n], y [b, e].
 #include <cooperative_groups.h>
@@ -704,7 +707,7 @@ int forced_path() {
   return 0;
 }
 
-// Whether phase A's kernel may start before the previous kernel on the stream has finished: its early reads must be
+// Whether the fused kernel may start before the previous kernel on the stream has finished: its early reads must be
 // of constant weights, the device must have griddepcontrol (sm_90+), and MAMBA_EXPORT_CUDA_PDL=0 turns it off.
 bool early_start(const DecodeBlockArgs& a) {
   const char* env = std::getenv("MAMBA_EXPORT_CUDA_PDL");
@@ -768,7 +771,7 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   const int64_t R2 = r2_of(a), items_b = a.batch * p.chunks_b;
   const int forced = forced_path();
   p.fold = forced == 1 || (forced != 2 && items_b * p.tiles * pad4(R2) <= kMaxFoldedReads);
-  p.pdl = early_start(a);
+  p.pdl = NB == 1 && early_start(a);  // the fused batch-1 kernel only: see "Early start" above
   const size_t act_bytes = static_cast<size_t>(p.nb_max) * kChunk * sizeof(float);
   const size_t dbc_bytes = static_cast<size_t>(pad4(R2) + 4 * kThreads) * sizeof(float);  // dbc + the sum's parts
   int device = 0, coop = 0;
@@ -782,12 +785,16 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
         err != cudaSuccess) {
       return err;
     }
-    const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
+    // One block an SM at most, even where two fit: the second place is the next layer's, started early. (A 1.4b
+    // layer's 256 items in two blocks an SM took its batch-1 step from 2.18 to 2.70 ms on the H100; split kernels.)
+    const int sms = sm_count();
+    const int64_t resident = static_cast<int64_t>(per_sm < 1 ? per_sm : 1) * sms;
     int64_t want = p.items_a() > items_b ? p.items_a() : items_b;
     if (p.items_c() > want) want = p.items_c();
     if (want <= resident) return launch_kernel(kernel, want, smem, stream, a, p, true);
   }
   if (p.items_a() > 0x7fffffff || items_b > 0x7fffffff || p.items_c() > 0x7fffffff) return cudaErrorInvalidValue;
+  p.pdl = false;
   {
     const auto kernel = a_kernel<T, R, V, NB>;
     if (cudaError_t err = allow_smem(kernel, act_bytes); err != cudaSuccess) return err;
