@@ -457,12 +457,13 @@ def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.
     t_type = ONNX_TYPE[dtype]
     inits, nodes = [], []
     x, res = "x", "residual"
-    g_in = [helper.make_tensor_value_info("x", t_type, None), helper.make_tensor_value_info("residual", TensorProto.FLOAT, None)]
+    g_in = [helper.make_tensor_value_info("x", t_type, None),
+            helper.make_tensor_value_info("residual", TensorProto.FLOAT, None)]
     g_out = []
     for i, w in enumerate(layers):
         for name in BLOCK_WEIGHTS:
-            inits.append(helper.make_tensor(f"{name}_{i}", t_type if name in ("norm_weight", "in_proj_weight", "out_proj_weight") else TensorProto.FLOAT,
-                                            w[name].shape, w[name].tobytes(), raw=True))
+            kind = t_type if name in ("norm_weight", "in_proj_weight", "out_proj_weight") else TensorProto.FLOAT
+            inits.append(helper.make_tensor(f"{name}_{i}", kind, w[name].shape, w[name].tobytes(), raw=True))
         g_in += [helper.make_tensor_value_info(f"conv_{i}", TensorProto.FLOAT, None),
                  helper.make_tensor_value_info(f"ssm_{i}", TensorProto.FLOAT, None)]
         last = i == len(layers) - 1
@@ -476,8 +477,8 @@ def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.
         x, res = out, res_out
     g_out = [helper.make_tensor_value_info("out", t_type, None),
              helper.make_tensor_value_info("residual_out", TensorProto.FLOAT, None)] + g_out
-    model = helper.make_model(helper.make_graph(nodes, "chain", g_in, g_out, inits),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=10)
+    model = helper.make_model(helper.make_graph(nodes, "chain", g_in, g_out, inits), ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
     so = ort.SessionOptions()
     so.register_custom_ops_library(library())
     so.log_severity_level = 3
@@ -486,24 +487,25 @@ def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[3], BLOCK_SHAPES[2]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[3], BLOCK_SHAPES[2]],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_decode_block_chain_early_start_is_exact(shape, dtype, monkeypatch):
-    """Four chained DecodeBlock nodes with constant weights, whose kernels start before the previous node's has
-    finished (on sm_90+), against the same four layers run one node at a time with the weights as graph inputs (no
-    early start): identical bits, also with the early start turned off (MAMBA_EXPORT_CUDA_PDL=0) and over repeated
-    runs. A layer that read x or the residual before the previous layer had written them would differ."""
+    """Four chained DecodeBlock nodes with constant weights (at batch 1 their kernels start before the previous
+    node's has finished, on sm_90+), against the same four layers run one node at a time with the weights as graph
+    inputs (no early start): identical bits, also with the early start turned off (MAMBA_EXPORT_CUDA_PDL=0) and over
+    repeated runs. A layer that read x or the residual before the previous layer had written them would differ."""
     layers, states = [], []
     for i in range(4):
         _, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=20 + i)
         layers.append({k: feeds[k] for k in BLOCK_WEIGHTS})
         states.append((feeds["conv_state_in"], feeds["ssm_state_in"]))
     x0, res0 = feeds["x"], feeds["residual"]
-    single = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, {"x", "norm_weight", "in_proj_weight", "out_proj_weight",
-                                                               "out"}, dtype, epsilon=1e-5)
+    t_names = {"x", "norm_weight", "in_proj_weight", "out_proj_weight", "out"}
+    single = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, t_names, dtype, epsilon=1e-5)
     x, res, want_states = x0, res0, []
     for w, (conv, ssm) in zip(layers, states):
-        x, res, conv_out, ssm_out = single.run({"x": x, "residual": res, "conv_state_in": conv, "ssm_state_in": ssm, **w},
-                                               shapes)
+        step = {"x": x, "residual": res, "conv_state_in": conv, "ssm_state_in": ssm, **w}
+        x, res, conv_out, ssm_out = single.run(step, shapes)
         want_states += [conv_out, ssm_out]
     want = [x, res, *want_states]
     sess = block_chain_session(layers, dtype)
