@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from .errors import GenerationInputError
 from .manifest import ExportInfo, open_export_dir
-from .sessions import open_session, resolve_library
+from .sessions import open_session, resolve_library, session_options
 
 _NP_TO_ORT = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
 
@@ -219,11 +219,7 @@ class CudaGenerator:
         return ro
 
     def _session(self, name: str, graph: bool) -> ort.InferenceSession:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.library is not None:
-            so.register_custom_ops_library(self.library)
+        so = session_options(None, self.library)
         opts = {**self.device.provider_options, "enable_cuda_graph": "1" if graph else "0"}
         return open_session(self.info.path / name, so, [("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
 
