@@ -2,17 +2,25 @@
 """Compile the selective-scan Triton kernels for an NVIDIA target without a GPU and count what their PTX does.
 
 Triton lowers a kernel to TTGIR (where the register layouts are chosen) and PTX on any machine; only running it needs
-a GPU. This prints, per kernel and warp count, the layouts Triton chose and how many shared-memory stores, barriers,
-lane shuffles, exp2 and atomics the whole kernel's PTX holds: the counts docs/kernels.md quotes. Usage:
+a GPU. The layouts depend on what the JIT knows of the arguments: at a launch it turns every integer equal to 1 into
+a constant and marks pointers and integers divisible by 16, and Triton's coalescing pass then lays tensors out along
+the dimensions it can see to be contiguous. So by default this tool compiles the kernels as the JIT specialises them
+for the benchmark's call (tools/bench_scan.py: batch 8, 1536 channels, 2,048 steps, d_state 16, bf16 in the model's
+strides: u channel-major, delta, z, B, C time-major); ``--unspecialized`` compiles with every integer unknown, which
+is not what runs. It prints, per kernel and warp count, the layouts, the whole kernel's shared-memory stores,
+barriers, lane shuffles, exp2 and atomics, and the instruction count of each PTX block that holds an exp2 (the
+time loops' bodies, and the backward's set-up before its loops; ptxas changes the counts a little). Usage:
 
-    .venv/bin/python tools/kernel_ptx_stats.py [--arch 90] [--block-d 32] [--dump DIR]
+    .venv/bin/python tools/kernel_ptx_stats.py [--arch 90] [--block-d 32] [--unspecialized] [--dump DIR]
 
-The counts come from the triton installed here (the GPU machine's triton may lay tensors out differently).
+The counts come from the triton imported (put another version first on PYTHONPATH to see its choices: the GPU
+machine runs triton 3.6, docs/kernels.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import re
 import sys
@@ -30,20 +38,35 @@ scan = importlib.import_module("mamba_kernels.selective_scan")
 BF16_POINTERS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
 COUNTS = {"st.shared": r"\bst\.shared", "bar.sync": r"\bbar\.sync", "shfl": r"\bshfl\.", "ex2": r"\bex2\.",
           "atom/red": r"\b(atom|red)\.global"}
+# The integer arguments of the benchmark's b8 d1536 l2048 call (8 chunks in the forward, none in the backward's plan
+# would differ only in SUBS/NCHUNK, which do not change the layouts).
+B, D, L, N = 8, 1536, 2048, 16
+CALL = dict(L=L, DIM=D, N=N, SUBS=8, NSUB=L // 32, NCHUNK=8, DBLOCKS=D // 32, GROUPS=4,
+            su_b=D * L, su_d=L, su_l=1, sdt_b=L * D, sdt_d=1, sdt_l=D, sB_b=N * L, sB_n=1, sB_l=N,
+            sC_b=N * L, sC_n=1, sC_l=N, sz_b=L * D, sz_d=1, sz_l=D, sdy_b=D * L, sdy_d=L, sdy_l=1,
+            sdu_b=D * L, sdu_d=L, sdu_l=1, sddt_b=L * D, sddt_d=1, sddt_l=D, sdz_b=L * D, sdz_d=1, sdz_l=D)
 
 
-def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int) -> tuple[str, str]:
-    """(TTGIR, PTX) of ``fn`` with bf16 sequence pointers, fp32 other pointers and i32 scalars."""
+def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool) -> tuple[str, str]:
+    """(TTGIR, PTX) of ``fn`` with bf16 sequence pointers, fp32 other pointers and i32 scalars; with ``specialize``,
+    the benchmark call's unit integers as constants and its divisibility-16 arguments marked, as the JIT does."""
     names = fn.arg_names
-    signature = {}
-    for name in names:
+    signature, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        value = CALL.get(name)
         if name in constexprs:
-            signature[name] = "constexpr"
+            signature[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name.endswith("_ptr"):
             signature[name] = "*bf16" if name in BF16_POINTERS else "*fp32"
+            if specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif specialize and value == 1:
+            signature[name], consts[(i,)] = "constexpr", 1
         else:
             signature[name] = "i32"
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+            if specialize and value is not None and value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     backend = CUDABackend(target)
     options = backend.parse_options({"num_warps": warps})
@@ -60,10 +83,29 @@ def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int) -> tuple[str, st
     return ttgir_text, ptx
 
 
+def loop_blocks(ptx: str) -> list[tuple[str, collections.Counter]]:
+    """Per PTX basic block that holds an exp2 (the time loops' bodies, the backward's set-up): its label and
+    instruction counts by opcode."""
+    blocks: dict[str, list[str]] = {"entry": []}
+    current = "entry"
+    for line in ptx.splitlines():
+        s = line.strip()
+        label = re.match(r"^(\$L__BB\d+_\d+):", s)
+        if label:
+            current = label.group(1)
+            blocks[current] = []
+            continue
+        s = re.sub(r"^@!?%p\d+\s+", "", s)
+        if s and s[0] not in "/.{}$":
+            blocks[current].append(".".join(s.split()[0].rstrip(";").split(".")[:2]))
+    return [(k, collections.Counter(ops)) for k, ops in blocks.items() if "ex2.approx" in ops and k != "entry"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
     ap.add_argument("--block-d", type=int, default=scan._FWD["block_d"], help="channels per program")
+    ap.add_argument("--unspecialized", action="store_true", help="every integer argument unknown (not what runs)")
     ap.add_argument("--dump", type=Path, help="also write each TTGIR and PTX here")
     args = ap.parse_args()
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=args.block_d, BLOCK_T=scan._T,
@@ -72,17 +114,19 @@ def main() -> None:
         "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False)),
         "_bwd_seq_kernel": (scan._bwd_seq_kernel, flags),
     }
-    print(f"triton {triton.__version__}, sm_{args.arch}, {args.block_d} channels per program, d_state 16")
-    print("| kernel | warps | layouts | " + " | ".join(COUNTS) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in COUNTS) + " |")
+    how = "every integer unknown" if args.unspecialized else f"specialised as for b{B} d{D} l{L} bf16 (model strides)"
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.block_d} channels per program, d_state 16, {how}")
+    print("| kernel | warps | layouts | " + " | ".join(COUNTS) + " | blocks with exp2: instructions (shfl, bar.sync) |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in COUNTS) + " | --- |")
     for name, (fn, constexprs) in kernels.items():
         for warps in (1, 2):
-            ttgir, ptx = compile_to_ptx(fn, constexprs, warps, args.arch)
-            layouts = sorted(set(re.findall(r"#blocked\d* = #ttg\.blocked<\{sizePerThread = \[[0-9, ]+\], "
+            ttgir, ptx = compile_to_ptx(fn, constexprs, warps, args.arch, not args.unspecialized)
+            layouts = sorted(set(re.findall(r"#blocked\d* = #ttg\.blocked<\{sizePerThread = (\[[0-9, ]+\]), "
                                             r"threadsPerWarp = (\[[0-9, ]+\]), warpsPerCTA = (\[[0-9, ]+\])", ttgir)))
-            layouts = [f"lanes {lanes} warps {warps_}" for lanes, warps_ in layouts]
+            layouts = [f"per thread {size} lanes {lanes} warps {warps_}" for size, lanes, warps_ in layouts]
             counts = [str(len(re.findall(pattern, ptx))) for pattern in COUNTS.values()]
-            print(f"| {name} | {warps} | {'; '.join(layouts)} | " + " | ".join(counts) + " |")
+            loops = ", ".join(f"{sum(c.values())} ({c['shfl.sync']}, {c['bar.sync']})" for _, c in loop_blocks(ptx))
+            print(f"| {name} | {warps} | {'; '.join(layouts)} | " + " | ".join(counts) + f" | {loops} |")
             if args.dump:
                 args.dump.mkdir(parents=True, exist_ok=True)
                 (args.dump / f"{name}_w{warps}.ttgir").write_text(ttgir)
