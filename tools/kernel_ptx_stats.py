@@ -47,9 +47,11 @@ CALL = dict(L=L, DIM=D, N=N, SUBS=8, NSUB=L // 32, NCHUNK=8, DBLOCKS=D // 32, GR
             sdu_b=D * L, sdu_d=L, sdu_l=1, sddt_b=L * D, sddt_d=1, sddt_l=D, sdz_b=L * D, sdz_d=1, sdz_l=D)
 
 
-def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool) -> tuple[str, str]:
-    """(TTGIR, PTX) of ``fn`` with bf16 sequence pointers, fp32 other pointers and i32 scalars; with ``specialize``,
-    the benchmark call's unit integers as constants and its divisibility-16 arguments marked, as the JIT does."""
+def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool,
+                   bf16: set[str] = BF16_POINTERS) -> tuple[str, str]:
+    """(TTGIR, PTX) of ``fn`` with the ``bf16`` pointers bf16, the other pointers fp32 and i32 scalars; with
+    ``specialize``, the benchmark call's unit integers as constants and its divisibility-16 arguments marked, as the
+    JIT does."""
     names = fn.arg_names
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -57,7 +59,7 @@ def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool
         if name in constexprs:
             signature[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in BF16_POINTERS else "*fp32"
+            signature[name] = "*bf16" if name in bf16 else "*fp32"
             if specialize:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif specialize and value == 1:
@@ -110,17 +112,17 @@ def main() -> None:
     args = ap.parse_args()
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=args.block_d, BLOCK_T=scan._T,
                  BLOCK_N=16)
-    kernels = {
-        "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False)),
-        "_bwd_seq_kernel": (scan._bwd_seq_kernel, flags),
+    kernels = {  # name: (kernel, constexprs, bf16 pointers)
+        "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False), BF16_POINTERS),
+        "_bwd_seq_kernel": (scan._bwd_seq_kernel, flags, BF16_POINTERS),
     }
     how = "every integer unknown" if args.unspecialized else f"specialised as for b{B} d{D} l{L} bf16 (model strides)"
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.block_d} channels per program, d_state 16, {how}")
     print("| kernel | warps | layouts | " + " | ".join(COUNTS) + " | blocks with exp2: instructions (shfl, bar.sync) |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in COUNTS) + " | --- |")
-    for name, (fn, constexprs) in kernels.items():
+    for name, (fn, constexprs, bf16) in kernels.items():
         for warps in (1, 2):
-            ttgir, ptx = compile_to_ptx(fn, constexprs, warps, args.arch, not args.unspecialized)
+            ttgir, ptx = compile_to_ptx(fn, constexprs, warps, args.arch, not args.unspecialized, bf16)
             layouts = sorted(set(re.findall(r"#blocked\d* = #ttg\.blocked<\{sizePerThread = (\[[0-9, ]+\]), "
                                             r"threadsPerWarp = (\[[0-9, ]+\]), warpsPerCTA = (\[[0-9, ]+\])", ttgir)))
             layouts = [f"per thread {size} lanes {lanes} warps {warps_}" for size, lanes, warps_ in layouts]
