@@ -334,10 +334,9 @@ struct CausalConv1dKernel {
 // ---------------------------------------------------------------------------------------------------------------
 // The mixer inputs DecodeStep and DecodeBlock share, m[0..8] = conv_state_in, ssm_state_in, conv_weight, conv_bias,
 // x_proj_weight, dt_proj_weight, dt_bias, A, D (their order in both contracts): checked against batch b and channels
-// e (`e_from` says which input gave e), then their sizes and pointers go into `a` (DecodeStepArgs or DecodeBlockArgs,
-// which name them alike).
-template <typename Args>
-OrtStatus* read_mixer(const Call& call, const Tensor* m, int64_t b, int64_t e, const std::string& e_from, Args& a) {
+// e (`e_from` says which input gave e), then their sizes and pointers go into `a`.
+OrtStatus* read_mixer(const Call& call, const Tensor* m, int64_t b, int64_t e, const std::string& e_from,
+                      mamba_cuda::MixerStepArgs& a) {
   const Tensor &conv_state = m[0], &ssm_state = m[1], &conv_w = m[2], &conv_b = m[3], &xproj = m[4], &dtproj = m[5],
                &dt_bias = m[6], &A = m[7], &D = m[8];
   MAMBA_RETURN_IF(call.check(A, "A", {e, -1}, "[e, n], e from " + e_from, 1));
@@ -369,8 +368,7 @@ OrtStatus* read_mixer(const Call& call, const Tensor* m, int64_t b, int64_t e, c
 }
 
 // Creates the mixer's new conv and ssm states as outputs `first` and `first + 1` of the node (sizes from `a`).
-template <typename Args>
-OrtStatus* mixer_outputs(Call& call, size_t first, Args& a) {
+OrtStatus* mixer_outputs(Call& call, size_t first, mamba_cuda::MixerStepArgs& a) {
   void *conv_out = nullptr, *ssm_out = nullptr;
   MAMBA_RETURN_IF(call.output(first, {a.batch, a.dim, a.width - 1}, &conv_out));
   MAMBA_RETURN_IF(call.output(first + 1, {a.batch, a.dim, a.dstate}, &ssm_out));

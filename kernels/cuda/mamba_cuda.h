@@ -58,12 +58,10 @@ struct CausalConv1dArgs {
 };
 cudaError_t causal_conv1d(const CausalConv1dArgs& a, cudaStream_t stream);
 
-// One token of a Mamba mixer between in_proj and out_proj (MambaMixer.step): conv step + SiLU, x_proj, dt_proj,
-// softplus, state update, output, gate. Needs a float32 device workspace of decode_step_workspace_bytes().
-struct DecodeStepArgs {
-  DType dtype;
+// What the two decode ops below share: the mixer's sizes, its float32 weights, its states in and out, and the
+// workspace (each op's own *_workspace_bytes() says how large).
+struct MixerStepArgs {
   int64_t batch, dim, dstate, width, dt_rank;  // b, e, n, k, r
-  const void* xz;                // [b, 1, 2e] T
   const float* conv_state_in;    // [b, e, k - 1]
   const float* ssm_state_in;     // [b, e, n]
   const float* conv_weight;      // [e, k]
@@ -73,10 +71,17 @@ struct DecodeStepArgs {
   const float* dt_bias;          // [e]
   const float* A;                // [e, n]
   const float* D;                // [e]
-  void* y;                       // [b, 1, e] T
   float* conv_state_out;         // [b, e, k - 1]
   float* ssm_state_out;          // [b, e, n]
-  float* workspace;              // decode_step_workspace_bytes(batch, dim, dstate, dt_rank) bytes, 16-byte aligned
+  float* workspace;              // 16-byte aligned
+};
+
+// One token of a Mamba mixer between in_proj and out_proj (MambaMixer.step): conv step + SiLU, x_proj, dt_proj,
+// softplus, state update, output, gate. Needs a float32 device workspace of decode_step_workspace_bytes().
+struct DecodeStepArgs : MixerStepArgs {
+  DType dtype;
+  const void* xz;                // [b, 1, 2e] T
+  void* y;                       // [b, 1, e] T
 };
 size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream);
@@ -86,30 +91,18 @@ cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream);
 //   xz = T(h in_proj_weight^T); y, conv/ssm state = DecodeStep(xz, ...)  (y in T)
 //   out = T(y out_proj_weight^T)
 // Needs a float32 device workspace of decode_block_workspace_bytes().
-struct DecodeBlockArgs {
+struct DecodeBlockArgs : MixerStepArgs {
   DType dtype;                   // T: activations, norm weight, in_proj and out_proj weights
   DType residual_dtype;          // R: kFloat32 or dtype
-  int64_t batch, dmodel, dim, dstate, width, dt_rank;  // b, d, e, n, k, r
+  int64_t dmodel;                // d
   float epsilon;
   const void* x;                 // [b, 1, d] T
   const void* residual;          // [b, 1, d] R
   const void* norm_weight;       // [d] T
   const void* in_proj_weight;    // [2e, d] T (one row per output)
-  const float* conv_state_in;    // [b, e, k - 1]
-  const float* ssm_state_in;     // [b, e, n]
-  const float* conv_weight;      // [e, k]
-  const float* conv_bias;        // [e]
-  const float* x_proj_weight;    // [r + 2n, e]
-  const float* dt_proj_weight;   // [e, r]
-  const float* dt_bias;          // [e]
-  const float* A;                // [e, n]
-  const float* D;                // [e]
   const void* out_proj_weight;   // [d, e] T
   void* out;                     // [b, 1, d] T
   void* residual_out;            // [b, 1, d] R
-  float* conv_state_out;         // [b, e, k - 1]
-  float* ssm_state_out;          // [b, e, n]
-  float* workspace;              // decode_block_workspace_bytes(...) bytes, 16-byte aligned
   // True when norm_weight, in_proj_weight, conv_weight, conv_bias and x_proj_weight are never written while kernels
   // run on the stream (constant initializers of the graph): the kernel may then start before the previous kernel on
   // the stream has finished and read them early (programmatic dependent launch, sm_90+). Everything else it reads
