@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "mixer_scan.cuh"
 
 namespace mamba_cuda {
 namespace {
@@ -49,7 +50,6 @@ constexpr int kRowsC = kWarps;                       // out_proj rows per phase-
 constexpr int kNVA = 4;                              // in_proj vectors per lane and row in one pass
 constexpr int kXW = 256;                             // x_proj rows of a tile staged in shared memory
 constexpr int kChunk = 2048;                         // activation values per row staged in shared memory at a time
-constexpr int kWPrefetch = 16;                       // dt_proj weights per lane loaded before phase B needs them
 constexpr int64_t kMaxFoldedReads = int64_t{4} << 20;  // partials phase B may read in all when it sums them itself
 
 __host__ __device__ inline int64_t pad4(int64_t n) { return (n + 3) / 4 * 4; }
@@ -482,55 +482,31 @@ __device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, i
   }
 }
 
+// Phase B's scan (mixer_scan.cuh), with the dt bias loaded beside the state.
 template <int J>
-struct ScanLoads {
-  float h[J], A[J], w[kWPrefetch];
+struct ScanLoads : MixerScanLoads<J> {
   float bias;
 };
 
-struct ScanItem {
-  int64_t b, e;
-  int sub;
-  bool active;
-};
-
 __device__ __forceinline__ ScanItem scan_item_of(const DecodeBlockArgs& a, const Plan& p, int64_t i) {
-  ScanItem s;
-  s.b = i / p.chunks_b;
-  const int cl = threadIdx.x / p.tpc;
-  s.sub = threadIdx.x % p.tpc;
-  s.e = (i % p.chunks_b) * p.cpb + cl;
-  s.active = cl < p.cpb && s.e < a.dim;
-  return s;
+  return scan_item_of(a, p.chunks_b, p.cpb, p.tpc, i);
 }
 
 // The item's loads that do not depend on phase A (the fused kernel issues them before its barrier).
 template <int J>
 __device__ __forceinline__ void scan_loads(const DecodeBlockArgs& a, const Plan& p, int64_t i, ScanLoads<J>& L) {
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
   const ScanItem s = scan_item_of(a, p, i);
-#pragma unroll
-  for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(s.sub) * J + j;
-    const bool ok = s.active && st < N;
-    L.h[j] = ok ? a.ssm_state_in[(s.b * E + s.e) * N + st] : 0.f;
-    L.A[j] = ok ? a.A[s.e * N + st] : 0.f;
-  }
-#pragma unroll
-  for (int q = 0; q < kWPrefetch; ++q) {
-    const int64_t k = s.sub + static_cast<int64_t>(q) * p.tpc;
-    L.w[q] = (s.active && k < R) ? a.dt_proj_weight[s.e * R + k] : 0.f;
-  }
+  load_scan_state<J>(a, s, p.tpc, L);
   L.bias = s.active ? a.dt_bias[s.e] : 0.f;
 }
 
 template <typename T, int J>
 __device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t i,
                                             ScanLoads<J>& L, float* s_dbc) {
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = r2_of(a);
+  const int64_t E = a.dim, R2 = r2_of(a);
   const ScanItem s = scan_item_of(a, p, i);
   const int64_t b = s.b, e = s.e;
-  const int tpc = p.tpc, sub = s.sub;
+  const int sub = s.sub;
   const float x = s.active ? __ldcg(ws.xc + b * E + e) : 0.f;
   const float z = (s.active && sub == 0) ? __ldcg(ws.z + b * E + e) : 0.f;
   const float Dp = (s.active && sub == 0) ? a.D[e] : 0.f;
@@ -540,32 +516,7 @@ __device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan
     for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
   }
   __syncthreads();
-
-  float dt_acc = 0.f;
-  if (s.active) {
-#pragma unroll
-    for (int q = 0; q < kWPrefetch; ++q) {
-      const int64_t k = sub + static_cast<int64_t>(q) * tpc;
-      if (k < R) dt_acc += L.w[q] * s_dbc[k];
-    }
-#pragma unroll 4
-    for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
-      dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
-    }
-  }
-  dt_acc = group_sum(dt_acc, tpc);
-  const float dt = s.active ? softplus(dt_acc + L.bias) : 0.f;
-  float acc = 0.f;
-#pragma unroll
-  for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(sub) * J + j;
-    if (s.active && st < N) {
-      const float h = expf(dt * L.A[j]) * L.h[j] + dt * x * s_dbc[R + st];
-      a.ssm_state_out[(b * E + e) * N + st] = h;
-      acc += h * s_dbc[R + N + st];
-    }
-  }
-  acc = group_sum(acc, tpc);
+  const float acc = scan_step<J>(a, s, p.tpc, L, L.bias, x, s_dbc);
   if (sub == 0 && s.active) ws.y[b * E + e] = to_float(from_float<T>((acc + Dp * x) * silu(z)));
 }
 

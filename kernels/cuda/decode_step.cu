@@ -19,6 +19,7 @@
 #include <cooperative_groups.h>
 
 #include "common.cuh"
+#include "mixer_scan.cuh"
 
 namespace mamba_cuda {
 namespace {
@@ -134,51 +135,24 @@ __device__ __forceinline__ float reduce_row(const Workspace& ws, int64_t T1, int
   return sum;
 }
 
-// Phase 2, one item: `cpb` channels of sequence b, `tpc` threads per channel (each holding J states), in two parts:
-// scan_loads issues the item's loads that do not depend on phase 1 (the fused kernel issues them before phase 1, so
-// that their latency overlaps it and the barrier), scan_finish does the rest. The first kWPrefetch of the lane's
-// dt_proj weights travel in registers, the rest is loaded in scan_finish, in the same k order either way.
-constexpr int kWPrefetch = 16;
-
+// Phase 2, one item: `cpb` channels of sequence b, `tpc` threads per channel (each holding J states), in two parts
+// (mixer_scan.cuh): scan_loads issues the item's loads that do not depend on phase 1 (the fused kernel issues them
+// before phase 1, so that their latency overlaps it and the barrier), scan_finish does the rest.
 template <int J>
-struct ScanLoads {
-  float h[J], A[J], w[kWPrefetch];
+struct ScanLoads : MixerScanLoads<J> {
   float z, D, bias;
 };
 
-struct ScanItem {
-  int64_t b, e;
-  int sub;
-  bool active;
-};
-
 __device__ __forceinline__ ScanItem scan_item_of(const DecodeStepArgs& a, const Items& it, int64_t i) {
-  ScanItem s;
-  s.b = i / it.chunks;
-  const int cl = threadIdx.x / it.tpc;
-  s.sub = threadIdx.x % it.tpc;
-  s.e = (i % it.chunks) * it.cpb + cl;
-  s.active = cl < it.cpb && s.e < a.dim;
-  return s;
+  return scan_item_of(a, it.chunks, it.cpb, it.tpc, i);
 }
 
 template <typename T, int J>
 __device__ __forceinline__ void scan_loads(const DecodeStepArgs& a, const Items& it, int64_t i, ScanLoads<J>& L) {
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
+  const int64_t E = a.dim;
   const ScanItem s = scan_item_of(a, it, i);
   const int64_t b = s.b, e = s.e;
-#pragma unroll
-  for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(s.sub) * J + j;
-    const bool ok = s.active && st < N;
-    L.h[j] = ok ? a.ssm_state_in[(b * E + e) * N + st] : 0.f;
-    L.A[j] = ok ? a.A[e * N + st] : 0.f;
-  }
-#pragma unroll
-  for (int q = 0; q < kWPrefetch; ++q) {
-    const int64_t k = s.sub + static_cast<int64_t>(q) * it.tpc;
-    L.w[q] = (s.active && k < R) ? a.dt_proj_weight[e * R + k] : 0.f;
-  }
+  load_scan_state<J>(a, s, it.tpc, L);
   L.z = (s.active && s.sub == 0) ? to_float(static_cast<const T*>(a.xz)[b * 2 * E + E + e]) : 0.f;
   L.D = (s.active && s.sub == 0) ? a.D[e] : 0.f;
   L.bias = s.active ? a.dt_bias[e] : 0.f;
@@ -192,7 +166,6 @@ __device__ __forceinline__ void scan_finish(const DecodeStepArgs& a, const Works
   const int64_t E = a.dim, N = a.dstate, R = a.dt_rank, R2 = R + 2 * N, T1 = tiles(E);
   const ScanItem s = scan_item_of(a, it, i);
   const int64_t b = s.b, e = s.e;
-  const int tpc = it.tpc, sub = s.sub;
   const float x = s.active ? __ldcg(ws.xc + b * E + e) : 0.f;
 
   // dbc = the x_proj output of sequence b: the tiles' partial sums, added in tile order.
@@ -203,33 +176,8 @@ __device__ __forceinline__ void scan_finish(const DecodeStepArgs& a, const Works
   }
   __syncthreads();
 
-  // dt: the channel's lane group splits the dt_proj dot product (lane `sub` takes k = sub, sub + tpc, ...).
-  float dt_acc = 0.f;
-  if (s.active) {
-#pragma unroll
-    for (int q = 0; q < kWPrefetch; ++q) {
-      const int64_t k = sub + static_cast<int64_t>(q) * tpc;
-      if (k < R) dt_acc += L.w[q] * s_dbc[k];
-    }
-#pragma unroll 4
-    for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
-      dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
-    }
-  }
-  dt_acc = group_sum(dt_acc, tpc);
-  const float dt = s.active ? softplus(dt_acc + L.bias) : 0.f;
-  float acc = 0.f;
-#pragma unroll
-  for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(sub) * J + j;
-    if (s.active && st < N) {
-      const float h = expf(dt * L.A[j]) * L.h[j] + dt * x * s_dbc[R + st];
-      a.ssm_state_out[(b * E + e) * N + st] = h;
-      acc += h * s_dbc[R + N + st];
-    }
-  }
-  acc = group_sum(acc, tpc);
-  if (sub == 0 && s.active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + L.D * x) * silu(L.z));
+  const float acc = scan_step<J>(a, s, it.tpc, L, L.bias, x, s_dbc);
+  if (s.sub == 0 && s.active) static_cast<T*>(a.y)[b * E + e] = from_float<T>((acc + L.D * x) * silu(L.z));
 }
 
 template <typename T, int J>
