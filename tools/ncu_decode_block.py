@@ -65,6 +65,11 @@ def main() -> None:
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=os.environ)
     subprocess.run([ncu, "--import", f"{args.out}.ncu-rep", "--page", "details"], check=True)
+    # Per-SASS-instruction counters (executed instructions, warp-stall samples by reason): where inside the kernel
+    # the time goes. Written next to the report; large for the fused kernel.
+    with open(f"{args.out}_sass.csv", "w") as f:
+        subprocess.run([ncu, "--import", f"{args.out}.ncu-rep", "--page", "source", "--print-source", "sass", "--csv"],
+                       stdout=f, check=False)
 
 
 if __name__ == "__main__":

@@ -50,21 +50,23 @@ constexpr int kRowsC = kWarps;                       // out_proj rows per phase-
 constexpr int kNVA = 4;                              // in_proj vectors per lane and row in one pass
 constexpr int kXW = 256;                             // x_proj rows of a tile staged in shared memory
 constexpr int kChunk = 2048;                         // activation values per row staged in shared memory at a time
+constexpr int64_t kMaxDim = int64_t{1} << 30;       // d_inner, d_model: block counts stay ints
 constexpr int64_t kMaxFoldedReads = int64_t{4} << 20;  // partials phase B may read in all when it sums them itself
 
 __host__ __device__ inline int64_t pad4(int64_t n) { return (n + 3) / 4 * 4; }
 
 struct Plan {
-  int64_t tiles;             // phase A: tiles of kTileA channels
-  int64_t groups;            // batch groups of kGroup
-  int64_t rows_c;            // phase C: groups of kRowsC out_proj rows
-  int64_t chunks_b;          // phase B: channel blocks of cpb channels, tpc threads per channel
+  // Counts in int (decode_block() bounds the sizes), so that the kernels split block indices by 32-bit division.
+  int tiles;                 // phase A: tiles of kTileA channels
+  int groups;                // batch groups of kGroup
+  int rows_c;                // phase C: groups of kRowsC out_proj rows
+  int chunks_b;              // phase B: channel blocks of cpb channels, tpc threads per channel
   int tpc, cpb;              // phase B: threads per channel, channels per block
   int nb_max;                // rows of shared activations: min(batch, kGroup)
   bool fold;                 // phase B sums the partials itself (else it reads dbc)
   bool pdl;                  // launched to start before the previous kernel has finished (phase A's load order)
-  __host__ __device__ int64_t items_a() const { return tiles * groups; }
-  __host__ __device__ int64_t items_c() const { return rows_c * groups; }
+  __host__ __device__ int64_t items_a() const { return static_cast<int64_t>(tiles) * groups; }
+  __host__ __device__ int64_t items_c() const { return static_cast<int64_t>(rows_c) * groups; }
 };
 
 struct Workspace {
@@ -95,6 +97,21 @@ struct Shared {
   float cw[kTileA][kMaxDConv];       // and conv weights
   float cb[kTileA];                  // and conv biases
 };
+
+// ---- timeline (tools/decode_block_chain.cu) ---------------------------------------------------------------------
+// Built with -DMAMBA_CUDA_TIMELINE, thread 0 of each block writes %globaltimer at the fused kernel's phase boundaries
+// into the 16-byte-aligned space past the workspace (the chain benchmark allocates it): 16 words a block.
+#ifdef MAMBA_CUDA_TIMELINE
+__device__ __forceinline__ void stamp(const DecodeBlockArgs& a, int k) {
+  if (threadIdx.x != 0) return;
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  const Workspace w = split_workspace(a, (a.dim + kTileA - 1) / kTileA);
+  reinterpret_cast<uint64_t*>(a.workspace + pad4(w.y + a.batch * a.dim - a.workspace))[blockIdx.x * 16 + k] = t;
+}
+#else
+__device__ __forceinline__ void stamp(const DecodeBlockArgs&, int) {}
+#endif
 
 // ---- loads -------------------------------------------------------------------------------------------------------
 template <int V>
@@ -228,13 +245,14 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
 
 // ---- phase A -----------------------------------------------------------------------------------------------------
 template <typename T, typename R, int V, int NB, int NV>
-__device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t item,
+__device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int item,
                                         Shared& sh, float* act) {
   constexpr int Q = kRowsA;
   constexpr int kG = kChunk / kThreads;  // norm weights per thread kept in registers (staged rows)
   const int64_t E = a.dim, K = a.width, km1 = K - 1, R2 = r2_of(a);
   const int Dm = static_cast<int>(a.dmodel);
-  const int64_t tile = item % p.tiles, b0 = (item / p.tiles) * kGroup, e0 = tile * kTileA;
+  const int tile = item % p.tiles;
+  const int64_t b0 = static_cast<int64_t>(item / p.tiles) * kGroup, e0 = static_cast<int64_t>(tile) * kTileA;
   const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* xin = static_cast<const T*>(a.x) + b0 * Dm;
@@ -294,6 +312,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
 
   pdl_wait();
   pdl_trigger();
+  stamp(a, 1);
   if (p.pdl) load_rows();
   {
     const int k1 = static_cast<int>(km1);
@@ -357,6 +376,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
     sh.scale[threadIdx.x] = 1.f / sqrtf(total / static_cast<float>(Dm) + a.epsilon);
   }
   __syncthreads();
+  stamp(a, 2);
 
   float acc[Q][NB];
 #pragma unroll
@@ -396,6 +416,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
       if (lane == 0) sh.xz[warp * Q + q][bb] = to_float(from_float<T>(v));
     }
   }
+  stamp(a, 3);
   cp_async_wait();
   __syncthreads();
 
@@ -419,14 +440,21 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
     sh.xc[cbb][cc] = xc;
   }
   __syncthreads();
+  stamp(a, 4);
 
-  // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group; the last tile
-  // also zeroes the row's padding.
-  for (int64_t row = threadIdx.x; row < R2; row += kThreads) {
+  // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group. (The rows'
+  // padding up to pad4(r2) is never written: phase B sums it into dbc rows it drops.)
+  const bool full_tile = e0 + kTileA <= E;
+  for (int row = threadIdx.x; row < R2; row += kThreads) {
     float wx[kTileA];
+    if (full_tile && row < kXW) {  // the common case, without a test per channel
 #pragma unroll
-    for (int c = 0; c < kTileA; ++c) {
-      wx[c] = e0 + c >= E ? 0.f : row < kXW ? sh.xw[row][c] : a.x_proj_weight[row * E + e0 + c];
+      for (int c = 0; c < kTileA; ++c) wx[c] = sh.xw[row][c];
+    } else {
+#pragma unroll
+      for (int c = 0; c < kTileA; ++c) {
+        wx[c] = e0 + c >= E ? 0.f : row < kXW ? sh.xw[row][c] : a.x_proj_weight[row * E + e0 + c];
+      }
     }
     for (int bb = 0; bb < nb; ++bb) {
       float s = 0.f;
@@ -438,39 +466,57 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
 }
 
 // ---- phase B -----------------------------------------------------------------------------------------------------
-// dbc[row] of sequence b = the sum of its tiles' partials ([tiles][r2 rounded up to 4] per sequence): thread t takes
-// the row quad t % quads of the tiles g, g + G, ... (g = t / quads, G = kThreads / quads groups), all its loads in
-// flight together, summing them in tile order; then thread `row` adds the groups' sums in group order. Reads with
-// __ldcg: in the fused kernel other blocks wrote them during this launch. `s_dbc` holds pad4(r2) + 4 kThreads floats.
+// dbc[row] of sequence b = the sum of its tiles' partials ([tiles][r2 rounded up to 4] per sequence, contiguous):
+// thread t takes the row quad t % quads of the tiles g, g + G, ... (g = t / quads, G = kThreads / quads groups),
+// summing them in tile order; then thread `row` adds the groups' sums in group order. The partials travel into shared
+// memory by cp.async (16-byte copies, none of them through registers, all of a round in flight together), at most
+// stage_tiles(...) tiles a round: register loads here were issued a few at a time where the fused kernel's other
+// loads held the registers (0.4 us an L2 round trip each, 3.3 us a layer on the H100). `s_dbc` holds
+// dbc_floats(...) floats: dbc [pad4(r2)], the groups' sums [4 kThreads], the staged partials.
+constexpr int64_t kStageFloats = 12288;  // staged partials (48 KiB): mamba-130m's and 370m's 96-128 tiles in one round
+
+__host__ __device__ inline int64_t stage_tiles(const Plan& p, int64_t R2) {
+  const int64_t fit = kStageFloats / pad4(R2);
+  return p.tiles < fit ? p.tiles : (fit < 1 ? 1 : fit);
+}
+__host__ __device__ inline int64_t dbc_floats(const Plan& p, int64_t R2) {
+  return pad4(R2) + 4 * kThreads + stage_tiles(p, R2) * pad4(R2);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+
 __device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, int64_t R2, int64_t b, float* s_dbc) {
-  constexpr int kBatch = 16;
   const int quads = static_cast<int>(pad4(R2) / 4);
+  const int round_tiles = static_cast<int>(stage_tiles(p, R2));
   float* parts = s_dbc + pad4(R2);
+  float4* staged = reinterpret_cast<float4*>(parts + 4 * kThreads);
+  const float4* src = reinterpret_cast<const float4*>(ws.partial + b * p.tiles * pad4(R2));
   for (int q0 = 0; q0 < quads; q0 += kThreads) {  // more than kThreads quads: rounds of kThreads (one group)
     const int nq = quads - q0 < kThreads ? quads - q0 : kThreads;
     const int groups = kThreads / nq, q = q0 + static_cast<int>(threadIdx.x) % nq, g = static_cast<int>(threadIdx.x) / nq;
-    const float4* src = reinterpret_cast<const float4*>(ws.partial + b * p.tiles * pad4(R2)) + q;
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (g < groups) {
-      for (int64_t t0 = g; t0 < p.tiles; t0 += static_cast<int64_t>(kBatch) * groups) {
-        float4 v[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int64_t t = t0 + static_cast<int64_t>(u) * groups;
-          v[u] = t < p.tiles ? __ldcg(src + t * quads) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          if (t0 + static_cast<int64_t>(u) * groups < p.tiles) {
-            s.x += v[u].x;
-            s.y += v[u].y;
-            s.z += v[u].z;
-            s.w += v[u].w;
-          }
+    for (int t0 = 0; t0 < p.tiles; t0 += round_tiles) {
+      const int n = p.tiles - t0 < round_tiles ? p.tiles - t0 : round_tiles;
+      for (int i = threadIdx.x; i < n * quads; i += kThreads) cp_async16(staged + i, src + static_cast<int64_t>(t0) * quads + i);
+      cp_async_wait();
+      __syncthreads();
+      if (g < groups) {
+        // This thread's first tile of the round: the least t >= t0 with t = g (mod groups).
+        const int first = t0 == 0 ? g : t0 + (g - t0 % groups + groups) % groups;
+        for (int t = first; t < t0 + n; t += groups) {
+          const float4 v = staged[(t - t0) * quads + q];
+          s.x += v.x;
+          s.y += v.y;
+          s.z += v.z;
+          s.w += v.w;
         }
       }
-      reinterpret_cast<float4*>(parts)[g * nq + (q - q0)] = s;
+      __syncthreads();
     }
+    if (g < groups) reinterpret_cast<float4*>(parts)[g * nq + (q - q0)] = s;
     __syncthreads();
     for (int r = threadIdx.x; r < 4 * nq; r += kThreads) {
       const int row = 4 * q0 + r;
@@ -488,20 +534,20 @@ struct ScanLoads : MixerScanLoads<J> {
   float bias;
 };
 
-__device__ __forceinline__ ScanItem scan_item_of(const DecodeBlockArgs& a, const Plan& p, int64_t i) {
+__device__ __forceinline__ ScanItem scan_item_of(const DecodeBlockArgs& a, const Plan& p, int i) {
   return scan_item_of(a, p.chunks_b, p.cpb, p.tpc, i);
 }
 
 // The item's loads that do not depend on phase A (the fused kernel issues them before its barrier).
 template <int J>
-__device__ __forceinline__ void scan_loads(const DecodeBlockArgs& a, const Plan& p, int64_t i, ScanLoads<J>& L) {
+__device__ __forceinline__ void scan_loads(const DecodeBlockArgs& a, const Plan& p, int i, ScanLoads<J>& L) {
   const ScanItem s = scan_item_of(a, p, i);
   load_scan_state<J>(a, s, p.tpc, L);
   L.bias = s.active ? a.dt_bias[s.e] : 0.f;
 }
 
 template <typename T, int J>
-__device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t i,
+__device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int i,
                                             ScanLoads<J>& L, float* s_dbc) {
   const int64_t E = a.dim, R2 = r2_of(a);
   const ScanItem s = scan_item_of(a, p, i);
@@ -516,6 +562,7 @@ __device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan
     for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
   }
   __syncthreads();
+  stamp(a, 7);
   const float acc = scan_step<J>(a, s, p.tpc, L, L.bias, x, s_dbc);
   if (sub == 0 && s.active) ws.y[b * E + e] = to_float(from_float<T>((acc + Dp * x) * silu(z)));
 }
@@ -532,18 +579,19 @@ struct PhaseC {
 
 // The loads of the item's first pass of out_proj weights (the fused kernel issues them before its barrier).
 template <typename T, int V>
-__device__ __forceinline__ void phase_c_loads(const DecodeBlockArgs& a, const Plan& p, int64_t item, PhaseC<T, V>& S) {
-  const int64_t E = a.dim, d = (item % p.rows_c) * kRowsC + threadIdx.x / 32;
+__device__ __forceinline__ void phase_c_loads(const DecodeBlockArgs& a, const Plan& p, int item, PhaseC<T, V>& S) {
+  const int64_t E = a.dim, d = static_cast<int64_t>(item % p.rows_c) * kRowsC + threadIdx.x / 32;
   S.wrow[0] = static_cast<const T*>(a.out_proj_weight) + d * E;
   S.valid[0] = d < a.dmodel;
   load_pass<T, V, 1, kNVC>(S.wrow, S.valid, 0, 0, static_cast<int>(E < kChunk ? E : kChunk), S.P);
 }
 
 template <typename T, int V, int NB>
-__device__ __forceinline__ void phase_c(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int64_t item,
+__device__ __forceinline__ void phase_c(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int item,
                                         PhaseC<T, V>& S, float* act) {
   const int64_t E = a.dim, Dm = a.dmodel;
-  const int64_t b0 = (item / p.rows_c) * kGroup, d = (item % p.rows_c) * kRowsC + threadIdx.x / 32;
+  const int64_t b0 = static_cast<int64_t>(item / p.rows_c) * kGroup;
+  const int64_t d = static_cast<int64_t>(item % p.rows_c) * kRowsC + threadIdx.x / 32;
   const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
   float acc[1][NB];
 #pragma unroll
@@ -619,15 +667,18 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(Decode
   float* act = reinterpret_cast<float*>(dyn);
   float* s_dbc = act + p.nb_max * kChunk;
   const Workspace ws = split_workspace(a, p.tiles);
-  const int64_t i = blockIdx.x, E = a.dim, Dm = a.dmodel;
+  const int i = static_cast<int>(blockIdx.x);
+  const int64_t E = a.dim, Dm = a.dmodel;
   const bool has_a = i < p.items_a(), has_b = i < a.batch * p.chunks_b, has_c = i < p.items_c();
+  stamp(a, 0);
   if (threadIdx.x == 0) {
     if (has_c) {
       const int64_t d0 = i * kRowsC, rows = Dm - d0 < kRowsC ? Dm - d0 : kRowsC;
       prefetch_l2(static_cast<const T*>(a.out_proj_weight) + d0 * E, rows * E * static_cast<int64_t>(sizeof(T)));
     }
     if (has_b) {
-      const int64_t b = i / p.chunks_b, e0 = (i % p.chunks_b) * p.cpb, ch = E - e0 < p.cpb ? E - e0 : p.cpb;
+      const int64_t b = i / p.chunks_b, e0 = static_cast<int64_t>(i % p.chunks_b) * p.cpb;
+      const int64_t ch = E - e0 < p.cpb ? E - e0 : p.cpb;
       prefetch_l2(a.ssm_state_in + (b * E + e0) * a.dstate, ch * a.dstate * 4);
       prefetch_l2(a.dt_proj_weight + e0 * a.dt_rank, ch * a.dt_rank * 4);
       prefetch_l2(a.A + e0 * a.dstate, ch * a.dstate * 4);
@@ -638,15 +689,21 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(Decode
   } else {
     pdl_wait();
     pdl_trigger();
+    stamp(a, 1);
   }
   ScanLoads<J> L;
   if (has_b) scan_loads<J>(a, p, i, L);
+  stamp(a, 5);
   cooperative_groups::this_grid().sync();
+  stamp(a, 6);
   PhaseC<T, V> S;
   if (has_c) phase_c_loads<T, V>(a, p, i, S);
   if (has_b) scan_finish<T, J>(a, p, ws, i, L, s_dbc);
+  stamp(a, 8);
   cooperative_groups::this_grid().sync();
+  stamp(a, 9);
   if (has_c) phase_c<T, V, NB>(a, p, ws, i, S, act);
+  stamp(a, 10);
 }
 
 // ---- launch ------------------------------------------------------------------------------------------------------
@@ -700,12 +757,12 @@ cudaError_t launch_kernel(Kernel kernel, int64_t grid, size_t smem, cudaStream_t
 Plan make_plan(const DecodeBlockArgs& a, int J) {
   Plan p{};
   const int64_t R2 = r2_of(a);
-  p.tiles = (a.dim + kTileA - 1) / kTileA;
-  p.groups = (a.batch + kGroup - 1) / kGroup;
-  p.rows_c = (a.dmodel + kRowsC - 1) / kRowsC;
+  p.tiles = static_cast<int>((a.dim + kTileA - 1) / kTileA);
+  p.groups = static_cast<int>((a.batch + kGroup - 1) / kGroup);
+  p.rows_c = static_cast<int>((a.dmodel + kRowsC - 1) / kRowsC);
   p.tpc = next_pow2((a.dstate + J - 1) / J);
   p.cpb = kThreads / p.tpc;
-  p.chunks_b = (a.dim + p.cpb - 1) / p.cpb;
+  p.chunks_b = static_cast<int>((a.dim + p.cpb - 1) / p.cpb);
   p.nb_max = static_cast<int>(a.batch < kGroup ? a.batch : kGroup);
   return p;
 }
@@ -724,7 +781,7 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   p.fold = forced == 1 || (forced != 2 && items_b * p.tiles * pad4(R2) <= kMaxFoldedReads);
   p.pdl = NB == 1 && early_start(a);  // the fused batch-1 kernel only: see "Early start" above
   const size_t act_bytes = static_cast<size_t>(p.nb_max) * kChunk * sizeof(float);
-  const size_t dbc_bytes = static_cast<size_t>(pad4(R2) + 4 * kThreads) * sizeof(float);  // dbc + the sum's parts
+  const size_t dbc_bytes = static_cast<size_t>(dbc_floats(p, R2)) * sizeof(float);  // dbc, the sum's parts, staging
   int device = 0, coop = 0;
   if (forced == 0 && p.fold && p.groups == 1 && cudaGetDevice(&device) == cudaSuccess &&
       cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && coop != 0) {
@@ -754,9 +811,11 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
     }
   }
   if (!p.fold) {
+    if (cudaError_t err = allow_smem(reduce_kernel, dbc_bytes); err != cudaSuccess) return err;
     reduce_kernel<<<static_cast<unsigned>(a.batch), kThreads, dbc_bytes, stream>>>(a, p);
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
+  if (cudaError_t err = allow_smem(b_kernel<T, J>, dbc_bytes); err != cudaSuccess) return err;
   b_kernel<T, J><<<static_cast<unsigned>(items_b), kThreads, dbc_bytes, stream>>>(a, p);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   {
@@ -787,7 +846,7 @@ size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, 
 }
 
 cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream) {
-  if (a.batch < 0 || a.dim < 0 || a.dmodel < 1 || a.dstate < 1 || a.dstate > kMaxDState || a.width < 1 ||
+  if (a.batch < 0 || a.dim < 0 || a.dim > kMaxDim || a.dmodel < 1 || a.dmodel > kMaxDim || a.dstate < 1 || a.dstate > kMaxDState || a.width < 1 ||
       a.width > kMaxDConv || a.dt_rank < 1 || a.batch > 65535 || a.workspace == nullptr ||
       (a.residual_dtype != DType::kFloat32 && a.residual_dtype != a.dtype)) {
     return cudaErrorInvalidValue;

@@ -19,12 +19,14 @@ struct ScanItem {
 };
 
 // Item i: the channels of chunk i % chunks (cpb of them) of sequence i / chunks.
+// i is a block index and chunks at most that many, so both fit in 32 bits (the division then does too).
 __device__ __forceinline__ ScanItem scan_item_of(const MixerStepArgs& a, int64_t chunks, int cpb, int tpc, int64_t i) {
   ScanItem s;
-  s.b = i / chunks;
+  const unsigned ii = static_cast<unsigned>(i), ch = static_cast<unsigned>(chunks);
+  s.b = ii / ch;
   const int cl = threadIdx.x / tpc;
   s.sub = threadIdx.x % tpc;
-  s.e = (i % chunks) * cpb + cl;
+  s.e = static_cast<int64_t>(ii % ch) * cpb + cl;
   s.active = cl < cpb && s.e < a.dim;
   return s;
 }
