@@ -50,6 +50,11 @@ float uniform() {  // [0, 1)
   return static_cast<float>(rng >> 40) / static_cast<float>(1ull << 24);
 }
 
+const char* env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? v : fallback;
+}
+
 template <typename T>
 T* upload(const std::vector<T>& v) {
   T* d = nullptr;
@@ -182,8 +187,8 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("%s, model %s (d %lld, e %lld), batch %lld, %lld layers, pdl %s, path %s\n", prop.name, model.c_str(),
               static_cast<long long>(D), static_cast<long long>(E), static_cast<long long>(batch),
-              static_cast<long long>(layers), std::getenv("MAMBA_EXPORT_CUDA_PDL") ? std::getenv("MAMBA_EXPORT_CUDA_PDL") : "default",
-              std::getenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK") ? std::getenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK") : "default");
+              static_cast<long long>(layers), env_or("MAMBA_EXPORT_CUDA_PDL", "default"),
+              env_or("MAMBA_EXPORT_CUDA_DECODE_BLOCK", "default"));
   std::printf("us per layer: median %.3f  min %.3f  max %.3f  (%d rounds of %d graph replays)\n",
               sorted[sorted.size() / 2], sorted.front(), sorted.back(), rounds, iters);
 

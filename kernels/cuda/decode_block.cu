@@ -260,7 +260,8 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   R* rout = static_cast<R*>(a.residual_out) + b0 * Dm;
   const T* nw = static_cast<const T*>(a.norm_weight);
 
-  // in_proj: warp w takes local rows w * Q + q; local row lr < kTileA is x row e0 + lr, else z row E + e0 + lr - kTileA.
+  // in_proj: warp w takes local rows w * Q + q; local row lr < kTileA is x row e0 + lr, else z row
+  // E + e0 + lr - kTileA.
   const T* W = static_cast<const T*>(a.in_proj_weight);
   const T* wrow[Q];
   bool valid[Q];
@@ -496,11 +497,13 @@ __device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, i
   const float4* src = reinterpret_cast<const float4*>(ws.partial + b * p.tiles * pad4(R2));
   for (int q0 = 0; q0 < quads; q0 += kThreads) {  // more than kThreads quads: rounds of kThreads (one group)
     const int nq = quads - q0 < kThreads ? quads - q0 : kThreads;
-    const int groups = kThreads / nq, q = q0 + static_cast<int>(threadIdx.x) % nq, g = static_cast<int>(threadIdx.x) / nq;
+    const int t = static_cast<int>(threadIdx.x);
+    const int groups = kThreads / nq, q = q0 + t % nq, g = t / nq;
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int t0 = 0; t0 < p.tiles; t0 += round_tiles) {
       const int n = p.tiles - t0 < round_tiles ? p.tiles - t0 : round_tiles;
-      for (int i = threadIdx.x; i < n * quads; i += kThreads) cp_async16(staged + i, src + static_cast<int64_t>(t0) * quads + i);
+      const float4* from = src + static_cast<int64_t>(t0) * quads;
+      for (int i = threadIdx.x; i < n * quads; i += kThreads) cp_async16(staged + i, from + i);
       cp_async_wait();
       __syncthreads();
       if (g < groups) {
@@ -846,8 +849,9 @@ size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, 
 }
 
 cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream) {
-  if (a.batch < 0 || a.dim < 0 || a.dim > kMaxDim || a.dmodel < 1 || a.dmodel > kMaxDim || a.dstate < 1 || a.dstate > kMaxDState || a.width < 1 ||
-      a.width > kMaxDConv || a.dt_rank < 1 || a.batch > 65535 || a.workspace == nullptr ||
+  if (a.batch < 0 || a.dim < 0 || a.dim > kMaxDim || a.dmodel < 1 || a.dmodel > kMaxDim || a.dstate < 1 ||
+      a.dstate > kMaxDState || a.width < 1 || a.width > kMaxDConv || a.dt_rank < 1 || a.batch > 65535 ||
+      a.workspace == nullptr ||
       (a.residual_dtype != DType::kFloat32 && a.residual_dtype != a.dtype)) {
     return cudaErrorInvalidValue;
   }
