@@ -144,6 +144,16 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// 16-byte copy that bypasses L1 (.cg): for data other blocks of this launch, or the previous kernel, wrote.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+// Closes the group of this thread's cp.async copies issued so far; cp_async_wait_prior<N>() waits for all groups but
+// the N most recent.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_prior() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // ---- the warp dot product ----------------------------------------------------------------------------------------
 // acc[q][bb] += W[row q][k] * act[bb][k - k0] over a chunk [k0, k0 + kc): lane l takes the V-vectors l, l + 32, ... of
@@ -246,7 +256,7 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
 // ---- phase A -----------------------------------------------------------------------------------------------------
 template <typename T, typename R, int V, int NB, int NV>
 __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int item,
-                                        Shared& sh, float* act) {
+                                        Shared& sh, float* act, void* rows_smem) {
   constexpr int Q = kRowsA;
   constexpr int kG = kChunk / kThreads;  // norm weights per thread kept in registers (staged rows)
   const int64_t E = a.dim, K = a.width, km1 = K - 1, R2 = r2_of(a);
@@ -275,9 +285,24 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   // early (p.pdl): the weights first, all of them before pdl_wait(), so that they arrive while the previous kernel
   // finishes. Otherwise, at batch 1, the row's residual and x first, so that the norm does not wait behind the weights.
   const bool staged = Dm <= kChunk;
+  // At batch 1 the row's residual and x come into shared memory by cp.async where the caller gives room
+  // (rows_bytes()) and both are 16-byte aligned: register loads here were issued one element after another under
+  // the register bound, each an L2 round trip. Otherwise into r1 by register loads.
+  R* res_s = static_cast<R*>(rows_smem);
+  T* x_s = reinterpret_cast<T*>(res_s + Dm);
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool rows_async = NB == 1 && staged && rows_smem != nullptr && Dm % 8 == 0 && aligned16(res) &&
+                          aligned16(xin);
   float r1[kG];
   const auto load_rows = [&] {
     if constexpr (NB == 1) {
+      if (rows_async) {
+        constexpr int kR = static_cast<int>(16 / sizeof(R)), kT = static_cast<int>(16 / sizeof(T));
+        for (int i = threadIdx.x; i < Dm / kR; i += kThreads) cp_async16(res_s + i * kR, res + i * kR);
+        for (int i = threadIdx.x; i < Dm / kT; i += kThreads) cp_async16(x_s + i * kT, xin + i * kT);
+        cp_async_commit();
+        return;
+      }
 #pragma unroll
       for (int i = 0; i < kG; ++i) {
         const int k = threadIdx.x + i * kThreads;
@@ -325,6 +350,16 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
 
   // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
   // butterfly, then the warps in order. Rows that fit a chunk keep r in `act` (scaled in place below).
+  if (rows_async) {
+    cp_async_commit();
+    cp_async_wait_prior<1>();  // the rows (and the constant weights before them), not the conv states just issued
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {
+      const int k = threadIdx.x + i * kThreads;
+      r1[i] = k < Dm ? to_float(res_s[k]) + to_float(x_s[k]) : 0.f;
+    }
+  }
   float sq[NB];
 #pragma unroll
   for (int bb = 0; bb < NB; ++bb) {
@@ -484,11 +519,6 @@ __host__ __device__ inline int64_t dbc_floats(const Plan& p, int64_t R2) {
   return pad4(R2) + 4 * kThreads + stage_tiles(p, R2) * pad4(R2);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-
 __device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, int64_t R2, int64_t b, float* s_dbc) {
   const int quads = static_cast<int>(pad4(R2) / 4);
   const int round_tiles = static_cast<int>(stage_tiles(p, R2));
@@ -627,7 +657,8 @@ template <typename T, typename R, int V, int NB>
 __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) a_kernel(DecodeBlockArgs a, Plan p) {
   __shared__ Shared sh;
   extern __shared__ float4 dyn[];
-  phase_a<T, R, V, NB, kNVA>(a, p, split_workspace(a, p.tiles), blockIdx.x, sh, reinterpret_cast<float*>(dyn));
+  phase_a<T, R, V, NB, kNVA>(a, p, split_workspace(a, p.tiles), blockIdx.x, sh, reinterpret_cast<float*>(dyn),
+                             nullptr);
 }
 
 __global__ void __launch_bounds__(kThreads) reduce_kernel(DecodeBlockArgs a, Plan p) {
@@ -688,7 +719,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(Decode
     }
   }
   if (has_a) {
-    phase_a<T, R, V, NB, kNVA>(a, p, ws, i, sh, act);
+    phase_a<T, R, V, NB, kNVA>(a, p, ws, i, sh, act, s_dbc + dbc_floats(p, r2_of(a)));
   } else {
     pdl_wait();
     pdl_trigger();
@@ -789,7 +820,9 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   if (forced == 0 && p.fold && p.groups == 1 && cudaGetDevice(&device) == cudaSuccess &&
       cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && coop != 0) {
     const auto kernel = fused_kernel<T, R, V, J, NB>;
-    const size_t smem = act_bytes + dbc_bytes;
+    // Batch 1: room for the row's residual and x, staged by cp.async (phase_a).
+    const size_t rows_bytes = NB == 1 && a.dmodel <= kChunk ? a.dmodel * (sizeof(R) + sizeof(T)) : 0;
+    const size_t smem = act_bytes + dbc_bytes + rows_bytes;
     if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
     int per_sm = 0;
     if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
