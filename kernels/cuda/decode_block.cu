@@ -285,9 +285,9 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   // early (p.pdl): the weights first, all of them before pdl_wait(), so that they arrive while the previous kernel
   // finishes. Otherwise, at batch 1, the row's residual and x first, so that the norm does not wait behind the weights.
   const bool staged = Dm <= kChunk;
-  // At batch 1 the row's residual and x come into shared memory by cp.async where the caller gives room
-  // (rows_bytes()) and both are 16-byte aligned: register loads here were issued one element after another under
-  // the register bound, each an L2 round trip. Otherwise into r1 by register loads.
+  // At batch 1 the row's residual and x come into shared memory by cp.async where the caller gives room (the fused
+  // kernel: launch()'s rows_bytes) and both are 16-byte aligned: register loads here were issued one element after
+  // another under the register bound, each an L2 round trip. Otherwise into r1 by register loads.
   R* res_s = static_cast<R*>(rows_smem);
   T* x_s = reinterpret_cast<T*>(res_s + Dm);
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
