@@ -885,8 +885,8 @@ size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, 
 
 cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream) {
   if (a.batch < 0 || a.dim < 0 || a.dim > kMaxDim || a.dmodel < 1 || a.dmodel > kMaxDim || a.dstate < 1 ||
-      a.dstate > kMaxDState || a.width < 1 || a.width > kMaxDConv || a.dt_rank < 1 || a.batch > 65535 ||
-      a.workspace == nullptr ||
+      a.dstate > kMaxDState || a.width < 1 || a.width > kMaxDConv || a.dt_rank < 1 || a.dt_rank > kMaxDim ||
+      a.batch > 65535 || a.workspace == nullptr ||
       (a.residual_dtype != DType::kFloat32 && a.residual_dtype != a.dtype)) {
     return cudaErrorInvalidValue;
   }

@@ -41,18 +41,22 @@ struct MixerScanLoads {
 template <int J>
 __device__ __forceinline__ void load_scan_state(const MixerStepArgs& a, const ScanItem& s, int tpc,
                                                 MixerScanLoads<J>& L) {
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
+  // Row pointers once, then 32-bit offsets within the rows (d_state <= kMaxDState; the launchers bound dt_rank).
+  const int N = static_cast<int>(a.dstate), R = static_cast<int>(a.dt_rank);
+  const float* h = a.ssm_state_in + (s.b * a.dim + s.e) * N;
+  const float* A = a.A + s.e * N;
+  const float* w = a.dt_proj_weight + s.e * R;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(s.sub) * J + j;
+    const int st = s.sub * J + j;
     const bool ok = s.active && st < N;
-    L.h[j] = ok ? a.ssm_state_in[(s.b * E + s.e) * N + st] : 0.f;
-    L.A[j] = ok ? a.A[s.e * N + st] : 0.f;
+    L.h[j] = ok ? h[st] : 0.f;
+    L.A[j] = ok ? A[st] : 0.f;
   }
 #pragma unroll
   for (int q = 0; q < kWPrefetch; ++q) {
-    const int64_t k = s.sub + static_cast<int64_t>(q) * tpc;
-    L.w[q] = (s.active && k < R) ? a.dt_proj_weight[s.e * R + k] : 0.f;
+    const int k = s.sub + q * tpc;
+    L.w[q] = (s.active && k < R) ? w[k] : 0.f;
   }
 }
 
@@ -62,30 +66,29 @@ __device__ __forceinline__ void load_scan_state(const MixerStepArgs& a, const Sc
 template <int J>
 __device__ __forceinline__ float scan_step(const MixerStepArgs& a, const ScanItem& s, int tpc,
                                            const MixerScanLoads<J>& L, float bias, float x, const float* s_dbc) {
-  const int64_t E = a.dim, N = a.dstate, R = a.dt_rank;
-  const int64_t b = s.b, e = s.e;
+  const int N = static_cast<int>(a.dstate), R = static_cast<int>(a.dt_rank);
   const int sub = s.sub;
   float dt_acc = 0.f;
   if (s.active) {
+    const float* w = a.dt_proj_weight + s.e * R;
 #pragma unroll
     for (int q = 0; q < kWPrefetch; ++q) {
-      const int64_t k = sub + static_cast<int64_t>(q) * tpc;
+      const int k = sub + q * tpc;
       if (k < R) dt_acc += L.w[q] * s_dbc[k];
     }
 #pragma unroll 4
-    for (int64_t k = sub + static_cast<int64_t>(kWPrefetch) * tpc; k < R; k += tpc) {
-      dt_acc += a.dt_proj_weight[e * R + k] * s_dbc[k];
-    }
+    for (int k = sub + kWPrefetch * tpc; k < R; k += tpc) dt_acc += w[k] * s_dbc[k];
   }
   dt_acc = group_sum(dt_acc, tpc);
   const float dt = s.active ? softplus(dt_acc + bias) : 0.f;
+  float* h_out = a.ssm_state_out + (s.b * a.dim + s.e) * N;
   float acc = 0.f;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int64_t st = static_cast<int64_t>(sub) * J + j;
+    const int st = sub * J + j;
     if (s.active && st < N) {
       const float h = expf(dt * L.A[j]) * L.h[j] + dt * x * s_dbc[R + st];
-      a.ssm_state_out[(b * E + e) * N + st] = h;
+      h_out[st] = h;
       acc += h * s_dbc[R + N + st];
     }
   }
