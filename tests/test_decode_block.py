@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -423,6 +424,20 @@ def test_cli_help_explains_the_option(capsys):
     assert "one DecodeBlock node" in text and "CUDA execution provider" in text and "weights.bin" in text
     assert "batch-1 decode latency" in text and "slower at batch 8 and above" in text
     assert "Default off (auto, the default value, means off for every export)" in text
+
+
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA part of the library does too)")
+def test_cuda_chain_benchmark_compiles_against_the_kernel_header(tmp_path):
+    """tools/decode_block_chain.cu (the DecodeBlock kernels' benchmark, run only on the GPU machine) fills every
+    DecodeBlockArgs field by name: it must keep compiling against kernels/cuda/mamba_cuda.h."""
+    out = tmp_path / "chain.o"
+    proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-Ikernels/cuda", "-c", "tools/decode_block_chain.cu",
+                           "-o", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 0
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:
