@@ -440,6 +440,18 @@ def test_cuda_chain_benchmark_compiles_against_the_kernel_header(tmp_path):
     assert out.stat().st_size > 0
 
 
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA part of the library does too)")
+def test_cuda_decode_block_timeline_build_compiles(tmp_path):
+    """The per-phase timeline build of the DecodeBlock kernels (-DMAMBA_CUDA_TIMELINE, for decode_block_chain.cu) is
+    compiled nowhere else: it must keep compiling, to PTX that reads the timer (~40 s)."""
+    out = tmp_path / "decode_block.ptx"
+    proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-Ikernels/cuda", "-DMAMBA_CUDA_TIMELINE", "-ptx",
+                           "kernels/cuda/decode_block.cu", "-o", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "%globaltimer" in out.read_text()
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:
     for case in sorted(BAD_CASES):
         print(json.dumps({case: run_bad_case(case)}), flush=True)
