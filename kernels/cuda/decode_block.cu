@@ -50,10 +50,10 @@ constexpr int kRowsC = kWarps;                       // out_proj rows per phase-
 constexpr int kNVA = 4;                              // in_proj vectors per lane and row in one pass
 constexpr int kXW = 256;                             // x_proj rows of a tile staged in shared memory
 constexpr int kChunk = 2048;                         // activation values per row staged in shared memory at a time
-constexpr int64_t kMaxDim = int64_t{1} << 30;       // d_inner, d_model: block counts stay ints
 constexpr int64_t kMaxFoldedReads = int64_t{4} << 20;  // partials phase B may read in all when it sums them itself
 
 __host__ __device__ inline int64_t pad4(int64_t n) { return (n + 3) / 4 * 4; }
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 struct Plan {
   // Counts in int (decode_block() bounds the sizes), so that the kernels split block indices by 32-bit division.
@@ -290,7 +290,6 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   // another under the register bound, each an L2 round trip. Otherwise into r1 by register loads.
   R* res_s = static_cast<R*>(rows_smem);
   T* x_s = reinterpret_cast<T*>(res_s + Dm);
-  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool rows_async = NB == 1 && staged && rows_smem != nullptr && Dm % 8 == 0 && aligned16(res) &&
                           aligned16(xin);
   float r1[kG];
@@ -866,8 +865,8 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
 template <typename T, typename R>
 cudaError_t dispatch(const DecodeBlockArgs& a, cudaStream_t stream) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const bool vec = a.dmodel % V == 0 && a.dim % V == 0 && aligned(a.in_proj_weight) && aligned(a.out_proj_weight);
+  const bool vec = a.dmodel % V == 0 && a.dim % V == 0 && aligned16(a.in_proj_weight) &&
+                   aligned16(a.out_proj_weight);
   if (a.dstate > 128) return vec ? launch<T, R, V, 8, kGroup>(a, stream) : launch<T, R, 1, 8, kGroup>(a, stream);
   if (!vec) return launch<T, R, 1, 4, kGroup>(a, stream);
   // Batch 1 holds 2 states a thread (8 threads a channel, 32 channels an item): twice the phase-B items of J = 4, each

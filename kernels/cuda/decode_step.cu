@@ -296,8 +296,8 @@ size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, i
 }
 
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream) {
-  if (a.batch < 0 || a.dim < 0 || a.dim > (int64_t{1} << 30) || a.dstate < 1 || a.dstate > kMaxDState ||
-      a.width < 1 || a.width > kMaxDConv || a.dt_rank < 1 || a.dt_rank > (int64_t{1} << 30) || a.batch > 65535 ||
+  if (a.batch < 0 || a.dim < 0 || a.dim > kMaxDim || a.dstate < 1 || a.dstate > kMaxDState ||
+      a.width < 1 || a.width > kMaxDConv || a.dt_rank < 1 || a.dt_rank > kMaxDim || a.batch > 65535 ||
       a.workspace == nullptr) {
     return cudaErrorInvalidValue;
   }

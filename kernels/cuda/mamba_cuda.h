@@ -20,6 +20,7 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 constexpr int64_t kMaxDState = 256;  // largest d_state the scan kernels hold in registers
 constexpr int64_t kMaxDConv = 16;    // largest d_conv of the convolutions
+constexpr int64_t kMaxDim = int64_t{1} << 30;  // largest d_inner, d_model, dt_rank of the decode ops (32-bit offsets)
 
 // y = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_in) and the final state.
 struct SelectiveScanArgs {
