@@ -28,7 +28,7 @@ CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSN
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """{(config, dtype): (export dir, float64 reference model)} with the custom-op library in each export; dtype
-    "float16-blocks" / "float32-blocks": exported with --decode-blocks on (one DecodeBlock node per layer >= 1; the
+    "float16-blocks" / "float32-blocks": exported with --decode-blocks on (one DecodeBlock node per layer; the
     "tiny" config, as DecodeBlock takes no in_proj/out_proj biases)."""
     from mamba_export.export import export_checkpoint
 
@@ -166,6 +166,40 @@ def test_cuda_graphs_on_and_off_give_identical_tokens(exports, key):
     conv_b, ssm_b = graph.state()
     np.testing.assert_array_equal(ssm_a, ssm_b)
     np.testing.assert_array_equal(conv_a, conv_b)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["plain", "graph"])
+def test_queued_steps_give_the_tokens_and_state_of_single_steps(exports, graph):
+    """CudaGenerator.steps (each step queued before the previous step's tokens are read) against a loop of step():
+    identical tokens and states, greedy and sampled; leaving the loop early leaves the queued steps run (the state of
+    read + lookahead steps); bad arguments are one-line errors."""
+    from mamba_runtime.errors import GenerationInputError
+    from mamba_runtime.gpu import CudaGenerator
+
+    out, ref = exports["tiny", "float16-blocks"]
+    prompts = prompts_for(ref, 3, seed=4)
+    one = CudaGenerator(out, batch=3, cuda_graph=graph, custom_ops="require")
+    queued = CudaGenerator(out, batch=3, cuda_graph=graph, custom_ops="require")
+    for temperature, lookahead in ((0.0, 1), (0.8, 3)):
+        a = [one.prefill(prompts, temperature, seed=9)] + [one.step() for _ in range(30)]
+        b = [queued.prefill(prompts, temperature, seed=9)] + list(queued.steps(30, lookahead=lookahead))
+        np.testing.assert_array_equal(np.stack(a), np.stack(b))
+        for x, y in zip(one.state(), queued.state()):
+            np.testing.assert_array_equal(x, y)
+    # Early exit: 5 tokens read with lookahead 2 -> 7 steps run.
+    one.prefill(prompts)
+    queued.prefill(prompts)
+    a = [one.step() for _ in range(7)]
+    it = queued.steps(20, lookahead=2)
+    b = [next(it) for _ in range(5)]
+    it.close()
+    np.testing.assert_array_equal(np.stack(a[:5]), np.stack(b))
+    for x, y in zip(one.state(), queued.state()):
+        np.testing.assert_array_equal(x, y)
+    assert list(queued.steps(0)) == []
+    for bad in ({"n": -1}, {"n": 2.0}, {"n": 3, "lookahead": -1}, {"n": True}):
+        with pytest.raises(GenerationInputError, match="must be a non-negative integer"):
+            queued.steps(**bad)
 
 
 def cpu_compute_nodes(profile_file: str) -> tuple[list[str], set[str]]:
