@@ -445,6 +445,28 @@ def test_decode_block_paths_agree_bit_for_bit(shape, dtype, monkeypatch):
             np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[2], BLOCK_SHAPES[3], BLOCK_SHAPES[4]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_decode_block_one_residual_row_for_every_sequence(shape, dtype, monkeypatch):
+    """A [1, 1, d] residual (layer 0's zero residual in a --decode-blocks export) is added to every sequence: the same
+    bits as that row repeated over the batch, on every kernel path; and zeros give residual_out = x exactly."""
+    model, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=11)
+    b = feeds["x"].shape[0]
+    row = feeds["residual"][:1]
+    for path in BLOCK_PATHS:
+        if path == "auto":
+            monkeypatch.delenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", raising=False)
+        else:
+            monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", path)
+        got = model.run({**feeds, "residual": row}, shapes)
+        want = model.run({**feeds, "residual": np.repeat(row, b, axis=0)}, shapes)
+        for a, c in zip(got, want):
+            np.testing.assert_array_equal(a, c)
+        _, res, _, _ = model.run({**feeds, "residual": np.zeros_like(row)}, shapes)
+        np.testing.assert_array_equal(res, feeds["x"].astype(np.float32))
+
+
 BLOCK_WEIGHTS = ["norm_weight", "in_proj_weight", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight",
                  "dt_bias", "A", "D", "out_proj_weight"]
 

@@ -167,6 +167,22 @@ def test_rows_do_not_depend_on_batch_or_threads(dtype, rdtype):
             np.testing.assert_array_equal(a, full)
 
 
+@pytest.mark.parametrize("path", ["library", "function"])
+@pytest.mark.parametrize("dtype,rdtype", TYPES, ids=["f32", "f16_r32", "f16_r16"])
+def test_one_residual_row_is_added_to_every_sequence(dtype, rdtype, path):
+    """A [1, 1, d] residual (layer 0's zero residual in a --decode-blocks export): the same bits as that row repeated
+    over the batch; zeros give residual_out = x exactly."""
+    feeds = block_feeds(4, dtype, rdtype, 3, 40, 80, 8, 4, 5)
+    sess = cached_session(dtype, rdtype, path == "library")
+    row = feeds["residual"][:1]
+    got = sess.run(None, {**feeds, "residual": row})
+    want = sess.run(None, {**feeds, "residual": np.repeat(row, 3, axis=0)})
+    for a, c in zip(got, want):
+        np.testing.assert_array_equal(a, c)
+    residual_out = sess.run(None, {**feeds, "residual": np.zeros_like(row)})[1]
+    np.testing.assert_array_equal(residual_out, feeds["x"].astype(rdtype))
+
+
 # ---- invalid inputs -------------------------------------------------------------------------------------------------
 
 # Valid shapes: b=2 d=8 e=5 n=4 k=4 r=3, float32. name -> (changes to the valid feeds, declared-dtype overrides,
@@ -176,7 +192,7 @@ BAD_CASES = {
     "x_two_tokens": ({"x": np.ones((2, 2, 8), np.float32)}, {}, ["'x'", "l=1"]),
     "empty_batch": ({"x": np.ones((0, 1, 8), np.float32), "residual": np.ones((0, 1, 8), np.float32)}, {},
                     ["'x'", "b = 0"]),
-    "residual_batch": ({"residual": np.ones((3, 1, 8), np.float32)}, {}, ["'residual'", "b=2"]),
+    "residual_batch": ({"residual": np.ones((3, 1, 8), np.float32)}, {}, ["'residual'", "b (or 1)=2"]),
     "norm_weight_width": ({"norm_weight": np.ones(9, np.float32)}, {}, ["'norm_weight'", "d=8"]),
     "in_proj_odd": ({"in_proj_weight": np.ones((11, 8), np.float32)}, {}, ["'in_proj_weight'", "2e=10"]),
     "in_proj_width": ({"in_proj_weight": np.ones((10, 7), np.float32)}, {}, ["'in_proj_weight'", "d=8"]),
@@ -264,7 +280,7 @@ def greedy(out: Path, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
-def test_decode_graph_has_one_decode_block_per_later_layer(exports):
+def test_decode_graph_has_one_decode_block_per_layer(exports):
     _, dirs = exports
     onnx_ops.register_schemas()
     n_layer = load_config(dirs["on"]).n_layer
@@ -275,20 +291,22 @@ def test_decode_graph_has_one_decode_block_per_later_layer(exports):
         ops = [n.op_type for n in graph.node if n.domain == DOMAIN]
         counts[mode] = {op: ops.count(op) for op in ("DecodeBlock", "DecodeStep", "AddRMSNorm", "RMSNorm")}
         assert json.loads((out / "manifest.json").read_text())["decode_blocks"] is (mode == "on")
-    assert counts["on"] == {"DecodeBlock": n_layer - 1, "DecodeStep": 1, "AddRMSNorm": 1, "RMSNorm": 1}
+    assert counts["on"] == {"DecodeBlock": n_layer, "DecodeStep": 0, "AddRMSNorm": 1, "RMSNorm": 0}
     assert counts["off"] == {"DecodeBlock": 0, "DecodeStep": n_layer, "AddRMSNorm": n_layer, "RMSNorm": 1}
     assert "DecodeBlock" in json.loads((dirs["on"] / "manifest.json").read_text())["ops"]["names"]
 
 
 def test_weights_grow_by_the_untransposed_projections(exports, ckpt):
-    """weights.bin holds in_proj and out_proj of layers 1.. a second time (64-byte aligned); the other files' weights
-    are shared."""
+    """weights.bin holds every layer's in_proj and out_proj a second time and layer 0's zero residual row (float32,
+    the residual stream's dtype; initializers under 1 KiB stay in decode.onnx), each 64-byte aligned; the other
+    files' weights are shared."""
     dtype, dirs = exports
     model = load_checkpoint(ckpt)
+    zero_row = 4 * model.config.d_model
     extra = sum(layer.mixer.in_proj.weight.numel() + layer.mixer.out_proj.weight.numel()
-                for layer in model.backbone.layers[1:]) * (2 if dtype == "float16" else 4)
+                for layer in model.backbone.layers) * (2 if dtype == "float16" else 4) + (zero_row >= 1024) * zero_row
     grown = (dirs["on"] / "weights.bin").stat().st_size - (dirs["off"] / "weights.bin").stat().st_size
-    assert extra <= grown < extra + 64 * 2 * (model.config.n_layer - 1)
+    assert extra <= grown < extra + 64 * (2 * model.config.n_layer + 1)
 
 
 @pytest.mark.parametrize("how", ["library", "function"])

@@ -523,7 +523,9 @@ struct DecodeBlockKernel {
     MAMBA_RETURN_IF(call.check(x, "x", {-1, 1, -1}, "[b, 1, d]"));
     const int64_t b = x.dims[0], d = x.dims[2];
     if (d < 1) return call.error(ORT_INVALID_ARGUMENT, "input 'x' must have a non-empty last dimension, found " + shape_str(x.dims));
-    MAMBA_RETURN_IF(call.check(residual, "residual", {b, 1, d}, "[b, 1, d] like x"));
+    // One residual row per sequence, or one row for all (the exporter's zero residual of layer 0).
+    const bool shared_residual = residual.dims.size() == 3 && residual.dims[0] == 1;
+    MAMBA_RETURN_IF(call.check(residual, "residual", {shared_residual ? 1 : b, 1, d}, "[b, 1, d] like x, or [1, 1, d]"));
     MAMBA_RETURN_IF(call.check(norm_w, "norm_weight", {d}, "[d]"));
     MAMBA_RETURN_IF(call.check(in_proj, "in_proj_weight", {-1, d}, "[2e, d]", 2));
     if (in_proj.dims[0] % 2 != 0) {
@@ -535,7 +537,7 @@ struct DecodeBlockKernel {
     MAMBA_RETURN_IF(call.check(out_proj, "out_proj_weight", {d, e}, "[d, e]"));
     a.dtype = to_dtype(t);
     a.residual_dtype = to_dtype(r);
-    a.dmodel = d, a.epsilon = epsilon, a.constant_weights = constant_weights;
+    a.dmodel = d, a.epsilon = epsilon, a.constant_weights = constant_weights, a.residual_broadcast = shared_residual;
     a.x = x.data, a.residual = residual.data, a.norm_weight = norm_w.data, a.in_proj_weight = in_proj.data;
     a.out_proj_weight = out_proj.data;
     void *out = nullptr, *residual_out = nullptr, *ws = nullptr;

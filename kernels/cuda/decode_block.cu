@@ -266,7 +266,8 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* xin = static_cast<const T*>(a.x) + b0 * Dm;
-  const R* res = static_cast<const R*>(a.residual) + b0 * Dm;
+  const int rs = a.residual_broadcast ? 0 : Dm;  // the residual's row stride
+  const R* res = static_cast<const R*>(a.residual) + b0 * rs;
   R* rout = static_cast<R*>(a.residual_out) + b0 * Dm;
   const T* nw = static_cast<const T*>(a.norm_weight);
 
@@ -383,7 +384,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int k = k0 + u * kThreads;
-        r[u] = k < Dm ? to_float(res[bb * Dm + k]) + to_float(xin[bb * Dm + k]) : 0.f;
+        r[u] = k < Dm ? to_float(res[bb * rs + k]) + to_float(xin[bb * Dm + k]) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -435,7 +436,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
       load_pass<T, V, Q, NV>(wrow, valid, k0, 0, kc, P);
       for (int i = threadIdx.x; i < nb * kc; i += kThreads) {
         const int bb = i / kc, k = k0 + i % kc;
-        const float r = to_float(from_float<R>(to_float(res[bb * Dm + k]) + to_float(xin[bb * Dm + k])));
+        const float r = to_float(from_float<R>(to_float(res[bb * rs + k]) + to_float(xin[bb * Dm + k])));
         act[bb * kChunk + k - k0] = to_float(from_float<T>(r * sh.scale[bb] * to_float(nw[k])));
       }
     }

@@ -87,7 +87,7 @@ struct DecodeStepArgs : MixerStepArgs {
 size_t decode_step_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_step(const DecodeStepArgs& a, cudaStream_t stream);
 
-// One whole decode layer (DecodeBlock, layers >= 1 of decode.onnx), all sums float32:
+// One whole decode layer (DecodeBlock, every layer of a --decode-blocks decode.onnx), all sums float32:
 //   h, residual_out = AddRMSNorm(x, residual, norm_weight)             (h in T, residual_out in R)
 //   xz = T(h in_proj_weight^T); y, conv/ssm state = DecodeStep(xz, ...)  (y in T)
 //   out = T(y out_proj_weight^T)
@@ -98,7 +98,7 @@ struct DecodeBlockArgs : MixerStepArgs {
   int64_t dmodel;                // d
   float epsilon;
   const void* x;                 // [b, 1, d] T
-  const void* residual;          // [b, 1, d] R
+  const void* residual;          // [b, 1, d] R, or [1, 1, d] with residual_broadcast
   const void* norm_weight;       // [d] T
   const void* in_proj_weight;    // [2e, d] T (one row per output)
   const void* out_proj_weight;   // [d, e] T
@@ -109,6 +109,8 @@ struct DecodeBlockArgs : MixerStepArgs {
   // the stream has finished and read them early (programmatic dependent launch, sm_90+). Everything else it reads
   // only once that kernel has finished. MAMBA_EXPORT_CUDA_PDL=0 turns the early start off.
   bool constant_weights;
+  // True when residual is one row added to every sequence (the exporter's zero residual of layer 0).
+  bool residual_broadcast;
 };
 size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream);

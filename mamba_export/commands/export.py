@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "bytes, at float16 weight rounding (activations, sums, states and the prefill graphs stay "
                    "float32); default float32")
     p.add_argument("--decode-blocks", choices=("auto", "on", "off"), default="auto",
-                   help="on: decode.onnx runs every layer after the first as one DecodeBlock node (norm, in_proj, "
+                   help="on: decode.onnx runs every layer as one DecodeBlock node (norm, in_proj, "
                    "mixer and out_proj fused into one op for the CUDA execution provider). It lowers batch-1 decode "
                    "latency on the GPU but is slower at batch 8 and above (its matrix products do not use cuBLAS); "
                    "weights.bin then holds in_proj and out_proj a second time, untransposed, so it grows by about "

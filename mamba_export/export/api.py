@@ -49,7 +49,7 @@ def export_checkpoint(
         decode_weights: "float32" or "float16" (ONNX with dtype float32 only): the dtype of decode.onnx's in_proj,
             out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes a
             decode step reads), the prefill graphs keep the float32 weights.
-        decode_blocks: "auto", "on" or "off": whether decode.onnx runs each layer after the first as one DecodeBlock
+        decode_blocks: "auto", "on" or "off": whether decode.onnx runs each layer as one DecodeBlock
             node (for the CUDA execution provider: lower batch-1 decode latency, slower at batch 8 and above;
             in_proj and out_proj stored a second time, untransposed). "auto" (the default) is off for every
             export; "on" where it does not apply (TorchScript, such biases, float16 decode weights) raises.
@@ -183,7 +183,7 @@ def build_manifest(
 
     ``decode_weight_dtype``: the dtype of decode.onnx's in_proj, out_proj and LM head weights (ONNX exports; null for
     TorchScript); ``decode_weights_file``: where the float16 copies are (null unless float16); ``decode_blocks``:
-    whether decode.onnx runs layers 1 to n_layer - 1 as one DecodeBlock node each (null for TorchScript)."""
+    whether decode.onnx runs every layer as one DecodeBlock node (null for TorchScript)."""
     c = model.config
     return {
         "format_version": directory.FORMAT_VERSION,

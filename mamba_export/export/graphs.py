@@ -9,8 +9,9 @@ and the residual adds replaced by the custom-op-domain operators of docs/CONTRAC
 previous block's output and the residual stream through one ``AddRMSNorm`` (the residual add, then the norm).
 ``DecodeGraph(model, decode_weights="float16")`` keeps float16 copies of in_proj, out_proj and the LM head and
 multiplies them with ``LinearF16W`` (float32 activations, weights widened to float32); the rest is unchanged.
-``DecodeGraph(model, decode_blocks=True)`` runs every layer after the first as one ``DecodeBlock`` (AddRMSNorm,
-in_proj, DecodeStep and out_proj in one node, the projection weights in nn.Linear's [out, in] layout).
+``DecodeGraph(model, decode_blocks=True)`` runs every layer as one ``DecodeBlock`` (AddRMSNorm, in_proj, DecodeStep
+and out_proj in one node, the projection weights in nn.Linear's [out, in] layout); layer 0's block adds the embedding
+to a constant zero residual row, which the op broadcasts over the batch.
 """
 
 from __future__ import annotations
@@ -145,20 +146,24 @@ class _Graph(nn.Module):
         self.norm_f, self.lm_head = model.backbone.norm_f, model.lm_head
         self.weight_dtype = model.lm_head.weight.dtype
         self.residual_dtype = model._residual_dtype()
-        self.decode_blocks = False  # layers after the first as one DecodeBlock each (decode mode only)
+        self.decode_blocks = False  # every layer as one DecodeBlock (decode mode only)
 
     def _run(self, input_ids: Tensor, past: tuple[Tensor, ...], mode: str, last_logits: bool) -> tuple[Tensor, ...]:
         """MambaLM.forward with each block's residual add fused into the next norm:
         h_0 = RMSNorm(residual_0); h_i, residual_i = AddRMSNorm(out_{i-1}, residual_{i-1}) for i > 0 and norm_f."""
         ops = self.ops
-        residual = self.embedding(input_ids).to(self.residual_dtype)
-        first = self.norms[0]
-        h = ops.rms_norm(residual, first.weight, float(first.eps))
+        blocks = mode == "decode" and self.decode_blocks
+        if blocks:  # layer 0 adds the embedding to a zero residual
+            out, residual = self.embedding(input_ids), self.zero_residual
+        else:
+            residual = self.embedding(input_ids).to(self.residual_dtype)
+            first = self.norms[0]
+            h = ops.rms_norm(residual, first.weight, float(first.eps))
+            out = h  # replaced by the first block's output
         present: list[Tensor] = []
-        out = h  # replaced by the first block's output
         for i, mixer in enumerate(self.mixers):
             conv, ssm = past[2 * i], past[2 * i + 1]
-            if i > 0 and mode == "decode" and self.decode_blocks:
+            if blocks:
                 out, residual, conv, ssm = mixer.block(ops, self.norms[i], out, residual, conv, ssm)
             else:
                 if i > 0:
@@ -189,8 +194,8 @@ class DecodeGraph(_Graph):
 
     ``decode_weights="float16"`` (float32 models only): in_proj, out_proj and the LM head are
     :class:`F16WeightLinear` (half the bytes a step reads); the embedding keeps its float32 table.
-    ``decode_blocks`` (models without in_proj/out_proj bias, float32 decode weights): layers 1 to n_layer - 1 are one
-    DecodeBlock each, layer 0 stays RMSNorm, in_proj, DecodeStep, out_proj."""
+    ``decode_blocks`` (models without in_proj/out_proj bias, float32 decode weights): every layer is one DecodeBlock,
+    layer 0's with a zero residual row."""
 
     def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS, decode_weights: str = "float32",
                  decode_blocks: bool = False):
@@ -201,6 +206,11 @@ class DecodeGraph(_Graph):
         if decode_blocks and why_not:
             raise ValueError(f"decode blocks are not available: {why_not}")
         self.decode_blocks = decode_blocks
+        if decode_blocks:
+            # Layer 0's residual input: one zero row for every sequence (DecodeBlock broadcasts a [1, 1, d]
+            # residual), so residual_out = R(0 + embedding), exactly what RMSNorm normalises in the other graphs.
+            self.register_buffer("zero_residual", torch.zeros(1, 1, model.config.d_model, dtype=self.residual_dtype),
+                                 persistent=False)
         if decode_weights == "float16":
             if self.weight_dtype != torch.float32:
                 raise ValueError("float16 decode weights need a float32 model")

@@ -108,7 +108,7 @@ def write_graphs(
 ) -> list[str]:
     """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``; with
     ``decode_weights="float16"`` also decode_weights_f16.bin, decode.onnx's float16 in_proj, out_proj and LM head.
-    With ``decode_blocks`` decode.onnx runs layers after the first as DecodeBlock nodes, whose in_proj and out_proj
+    With ``decode_blocks`` decode.onnx runs every layer as one DecodeBlock node, whose in_proj and out_proj
     weights (nn.Linear layout) are stored in weights.bin beside model.onnx's transposed ones.
 
     Returns:

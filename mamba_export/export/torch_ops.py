@@ -111,9 +111,10 @@ def decode_block_cl(
     conv_weight: Tensor, conv_bias: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A: Tensor,
     D: Tensor, out_proj_weight: Tensor, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """DecodeBlock: one decode layer i > 0, AddRMSNorm -> in_proj -> DecodeStep -> out_proj.
+    """DecodeBlock: one decode layer, AddRMSNorm -> in_proj -> DecodeStep -> out_proj.
 
-    x (b, 1, d) (block i-1's output) and norm_weight (d,) in T; residual (b, 1, d) in R; in_proj_weight (2e, d) and
+    x (b, 1, d) (block i-1's output, or layer 0's embedding) and norm_weight (d,) in T; residual (b, 1, d) in R, or
+    (1, 1, d) added to every sequence (layer 0's zero residual); in_proj_weight (2e, d) and
     out_proj_weight (d, e) in T (nn.Linear layout); the DecodeStep inputs as in :func:`decode_step_cl`
     -> out (b, 1, d) in T, residual_out (b, 1, d) in R, new conv_state, new ssm_state.
     """
@@ -171,5 +172,5 @@ def _(x, residual, norm_weight, in_proj_weight, conv_state, ssm_state, conv_weig
       dt_proj_weight, dt_bias, A, D, out_proj_weight, eps):
     cd = compute_dtype(x.dtype)
     out = x.new_empty((x.shape[0], 1, out_proj_weight.shape[0]), dtype=out_proj_weight.dtype)
-    return (out, torch.empty_like(residual), conv_state.new_empty(conv_state.shape, dtype=cd),
+    return (out, residual.new_empty(x.shape), conv_state.new_empty(conv_state.shape, dtype=cd),
             ssm_state.new_empty(ssm_state.shape, dtype=cd))

@@ -114,6 +114,7 @@ struct RmsNormArgs {
   T* y;                        // [rows, d]
   R* residual_out;             // [rows, d] AddRMSNorm only (nullptr for RMSNorm)
   size_t rows, d;
+  bool residual_broadcast = false;  // AddRMSNorm: residual is one row [1, d], added to every row (DecodeBlock)
 };
 
 size_t rms_norm_num_tasks(size_t rows, size_t d);
@@ -148,7 +149,7 @@ void linear_task(const LinearArgs<W>& args, size_t task);
 template <typename R, typename T>
 struct DecodeBlockArgs {
   const T* x;                  // [b, 1, d]
-  const R* residual;           // [b, 1, d]
+  const R* residual;           // [b, 1, d], or [1, 1, d] with residual_broadcast
   const T* norm_weight;        // [d]
   const T* in_proj_weight;     // [2e, d]
   const float* conv_state_in;  // [b, e, k-1]
@@ -168,6 +169,7 @@ struct DecodeBlockArgs {
   float* ssm_state_out;        // [b, e, n]
   size_t b, d, e, n, k, r;
   float* scratch;              // decode_block_scratch_floats(b, d, e, n, r), on a cache line
+  bool residual_broadcast = false;  // residual is one row for every sequence (layer 0's zero residual)
 };
 
 constexpr int kDecodeBlockPhases = 7;

@@ -20,7 +20,7 @@ void norm_rows(const RmsNormArgs<R, T>& a, size_t begin, size_t end) {
   const size_t d = a.d;
   const T* __restrict weight = a.weight;
   for (size_t row = begin; row < end; ++row) {
-    const R* __restrict in = a.residual + row * d;
+    const R* __restrict in = a.residual + (a.residual_broadcast ? 0 : row * d);
     const R* __restrict src = in;  // the values normalised: the input, or AddRMSNorm's rounded sum
     float squares = 0.0f;
     if constexpr (kAdd) {

@@ -375,7 +375,9 @@ struct DecodeBlockKernel {
     const int64_t b = x.shape[0], d = x.shape[2];
     const Dim db{"b", b}, dd{"d", d};
     expect_shape(x, {db, {"l", 1}, dd});  // one token
-    expect(residual, onnx_type<R>(), kWhyR, {db, {"l", 1}, dd});
+    // One residual row per sequence, or one row for all (the exporter's zero residual of layer 0).
+    const bool shared_residual = residual.shape.size() == 3 && residual.shape[0] == 1;
+    expect(residual, onnx_type<R>(), kWhyR, {{"b (or 1)", shared_residual ? 1 : b}, {"l", 1}, dd});
     expect(norm_w, onnx_type<T>(), kWhyT, {dd});
     expect_dtype(in_w, onnx_type<T>(), kWhyT);
     expect_rank(in_w, {"2e", "d"});
@@ -392,7 +394,7 @@ struct DecodeBlockKernel {
         data<float>(p.cw), data<float>(p.cbias), data<float>(p.xw), data<float>(p.dw), data<float>(p.dbias),
         data<float>(p.A), data<float>(p.D), data<T>(out_w), epsilon_, output<T>(ctx, 0, {b, 1, d}),
         output<R>(ctx, 1, {b, 1, d}), output<float>(ctx, 2, {b, e, k - 1}), output<float>(ctx, 3, {b, e, n}),
-        size_t(b), size_t(d), size_t(e), size_t(n), size_t(k), size_t(r), scratch.get()};
+        size_t(b), size_t(d), size_t(e), size_t(n), size_t(k), size_t(r), scratch.get(), shared_residual};
     for (int phase = 0; phase < kDecodeBlockPhases; ++phase) {
       parallel_for(ctx, decode_block_num_tasks(args, phase), [&](size_t i) noexcept {
         decode_block_task(args, phase, i);
