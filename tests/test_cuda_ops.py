@@ -430,12 +430,14 @@ BLOCK_PATHS = ["auto", "split", "unfolded"]  # MAMBA_EXPORT_CUDA_DECODE_BLOCK; k
 @pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[3], BLOCK_SHAPES[4], BLOCK_SHAPES[7]],
                          ids=lambda s: "x".join(map(str, s)))
 def test_decode_block_paths_agree_bit_for_bit(shape, dtype, monkeypatch):
-    """The fused kernel, one kernel per phase, and the unfolded reduction give identical bits (no atomics, sums in
-    orders fixed by the sizes), and so do repeated runs: needed for identical tokens with CUDA graphs on and off."""
+    """The fused kernel (with its own grid barrier, and with cooperative groups' one), one kernel per phase, and the
+    unfolded reduction give identical bits (no atomics, sums in orders fixed by the sizes), and so do repeated runs:
+    needed for identical tokens with CUDA graphs on and off."""
     model, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=7)
     runs = []
-    for path in ("auto", "auto", "split", "unfolded"):
-        if path == "auto":
+    for path in ("auto", "auto", "cg-barrier", "auto", "split", "unfolded"):
+        monkeypatch.setenv("MAMBA_EXPORT_CUDA_CG_BARRIER", "1" if path == "cg-barrier" else "0")
+        if path in ("auto", "cg-barrier"):
             monkeypatch.delenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", raising=False)
         else:
             monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", path)
@@ -542,6 +544,37 @@ def test_decode_block_chain_early_start_is_exact(shape, dtype, monkeypatch):
         got = sess.run(None, feeds)
         for a, c in zip(got, want):
             np.testing.assert_array_equal(a.reshape(c.shape), c)
+
+
+def test_decode_block_sessions_on_two_streams_run_side_by_side():
+    """The fused kernel's grid-barrier word is one per stream: two sessions (each on its own stream) running chains of
+    fused DecodeBlock nodes from two threads at once give the bits of a run alone, and neither hangs."""
+    import threading
+
+    layers, feeds = [], {}
+    for i in range(4):
+        _, case, _, _ = block_case(*BLOCK_SHAPES[0], "float16", "float32", seed=40 + i)
+        layers.append({k: case[k] for k in BLOCK_WEIGHTS})
+        feeds[f"conv_{i}"], feeds[f"ssm_{i}"] = case["conv_state_in"], case["ssm_state_in"]
+    feeds["x"], feeds["residual"] = case["x"], case["residual"]
+    sessions = [block_chain_session(layers, "float16") for _ in range(2)]
+    want = sessions[0].run(None, feeds)
+    results: list[list] = [[], []]
+
+    def work(k: int) -> None:
+        for _ in range(40):
+            results[k].append(sessions[k].run(None, feeds))
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a DecodeBlock chain hung"
+    assert [len(r) for r in results] == [40, 40]
+    for got in results[0] + results[1]:
+        for a, c in zip(got, want):
+            np.testing.assert_array_equal(a, c)
 
 
 def test_decode_block_bad_inputs_are_clear_errors():

@@ -256,7 +256,8 @@ def test_runtime_reports_no_cpu_placed_compute_node_for_our_exports(exports, key
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("shape", [(1, 50280), (64, 50280), (3, 7), (5, 4097)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_argmax_matches_numpy(shape, dtype):
-    """CudaGenerator's argmax kernels: the first maximum of each row, as numpy picks it (ties, -inf, NaN)."""
+    """CudaGenerator's argmax kernels: the first maximum of each row, as numpy picks it (ties, -inf, NaN), into the
+    device ids and, when given, into pinned host memory."""
     cp = pytest.importorskip("cupy")
     from mamba_runtime.gpu import _Argmax
 
@@ -269,5 +270,13 @@ def test_gpu_argmax_matches_numpy(shape, dtype):
         x[1, :] = np.round(x[1, :])  # many ties
         x[2, V // 3] = np.nan  # NaN counts as the maximum in numpy
     ids = cp.full((b, 1), -1, dtype=cp.int64)
-    _Argmax(cp, b, V)(cp.asarray(x), ids)
+    argmax = _Argmax(cp, b, V)
+    argmax(cp.asarray(x), ids)
     np.testing.assert_array_equal(cp.asnumpy(ids)[:, 0], np.argmax(x, axis=-1))
+    host = np.frombuffer(cp.cuda.alloc_pinned_memory(8 * b), dtype=np.int64, count=b)
+    host[:] = -1
+    ids[:] = -1
+    argmax(cp.asarray(x), ids, host.ctypes.data)
+    cp.cuda.Device().synchronize()
+    np.testing.assert_array_equal(host, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(cp.asnumpy(ids)[:, 0], host)

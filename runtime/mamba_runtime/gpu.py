@@ -116,21 +116,27 @@ __global__ void argmax_blocks(const T* x, long long V, long long chunk, u64* key
   best = block_max(best);
   if (threadIdx.x == 0) keys[row * gridDim.x + blockIdx.x] = best;
 }
-__global__ void argmax_rows(const u64* keys, int blocks, long long* ids) {
+__global__ void argmax_rows(const u64* keys, int blocks, long long* ids, long long* host) {
   u64 best = 0ull;
   for (int i = threadIdx.x; i < blocks; i += blockDim.x) {
     const u64 k = keys[blockIdx.x * blocks + i];
     best = k > best ? k : best;
   }
   best = block_max(best);
-  if (threadIdx.x == 0) ids[blockIdx.x] = 0xffffffffu - static_cast<unsigned>(best & 0xffffffffu);
+  if (threadIdx.x == 0) {
+    const long long id = 0xffffffffu - static_cast<unsigned>(best & 0xffffffffu);
+    ids[blockIdx.x] = id;
+    if (host != nullptr) host[blockIdx.x] = id;  // pinned host memory, mapped (unified addressing)
+  }
 }
 """
 _ARGMAX_THREADS, _ARGMAX_CHUNK = 256, 2048
 
 
 class _Argmax:
-    """ids[r] = argmax(scores[r]) for a (b, V) float32 or float16 CuPy array, into int64 ids (b,) or (b, 1)."""
+    """ids[r] = argmax(scores[r]) for a (b, V) float32 or float16 CuPy array, into int64 ids (b,) or (b, 1), and
+    also into ``host`` (the address of b int64 in pinned host memory) when given: the tokens then reach the host
+    without a copy on the stream (a copy engine's turn between two kernels costs the stream microseconds)."""
 
     def __init__(self, cp, batch: int, vocab_size: int):
         self.cp = cp
@@ -143,13 +149,13 @@ class _Argmax:
         self.n_blocks = -(-vocab_size // _ARGMAX_CHUNK)
         self.keys = cp.empty((batch, self.n_blocks), dtype=cp.uint64)
 
-    def __call__(self, scores, ids) -> None:
+    def __call__(self, scores, ids, host: int = 0) -> None:
         cp = self.cp
         if scores.shape != (self.batch, self.vocab) or not scores.flags.c_contiguous or not ids.flags.c_contiguous:
             raise ValueError(f"argmax: expected contiguous ({self.batch}, {self.vocab}) scores")
         self.blocks[scores.dtype]((self.n_blocks, self.batch), (_ARGMAX_THREADS,),
                                   (scores, cp.int64(self.vocab), cp.int64(_ARGMAX_CHUNK), self.keys))
-        self.rows((self.batch,), (_ARGMAX_THREADS,), (self.keys, cp.int32(self.n_blocks), ids))
+        self.rows((self.batch,), (_ARGMAX_THREADS,), (self.keys, cp.int32(self.n_blocks), ids, cp.uint64(host)))
 
 
 def _ort_dtype(value: ort.OrtValue) -> np.dtype:
@@ -212,6 +218,7 @@ class CudaGenerator:
         with self.stream:
             self._rng = self.cp.random.default_rng(0)
             self._argmax = _Argmax(self.cp, b, V)
+        self._step_row = self._token_rows(1)  # step()'s tokens
 
     @staticmethod
     def _run_options() -> ort.RunOptions:
@@ -240,8 +247,9 @@ class CudaGenerator:
         return binding
 
     # ---- sampling on the GPU ------------------------------------------------------------------------------------
-    def _sample_into_ids(self, logits) -> None:
-        """logits (b, V) on the device -> next ids (b, 1) on the device: argmax, or Gumbel-max at temperature T."""
+    def _sample_into_ids(self, logits, host: int = 0) -> None:
+        """logits (b, V) on the device -> next ids (b, 1) on the device (and at ``host``, pinned host memory, when
+        given): argmax, or Gumbel-max at temperature T."""
         cp = self.cp
         with self.stream:
             if self.temperature > 0:
@@ -250,7 +258,7 @@ class CudaGenerator:
                 scores = logits.astype(cp.float32) / self.temperature + gumbel
             else:
                 scores = cp.ascontiguousarray(logits)
-            self._argmax(scores, self.ids)
+            self._argmax(scores, self.ids, host)
 
     # ---- generation ---------------------------------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], temperature: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -288,28 +296,30 @@ class CudaGenerator:
         self._sample_into_ids(last)
         return self.cp.asnumpy(self.ids[:, 0], stream=self.stream)
 
-    def _enqueue_step(self) -> None:
+    def _token_rows(self, rows: int) -> tuple[np.ndarray, list]:
+        """``rows`` rows of b int64 in pinned host memory (CuPy's pinned pool), and an event per row."""
+        memory = self.cp.cuda.alloc_pinned_memory(8 * self.batch * rows)
+        ring = np.frombuffer(memory, dtype=np.int64, count=self.batch * rows).reshape(rows, self.batch)
+        return ring, [self.cp.cuda.Event(block=False, disable_timing=True) for _ in range(rows)]
+
+    def _enqueue_step(self, host_row: np.ndarray, event) -> None:
         """Queue one decode step on the generator's stream: decode.onnx on the last sampled ids (onnxruntime returns
-        once the step is queued: a graph replay, or the kernels launched), then the sampling into the ids."""
+        once the step is queued: a graph replay, or the kernels launched), the sampling into the ids and into
+        ``host_row`` (pinned host memory), then ``event``."""
         self.decode_session.run_with_iobinding(self.bindings[self.current], self.run_options[self.current])
         self.current ^= 1
-        self._sample_into_ids(self.logits[:, 0])
+        self._sample_into_ids(self.logits[:, 0], host_row.ctypes.data)
+        event.record(self.stream)
 
     def step(self) -> np.ndarray:
         """Feed the last sampled tokens, run decode.onnx (a CUDA graph replay when enabled), sample the next on the
-        GPU. Returns the new tokens (b,) int64 on the host (the only device-to-host copy of a step); the host waits
-        for the step, so the GPU idles while the host prepares the next one (:meth:`steps` does not)."""
-        self._enqueue_step()
-        return self.cp.asnumpy(self.ids[:, 0], stream=self.stream)
-
-    def _token_ring(self, slots: int):
-        """``slots`` rows of b int64 in pinned host memory (kept for later calls), and one event per row."""
-        if getattr(self, "_ring", None) is None or self._ring.shape[0] < slots:
-            pinned = self.cp.cuda.alloc_pinned_memory(8 * self.batch * slots)
-            self._ring = np.frombuffer(pinned, dtype=np.int64, count=self.batch * slots).reshape(slots, self.batch)
-            self._ring_memory = pinned
-            self._ring_events = [self.cp.cuda.Event(block=False, disable_timing=True) for _ in range(slots)]
-        return self._ring, self._ring_events
+        GPU. Returns the new tokens (b,) int64 on the host (the sampling kernel writes them to pinned host memory:
+        no copy on the stream); the host waits for the step, so the GPU idles while the host prepares the next one
+        (:meth:`steps` does not)."""
+        (row,), (event,) = self._step_row
+        self._enqueue_step(row, event)
+        event.synchronize()
+        return row.copy()
 
     def steps(self, n: int, lookahead: int = 1) -> Iterator[np.ndarray]:
         """Decode ``n`` steps, yielding each step's tokens (b,) int64 on the host, with up to ``lookahead`` further
@@ -317,7 +327,7 @@ class CudaGenerator:
 
         Same tokens as ``n`` calls of :meth:`step`, but the GPU never waits for the host: the next step's input ids
         are already on the device (the sampling writes them), so step i+1 is queued before step i's tokens are read
-        (each step's tokens travel to pinned host memory by an asynchronous copy, with an event to wait on). The
+        (the sampling kernel writes each step's tokens to a row of pinned host memory, with an event to wait on). The
         time per token is then the GPU's alone (the host's share of a step, ~25 us, runs beside it). Leaving the loop
         early (``break``) still leaves the queued steps run: the state is then up to ``lookahead`` steps further on
         than the last tokens read (:meth:`state` says where it is).
@@ -328,17 +338,12 @@ class CudaGenerator:
         return self._steps(n, lookahead)
 
     def _steps(self, n: int, lookahead: int) -> Iterator[np.ndarray]:
-        cp, slots = self.cp, lookahead + 1
-        ring, events = self._token_ring(slots)
-        nbytes = 8 * self.batch
+        slots = lookahead + 1
+        ring, events = self._token_rows(slots)
         queued = 0
         for i in range(n):
             while queued < min(n, i + 1 + lookahead):  # the row of step j is j % slots, read before it is reused
-                self._enqueue_step()
-                row = queued % slots
-                cp.cuda.runtime.memcpyAsync(ring[row].ctypes.data, self.ids.data.ptr, nbytes,
-                                            cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
-                events[row].record(self.stream)
+                self._enqueue_step(ring[queued % slots], events[queued % slots])
                 queued += 1
             events[i % slots].synchronize()
             yield ring[i % slots].copy()
