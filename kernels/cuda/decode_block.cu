@@ -121,10 +121,11 @@ __device__ __forceinline__ void stamp(const DecodeBlockArgs&, int) {}
 // others 1, so a barrier flips the word's top bit and leaves its low 31 bits as they were (zero); the block waits
 // until the top bit differs from what its own add returned. Here the add is a release and the wait an acquire, after
 // and before __syncthreads() (as CUTLASS's barriers), where cooperative groups issues two full fences (fence.sc):
-// 11.81 -> 11.35 us a 130m layer (chain benchmark, H100). The word's low bits must be zero, and one launch at a time
-// may use it: barrier_word() gives each (device, stream) its own word of g_barrier_words (zero when the module
-// loads; every complete barrier leaves it so). A kernel on the stream after this one passes pdl_wait(), and so waits
-// for this one to finish, before its first barrier. With no word (nullptr), cooperative groups' barrier.
+// 12.10 -> 11.75 us a 130m layer (chain benchmark, H100, MAMBA_EXPORT_CUDA_CG_BARRIER=1 against the default). The
+// word's low bits must be zero, and one launch at a time may use it: barrier_word() gives each (device, stream) its
+// own word of g_barrier_words (zero when the module loads; every complete barrier leaves it so). A kernel on the
+// stream after this one passes pdl_wait(), and so waits for this one to finish, before its first barrier. With no
+// word (nullptr), cooperative groups' barrier.
 constexpr int kBarrierWords = 1024;
 __device__ unsigned g_barrier_words[kBarrierWords];
 

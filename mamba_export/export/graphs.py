@@ -150,7 +150,8 @@ class _Graph(nn.Module):
 
     def _run(self, input_ids: Tensor, past: tuple[Tensor, ...], mode: str, last_logits: bool) -> tuple[Tensor, ...]:
         """MambaLM.forward with each block's residual add fused into the next norm:
-        h_0 = RMSNorm(residual_0); h_i, residual_i = AddRMSNorm(out_{i-1}, residual_{i-1}) for i > 0 and norm_f."""
+        h_0 = RMSNorm(residual_0); h_i, residual_i = AddRMSNorm(out_{i-1}, residual_{i-1}) for i > 0 and norm_f.
+        Decode blocks: every layer one DecodeBlock, layer 0's on the embedding and a zero residual row."""
         ops = self.ops
         blocks = mode == "decode" and self.decode_blocks
         if blocks:  # layer 0 adds the embedding to a zero residual

@@ -83,8 +83,8 @@ LinearArgs<T> linear_args(const float* x, const T* w, T* y, float* y32, size_t m
 
 template <typename R, typename T>
 RmsNormArgs<R, T> norm_args(const DecodeBlockArgs<R, T>& a, const Layout& l) {
-  return {a.x,  a.residual, a.norm_weight, a.epsilon, t_buffer<T>(a.scratch, l.h32, l.h_t), a.residual_out,
-          a.b, a.d,        a.residual_broadcast};
+  return {a.x, a.residual, a.norm_weight, a.epsilon, t_buffer<T>(a.scratch, l.h32, l.h_t), a.residual_out, a.b, a.d,
+          a.residual_broadcast};
 }
 
 }  // namespace
