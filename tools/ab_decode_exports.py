@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch  # noqa: F401  (before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs)
 
+from bench_gpu import queued_intervals, step_times
+
 TOOLS = Path(__file__).resolve().parent
 
 
@@ -70,16 +72,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for tag, g in gens.items():  # interleaved, so that both see the same clocks
             res[tag]["enqueue"].append(enqueue_ms(g))
-            t = []
-            for _ in range(100):
-                t0 = time.perf_counter()
-                g.step()
-                t.append(time.perf_counter() - t0)
-            res[tag]["step"].append(statistics.median(t) * 1e3)
-            stamps = [time.perf_counter()]
-            for _ in g.steps(101, lookahead=1):
-                stamps.append(time.perf_counter())
-            res[tag]["queued"].append(statistics.median([y - x for x, y in zip(stamps[1:], stamps[2:])]) * 1e3)
+            res[tag]["step"].append(statistics.median(step_times(g, 100)) * 1e3)
+            res[tag]["queued"].append(statistics.median(queued_intervals(g, 100)) * 1e3)
     for tag in gens:
         print(f"{args.model} b{b} {tag}: " + ", ".join(
             f"{k} {statistics.median(v):.4f} ms [{min(v):.4f}, {max(v):.4f}]" for k, v in res[tag].items()), flush=True)

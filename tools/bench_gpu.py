@@ -74,6 +74,25 @@ def state_bytes(cfg: MambaConfig, batch: int) -> int:
     return 4 * cfg.n_layer * batch * cfg.d_inner * (cfg.d_state + cfg.d_conv - 1)
 
 
+def step_times(gen, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``gen.step()`` (a CudaGenerator; the host waits for each step)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        gen.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def queued_intervals(gen, steps: int) -> list[float]:
+    """Seconds between two steps' tokens reaching the host, over ``steps`` intervals of ``gen.steps(lookahead=1)``
+    (the next step queued before a step's tokens are read: what a streaming application sees)."""
+    stamps = [time.perf_counter()]
+    for _ in gen.steps(steps + 1, lookahead=1):
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+
 def bench_ort_decode(export_dir: Path, batch: int, cuda_graph: bool, steps: int, vocab: int) -> dict:
     from mamba_runtime.gpu import CudaGenerator
 
@@ -82,18 +101,8 @@ def bench_ort_decode(export_dir: Path, batch: int, cuda_graph: bool, steps: int,
     gen.prefill([rng.integers(0, vocab, 4).tolist() for _ in range(batch)])
     for _ in range(8):  # warm-up (the first steps capture the CUDA graphs)
         gen.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        gen.step()
-        times.append(time.perf_counter() - t0)
-    result = stats_ms(times)
-    # Queued: CudaGenerator.steps, the next step queued before a step's tokens are read; the time per token is the
-    # interval between two tokens reaching the host (what a streaming application sees).
-    stamps = [time.perf_counter()]
-    for _ in gen.steps(steps + 1, lookahead=1):
-        stamps.append(time.perf_counter())
-    result["queued"] = stats_ms([b - a for a, b in zip(stamps[1:], stamps[2:])])
+    result = stats_ms(step_times(gen, steps))
+    result["queued"] = stats_ms(queued_intervals(gen, steps))
     return result
 
 

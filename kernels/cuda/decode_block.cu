@@ -814,7 +814,8 @@ unsigned* barrier_word(cudaStream_t stream) {
     if (o.device == device && o.stream == stream) return o.word;
   }
   void* base = nullptr;
-  if (owners.size() >= static_cast<size_t>(kBarrierWords) || cudaGetSymbolAddress(&base, g_barrier_words) != cudaSuccess) {
+  if (owners.size() >= static_cast<size_t>(kBarrierWords)) return nullptr;
+  if (cudaGetSymbolAddress(&base, g_barrier_words) != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it
     return nullptr;
   }

@@ -15,3 +15,11 @@ class GenerationInputError(MambaExportError):
 
 class SnapshotError(MambaExportError):
     """A state snapshot that cannot be restored: unreadable, of another format or from another export."""
+
+
+def require_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum`` (1 or 0), else a GenerationInputError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise GenerationInputError(f"{name} must be {kind} integer, found {value!r}")
+    return value

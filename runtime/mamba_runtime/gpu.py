@@ -9,9 +9,9 @@ Two ways to generate on a GPU (onnxruntime-gpu needed; CuPy for the second):
   state; greedy or temperature sampling with CuPy on the GPU writing straight into the next step's input ids, so only
   the sampled tokens (b int64) cross to the host; optionally each decode step replayed as a CUDA graph. onnxruntime
   runs on a CuPy stream of the generator's (provider option ``user_compute_stream``) and does not synchronise at the
-  end of a run: the sampling kernels queue behind the step on the same stream, and the one synchronisation of a step
-  is the copy of the sampled tokens to the host. :meth:`CudaGenerator.steps` (and ``generate``) queue the next step
-  before waiting for a step's tokens, so the GPU does not idle while the host takes them.
+  end of a run: the sampling kernels queue behind the step on the same stream, the argmax writes the tokens into
+  pinned host memory too, and the host waits on an event. :meth:`CudaGenerator.steps` (and ``generate``) queue the
+  next step before waiting for a step's tokens, so the GPU does not idle while the host takes them.
 
 Why two CUDA graphs: onnxruntime replays a captured graph on the same device addresses, and the decode graph reads
 the state set it does not write (reading and writing one buffer in place would race inside a step). So set 0 -> 1
@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from .errors import GenerationInputError
+from .errors import GenerationInputError, require_int
 from .manifest import ExportInfo, open_export_dir
 from .sessions import open_session, resolve_library, session_options
 
@@ -184,8 +184,7 @@ class CudaGenerator:
                  custom_ops: str = "auto", verify: bool = True):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise GenerationInputError("CudaGenerator: this onnxruntime has no CUDAExecutionProvider")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise GenerationInputError(f"batch must be a positive integer, found {batch!r}")
+        require_int(batch, "batch")
         self.cp = _cupy()
         self.info: ExportInfo = open_export_dir(export_dir, verify)
         self.batch, self.cuda_graph, self.device_id = batch, cuda_graph, device_id
@@ -332,10 +331,7 @@ class CudaGenerator:
         early (``break``) still leaves the queued steps run: the state is then up to ``lookahead`` steps further on
         than the last tokens read (:meth:`state` says where it is).
         """
-        for name, value in (("n", n), ("lookahead", lookahead)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise GenerationInputError(f"{name} must be a non-negative integer, found {value!r}")
-        return self._steps(n, lookahead)
+        return self._steps(require_int(n, "n", 0), require_int(lookahead, "lookahead", 0))
 
     def _steps(self, n: int, lookahead: int) -> Iterator[np.ndarray]:
         slots = lookahead + 1
@@ -352,8 +348,7 @@ class CudaGenerator:
                  seed: int = 0) -> np.ndarray:
         """Prefill then decode: (b, max_new_tokens) int64 tokens (greedy when temperature is 0), the decode steps
         queued ahead of the host as in :meth:`steps`."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GenerationInputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
+        require_int(max_new_tokens, "max_new_tokens")
         out = [self.prefill(prompts, temperature, seed)]
         out.extend(self.steps(max_new_tokens - 1, lookahead=2))
         return np.stack(out, axis=1)

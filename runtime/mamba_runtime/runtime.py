@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .device import select_device
-from .errors import GenerationInputError, SnapshotError
+from .errors import GenerationInputError, SnapshotError, require_int
 from .generation import Generation, GenerationResult, load_snapshot
 from .manifest import ExportInfo, open_export_dir
 from .sampling import SamplingConfig
@@ -33,12 +33,6 @@ from .state import DeviceState, prefill
 from .tokenizer import load_codec, require_codec
 
 Prompt = str | Iterable[int]
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GenerationInputError(f"{name} must be a positive integer, found {value!r}")
-    return value
 
 
 class MambaRuntime:
@@ -65,8 +59,8 @@ class MambaRuntime:
         self.threads = threads
         if prefill_chunk is None:
             prefill_chunk = 1024 if self.info.prefill_graph == "model_last.onnx" else 128
-        self.max_batch = _positive_int(max_batch, "max_batch")
-        self.prefill_chunk = _positive_int(prefill_chunk, "prefill_chunk")
+        self.max_batch = require_int(max_batch, "max_batch")
+        self.prefill_chunk = require_int(prefill_chunk, "prefill_chunk")
         self.codec = load_codec(self.info.path)
         so = session_options(threads, self.custom_op_library)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
@@ -151,7 +145,7 @@ class MambaRuntime:
     def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
               stop_tokens: Iterable[int] = ()) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
-        _positive_int(max_new_tokens, "max_new_tokens")
+        require_int(max_new_tokens, "max_new_tokens")
         stops = frozenset(int(t) for t in stop_tokens)
         self._check_ids(sorted(stops), "stop tokens")
         gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling or SamplingConfig(), stops)

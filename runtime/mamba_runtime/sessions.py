@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ExportDirError, GenerationInputError, MambaExportError
+from .errors import ExportDirError, GenerationInputError, MambaExportError, require_int
 from .library import custom_op_library_path
 from .manifest import ExportInfo
 
@@ -60,9 +60,7 @@ def session_options(threads: int | None, library: str | None, profile_prefix: st
     optimisation, the library registered, and onnxruntime's profiler on when ``profile_prefix`` is given."""
     so = ort.SessionOptions()
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise GenerationInputError(f"threads must be a positive integer, found {threads!r}")
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = require_int(threads, "threads")
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
