@@ -20,12 +20,13 @@ HF_CONFIGS = {
 }
 
 
-def make_hf_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """transformers MambaForCausalLM from HF_CONFIGS[name], every parameter perturbed with a fixed seed."""
+def make_hf_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """transformers MambaForCausalLM from HF_CONFIGS[name] (``overrides`` replace some of its fields), every parameter
+    perturbed with a fixed seed."""
     from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = MambaConfig(**HF_CONFIGS[name], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    cfg = MambaConfig(**{**HF_CONFIGS[name], **overrides}, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     model = MambaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in {id(p): p for p in model.parameters()}.values():
@@ -133,6 +134,41 @@ def cli_refusal(argv: list[str], capsys) -> str:
     return err[0]
 
 
+def custom_node_model(op: str, dtype, rdtype, overrides: dict | None = None, functions: bool = False, **attrs):
+    """One ``op`` node of the custom-op domain whose inputs and outputs, named and typed as in its
+    ``onnx_ops._SIGNATURES`` entry (T ``dtype``, R ``rdtype``, F float32, H float16; numpy dtypes), are graph I/O of
+    unknown shape, so only the op checks shapes. ``overrides`` declares other numpy dtypes for some inputs;
+    ``functions`` attaches the model-local functions (what a stock onnxruntime runs)."""
+    import numpy as np
+    from onnx import helper
+
+    from mamba_export.export import onnx_ops
+
+    ins, outs, _ = onnx_ops._SIGNATURES[op]
+    kinds, overrides = {"T": dtype, "R": rdtype, "F": np.float32, "H": np.float16}, overrides or {}
+
+    def value(name: str, kind: str, may_override: bool):
+        dt = overrides.get(name, kinds[kind]) if may_override else kinds[kind]
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
+
+    graph = helper.make_graph(
+        [helper.make_node(op, [n for n, _ in ins], [n for n, _ in outs], domain=onnx_ops.DOMAIN, **attrs)], op,
+        [value(n, k, True) for n, k in ins], [value(n, k, False) for n, k in outs])
+    opsets = [helper.make_opsetid("", onnx_ops.OPSET), helper.make_opsetid(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    if functions:
+        model.functions.extend(onnx_ops.model_functions())
+    return model
+
+
+def scaled_error(got, want: torch.Tensor) -> float:
+    """max |got - want| / max(1, max |want|), in float64: ``got`` a numpy array, ``want`` a float64 reference."""
+    import numpy as np
+
+    want = want.numpy()
+    return float(np.abs(got.astype(np.float64) - want).max() / max(1.0, np.abs(want).max()))
+
+
 def op_session(model, library: bool = True, threads: int = 2):
     """A CPU onnxruntime session of an in-memory model, with the custom-op library registered (``library=False``: a
     stock onnxruntime, so the model-local functions run)."""
@@ -227,3 +263,51 @@ def bad_case_tests(test_file: str, cases: dict, message_parts):
         assert bad_case_outcomes["returncode"] == 0, bad_case_outcomes["stderr"]
 
     return bad_case_outcomes, test_invalid_input_is_an_onnxruntime_error, test_bad_case_subprocess_exits_cleanly
+
+
+# ---- export directories ------------------------------------------------------------------------------------------
+
+
+def export_config(out: Path):
+    """The model config recorded in an export's manifest.json."""
+    from mamba_export.config import MambaConfig
+
+    return MambaConfig.from_dict(json.loads((out / "manifest.json").read_text())["config"])
+
+
+def graph_session(path: Path, library: bool = True):
+    """A 2-thread CPU onnxruntime session of an exported graph, with the custom-op library (``library=False``: a stock
+    onnxruntime, the ops' functions)."""
+    import onnxruntime as ort
+    from mamba_runtime import custom_op_library_path
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if library:
+        so.register_custom_ops_library(custom_op_library_path())
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def decode_logits(out: Path, ids: torch.Tensor, prompt: int, library: bool = True):
+    """Prefill ids[:, :prompt] through model.onnx, then one decode.onnx step per later token: the steps' logits
+    (b, l - prompt, V), numpy."""
+    import numpy as np
+
+    cfg = export_config(out)
+    _, state = run_graph(graph_session(out / "model.onnx", library), ids[:, :prompt], zero_state(cfg, ids.shape[0]))
+    decode, steps = graph_session(out / "decode.onnx", library), []
+    for t in range(prompt, ids.shape[1]):
+        logits, state = run_graph(decode, ids[:, t:t + 1], state)
+        steps.append(logits)
+    return np.concatenate(steps, axis=1)
+
+
+def reference_decode_logits(ref, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """What :func:`decode_logits` computes, by a reference MambaLM: prefill, then ``step`` per later token."""
+    with torch.no_grad():
+        _, state = ref(ids[:, :prompt])
+        want = []
+        for t in range(prompt, ids.shape[1]):
+            logits, state = ref.step(ids[:, t], state)
+            want.append(logits[:, None])
+    return torch.cat(want, dim=1)

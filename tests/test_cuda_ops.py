@@ -474,6 +474,10 @@ BLOCK_WEIGHTS = ["norm_weight", "in_proj_weight", "conv_weight", "conv_bias", "x
 
 
 def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.InferenceSession:
+    return gpu_session(block_chain_model(layers, dtype))
+
+
+def block_chain_model(layers: list[dict[str, np.ndarray]], dtype: str):
     """A graph of len(layers) DecodeBlock nodes, each node's (out, residual_out) the next one's (x, residual), the
     weights constant initializers (which lets the CUDA kernel start before the previous node's has finished:
     kernels/cuda/decode_block.cu, "Early start"). Inputs x, residual, conv_i, ssm_i; outputs out, residual_out,
@@ -503,6 +507,11 @@ def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.
              helper.make_tensor_value_info("residual_out", TensorProto.FLOAT, None)] + g_out
     model = helper.make_model(helper.make_graph(nodes, "chain", g_in, g_out, inits), ir_version=10,
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    return model
+
+
+def gpu_session(model) -> ort.InferenceSession:
+    """A session of ``model`` (an onnx ModelProto) with the library, every node on the CUDA provider."""
     so = ort.SessionOptions()
     so.register_custom_ops_library(library())
     so.log_severity_level = 3
@@ -587,6 +596,97 @@ def test_decode_block_bad_inputs_are_clear_errors():
         model.run(bad, shapes)
     bad = {**feeds, "residual": np.zeros((2, 1, 15), np.float32)}
     with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"):
+        model.run(bad, shapes)
+
+
+# ---- DecodeHead ------------------------------------------------------------------------------------------------
+HEAD_IN = {"x": 3, "residual": 3, "norm_weight": 1, "weight": 2}
+HEAD_SHAPES = [  # b, d, V
+    (1, 768, 50280),    # mamba-130m's head at batch 1 (the NB = 1 build)
+    (1, 2048, 5003),    # mamba-1.4b's width
+    (8, 768, 1001),     # one full group
+    (3, 100, 333),      # a partial group; d not a multiple of 8 (scalar float16 loads)
+    (64, 256, 777),     # eight groups
+    (2, 2600, 500),     # d beyond one 2048-value chunk
+    (5, 37, 97),        # odd d
+]
+
+
+def head_case(b, d, vocab, dtype, rdtype, seed):
+    """(model, feeds, output shapes, logits reference in float64) for one DecodeHead node: the reference rounds the
+    residual sum to R and h to T as the op does, in float64 otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = {"x": r(b, 1, d), "residual": 2 * r(b, 1, d), "norm_weight": 1 + 0.2 * r(d), "weight": r(vocab, d) / d ** 0.5}
+    t_names = {"x", "norm_weight", "weight", "logits"} | ({"residual"} if rdtype != "float32" else set())
+    t = {k: (rounded(v, dtype) if k in t_names else v.float().double()) for k, v in x.items()}
+    res = (t["residual"].float() + t["x"].float()).to(getattr(torch, rdtype)).double()[:, 0]
+    h = rounded(res / torch.sqrt(res.pow(2).mean(-1, keepdim=True) + 1e-5) * t["norm_weight"], dtype)
+    model = OneNodeModel("DecodeHead", HEAD_IN, {"logits": 3}, t_names, dtype, epsilon=1e-5)
+    feeds = {k: as_feed(v, dtype) if k in t_names else v.float().numpy() for k, v in x.items()}
+    return model, feeds, {"logits": (b, 1, vocab)}, h @ t["weight"].T
+
+
+@pytest.mark.parametrize("dtype,rdtype", NORM_TYPES, ids=lambda v: v)
+@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_head_matches_reference(shape, dtype, rdtype):
+    model, feeds, shapes, ref = head_case(*shape, dtype, rdtype, seed_of(shape, dtype, rdtype))
+    (logits,) = model.run(feeds, shapes)
+    assert rel_err(logits[:, 0], ref) < Y_TOL[dtype]
+    again = model.run(feeds, shapes)[0]
+    np.testing.assert_array_equal(again, logits)  # no atomics: the same bits every run
+
+
+def test_decode_head_after_blocks_early_start_is_exact(monkeypatch):
+    """DecodeBlock -> DecodeBlock -> DecodeHead with constant weights (the head's kernel starts, and loads its rows,
+    while the last block runs, on sm_90+) against the same nodes run one at a time: identical bits, also with the early
+    start off. A head that read x or the residual before the last block had written them would differ."""
+    dtype, shape = "float16", BLOCK_SHAPES[0]
+    layers, states = [], []
+    for i in range(2):
+        _, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=60 + i)
+        layers.append({k: feeds[k] for k in BLOCK_WEIGHTS})
+        states.append((feeds["conv_state_in"], feeds["ssm_state_in"]))
+    x0, res0 = feeds["x"], feeds["residual"]
+    head, head_feeds, head_shapes, _ = head_case(1, shape[1], 50280, dtype, "float32", seed=62)
+    t_names = {"x", "norm_weight", "in_proj_weight", "out_proj_weight", "out"}
+    single = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, t_names, dtype, epsilon=1e-5)
+    x, res = x0, res0
+    for w, (conv, ssm) in zip(layers, states):
+        x, res, _, _ = single.run({"x": x, "residual": res, "conv_state_in": conv, "ssm_state_in": ssm, **w}, shapes)
+    want = head.run({**head_feeds, "x": x, "residual": res}, head_shapes)[0]
+
+    graph = block_chain_model(layers, dtype)
+    t_type = ONNX_TYPE[dtype]
+    for name in ("norm_weight", "weight"):
+        graph.graph.initializer.append(helper.make_tensor(f"head_{name}", t_type, head_feeds[name].shape,
+                                                          head_feeds[name].tobytes(), raw=True))
+    graph.graph.node.append(helper.make_node("DecodeHead", ["out", "residual_out", "head_norm_weight", "head_weight"],
+                                             ["logits"], domain=DOMAIN, epsilon=1e-5))
+    graph.graph.output.insert(0, helper.make_tensor_value_info("logits", t_type, None))
+    sess = gpu_session(graph)
+    feeds = {"x": x0, "residual": res0}
+    for i, (conv, ssm) in enumerate(states):
+        feeds[f"conv_{i}"], feeds[f"ssm_{i}"] = conv, ssm
+    for pdl in (None, "0", None):
+        if pdl is None:
+            monkeypatch.delenv("MAMBA_EXPORT_CUDA_PDL", raising=False)
+        else:
+            monkeypatch.setenv("MAMBA_EXPORT_CUDA_PDL", pdl)
+        got = sess.run(["logits"], feeds)[0]
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def test_decode_head_bad_inputs_are_clear_errors():
+    model, feeds, shapes, _ = head_case(2, 16, 50, "float32", "float32", seed=1)
+    bad = {**feeds, "weight": np.zeros((50, 15), np.float32)}
+    with pytest.raises(Exception, match=r"DecodeHead \(CUDA\): input 'weight' must have shape \[>=1, 16\]"):
+        model.run(bad, shapes)
+    bad = {**feeds, "residual": np.zeros((3, 1, 16), np.float32)}
+    with pytest.raises(Exception, match=r"DecodeHead \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"):
+        model.run(bad, shapes)
+    bad = {**feeds, "x": np.zeros((2, 2, 16), np.float32), "residual": np.zeros((2, 2, 16), np.float32)}
+    with pytest.raises(Exception, match=r"DecodeHead \(CUDA\): input 'x' must have shape \[>=0, 1, >=0\]"):
         model.run(bad, shapes)
 
 

@@ -22,7 +22,7 @@ from support import make_hf_model, rel_err, save_transformers
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_EP, reason="onnxruntime has no CUDAExecutionProvider")]
 
-CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "DecodeBlock"}
+CUSTOM_OPS = {"SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "DecodeBlock", "DecodeHead"}
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +225,8 @@ def test_float16_graphs_run_no_compute_node_on_cpu(exports, tmp_path, key):
     dtype = key[1]
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     norms = {"RMSNorm", "AddRMSNorm"}
-    # A blocks export's decode.onnx: every layer one DecodeBlock, then the final AddRMSNorm.
-    decode_ops = {"DecodeBlock", "AddRMSNorm"} if dtype.endswith("-blocks") else {"DecodeStep"} | norms
+    # A blocks export's decode.onnx: every layer one DecodeBlock, then DecodeHead (the final norm and the LM head).
+    decode_ops = {"DecodeBlock", "DecodeHead"} if dtype.endswith("-blocks") else {"DecodeStep"} | norms
     for graph, n, want_ops in (("model.onnx", 9, {"SelectiveScan", "CausalConv1d"} | norms),
                                ("decode.onnx", 1, decode_ops)):
         sess = cuda_session(out / graph, profile=str(tmp_path / graph))

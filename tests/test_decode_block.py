@@ -10,9 +10,9 @@ held to TOL of its dtype relative to max(1, max |ref|): float32 2e-5 (a few thou
 4e-3 (8 units of float16 rounding, 2^-11, for four roundings in a row); and no worse than 2x the same computation in
 plain PyTorch in that dtype (torch_ops.decode_block_cl), plus one unit of the dtype's rounding.
 
-The exports (the "tiny" config, float16 and float32): decode.onnx with DecodeBlock nodes, after a prefill through
-model.onnx, for 64 steps against decode.onnx without them and against the float64 reference model; greedy tokens
-identical. Invalid inputs run in a subprocess, so a crash fails the test instead of killing pytest.
+The exports (the "tiny" config, float16 and float32): decode.onnx with DecodeBlock nodes (and the DecodeHead that
+tests/test_decode_head.py checks further), after a prefill through model.onnx, for 64 steps against decode.onnx
+without them and against the float64 reference model; greedy tokens identical. Invalid inputs run in a subprocess, so a crash fails the test instead of killing pytest.
 
 Run as a script with --bad-cases to print the outcome of every invalid-input case (what the subprocess does).
 """
@@ -32,7 +32,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 from mamba_export import cli
 from mamba_export.backends import REFERENCE
@@ -41,13 +40,12 @@ from mamba_export.config import MambaConfig
 from mamba_export.export import ExportError, export_checkpoint, onnx_ops, torch_ops
 from mamba_export.export.api import resolve_decode_blocks
 from mamba_export.model import RMSNorm
-from mamba_runtime import custom_op_library_path
-from support import (bad_case_tests, cli_refusal, float64_mixer, library_built, make_hf_model, op_session,
-                     outcome_of, rel_err, run_graph, save_transformers, zero_state)
+from support import (bad_case_tests, cli_refusal, custom_node_model, decode_logits, export_config, float64_mixer,
+                     graph_session, library_built, make_hf_model, op_session, outcome_of, reference_decode_logits,
+                     rel_err, run_graph, save_transformers, scaled_error, zero_state)
 
 DOMAIN = "ai.mamba_export"
 ROOT = Path(__file__).resolve().parents[1]
-ONNX_DTYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 TOL = {np.float32: 2e-5, np.float16: 4e-3}
 ULP = {np.float32: 2.0**-24, np.float16: 2.0**-11}
 SIGNATURE = onnx_ops._SIGNATURES["DecodeBlock"]
@@ -63,19 +61,7 @@ pytestmark = pytest.mark.skipif(not library_built(),
 def block_model(dtype, rdtype, overrides: dict | None = None, functions: bool = False) -> onnx.ModelProto:
     """One DecodeBlock node whose inputs and outputs are graph I/O of unknown shape (only the op checks shapes);
     ``overrides`` declares other dtypes for some inputs."""
-    declared = lambda kind: ONNX_DTYPE[dtype if kind == "T" else rdtype if kind == "R" else np.float32]  # noqa: E731
-    overrides = overrides or {}
-    inputs = [helper.make_tensor_value_info(n, ONNX_DTYPE[overrides[n]] if n in overrides else declared(k), None)
-              for n, k in SIGNATURE[0]]
-    outputs = [helper.make_tensor_value_info(n, declared(k), None) for n, k in SIGNATURE[1]]
-    node = helper.make_node("DecodeBlock", [n for n, _ in SIGNATURE[0]], [n for n, _ in SIGNATURE[1]], domain=DOMAIN,
-                            epsilon=EPS)
-    opsets = [helper.make_opsetid("", onnx_ops.OPSET), helper.make_opsetid(DOMAIN, 1)]
-    model = helper.make_model(helper.make_graph([node], "decode_block", inputs, outputs), opset_imports=opsets,
-                              ir_version=10)
-    if functions:
-        model.functions.extend(onnx_ops.model_functions())
-    return model
+    return custom_node_model("DecodeBlock", dtype, rdtype, overrides, functions, epsilon=EPS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,12 +98,6 @@ def block_reference(feeds: dict) -> list[torch.Tensor]:
         residual = t["residual"] + t["x"]
         out, conv, ssm = mixer.step(norm(residual)[:, 0], t["conv_state_in"], t["ssm_state_in"], REFERENCE)
     return [out.unsqueeze(1), residual, conv, ssm]
-
-
-def scaled_error(got: np.ndarray, want: torch.Tensor) -> float:
-    """max |got - want| / max(1, max |want|)."""
-    want = want.numpy()
-    return float(np.abs(got.astype(np.float64) - want).max() / max(1.0, np.abs(want).max()))
 
 
 def check_block(seed, dtype, rdtype, b, d, e, n, k, r, library: bool) -> None:
@@ -246,34 +226,11 @@ def exports(request, ckpt, tmp_path_factory):
     return dtype, dirs
 
 
-def session(path: Path, library: bool = True) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    if library:
-        so.register_custom_ops_library(custom_op_library_path())
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def decode_logits(out: Path, ids: torch.Tensor, prompt: int, library: bool = True) -> np.ndarray:
-    """Prefill ids[:, :prompt] through model.onnx, then one decode.onnx step per later token: the steps' logits."""
-    cfg = load_config(out)
-    _, state = run_graph(session(out / "model.onnx", library), ids[:, :prompt], zero_state(cfg, ids.shape[0]))
-    decode, steps = session(out / "decode.onnx", library), []
-    for t in range(prompt, ids.shape[1]):
-        logits, state = run_graph(decode, ids[:, t:t + 1], state)
-        steps.append(logits)
-    return np.concatenate(steps, axis=1)
-
-
-def load_config(out: Path) -> MambaConfig:
-    return MambaConfig.from_dict(json.loads((out / "manifest.json").read_text())["config"])
-
-
 def greedy(out: Path, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens through model.onnx then decode.onnx, with the library."""
-    cfg = load_config(out)
-    logits, state = run_graph(session(out / "model.onnx"), torch.tensor([prompt]), zero_state(cfg, 1))
-    decode, tokens = session(out / "decode.onnx"), []
+    cfg = export_config(out)
+    logits, state = run_graph(graph_session(out / "model.onnx"), torch.tensor([prompt]), zero_state(cfg, 1))
+    decode, tokens = graph_session(out / "decode.onnx"), []
     for _ in range(n):
         tokens.append(int(logits[0, -1].argmax()))
         logits, state = run_graph(decode, torch.tensor([[tokens[-1]]]), state)
@@ -281,25 +238,28 @@ def greedy(out: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def test_decode_graph_has_one_decode_block_per_layer(exports):
+    """--decode-blocks on: one DecodeBlock per layer and the final norm and LM head as one DecodeHead."""
     _, dirs = exports
     onnx_ops.register_schemas()
-    n_layer = load_config(dirs["on"]).n_layer
+    n_layer = export_config(dirs["on"]).n_layer
     counts = {}
     for mode, out in dirs.items():
         onnx.checker.check_model(str(out / "decode.onnx"), full_check=True)
         graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
         ops = [n.op_type for n in graph.node if n.domain == DOMAIN]
-        counts[mode] = {op: ops.count(op) for op in ("DecodeBlock", "DecodeStep", "AddRMSNorm", "RMSNorm")}
+        counts[mode] = {op: ops.count(op)
+                        for op in ("DecodeBlock", "DecodeHead", "DecodeStep", "AddRMSNorm", "RMSNorm")}
         assert json.loads((out / "manifest.json").read_text())["decode_blocks"] is (mode == "on")
-    assert counts["on"] == {"DecodeBlock": n_layer, "DecodeStep": 0, "AddRMSNorm": 1, "RMSNorm": 0}
-    assert counts["off"] == {"DecodeBlock": 0, "DecodeStep": n_layer, "AddRMSNorm": n_layer, "RMSNorm": 1}
+    assert counts["on"] == {"DecodeBlock": n_layer, "DecodeHead": 1, "DecodeStep": 0, "AddRMSNorm": 0, "RMSNorm": 0}
+    assert counts["off"] == {"DecodeBlock": 0, "DecodeHead": 0, "DecodeStep": n_layer, "AddRMSNorm": n_layer,
+                             "RMSNorm": 1}
     assert "DecodeBlock" in json.loads((dirs["on"] / "manifest.json").read_text())["ops"]["names"]
 
 
 def test_weights_grow_by_the_untransposed_projections(exports, ckpt):
     """weights.bin holds every layer's in_proj and out_proj a second time and layer 0's zero residual row (float32,
     the residual stream's dtype; initializers under 1 KiB stay in decode.onnx), each 64-byte aligned; the other
-    files' weights are shared."""
+    files' weights are shared, DecodeHead's [V, d] head too (this model's is tied: the embedding table)."""
     dtype, dirs = exports
     model = load_checkpoint(ckpt)
     zero_row = 4 * model.config.d_model
@@ -317,13 +277,7 @@ def test_prefill_then_64_steps_match_unfused_graph_and_reference(exports, ckpt, 
     ids = torch.randint(0, ref.config.vocab_size, (2, prompt + 64), generator=torch.Generator().manual_seed(3))
     on = decode_logits(dirs["on"], ids, prompt, library=how == "library")
     off = decode_logits(dirs["off"], ids, prompt, library=how == "library")
-    with torch.no_grad():
-        _, state = ref(ids[:, :prompt])
-        want = []
-        for t in range(prompt, ids.shape[1]):
-            logits, state = ref.step(ids[:, t], state)
-            want.append(logits[:, None])
-    want = torch.cat(want, dim=1)
+    want = reference_decode_logits(ref, ids, prompt)
     tol = 1e-4 if dtype == "float32" else 1e-2  # the other export tests' bounds against float64
     assert rel_err(torch.from_numpy(on), want) <= tol
     # the fused graph is as close to the reference as the unfused one, and close to it
@@ -416,7 +370,7 @@ def test_float16_export_has_no_blocks_by_default(ckpt, tmp_path, how):
     assert json.loads((out / "manifest.json").read_text())["decode_blocks"] is False
     graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
     assert all(n.op_type != "DecodeBlock" for n in graph.node)
-    assert sum(n.op_type == "DecodeStep" for n in graph.node) == load_config(out).n_layer
+    assert sum(n.op_type == "DecodeStep" for n in graph.node) == export_config(out).n_layer
 
 
 def test_auto_is_off_where_blocks_do_not_apply(biased_ckpt, tmp_path):

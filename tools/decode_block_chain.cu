@@ -192,6 +192,61 @@ int main(int argc, char** argv) {
   std::printf("us per layer: median %.3f  min %.3f  max %.3f  (%d rounds of %d graph replays)\n",
               sorted[sorted.size() / 2], sorted.front(), sorted.back(), rounds, iters);
 
+#ifdef MAMBA_CUDA_TIMELINE
+  // Stamps of the last replay, per block (decode_block.cu's stamp() calls; read before the split kernels below, whose
+  // phase-A and phase-B kernels stamp too). A mark no block reached stays 0. Each layer's marks are timed from the
+  // previous layer's end (its last block past "phase C done"): the first reached mark from there, each later one from
+  // the last block past the mark before it.
+  {
+    const char* marks[] = {"start", "pdl_wait done", "norm done", "in_proj done", "conv done", "phase A done",
+                           "barrier 1 passed", "partials staged", "dbc summed", "phase B done", "barrier 2 passed",
+                           "phase C done"};
+    const int order[] = {0, 1, 2, 3, 4, 5, 6, 11, 7, 8, 9, 10};  // the stamp index of each mark
+    constexpr int kMarks = 12;
+    double sum[kMarks] = {0}, lead = 0;
+    int64_t seen[kMarks] = {0};
+    uint64_t prev_end = 0;
+    int64_t counted = 0;
+    for (int64_t l = 0; l < layers; ++l) {
+      std::vector<uint64_t> st(stamp_words);
+      CHECK(cudaMemcpy(st.data(), stamps[l], stamp_words * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+      uint64_t first = UINT64_MAX, last[kMarks] = {0};
+      for (int64_t b = 0; b < max_blocks; ++b) {
+        if (st[b * kStamps] == 0) continue;
+        first = std::min(first, st[b * kStamps]);
+        for (int k = 0; k < kMarks; ++k) last[k] = std::max(last[k], st[b * kStamps + order[k]]);
+      }
+      if (first == UINT64_MAX || last[kMarks - 1] == 0) continue;
+      if (prev_end != 0) {
+        uint64_t prev = prev_end;
+        for (int k = 1; k < kMarks; ++k) {
+          if (last[k] == 0) continue;
+          sum[k] += static_cast<double>(static_cast<int64_t>(last[k]) - static_cast<int64_t>(prev));
+          ++seen[k];
+          prev = last[k];
+        }
+        lead += static_cast<double>(static_cast<int64_t>(prev_end) - static_cast<int64_t>(first));
+        ++counted;
+      }
+      prev_end = last[kMarks - 1];
+    }
+    if (counted == 0) {
+      std::printf("timeline: no stamps (not the fused kernel?)\n");
+    } else {
+      std::printf("timeline (us, mean over %lld layers; from the previous layer's end, then mark to mark):\n",
+                  static_cast<long long>(counted));
+      double total = 0;
+      for (int k = 1; k < kMarks; ++k) {
+        if (seen[k] == 0) continue;
+        std::printf("  -> %-22s %7.3f\n", marks[k], sum[k] / seen[k] / 1000.0);
+        total += sum[k] / seen[k] / 1000.0;
+      }
+      std::printf("  %-25s %7.3f\n", "layer (sum)", total);
+      std::printf("  %-25s %7.3f\n", "first block started early", lead / counted / 1000.0);
+    }
+  }
+#endif
+
   // The chain's outputs and states must not depend on the path: run it once more as split kernels and compare bits.
   {
     const auto snapshot = [&] {
@@ -223,49 +278,5 @@ int main(int argc, char** argv) {
     if (!same) return 1;
   }
 
-#ifdef MAMBA_CUDA_TIMELINE
-  // Stamps of the last replay, per block (decode_block.cu's stamp() calls); a mark no block reached stays 0.
-  const char* marks[] = {"start", "pdl_wait done", "norm done", "in_proj done", "conv done", "phase A done",
-                         "barrier 1 passed", "dbc summed", "phase B done", "barrier 2 passed", "phase C done"};
-  constexpr int kMarks = 11;
-  double sum[kMarks] = {0}, span = 0, gap = 0;
-  int64_t seen[kMarks] = {0};
-  uint64_t prev_end = 0;
-  int64_t counted = 0;
-  for (int64_t l = 0; l < layers; ++l) {
-    std::vector<uint64_t> st(stamp_words);
-    CHECK(cudaMemcpy(st.data(), stamps[l], stamp_words * sizeof(uint64_t), cudaMemcpyDeviceToHost));
-    uint64_t first = UINT64_MAX, last[kMarks] = {0};
-    for (int64_t b = 0; b < max_blocks; ++b) {
-      if (st[b * kStamps] == 0) continue;
-      first = std::min(first, st[b * kStamps]);
-      for (int k = 0; k < kMarks; ++k) last[k] = std::max(last[k], st[b * kStamps + k]);
-    }
-    if (first == UINT64_MAX || last[kMarks - 1] == 0) continue;
-    // A mark's time: from the last block past the previous reached mark to the last block past this one.
-    uint64_t prev = first;
-    for (int k = 1; k < kMarks; ++k) {
-      if (last[k] == 0) continue;
-      sum[k] += static_cast<double>(static_cast<int64_t>(last[k]) - static_cast<int64_t>(prev));
-      ++seen[k];
-      prev = last[k];
-    }
-    span += static_cast<double>(last[kMarks - 1] - first);
-    if (prev_end != 0) gap += static_cast<double>(static_cast<int64_t>(first) - static_cast<int64_t>(prev_end));
-    prev_end = last[kMarks - 1];
-    ++counted;
-  }
-  if (counted == 0) {
-    std::printf("timeline: no stamps (not the fused kernel?)\n");
-  } else {
-    std::printf("timeline (us, mean over %lld layers; to each mark from the last block past the previous one):\n",
-                static_cast<long long>(counted));
-    for (int k = 1; k < kMarks; ++k) {
-      if (seen[k] > 0) std::printf("  -> %-22s %7.3f\n", marks[k], sum[k] / seen[k] / 1000.0);
-    }
-    std::printf("  %-25s %7.3f\n", "first start -> last end", span / counted / 1000.0);
-    if (counted > 1) std::printf("  %-25s %7.3f\n", "previous end -> next start", gap / (counted - 1) / 1000.0);
-  }
-#endif
   return 0;
 }

@@ -5,6 +5,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -477,6 +478,20 @@ struct NormKernel {
   float epsilon = 1e-5f;
 };
 
+// Whether the inputs at `indices` are all constant initializers of the graph.
+bool constant_inputs(const OrtApi& api, const OrtKernelInfo* info, std::initializer_list<size_t> indices) {
+  for (size_t index : indices) {
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) {
+      api.ReleaseStatus(st);
+      return false;
+    }
+    if (is_constant == 0) return false;
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // DecodeBlock: one whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj); activations and the norm, in_proj
 // and out_proj weights T, residual stream R (float32 or T), the rest float32.
@@ -500,18 +515,9 @@ struct DecodeBlockKernel {
       : api(api), t(t), r(r) {}
 
   // Also notes whether the weights the kernel may read early (mamba_cuda.h, DecodeBlockArgs::constant_weights) are
-  // constant initializers of the graph.
+  // constant initializers of the graph: norm_weight, in_proj_weight, conv_weight, conv_bias, x_proj_weight.
   OrtStatus* init(const OrtKernelInfo* info) {
-    constant_weights = true;
-    for (size_t index : {2, 3, 6, 7, 8}) {  // norm_weight, in_proj_weight, conv_weight, conv_bias, x_proj_weight
-      int is_constant = 0;
-      const OrtValue* value = nullptr;
-      if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) {
-        api.ReleaseStatus(st);
-        is_constant = 0;
-      }
-      constant_weights = constant_weights && is_constant != 0;
-    }
+    constant_weights = constant_inputs(api, info, {2, 3, 6, 7, 8});
     return epsilon_of(api, info, kName, &epsilon);
   }
 
@@ -551,6 +557,59 @@ struct DecodeBlockKernel {
     cudaStream_t stream = nullptr;
     MAMBA_RETURN_IF(call.stream(x, &stream));
     return call.cuda(mamba_cuda::decode_block(a, stream), "decode_block launch");
+  }
+
+  const OrtApi& api;
+  ONNXTensorElementDataType t, r;
+  float epsilon = 1e-5f;
+  bool constant_weights = false;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// DecodeHead: the decode step's tail (AddRMSNorm, then the LM head's product); x, norm_weight, weight and logits T,
+// residual R (float32 or T).
+struct DecodeHeadKernel {
+  static constexpr const char* kName = "DecodeHead";
+  static const std::vector<Port>& inputs() {
+    static const std::vector<Port> p = {{"x", true}, {"residual", false, true}, {"norm_weight", true}, {"weight", true}};
+    return p;
+  }
+  static const std::vector<Port>& outputs() {
+    static const std::vector<Port> p = {{"logits", true}};
+    return p;
+  }
+
+  DecodeHeadKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
+      : api(api), t(t), r(r) {}
+
+  OrtStatus* init(const OrtKernelInfo* info) {
+    constant_weights = constant_inputs(api, info, {2, 3});  // norm_weight, weight
+    return epsilon_of(api, info, kName, &epsilon);
+  }
+
+  OrtStatus* Compute(OrtKernelContext* ctx) {
+    Call call(api, ctx, kName);
+    std::vector<Tensor> in;
+    MAMBA_RETURN_IF(call.read_inputs(inputs(), t, in, r));
+    const Tensor &x = in[0], &residual = in[1], &norm_w = in[2], &weight = in[3];
+    MAMBA_RETURN_IF(call.check(x, "x", {-1, 1, -1}, "[b, 1, d]"));
+    const int64_t b = x.dims[0], d = x.dims[2];
+    if (d < 1) return call.error(ORT_INVALID_ARGUMENT, "input 'x' must have a non-empty last dimension, found " + shape_str(x.dims));
+    MAMBA_RETURN_IF(call.check(residual, "residual", {b, 1, d}, "[b, 1, d] like x"));
+    MAMBA_RETURN_IF(call.check(norm_w, "norm_weight", {d}, "[d]"));
+    MAMBA_RETURN_IF(call.check(weight, "weight", {-1, d}, "[V, d]", 1));
+    const int64_t vocab = weight.dims[0];
+    void* logits = nullptr;
+    MAMBA_RETURN_IF(call.output(0, {b, 1, vocab}, &logits));
+    if (b == 0) return nullptr;
+    mamba_cuda::DecodeHeadArgs a{};
+    a.dtype = to_dtype(t);
+    a.residual_dtype = to_dtype(r);
+    a.batch = b, a.dmodel = d, a.vocab = vocab, a.epsilon = epsilon, a.constant_weights = constant_weights;
+    a.x = x.data, a.residual = residual.data, a.norm_weight = norm_w.data, a.weight = weight.data, a.logits = logits;
+    cudaStream_t stream = nullptr;
+    MAMBA_RETURN_IF(call.stream(x, &stream));
+    return call.cuda(mamba_cuda::decode_head(a, stream), "decode_head launch");
   }
 
   const OrtApi& api;
@@ -647,6 +706,10 @@ std::vector<const OrtCustomOp*> cuda_ops() {
       CudaOp<mamba_export_cuda::DecodeBlockKernel>(f32, f32), CudaOp<mamba_export_cuda::DecodeBlockKernel>(f16, f32),
       CudaOp<mamba_export_cuda::DecodeBlockKernel>(bf16, f32), CudaOp<mamba_export_cuda::DecodeBlockKernel>(f16, f16),
       CudaOp<mamba_export_cuda::DecodeBlockKernel>(bf16, bf16)};
+  static const CudaOp<mamba_export_cuda::DecodeHeadKernel> head[] = {
+      CudaOp<mamba_export_cuda::DecodeHeadKernel>(f32, f32), CudaOp<mamba_export_cuda::DecodeHeadKernel>(f16, f32),
+      CudaOp<mamba_export_cuda::DecodeHeadKernel>(bf16, f32), CudaOp<mamba_export_cuda::DecodeHeadKernel>(f16, f16),
+      CudaOp<mamba_export_cuda::DecodeHeadKernel>(bf16, bf16)};
   std::vector<const OrtCustomOp*> ops;
   for (const auto& op : scan) ops.push_back(&op);
   for (const auto& op : conv) ops.push_back(&op);
@@ -654,6 +717,7 @@ std::vector<const OrtCustomOp*> cuda_ops() {
   for (const auto& op : norm) ops.push_back(&op);
   for (const auto& op : add_norm) ops.push_back(&op);
   for (const auto& op : block) ops.push_back(&op);
+  for (const auto& op : head) ops.push_back(&op);
   return ops;
 }
 

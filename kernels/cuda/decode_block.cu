@@ -552,12 +552,28 @@ __host__ __device__ inline int64_t dbc_floats(const Plan& p, int64_t R2) {
   return pad4(R2) + 4 * kThreads + stage_tiles(p, R2) * pad4(R2);
 }
 
-__device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, int64_t R2, int64_t b, float* s_dbc) {
+// Copies the partials of tiles [t0, t0 + n) of sequence b into the staging area (cp.async, not waited for).
+__device__ __forceinline__ void issue_partials(const Workspace& ws, const Plan& p, int64_t R2, int64_t b, float* s_dbc,
+                                               int t0, int n) {
+  const int quads = static_cast<int>(pad4(R2) / 4);
+  float4* staged = reinterpret_cast<float4*>(s_dbc + pad4(R2) + 4 * kThreads);
+  const float4* from = reinterpret_cast<const float4*>(ws.partial + b * p.tiles * pad4(R2)) +
+                       static_cast<int64_t>(t0) * quads;
+  for (int i = threadIdx.x; i < n * quads; i += kThreads) cp_async16(staged + i, from + i);
+}
+
+// Whether the partials come in one round (all tiles staged together, at most kThreads quads): then the fused kernel
+// issues that round's copies itself (issue_partials) before its other loads, and reduce_dbc is told so.
+__host__ __device__ inline bool one_round(const Plan& p, int64_t R2) {
+  return pad4(R2) / 4 <= kThreads && stage_tiles(p, R2) >= p.tiles;
+}
+
+__device__ __forceinline__ void reduce_dbc(const DecodeBlockArgs& a, const Workspace& ws, const Plan& p, int64_t R2,
+                                           int64_t b, float* s_dbc, bool issued = false) {
   const int quads = static_cast<int>(pad4(R2) / 4);
   const int round_tiles = static_cast<int>(stage_tiles(p, R2));
   float* parts = s_dbc + pad4(R2);
   float4* staged = reinterpret_cast<float4*>(parts + 4 * kThreads);
-  const float4* src = reinterpret_cast<const float4*>(ws.partial + b * p.tiles * pad4(R2));
   for (int q0 = 0; q0 < quads; q0 += kThreads) {  // more than kThreads quads: rounds of kThreads (one group)
     const int nq = quads - q0 < kThreads ? quads - q0 : kThreads;
     const int t = static_cast<int>(threadIdx.x);
@@ -565,10 +581,10 @@ __device__ __forceinline__ void reduce_dbc(const Workspace& ws, const Plan& p, i
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int t0 = 0; t0 < p.tiles; t0 += round_tiles) {
       const int n = p.tiles - t0 < round_tiles ? p.tiles - t0 : round_tiles;
-      const float4* from = src + static_cast<int64_t>(t0) * quads;
-      for (int i = threadIdx.x; i < n * quads; i += kThreads) cp_async16(staged + i, from + i);
+      if (!(issued && q0 == 0 && t0 == 0)) issue_partials(ws, p, R2, b, s_dbc, t0, n);
       cp_async_wait();
       __syncthreads();
+      if (t0 == 0) stamp(a, 11);
       if (g < groups) {
         // This thread's first tile of the round: the least t >= t0 with t = g (mod groups).
         const int first = t0 == 0 ? g : t0 + (g - t0 % groups + groups) % groups;
@@ -614,7 +630,7 @@ __device__ __forceinline__ void scan_loads(const DecodeBlockArgs& a, const Plan&
 
 template <typename T, int J>
 __device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int i,
-                                            ScanLoads<J>& L, float* s_dbc) {
+                                            ScanLoads<J>& L, float* s_dbc, bool issued = false) {
   const int64_t E = a.dim, R2 = r2_of(a);
   const ScanItem s = scan_item_of(a, p, i);
   const int64_t b = s.b, e = s.e;
@@ -623,7 +639,7 @@ __device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan
   const float z = (s.active && sub == 0) ? __ldcg(ws.z + b * E + e) : 0.f;
   const float Dp = (s.active && sub == 0) ? a.D[e] : 0.f;
   if (p.fold) {
-    reduce_dbc(ws, p, R2, b, s_dbc);
+    reduce_dbc(a, ws, p, R2, b, s_dbc, issued);
   } else {
     for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
   }
@@ -699,7 +715,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(DecodeBlockArgs a, Pla
   float* s_dbc = reinterpret_cast<float*>(dyn);
   const Workspace ws = split_workspace(a, p.tiles);
   const int64_t R2 = r2_of(a), b = blockIdx.x;
-  reduce_dbc(ws, p, R2, b, s_dbc);
+  reduce_dbc(a, ws, p, R2, b, s_dbc);
   __syncthreads();
   for (int64_t row = threadIdx.x; row < R2; row += kThreads) ws.dbc[b * R2 + row] = s_dbc[row];
 }
@@ -760,12 +776,18 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(Decode
   }
   ScanLoads<J> L;
   if (has_b) scan_loads<J>(a, p, i, L);
+  PhaseC<T, V> S;
   stamp(a, 5);
   grid_barrier(p.barrier);
   stamp(a, 6);
-  PhaseC<T, V> S;
+  // A block with a phase-B item first asks for the partials (one round), so that they do not queue behind its out_proj
+  // rows: chain benchmark, H100, 130m 11.72-11.79 -> 11.59-11.67 us a layer (three runs). Tried and slower: the C-only
+  // blocks loading their rows before the barrier (12.10), the partials as one TMA bulk copy (12.4-12.9; the cp.async
+  // copies of the round take ~2 us after the barrier, timeline build).
+  const bool issued = has_b && p.fold && one_round(p, r2_of(a));
+  if (issued) issue_partials(ws, p, r2_of(a), i / p.chunks_b, s_dbc, 0, p.tiles);
   if (has_c) phase_c_loads<T, V>(a, p, i, S);
-  if (has_b) scan_finish<T, J>(a, p, ws, i, L, s_dbc);
+  if (has_b) scan_finish<T, J>(a, p, ws, i, L, s_dbc, issued);
   stamp(a, 8);
   grid_barrier(p.barrier);
   stamp(a, 9);
@@ -784,9 +806,9 @@ int forced_path() {
 
 // Whether the fused kernel may start before the previous kernel on the stream has finished: its early reads must be
 // of constant weights, the device must have griddepcontrol (sm_90+), and MAMBA_EXPORT_CUDA_PDL=0 turns it off.
-bool early_start(const DecodeBlockArgs& a) {
+bool early_start(bool constant_weights) {
   const char* env = std::getenv("MAMBA_EXPORT_CUDA_PDL");
-  if (!a.constant_weights || (env != nullptr && std::strcmp(env, "0") == 0)) return false;
+  if (!constant_weights || (env != nullptr && std::strcmp(env, "0") == 0)) return false;
   int device = 0, major = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
@@ -823,29 +845,36 @@ unsigned* barrier_word(cudaStream_t stream) {
   return owners.back().word;
 }
 
-// kernel<<<grid, kThreads, smem, stream>>>(a, p), cooperative when `coop`, with programmatic dependent launch when
-// p.pdl; a launch refused with that attribute is made again without it (and p.pdl false).
-template <typename Kernel>
-cudaError_t launch_kernel(Kernel kernel, int64_t grid, size_t smem, cudaStream_t stream, const DecodeBlockArgs& a,
-                          Plan p, bool coop) {
+// kernel<<<grid, kThreads, smem, stream>>>(args...), cooperative when `coop`, with programmatic dependent launch when
+// `pdl`.
+template <typename Kernel, typename... Args>
+cudaError_t launch_ex(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, bool coop, bool pdl, Args... args) {
   cudaLaunchAttribute attrs[2];
   unsigned n = 0;
   if (coop) {
     attrs[n].id = cudaLaunchAttributeCooperative;
     attrs[n++].val.cooperative = 1;
   }
-  if (p.pdl) {
+  if (pdl) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n++].val.programmaticStreamSerializationAllowed = 1;
   }
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.gridDim = grid;
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attrs;
   config.numAttrs = n;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, a, p);
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// A DecodeBlock kernel: launch_ex with p.pdl; a launch refused with that attribute is made again without it (and p.pdl
+// false).
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, int64_t grid, size_t smem, cudaStream_t stream, const DecodeBlockArgs& a,
+                          Plan p, bool coop) {
+  const cudaError_t err = launch_ex(kernel, dim3(static_cast<unsigned>(grid)), smem, stream, coop, p.pdl, a, p);
   if (err == cudaSuccess || !p.pdl) return err;
   (void)cudaGetLastError();
   p.pdl = false;
@@ -877,7 +906,7 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   const int64_t R2 = r2_of(a), items_b = a.batch * p.chunks_b;
   const int forced = forced_path();
   p.fold = forced == 1 || (forced != 2 && items_b * p.tiles * pad4(R2) <= kMaxFoldedReads);
-  p.pdl = NB == 1 && early_start(a);  // the fused batch-1 kernel only: see "Early start" above
+  p.pdl = NB == 1 && early_start(a.constant_weights);  // the fused batch-1 kernel only: see "Early start" above
   const size_t act_bytes = static_cast<size_t>(p.nb_max) * kChunk * sizeof(float);
   const size_t dbc_bytes = static_cast<size_t>(dbc_floats(p, R2)) * sizeof(float);  // dbc, the sum's parts, staging
   int device = 0, coop = 0;
@@ -942,6 +971,158 @@ cudaError_t dispatch(const DecodeBlockArgs& a, cudaStream_t stream) {
   return a.batch == 1 ? launch<T, R, V, 2, 1>(a, stream) : launch<T, R, V, 4, kGroup>(a, stream);
 }
 
+// ---- DecodeHead ----------------------------------------------------------------------------------------------------
+// The decode step's tail (mamba_cuda.h): AddRMSNorm of the last layer's output, then the LM head's rows against it.
+// Block (g, j) takes sequence group g (NB rows) and the LM head rows [j * rows_per_block, ...): it computes the
+// group's norm itself (phase A's order, so the same bits as DecodeBlock's norm), keeps the normalised rows (rounded to
+// T) in shared memory [chunk][NB][kChunk], and each warp takes kHeadRows rows at a time, every dot product a warp's
+// (the DecodeBlock products' order). A warp issues its next rows' first loads before it sums and stores the last.
+// Groups vary fastest, so the groups' blocks of the same rows run together and the rows come from HBM once.
+// Early start (constant weights, sm_90+): launched to start while the last DecodeBlock runs, thread 0 of each block of
+// group 0 asks L2 for the first early_bytes of its rows (half the L2 over all blocks) and each warp loads its first
+// rows before pdl_wait(). H100, mamba-130m (50,280 x 768 float16): the kernel alone (no early start) 30.2 us, against
+// 29.4 + 2.7 us for cuBLAS's GEMV after the AddRMSNorm kernel; asking L2 for the rest of the rows after pdl_wait()
+// too took it to 35.6 us (more than the L2 holds, evicted before use). In a CUDA-graph decode step 1-3 us less than
+// AddRMSNorm + MatMul (tools/ab_decode_exports.py).
+constexpr int kHeadRows = 4;   // LM head rows a warp takes at a time
+constexpr int kHeadNV = 3;     // weight vectors per lane and row in one pass (one pass: d = 768 in 16-bit types)
+
+struct HeadPlan {
+  int64_t rows_per_block;
+  int64_t early_bytes;          // of each block's rows, asked for before pdl_wait()
+  int chunks;                   // of kChunk values of a row
+};
+
+template <typename T, typename R, int V, int NB>
+__global__ void __launch_bounds__(kThreads, 2) head_kernel(DecodeHeadArgs a, HeadPlan hp) {
+  constexpr int Q = kHeadRows;
+  extern __shared__ float4 dyn[];
+  float* act = reinterpret_cast<float*>(dyn);  // [chunks][NB][kChunk]
+  __shared__ float s_sq[kWarps][NB], s_scale[NB];
+  const int64_t Dm = a.dmodel, Vn = a.vocab;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * NB;
+  const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * hp.rows_per_block;
+  const int64_t r1 = Vn - r0 < hp.rows_per_block ? Vn : r0 + hp.rows_per_block;
+  const T* W = static_cast<const T*>(a.weight);
+  const int64_t range_bytes = (r1 - r0) * Dm * static_cast<int64_t>(sizeof(T));
+  const int64_t early = hp.early_bytes < range_bytes ? hp.early_bytes / 16 * 16 : range_bytes;
+  if (threadIdx.x == 0 && blockIdx.x == 0) prefetch_l2(W + r0 * Dm, early);
+
+  const T* wrow[Q];
+  bool valid[Q];
+  const auto set_rows = [&](int64_t row) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      valid[q] = row + q < r1;
+      wrow[q] = W + (valid[q] ? row + q : r0) * Dm;
+    }
+  };
+  int64_t row = r0 + static_cast<int64_t>(warp) * Q;
+  set_rows(row);
+  Pass<T, V, Q, kHeadNV> P;
+  load_pass<T, V, Q, kHeadNV>(wrow, valid, 0, 0, static_cast<int>(Dm < kChunk ? Dm : kChunk), P);
+  pdl_wait();
+  pdl_trigger();
+
+  // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
+  // butterfly, then the warps in order (phase A's order).
+  const T* xin = static_cast<const T*>(a.x);
+  const R* res = static_cast<const R*>(a.residual);
+  const T* nw = static_cast<const T*>(a.norm_weight);
+  const auto at = [&](int bb, int64_t k) -> float& { return act[((k / kChunk) * NB + bb) * kChunk + k % kChunk]; };
+  for (int bb = 0; bb < nb; ++bb) {
+    float sq = 0.f;
+    for (int64_t k = threadIdx.x; k < Dm; k += kThreads) {
+      const float v = to_float(from_float<R>(to_float(res[(b0 + bb) * Dm + k]) + to_float(xin[(b0 + bb) * Dm + k])));
+      at(bb, k) = v;
+      sq += v * v;
+    }
+    sq = group_sum(sq, 32);
+    if (lane == 0) s_sq[warp][bb] = sq;
+  }
+  __syncthreads();
+  if (threadIdx.x < nb) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += s_sq[w][threadIdx.x];
+    s_scale[threadIdx.x] = 1.f / sqrtf(total / static_cast<float>(Dm) + a.epsilon);
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < Dm; k += kThreads) {
+    const float g = to_float(nw[k]);
+    for (int bb = 0; bb < nb; ++bb) at(bb, k) = to_float(from_float<T>(at(bb, k) * s_scale[bb] * g));
+  }
+  __syncthreads();
+
+  T* logits = static_cast<T*>(a.logits);
+  for (; row < r1; row += static_cast<int64_t>(kWarps) * Q) {
+    float acc[Q][NB];
+#pragma unroll
+    for (int q = 0; q < Q; ++q)
+#pragma unroll
+      for (int bb = 0; bb < NB; ++bb) acc[q][bb] = 0.f;
+    for (int c = 0; c < hp.chunks; ++c) {
+      const int64_t k0 = static_cast<int64_t>(c) * kChunk;
+      const int kc = static_cast<int>(Dm - k0 < kChunk ? Dm - k0 : kChunk);
+      if (c > 0) load_pass<T, V, Q, kHeadNV>(wrow, valid, k0, 0, kc, P);
+      dot_chunk<T, V, Q, kHeadNV, NB>(wrow, valid, k0, kc, act + static_cast<int64_t>(c) * NB * kChunk, nb, P, acc);
+    }
+    bool was_valid[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) was_valid[q] = valid[q];
+    const int64_t next = row + static_cast<int64_t>(kWarps) * Q;
+    if (next < r1) {
+      set_rows(next);
+      load_pass<T, V, Q, kHeadNV>(wrow, valid, 0, 0, static_cast<int>(Dm < kChunk ? Dm : kChunk), P);
+    }
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+#pragma unroll
+      for (int bb = 0; bb < NB; ++bb) {
+        const float v = group_sum(acc[q][bb], 32);
+        if (lane == 0 && bb < nb && was_valid[q]) logits[(b0 + bb) * Vn + row + q] = from_float<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T, typename R, int V, int NB>
+cudaError_t launch_head(const DecodeHeadArgs& a, cudaStream_t stream) {
+  const auto kernel = head_kernel<T, R, V, NB>;
+  HeadPlan hp{};
+  hp.chunks = ceil_div(a.dmodel, kChunk);
+  const size_t smem = static_cast<size_t>(hp.chunks) * NB * kChunk * sizeof(float);
+  int device = 0, l2 = 0, smem_max = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (cudaError_t err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      err != cudaSuccess) {
+    return err;
+  }
+  if (smem + sizeof(float) * (kWarps + 1) * NB > static_cast<size_t>(smem_max)) return cudaErrorInvalidValue;
+  if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+  if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    l2 = 0;
+  }
+  // Two blocks an SM of rows, in whole warp passes (kWarps * kHeadRows rows).
+  constexpr int64_t kStep = static_cast<int64_t>(kWarps) * kHeadRows;
+  const int64_t want = 2 * static_cast<int64_t>(sm_count());
+  hp.rows_per_block = (a.vocab + want - 1) / want;
+  hp.rows_per_block = (hp.rows_per_block + kStep - 1) / kStep * kStep;
+  const int64_t blocks = (a.vocab + hp.rows_per_block - 1) / hp.rows_per_block;
+  const int64_t groups = (a.batch + NB - 1) / NB;
+  hp.early_bytes = static_cast<int64_t>(l2) / 2 / blocks;
+  if (blocks > 65535 || groups > 0x7fffffff) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(blocks));
+  const bool pdl = early_start(a.constant_weights);
+  const cudaError_t err = launch_ex(kernel, grid, smem, stream, false, pdl, a, hp);
+  if (err == cudaSuccess || !pdl) return err;
+  (void)cudaGetLastError();
+  return launch_ex(kernel, grid, smem, stream, false, false, a, hp);
+}
+
 }  // namespace
 
 size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank) {
@@ -962,6 +1143,26 @@ cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     if (a.residual_dtype == DType::kFloat32) return dispatch<T, float>(a, stream);
     return dispatch<T, T>(a, stream);
+  });
+}
+
+cudaError_t decode_head(const DecodeHeadArgs& a, cudaStream_t stream) {
+  if (a.batch < 0 || a.batch > 65535 * int64_t{kGroup} || a.dmodel < 1 || a.dmodel > kMaxDim || a.vocab < 1 ||
+      a.vocab > kMaxDim || (a.residual_dtype != DType::kFloat32 && a.residual_dtype != a.dtype)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.batch == 0) return cudaSuccess;
+  return dispatch_dtype(a.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    constexpr int V = static_cast<int>(16 / sizeof(T));
+    const bool vec = a.dmodel % V == 0 && aligned16(a.weight);
+    const auto go = [&](auto r_tag) -> cudaError_t {
+      using R = decltype(r_tag);
+      if (a.batch == 1) return vec ? launch_head<T, R, V, 1>(a, stream) : launch_head<T, R, 1, 1>(a, stream);
+      return vec ? launch_head<T, R, V, kGroup>(a, stream) : launch_head<T, R, 1, kGroup>(a, stream);
+    };
+    if (a.residual_dtype == DType::kFloat32) return go(float{});
+    return go(T{});
   });
 }
 

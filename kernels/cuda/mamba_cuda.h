@@ -115,6 +115,25 @@ struct DecodeBlockArgs : MixerStepArgs {
 size_t decode_block_workspace_bytes(int64_t batch, int64_t dim, int64_t dstate, int64_t dt_rank);
 cudaError_t decode_block(const DecodeBlockArgs& a, cudaStream_t stream);
 
+// The decode step's tail (DecodeHead, the last node of a --decode-blocks decode.onnx), sums float32:
+//   h = AddRMSNorm(x, residual, norm_weight) (in T; residual_out is not kept), logits = T(h weight^T).
+// d_model up to what the normalised rows of 8 sequences (batch 1: one) take in shared memory, in 2048-value chunks.
+struct DecodeHeadArgs {
+  DType dtype;                   // T: x, norm_weight, weight, logits
+  DType residual_dtype;          // R: kFloat32 or dtype
+  int64_t batch, dmodel, vocab;  // b, d, V
+  float epsilon;
+  const void* x;                 // [b, 1, d] T
+  const void* residual;          // [b, 1, d] R
+  const void* norm_weight;       // [d] T
+  const void* weight;            // [V, d] T (one row per vocabulary entry)
+  void* logits;                  // [b, 1, V] T
+  // True when norm_weight and weight are never written while kernels run on the stream: the kernel may then start
+  // before the previous kernel has finished and load them early (as DecodeBlockArgs::constant_weights).
+  bool constant_weights;
+};
+cudaError_t decode_head(const DecodeHeadArgs& a, cudaStream_t stream);
+
 // RMSNorm (x == nullptr) and AddRMSNorm over `rows` rows of `dim` values (the b * l positions of [b, l, d]):
 //   AddRMSNorm: residual_out = R(float32(residual) + float32(x)), then y from the ROUNDED residual_out;
 //   both:       y = T(r / sqrt(mean(r^2) + epsilon) * float32(weight)), r = float32(residual or residual_out).

@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "float32); default float32")
     p.add_argument("--decode-blocks", choices=("auto", "on", "off"), default="auto",
                    help="on: decode.onnx runs every layer as one DecodeBlock node (norm, in_proj, "
-                   "mixer and out_proj fused into one op for the CUDA execution provider). It lowers batch-1 decode "
+                   "mixer and out_proj fused into one op for the CUDA execution provider) and the final norm and LM "
+                   "head as one DecodeHead node. It lowers batch-1 decode "
                    "latency on the GPU but is slower at batch 8 and above (its matrix products do not use cuBLAS); "
                    "weights.bin then holds in_proj and out_proj a second time, untransposed, so it grows by about "
                    "60%%. Not with --format torchscript, --decode-weights float16 or models with in_proj/out_proj "

@@ -50,9 +50,10 @@ def export_checkpoint(
             out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes a
             decode step reads), the prefill graphs keep the float32 weights.
         decode_blocks: "auto", "on" or "off": whether decode.onnx runs each layer as one DecodeBlock
-            node (for the CUDA execution provider: lower batch-1 decode latency, slower at batch 8 and above;
-            in_proj and out_proj stored a second time, untransposed). "auto" (the default) is off for every
-            export; "on" where it does not apply (TorchScript, such biases, float16 decode weights) raises.
+            node and the final norm and LM head as one DecodeHead node (for the CUDA execution provider: lower
+            batch-1 decode latency, slower at batch 8 and above; in_proj and out_proj stored a second time,
+            untransposed). "auto" (the default) is off for every export; "on" where it does not apply
+            (TorchScript, such biases, float16 decode weights) raises.
         progress: called with a short message at each step.
 
     Returns:

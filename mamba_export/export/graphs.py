@@ -11,7 +11,8 @@ previous block's output and the residual stream through one ``AddRMSNorm`` (the 
 multiplies them with ``LinearF16W`` (float32 activations, weights widened to float32); the rest is unchanged.
 ``DecodeGraph(model, decode_blocks=True)`` runs every layer as one ``DecodeBlock`` (AddRMSNorm, in_proj, DecodeStep
 and out_proj in one node, the projection weights in nn.Linear's [out, in] layout); layer 0's block adds the embedding
-to a constant zero residual row, which the op broadcasts over the batch.
+to a constant zero residual row, which the op broadcasts over the batch; the final norm and the LM head are one
+``DecodeHead`` (its weight the head's [V, d] matrix: a tied model's embedding table, the Gather's initializer).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from . import torch_ops
 
 
 class OpSet(NamedTuple):
-    """Implementations of SelectiveScan, CausalConv1d, DecodeStep, RMSNorm, AddRMSNorm and DecodeBlock with the
-    signatures of :mod:`.torch_ops`."""
+    """Implementations of SelectiveScan, CausalConv1d, DecodeStep, RMSNorm, AddRMSNorm, DecodeBlock and DecodeHead
+    with the signatures of :mod:`.torch_ops`."""
 
     selective_scan: Callable
     causal_conv1d: Callable
@@ -38,10 +39,11 @@ class OpSet(NamedTuple):
     rms_norm: Callable
     add_rms_norm: Callable
     decode_block: Callable
+    decode_head: Callable
 
 
 CUSTOM_OPS = OpSet(torch_ops.selective_scan, torch_ops.causal_conv1d, torch_ops.decode_step, torch_ops.rms_norm,
-                   torch_ops.add_rms_norm, torch_ops.decode_block)
+                   torch_ops.add_rms_norm, torch_ops.decode_block, torch_ops.decode_head)
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -151,7 +153,8 @@ class _Graph(nn.Module):
     def _run(self, input_ids: Tensor, past: tuple[Tensor, ...], mode: str, last_logits: bool) -> tuple[Tensor, ...]:
         """MambaLM.forward with each block's residual add fused into the next norm:
         h_0 = RMSNorm(residual_0); h_i, residual_i = AddRMSNorm(out_{i-1}, residual_{i-1}) for i > 0 and norm_f.
-        Decode blocks: every layer one DecodeBlock, layer 0's on the embedding and a zero residual row."""
+        Decode blocks: every layer one DecodeBlock, layer 0's on the embedding and a zero residual row; norm_f and
+        the LM head one DecodeHead."""
         ops = self.ops
         blocks = mode == "decode" and self.decode_blocks
         if blocks:  # layer 0 adds the embedding to a zero residual
@@ -174,8 +177,12 @@ class _Graph(nn.Module):
             present += [conv.to(torch.float32), ssm.to(torch.float32)]
         if last_logits:
             out, residual = out[:, -1:], residual[:, -1:]
-        h, _ = ops.add_rms_norm(out, residual, self.norm_f.weight, float(self.norm_f.eps))
-        return (self.lm_head(h), *present)
+        if blocks:  # lm_head has no bias (MambaLM), and blocks rule out decode_weights' F16WeightLinear head
+            logits = ops.decode_head(out, residual, self.norm_f.weight, self.lm_head.weight, float(self.norm_f.eps))
+        else:
+            h, _ = ops.add_rms_norm(out, residual, self.norm_f.weight, float(self.norm_f.eps))
+            logits = self.lm_head(h)
+        return (logits, *present)
 
 
 class SequenceGraph(_Graph):
@@ -196,7 +203,8 @@ class DecodeGraph(_Graph):
     ``decode_weights="float16"`` (float32 models only): in_proj, out_proj and the LM head are
     :class:`F16WeightLinear` (half the bytes a step reads); the embedding keeps its float32 table.
     ``decode_blocks`` (models without in_proj/out_proj bias, float32 decode weights): every layer is one DecodeBlock,
-    layer 0's with a zero residual row."""
+    layer 0's with a zero residual row, and norm_f and the LM head are one DecodeHead on the head's [V, d] weight (for
+    a tied model the embedding's table: one initializer, no transposed copy)."""
 
     def __init__(self, model: MambaLM, ops: OpSet = CUSTOM_OPS, decode_weights: str = "float32",
                  decode_blocks: bool = False):

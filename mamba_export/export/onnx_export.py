@@ -109,7 +109,8 @@ def write_graphs(
     """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``; with
     ``decode_weights="float16"`` also decode_weights_f16.bin, decode.onnx's float16 in_proj, out_proj and LM head.
     With ``decode_blocks`` decode.onnx runs every layer as one DecodeBlock node, whose in_proj and out_proj
-    weights (nn.Linear layout) are stored in weights.bin beside model.onnx's transposed ones.
+    weights (nn.Linear layout) are stored in weights.bin beside model.onnx's transposed ones, and ends with one
+    DecodeHead, whose LM head weight is in that layout too (a tied model's embedding table, stored already).
 
     Returns:
         The graph file names written.

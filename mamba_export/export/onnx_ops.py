@@ -22,7 +22,8 @@ from . import torch_ops
 DOMAIN = "ai.mamba_export"
 DOMAIN_VERSION = 1
 OPSET = 18  # the standard opset of every exported graph and of the functions
-OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W", "DecodeBlock")
+OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W", "DecodeBlock",
+            "DecodeHead")
 DEFAULT_EPSILON = 1e-5  # RMSNorm's and AddRMSNorm's epsilon when a node does not set it
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
@@ -73,6 +74,11 @@ _SIGNATURES = {
          ("ssm_state_in", "F"), ("conv_weight", "F"), ("conv_bias", "F"), ("x_proj_weight", "F"),
          ("dt_proj_weight", "F"), ("dt_bias", "F"), ("A", "F"), ("D", "F"), ("out_proj_weight", "T")],
         [("out", "T"), ("residual_out", "R"), ("conv_state_out", "F"), ("ssm_state_out", "F")],
+        {"epsilon": (DEFAULT_EPSILON, "added to the mean square, >= 0")},
+    ),
+    "DecodeHead": (
+        [("x", "T"), ("residual", "R"), ("norm_weight", "T"), ("weight", "T")],
+        [("logits", "T")],
         {"epsilon": (DEFAULT_EPSILON, "added to the mean square, >= 0")},
     ),
 }
@@ -138,6 +144,10 @@ def _decode_block(x, residual, norm_weight, in_proj_weight, conv_state, ssm_stat
     return out, residual_out, conv, ssm
 
 
+def _decode_head(x, residual, norm_weight, weight, eps: float):
+    return _op.DecodeHead(x, residual, norm_weight, weight, epsilon=float(eps))
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: each torch op becomes one node of the domain."""
     return {
@@ -148,6 +158,7 @@ def translation_table() -> dict:
         torch_ops.add_rms_norm._opoverload: _add_rms_norm,
         torch_ops.linear_f16w._opoverload: _linear_f16w,
         torch_ops.decode_block._opoverload: _decode_block,
+        torch_ops.decode_head._opoverload: _decode_head,
     }
 
 
@@ -342,7 +353,16 @@ def _decode_block_function() -> onnx.FunctionProto:
     return g.function(["out", "residual_out", "conv_state_out", "ssm_state_out"])
 
 
+def _decode_head_function() -> onnx.FunctionProto:
+    """AddRMSNorm -> LM head: the norm as a node of the domain (as in DecodeBlock's function; its unused residual_out
+    is pruned by onnxruntime), the product summed in float32 and rounded to T once."""
+    g = _FunctionBuilder("DecodeHead")
+    h, _ = g.custom("AddRMSNorm", "x", "residual", "norm_weight", n_out=2, forward=("epsilon",))
+    g.nodes.append(helper.make_node("CastLike", [_linear(g, h, "weight"), "x"], ["logits"]))
+    return g.function(["logits"])
+
+
 def model_functions() -> list[onnx.FunctionProto]:
     """Every op as a model-local function of standard ops (opset :data:`OPSET`), for ``model.functions``."""
     return [_selective_scan_function(), _causal_conv1d_function(), _decode_step_function(), _rms_norm_function(),
-            _add_rms_norm_function(), _linear_f16w_function(), _decode_block_function()]
+            _add_rms_norm_function(), _linear_f16w_function(), _decode_block_function(), _decode_head_function()]

@@ -9,8 +9,9 @@ add before it), computed as the reference model computes them.
 to float32 (decode.onnx with float16 decode weights).
 ``decode_block_cl``: one whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj), the matrix products summed in
 float32 and rounded to the activation dtype.
+``decode_head_cl``: the tail of a decode step, the final AddRMSNorm and the LM head, the product likewise.
 ``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``, ``linear_f16w``,
-``decode_block``: the same as
+``decode_block``, ``decode_head``: the same as
 ``torch.library`` custom ops with fake implementations, so that ``torch.export`` sees one node each (translated to one
 ONNX node by :mod:`.onnx_ops`).
 
@@ -126,6 +127,16 @@ def decode_block_cl(
     return linear_cl(y, out_proj_weight), residual_out, conv_state, ssm_state
 
 
+def decode_head_cl(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """DecodeHead: the tail of a decode step, AddRMSNorm (norm_f) -> LM head.
+
+    x (b, 1, d) (the last block's output) and norm_weight (d,) in T; residual (b, 1, d) in R; weight (V, d) in T
+    (nn.Linear layout; a tied model's embedding table) -> logits (b, 1, V) in T, summed in float32 and rounded once.
+    The norm's residual_out is not returned: nothing reads it after the last layer.
+    """
+    return linear_cl(add_rms_norm_cl(x, residual, norm_weight, eps)[0], weight)
+
+
 selective_scan = torch.library.custom_op(f"{NAMESPACE}::selective_scan", selective_scan_cl, mutates_args=())
 causal_conv1d = torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", causal_conv1d_cl, mutates_args=())
 decode_step = torch.library.custom_op(f"{NAMESPACE}::decode_step", decode_step_cl, mutates_args=())
@@ -133,6 +144,7 @@ rms_norm = torch.library.custom_op(f"{NAMESPACE}::rms_norm", rms_norm_cl, mutate
 add_rms_norm = torch.library.custom_op(f"{NAMESPACE}::add_rms_norm", add_rms_norm_cl, mutates_args=())
 linear_f16w = torch.library.custom_op(f"{NAMESPACE}::linear_f16w", linear_f16w_ref, mutates_args=())
 decode_block = torch.library.custom_op(f"{NAMESPACE}::decode_block", decode_block_cl, mutates_args=())
+decode_head = torch.library.custom_op(f"{NAMESPACE}::decode_head", decode_head_cl, mutates_args=())
 
 
 @selective_scan.register_fake
@@ -174,3 +186,8 @@ def _(x, residual, norm_weight, in_proj_weight, conv_state, ssm_state, conv_weig
     out = x.new_empty((x.shape[0], 1, out_proj_weight.shape[0]), dtype=out_proj_weight.dtype)
     return (out, residual.new_empty(x.shape), conv_state.new_empty(conv_state.shape, dtype=cd),
             ssm_state.new_empty(ssm_state.shape, dtype=cd))
+
+
+@decode_head.register_fake
+def _(x, residual, norm_weight, weight, eps):
+    return x.new_empty((x.shape[0], 1, weight.shape[0]), dtype=weight.dtype)

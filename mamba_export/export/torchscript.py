@@ -27,6 +27,7 @@ def scripted_ops() -> OpSet:
         torch.jit.script(torch_ops.rms_norm_cl),
         torch.jit.script(torch_ops.add_rms_norm_cl),
         torch.jit.script(torch_ops.decode_block_cl),
+        torch.jit.script(torch_ops.decode_head_cl),
     )
 
 

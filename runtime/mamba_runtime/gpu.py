@@ -81,10 +81,12 @@ def cupy_view(value: ort.OrtValue):
     return cp.ndarray(tuple(value.shape()), dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
 
 
-# Row-wise argmax in two kernels: each block reduces a slice of a row to one 64-bit key (the value mapped to an
+# Row-wise argmax in one kernel: each block reduces a slice of a row to one 64-bit key (the value mapped to an
 # order-preserving unsigned int in the high word, the complement of the index in the low word, so that the largest key
-# is the first maximum, NaN above everything as in numpy), then one block per row reduces its blocks' keys and writes
-# the index. CuPy's own argmax reduces each row in one block: 27 us for a 50,280-entry row on an H100.
+# is the first maximum, NaN above everything as in numpy) and counts itself done on the row's counter; the row's last
+# block reduces the row's keys, writes the index and resets the counter. The maximum does not depend on the order, so
+# neither does the result. CuPy's own argmax reduces each row in one block: 27 us for a 50,280-entry row on an H100; a
+# second kernel for the keys cost a launch more on the stream.
 _ARGMAX_SRC = r"""
 #include <cuda_fp16.h>
 typedef unsigned long long u64;
@@ -100,62 +102,83 @@ __device__ __forceinline__ u64 block_max(u64 k) {
   if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = k;
   __syncthreads();
   k = threadIdx.x < blockDim.x / 32 ? s[threadIdx.x] : 0ull;
-  return warp_max(k);
+  const u64 r = warp_max(k);
+  __syncthreads();  // s may be written again
+  return r;
 }
 template <typename T>
-__global__ void argmax_blocks(const T* x, long long V, long long chunk, u64* keys) {
+__global__ void argmax(const T* x, long long V, long long chunk, u64* keys, unsigned* done, long long* ids,
+                       long long* host) {
+  __shared__ bool last;
   const long long row = blockIdx.y, start = blockIdx.x * chunk;
   const long long end = start + chunk < V ? start + chunk : V;
   u64 best = 0ull;
-  for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-    unsigned u = __float_as_uint(as_float(x[row * V + i]));
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    const u64 key = (static_cast<u64>(u) << 32) | (0xffffffffu - static_cast<unsigned>(i));
-    best = key > best ? key : best;
+  for (long long i0 = start + threadIdx.x; i0 < end; i0 += 4 * blockDim.x) {
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {  // the loads first, all in flight together
+      const long long i = i0 + u * blockDim.x;
+      v[u] = i < end ? as_float(x[row * V + i]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const long long i = i0 + u * blockDim.x;
+      unsigned w = __float_as_uint(v[u]);
+      w = (w & 0x80000000u) ? ~w : (w | 0x80000000u);
+      const u64 key = (static_cast<u64>(w) << 32) | (0xffffffffu - static_cast<unsigned>(i));
+      best = i < end && key > best ? key : best;
+    }
   }
   best = block_max(best);
-  if (threadIdx.x == 0) keys[row * gridDim.x + blockIdx.x] = best;
-}
-__global__ void argmax_rows(const u64* keys, int blocks, long long* ids, long long* host) {
-  u64 best = 0ull;
-  for (int i = threadIdx.x; i < blocks; i += blockDim.x) {
-    const u64 k = keys[blockIdx.x * blocks + i];
+  if (threadIdx.x == 0) {
+    keys[row * gridDim.x + blockIdx.x] = best;
+    __threadfence();
+    last = atomicAdd(done + row, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  best = 0ull;
+  for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
+    const u64 k = __ldcg(keys + row * gridDim.x + i);
     best = k > best ? k : best;
   }
   best = block_max(best);
   if (threadIdx.x == 0) {
     const long long id = 0xffffffffu - static_cast<unsigned>(best & 0xffffffffu);
-    ids[blockIdx.x] = id;
-    if (host != nullptr) host[blockIdx.x] = id;  // pinned host memory, mapped (unified addressing)
+    ids[row] = id;
+    if (host != nullptr) host[row] = id;  // pinned host memory, mapped (unified addressing)
+    done[row] = 0u;                       // ready for the next call (calls on one stream run one at a time)
   }
 }
 """
-_ARGMAX_THREADS, _ARGMAX_CHUNK = 256, 2048
+_ARGMAX_THREADS, _ARGMAX_CHUNK = 256, 1024  # 4 values a thread: one load each, issued together
 
 
 class _Argmax:
     """ids[r] = argmax(scores[r]) for a (b, V) float32 or float16 CuPy array, into int64 ids (b,) or (b, 1), and
     also into ``host`` (the address of b int64 in pinned host memory) when given: the tokens then reach the host
-    without a copy on the stream (a copy engine's turn between two kernels costs the stream microseconds)."""
+    without a copy on the stream (a copy engine's turn between two kernels costs the stream microseconds). Calls must
+    not overlap (one stream): they share the per-row counters."""
 
     def __init__(self, cp, batch: int, vocab_size: int):
         self.cp = cp
         module = cp.RawModule(code=_ARGMAX_SRC, options=("-std=c++17",),
-                              name_expressions=("argmax_blocks<float>", "argmax_blocks<__half>", "argmax_rows"))
-        self.blocks = {np.dtype(np.float32): module.get_function("argmax_blocks<float>"),
-                       np.dtype(np.float16): module.get_function("argmax_blocks<__half>")}
-        self.rows = module.get_function("argmax_rows")
+                              name_expressions=("argmax<float>", "argmax<__half>"))
+        self.kernels = {np.dtype(np.float32): module.get_function("argmax<float>"),
+                        np.dtype(np.float16): module.get_function("argmax<__half>")}
         self.batch, self.vocab = batch, vocab_size
         self.n_blocks = -(-vocab_size // _ARGMAX_CHUNK)
         self.keys = cp.empty((batch, self.n_blocks), dtype=cp.uint64)
+        self.done = cp.zeros(batch, dtype=cp.uint32)
 
     def __call__(self, scores, ids, host: int = 0) -> None:
         cp = self.cp
         if scores.shape != (self.batch, self.vocab) or not scores.flags.c_contiguous or not ids.flags.c_contiguous:
             raise ValueError(f"argmax: expected contiguous ({self.batch}, {self.vocab}) scores")
-        self.blocks[scores.dtype]((self.n_blocks, self.batch), (_ARGMAX_THREADS,),
-                                  (scores, cp.int64(self.vocab), cp.int64(_ARGMAX_CHUNK), self.keys))
-        self.rows((self.batch,), (_ARGMAX_THREADS,), (self.keys, cp.int32(self.n_blocks), ids, cp.uint64(host)))
+        self.kernels[scores.dtype]((self.n_blocks, self.batch), (_ARGMAX_THREADS,),
+                                   (scores, cp.int64(self.vocab), cp.int64(_ARGMAX_CHUNK), self.keys, self.done, ids,
+                                    cp.uint64(host)))
 
 
 def _ort_dtype(value: ort.OrtValue) -> np.dtype:

@@ -121,10 +121,11 @@ size_t rms_norm_num_tasks(size_t rows, size_t d);
 template <typename R, typename T>
 void rms_norm_task(const RmsNormArgs<R, T>& args, size_t task, size_t num_tasks);
 
-// A linear layer y = x W^T (LinearF16W, and the projections of DecodeBlock): float32 x, weights W float32 or float16
-// (widened to float32 in registers), float32 sums. The m rows of x (the product of x's leading dimensions) all go
-// through each task, so every weight is read from memory once per call. A task owns a contiguous block of output
-// rows (columns of y); with y_f16 set it also writes that block of y rounded to float16 (y then is scratch).
+// A linear layer y = x W^T (LinearF16W, the projections of DecodeBlock, the LM head of DecodeHead): float32 x,
+// weights W float32 or float16 (widened to float32 in registers), float32 sums. The m rows of x (the product of x's
+// leading dimensions) all go through each task, so every weight is read from memory once per call. A task owns a
+// contiguous block of output rows (columns of y); with y_f16 set it also writes that block of y rounded to float16
+// (y then is scratch).
 template <typename W>
 struct LinearArgs {
   const float* x;              // [m, k]
@@ -178,5 +179,29 @@ template <typename R, typename T>
 size_t decode_block_num_tasks(const DecodeBlockArgs<R, T>& args, int phase);
 template <typename R, typename T>
 void decode_block_task(const DecodeBlockArgs<R, T>& args, int phase, size_t task);
+
+// DecodeHead: the tail of a decode step, the final AddRMSNorm and the LM head, with the semantics of those ops
+// (docs/CONTRACTS.md): h = AddRMSNorm(x, residual) in T (its residual_out stays in scratch); logits = T(h weight^T)
+// summed in float32. Two phases, the second to start when the first has finished:
+//   0. AddRMSNorm of every batch row, h widened to float32;   1. the LM head, the V rows of weight split over tasks.
+template <typename R, typename T>
+struct DecodeHeadArgs {
+  const T* x;                  // [b, 1, d]
+  const R* residual;           // [b, 1, d]
+  const T* norm_weight;        // [d]
+  const T* weight;             // [V, d]: each vocabulary entry's row contiguous (nn.Linear layout)
+  float epsilon;
+  T* logits;                   // [b, 1, V]
+  size_t b, d, v;
+  float* scratch;              // decode_head_scratch_floats<T>(b, d, v), on a cache line
+};
+
+constexpr int kDecodeHeadPhases = 2;
+template <typename T>
+size_t decode_head_scratch_floats(size_t b, size_t d, size_t v);
+template <typename R, typename T>
+size_t decode_head_num_tasks(const DecodeHeadArgs<R, T>& args, int phase);
+template <typename R, typename T>
+void decode_head_task(const DecodeHeadArgs<R, T>& args, int phase, size_t task);
 
 }  // namespace mamba_export_ops

@@ -2,19 +2,19 @@
 // with every intermediate (h, xz, y) in the call's scratch instead of a tensor of the graph. The projections are
 // linear_task (float32 or float16 weights, read once per call whatever the batch); the norm and the mixer are
 // rms_norm_task and decode_step_task, so the block computes bit for bit what AddRMSNorm -> MatMul -> DecodeStep ->
-// MatMul compute with the library (the MatMuls in float32 sums rounded to T).
-//
-// The linear kernel takes float32 activations: with T = float16, h and y are widened once (phases 0 and 5) instead
-// of once per output row, and the products are summed into float32 scratch that each task rounds to float16 for its
-// own block of outputs. With T = float32 the widened and the T buffers are the same.
+// MatMul compute with the library (the MatMuls in float32 sums rounded to T). h and y are widened to float32 for the
+// linear kernel in phases 0 and 5 (fused_decode.h).
 #include <algorithm>
-#include <type_traits>
 
+#include "fused_decode.h"
 #include "mamba_export_ops/cpu_kernels.h"
-#include "vec_math.h"
 
 namespace mamba_export_ops {
 namespace {
+
+using fused::kIsFloat;
+using fused::linear_args;
+using fused::t_buffer;
 
 // Where each intermediate lives in the scratch, in floats from its start; every region starts on a cache line.
 // A T buffer of float16 values takes half its floats; with T = float32 it is the float32 buffer itself.
@@ -23,44 +23,19 @@ struct Layout {
 };
 
 Layout layout_of(size_t b, size_t d, size_t e, size_t n, size_t r) {
+  fused::ScratchLayout s;
   Layout l{};
-  size_t at = 0;
-  auto take = [&](size_t floats) {
-    const size_t start = at;
-    at += round_to_line(floats);
-    return start;
-  };
-  l.h32 = take(b * d);
-  l.h_t = take(b * d);
-  l.xz32 = take(b * 2 * e);
-  l.xz_t = take(b * 2 * e);
-  l.x_conv = take(b * e);
-  l.x_dbl = take(b * (r + 2 * n));
-  l.y_t = take(b * e);
-  l.y32 = take(b * e);
-  l.out32 = take(b * d);
-  l.total = at;
+  l.h32 = s.take(b * d);
+  l.h_t = s.take(b * d);
+  l.xz32 = s.take(b * 2 * e);
+  l.xz_t = s.take(b * 2 * e);
+  l.x_conv = s.take(b * e);
+  l.x_dbl = s.take(b * (r + 2 * n));
+  l.y_t = s.take(b * e);
+  l.y32 = s.take(b * e);
+  l.out32 = s.take(b * d);
+  l.total = s.total();
   return l;
-}
-
-template <typename T>
-constexpr bool kIsFloat = std::is_same_v<T, float>;
-
-// The T view of a value held at float32 offset `f32` and, for float16, at offset `t`.
-template <typename T>
-T* t_buffer(float* scratch, size_t f32, size_t t) {
-  if constexpr (kIsFloat<T>) {
-    return scratch + f32;
-  } else {
-    return reinterpret_cast<T*>(scratch + t);
-  }
-}
-
-template <typename T>
-void widen_rows(const T* from, float* to, size_t width, size_t begin, size_t end) {
-  if constexpr (!kIsFloat<T>) {
-    for (size_t i = begin * width; i < end * width; ++i) to[i] = vec::to_float(from[i]);
-  }
 }
 
 // The block's DecodeStep reads xz from, and writes y and its own scratch to, the block's scratch.
@@ -69,16 +44,6 @@ DecodeStepArgs<T> step_args(const DecodeBlockArgs<R, T>& a, const Layout& l) {
   return {t_buffer<T>(a.scratch, l.xz32, l.xz_t), a.conv_state_in, a.ssm_state_in, a.conv_weight, a.conv_bias,
           a.x_proj_weight, a.dt_proj_weight, a.dt_bias, a.A, a.D, t_buffer<T>(a.scratch, l.y32, l.y_t),
           a.conv_state_out, a.ssm_state_out, a.b, a.e, a.n, a.k, a.r, a.scratch + l.x_conv, a.scratch + l.x_dbl};
-}
-
-// y = x W^T for the block's b rows: into `y` when T is float32, else into float32 scratch rounded into `y`.
-template <typename T>
-LinearArgs<T> linear_args(const float* x, const T* w, T* y, float* y32, size_t m, size_t n, size_t k) {
-  if constexpr (kIsFloat<T>) {
-    return {x, w, y, m, n, k};
-  } else {
-    return {x, w, y32, m, n, k, y};
-  }
 }
 
 template <typename R, typename T>
@@ -110,11 +75,9 @@ void decode_block_task(const DecodeBlockArgs<R, T>& a, int phase, size_t task) {
   const Layout l = layout_of(a.b, a.d, a.e, a.n, a.r);
   float* s = a.scratch;
   const size_t tasks = std::max<size_t>(1, decode_block_num_tasks(a, phase));
-  const size_t rows_begin = a.b * task / tasks, rows_end = a.b * (task + 1) / tasks;  // phases 0 and 5
   switch (phase) {
     case 0:
-      rms_norm_task(norm_args(a, l), task, tasks);
-      widen_rows(t_buffer<T>(s, l.h32, l.h_t), s + l.h32, a.d, rows_begin, rows_end);
+      fused::norm_and_widen(norm_args(a, l), s + l.h32, task, tasks);
       break;
     case 1:
       linear_task(linear_args(s + l.h32, a.in_proj_weight, t_buffer<T>(s, l.xz32, l.xz_t), s + l.xz32, a.b, 2 * a.e,
@@ -124,7 +87,7 @@ void decode_block_task(const DecodeBlockArgs<R, T>& a, int phase, size_t task) {
       decode_step_task(step_args(a, l), phase - 1, task);
       break;
     case 5:
-      widen_rows(t_buffer<T>(s, l.y32, l.y_t), s + l.y32, a.e, rows_begin, rows_end);
+      fused::widen_rows(t_buffer<T>(s, l.y32, l.y_t), s + l.y32, a.e, a.b * task / tasks, a.b * (task + 1) / tasks);
       break;
     case 6:
       linear_task(linear_args(s + l.y32, a.out_proj_weight, a.out, s + l.out32, a.b, a.d, a.e), task);

@@ -18,6 +18,8 @@ namespace {
 constexpr ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr const char* kFloat32Why = "parameters and states are float32";
+constexpr const char* kWhyT = "T of this kernel: float32 or float16";
+constexpr const char* kWhyR = "R of this kernel (the residual stream): float32, or T";
 
 template <typename T>
 constexpr ONNXTensorElementDataType onnx_type();
@@ -348,12 +350,26 @@ struct AddRmsNormKernel : NormKernel<R, T, true> {
   using NormKernel<R, T, true>::NormKernel;
 };
 
+// The fused decode ops' input x [b, 1, d] in T (one token per sequence): checks it, returns b and d.
+struct TokenRows {
+  int64_t b, d;
+};
+
+template <typename T>
+TokenRows expect_token_rows(const Input& x) {
+  expect_dtype(x, onnx_type<T>(), kWhyT);
+  expect_rank(x, {"b", "l", "d"});
+  expect_at_least(x, 0, "b", 1, "an empty batch");
+  expect_at_least(x, 2, "d", 1, "an empty row");
+  const int64_t b = x.shape[0], d = x.shape[2];
+  expect_shape(x, {{"b", b}, {"l", 1}, {"d", d}});  // one token
+  return {b, d};
+}
+
 // DecodeBlock: a whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj) over T and residual type R.
 template <typename R, typename T>
 struct DecodeBlockKernel {
   static constexpr const char* kName = "DecodeBlock";
-  static constexpr const char* kWhyT = "T of this kernel: float32 or float16";
-  static constexpr const char* kWhyR = "R of this kernel (the residual stream): float32, or T";
   static constexpr Kind kInputs[] = {Kind::T,   Kind::R,   Kind::T,   Kind::T,   Kind::F32, Kind::F32, Kind::F32,
                                      Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::F32, Kind::T};
   static constexpr Kind kOutputs[] = {Kind::T, Kind::R, Kind::F32, Kind::F32};
@@ -368,13 +384,8 @@ struct DecodeBlockKernel {
     auto in = [&](size_t i, const char* name) { return get_input(ctx, kName, i, name); };
     const Input x = in(0, "x"), residual = in(1, "residual"), norm_w = in(2, "norm_weight"),
                 in_w = in(3, "in_proj_weight"), out_w = in(13, "out_proj_weight");
-    expect_dtype(x, onnx_type<T>(), kWhyT);
-    expect_rank(x, {"b", "l", "d"});
-    expect_at_least(x, 0, "b", 1, "an empty batch");
-    expect_at_least(x, 2, "d", 1, "an empty row");
-    const int64_t b = x.shape[0], d = x.shape[2];
-    const Dim db{"b", b}, dd{"d", d};
-    expect_shape(x, {db, {"l", 1}, dd});  // one token
+    const auto [b, d] = expect_token_rows<T>(x);
+    const Dim dd{"d", d};
     // One residual row per sequence, or one row for all (the exporter's zero residual of layer 0).
     const bool shared_residual = residual.shape.size() == 3 && residual.shape[0] == 1;
     expect(residual, onnx_type<R>(), kWhyR, {{"b (or 1)", shared_residual ? 1 : b}, {"l", 1}, dd});
@@ -398,6 +409,45 @@ struct DecodeBlockKernel {
     for (int phase = 0; phase < kDecodeBlockPhases; ++phase) {
       parallel_for(ctx, decode_block_num_tasks(args, phase), [&](size_t i) noexcept {
         decode_block_task(args, phase, i);
+      });
+    }
+  }
+
+  float epsilon_;
+};
+
+// DecodeHead: the final AddRMSNorm and the LM head of a decode step over T and residual type R.
+template <typename R, typename T>
+struct DecodeHeadKernel {
+  static constexpr const char* kName = "DecodeHead";
+  static constexpr Kind kInputs[] = {Kind::T, Kind::R, Kind::T, Kind::T};
+  static constexpr Kind kOutputs[] = {Kind::T};
+
+  explicit DecodeHeadKernel(const OrtKernelInfo* info) : epsilon_(epsilon_of(info, kName)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    return guarded([&] { compute(Ort::KernelContext(context)); });
+  }
+
+  void compute(Ort::KernelContext ctx) const {
+    auto in = [&](size_t i, const char* name) { return get_input(ctx, kName, i, name); };
+    const Input x = in(0, "x"), residual = in(1, "residual"), norm_w = in(2, "norm_weight"), w = in(3, "weight");
+    const auto [b, d] = expect_token_rows<T>(x);
+    const Dim dd{"d", d};
+    expect(residual, onnx_type<R>(), kWhyR, {{"b", b}, {"l", 1}, dd});
+    expect(norm_w, onnx_type<T>(), kWhyT, {dd});
+    expect_dtype(w, onnx_type<T>(), kWhyT);
+    expect_rank(w, {"V", "d"});
+    expect_at_least(w, 0, "V", 1, "an empty vocabulary");
+    const int64_t v = w.shape[0];
+    expect_shape(w, {{"V", v}, dd});
+
+    const Scratch scratch(decode_head_scratch_floats<T>(b, d, v));
+    const DecodeHeadArgs<R, T> args{data<T>(x), data<R>(residual), data<T>(norm_w), data<T>(w), epsilon_,
+                                    output<T>(ctx, 0, {b, 1, v}), size_t(b), size_t(d), size_t(v), scratch.get()};
+    for (int phase = 0; phase < kDecodeHeadPhases; ++phase) {
+      parallel_for(ctx, decode_head_num_tasks(args, phase), [&](size_t i) noexcept {
+        decode_head_task(args, phase, i);
       });
     }
   }
@@ -487,9 +537,13 @@ std::vector<const OrtCustomOp*> cpu_ops() {
   static const OpRT<DecodeBlockKernel, float, float> block_f32;
   static const OpRT<DecodeBlockKernel, float, half_t> block_f32_f16;
   static const OpRT<DecodeBlockKernel, half_t, half_t> block_f16;
+  // DecodeHead: the same combinations.
+  static const OpRT<DecodeHeadKernel, float, float> head_f32;
+  static const OpRT<DecodeHeadKernel, float, half_t> head_f32_f16;
+  static const OpRT<DecodeHeadKernel, half_t, half_t> head_f16;
   return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16,
           &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w,
-          &block_f32, &block_f32_f16, &block_f16};
+          &block_f32, &block_f32_f16, &block_f16, &head_f32, &head_f32_f16, &head_f16};
 }
 
 }  // namespace mamba_export_ops
