@@ -473,6 +473,23 @@ BLOCK_WEIGHTS = ["norm_weight", "in_proj_weight", "conv_weight", "conv_bias", "x
                  "dt_bias", "A", "D", "out_proj_weight"]
 
 
+def chain_case(shape, dtype: str, n: int, seed: int):
+    """n layers of block_case(shape) (seeds seed, seed + 1, ...): their weights, their (conv, ssm) states, the first
+    layer's x and residual, and the output shapes."""
+    layers, states = [], []
+    for i in range(n):
+        _, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=seed + i)
+        layers.append({k: feeds[k] for k in BLOCK_WEIGHTS})
+        states.append((feeds["conv_state_in"], feeds["ssm_state_in"]))
+    return layers, states, feeds["x"], feeds["residual"], shapes
+
+
+def block_node(dtype: str) -> OneNodeModel:
+    """One DecodeBlock node with a float32 residual, every input a graph input (no early start)."""
+    t_names = {"x", "norm_weight", "in_proj_weight", "out_proj_weight", "out"}
+    return OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, t_names, dtype, epsilon=1e-5)
+
+
 def block_chain_session(layers: list[dict[str, np.ndarray]], dtype: str) -> ort.InferenceSession:
     return gpu_session(block_chain_model(layers, dtype))
 
@@ -527,14 +544,8 @@ def test_decode_block_chain_early_start_is_exact(shape, dtype, monkeypatch):
     node's has finished, on sm_90+), against the same four layers run one node at a time with the weights as graph
     inputs (no early start): identical bits, also with the early start turned off (MAMBA_EXPORT_CUDA_PDL=0) and over
     repeated runs. A layer that read x or the residual before the previous layer had written them would differ."""
-    layers, states = [], []
-    for i in range(4):
-        _, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=20 + i)
-        layers.append({k: feeds[k] for k in BLOCK_WEIGHTS})
-        states.append((feeds["conv_state_in"], feeds["ssm_state_in"]))
-    x0, res0 = feeds["x"], feeds["residual"]
-    t_names = {"x", "norm_weight", "in_proj_weight", "out_proj_weight", "out"}
-    single = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, t_names, dtype, epsilon=1e-5)
+    layers, states, x0, res0, shapes = chain_case(shape, dtype, 4, seed=20)
+    single = block_node(dtype)
     x, res, want_states = x0, res0, []
     for w, (conv, ssm) in zip(layers, states):
         step = {"x": x, "residual": res, "conv_state_in": conv, "ssm_state_in": ssm, **w}
@@ -586,17 +597,20 @@ def test_decode_block_sessions_on_two_streams_run_side_by_side():
             np.testing.assert_array_equal(a, c)
 
 
+def assert_clear_errors(model: OneNodeModel, feeds: dict, shapes: dict, cases: list[tuple[dict, str]]) -> None:
+    """Each (inputs replaced, message pattern) case fails with that message, not a crash."""
+    for replaced, pattern in cases:
+        with pytest.raises(Exception, match=pattern):
+            model.run({**feeds, **{k: np.zeros(shape, np.float32) for k, shape in replaced.items()}}, shapes)
+
+
 def test_decode_block_bad_inputs_are_clear_errors():
     model, feeds, shapes, _ = block_case(2, 16, 32, 4, 4, 2, "float32", "float32", seed=1)
-    bad = {**feeds, "out_proj_weight": np.zeros((16, 31), np.float32)}
-    with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'out_proj_weight' must have shape \[16, 32\]"):
-        model.run(bad, shapes)
-    bad = {**feeds, "in_proj_weight": np.zeros((63, 16), np.float32)}
-    with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'in_proj_weight' must have an even first"):
-        model.run(bad, shapes)
-    bad = {**feeds, "residual": np.zeros((2, 1, 15), np.float32)}
-    with pytest.raises(Exception, match=r"DecodeBlock \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"):
-        model.run(bad, shapes)
+    assert_clear_errors(model, feeds, shapes, [
+        ({"out_proj_weight": (16, 31)}, r"DecodeBlock \(CUDA\): input 'out_proj_weight' must have shape \[16, 32\]"),
+        ({"in_proj_weight": (63, 16)}, r"DecodeBlock \(CUDA\): input 'in_proj_weight' must have an even first"),
+        ({"residual": (2, 1, 15)}, r"DecodeBlock \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"),
+    ])
 
 
 # ---- DecodeHead ------------------------------------------------------------------------------------------------
@@ -642,15 +656,9 @@ def test_decode_head_after_blocks_early_start_is_exact(monkeypatch):
     while the last block runs, on sm_90+) against the same nodes run one at a time: identical bits, also with the early
     start off. A head that read x or the residual before the last block had written them would differ."""
     dtype, shape = "float16", BLOCK_SHAPES[0]
-    layers, states = [], []
-    for i in range(2):
-        _, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=60 + i)
-        layers.append({k: feeds[k] for k in BLOCK_WEIGHTS})
-        states.append((feeds["conv_state_in"], feeds["ssm_state_in"]))
-    x0, res0 = feeds["x"], feeds["residual"]
+    layers, states, x0, res0, shapes = chain_case(shape, dtype, 2, seed=60)
     head, head_feeds, head_shapes, _ = head_case(1, shape[1], 50280, dtype, "float32", seed=62)
-    t_names = {"x", "norm_weight", "in_proj_weight", "out_proj_weight", "out"}
-    single = OneNodeModel("DecodeBlock", BLOCK_IN, BLOCK_OUT, t_names, dtype, epsilon=1e-5)
+    single = block_node(dtype)
     x, res = x0, res0
     for w, (conv, ssm) in zip(layers, states):
         x, res, _, _ = single.run({"x": x, "residual": res, "conv_state_in": conv, "ssm_state_in": ssm, **w}, shapes)
@@ -679,15 +687,11 @@ def test_decode_head_after_blocks_early_start_is_exact(monkeypatch):
 
 def test_decode_head_bad_inputs_are_clear_errors():
     model, feeds, shapes, _ = head_case(2, 16, 50, "float32", "float32", seed=1)
-    bad = {**feeds, "weight": np.zeros((50, 15), np.float32)}
-    with pytest.raises(Exception, match=r"DecodeHead \(CUDA\): input 'weight' must have shape \[>=1, 16\]"):
-        model.run(bad, shapes)
-    bad = {**feeds, "residual": np.zeros((3, 1, 16), np.float32)}
-    with pytest.raises(Exception, match=r"DecodeHead \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"):
-        model.run(bad, shapes)
-    bad = {**feeds, "x": np.zeros((2, 2, 16), np.float32), "residual": np.zeros((2, 2, 16), np.float32)}
-    with pytest.raises(Exception, match=r"DecodeHead \(CUDA\): input 'x' must have shape \[>=0, 1, >=0\]"):
-        model.run(bad, shapes)
+    assert_clear_errors(model, feeds, shapes, [
+        ({"weight": (50, 15)}, r"DecodeHead \(CUDA\): input 'weight' must have shape \[>=1, 16\]"),
+        ({"residual": (3, 1, 16)}, r"DecodeHead \(CUDA\): input 'residual' must have shape \[2, 1, 16\]"),
+        ({"x": (2, 2, 16), "residual": (2, 2, 16)}, r"DecodeHead \(CUDA\): input 'x' must have shape \[>=0, 1, >=0\]"),
+    ])
 
 
 # ---- validation ------------------------------------------------------------------------------------------------
