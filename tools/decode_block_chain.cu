@@ -3,13 +3,17 @@
 // feeding the next layer's inputs, captured into one CUDA graph and replayed. Prints the median and spread of
 // microseconds per layer over --rounds rounds of --iters replays.
 //
+// With --head V it also times DecodeHead (the final norm and a [V, d] LM head) alone, and the chain followed by it.
+//
 // Built with -DMAMBA_CUDA_TIMELINE (kernels/cuda/decode_block.cu then stamps %globaltimer at the fused kernel's phase
-// boundaries, per block, into the space past each layer's workspace), it also prints where a layer's time goes: per
-// phase, the mean over layers of (the last block's end - the first block's start), and the waits at the barriers.
+// boundaries, per block, into the space past each layer's workspace), it also prints where a layer's time goes: the
+// mean over layers of the time from the previous layer's end (its last block past phase C) to the last block past
+// each mark, then from mark to mark.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -Ikernels/cuda tools/decode_block_chain.cu kernels/cuda/decode_block.cu \
 //        -o /tmp/decode_block_chain [-DMAMBA_CUDA_TIMELINE]
 //   /tmp/decode_block_chain [--model 130m|370m|790m|1.4b] [--batch 1] [--layers 24] [--iters 200] [--rounds 7]
+//                           [--head 50280]
 //
 // MAMBA_EXPORT_CUDA_PDL=0 and MAMBA_EXPORT_CUDA_DECODE_BLOCK=split|unfolded choose the path as in the library.
 #include <cuda_fp16.h>
@@ -77,14 +81,14 @@ __half* halves(size_t n, float scale) {
 
 int main(int argc, char** argv) {
   std::string model = "130m";
-  int64_t batch = 1, layers = -1;
+  int64_t batch = 1, layers = -1, vocab = 0;
   int iters = 200, rounds = 7;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const char* val = i + 1 < argc ? argv[i + 1] : nullptr;
     if (arg == "--help" || arg == "-h") {
       std::printf("usage: decode_block_chain [--model 130m|370m|790m|1.4b] [--batch B] [--layers L] [--iters N] "
-                  "[--rounds R]\n");
+                  "[--rounds R] [--head V]\n");
       return 0;
     }
     if (val == nullptr) {
@@ -96,6 +100,7 @@ int main(int argc, char** argv) {
     else if (arg == "--layers") layers = std::atoll(val);
     else if (arg == "--iters") iters = std::atoi(val);
     else if (arg == "--rounds") rounds = std::atoi(val);
+    else if (arg == "--head") vocab = std::atoll(val);
     else {
       std::fprintf(stderr, "decode_block_chain: unknown argument %s\n", arg.c_str());
       return 2;
@@ -106,8 +111,8 @@ int main(int argc, char** argv) {
   for (const auto& s : kShapes) {
     if (model == s.name) shape = &s;
   }
-  if (shape == nullptr || batch < 1 || iters < 1 || rounds < 1) {
-    std::fprintf(stderr, "decode_block_chain: bad --model, --batch, --iters or --rounds\n");
+  if (shape == nullptr || batch < 1 || iters < 1 || rounds < 1 || vocab < 0) {
+    std::fprintf(stderr, "decode_block_chain: bad --model, --batch, --iters, --rounds or --head\n");
     return 2;
   }
   const int64_t D = shape->dmodel, E = 2 * D, N = 16, K = 4, R = (D + 15) / 16, R2 = R + 2 * N;
@@ -157,32 +162,42 @@ int main(int argc, char** argv) {
 
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  for (int64_t l = 0; l < layers; ++l) CHECK(mamba_cuda::decode_block(args[l], stream));  // warm-up, no graph
-  CHECK(cudaStreamSynchronize(stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int64_t l = 0; l < layers; ++l) CHECK(mamba_cuda::decode_block(args[l], stream));
-  CHECK(cudaStreamEndCapture(stream, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int i = 0; i < 20; ++i) CHECK(cudaGraphLaunch(exec, stream));
-  CHECK(cudaStreamSynchronize(stream));
-
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  std::vector<double> per_layer;
-  for (int r = 0; r < rounds; ++r) {
-    CHECK(cudaEventRecord(start, stream));
-    for (int i = 0; i < iters; ++i) CHECK(cudaGraphLaunch(exec, stream));
-    CHECK(cudaEventRecord(stop, stream));
-    CHECK(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    CHECK(cudaEventElapsedTime(&ms, start, stop));
-    per_layer.push_back(1000.0 * ms / iters / static_cast<double>(layers));
-  }
-  std::vector<double> sorted = per_layer;
-  std::sort(sorted.begin(), sorted.end());
+  // Microseconds per replay of a CUDA graph of what `enqueue` launches, over `rounds` rounds of `iters` replays,
+  // sorted (after a run without a graph and 20 replays to warm up).
+  const auto time_graph = [&](const auto& enqueue) {
+    enqueue();
+    CHECK(cudaStreamSynchronize(stream));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    enqueue();
+    CHECK(cudaStreamEndCapture(stream, &graph));
+    CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 20; ++i) CHECK(cudaGraphLaunch(exec, stream));
+    CHECK(cudaStreamSynchronize(stream));
+    std::vector<double> us;
+    for (int r = 0; r < rounds; ++r) {
+      CHECK(cudaEventRecord(start, stream));
+      for (int i = 0; i < iters; ++i) CHECK(cudaGraphLaunch(exec, stream));
+      CHECK(cudaEventRecord(stop, stream));
+      CHECK(cudaEventSynchronize(stop));
+      float ms = 0.f;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      us.push_back(1000.0 * ms / iters);
+    }
+    CHECK(cudaGraphExecDestroy(exec));
+    CHECK(cudaGraphDestroy(graph));
+    std::sort(us.begin(), us.end());
+    return us;
+  };
+  const auto chain = [&] {
+    for (int64_t l = 0; l < layers; ++l) CHECK(mamba_cuda::decode_block(args[l], stream));
+  };
+  std::vector<double> sorted = time_graph(chain);
+  for (auto& v : sorted) v /= static_cast<double>(layers);
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("%s, model %s (d %lld, e %lld), batch %lld, %lld layers, pdl %s, path %s\n", prop.name, model.c_str(),
@@ -191,6 +206,24 @@ int main(int argc, char** argv) {
               env_or("MAMBA_EXPORT_CUDA_DECODE_BLOCK", "default"));
   std::printf("us per layer: median %.3f  min %.3f  max %.3f  (%d rounds of %d graph replays)\n",
               sorted[sorted.size() / 2], sorted.front(), sorted.back(), rounds, iters);
+  if (vocab > 0) {
+    // DecodeHead on the last layer's output: alone, then after the chain (the early start's overlap included).
+    mamba_cuda::DecodeHeadArgs h{};
+    h.dtype = mamba_cuda::DType::kFloat16, h.residual_dtype = mamba_cuda::DType::kFloat32;
+    h.batch = batch, h.dmodel = D, h.vocab = vocab, h.epsilon = 1e-5f, h.constant_weights = true;
+    h.x = act[layers], h.residual = res[layers];
+    h.norm_weight = halves(D, 1.f);
+    h.weight = halves(vocab * D, 0.04f);
+    CHECK(cudaMalloc(&h.logits, batch * vocab * sizeof(__half)));
+    const auto head = [&] { CHECK(mamba_cuda::decode_head(h, stream)); };
+    const std::vector<double> alone = time_graph(head);
+    const std::vector<double> both = time_graph([&] { chain(), head(); });
+    const double bytes = static_cast<double>(vocab) * D * sizeof(__half);
+    std::printf("head (V %lld): alone median %.3f us [%.3f, %.3f] (%.0f GB/s of its weights); chain + head %.3f us "
+                "[%.3f, %.3f], %.3f more than the chain\n", static_cast<long long>(vocab), alone[alone.size() / 2],
+                alone.front(), alone.back(), bytes / alone[alone.size() / 2] / 1e3, both[both.size() / 2], both.front(),
+                both.back(), both[both.size() / 2] - sorted[sorted.size() / 2] * static_cast<double>(layers));
+  }
 
 #ifdef MAMBA_CUDA_TIMELINE
   // Stamps of the last replay, per block (decode_block.cu's stamp() calls; read before the split kernels below, whose

@@ -983,7 +983,10 @@ cudaError_t dispatch(const DecodeBlockArgs& a, cudaStream_t stream) {
 // rows before pdl_wait(). H100, mamba-130m (50,280 x 768 float16): the kernel alone (no early start) 30.2 us, against
 // 29.4 + 2.7 us for cuBLAS's GEMV after the AddRMSNorm kernel; asking L2 for the rest of the rows after pdl_wait()
 // too took it to 35.6 us (more than the L2 holds, evicted before use). In a CUDA-graph decode step 1-3 us less than
-// AddRMSNorm + MatMul (tools/ab_decode_exports.py).
+// AddRMSNorm + MatMul (tools/ab_decode_exports.py). Chain benchmark (--head 50280, after 24 layers): 34.8-35.0 us
+// more than the layers; 32.5-34.4 without the early L2 request (within the noise of two runs), 39.2-39.5 without the
+// early start; two slots of 2 rows a warp (one's loads in flight while the other's are multiplied) 31.2 us alone
+// against 31.9 but 35.8-36.0 after the layers and slower at batch 8, so not taken.
 constexpr int kHeadRows = 4;   // LM head rows a warp takes at a time
 constexpr int kHeadNV = 3;     // weight vectors per lane and row in one pass (one pass: d = 768 in 16-bit types)
 
