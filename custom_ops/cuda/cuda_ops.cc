@@ -492,10 +492,27 @@ bool constant_inputs(const OrtApi& api, const OrtKernelInfo* info, std::initiali
   return true;
 }
 
+// What DecodeBlock and DecodeHead keep: T, R, epsilon, and whether the weights the kernel may read early (mamba_cuda.h,
+// constant_weights) are constant initializers of the graph.
+struct FusedDecodeKernel {
+  FusedDecodeKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
+      : api(api), t(t), r(r) {}
+
+  OrtStatus* init_fused(const OrtKernelInfo* info, const char* name, std::initializer_list<size_t> early_weights) {
+    constant_weights = constant_inputs(api, info, early_weights);
+    return epsilon_of(api, info, name, &epsilon);
+  }
+
+  const OrtApi& api;
+  ONNXTensorElementDataType t, r;
+  float epsilon = 1e-5f;
+  bool constant_weights = false;
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 // DecodeBlock: one whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj); activations and the norm, in_proj
 // and out_proj weights T, residual stream R (float32 or T), the rest float32.
-struct DecodeBlockKernel {
+struct DecodeBlockKernel : FusedDecodeKernel {
   static constexpr const char* kName = "DecodeBlock";
   static const std::vector<Port>& inputs() {
     static const std::vector<Port> p = {
@@ -511,15 +528,10 @@ struct DecodeBlockKernel {
     return p;
   }
 
-  DecodeBlockKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
-      : api(api), t(t), r(r) {}
+  using FusedDecodeKernel::FusedDecodeKernel;
 
-  // Also notes whether the weights the kernel may read early (mamba_cuda.h, DecodeBlockArgs::constant_weights) are
-  // constant initializers of the graph: norm_weight, in_proj_weight, conv_weight, conv_bias, x_proj_weight.
-  OrtStatus* init(const OrtKernelInfo* info) {
-    constant_weights = constant_inputs(api, info, {2, 3, 6, 7, 8});
-    return epsilon_of(api, info, kName, &epsilon);
-  }
+  // The weights read early: norm_weight, in_proj_weight, conv_weight, conv_bias, x_proj_weight.
+  OrtStatus* init(const OrtKernelInfo* info) { return init_fused(info, kName, {2, 3, 6, 7, 8}); }
 
   OrtStatus* Compute(OrtKernelContext* ctx) {
     Call call(api, ctx, kName);
@@ -558,17 +570,12 @@ struct DecodeBlockKernel {
     MAMBA_RETURN_IF(call.stream(x, &stream));
     return call.cuda(mamba_cuda::decode_block(a, stream), "decode_block launch");
   }
-
-  const OrtApi& api;
-  ONNXTensorElementDataType t, r;
-  float epsilon = 1e-5f;
-  bool constant_weights = false;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // DecodeHead: the decode step's tail (AddRMSNorm, then the LM head's product); x, norm_weight, weight and logits T,
 // residual R (float32 or T).
-struct DecodeHeadKernel {
+struct DecodeHeadKernel : FusedDecodeKernel {
   static constexpr const char* kName = "DecodeHead";
   static const std::vector<Port>& inputs() {
     static const std::vector<Port> p = {{"x", true}, {"residual", false, true}, {"norm_weight", true}, {"weight", true}};
@@ -579,13 +586,9 @@ struct DecodeHeadKernel {
     return p;
   }
 
-  DecodeHeadKernel(const OrtApi& api, const OrtKernelInfo*, ONNXTensorElementDataType t, ONNXTensorElementDataType r)
-      : api(api), t(t), r(r) {}
+  using FusedDecodeKernel::FusedDecodeKernel;
 
-  OrtStatus* init(const OrtKernelInfo* info) {
-    constant_weights = constant_inputs(api, info, {2, 3});  // norm_weight, weight
-    return epsilon_of(api, info, kName, &epsilon);
-  }
+  OrtStatus* init(const OrtKernelInfo* info) { return init_fused(info, kName, {2, 3}); }  // norm_weight, weight
 
   OrtStatus* Compute(OrtKernelContext* ctx) {
     Call call(api, ctx, kName);
@@ -611,11 +614,6 @@ struct DecodeHeadKernel {
     MAMBA_RETURN_IF(call.stream(x, &stream));
     return call.cuda(mamba_cuda::decode_head(a, stream), "decode_head launch");
   }
-
-  const OrtApi& api;
-  ONNXTensorElementDataType t, r;
-  float epsilon = 1e-5f;
-  bool constant_weights = false;
 };
 
 // Kernels of the three Mamba ops take (api, info, T); the norms and DecodeBlock also take R and check their attribute

@@ -286,6 +286,26 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
 }
 
 
+// The norms' scales 1 / rms of nb rows of d values from each thread's sum of squares: its warp's butterfly, then the
+// warps in order (DecodeBlock's phase A and DecodeHead, so that both give the same bits). s_sq and scale are shared.
+template <int NB>
+__device__ __forceinline__ void block_scales(const float (&sq)[NB], int nb, int64_t d, float epsilon,
+                                             float (*s_sq)[kGroup], float* scale) {
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) {
+    const float v = group_sum(sq[bb], 32);
+    if (threadIdx.x % 32 == 0) s_sq[threadIdx.x / 32][bb] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < nb) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += s_sq[w][threadIdx.x];
+    scale[threadIdx.x] = 1.f / sqrtf(total / static_cast<float>(d) + epsilon);
+  }
+  __syncthreads();
+}
+
 // ---- phase A -----------------------------------------------------------------------------------------------------
 template <typename T, typename R, int V, int NB, int NV>
 __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int item,
@@ -432,19 +452,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
       }
     }
   }
-#pragma unroll
-  for (int bb = 0; bb < NB; ++bb) {
-    const float v = group_sum(sq[bb], 32);
-    if (lane == 0) sh.sq[warp][bb] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < nb) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += sh.sq[w][threadIdx.x];
-    sh.scale[threadIdx.x] = 1.f / sqrtf(total / static_cast<float>(Dm) + a.epsilon);
-  }
-  __syncthreads();
+  block_scales<NB>(sq, nb, Dm, a.epsilon, sh.sq, sh.scale);
   stamp(a, 2);
 
   float acc[Q][NB];
@@ -845,17 +853,17 @@ unsigned* barrier_word(cudaStream_t stream) {
   return owners.back().word;
 }
 
-// kernel<<<grid, kThreads, smem, stream>>>(args...), cooperative when `coop`, with programmatic dependent launch when
-// `pdl`.
-template <typename Kernel, typename... Args>
-cudaError_t launch_ex(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, bool coop, bool pdl, Args... args) {
+// kernel<<<grid, kThreads, smem, stream>>>(a, p), cooperative when `coop`, with programmatic dependent launch when
+// p.pdl; a launch refused with that attribute is made again without it (and p.pdl false).
+template <typename Kernel, typename Args, typename P>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Args& a, P p, bool coop) {
   cudaLaunchAttribute attrs[2];
   unsigned n = 0;
   if (coop) {
     attrs[n].id = cudaLaunchAttributeCooperative;
     attrs[n++].val.cooperative = 1;
   }
-  if (pdl) {
+  if (p.pdl) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n++].val.programmaticStreamSerializationAllowed = 1;
   }
@@ -866,15 +874,7 @@ cudaError_t launch_ex(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream
   config.stream = stream;
   config.attrs = attrs;
   config.numAttrs = n;
-  return cudaLaunchKernelEx(&config, kernel, args...);
-}
-
-// A DecodeBlock kernel: launch_ex with p.pdl; a launch refused with that attribute is made again without it (and p.pdl
-// false).
-template <typename Kernel>
-cudaError_t launch_kernel(Kernel kernel, int64_t grid, size_t smem, cudaStream_t stream, const DecodeBlockArgs& a,
-                          Plan p, bool coop) {
-  const cudaError_t err = launch_ex(kernel, dim3(static_cast<unsigned>(grid)), smem, stream, coop, p.pdl, a, p);
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, a, p);
   if (err == cudaSuccess || !p.pdl) return err;
   (void)cudaGetLastError();
   p.pdl = false;
@@ -930,7 +930,7 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
     if (p.items_c() > want) want = p.items_c();
     if (want <= resident) {
       p.barrier = barrier_word(stream);
-      return launch_kernel(kernel, want, smem, stream, a, p, true);
+      return launch_kernel(kernel, dim3(static_cast<unsigned>(want)), smem, stream, a, p, true);
     }
   }
   if (p.items_a() > 0x7fffffff || items_b > 0x7fffffff || p.items_c() > 0x7fffffff) return cudaErrorInvalidValue;
@@ -938,7 +938,8 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   {
     const auto kernel = a_kernel<T, R, V, NB>;
     if (cudaError_t err = allow_smem(kernel, act_bytes); err != cudaSuccess) return err;
-    if (cudaError_t err = launch_kernel(kernel, p.items_a(), act_bytes, stream, a, p, false); err != cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>(p.items_a()));
+    if (cudaError_t err = launch_kernel(kernel, grid, act_bytes, stream, a, p, false); err != cudaSuccess) {
       return err;
     }
   }
@@ -981,12 +982,12 @@ cudaError_t dispatch(const DecodeBlockArgs& a, cudaStream_t stream) {
 // Early start (constant weights, sm_90+): launched to start while the last DecodeBlock runs, thread 0 of each block of
 // group 0 asks L2 for the first early_bytes of its rows (half the L2 over all blocks) and each warp loads its first
 // rows before pdl_wait(). H100, mamba-130m (50,280 x 768 float16): the kernel alone (no early start) 30.2 us, against
-// 29.4 + 2.7 us for cuBLAS's GEMV after the AddRMSNorm kernel; asking L2 for the rest of the rows after pdl_wait()
-// too took it to 35.6 us (more than the L2 holds, evicted before use). In a CUDA-graph decode step 1-3 us less than
-// AddRMSNorm + MatMul (tools/ab_decode_exports.py). Chain benchmark (--head 50280, after 24 layers): 34.8-35.0 us
-// more than the layers; 32.5-34.4 without the early L2 request (within the noise of two runs), 39.2-39.5 without the
-// early start; two slots of 2 rows a warp (one's loads in flight while the other's are multiplied) 31.2 us alone
-// against 31.9 but 35.8-36.0 after the layers and slower at batch 8, so not taken.
+// 29.4 + 2.7 us for cuBLAS's GEMV after the AddRMSNorm kernel; in a CUDA-graph decode step 1-4 us less than
+// AddRMSNorm + MatMul (tools/ab_decode_exports.py). Chain benchmark (--head 50280, after 24 layers): 39.2-39.5 us more
+// than the layers without the early start, 34.5-35.0 with it. The early L2 request: 34.5-35.0 with, 32.5-37.7 without
+// over four runs (alone 31.6-31.9 with, 31.8-32.2 without), kept. Asking L2 for all the rows after the wait: 35.6 us
+// alone against 30.2 (more than the L2 holds: evicted before use); two slots of 2 rows a warp (one's loads in flight
+// while the other's are multiplied): 31.2 us alone against 31.9 but 35.8-36.0 after the layers and slower at batch 8.
 constexpr int kHeadRows = 4;   // LM head rows a warp takes at a time
 constexpr int kHeadNV = 3;     // weight vectors per lane and row in one pass (one pass: d = 768 in 16-bit types)
 
@@ -994,6 +995,7 @@ struct HeadPlan {
   int64_t rows_per_block;
   int64_t early_bytes;          // of each block's rows, asked for before pdl_wait()
   int chunks;                   // of kChunk values of a row
+  bool pdl;                     // launched to start before the previous kernel has finished
 };
 
 template <typename T, typename R, int V, int NB>
@@ -1001,7 +1003,7 @@ __global__ void __launch_bounds__(kThreads, 2) head_kernel(DecodeHeadArgs a, Hea
   constexpr int Q = kHeadRows;
   extern __shared__ float4 dyn[];
   float* act = reinterpret_cast<float*>(dyn);  // [chunks][NB][kChunk]
-  __shared__ float s_sq[kWarps][NB], s_scale[NB];
+  __shared__ float s_sq[kWarps][kGroup], s_scale[kGroup];
   const int64_t Dm = a.dmodel, Vn = a.vocab;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * NB;
@@ -1029,30 +1031,23 @@ __global__ void __launch_bounds__(kThreads, 2) head_kernel(DecodeHeadArgs a, Hea
   pdl_wait();
   pdl_trigger();
 
-  // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
-  // butterfly, then the warps in order (phase A's order).
+  // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order (phase A's order).
   const T* xin = static_cast<const T*>(a.x);
   const R* res = static_cast<const R*>(a.residual);
   const T* nw = static_cast<const T*>(a.norm_weight);
   const auto at = [&](int bb, int64_t k) -> float& { return act[((k / kChunk) * NB + bb) * kChunk + k % kChunk]; };
-  for (int bb = 0; bb < nb; ++bb) {
-    float sq = 0.f;
+  float sq[NB];
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) {
+    sq[bb] = 0.f;
+    if (bb >= nb) continue;
     for (int64_t k = threadIdx.x; k < Dm; k += kThreads) {
       const float v = to_float(from_float<R>(to_float(res[(b0 + bb) * Dm + k]) + to_float(xin[(b0 + bb) * Dm + k])));
       at(bb, k) = v;
-      sq += v * v;
+      sq[bb] += v * v;
     }
-    sq = group_sum(sq, 32);
-    if (lane == 0) s_sq[warp][bb] = sq;
   }
-  __syncthreads();
-  if (threadIdx.x < nb) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += s_sq[w][threadIdx.x];
-    s_scale[threadIdx.x] = 1.f / sqrtf(total / static_cast<float>(Dm) + a.epsilon);
-  }
-  __syncthreads();
+  block_scales<NB>(sq, nb, Dm, a.epsilon, s_sq, s_scale);
   for (int64_t k = threadIdx.x; k < Dm; k += kThreads) {
     const float g = to_float(nw[k]);
     for (int bb = 0; bb < nb; ++bb) at(bb, k) = to_float(from_float<T>(at(bb, k) * s_scale[bb] * g));
@@ -1118,12 +1113,9 @@ cudaError_t launch_head(const DecodeHeadArgs& a, cudaStream_t stream) {
   const int64_t groups = (a.batch + NB - 1) / NB;
   hp.early_bytes = static_cast<int64_t>(l2) / 2 / blocks;
   if (blocks > 65535 || groups > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(blocks));
-  const bool pdl = early_start(a.constant_weights);
-  const cudaError_t err = launch_ex(kernel, grid, smem, stream, false, pdl, a, hp);
-  if (err == cudaSuccess || !pdl) return err;
-  (void)cudaGetLastError();
-  return launch_ex(kernel, grid, smem, stream, false, false, a, hp);
+  hp.pdl = early_start(a.constant_weights);
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(blocks)), smem, stream, a,
+                       hp, false);
 }
 
 }  // namespace
