@@ -430,14 +430,16 @@ BLOCK_PATHS = ["auto", "split", "unfolded"]  # MAMBA_EXPORT_CUDA_DECODE_BLOCK; k
 @pytest.mark.parametrize("shape", [BLOCK_SHAPES[0], BLOCK_SHAPES[3], BLOCK_SHAPES[4], BLOCK_SHAPES[7]],
                          ids=lambda s: "x".join(map(str, s)))
 def test_decode_block_paths_agree_bit_for_bit(shape, dtype, monkeypatch):
-    """The fused kernel (with its own grid barrier, and with cooperative groups' one), one kernel per phase, and the
-    unfolded reduction give identical bits (no atomics, sums in orders fixed by the sizes), and so do repeated runs:
-    needed for identical tokens with CUDA graphs on and off."""
+    """The fused kernel (with its tagged exchange, with its own grid barrier, and with cooperative groups' one), one
+    kernel per phase, and the unfolded reduction give identical bits (no atomics, sums in orders fixed by the sizes),
+    and so do repeated runs (each launch of the tagged exchange with a new tag): needed for identical tokens with CUDA
+    graphs on and off."""
     model, feeds, shapes, _ = block_case(*shape, dtype, "float32", seed=7)
     runs = []
-    for path in ("auto", "auto", "cg-barrier", "auto", "split", "unfolded"):
+    for path in ("auto", "auto", "cg-barrier", "barrier", "auto", "auto", "split", "unfolded"):
         monkeypatch.setenv("MAMBA_EXPORT_CUDA_CG_BARRIER", "1" if path == "cg-barrier" else "0")
-        if path in ("auto", "cg-barrier"):
+        monkeypatch.setenv("MAMBA_EXPORT_CUDA_TAGGED", "0" if path in ("cg-barrier", "barrier") else "1")
+        if path in ("auto", "cg-barrier", "barrier"):
             monkeypatch.delenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", raising=False)
         else:
             monkeypatch.setenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", path)

@@ -240,6 +240,9 @@ int main(int argc, char** argv) {
     int64_t seen[kMarks] = {0};
     uint64_t prev_end = 0;
     int64_t counted = 0;
+    // DECODE_CHAIN_BLOCKS=1: each block's mean time (us from the previous layer's end) at each mark, over the layers.
+    const bool per_block = std::strcmp(env_or("DECODE_CHAIN_BLOCKS", "0"), "1") == 0;
+    std::vector<double> at(static_cast<size_t>(max_blocks) * kMarks, 0.0);
     for (int64_t l = 0; l < layers; ++l) {
       std::vector<uint64_t> st(stamp_words);
       CHECK(cudaMemcpy(st.data(), stamps[l], stamp_words * sizeof(uint64_t), cudaMemcpyDeviceToHost));
@@ -251,6 +254,12 @@ int main(int argc, char** argv) {
       }
       if (first == UINT64_MAX || last[kMarks - 1] == 0) continue;
       if (prev_end != 0) {
+        for (int64_t b = 0; b < max_blocks; ++b) {
+          for (int k = 0; k < kMarks; ++k) {
+            const uint64_t t = st[b * kStamps + order[k]];
+            if (t != 0) at[b * kMarks + k] += static_cast<double>(static_cast<int64_t>(t - prev_end));
+          }
+        }
         uint64_t prev = prev_end;
         for (int k = 1; k < kMarks; ++k) {
           if (last[k] == 0) continue;
@@ -276,6 +285,17 @@ int main(int argc, char** argv) {
       }
       std::printf("  %-25s %7.3f\n", "layer (sum)", total);
       std::printf("  %-25s %7.3f\n", "first block started early", lead / counted / 1000.0);
+      if (per_block) {
+        std::printf("per block (us from the previous layer's end, mean over layers):\nblock");
+        for (int k = 0; k < kMarks; ++k) std::printf(" | %s", marks[k]);
+        std::printf("\n");
+        for (int64_t b = 0; b < max_blocks; ++b) {
+          if (at[b * kMarks] == 0.0) continue;  // no stamps: not a block of the kernel
+          std::printf("%lld", static_cast<long long>(b));
+          for (int k = 0; k < kMarks; ++k) std::printf(" %.2f", at[b * kMarks + k] / counted / 1000.0);
+          std::printf("\n");
+        }
+      }
     }
   }
 #endif

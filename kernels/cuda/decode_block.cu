@@ -1,24 +1,29 @@
 // One whole decode layer of a Mamba model (the DecodeBlock op, mamba_cuda.h), in three phases of work items:
-//   A. per tile of kTileA channels and group of up to kGroup sequences: the group's AddRMSNorm (each block computes
-//      it for its group; the tile-0 items write residual_out), the tile's 2 x kTileA in_proj rows (x and z of its
-//      channels, one warp per kRowsA rows) against the normalised rows staged in shared memory, the conv step + SiLU
-//      of its channels, and the tile's partial x_proj sums -> partial[b, tile, row].
+//   A. two per tile of kTileA channels and group of up to kGroup sequences, each computing the group's AddRMSNorm
+//      (the x item of tile 0 writes residual_out) and kTileA in_proj rows against the normalised rows staged in
+//      shared memory (one warp per kRowsA rows): the z item its tile's z rows -> z; the x item its x rows, the conv
+//      step + SiLU of its channels, and the tile's partial x_proj sums -> partial[b, tile, row]. (Items of 16 channels'
+//      x and z rows each, as before, left phase B twice the partials: chain benchmark, H100, 370m 15.3 -> 14.4 us a
+//      layer, 1.4b 37.6 -> 35.5 with 32-channel items, and with the tagged exchange below 130m 11.67 -> 10.08.)
 //   B. per block of channels and sequence: the x_proj output (its tiles' partials summed in a fixed order), dt_proj,
 //      softplus, state update, output, gate -> y (rounded to T).
 //   C. per kRowsC out_proj rows and group: the rows against y -> out (rounded to T).
 // Every dot product over the model or channel dimension is one warp's (lane l takes the 16-byte vectors l, l + 32,
 // ... of each kChunk-long chunk in order, then the warp's butterfly), every other sum has an order fixed by the
 // sizes alone, and no result depends on which block or launch computes it. So the paths below give identical bits:
-//   fused     one cooperative kernel, block i running item i of each phase with a grid-wide barrier between phases
-//             (phase B then sums the partials itself). Used when the batch fits one group and every item of every
-//             phase gets a resident block: the launch-bound small-batch regime this op exists for.
+//   fused     one cooperative kernel, block i running item i of each phase (phase B then sums the partials itself).
+//             Used when the batch fits one group and every item of every phase gets a resident block: the
+//             launch-bound small-batch regime this op exists for. Between the phases, either a grid-wide barrier
+//             (the partials, xc, z and y in the workspace), or by default the tagged exchange (below): each block
+//             waits only for the words it reads.
 //   split     one kernel per phase (phase B summing the partials itself).
 //   unfolded  four kernels: A, the partials' sum once per sequence, B reading it, C. Used where folding the sum into
 //             phase B would read the partials many times over (large batch x channels).
 // Latency, not bandwidth, bounds it at batch 1: weights and phase-B state are requested before they are needed (in
 // registers, cp.async into shared memory, or an L2 bulk prefetch), and batch 1 has its own build (NB = 1). The matrix
 // products are SIMT loops: at batch 8 and above onnxruntime's cuBLAS MatMul nodes are faster (docs/gpu.md).
-// MAMBA_EXPORT_CUDA_DECODE_BLOCK=split or =unfolded forces a path (tests).
+// MAMBA_EXPORT_CUDA_DECODE_BLOCK=split or =unfolded forces a path, MAMBA_EXPORT_CUDA_TAGGED=0 the fused kernel's
+// barriers (tests).
 // Early start: with constant weights (DecodeBlockArgs::constant_weights) on sm_90+, the fused batch-1 kernel is
 // launched with programmatic dependent launch. A block first issues its constant weights' loads (in_proj rows into
 // registers, conv and x_proj weights into shared memory, the norm weight), then waits (pdl_wait) for the previous
@@ -46,11 +51,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kGroup = 8;                            // sequences per group (phases A and C)
-constexpr int kTileA = 16;                           // channels per phase-A item
-constexpr int kRowsA = 2 * kTileA / kWarps;          // in_proj rows per warp (warps 0-3: x rows, 4-7: z rows)
+constexpr int kTileA = 32;                           // channels per phase-A item
+constexpr int kRowsA = kTileA / kWarps;              // in_proj rows per warp (the item's x rows, or its z rows)
 constexpr int kRowsC = kWarps;                       // out_proj rows per phase-C item, one per warp
 constexpr int kNVA = 4;                              // in_proj vectors per lane and row in one pass
-constexpr int kXW = 256;                             // x_proj rows of a tile staged in shared memory
+constexpr int kXW = 128;                             // x_proj rows of a tile staged in shared memory
 constexpr int kChunk = 2048;                         // activation values per row staged in shared memory at a time
 constexpr int64_t kMaxFoldedReads = int64_t{4} << 20;  // partials phase B may read in all when it sums them itself
 
@@ -59,7 +64,7 @@ __host__ __device__ inline bool aligned16(const void* p) { return reinterpret_ca
 
 struct Plan {
   // Counts in int (decode_block() bounds the sizes), so that the kernels split block indices by 32-bit division.
-  int tiles;                 // phase A: tiles of kTileA channels
+  int tiles;                 // phase A: tiles of kTileA channels (two items each: its z rows, its x rows)
   int groups;                // batch groups of kGroup
   int rows_c;                // phase C: groups of kRowsC out_proj rows
   int chunks_b;              // phase B: channel blocks of cpb channels, tpc threads per channel
@@ -68,7 +73,8 @@ struct Plan {
   bool fold;                 // phase B sums the partials itself (else it reads dbc)
   bool pdl;                  // launched to start before the previous kernel has finished (phase A's load order)
   unsigned* barrier;         // the fused kernel's grid-barrier word (nullptr: cooperative groups' barrier)
-  __host__ __device__ int64_t items_a() const { return static_cast<int64_t>(tiles) * groups; }
+  unsigned long long* xbuf;  // the fused kernel's tagged exchange (see below; nullptr: workspace and grid barriers)
+  __host__ __device__ int64_t items_a() const { return int64_t{2} * tiles * groups; }
   __host__ __device__ int64_t items_c() const { return static_cast<int64_t>(rows_c) * groups; }
 };
 
@@ -93,12 +99,15 @@ __host__ __device__ inline Workspace split_workspace(const DecodeBlockArgs& a, i
 struct Shared {
   float sq[kWarps][kGroup];          // the warps' sums of squares of the group's rows
   float scale[kGroup];               // 1 / rms of the group's rows
-  float xz[2 * kTileA][kGroup];      // the tile's in_proj outputs (rounded to T): x rows, then z rows
+  float xz[kTileA][kGroup];          // the item's in_proj outputs (rounded to T): its x rows or its z rows
   float xc[kGroup][kTileA];          // conv + SiLU of the tile's channels
-  float xw[kXW][kTileA];             // the tile's x_proj weights (rows beyond kXW are read from global memory)
+  // The tile's x_proj weights (rows beyond kXW are read from global memory), each row padded by 4 floats so that the
+  // 16-byte reads of rows t, t + 1, ... by consecutive threads fall on different banks.
+  alignas(16) float xw[kXW][kTileA + 4];
   float cst[kGroup][kTileA][kMaxDConv - 1];  // the tile's conv states
   float cw[kTileA][kMaxDConv];       // and conv weights
   float cb[kTileA];                  // and conv biases
+  unsigned tag;                      // the launch's tag (tagged exchange)
 };
 
 // ---- timeline (tools/decode_block_chain.cu) ---------------------------------------------------------------------
@@ -285,6 +294,96 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
   }
 }
 
+// ---- the fused kernel's tagged exchange -----------------------------------------------------------------------------
+// Instead of the workspace and grid-wide barriers, the fused kernel can pass xc, z, the x_proj partials and y from
+// block to block as tagged words: the float's bits in the low half of a 64-bit word, the launch's tag in the high half,
+// written and read as single 64-bit relaxed (gpu-scope) accesses, so that a word read with this launch's tag holds
+// this launch's value. A reader loads the words it needs and loads again those not yet tagged: one L2 round trip
+// after the last writer where a barrier took two and then the copy a third. The words live in a buffer owned by the
+// library (exchange_buffer()), one per (device, stream, grid, sizes), zeroed when allocated: every launch on it writes
+// every word, so a stale word carries the previous launch's tag. The tag: word 0 counts the blocks that have
+// finished over all launches on the buffer (each adds 1 as it ends); a block reads it once the previous kernel has
+// finished (pdl_wait) and takes count / grid + 1 (blocks of this launch that ended before the read add less than a
+// grid).
+struct Tagged {
+  unsigned long long *count, *partial, *xc, *z, *y;
+};
+
+__host__ __device__ inline Tagged tagged_words(unsigned long long* base, const DecodeBlockArgs& a, int64_t tiles) {
+  const int64_t b = a.batch, e = a.dim;
+  Tagged t;
+  t.count = base;
+  t.partial = base + 2;
+  t.xc = t.partial + b * tiles * pad4(r2_of(a));
+  t.z = t.xc + b * e;
+  t.y = t.z + b * e;
+  return t;
+}
+__host__ inline int64_t tagged_words_count(const DecodeBlockArgs& a, int64_t tiles) {
+  return 2 + a.batch * tiles * pad4(r2_of(a)) + 3 * a.batch * a.dim;
+}
+
+__device__ __forceinline__ void put_tagged(unsigned long long* p, float v, unsigned tag) {
+  const unsigned long long w = static_cast<unsigned long long>(tag) << 32 | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(w));
+}
+__device__ __forceinline__ unsigned long long get_tagged(const unsigned long long* p) {
+  unsigned long long w;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p));
+  return w;
+}
+__device__ __forceinline__ bool has_tag(unsigned long long w, unsigned tag) {
+  return static_cast<unsigned>(w >> 32) == tag;
+}
+// A wait longer than kMaxPolls loads (seconds) means a word nobody writes: a bug, reported as a kernel error (trap)
+// rather than a hang.
+constexpr unsigned kMaxPolls = 1u << 26;
+
+// One tagged word's float, loaded until it carries `tag`.
+__device__ __forceinline__ float wait_tagged(const unsigned long long* p, unsigned tag) {
+  unsigned long long w = get_tagged(p);
+  for (unsigned polls = 1; !has_tag(w, tag); ++polls) {
+    if (polls > kMaxPolls) __trap();
+    w = get_tagged(p);
+  }
+  return __uint_as_float(static_cast<unsigned>(w));
+}
+
+// dst[i] = the float of src[i] for i < n once it carries `tag`: thread t takes i = t, t + kThreads, ... in passes of
+// kPoll words, a pass's loads issued together, then those not yet tagged loaded again (together).
+constexpr int kPoll = 16;
+__device__ __forceinline__ void gather_tagged(float* dst, const unsigned long long* src, int n, unsigned tag) {
+  for (int i0 = threadIdx.x; i0 < n; i0 += kPoll * kThreads) {
+    unsigned long long w[kPoll];
+    unsigned pending = 0;
+#pragma unroll
+    for (int k = 0; k < kPoll; ++k) {
+      if (i0 + k * kThreads < n) pending |= 1u << k;
+    }
+    for (unsigned polls = 0; pending != 0; ++polls) {
+      if (polls > kMaxPolls) __trap();
+#pragma unroll
+      for (int k = 0; k < kPoll; ++k) {
+        if (pending >> k & 1u) w[k] = get_tagged(src + i0 + k * kThreads);
+      }
+#pragma unroll
+      for (int k = 0; k < kPoll; ++k) {
+        if ((pending >> k & 1u) && has_tag(w[k], tag)) {
+          dst[i0 + k * kThreads] = __uint_as_float(static_cast<unsigned>(w[k]));
+          pending &= ~(1u << k);
+        }
+      }
+    }
+  }
+}
+
+// The launch's tag (thread 0; see above).
+__device__ __forceinline__ unsigned launch_tag(const unsigned long long* count) {
+  unsigned long long c;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(c) : "l"(count) : "memory");
+  return static_cast<unsigned>(c / gridDim.x) + 1u;
+}
+
 
 // The norms' scales 1 / rms of nb rows of d values from each thread's sum of squares: its warp's butterfly, then the
 // warps in order (DecodeBlock's phase A and DecodeHead, so that both give the same bits). s_sq and scale are shared.
@@ -307,7 +406,7 @@ __device__ __forceinline__ void block_scales(const float (&sq)[NB], int nb, int6
 }
 
 // ---- phase A -----------------------------------------------------------------------------------------------------
-template <typename T, typename R, int V, int NB, int NV>
+template <typename T, typename R, int V, int NB, int NV, bool X = false>
 __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int item,
                                         Shared& sh, float* act, void* rows_smem) {
   constexpr int Q = kRowsA;
@@ -315,7 +414,10 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   const int64_t E = a.dim, K = a.width, km1 = K - 1, R2 = r2_of(a);
   const int Dm = static_cast<int>(a.dmodel);
   const int tile = item % p.tiles;
-  const int64_t b0 = static_cast<int64_t>(item / p.tiles) * kGroup, e0 = static_cast<int64_t>(tile) * kTileA;
+  // The item's in_proj rows: its tile's z rows (the first p.tiles items of a group), else its x rows. The z items
+  // finish phase A first, and at batch 1 the fused kernel's blocks with a phase-B item are the first blocks: z items.
+  const bool zrows = (item / p.tiles) % 2 == 0;
+  const int64_t b0 = static_cast<int64_t>(item / (2 * p.tiles)) * kGroup, e0 = static_cast<int64_t>(tile) * kTileA;
   const int nb = static_cast<int>(a.batch - b0 < NB ? a.batch - b0 : NB);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* xin = static_cast<const T*>(a.x) + b0 * Dm;
@@ -324,16 +426,15 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   R* rout = static_cast<R*>(a.residual_out) + b0 * Dm;
   const T* nw = static_cast<const T*>(a.norm_weight);
 
-  // in_proj: warp w takes local rows w * Q + q; local row lr < kTileA is x row e0 + lr, else z row
-  // E + e0 + lr - kTileA.
+  // in_proj: warp w takes the tile's channels c = w * Q + q: x row e0 + c, or z row E + e0 + c.
   const T* W = static_cast<const T*>(a.in_proj_weight);
   const T* wrow[Q];
   bool valid[Q];
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int lr = warp * Q + q, c = lr % kTileA;
+    const int c = warp * Q + q;
     valid[q] = e0 + c < E;
-    wrow[q] = W + ((lr < kTileA ? 0 : E) + e0 + c) * Dm;
+    wrow[q] = W + ((zrows ? E : 0) + e0 + c) * Dm;
   }
   // The weights (constant) and the previous kernel's outputs (x, residual) are loaded in one of two orders. Launched
   // early (p.pdl): the weights first, all of them before pdl_wait(), so that they arrive while the previous kernel
@@ -368,16 +469,24 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   Pass<T, V, Q, NV> P;
   load_pass<T, V, Q, NV>(wrow, valid, 0, 0, kc0, P);  // in flight during the norm
 
-  // Phase A's other inputs that do not depend on the norm, copied into shared memory meanwhile: the tile's x_proj
+  // An x item's other inputs that do not depend on the norm, copied into shared memory meanwhile: the tile's x_proj
   // weights, conv weights and biases (constant), then, once the previous kernel has finished, its conv states.
   const int cbb = threadIdx.x / kTileA, cc = threadIdx.x % kTileA;
   const bool conv_thread = cbb < nb && e0 + cc < E;
-  const int ch = static_cast<int>(E - e0 < kTileA ? E - e0 : kTileA);
+  const int ch = zrows ? 0 : static_cast<int>(E - e0 < kTileA ? E - e0 : kTileA);
   {
     const int kk = static_cast<int>(K), xrows = static_cast<int>(R2 < kXW ? R2 : kXW);
-    for (int i = threadIdx.x; i < xrows * kTileA; i += kThreads) {
-      const int row = i / kTileA, c = i % kTileA;
-      if (c < ch) cp_async4(&sh.xw[row][c], a.x_proj_weight + row * E + e0 + c);
+    const float* xw = a.x_proj_weight + e0;
+    if (ch == kTileA && E % 4 == 0 && aligned16(xw)) {
+      constexpr int kQ = kTileA / 4;
+      for (int i = threadIdx.x; i < xrows * kQ; i += kThreads) {
+        cp_async16(&sh.xw[i / kQ][i % kQ * 4], xw + (i / kQ) * E + i % kQ * 4);
+      }
+    } else {
+      for (int i = threadIdx.x; i < xrows * kTileA; i += kThreads) {
+        const int row = i / kTileA, c = i % kTileA;
+        if (c < ch) cp_async4(&sh.xw[row][c], xw + row * E + c);
+      }
     }
     for (int i = threadIdx.x; i < ch * kk; i += kThreads) cp_async4(&sh.cw[i / kk][i % kk], a.conv_weight + e0 * K + i);
     if (threadIdx.x < ch) cp_async4(&sh.cb[threadIdx.x], a.conv_bias + e0 + threadIdx.x);
@@ -399,6 +508,9 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
       const int bb = i / (kTileA * k1), c = (i / k1) % kTileA, j = i % k1;
       if (c < ch) cp_async4(&sh.cst[bb][c][j], a.conv_state_in + ((b0 + bb) * E + e0 + c) * km1 + j);
     }
+  }
+  if constexpr (X) {
+    if (threadIdx.x == 0) sh.tag = launch_tag(p.xbuf);  // after the copies above are issued
   }
 
   // The norm: r = R(residual + x); thread t sums r^2 over k = t, t + kThreads, ... in order, then its warp's
@@ -425,7 +537,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
         if (k < Dm) {
           const R rounded = from_float<R>(r1[i]);
           const float v = to_float(rounded);
-          if (tile == 0) rout[k] = rounded;
+          if (tile == 0 && !zrows) rout[k] = rounded;
           act[k] = v;
           sq[0] += v * v;
         }
@@ -445,7 +557,7 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
         if (k < Dm) {
           const R rounded = from_float<R>(r[u]);
           const float v = to_float(rounded);
-          if (tile == 0) rout[bb * Dm + k] = rounded;
+          if (tile == 0 && !zrows) rout[bb * Dm + k] = rounded;
           if (staged) act[bb * kChunk + k] = v;
           sq[bb] += v * v;
         }
@@ -496,6 +608,18 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   stamp(a, 3);
   cp_async_wait();
   __syncthreads();
+  const Tagged tw = tagged_words(p.xbuf, a, p.tiles);
+  if (zrows) {
+    if (threadIdx.x < NB * kTileA && conv_thread) {
+      const int64_t i = (b0 + cbb) * E + e0 + cc;
+      if constexpr (X) {
+        put_tagged(tw.z + i, sh.xz[cc][cbb], sh.tag);
+      } else {
+        ws.z[i] = sh.xz[cc][cbb];
+      }
+    }
+    return;
+  }
 
   // conv step + SiLU of the tile's channels (the order of DecodeStep's: bias, newest input, then the state).
   if (threadIdx.x < NB * kTileA) {
@@ -511,8 +635,11 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
       float* st_out = a.conv_state_out + (b * E + e) * km1;
       for (int64_t j = 0; j + 1 < km1; ++j) st_out[j] = st[j + 1];
       if (km1 > 0) st_out[km1 - 1] = xnew;
-      ws.xc[b * E + e] = xc;
-      ws.z[b * E + e] = sh.xz[kTileA + cc][cbb];
+      if constexpr (X) {
+        put_tagged(tw.xc + b * E + e, xc, sh.tag);
+      } else {
+        ws.xc[b * E + e] = xc;
+      }
     }
     sh.xc[cbb][cc] = xc;
   }
@@ -520,13 +647,17 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   stamp(a, 4);
 
   // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group. (The rows'
-  // padding up to pad4(r2) is never written: phase B sums it into dbc rows it drops.)
+  // padding up to pad4(r2) is written only for the tagged exchange, whose readers wait for every word: phase B sums
+  // it into dbc rows it drops.)
   const bool full_tile = e0 + kTileA <= E;
   for (int row = threadIdx.x; row < R2; row += kThreads) {
     float wx[kTileA];
     if (full_tile && row < kXW) {  // the common case, without a test per channel
 #pragma unroll
-      for (int c = 0; c < kTileA; ++c) wx[c] = sh.xw[row][c];
+      for (int c = 0; c < kTileA; c += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&sh.xw[row][c]);
+        wx[c] = v.x, wx[c + 1] = v.y, wx[c + 2] = v.z, wx[c + 3] = v.w;
+      }
     } else {
 #pragma unroll
       for (int c = 0; c < kTileA; ++c) {
@@ -537,7 +668,19 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
       float s = 0.f;
 #pragma unroll
       for (int c = 0; c < kTileA; ++c) s += wx[c] * sh.xc[bb][c];
-      ws.partial[((b0 + bb) * p.tiles + tile) * pad4(R2) + row] = s;
+      const int64_t i = ((b0 + bb) * p.tiles + tile) * pad4(R2) + row;
+      if constexpr (X) {
+        put_tagged(tw.partial + i, s, sh.tag);
+      } else {
+        ws.partial[i] = s;
+      }
+    }
+  }
+  if constexpr (X) {
+    for (int64_t row = R2 + threadIdx.x; row < pad4(R2); row += kThreads) {
+      for (int bb = 0; bb < nb; ++bb) {
+        put_tagged(tw.partial + ((b0 + bb) * p.tiles + tile) * pad4(R2) + row, 0.f, sh.tag);
+      }
     }
   }
 }
@@ -576,8 +719,9 @@ __host__ __device__ inline bool one_round(const Plan& p, int64_t R2) {
   return pad4(R2) / 4 <= kThreads && stage_tiles(p, R2) >= p.tiles;
 }
 
+template <bool X = false>
 __device__ __forceinline__ void reduce_dbc(const DecodeBlockArgs& a, const Workspace& ws, const Plan& p, int64_t R2,
-                                           int64_t b, float* s_dbc, bool issued = false) {
+                                           int64_t b, float* s_dbc, bool issued = false, unsigned tag = 0) {
   const int quads = static_cast<int>(pad4(R2) / 4);
   const int round_tiles = static_cast<int>(stage_tiles(p, R2));
   float* parts = s_dbc + pad4(R2);
@@ -589,7 +733,13 @@ __device__ __forceinline__ void reduce_dbc(const DecodeBlockArgs& a, const Works
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int t0 = 0; t0 < p.tiles; t0 += round_tiles) {
       const int n = p.tiles - t0 < round_tiles ? p.tiles - t0 : round_tiles;
-      if (!(issued && q0 == 0 && t0 == 0)) issue_partials(ws, p, R2, b, s_dbc, t0, n);
+      if constexpr (X) {
+        gather_tagged(reinterpret_cast<float*>(staged),
+                      tagged_words(p.xbuf, a, p.tiles).partial + (b * p.tiles + t0) * pad4(R2),
+                      n * 4 * quads, tag);
+      } else {
+        if (!(issued && q0 == 0 && t0 == 0)) issue_partials(ws, p, R2, b, s_dbc, t0, n);
+      }
       cp_async_wait();
       __syncthreads();
       if (t0 == 0) stamp(a, 11);
@@ -636,25 +786,40 @@ __device__ __forceinline__ void scan_loads(const DecodeBlockArgs& a, const Plan&
   L.bias = s.active ? a.dt_bias[s.e] : 0.f;
 }
 
-template <typename T, int J>
+template <typename T, int J, bool X = false>
 __device__ __forceinline__ void scan_finish(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int i,
-                                            ScanLoads<J>& L, float* s_dbc, bool issued = false) {
+                                            ScanLoads<J>& L, float* s_dbc, bool issued = false, unsigned tag = 0) {
   const int64_t E = a.dim, R2 = r2_of(a);
   const ScanItem s = scan_item_of(a, p, i);
   const int64_t b = s.b, e = s.e;
   const int sub = s.sub;
-  const float x = s.active ? __ldcg(ws.xc + b * E + e) : 0.f;
-  const float z = (s.active && sub == 0) ? __ldcg(ws.z + b * E + e) : 0.f;
+  constexpr bool xt = X;  // tagged exchange: x and z once the partials are in
+  float x = s.active && !xt ? __ldcg(ws.xc + b * E + e) : 0.f;
+  float z = (s.active && sub == 0 && !xt) ? __ldcg(ws.z + b * E + e) : 0.f;
   const float Dp = (s.active && sub == 0) ? a.D[e] : 0.f;
   if (p.fold) {
-    reduce_dbc(a, ws, p, R2, b, s_dbc, issued);
+    reduce_dbc<X>(a, ws, p, R2, b, s_dbc, issued, tag);
   } else {
     for (int64_t row = threadIdx.x; row < R2; row += kThreads) s_dbc[row] = __ldcg(ws.dbc + b * R2 + row);
+  }
+  if constexpr (xt) {
+    if (s.active) {
+      const Tagged tw = tagged_words(p.xbuf, a, p.tiles);
+      x = wait_tagged(tw.xc + b * E + e, tag);
+      if (sub == 0) z = wait_tagged(tw.z + b * E + e, tag);
+    }
   }
   __syncthreads();
   stamp(a, 7);
   const float acc = scan_step<J>(a, s, p.tpc, L, L.bias, x, s_dbc);
-  if (sub == 0 && s.active) ws.y[b * E + e] = to_float(from_float<T>((acc + Dp * x) * silu(z)));
+  if (sub == 0 && s.active) {
+    const float y = to_float(from_float<T>((acc + Dp * x) * silu(z)));
+    if constexpr (xt) {
+      put_tagged(tagged_words(p.xbuf, a, p.tiles).y + b * E + e, y, tag);
+    } else {
+      ws.y[b * E + e] = y;
+    }
+  }
 }
 
 // ---- phase C -----------------------------------------------------------------------------------------------------
@@ -676,9 +841,9 @@ __device__ __forceinline__ void phase_c_loads(const DecodeBlockArgs& a, const Pl
   load_pass<T, V, 1, kNVC>(S.wrow, S.valid, 0, 0, static_cast<int>(E < kChunk ? E : kChunk), S.P);
 }
 
-template <typename T, int V, int NB>
+template <typename T, int V, int NB, bool X = false>
 __device__ __forceinline__ void phase_c(const DecodeBlockArgs& a, const Plan& p, const Workspace& ws, int item,
-                                        PhaseC<T, V>& S, float* act) {
+                                        PhaseC<T, V>& S, float* act, unsigned tag = 0) {
   const int64_t E = a.dim, Dm = a.dmodel;
   const int64_t b0 = static_cast<int64_t>(item / p.rows_c) * kGroup;
   const int64_t d = static_cast<int64_t>(item % p.rows_c) * kRowsC + threadIdx.x / 32;
@@ -689,7 +854,10 @@ __device__ __forceinline__ void phase_c(const DecodeBlockArgs& a, const Plan& p,
   for (int64_t k0 = 0; k0 < E; k0 += kChunk) {
     const int kc = static_cast<int>(E - k0 < kChunk ? E - k0 : kChunk);
     if (k0 > 0) load_pass<T, V, 1, kNVC>(S.wrow, S.valid, k0, 0, kc, S.P);
-    if (kc % 4 == 0 && E % 4 == 0) {
+    if constexpr (X) {
+      const unsigned long long* y = tagged_words(p.xbuf, a, p.tiles).y;
+      for (int bb = 0; bb < nb; ++bb) gather_tagged(act + bb * kChunk, y + (b0 + bb) * E + k0, kc, tag);
+    } else if (kc % 4 == 0 && E % 4 == 0) {
       for (int bb = 0; bb < nb; ++bb) stage(act + bb * kChunk, ws.y + (b0 + bb) * E + k0, kc);
     } else {
       for (int i = threadIdx.x; i < nb * kc; i += kThreads) {
@@ -751,7 +919,7 @@ __global__ void __launch_bounds__(kThreads) c_kernel(DecodeBlockArgs a, Plan p) 
 // then loads its weights beside this one's phases B and C.
 // H100, 130m decode step with CUDA graphs (docs/gpu.md): with this bound 0.432-0.444 ms early start on, 0.477-0.483
 // off; without it 0.448 on, 0.462 off.
-template <typename T, typename R, int V, int J, int NB>
+template <typename T, typename R, int V, int J, int NB, bool X>
 __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(DecodeBlockArgs a, Plan p) {
   __shared__ Shared sh;
   extern __shared__ float4 dyn[];
@@ -775,32 +943,44 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) fused_kernel(Decode
       prefetch_l2(a.A + e0 * a.dstate, ch * a.dstate * 4);
     }
   }
+  constexpr bool xt = X;
   if (has_a) {
-    phase_a<T, R, V, NB, kNVA>(a, p, ws, i, sh, act, s_dbc + dbc_floats(p, r2_of(a)));
+    phase_a<T, R, V, NB, kNVA, X>(a, p, ws, i, sh, act, s_dbc + dbc_floats(p, r2_of(a)));
   } else {
     pdl_wait();
     pdl_trigger();
     stamp(a, 1);
+    if (xt && threadIdx.x == 0) sh.tag = launch_tag(p.xbuf);
   }
   ScanLoads<J> L;
   if (has_b) scan_loads<J>(a, p, i, L);
   PhaseC<T, V> S;
   stamp(a, 5);
-  grid_barrier(p.barrier);
+  if constexpr (xt) {
+    __syncthreads();  // sh.tag
+  } else {
+    grid_barrier(p.barrier);
+  }
   stamp(a, 6);
   // A block with a phase-B item first asks for the partials (one round), so that they do not queue behind its out_proj
   // rows: chain benchmark, H100, 130m 11.72-11.79 -> 11.59-11.67 us a layer (three runs). Tried and slower: the C-only
   // blocks loading their rows before the barrier (12.10), the partials as one TMA bulk copy (12.4-12.9; the cp.async
   // copies of the round take ~2 us after the barrier, timeline build).
-  const bool issued = has_b && p.fold && one_round(p, r2_of(a));
+  const bool issued = !xt && has_b && p.fold && one_round(p, r2_of(a));
   if (issued) issue_partials(ws, p, r2_of(a), i / p.chunks_b, s_dbc, 0, p.tiles);
   if (has_c) phase_c_loads<T, V>(a, p, i, S);
-  if (has_b) scan_finish<T, J>(a, p, ws, i, L, s_dbc, issued);
+  const unsigned tag = xt ? sh.tag : 0u;
+  if (has_b) scan_finish<T, J, X>(a, p, ws, i, L, s_dbc, issued, tag);
   stamp(a, 8);
-  grid_barrier(p.barrier);
+  if constexpr (!xt) grid_barrier(p.barrier);
   stamp(a, 9);
-  if (has_c) phase_c<T, V, NB>(a, p, ws, i, S, act);
+  if (has_c) phase_c<T, V, NB, X>(a, p, ws, i, S, act, tag);
   stamp(a, 10);
+  if constexpr (xt) {
+    if (threadIdx.x == 0) {  // the block has finished: count it (see "tagged exchange")
+      asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(p.xbuf) : "memory");
+    }
+  }
 }
 
 // ---- launch ------------------------------------------------------------------------------------------------------
@@ -851,6 +1031,53 @@ unsigned* barrier_word(cudaStream_t stream) {
   }
   owners.push_back({device, stream, static_cast<unsigned*>(base) + owners.size()});
   return owners.back().word;
+}
+
+// The fused kernel's tagged-exchange buffer (see "tagged exchange") for `grid` blocks on `stream` of the current
+// device at a's sizes: allocated and zeroed on first use, then kept for the process (a CUDA graph holds its address).
+// nullptr (the kernel then uses the workspace and grid barriers) where the stream is cudaStreamPerThread, it is being
+// captured and has no buffer yet, the allocation fails, or MAMBA_EXPORT_CUDA_TAGGED=0.
+unsigned long long* exchange_buffer(cudaStream_t stream, unsigned grid, const DecodeBlockArgs& a, int tiles) {
+  struct Owner {
+    int device;
+    cudaStream_t stream;
+    unsigned grid;
+    int64_t batch, dim, r2;
+    unsigned long long* words;
+  };
+  static std::mutex mutex;
+  static std::vector<Owner> owners;
+  const char* env = std::getenv("MAMBA_EXPORT_CUDA_TAGGED");
+  int device = 0;
+  if ((env != nullptr && std::strcmp(env, "0") == 0) || stream == cudaStreamPerThread ||
+      cudaGetDevice(&device) != cudaSuccess) {
+    return nullptr;
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Owner& o : owners) {
+    if (o.device == device && o.stream == stream && o.grid == grid && o.batch == a.batch && o.dim == a.dim &&
+        o.r2 == r2_of(a)) {
+      return o.words;
+    }
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  const size_t bytes = static_cast<size_t>(tagged_words_count(a, tiles)) * sizeof(unsigned long long);
+  void* words = nullptr;
+  if (cudaMalloc(&words, bytes) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  if (cudaMemsetAsync(words, 0, bytes, stream) != cudaSuccess) {
+    cudaGetLastError();
+    cudaFree(words);
+    return nullptr;
+  }
+  owners.push_back({device, stream, grid, a.batch, a.dim, r2_of(a), static_cast<unsigned long long*>(words)});
+  return owners.back().words;
 }
 
 // kernel<<<grid, kThreads, smem, stream>>>(a, p), cooperative when `coop`, with programmatic dependent launch when
@@ -912,7 +1139,7 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
   int device = 0, coop = 0;
   if (forced == 0 && p.fold && p.groups == 1 && cudaGetDevice(&device) == cudaSuccess &&
       cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && coop != 0) {
-    const auto kernel = fused_kernel<T, R, V, J, NB>;
+    const auto kernel = fused_kernel<T, R, V, J, NB, false>;
     // Batch 1: room for the row's residual and x, staged by cp.async (phase_a).
     const size_t rows_bytes = NB == 1 && a.dmodel <= kChunk ? a.dmodel * (sizeof(R) + sizeof(T)) : 0;
     const size_t smem = act_bytes + dbc_bytes + rows_bytes;
@@ -930,6 +1157,12 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
     if (p.items_c() > want) want = p.items_c();
     if (want <= resident) {
       p.barrier = barrier_word(stream);
+      p.xbuf = exchange_buffer(stream, static_cast<unsigned>(want), a, p.tiles);
+      if (p.xbuf != nullptr) {
+        const auto tagged = fused_kernel<T, R, V, J, NB, true>;
+        if (cudaError_t err = allow_smem(tagged, smem); err != cudaSuccess) return err;
+        return launch_kernel(tagged, dim3(static_cast<unsigned>(want)), smem, stream, a, p, true);
+      }
       return launch_kernel(kernel, dim3(static_cast<unsigned>(want)), smem, stream, a, p, true);
     }
   }
