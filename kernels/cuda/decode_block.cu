@@ -301,7 +301,8 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
 // this launch's value. A reader loads the words it needs and loads again those not yet tagged: one L2 round trip
 // after the last writer where a barrier took two and then the copy a third. The words live in a buffer owned by the
 // library (exchange_buffer()), one per (device, stream, grid, sizes), zeroed when allocated: every launch on it writes
-// every word, so a stale word carries the previous launch's tag. The tag: word 0 counts the blocks that have
+// every word (used only where r2 is a multiple of 4, so that the partials have no padding), so a stale word carries
+// the previous launch's tag. The tag: word 0 counts the blocks that have
 // finished over all launches on the buffer (each adds 1 as it ends); a block reads it once the previous kernel has
 // finished (pdl_wait) and takes count / grid + 1 (blocks of this launch that ended before the read add less than a
 // grid).
@@ -647,8 +648,8 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   stamp(a, 4);
 
   // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group. (The rows'
-  // padding up to pad4(r2) is written only for the tagged exchange, whose readers wait for every word: phase B sums
-  // it into dbc rows it drops.)
+  // padding up to pad4(r2) is never written: phase B sums it into dbc rows it drops. The tagged exchange, whose
+  // readers wait for every word, runs only where r2 is a multiple of 4: no padding.)
   const bool full_tile = e0 + kTileA <= E;
   for (int row = threadIdx.x; row < R2; row += kThreads) {
     float wx[kTileA];
@@ -673,13 +674,6 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
         put_tagged(tw.partial + i, s, sh.tag);
       } else {
         ws.partial[i] = s;
-      }
-    }
-  }
-  if constexpr (X) {
-    for (int64_t row = R2 + threadIdx.x; row < pad4(R2); row += kThreads) {
-      for (int bb = 0; bb < nb; ++bb) {
-        put_tagged(tw.partial + ((b0 + bb) * p.tiles + tile) * pad4(R2) + row, 0.f, sh.tag);
       }
     }
   }
@@ -1157,7 +1151,9 @@ cudaError_t launch(const DecodeBlockArgs& a, cudaStream_t stream) {
     if (p.items_c() > want) want = p.items_c();
     if (want <= resident) {
       p.barrier = barrier_word(stream);
-      p.xbuf = exchange_buffer(stream, static_cast<unsigned>(want), a, p.tiles);
+      // The tagged exchange where the partials' rows have no padding (r2 a multiple of 4, as in every released
+      // Mamba): writing the padding words took 0.25 us a 130m layer even where r2 has none (chain benchmark, H100).
+      p.xbuf = R2 % 4 == 0 ? exchange_buffer(stream, static_cast<unsigned>(want), a, p.tiles) : nullptr;
       if (p.xbuf != nullptr) {
         const auto tagged = fused_kernel<T, R, V, J, NB, true>;
         if (cudaError_t err = allow_smem(tagged, smem); err != cudaSuccess) return err;
