@@ -4,7 +4,7 @@
 //      shared memory (one warp per kRowsA rows): the z item its tile's z rows -> z; the x item its x rows, the conv
 //      step + SiLU of its channels, and the tile's partial x_proj sums -> partial[b, tile, row]. (Items of 16 channels'
 //      x and z rows each, as before, left phase B twice the partials: chain benchmark, H100, 370m 15.3 -> 14.4 us a
-//      layer, 1.4b 37.6 -> 35.5 with 32-channel items, and with the tagged exchange below 130m 11.67 -> 10.08.)
+//      layer, 1.4b 37.6 -> 35.5 with 32-channel items, and with the tagged exchange below 130m 11.68 -> 10.04.)
 //   B. per block of channels and sequence: the x_proj output (its tiles' partials summed in a fixed order), dt_proj,
 //      softplus, state update, output, gate -> y (rounded to T).
 //   C. per kRowsC out_proj rows and group: the rows against y -> out (rounded to T).
@@ -302,10 +302,9 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
 // after the last writer where a barrier took two and then the copy a third. The words live in a buffer owned by the
 // library (exchange_buffer()), one per (device, stream, grid, sizes), zeroed when allocated: every launch on it writes
 // every word (used only where r2 is a multiple of 4, so that the partials have no padding), so a stale word carries
-// the previous launch's tag. The tag: word 0 counts the blocks that have
-// finished over all launches on the buffer (each adds 1 as it ends); a block reads it once the previous kernel has
-// finished (pdl_wait) and takes count / grid + 1 (blocks of this launch that ended before the read add less than a
-// grid).
+// the previous launch's tag. The tag: word 0 counts the blocks that have finished over all launches on the buffer
+// (each adds 1 as it ends); a block reads it once the previous kernel has finished (pdl_wait) and takes
+// count / grid + 1 (blocks of this launch that ended before the read add less than a grid).
 struct Tagged {
   unsigned long long *count, *partial, *xc, *z, *y;
 };
