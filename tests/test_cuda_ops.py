@@ -568,6 +568,38 @@ def test_decode_block_chain_early_start_is_exact(shape, dtype, monkeypatch):
             np.testing.assert_array_equal(a.reshape(c.shape), c)
 
 
+def test_decode_block_chain_of_mixed_shapes_on_one_stream(monkeypatch):
+    """Batch-1 layers of three inner sizes interleaved in one graph (one stream, the same grid of 96 blocks): the fused
+    kernel's tagged exchange keeps a buffer and a launch count per (stream, grid, sizes), so each launch waits for
+    its own shape's words. The bits of the layers run one node at a time (and of the fused kernel's barriers), over
+    repeated runs; a shared buffer or count would hang (trap) or mix the layers' words."""
+    monkeypatch.delenv("MAMBA_EXPORT_CUDA_DECODE_BLOCK", raising=False)
+    monkeypatch.delenv("MAMBA_EXPORT_CUDA_TAGGED", raising=False)
+    wide, mid, narrow = BLOCK_SHAPES[0], (1, 768, 1024, 16, 4, 32), (1, 768, 512, 16, 4, 16)
+    order = [wide, mid, wide, narrow, mid, narrow]
+    layers, feeds, single_shapes = [], {}, []
+    for i, shape in enumerate(order):
+        _, case, out_shapes, _ = block_case(*shape, "float16", "float32", seed=60 + i)
+        layers.append({k: case[k] for k in BLOCK_WEIGHTS})
+        feeds[f"conv_{i}"], feeds[f"ssm_{i}"] = case["conv_state_in"], case["ssm_state_in"]
+        single_shapes.append(out_shapes)
+        if i == 0:
+            feeds["x"], feeds["residual"] = case["x"], case["residual"]
+    single = block_node("float16")
+    x, res, want_states = feeds["x"], feeds["residual"], []
+    for i, (w, out_shapes) in enumerate(zip(layers, single_shapes)):
+        step = {"x": x, "residual": res, "conv_state_in": feeds[f"conv_{i}"], "ssm_state_in": feeds[f"ssm_{i}"], **w}
+        x, res, conv_out, ssm_out = single.run(step, out_shapes)
+        want_states += [conv_out, ssm_out]
+    want = [x, res, *want_states]
+    sess = block_chain_session(layers, "float16")
+    for tagged in ("1", "1", "0", "1"):
+        monkeypatch.setenv("MAMBA_EXPORT_CUDA_TAGGED", tagged)
+        got = sess.run(None, feeds)
+        for a, c in zip(got, want):
+            np.testing.assert_array_equal(a.reshape(c.shape), c)
+
+
 def test_decode_block_sessions_on_two_streams_run_side_by_side():
     """The fused kernel's grid-barrier word is one per stream: two sessions (each on its own stream) running chains of
     fused DecodeBlock nodes from two threads at once give the bits of a run alone, and neither hangs."""
