@@ -998,6 +998,19 @@ bool early_start(bool constant_weights) {
 // The fused kernel's barrier word for launches on `stream` of the current device (see grid_barrier()): nullptr where
 // the stream is not one stream for every host thread (cudaStreamPerThread) or every word is taken (then the kernel
 // uses cooperative groups' barrier). MAMBA_EXPORT_CUDA_CG_BARRIER=1 always gives nullptr.
+// The current device, for a per-stream resource of the fused kernel on `stream`, or -1 where it gets none: the
+// environment variable `env` set to `off`, the stream cudaStreamPerThread (not one stream for every host thread), or
+// no current device.
+int stream_device(cudaStream_t stream, const char* env, const char* off) {
+  const char* value = std::getenv(env);
+  int device = 0;
+  if ((value != nullptr && std::strcmp(value, off) == 0) || stream == cudaStreamPerThread ||
+      cudaGetDevice(&device) != cudaSuccess) {
+    return -1;
+  }
+  return device;
+}
+
 unsigned* barrier_word(cudaStream_t stream) {
   struct Owner {
     int device;
@@ -1006,12 +1019,8 @@ unsigned* barrier_word(cudaStream_t stream) {
   };
   static std::mutex mutex;
   static std::vector<Owner> owners;  // word i of g_barrier_words belongs to owners[i]
-  const char* env = std::getenv("MAMBA_EXPORT_CUDA_CG_BARRIER");
-  int device = 0;
-  if ((env != nullptr && std::strcmp(env, "1") == 0) || stream == cudaStreamPerThread ||
-      cudaGetDevice(&device) != cudaSuccess) {
-    return nullptr;
-  }
+  const int device = stream_device(stream, "MAMBA_EXPORT_CUDA_CG_BARRIER", "1");
+  if (device < 0) return nullptr;
   const std::lock_guard<std::mutex> lock(mutex);
   for (const Owner& o : owners) {
     if (o.device == device && o.stream == stream) return o.word;
@@ -1040,12 +1049,8 @@ unsigned long long* exchange_buffer(cudaStream_t stream, unsigned grid, const De
   };
   static std::mutex mutex;
   static std::vector<Owner> owners;
-  const char* env = std::getenv("MAMBA_EXPORT_CUDA_TAGGED");
-  int device = 0;
-  if ((env != nullptr && std::strcmp(env, "0") == 0) || stream == cudaStreamPerThread ||
-      cudaGetDevice(&device) != cudaSuccess) {
-    return nullptr;
-  }
+  const int device = stream_device(stream, "MAMBA_EXPORT_CUDA_TAGGED", "0");
+  if (device < 0) return nullptr;
   const std::lock_guard<std::mutex> lock(mutex);
   for (const Owner& o : owners) {
     if (o.device == device && o.stream == stream && o.grid == grid && o.batch == a.batch && o.dim == a.dim &&
