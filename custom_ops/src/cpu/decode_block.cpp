@@ -100,9 +100,7 @@ void decode_block_task(const DecodeBlockArgs<R, T>& a, int phase, size_t task) {
 #define MAMBA_DECODE_BLOCK_INSTANCE(R, T)                                                        \
   template size_t decode_block_num_tasks<R, T>(const DecodeBlockArgs<R, T>& args, int phase);    \
   template void decode_block_task<R, T>(const DecodeBlockArgs<R, T>& args, int phase, size_t task);
-MAMBA_DECODE_BLOCK_INSTANCE(float, float)
-MAMBA_DECODE_BLOCK_INSTANCE(float, half_t)
-MAMBA_DECODE_BLOCK_INSTANCE(half_t, half_t)
+MAMBA_FUSED_DECODE_PAIRS(MAMBA_DECODE_BLOCK_INSTANCE)
 #undef MAMBA_DECODE_BLOCK_INSTANCE
 
 }  // namespace mamba_export_ops

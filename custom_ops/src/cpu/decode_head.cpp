@@ -72,9 +72,7 @@ template size_t decode_head_scratch_floats<half_t>(size_t b, size_t d, size_t v)
 #define MAMBA_DECODE_HEAD_INSTANCE(R, T)                                                      \
   template size_t decode_head_num_tasks<R, T>(const DecodeHeadArgs<R, T>& args, int phase);   \
   template void decode_head_task<R, T>(const DecodeHeadArgs<R, T>& args, int phase, size_t task);
-MAMBA_DECODE_HEAD_INSTANCE(float, float)
-MAMBA_DECODE_HEAD_INSTANCE(float, half_t)
-MAMBA_DECODE_HEAD_INSTANCE(half_t, half_t)
+MAMBA_FUSED_DECODE_PAIRS(MAMBA_DECODE_HEAD_INSTANCE)
 #undef MAMBA_DECODE_HEAD_INSTANCE
 
 }  // namespace mamba_export_ops

@@ -66,3 +66,7 @@ void norm_and_widen(const RmsNormArgs<R, T>& norm, float* h32, size_t task, size
 
 }  // namespace fused
 }  // namespace mamba_export_ops
+
+// The (residual R, activation T) pairs that DecodeBlock's and DecodeHead's CPU kernels are instantiated for (the same
+// pairs ort/cpu_ops.cpp registers): X(R, T) for each.
+#define MAMBA_FUSED_DECODE_PAIRS(X) X(float, float) X(float, half_t) X(half_t, half_t)
