@@ -4,7 +4,8 @@
 Triton lowers a kernel to TTGIR (where the register layouts are chosen) and PTX on any machine; only running it needs
 a GPU. The layouts depend on what the JIT knows of the arguments: at a launch it turns every integer equal to 1 into
 a constant and marks pointers and integers divisible by 16, and Triton's coalescing pass then lays tensors out along
-the dimensions it can see to be contiguous. So by default this tool compiles the kernels as the JIT specialises them
+the dimensions it can see to be contiguous (arguments in a kernel's ``do_not_specialize`` stay unknown, as at a
+launch). So by default this tool compiles the kernels as the JIT specialises them
 for the benchmark's call (tools/bench_scan.py: batch 8, 1536 channels, 2,048 steps, d_state 16, bf16 in the model's
 strides: u channel-major, delta, z, B, C time-major); ``--unspecialized`` compiles with every integer unknown, which
 is not what runs. It prints, per kernel and warp count, the layouts, the whole kernel's shared-memory stores,
@@ -36,6 +37,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 scan = importlib.import_module("mamba_kernels.selective_scan")
 
 BF16_POINTERS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
+FWD_BF16_POINTERS = BF16_POINTERS - {"B_ptr", "C_ptr"}  # the forward's launcher hands B and C over in fp32
 COUNTS = {"st.shared": r"\bst\.shared", "bar.sync": r"\bbar\.sync", "shfl": r"\bshfl\.", "ex2": r"\bex2\.",
           "atom/red": r"\b(atom|red)\.global"}
 # The integer arguments of the benchmark's b8 d1536 l2048 call (8 chunks in the forward, none in the backward's plan
@@ -44,7 +46,8 @@ B, D, L, N = 8, 1536, 2048, 16
 CALL = dict(L=L, DIM=D, N=N, SUBS=8, NSUB=L // 32, NCHUNK=8, DBLOCKS=D // 32, GROUPS=4,
             su_b=D * L, su_d=L, su_l=1, sdt_b=L * D, sdt_d=1, sdt_l=D, sB_b=N * L, sB_n=1, sB_l=N,
             sC_b=N * L, sC_n=1, sC_l=N, sz_b=L * D, sz_d=1, sz_l=D, sdy_b=D * L, sdy_d=L, sdy_l=1,
-            sdu_b=D * L, sdu_d=L, sdu_l=1, sddt_b=L * D, sddt_d=1, sddt_l=D, sdz_b=L * D, sdz_d=1, sdz_l=D)
+            sdu_b=D * L, sdu_d=L, sdu_l=1, sddt_b=L * D, sddt_d=1, sddt_l=D, sdz_b=L * D, sdz_d=1, sdz_l=D,
+            sy_d=1, s_one=1)
 
 
 def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool,
@@ -54,8 +57,9 @@ def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool
     JIT does."""
     names = fn.arg_names
     signature, consts, attrs = {}, {}, {}
+    unspecialised = {names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
     for i, name in enumerate(names):
-        value = CALL.get(name)
+        value = None if name in unspecialised else CALL.get(name)
         if name in constexprs:
             signature[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name.endswith("_ptr"):
@@ -113,7 +117,8 @@ def main() -> None:
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=args.block_d, BLOCK_T=scan._T,
                  BLOCK_N=16)
     kernels = {  # name: (kernel, constexprs, bf16 pointers)
-        "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False), BF16_POINTERS),
+        "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False, FAST=True, EVEN_D=True, N=16,
+                                                       G=4, U=8, PF=scan._FWD["prefetch"]), FWD_BF16_POINTERS),
         "_bwd_seq_kernel": (scan._bwd_seq_kernel, flags, BF16_POINTERS),
     }
     how = "every integer unknown" if args.unspecialized else f"specialised as for b{B} d{D} l{L} bf16 (model strides)"

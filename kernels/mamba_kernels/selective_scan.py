@@ -42,14 +42,17 @@ _T = 32  # time steps per tile: the forward saves the state at each tile start, 
 # channels x _T steps x N states) with local_warps. The backward chunks less than the forward ("chunking": unchunked
 # from 1 program per SM, else 8 per SM): H100, b8 d1536 l2048 backward 3.8 ms unchunked against 4.8 ms in 11 chunks;
 # b1 l65536 18.9 ms in 22 chunks against 18.7 ms in 88, with 66 MiB of scratch (64 KiB per program), not 270 MiB.
-_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1}
+# The forward: 1 warp of 32 channels a program; at most 128 registers a thread (ptxas wants ~168 for the main pass,
+# which then fits 12 warps an SM instead of 16); B_t and C_t prefetched into L1 16 steps ahead ("prefetch"; 0: off).
+# H100, b8 d1536 l2048 bf16, 48 programs per SM: 0.474 ms with neither, 0.440 with the prefetch, 0.422 with both.
+_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16}
 _BWD = {"block_d": 32, "warps": 1, "bc_groups": 4, "local_block_d": 8, "local_warps": 4, "chunking": (1, 8)}
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
-# H100 (bf16, d 1536, d_state 16) for targets 8/12/16/24/32 per SM: b8 l2048 0.858/0.601/0.585/0.541/0.629 ms,
-# b1 l65536 3.49/2.56/2.19/2.10/2.44 ms, b2 l16384 1.77/1.29/1.14/1.06/1.25 ms.
+# H100 (bf16, d 1536, d_state 16) for targets 24/32/48/64 per SM: b8 l2048 0.474/0.432/0.422/0.448 ms, b1 l65536
+# 1.793/1.634/1.619/1.692 ms (the backward has its own policy, _BWD["chunking"]).
 _UNCHUNKED_PROGRAMS_PER_SM = 4
-_CHUNKED_PROGRAMS_PER_SM = 24
+_CHUNKED_PROGRAMS_PER_SM = 48
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -119,8 +122,9 @@ def _carry_kernel(
         c = NCHUNK - 1 - i if REVERSE else i
         ptrs = _state_ptrs(pid_b, offs_d, c, offs_n, DIM, NCHUNK, N)
         tl.store(out_ptr + ptrs, s, mask=mask_dn)
-        dsum = tl.load(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + c, mask=offs_d < DIM, other=0.0)
-        s = tl.exp(A * dsum[:, None]) * s + tl.load(local_ptr + ptrs, mask=mask_dn, other=0.0)
+        if i + 1 < NCHUNK:  # the last chunk's local state is never needed (nor computed, in the forward)
+            dsum = tl.load(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + c, mask=offs_d < DIM, other=0.0)
+            s = tl.exp(A * dsum[:, None]) * s + tl.load(local_ptr + ptrs, mask=mask_dn, other=0.0)
 
 
 @triton.jit
@@ -156,18 +160,80 @@ def _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_pt
 
 
 @triton.jit
+def _fwd_group(tg, L, u_g, dt_g, z_g, mask_g, offs_k, su_l, sdt_l, sz_l, HAS_Z: tl.constexpr, U: tl.constexpr):
+    """u, Δ and z of steps tg .. tg + U - 1 as (U, BLOCK_D) tiles (zeros unless the whole group lies within L: the
+    caller clamps tg; only a sequence shorter than U has no whole group). The tiles are time first, so that each lane
+    holds its channel's U steps in registers (u: one vector load a lane)."""
+    m = (offs_k[:, None] * 0 + tg + U) <= L
+    m = m if mask_g is None else m & mask_g
+    ug = tl.load(u_g + tg * su_l, mask=m, other=0.0)
+    dg = tl.load(dt_g + tg * sdt_l, mask=m, other=0.0)
+    zg = tl.load(z_g + tg * sz_l, mask=m, other=0.0) if HAS_Z else dg
+    return ug, dg, zg
+
+
+@triton.jit
+def _row(tile, offs_k, k: tl.constexpr):
+    """Row k of a (U, BLOCK_D) tile whose rows a lane holds in registers, in fp32: folds to a register read."""
+    return tl.sum(tl.where(offs_k[:, None] == k, tile.to(tl.float32), -0.0), axis=0)
+
+
+@triton.jit
+def _fwd_step(t, L, u, raw, z, Bt, Ct, h, dsum, A, bias, Dv, mask_d, y_ptrs, DIM,
+              HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, LOCAL: tl.constexpr, FAST: tl.constexpr):
+    """One step of the forward recurrence from its inputs (u, raw Δ, z fp32 (BLOCK_D,); B_t, C_t broadcast tiles);
+    a step past L leaves h alone (Δ = 0) and writes nothing. Returns the new h and Σ Δ."""
+    live = mask_d & (u * 0.0 + t < L)
+    dt = tl.where(live, softplus(raw + bias, SOFTPLUS, FAST), 0.0)
+    h = tl.exp2(dt[:, None, None] * A) * h + Bt.to(tl.float32) * (dt * u)[:, None, None]
+    if LOCAL:
+        dsum += dt
+    else:
+        y = tl.sum(tl.sum(h * Ct.to(tl.float32), axis=2), axis=1) + Dv * u
+        if HAS_Z:
+            y *= z * tl.sigmoid(z)
+        tl.store(y_ptrs + t * DIM, y.to(y_ptrs.dtype.element_ty), mask=live)
+    return h, dsum
+
+
+@triton.jit
+def _prefetch_l1(ptrs):
+    """prefetch.global.L1 of each lane's address (GPU only: inline PTX)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L1 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _load_or_zero(ptrs, mask):
+    """tl.load, with zeros where ``mask`` is off; no mask at all when ``mask`` is None."""
+    if mask is None:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sy_d", "s_one"])
 def _fwd_seq_kernel(
     u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
-    L, DIM, N, SUBS, NSUB, NCHUNK,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
+    L, DIM, SUBS, NSUB, NCHUNK,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_d, sz_l, sy_d, s_one,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
-    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOCAL: tl.constexpr, FAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
 ):
-    """One chunk of the forward as a sequential recurrence, a time step per iteration: each program holds the
-    state of its channels in registers as a (BLOCK_N, BLOCK_D) tile, states first, so that Triton lays the channels
-    across lanes and the states along each thread's registers: the per-channel work (softplus, gate, loads, the store
-    of y) is done once per channel, B_t and C_t are broadcast loads, and C.h is summed inside the thread. A step costs
-    one exp, two FMAs and one FMA of C.h per state, with the next step's inputs loaded while this one computes.
+    """One chunk of the forward as a sequential recurrence, one time step after the other. Each thread owns one channel
+    and holds its BLOCK_N fp32 states in registers, as a (BLOCK_D, BLOCK_N // G, G) tile: the channels across the
+    lanes, the states in groups of G (16 bytes of B_t or C_t: one vector load each). So the per-channel work
+    (softplus, the gate, the loads of u, Δ, z and the store of y) is done once per channel, and C.h is summed inside
+    the thread: a step costs per state one multiply (Δ A), one exp2, one multiply and one FMA (the update) and one
+    FMA (C.h), with no shuffles and no shared memory.
+
+    The layout is chosen by what Triton can see: B and C must be n-contiguous (``sB_n == sC_n == 1``, the groups of
+    G are then vector loads), and every channel-indexed address is multiplied by a stride Triton may not specialise
+    (``s_one`` is 1 at run time), so that its coalescing pass does not re-lay the channels to vectorise along them
+    (with the channels' unit strides visible it gives each thread 4 channels x 4 states, and each step pays shuffles
+    and shared-memory round trips: docs/kernels.md).
 
     States in memory are (b, index, n, d), channels contiguous. LOCAL: from a zero state, write the chunk's end
     state to final_ptr as (b, chunks, n, d) and its sum of Δ to sub_ptr as (b, d, chunks). Otherwise: from the
@@ -176,48 +242,79 @@ def _fwd_seq_kernel(
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < DIM, offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A = tl.load(At_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
-    A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
-    Dv = load_channel_vector(D_ptr, offs_d, mask_d, HAS_D)
+    mask_d = offs_d < DIM
+    n3 = tl.arange(0, BLOCK_N // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]  # (1, groups, G)
+    d3 = offs_d[:, None, None] * s_one  # (BLOCK_D, 1, 1)
+    mask3 = mask_d[:, None, None] & (n3 < N)
+    A = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634  # exp2 scale
+    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
+    Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
     if LOCAL:
-        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        h = tl.zeros((BLOCK_D, BLOCK_N // G, G), tl.float32)
     else:
-        h = tl.load(start_ptr + _states_nd(pid_b, offs_n, offs_d, pid_c, DIM, NCHUNK, N), mask=mask_nd, other=0.0)
+        h = tl.load(start_ptr + ((pid_b * NCHUNK + pid_c) * N + n3) * DIM + d3, mask=mask3, other=0.0)
     dsum = tl.zeros((BLOCK_D,), tl.float32)
+    bn = n3 + d3 * 0  # B_t, C_t broadcast over the channels
+    mask_bn = (bn < N) if N != BLOCK_N else None
+    mask_ld = None if EVEN_D else mask_d
+    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
+    dt_ptrs = dt_ptr + pid_b * sdt_b + offs_d * sdt_d
+    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d if HAS_Z else u_ptrs
+    y_ptrs = y_ptr + pid_b * L * DIM + offs_d * sy_d
+    B_ptrs = B_ptr + pid_b * sB_b + bn
+    C_ptrs = C_ptr + pid_b * sC_b + bn
     j0 = pid_c * SUBS
     j1 = tl.minimum(j0 + SUBS, NSUB)
-    nxt = _channel_loads(j0 * BLOCK_T, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr,
-                         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, HAS_Z and not LOCAL)
+    # The sequences are read U steps at a time, a group ahead (loop-carried, so that ptxas cannot sink the loads to
+    # their use): u, Δ and z as (U, BLOCK_D) tiles, each lane holding its channel's U steps (u is channel-major: one
+    # vector load a lane instead of a cache line a lane and step). The U steps of a group are unrolled, so a step's
+    # row of the tiles is a register. B_t and C_t (the same for every channel) are loaded in their step, from L1:
+    # each step prefetches the rows PF steps ahead (without it, their L2 latency was most of the main pass's stalls).
+    # The last L % U steps (in the last chunk) run one at a time after the groups.
+    offs_k = tl.arange(0, U)
+    if U > 1:  # the launcher checked that each lane's rows of U steps are 16-byte aligned: u[b, d, t:t+U] contiguous
+        u_g = u_ptr + tl.multiple_of(pid_b * su_b + offs_d * su_d, U)[None, :] + offs_k[:, None]
+    else:
+        u_g = u_ptrs[None, :] + offs_k[:, None] * su_l
+    dt_g = dt_ptrs[None, :] + offs_k[:, None] * sdt_l
+    z_g = z_ptrs[None, :] + offs_k[:, None] * sz_l
+    mask_g = None if EVEN_D else mask_d[None, :] & (offs_k[:, None] >= 0)
+    l_groups = L - L % U
+    t_first = j0 * BLOCK_T
+    grp = _fwd_group(tl.multiple_of(tl.minimum(t_first, tl.maximum(l_groups - U, 0)), U), L, u_g, dt_g, z_g, mask_g,
+                     offs_k, su_l, sdt_l, sz_l, HAS_Z and not LOCAL, U)
+    B_row = B_ptr + pid_b * sB_b + offs_d * 0
+    C_row = C_ptr + pid_b * sC_b + offs_d * 0
     for j in range(j0, j1):
         if SAVE:
-            tl.store(sub_ptr + _states_nd(pid_b, offs_n, offs_d, j, DIM, NSUB, N), h, mask=mask_nd)
-        for t in range(j * BLOCK_T, tl.minimum(j * BLOCK_T + BLOCK_T, L)):
-            u, raw, z = nxt
-            nxt = _channel_loads(t + 1, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr,
-                                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, HAS_Z and not LOCAL)
-            # B_t and C_t are loaded here, in the broadcast layout they are used in (not carried from the last step).
-            Bt = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n + t * sB_l, mask=mask_n, other=0.0)
-            u = u.to(tl.float32)
-            dt = tl.where(mask_d, softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
-            h = tl.exp2(dt[None, :] * A) * h + Bt.to(tl.float32)[:, None] * (dt * u)[None, :]
-            if LOCAL:
-                dsum += dt
-            else:
-                Ct = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n + t * sC_l, mask=mask_n, other=0.0)
-                y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0) + Dv * u
-                if HAS_Z:
-                    zf = z.to(tl.float32)
-                    y *= zf * tl.sigmoid(zf)
-                tl.store(y_ptr + (pid_b * L + t) * DIM + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(sub_ptr + ((pid_b * NSUB + j) * N + n3) * DIM + d3, h, mask=mask3)
+        for t0 in range(j * BLOCK_T, tl.minimum(j * BLOCK_T + BLOCK_T, l_groups), U):
+            ug, dg, zg = grp
+            grp = _fwd_group(tl.multiple_of(tl.minimum(t0 + U, tl.maximum(l_groups - U, 0)), U), L, u_g, dt_g, z_g,
+                             mask_g, offs_k, su_l, sdt_l, sz_l, HAS_Z and not LOCAL, U)
+            for k in tl.static_range(U):
+                if PF > 0:  # B_t and C_t rows PF steps ahead into L1 (their loads below then hit it)
+                    tp = tl.minimum(t0 + k + PF, L - 1)
+                    _prefetch_l1(B_row + tp * sB_l)
+                    if not LOCAL:
+                        _prefetch_l1(C_row + tp * sC_l)
+                Bt = _load_or_zero(B_ptrs + (t0 + k) * sB_l, mask_bn)
+                Ct = Bt if LOCAL else _load_or_zero(C_ptrs + (t0 + k) * sC_l, mask_bn)
+                h, dsum = _fwd_step(t0 + k, L, _row(ug, offs_k, k), _row(dg, offs_k, k), _row(zg, offs_k, k), Bt, Ct,
+                                    h, dsum, A, bias, Dv, mask_d, y_ptrs, DIM, HAS_Z, SOFTPLUS, LOCAL, FAST)
+    for t in range(tl.maximum(l_groups, t_first), tl.minimum(j1 * BLOCK_T, L)):
+        u = _load_or_zero(u_ptrs + t * su_l, mask_ld).to(tl.float32)
+        raw = _load_or_zero(dt_ptrs + t * sdt_l, mask_ld).to(tl.float32)
+        z = _load_or_zero(z_ptrs + t * sz_l, mask_ld).to(tl.float32) if HAS_Z and not LOCAL else u
+        Bt = _load_or_zero(B_ptrs + t * sB_l, mask_bn)
+        Ct = Bt if LOCAL else _load_or_zero(C_ptrs + t * sC_l, mask_bn)
+        h, dsum = _fwd_step(t, L, u, raw, z, Bt, Ct, h, dsum, A, bias, Dv, mask_d, y_ptrs, DIM, HAS_Z, SOFTPLUS,
+                            LOCAL, FAST)
     if LOCAL:
-        tl.store(final_ptr + _states_nd(pid_b, offs_n, offs_d, pid_c, DIM, NCHUNK, N), h, mask=mask_nd)
-        tl.store(sub_ptr + (pid_b * DIM + offs_d) * NCHUNK + pid_c, dsum, mask=mask_d)
+        tl.store(final_ptr + ((pid_b * NCHUNK + pid_c) * N + n3) * DIM + d3, h, mask=mask3)
+        tl.store(sub_ptr + (pid_b * DIM + offs_d * s_one) * NCHUNK + pid_c, dsum, mask=mask_d)
     elif pid_c == NCHUNK - 1:
-        tl.store(final_ptr + _states_nd(pid_b, offs_n, offs_d, 0, DIM, 1, N), h, mask=mask_nd)
+        tl.store(final_ptr + (pid_b * N + n3) * DIM + d3, h, mask=mask3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,6 +517,22 @@ def _nd(state: torch.Tensor) -> torch.Tensor:
     return state.to(torch.float32).transpose(1, 2).contiguous()
 
 
+def _u_group(u: torch.Tensor) -> int:
+    """Steps of u the forward loads at once per channel: 16 bytes where every channel's row of them is contiguous
+    and 16-byte aligned (channel-major u, as the model hands it over, with 16 bytes dividing the row stride), else 1."""
+    vec = 16 // u.element_size()
+    ok = u.stride(2) == 1 and u.stride(1) % vec == 0 and u.stride(0) % vec == 0 and u.data_ptr() % 16 == 0
+    return vec if ok else 1
+
+
+def _states_f32(t: torch.Tensor) -> torch.Tensor:
+    """B or C (b, n, l) for the forward: fp32 with the states contiguous (time-major memory). The forward loads a
+    step's states as 16-byte vectors and needs no conversions in its loop; B and C are 1/d of u's size."""
+    if t.stride(1) != 1 and t.shape[1] != 1:
+        return t.transpose(1, 2).to(torch.float32).contiguous().transpose(1, 2)
+    return t.to(torch.float32)
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride())
 
@@ -459,15 +572,22 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     sub = torch.empty(b, p.nsub if save_states else 0, n, d, **f32)
     if l == 0:
         return y, h0.transpose(1, 2), sub
-    grid, dims = (p.d_blocks, p.nchunk, b), (l, d, n, p.subs, p.nsub, p.nchunk)
-    strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z))
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
+    B, C = _states_f32(B), _states_f32(C)
+    grid, dims = (p.d_blocks, p.nchunk, b), (l, d, p.subs, p.nsub, p.nchunk)
+    strides = (*u.stride(), *delta.stride(), B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z), 1, 1)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                 FAST=u.device.type == "cuda", EVEN_D=d % p.sizes["BLOCK_D"] == 0, N=n,
+                 G=min(p.sizes["BLOCK_N"], 4), U=_u_group(u))
+    flags["PF"] = _FWD["prefetch"] if u.device.type == "cuda" else 0  # inline PTX: not under the interpreter
+    if _FWD["maxnreg"] and u.device.type == "cuda":
+        flags["maxnreg"] = _FWD["maxnreg"]
     start = h0.view(b, 1, n, d)
-    At = A.t().contiguous()  # (n, d): the kernel's tiles are (states, channels)
+    At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     if p.nchunk > 1:
         local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
-        _fwd_seq_kernel[grid](u, delta, At, B, C, D, z, delta_bias, start, y, local, dsum, *dims, *strides, **flags,
-                              SAVE=False, LOCAL=True, **p.sizes)
+        # Local states of every chunk but the last (whose end state the main pass computes).
+        _fwd_seq_kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, At, B, C, D, z, delta_bias, start, y, local, dsum,
+                                                       *dims, *strides, **flags, SAVE=False, LOCAL=True, **p.sizes)
         start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(p.d_blocks, b)](A, h0, local, dsum, start, d, n, p.nchunk, REVERSE=False,
                                        BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])

@@ -35,6 +35,21 @@ def test_scan_fp32_many_channels_exact_tiles(monkeypatch):
     check_scan(scan_inputs(1, 20, 128, 16, torch.float32, seed=3), torch.float32)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_scan_u_rows_in_vectors_with_a_tail(monkeypatch, chunks):
+    """u a slice of a longer buffer: its rows are 16-byte aligned, so the forward loads u 4 steps (fp32) at a time,
+    and l = 70 leaves 2 steps after the last whole group (the forward's tail loop); 32 channels, one full block."""
+    monkeypatch.setattr(scan_module, "_num_chunks", lambda *a: chunks)
+    x = scan_inputs(2, 32, 70, 16, torch.float32, seed=6)
+    wide = torch.zeros(2, 32, 72, dtype=torch.float64, device=x["u"].device)
+    wide[:, :, :70] = x["u"].detach()
+    x["u"] = wide[:, :, :70].detach().requires_grad_()
+    assert x["u"].stride() == (32 * 72, 72, 1)
+    assert scan_module._u_group(x["u"].float()) == 1  # contiguous fp32 rows of 70: not aligned to 4 steps
+    assert scan_module._u_group(torch.empty_strided((2, 32, 70), (32 * 72, 72, 1))) == 4
+    check_scan(x, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_scan_low_precision(dtype):
     check_scan(scan_inputs(2, 4, 40, 8, dtype, seed=4), dtype)
@@ -69,9 +84,12 @@ def test_scan_rejects_bad_inputs(bad, message):
 
 
 def test_chunk_policy():
-    """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~24 per SM."""
+    """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~48 per SM
+    in the forward; the backward chunks below 1 per SM, to ~8."""
     assert scan_module._num_chunks(8 * 192, 132) == 1
-    assert scan_module._num_chunks(192, 132) == 17
+    assert scan_module._num_chunks(192, 132) == 33
+    assert scan_module._num_chunks(192, 132, *scan_module._BWD["chunking"]) == 1  # 1 per SM suffices there
+    assert scan_module._num_chunks(100, 132, *scan_module._BWD["chunking"]) == 11
 
 
 def test_scan_empty_sequence_returns_the_initial_state():
