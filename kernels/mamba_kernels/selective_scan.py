@@ -44,7 +44,9 @@ _T = 32  # time steps per tile: the forward saves the state at each tile start, 
 # b1 l65536 18.9 ms in 22 chunks against 18.7 ms in 88, with 66 MiB of scratch (64 KiB per program), not 270 MiB.
 # The forward: 1 warp of 32 channels a program; at most 128 registers a thread (ptxas wants ~168 for the main pass,
 # which then fits 12 warps an SM instead of 16); B_t and C_t prefetched into L1 16 steps ahead ("prefetch"; 0: off).
-# H100, b8 d1536 l2048 bf16, 48 programs per SM: 0.474 ms with neither, 0.440 with the prefetch, 0.422 with both.
+# H100, b8 d1536 l2048 bf16, 48 programs per SM: with B also loaded into registers a step ahead (dropped since),
+# 0.522 ms with neither, 0.449 with the L1 prefetch, 0.439 with both; the code as it is: 0.474 with the prefetch and
+# no register cap, 0.422 with both.
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16}
 _BWD = {"block_d": 32, "warps": 1, "bc_groups": 4, "local_block_d": 8, "local_warps": 4, "chunking": (1, 8)}
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
