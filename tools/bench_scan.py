@@ -9,8 +9,8 @@ apart (it includes compilation). Floors:
     memory: every input read once and every output written once, over the measured device copy bandwidth;
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
---sweep first times a few program shapes (channels per program, warps) at the first shape, and runs the table with
-the fastest; then a few chunk counts at 64k tokens.
+--sweep first times a few program shapes (forward warps, backward channels per program and warps) at the first shape,
+and runs the table with the fastest; then a few chunk targets of the forward at 64k tokens.
 """
 
 from __future__ import annotations
@@ -189,16 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SWEEP = [  # (forward channels per program, backward channels per program, backward warps)
-    (8, 8, 1),
-    (16, 16, 1),
-    (8, 4, 1),
-    (8, 16, 2),
+SWEEP = [  # (forward warps: 32 channels each, a lane a channel; backward channels per program, backward warps)
+    (1, 32, 1),
+    (2, 32, 1),
+    (1, 16, 1),
+    (1, 64, 2),
 ]
 
 
 def set_tiles(cfg: tuple) -> None:
-    scan_module._FWD["block_d"] = cfg[0]
+    warps = cfg[0]
+    scan_module._FWD.update(block_d=32 * warps, chunked_block_d=32 * warps, warps=warps)
     scan_module._BWD["block_d"], scan_module._BWD["warps"] = cfg[1], cfg[2]
 
 
@@ -206,7 +207,7 @@ def sweep() -> tuple:
     """Time fwd and fwd+bwd at b8 d1536 l2048 for each SWEEP entry; return the fastest fwd+bwd."""
     x = make_inputs(8, 1536, 2048, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
-    rows, best = [["fwd block_d", "bwd block_d", "bwd warps", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
+    rows, best = [["fwd warps", "bwd block_d", "bwd warps", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
     for cfg in SWEEP:
         set_tiles(cfg)
         try:
@@ -223,15 +224,16 @@ def sweep() -> tuple:
 
 
 def sweep_chunks() -> int:
-    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets of the chunked path."""
+    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets of the forward's chunked path (the
+    backward has its own policy); return the fastest forward's."""
     x = make_inputs(1, 1536, 65536, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
     rows, best = [["programs/SM", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
-    for target in (4, 8, 16, 32):
+    for target in (16, 24, 32, 48, 64):
         scan_module._CHUNKED_PROGRAMS_PER_SM = target
         f, fb = triton.testing.do_bench(fwd, rep=200), triton.testing.do_bench(fwd_bwd, rep=300)
         rows.append([str(target), f"{f:.3f}", f"{fb:.3f}"])
-        best = min(best, (target, fb), key=lambda t: t[1])
+        best = min(best, (target, f), key=lambda t: t[1])
     print("chunk sweep (b1 d1536 l65536 bf16, medians):")
     report(rows)
     return best[0]
