@@ -37,7 +37,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 scan = importlib.import_module("mamba_kernels.selective_scan")
 
 BF16_POINTERS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
-FWD_BF16_POINTERS = BF16_POINTERS - {"B_ptr", "C_ptr"}  # the forward's launcher hands B and C over in fp32
+FWD_BF16_POINTERS = BF16_POINTERS - {"B_ptr", "C_ptr"}  # the launchers hand B and C over in fp32
 COUNTS = {"st.shared": r"\bst\.shared", "bar.sync": r"\bbar\.sync", "shfl": r"\bshfl\.", "ex2": r"\bex2\.",
           "atom/red": r"\b(atom|red)\.global"}
 # The integer arguments of the benchmark's b8 d1536 l2048 call (8 chunks in the forward, none in the backward's plan
@@ -119,14 +119,19 @@ def main() -> None:
     kernels = {  # name: (kernel, constexprs, bf16 pointers)
         "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False, FAST=True, EVEN_D=True, N=16,
                                                        G=4, U=8, PF=scan._FWD["prefetch"]), FWD_BF16_POINTERS),
-        "_bwd_seq_kernel": (scan._bwd_seq_kernel, flags, BF16_POINTERS),
+        "_bwd_local_kernel": (scan._bwd_local_kernel, dict(flags, FAST=True, EVEN_D=True, N=16, G=4, DTVEC=False,
+                                                           ZVEC=False, DYVEC=True, PF=scan._BWD["prefetch"]),
+                              FWD_BF16_POINTERS),
+        "_bwd_seq_kernel": (scan._bwd_seq_kernel, dict(flags, FAST=True, SHFL=True, EVEN_D=True, N=16, G=4, UVEC=True,
+                                                       DTVEC=False, ZVEC=False, DYVEC=True,
+                                                       PF=scan._BWD["prefetch"]), FWD_BF16_POINTERS),
     }
     how = "every integer unknown" if args.unspecialized else f"specialised as for b{B} d{D} l{L} bf16 (model strides)"
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.block_d} channels per program, d_state 16, {how}")
     print("| kernel | warps | layouts | " + " | ".join(COUNTS) + " | blocks with exp2: instructions (shfl, bar.sync) |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in COUNTS) + " | --- |")
     for name, (fn, constexprs, bf16) in kernels.items():
-        for warps in (1, 2):
+        for warps in ((1, 2) if name == "_fwd_seq_kernel" else (1,)):  # the backward is written for one warp
             ttgir, ptx = compile_to_ptx(fn, constexprs, warps, args.arch, not args.unspecialized, bf16)
             layouts = sorted(set(re.findall(r"#blocked\d* = #ttg\.blocked<\{sizePerThread = (\[[0-9, ]+\]), "
                                             r"threadsPerWarp = (\[[0-9, ]+\]), warpsPerCTA = (\[[0-9, ]+\])", ttgir)))

@@ -37,18 +37,17 @@ __all__ = ["selective_scan"]
 
 _T = 32  # time steps per tile: the forward saves the state at each tile start, the backward recomputes a tile
 # Programs of the sequential kernels: channels per program and warps (measured on H100, docs/kernels.md). The forward
-# takes wider programs once it is chunked. The backward adds dB and dC into bc_groups partial sums (channel block i
-# into i % bc_groups) and runs the chunked case's local adjoint (_bwd_local_kernel, register tiles of local_block_d
-# channels x _T steps x N states) with local_warps. The backward chunks less than the forward ("chunking": unchunked
-# from 1 program per SM, else 8 per SM): H100, b8 d1536 l2048 backward 3.8 ms unchunked against 4.8 ms in 11 chunks;
-# b1 l65536 18.9 ms in 22 chunks against 18.7 ms in 88, with 66 MiB of scratch (64 KiB per program), not 270 MiB.
+# takes wider programs once it is chunked. The backward: 1 warp of 32 channels (its reduce-scatter of dB, dC over the
+# lanes is written for that); unchunked from 4 programs per SM, else chunked for 32 per SM (it fits ~8 warps an SM at
+# ~255 registers; H100 fwd+bwd for targets 8/12/16/24/32: b8 d1536 l2048 2.77/2.12/2.32/2.07/2.04 ms, b1 l65536
+# 8.67/9.36/8.05/8.08/7.91 ms); no register cap (168: 5.6-6.3 ms at b8, spills); B and C prefetched into L1.
 # The forward: 1 warp of 32 channels a program; at most 128 registers a thread (ptxas wants ~168 for the main pass,
 # which then fits 12 warps an SM instead of 16); B_t and C_t prefetched into L1 16 steps ahead ("prefetch"; 0: off).
 # H100, b8 d1536 l2048 bf16, 48 programs per SM: with B also loaded into registers a step ahead (dropped since),
 # 0.522 ms with neither, 0.449 with the L1 prefetch, 0.439 with both; the code as it is: 0.474 with the prefetch and
 # no register cap, 0.422 with both.
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16}
-_BWD = {"block_d": 32, "warps": 1, "bc_groups": 4, "local_block_d": 8, "local_warps": 4, "chunking": (1, 8)}
+_BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "maxnreg": 0, "prefetch": 16}
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
 # H100 (bf16, d 1536, d_state 16) for targets 24/32/48/64 per SM: b8 l2048 0.474/0.432/0.422/0.448 ms, b1 l65536
@@ -62,46 +61,9 @@ _CHUNKED_PROGRAMS_PER_SM = 48
 
 
 @triton.jit
-def _combine(a1, b1, a2, b2):
-    """Compose h -> a1 h + b1, then h -> a2 h + b2."""
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _load_delta(ptrs, mask, bias, SOFTPLUS: tl.constexpr):
-    """Δ in fp32 after bias (and softplus, torch's threshold 20), 0 where masked; and the value before softplus."""
-    raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + bias
-    return tl.where(mask, softplus(raw, SOFTPLUS), 0.0), raw
-
-
-@triton.jit
-def _pick(x, offs_t, t: tl.constexpr):
-    """x[:, t, :] of a (BLOCK_D, _T, BLOCK_N) tile."""
-    return tl.sum(tl.where((offs_t == t)[None, :, None], x, 0.0), axis=1)
-
-
-@triton.jit
-def _tile_ptrs(pid_b, offs_d, offs_t, s_b, s_d, s_l):
-    """Pointer offsets of a (BLOCK_D, _T) tile of a (b, d, l) tensor."""
-    return pid_b * s_b + offs_d[:, None] * s_d + offs_t[None, :] * s_l
-
-
-@triton.jit
-def _bc_ptrs(pid_b, offs_n, offs_t, s_b, s_n, s_l):
-    """Pointer offsets of a (_T, BLOCK_N) tile of a (b, n, l) tensor (B or C), time first."""
-    return pid_b * s_b + offs_n[None, :] * s_n + offs_t[:, None] * s_l
-
-
-@triton.jit
 def _state_ptrs(pid_b, offs_d, idx, offs_n, DIM, NIDX, N):
     """Pointer offsets of a (BLOCK_D, BLOCK_N) slice [b, idx]^T of a contiguous (b, NIDX, n, d) state tensor."""
     return ((pid_b * NIDX + idx) * N + offs_n[None, :]) * DIM + offs_d[:, None]
-
-
-@triton.jit
-def _states_nd(pid_b, offs_n, offs_d, idx, DIM, NIDX, N):
-    """Pointer offsets of a (BLOCK_N, BLOCK_D) slice [b, idx] of a contiguous (b, NIDX, n, d) state tensor."""
-    return ((pid_b * NIDX + idx) * N + offs_n[:, None]) * DIM + offs_d[None, :]
 
 
 @triton.jit
@@ -127,38 +89,6 @@ def _carry_kernel(
         if i + 1 < NCHUNK:  # the last chunk's local state is never needed (nor computed, in the forward)
             dsum = tl.load(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + c, mask=offs_d < DIM, other=0.0)
             s = tl.exp(A * dsum[:, None]) * s + tl.load(local_ptr + ptrs, mask=mask_dn, other=0.0)
-
-
-@triton.jit
-def _channel_loads(t, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
-                   sz_b, sz_d, sz_l, HAS_Z: tl.constexpr):
-    """The per-channel raw inputs of time step t (zeros past L): u, Δ, z (BLOCK_D,) (u again in place of z when
-    HAS_Z is off)."""
-    md = mask_d & (offs_d * 0 + t < L)
-    u = tl.load(u_ptr + pid_b * su_b + offs_d * su_d + t * su_l, mask=md, other=0.0)
-    dt = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d + t * sdt_l, mask=md, other=0.0)
-    if HAS_Z:
-        z = tl.load(z_ptr + pid_b * sz_b + offs_d * sz_d + t * sz_l, mask=md, other=0.0)
-    else:
-        z = u
-    return u, dt, z
-
-
-@triton.jit
-def _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
-                HAS_Z: tl.constexpr, LOCAL: tl.constexpr):
-    """The raw inputs of time step t (zeros past L): u, Δ (BLOCK_D,), B, C (BLOCK_N,), z (BLOCK_D,).
-    A LOCAL pass needs no C and z: it gets B and u in their place (never used)."""
-    u, dt, z = _channel_loads(t, L, pid_b, offs_d, mask_d, u_ptr, dt_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d,
-                              sdt_l, sz_b, sz_d, sz_l, HAS_Z and not LOCAL)
-    mn = mask_n & (offs_n * 0 + t < L)
-    B = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n + t * sB_l, mask=mn, other=0.0)
-    if LOCAL:
-        C = B
-    else:
-        C = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n + t * sC_l, mask=mn, other=0.0)
-    return u, dt, B, C, z
 
 
 @triton.jit
@@ -323,161 +253,396 @@ def _fwd_seq_kernel(
 # Backward kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sdt_d", "sz_d", "sdy_d", "s_one"])
 def _bwd_local_kernel(
-    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
-    L, DIM, N, SUBS, NSUB, NCHUNK,
-    sdt_b, sdt_d, sdt_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l, sdy_b, sdy_d, sdy_l,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    dt_ptr, At_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
+    L, DIM, SUBS, NCHUNK,
+    sdt_b, sdt_d, sdt_l, sC_b, sC_l, sz_b, sz_d, sz_l, sdy_b, sdy_d, sdy_l, s_one,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, EVEN_D: tl.constexpr,
+    DTVEC: tl.constexpr, ZVEC: tl.constexpr, DYVEC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PF: tl.constexpr,
 ):
-    """Per chunk, with nothing flowing in from the right: the adjoint at the chunk's first step -> local
-    (b, chunks, n, d), and the sum of Δ_{t+1} over the chunk's steps t -> dsum (b, d, chunks)."""
-    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """Per chunk but the first (program axis 1 + 1), with nothing flowing in from its right: the adjoint at the
+    chunk's first step -> local (b, chunks, n, d), and the sum of Δ_{t+1} over the chunk's steps t -> dsum
+    (b, d, chunks). The reverse recurrence g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, one step after the other, in the
+    layout of _bwd_seq_kernel (a lane per channel, its states in registers); dy, z and Δ are read 4 steps at a
+    time, C_t from L1 (prefetched PF steps ahead)."""
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t0 = tl.arange(0, BLOCK_T)
     mask_d = offs_d < DIM
-    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
-    g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    n3 = tl.arange(0, BLOCK_N // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    d3 = offs_d[:, None, None] * s_one
+    mask3 = mask_d[:, None, None] & (n3 < N)
+    A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
+    bn = n3 + d3 * 0
+    mask_bn = (bn < N) if N != BLOCK_N else None
+    C_ptrs = C_ptr + pid_b * sC_b + bn
+    C_row = C_ptr + pid_b * sC_b + offs_d * 0
+    offs_k = tl.arange(0, 4)
+    dt_g = _group_ptrs(dt_ptr, pid_b, offs_d, offs_k, sdt_b, sdt_d, sdt_l, DTVEC)
+    dy_g = _group_ptrs(dy_ptr, pid_b, offs_d, offs_k, sdy_b, sdy_d, sdy_l, DYVEC)
+    z_g = _group_ptrs(z_ptr, pid_b, offs_d, offs_k, sz_b, sz_d, sz_l, ZVEC) if HAS_Z else dy_g
+    mask_g = None if EVEN_D else mask_d[:, None] & (offs_k[None, :] >= 0)
+    t_start = pid_c * SUBS * BLOCK_T
+    t_end = tl.minimum(t_start + SUBS * BLOCK_T, L)
+    live_e = mask_d & (offs_d * 0 + t_end < L)
+    raw_e = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d + t_end * sdt_l, mask=live_e, other=0.0).to(tl.float32)
+    dt_next = tl.where(live_e, softplus(raw_e + bias, SOFTPLUS, FAST), 0.0)
+    g = tl.zeros((BLOCK_D, BLOCK_N // G, G), tl.float32)
     dsum = tl.zeros((BLOCK_D,), tl.float32)
-    first = pid_c * SUBS
-    for i in range(tl.minimum(SUBS, NSUB - first)):
-        offs_t = (tl.minimum(first + SUBS, NSUB) - 1 - i) * BLOCK_T + offs_t0
-        mask = mask_d[:, None] & (offs_t < L)[None, :]
-        mask_next = mask_d[:, None] & (offs_t + 1 < L)[None, :]
-        delta_next, _ = _load_delta(dt_ptr + _tile_ptrs(pid_b, offs_d, offs_t + 1, sdt_b, sdt_d, sdt_l), mask_next,
-                                    bias[:, None], SOFTPLUS)
-        dy = tl.load(dy_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sdy_b, sdy_d, sdy_l), mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
+    ngroups = tl.cdiv(t_end - t_start, 4)
+    for i in range(ngroups):
+        ts = t_start + 4 * (ngroups - 1 - i)
+        mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
+        rg = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t)
+        dyg = _load4(dy_g, ts, sdy_l, L, mask_g, mask_t)
         if HAS_Z:
-            z = tl.load(z_ptr + _tile_ptrs(pid_b, offs_d, offs_t, sz_b, sz_d, sz_l), mask=mask, other=0.0)
-            z = z.to(tl.float32)
-            dy *= z * tl.sigmoid(z)
-        mask_tn = (offs_t < L)[:, None] & (offs_n < N)[None, :]
-        C = tl.load(C_ptr + _bc_ptrs(pid_b, offs_n, offs_t, sC_b, sC_n, sC_l), mask=mask_tn, other=0.0).to(tl.float32)
-        alpha = tl.exp(delta_next[:, :, None] * A[:, None, :])
-        Q, gl = tl.associative_scan((alpha, dy[:, :, None] * C[None, :, :]), 1, _combine, reverse=True)
-        g = _pick(gl + Q * g[:, None, :], offs_t0, 0)
-        dsum += tl.sum(delta_next, axis=1)
-    tl.store(local_ptr + _state_ptrs(pid_b, offs_d, pid_c, offs_n, DIM, NCHUNK, N), g, mask=mask_dn)
-    tl.store(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + pid_c, dsum, mask=mask_d)
+            zg = _load4(z_g, ts, sz_l, L, mask_g, mask_t)
+            dyg = dyg * zg * tl.sigmoid(zg)
+        for k in tl.static_range(3, -1, -1):
+            t = ts + k
+            if PF > 0:
+                _prefetch_l1(C_row + tl.maximum(t - PF, 0) * sC_l)
+            Ct = _load_or_zero(C_ptrs + tl.minimum(t, L - 1) * sC_l, mask_bn)
+            g = tl.exp2(dt_next[:, None, None] * A2) * g + Ct * _col(dyg, offs_k, k)[:, None, None]
+            dsum += dt_next
+            dt_next = tl.where(mask_d & (t < L), softplus(_col(rg, offs_k, k) + bias, SOFTPLUS, FAST), 0.0)
+    tl.store(local_ptr + ((pid_b * NCHUNK + pid_c) * N + n3) * DIM + d3, g, mask=mask3)
+    tl.store(dsum_ptr + (pid_b * DIM + offs_d * s_one) * NCHUNK + pid_c, dsum, mask=mask_d)
 
 
 @triton.jit
+def _shfl_xor(x, M: tl.constexpr):
+    """x of the lane whose index differs from this lane's in bit M (shfl.sync.bfly; GPU only: inline PTX)."""
+    if M == 16:
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    elif M == 8:
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    elif M == 4:
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    elif M == 2:
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return r
+
+
+@triton.jit
+def _halve(x, bit, M: tl.constexpr):
+    """One level of a reduce-scatter over the lanes: split x's last axis in two, keep the half this lane's bit picks,
+    send the other half to the lane across bit M and add what it sends back."""
+    lo, hi = tl.split(x)
+    return tl.where(bit, hi, lo) + _shfl_xor(tl.where(bit, lo, hi), M)
+
+
+@triton.jit
+def _lane_sums(dB, dC, lane):
+    """Sums over the 32 lanes (channels) of the 32 values (dB, dC: (32, 4, 4) tiles, a lane per channel), a value per
+    lane: lane i ends with dB (i < 16) or dC (i >= 16) of state bitrev4(i % 16) (see _lane_sum_index). 31 shuffles
+    and 31 adds, not the 160 of a reduction per value."""
+    v = tl.reshape(tl.join(dB, dC), (32, 2, 2, 2, 2, 2))  # (lane, n bit 3, bit 2, bit 1, bit 0, dB|dC)
+    v = _halve(v, ((lane & 16) != 0)[:, None, None, None, None], 16)  # dB | dC
+    v = _halve(v, ((lane & 8) != 0)[:, None, None, None], 8)  # n bit 0
+    v = _halve(v, ((lane & 4) != 0)[:, None, None], 4)  # n bit 1
+    v = _halve(v, ((lane & 2) != 0)[:, None], 2)  # n bit 2
+    return _halve(v, (lane & 1) != 0, 1)  # n bit 3
+
+
+@triton.jit
+def _lane_sum_index(lane):
+    """Which sum _lane_sums leaves in each lane: (0 for dB or 1 for dC, state)."""
+    n = ((lane & 1) * 8) | ((lane & 2) * 2) | ((lane & 4) // 2) | ((lane & 8) // 8)
+    return lane // 16, n
+
+
+@triton.jit
+def _load4(ptrs, t, s_l, L, mask_g, mask_t):
+    """Steps t .. t + 3 of a (b, d, l) tensor as a (BLOCK_D, 4) fp32 tile (a lane holds its channel's 4 steps; see
+    _col): ``ptrs`` (BLOCK_D, 4) at step 0; mask_g: the channel mask (None for whole blocks) for a whole group, mask_t
+    the step-and-channel mask for a group that runs past L (zeros there)."""
+    if t + 4 <= L:
+        v = _load_or_zero(ptrs + t * s_l, mask_g)
+    else:
+        v = tl.load(ptrs + t * s_l, mask=mask_t, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _store4(ptrs, v, t, s_l, L, mask_g, mask_t):
+    """Store a (BLOCK_D, 4) tile of steps t .. t + 3 (none past L): the counterpart of _load4."""
+    v = v.to(ptrs.dtype.element_ty)
+    if t + 4 <= L:
+        if mask_g is None:
+            tl.store(ptrs + t * s_l, v)
+        else:
+            tl.store(ptrs + t * s_l, v, mask=mask_g)
+    else:
+        tl.store(ptrs + t * s_l, v, mask=mask_t)
+
+
+@triton.jit
+def _col(tile, offs_k, k: tl.constexpr):
+    """Column k of a (BLOCK_D, 4) tile whose columns a lane holds in registers, in fp32: folds to a register read.
+    The backward's tiles of 4 steps are channels first: with no contiguity to go by (channel strides hidden,
+    time-major tensors), Triton's coalescing pass puts the lanes along the first axis."""
+    return tl.sum(tl.where(offs_k[None, :] == k, tile.to(tl.float32), -0.0), axis=1)
+
+
+@triton.jit
+def _put(tile, offs_k, k: tl.constexpr, col):
+    """``tile`` with column k replaced by ``col``: in registers, as _col."""
+    return tl.where(offs_k[None, :] == k, col[:, None], tile)
+
+
+@triton.jit
+def _group_ptrs(ptr, pid_b, offs_d, offs_k, s_b, s_d, s_l, VEC: tl.constexpr):
+    """(BLOCK_D, 4) addresses of steps 0 .. 3 of a (b, d, l) tensor (see _col). VEC: the launcher checked that each
+    channel's 4 steps are contiguous and aligned (time stride 1, 4 dividing the other strides and the address), so
+    that a lane reads or writes them as one vector."""
+    if VEC:
+        p = ptr + tl.multiple_of(pid_b * s_b + offs_d * s_d, 4)[:, None] + offs_k[None, :]
+    else:
+        p = ptr + (pid_b * s_b + offs_d * s_d)[:, None] + offs_k[None, :] * s_l
+    return p
+
+
+@triton.jit
+def _out_step(ptrs, t, s_l, v, live, tile, offs_k, k: tl.constexpr, VEC: tl.constexpr):
+    """An output's value at step t (sub-tile column k): collected into ``tile`` (stored by _store4 after the
+    sub-tile) where VEC, else stored now (``ptrs``: the channels' addresses at step 0)."""
+    if VEC:
+        tile = _put(tile, offs_k, k, v)
+    else:
+        tl.store(ptrs + t * s_l, v.to(ptrs.dtype.element_ty), mask=live)
+    return tile
+
+
+@triton.jit
+def _rec(h, dt, u, Bt, A2):
+    """h_t from h_{t-1}: exp(Δ A) h + Δ u B_t (A2 = A log2 e)."""
+    return tl.exp2(dt[:, None, None] * A2) * h + Bt * (dt * u)[:, None, None]
+
+
+@triton.jit
+def _adjoint_step(t, L, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr,
+                  bc_offs, mask_bc, mask_d, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, SHFL: tl.constexpr,
+                  N: tl.constexpr):
+    """One step t of the backward, from h = h_t, g = the adjoint g_{t+1} and Δ_{t+1} (dt_next); per-channel inputs
+    (BLOCK_D,) fp32, raw = Δ_t before softplus (bias added), B_t, C_t broadcast tiles. Adds dB_t and dC_t (sums over
+    the block's channels) into dB and dC (each (l, n) for this batch row) and dA, dD, dΔ-bias into their
+    accumulators. Returns g_t, the accumulators and du_t, dΔ_t, dz_t."""
+    live = mask_d & (u * 0.0 + t < L)
+    if HAS_Z:
+        sig = tl.sigmoid(z)
+        y = tl.sum(tl.sum(h * Ct, axis=2), axis=1) + Dv * u
+        dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+        dy = dy * z * sig
+    else:
+        dz = dy
+    g = tl.exp2(dt_next[:, None, None] * A2) * g + Ct * dy[:, None, None]
+    dtu = dt * u
+    gB = tl.sum(tl.sum(g * Bt, axis=2), axis=1)
+    gx = g * (h - Bt * dtu[:, None, None])  # g_t exp(Δ_t A) h_{t-1}
+    dA += gx * dt[:, None, None]
+    ddelta = tl.sum(tl.sum(gx * A2, axis=2), axis=1) * 0.6931471805599453 + u * gB
+    if SOFTPLUS:
+        ddelta *= tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+    ddelta = tl.where(live, ddelta, 0.0)
+    du = dt * gB + Dv * dy
+    dDacc += dy * u
+    dbacc += ddelta
+    dBv = g * dtu[:, None, None]
+    dCv = h * dy[:, None, None]
+    if SHFL:  # one value per lane after a reduce-scatter over the lanes: one coalesced atomic a step
+        w, n = _lane_sum_index(lane)
+        tl.atomic_add(tl.where(w == 0, dB_ptr, dC_ptr) + t * N + n, _lane_sums(dBv, dCv, lane),
+                      mask=lane * 0 + t < L, sem="relaxed")
+    else:
+        m = mask_bc & (bc_offs * 0 + t < L)
+        tl.atomic_add(dB_ptr + t * N + bc_offs, tl.sum(dBv, axis=0), mask=m, sem="relaxed")
+        tl.atomic_add(dC_ptr + t * N + bc_offs, tl.sum(dCv, axis=0), mask=m, sem="relaxed")
+    return g, dA, dDacc, dbacc, du, ddelta, dz
+
+
+@triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sdy_d", "sdu_d", "sddt_d", "sdz_d", "s_one"])
 def _bwd_seq_kernel(
     u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, N, SUBS, NSUB, NCHUNK, DBLOCKS, GROUPS,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sz_b, sz_d, sz_l,
-    sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    L, DIM, SUBS, NSUB, NCHUNK, DBLOCKS,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_d, sz_l,
+    sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l, s_one,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+    SHFL: tl.constexpr, EVEN_D: tl.constexpr, UVEC: tl.constexpr, DTVEC: tl.constexpr, ZVEC: tl.constexpr,
+    DYVEC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, PF: tl.constexpr,
 ):
-    """Gradients of one chunk as sequential recurrences, tiles last to first, states as (BLOCK_N, BLOCK_D) tiles
-    (channels across lanes, as in the forward). Per tile: the states are recomputed forward from the tile's saved
-    start state into this program's scratch (BLOCK_T, BLOCK_N, BLOCK_D) fp32, then a reverse loop runs the adjoint
-    g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1} from the adjoint flowing in from the right (carry: (b, chunks, n, d)).
+    """Gradients of one chunk, in the forward's layout: a lane per channel with its BLOCK_N fp32 states (and their
+    adjoints) in registers as (BLOCK_D, BLOCK_N // G, G) tiles, channel strides hidden from the JIT (see
+    _fwd_seq_kernel). Tiles of BLOCK_T steps run last to first; per tile:
+      A. from the tile's saved start state, forward through the tile, keeping the state before each sub-tile of 4
+         steps in this program's scratch ((BLOCK_T // 4, BLOCK_N // G, BLOCK_D, G) fp32: 16 bytes a lane, cache
+         resident);
+      B, C. per sub-tile, last to first: its 4 states forward again into registers, then 4 steps of the adjoint
+         g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, from the adjoint flowing in from the right (carry: (b, chunks,
+         n, d)).
+    So each state-step costs three exp2 (A, B, and exp(Δ_{t+1} A) in C) and no scratch round trip. The sums over
+    channels of dB_t and dC_t are a reduce-scatter over the lanes (SHFL, GPU, 32 channels x 16 states: 31 shuffles,
+    then one atomic a lane) or tl.sum (elsewhere), added with relaxed fp32 atomics into dB and dC (b, l, n).
 
-    Writes du, dΔ, dz in their given strides; adds dB, dC into GROUPS partial sums (b, GROUPS, l, n) (channel
-    block i into group i % GROUPS, relaxed fp32 atomics); per-(batch, chunk) partial sums dA (b, c, d, n), dD and
-    dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0.
+    Writes du, dΔ, dz in their strides (4 steps a lane at once); per-(batch, chunk) partial sums dA (b, c, d, n),
+    dD and dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0.
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < DIM, offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A = tl.load(At_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
-    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
-    Dv = load_channel_vector(D_ptr, offs_d, mask_d, HAS_D)
+    lane = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + lane
+    mask_d = offs_d < DIM
+    NG: tl.constexpr = BLOCK_N // G
+    grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
+    n3 = grp3 * G + g3  # (1, groups, G)
+    d3 = offs_d[:, None, None] * s_one  # (BLOCK_D, 1, 1)
+    mask3 = mask_d[:, None, None] & (n3 < N)
+    A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
+    Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
+    bn = n3 + d3 * 0  # B_t, C_t broadcast over the channels
+    mask_bn = (bn < N) if N != BLOCK_N else None
+    B_ptrs = B_ptr + pid_b * sB_b + bn
+    C_ptrs = C_ptr + pid_b * sC_b + bn
+    B_row = B_ptr + pid_b * sB_b + offs_d * 0
+    C_row = C_ptr + pid_b * sC_b + offs_d * 0
+    bc_offs = tl.arange(0, NG)[:, None] * G + tl.arange(0, G)[None, :]  # (groups, G): the tl.sum path's dB_t, dC_t
+    mask_bc = bc_offs < N
+    dB_ptr += pid_b * L * N
+    dC_ptr += pid_b * L * N
     prog = (pid_b * NCHUNK + pid_c) * DBLOCKS + pid_d
-    local_nd = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-    scratch = scratch_ptr + prog * (BLOCK_T * BLOCK_N * BLOCK_D) + local_nd
-    g = tl.load(carry_ptr + _states_nd(pid_b, offs_n, offs_d, pid_c, DIM, NCHUNK, N), mask=mask_nd, other=0.0)
+    scr = scratch_ptr + prog * (BLOCK_T // 4 * BLOCK_N * BLOCK_D) + (grp3 * BLOCK_D + lane[:, None, None] * s_one) * G + g3
+    offs_k = tl.arange(0, 4)
+    # (BLOCK_D, 4) tiles of 4 steps; the outputs' channel addresses at step 0 (for the step-by-step stores)
+    u_g = _group_ptrs(u_ptr, pid_b, offs_d, offs_k, su_b, su_d, su_l, UVEC)
+    du_g = _group_ptrs(du_ptr, pid_b, offs_d, offs_k, sdu_b, sdu_d, sdu_l, UVEC)
+    dt_g = _group_ptrs(dt_ptr, pid_b, offs_d, offs_k, sdt_b, sdt_d, sdt_l, DTVEC)
+    ddt_g = _group_ptrs(ddt_ptr, pid_b, offs_d, offs_k, sddt_b, sddt_d, sddt_l, DTVEC)
+    dy_g = _group_ptrs(dy_ptr, pid_b, offs_d, offs_k, sdy_b, sdy_d, sdy_l, DYVEC)
+    du_ptrs = du_ptr + pid_b * sdu_b + offs_d * sdu_d
+    ddt_ptrs = ddt_ptr + pid_b * sddt_b + offs_d * sddt_d
+    if HAS_Z:
+        z_g = _group_ptrs(z_ptr, pid_b, offs_d, offs_k, sz_b, sz_d, sz_l, ZVEC)
+        dz_g = _group_ptrs(dz_ptr, pid_b, offs_d, offs_k, sdz_b, sdz_d, sdz_l, ZVEC)
+        dz_ptrs = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
+    else:
+        z_g, dz_g, dz_ptrs = dy_g, ddt_g, ddt_ptrs  # never used
+    mask_g = None if EVEN_D else mask_d[:, None] & (offs_k[None, :] >= 0)
+    g = tl.load(carry_ptr + ((pid_b * NCHUNK + pid_c) * N + n3) * DIM + d3, mask=mask3, other=0.0)
     j0 = pid_c * SUBS
     j1 = tl.minimum(j0 + SUBS, NSUB)
     t_end = tl.minimum(j1 * BLOCK_T, L)
-    # exp(Δ_{t+1} A) for the chunk's last step t (Δ is 0 past the sequence).
-    _, raw_next, _, _, _ = _step_loads(t_end, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr,
-                                       z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n,
-                                       sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
-    dt_next = softplus(raw_next.to(tl.float32) + bias, SOFTPLUS)
-    dt_next = tl.where(mask_d & (offs_d * 0 + t_end < L), dt_next, 0.0)
-    alpha = tl.exp2(dt_next[None, :] * A2)
-    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    # Δ of the step after the chunk (0 past the sequence), for exp(Δ_{t+1} A) at the chunk's last step.
+    live_e = mask_d & (offs_d * 0 + t_end < L)
+    raw_e = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d + t_end * sdt_l, mask=live_e, other=0.0).to(tl.float32)
+    dt_next = tl.where(live_e, softplus(raw_e + bias, SOFTPLUS, FAST), 0.0)
+    dA = tl.zeros((BLOCK_D, NG, G), tl.float32)
+    dDacc = tl.zeros((BLOCK_D,), tl.float32)
+    dbacc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(j1 - j0):
         j = j1 - 1 - i
         t0 = j * BLOCK_T
-        t1 = tl.minimum(t0 + BLOCK_T, L)
-        h_start = tl.load(sub_ptr + _states_nd(pid_b, offs_n, offs_d, j, DIM, NSUB, N), mask=mask_nd, other=0.0)
-        # Forward over the tile: h_t -> scratch[t - t0].
-        h = h_start
-        for t in range(t0, t1):
-            u, raw, Bt, _, _ = _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr, C_ptr,
-                                           z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b,
-                                           sC_n, sC_l, sz_b, sz_d, sz_l, HAS_Z, True)
-            dt = tl.where(mask_d, softplus(raw.to(tl.float32) + bias, SOFTPLUS), 0.0)
-            h = tl.exp2(dt[None, :] * A2) * h + Bt.to(tl.float32)[:, None] * (dt * u.to(tl.float32))[None, :]
-            tl.store(scratch + (t - t0) * (BLOCK_N * BLOCK_D), h)
-        tl.debug_barrier()
-        # Backward over the tile, last step first; h_cur = h_t.
-        h_cur = h
-        for k in range(t1 - t0):
-            t = t1 - 1 - k
-            s = t - t0
-            prev = tl.load(scratch + (s - 1) * (BLOCK_N * BLOCK_D), mask=(local_nd * 0 + s) > 0, other=0.0)
-            h_prev = tl.where(s > 0, prev, h_start)
-            u, raw, Bt, Ct, z = _step_loads(t, L, pid_b, offs_d, mask_d, offs_n, mask_n, u_ptr, dt_ptr, B_ptr,
-                                            C_ptr, z_ptr, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l,
-                                            sC_b, sC_n, sC_l, sz_b, sz_d, sz_l, HAS_Z, False)
-            dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d * sdy_d + t * sdy_l, mask=mask_d, other=0.0).to(tl.float32)
-            u = u.to(tl.float32)
-            Bt = Bt.to(tl.float32)
-            Ct = Ct.to(tl.float32)
-            raw = raw.to(tl.float32) + bias
-            dt = tl.where(mask_d, softplus(raw, SOFTPLUS), 0.0)
+        nss = tl.cdiv(tl.minimum(BLOCK_T, L - t0), 4)
+        # A: the state before each sub-tile, into the scratch (the last sub-tile's steps are not needed).
+        h = tl.load(sub_ptr + ((pid_b * NSUB + j) * N + n3) * DIM + d3, mask=mask3, other=0.0)
+        if PF > 0:  # B and C rows into L1 (prefetch.global.L1): the first sub-tile's here, then ahead in the loop
+            for k in tl.static_range(4):
+                _prefetch_l1(B_row + tl.minimum(t0 + k, L - 1) * sB_l)
+                _prefetch_l1(C_row + tl.minimum(t0 + k, L - 1) * sC_l)
+        for s in range(nss - 1):
+            tl.store(scr + s * (BLOCK_N * BLOCK_D), h)
+            ts = t0 + 4 * s
+            ug = _load_or_zero(u_g + ts * su_l, mask_g).to(tl.float32)  # whole groups: ts + 4 <= L
+            rg = _load_or_zero(dt_g + ts * sdt_l, mask_g).to(tl.float32)
+            for k in tl.static_range(4):
+                if PF > 0:  # B PF steps ahead for this pass, C a sub-tile ahead for pass C
+                    _prefetch_l1(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l)
+                    _prefetch_l1(C_row + tl.minimum(ts + k + 4, L - 1) * sC_l)
+                dt = softplus(_col(rg, offs_k, k) + bias, SOFTPLUS, FAST)
+                h = _rec(h, dt, _col(ug, offs_k, k), _load_or_zero(B_ptrs + (ts + k) * sB_l, mask_bn), A2)
+        tl.store(scr + (nss - 1) * (BLOCK_N * BLOCK_D), h)
+        # B, C: per sub-tile, last to first.
+        for i2 in range(nss):
+            s = nss - 1 - i2
+            ts = t0 + 4 * s
+            mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
+            ug = _load4(u_g, ts, su_l, L, mask_g, mask_t)
+            rg = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t)
+            dyg = _load4(dy_g, ts, sdy_l, L, mask_g, mask_t)
+            zg = _load4(z_g, ts, sz_l, L, mask_g, mask_t) if HAS_Z else dyg
+            h0 = tl.load(scr + s * (BLOCK_N * BLOCK_D))
+            u0, u1, u2, u3 = _col(ug, offs_k, 0), _col(ug, offs_k, 1), _col(ug, offs_k, 2), _col(ug, offs_k, 3)
+            r0, r1 = _col(rg, offs_k, 0) + bias, _col(rg, offs_k, 1) + bias
+            r2, r3 = _col(rg, offs_k, 2) + bias, _col(rg, offs_k, 3) + bias
+            dt0 = tl.where(mask_d & (ts < L), softplus(r0, SOFTPLUS, FAST), 0.0)
+            dt1 = tl.where(mask_d & (ts + 1 < L), softplus(r1, SOFTPLUS, FAST), 0.0)
+            dt2 = tl.where(mask_d & (ts + 2 < L), softplus(r2, SOFTPLUS, FAST), 0.0)
+            dt3 = tl.where(mask_d & (ts + 3 < L), softplus(r3, SOFTPLUS, FAST), 0.0)
+            t1, t2, t3 = tl.minimum(ts + 1, L - 1), tl.minimum(ts + 2, L - 1), tl.minimum(ts + 3, L - 1)
+            h1 = _rec(h0, dt0, u0, _load_or_zero(B_ptrs + ts * sB_l, mask_bn), A2)
+            h2 = _rec(h1, dt1, u1, _load_or_zero(B_ptrs + t1 * sB_l, mask_bn), A2)
+            h3 = _rec(h2, dt2, u2, _load_or_zero(B_ptrs + t2 * sB_l, mask_bn), A2)
+            h4 = _rec(h3, dt3, u3, _load_or_zero(B_ptrs + t3 * sB_l, mask_bn), A2)
+            du_t, dd_t, dz_t = ug, rg, zg  # tiles that collect the outputs where they are stored 4 steps at once
+            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
+                ts + 3, L, h4, g, dt_next, dt3, u3, r3, _col(zg, offs_k, 3), _col(dyg, offs_k, 3),
+                _load_or_zero(B_ptrs + t3 * sB_l, mask_bn), _load_or_zero(C_ptrs + t3 * sC_l, mask_bn), A2, Dv, dA,
+                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
+            live = mask_d & (offs_d * 0 + ts + 3 < L)
+            du_t = _out_step(du_ptrs, ts + 3, sdu_l, du, live, du_t, offs_k, 3, UVEC)
+            dd_t = _out_step(ddt_ptrs, ts + 3, sddt_l, dd, live, dd_t, offs_k, 3, DTVEC)
             if HAS_Z:
-                zf = z.to(tl.float32)
-                sig = tl.sigmoid(zf)
-                y = tl.sum(h_cur * Ct[:, None], axis=0) + Dv * u
-                dz = dy * y * sig * (1.0 + zf * (1.0 - sig))
-                tl.store(dz_ptr + pid_b * sdz_b + offs_d * sdz_d + t * sdz_l, dz.to(dz_ptr.dtype.element_ty),
-                         mask=mask_d)
-                dy = dy * zf * sig
-            g = Ct[:, None] * dy[None, :] + alpha * g
-            dA_t = tl.exp2(dt[None, :] * A2)
-            gh = g * dA_t * h_prev  # g_t exp(Δ_t A) h_{t-1}
-            dtu = dt * u
-            bc_ptrs = ((pid_b * GROUPS + pid_d % GROUPS) * L + t) * N + offs_n
-            tl.atomic_add(dCp_ptr + bc_ptrs, tl.sum(h_cur * dy[None, :], axis=1), mask=mask_n, sem="relaxed")
-            tl.atomic_add(dBp_ptr + bc_ptrs, tl.sum(g * dtu[None, :], axis=1), mask=mask_n, sem="relaxed")
-            gB = tl.sum(g * Bt[:, None], axis=0)
-            ddelta = tl.sum(gh * A, axis=0) + u * gB
-            if SOFTPLUS:
-                ddelta *= tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
-            ddelta = tl.where(mask_d, ddelta, 0.0)
-            du = dt * gB + Dv * dy
-            dA_acc += gh * dt[None, :]
-            dD_acc += dy * u
-            dbias_acc += ddelta
-            tl.store(du_ptr + pid_b * sdu_b + offs_d * sdu_d + t * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask_d)
-            tl.store(ddt_ptr + pid_b * sddt_b + offs_d * sddt_d + t * sddt_l, ddelta.to(ddt_ptr.dtype.element_ty),
-                     mask=mask_d)
-            alpha = dA_t
-            h_cur = h_prev
-        tl.debug_barrier()
-    part = (pid_b * NCHUNK + pid_c) * DIM + offs_d
-    tl.store(dA_ptr + part[None, :] * N + offs_n[:, None], dA_acc, mask=mask_nd)
-    tl.store(dD_ptr + part, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + part, dbias_acc, mask=mask_d)
+                dz_t = _out_step(dz_ptrs, ts + 3, sdz_l, dz, live, dz_t, offs_k, 3, ZVEC)
+            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
+                ts + 2, L, h3, g, dt3, dt2, u2, r2, _col(zg, offs_k, 2), _col(dyg, offs_k, 2),
+                _load_or_zero(B_ptrs + t2 * sB_l, mask_bn), _load_or_zero(C_ptrs + t2 * sC_l, mask_bn), A2, Dv, dA,
+                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
+            live = mask_d & (offs_d * 0 + ts + 2 < L)
+            du_t = _out_step(du_ptrs, ts + 2, sdu_l, du, live, du_t, offs_k, 2, UVEC)
+            dd_t = _out_step(ddt_ptrs, ts + 2, sddt_l, dd, live, dd_t, offs_k, 2, DTVEC)
+            if HAS_Z:
+                dz_t = _out_step(dz_ptrs, ts + 2, sdz_l, dz, live, dz_t, offs_k, 2, ZVEC)
+            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
+                ts + 1, L, h2, g, dt2, dt1, u1, r1, _col(zg, offs_k, 1), _col(dyg, offs_k, 1),
+                _load_or_zero(B_ptrs + t1 * sB_l, mask_bn), _load_or_zero(C_ptrs + t1 * sC_l, mask_bn), A2, Dv, dA,
+                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
+            live = mask_d & (offs_d * 0 + ts + 1 < L)
+            du_t = _out_step(du_ptrs, ts + 1, sdu_l, du, live, du_t, offs_k, 1, UVEC)
+            dd_t = _out_step(ddt_ptrs, ts + 1, sddt_l, dd, live, dd_t, offs_k, 1, DTVEC)
+            if HAS_Z:
+                dz_t = _out_step(dz_ptrs, ts + 1, sdz_l, dz, live, dz_t, offs_k, 1, ZVEC)
+            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
+                ts, L, h1, g, dt1, dt0, u0, r0, _col(zg, offs_k, 0), _col(dyg, offs_k, 0),
+                _load_or_zero(B_ptrs + ts * sB_l, mask_bn), _load_or_zero(C_ptrs + ts * sC_l, mask_bn), A2, Dv, dA,
+                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
+            live = mask_d & (offs_d * 0 + ts < L)
+            du_t = _out_step(du_ptrs, ts, sdu_l, du, live, du_t, offs_k, 0, UVEC)
+            dd_t = _out_step(ddt_ptrs, ts, sddt_l, dd, live, dd_t, offs_k, 0, DTVEC)
+            if HAS_Z:
+                dz_t = _out_step(dz_ptrs, ts, sdz_l, dz, live, dz_t, offs_k, 0, ZVEC)
+            dt_next = dt0
+            if UVEC:
+                _store4(du_g, du_t, ts, sdu_l, L, mask_g, mask_t)
+            if DTVEC:
+                _store4(ddt_g, dd_t, ts, sddt_l, L, mask_g, mask_t)
+            if HAS_Z and ZVEC:
+                _store4(dz_g, dz_t, ts, sdz_l, L, mask_g, mask_t)
+    part = (pid_b * NCHUNK + pid_c) * DIM + offs_d * s_one
+    tl.store(dA_ptr + part[:, None, None] * N + n3, dA, mask=mask3)
+    tl.store(dD_ptr + part, dDacc, mask=mask_d)
+    tl.store(dbias_ptr + part, dbacc, mask=mask_d)
     if pid_c == 0:  # dh0 = exp(Δ_0 A) g_0
-        tl.store(dh0_ptr + _states_nd(pid_b, offs_n, offs_d, 0, DIM, 1, N), alpha * g, mask=mask_nd)
+        tl.store(dh0_ptr + (pid_b * N + n3) * DIM + d3, tl.exp2(dt_next[:, None, None] * A2) * g, mask=mask3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -525,6 +690,14 @@ def _u_group(u: torch.Tensor) -> int:
     vec = 16 // u.element_size()
     ok = u.stride(2) == 1 and u.stride(1) % vec == 0 and u.stride(0) % vec == 0 and u.data_ptr() % 16 == 0
     return vec if ok else 1
+
+
+def _vec4(*ts: torch.Tensor) -> bool:
+    """Whether the backward may read (or write) 4 steps of each channel of these (b, d, l) tensors as one vector: time
+    stride 1, 4 dividing the other strides and 4 elements dividing the address, the same strides for all."""
+    t0 = ts[0]
+    return all(t.stride() == t0.stride() and t.stride(2) == 1 and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0
+               and t.data_ptr() % (4 * t.element_size()) == 0 for t in ts)
 
 
 def _states_f32(t: torch.Tensor) -> torch.Tensor:
@@ -599,23 +772,21 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     return y, final.transpose(1, 2), sub
 
 
-def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, flags) -> torch.Tensor:
-    """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk)."""
-    _, d, l = delta.shape
-    n = A.shape[1]
+def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, At, C, z, delta_bias, consts) -> torch.Tensor:
+    """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk).
+    A: contiguous (d, n), At: its (n, d) copy; C: fp32, n-contiguous (_states_f32)."""
+    d, n = A.shape
     if p.nchunk == 1:
         return gfinal.view(b, 1, n, d)
     f32 = dict(dtype=torch.float32, device=delta.device)
     local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
-    sizes = dict(p.sizes, BLOCK_D=_BWD["local_block_d"], num_warps=_BWD["local_warps"])
-    d_blocks = triton.cdiv(d, sizes["BLOCK_D"])
-    _bwd_local_kernel[(d_blocks, p.nchunk, b)](
-        delta, A, C, z, delta_bias, dy, local, dsum, l, d, n, p.subs, p.nsub, p.nchunk,
-        *delta.stride(), *C.stride(), *_strides(z), *dy.stride(), **flags, **sizes,
+    _bwd_local_kernel[(p.d_blocks, p.nchunk - 1, b)](
+        delta, At, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
+        *delta.stride(), C.stride(0), C.stride(2), *_strides(z), *dy.stride(), 1, **consts, **p.sizes,
     )
     carry = torch.empty(b, p.nchunk, n, d, **f32)
-    _carry_kernel[(d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
-                                 BLOCK_D=sizes["BLOCK_D"], BLOCK_N=sizes["BLOCK_N"])
+    _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
+                                   BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
     return carry
 
 
@@ -633,27 +804,36 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     gfinal = torch.zeros(b, n, d, **f32) if dfinal is None else _nd(dfinal)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else torch.empty(0, **f32)
-    groups = min(p.d_blocks, _BWD["bc_groups"])
-    dB_part, dC_part = torch.zeros(b, groups, l, n, **f32), torch.zeros(b, groups, l, n, **f32)
+    dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
     if l == 0:
-        dB, dC = dB_part.sum(1).transpose(1, 2), dC_part.sum(1).transpose(1, 2)
-        return (du, ddelta, torch.zeros(d, n, **f32), dB, dC, torch.zeros(d, **f32), dz, torch.zeros(d, **f32),
-                gfinal.transpose(1, 2))
-    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C, z, delta_bias, flags)
-    scratch = torch.empty(b * p.nchunk * p.d_blocks * _T * p.sizes["BLOCK_D"] * p.sizes["BLOCK_N"], **f32)
+        return (du, ddelta, torch.zeros(d, n, **f32), dB.transpose(1, 2), dC.transpose(1, 2),
+                torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal.transpose(1, 2))
+    B, C = _states_f32(B), _states_f32(C)
+    At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
+    block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
+    cuda = u.device.type == "cuda"
+    common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
+                  PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
+                  DTVEC=_vec4(delta, ddelta), ZVEC=z is not None and _vec4(z, dz), DYVEC=_vec4(dy))
+    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, At, C, z, delta_bias, common)
+    scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * block_n, **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
+    # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states
+    consts = dict(common, HAS_D=D is not None, UVEC=_vec4(u, du),
+                  SHFL=cuda and block_d == 32 and p.sizes["num_warps"] == 1 and n == 16)
+    if _BWD["maxnreg"] and cuda:
+        consts["maxnreg"] = _BWD["maxnreg"]
     _bwd_seq_kernel[(p.d_blocks, p.nchunk, b)](
-        u, delta, A.t().contiguous(), B, C, D, z, delta_bias, dy, sub, carry, scratch,
-        du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
-        l, d, n, p.subs, p.nsub, p.nchunk, p.d_blocks, groups,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z), *dy.stride(),
-        *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None),
-        HAS_D=D is not None, **flags, **p.sizes,
+        u, delta, At, B, C, D, z, delta_bias, dy, sub, carry, scratch,
+        du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0,
+        l, d, p.subs, p.nsub, p.nchunk, p.d_blocks,
+        *u.stride(), *delta.stride(), B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z),
+        *dy.stride(), *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None), 1,
+        **consts, **p.sizes,
     )
-    dB, dC = (part.sum(1).transpose(1, 2) for part in (dB_part, dC_part))
-    return (du, ddelta, dA_part.sum((0, 1)), dB, dC, dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)),
-            dh0.transpose(1, 2))
+    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2), dC.transpose(1, 2), dD_part.sum((0, 1)),
+            dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

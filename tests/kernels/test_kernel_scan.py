@@ -84,12 +84,13 @@ def test_scan_rejects_bad_inputs(bad, message):
 
 
 def test_chunk_policy():
-    """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~48 per SM
-    in the forward; the backward chunks below 1 per SM, to ~8."""
+    """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~48 programs per
+    SM in the forward. The backward (one warp of 32 channels a program, ~255 registers) chunks below 4 programs per
+    SM, to ~32: b8 d1536 is 384 programs, 11 chunks."""
     assert scan_module._num_chunks(8 * 192, 132) == 1
     assert scan_module._num_chunks(192, 132) == 33
-    assert scan_module._num_chunks(192, 132, *scan_module._BWD["chunking"]) == 1  # 1 per SM suffices there
-    assert scan_module._num_chunks(100, 132, *scan_module._BWD["chunking"]) == 11
+    assert scan_module._num_chunks(8 * 48, 132, *scan_module._BWD["chunking"]) == 11
+    assert scan_module._num_chunks(1000, 132, *scan_module._BWD["chunking"]) == 1
 
 
 def test_scan_empty_sequence_returns_the_initial_state():
