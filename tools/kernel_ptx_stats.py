@@ -51,7 +51,7 @@ CALL = dict(L=L, DIM=D, N=N, SUBS=8, NSUB=L // 32, NCHUNK=8, DBLOCKS=D // 32, GR
 
 
 def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool,
-                   bf16: set[str] = BF16_POINTERS) -> tuple[str, str]:
+                   bf16: set[str] = BF16_POINTERS, maxnreg: int | None = None) -> tuple[str, str]:
     """(TTGIR, PTX) of ``fn`` with the ``bf16`` pointers bf16, the other pointers fp32 and i32 scalars; with
     ``specialize``, the benchmark call's unit integers as constants and its divisibility-16 arguments marked, as the
     JIT does."""
@@ -75,7 +75,7 @@ def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     backend = CUDABackend(target)
-    options = backend.parse_options({"num_warps": warps})
+    options = backend.parse_options({"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})})
     context = libtriton.ir.context()
     libtriton.ir.load_dialects(context)
     backend.load_dialects(context)

@@ -16,10 +16,13 @@ batch 1 at 64k tokens still fills the GPU:
     3. each chunk runs again from its true start state, writes y, and saves the state at each tile start
                                                                                (_fwd_seq_kernel)
 The backward runs the adjoint g_t = dL/dh_t, a reverse recurrence g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, chunked
-the same way (the local adjoint of each chunk: _bwd_local_kernel, an associative scan over register tiles; carry;
-then _bwd_seq_kernel). _bwd_seq_kernel takes each tile last to first: it recomputes the tile's states forward from the
-saved tile start state into a per-program scratch (_T x BLOCK_D x N fp32, cache-resident), then steps backward through
-them. Memory beyond inputs and outputs is O(b d n l / _T), never the (b, d, l, n) states.
+the same way (the local adjoint of each chunk but the first: _bwd_local_kernel, a sequential reverse pass; carry;
+then _bwd_seq_kernel), in the forward's layout (a lane per channel, its states and adjoints in registers).
+_bwd_seq_kernel takes each tile last to first: it runs the tile forward from its saved start state, keeping the state
+before each sub-tile of 4 steps in a small per-program scratch (8 x N x BLOCK_D fp32), then per sub-tile, last to
+first, recomputes its 4 states into registers and steps the adjoint back through them. dB_t and dC_t, sums over the
+channels, are a reduce-scatter over the lanes (shuffles) and one atomic add a lane and step.
+Memory beyond inputs and outputs is O(b d n l / _T), never the (b, d, l, n) states.
 """
 
 from __future__ import annotations
@@ -315,22 +318,8 @@ def _bwd_local_kernel(
 @triton.jit
 def _shfl_xor(x, M: tl.constexpr):
     """x of the lane whose index differs from this lane's in bit M (shfl.sync.bfly; GPU only: inline PTX)."""
-    if M == 16:
-        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 31, -1;", "=r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    elif M == 8:
-        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 31, -1;", "=r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    elif M == 4:
-        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 31, -1;", "=r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    elif M == 2:
-        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, -1;", "=r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    else:
-        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, -1;", "=r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    return r
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
+                                     [x, tl.full(x.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -470,6 +459,28 @@ def _adjoint_step(t, L, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dD
     return g, dA, dDacc, dbacc, du, ddelta, dz
 
 
+@triton.jit
+def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, raw, zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
+                      mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t,
+                      dz_t, du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z: tl.constexpr,
+                      SOFTPLUS: tl.constexpr, SHFL: tl.constexpr, N: tl.constexpr, UVEC: tl.constexpr,
+                      DTVEC: tl.constexpr, ZVEC: tl.constexpr):
+    """Step ts + k of a sub-tile (column k of its (BLOCK_D, 4) tiles): _adjoint_step with B_t and C_t loaded, then
+    du, dΔ, dz collected into their tiles or stored (_out_step). Returns g, the accumulators and the three tiles."""
+    t = ts + k
+    tc = tl.minimum(t, L - 1)
+    g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
+        t, L, h, g, dt_next, dt, u, raw, _col(zg, offs_k, k), _col(dyg, offs_k, k),
+        _load_or_zero(B_ptrs + tc * sB_l, mask_bn), _load_or_zero(C_ptrs + tc * sC_l, mask_bn), A2, Dv, dA, dDacc,
+        dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
+    live = mask_d & (lane * 0 + t < L)
+    du_t = _out_step(du_ptrs, t, sdu_l, du, live, du_t, offs_k, k, UVEC)
+    dd_t = _out_step(ddt_ptrs, t, sddt_l, dd, live, dd_t, offs_k, k, DTVEC)
+    if HAS_Z:
+        dz_t = _out_step(dz_ptrs, t, sdz_l, dz, live, dz_t, offs_k, k, ZVEC)
+    return g, dA, dDacc, dbacc, du_t, dd_t, dz_t
+
+
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sdy_d", "sdu_d", "sddt_d", "sdz_d", "s_one"])
 def _bwd_seq_kernel(
     u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
@@ -491,11 +502,13 @@ def _bwd_seq_kernel(
       B, C. per sub-tile, last to first: its 4 states forward again into registers, then 4 steps of the adjoint
          g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, from the adjoint flowing in from the right (carry: (b, chunks,
          n, d)).
-    So each state-step costs three exp2 (A, B, and exp(Δ_{t+1} A) in C) and no scratch round trip. The sums over
-    channels of dB_t and dC_t are a reduce-scatter over the lanes (SHFL, GPU, 32 channels x 16 states: 31 shuffles,
-    then one atomic a lane) or tl.sum (elsewhere), added with relaxed fp32 atomics into dB and dC (b, l, n).
+    So a state-step costs about 2.25 exp2 (A, B; C's exp(Δ_{t+1} A) is B's exp2 of the next step, which the
+    compiler reuses, but for a sub-tile's last step) and no scratch round trip. The sums over channels of dB_t and
+    dC_t are a reduce-scatter over the lanes (SHFL, GPU, 32 channels x 16 states: 31 shuffles, then one atomic a
+    lane) or tl.sum (elsewhere), added with relaxed fp32 atomics into dB and dC (b, l, n).
 
-    Writes du, dΔ, dz in their strides (4 steps a lane at once); per-(batch, chunk) partial sums dA (b, c, d, n),
+    Writes du, dΔ, dz in their strides (4 steps a lane at once where an input is channel-major and aligned, else a
+    step at a time); per-(batch, chunk) partial sums dA (b, c, d, n),
     dD and dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0.
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -594,42 +607,12 @@ def _bwd_seq_kernel(
             h3 = _rec(h2, dt2, u2, _load_or_zero(B_ptrs + t2 * sB_l, mask_bn), A2)
             h4 = _rec(h3, dt3, u3, _load_or_zero(B_ptrs + t3 * sB_l, mask_bn), A2)
             du_t, dd_t, dz_t = ug, rg, zg  # tiles that collect the outputs where they are stored 4 steps at once
-            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-                ts + 3, L, h4, g, dt_next, dt3, u3, r3, _col(zg, offs_k, 3), _col(dyg, offs_k, 3),
-                _load_or_zero(B_ptrs + t3 * sB_l, mask_bn), _load_or_zero(C_ptrs + t3 * sC_l, mask_bn), A2, Dv, dA,
-                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
-            live = mask_d & (offs_d * 0 + ts + 3 < L)
-            du_t = _out_step(du_ptrs, ts + 3, sdu_l, du, live, du_t, offs_k, 3, UVEC)
-            dd_t = _out_step(ddt_ptrs, ts + 3, sddt_l, dd, live, dd_t, offs_k, 3, DTVEC)
-            if HAS_Z:
-                dz_t = _out_step(dz_ptrs, ts + 3, sdz_l, dz, live, dz_t, offs_k, 3, ZVEC)
-            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-                ts + 2, L, h3, g, dt3, dt2, u2, r2, _col(zg, offs_k, 2), _col(dyg, offs_k, 2),
-                _load_or_zero(B_ptrs + t2 * sB_l, mask_bn), _load_or_zero(C_ptrs + t2 * sC_l, mask_bn), A2, Dv, dA,
-                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
-            live = mask_d & (offs_d * 0 + ts + 2 < L)
-            du_t = _out_step(du_ptrs, ts + 2, sdu_l, du, live, du_t, offs_k, 2, UVEC)
-            dd_t = _out_step(ddt_ptrs, ts + 2, sddt_l, dd, live, dd_t, offs_k, 2, DTVEC)
-            if HAS_Z:
-                dz_t = _out_step(dz_ptrs, ts + 2, sdz_l, dz, live, dz_t, offs_k, 2, ZVEC)
-            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-                ts + 1, L, h2, g, dt2, dt1, u1, r1, _col(zg, offs_k, 1), _col(dyg, offs_k, 1),
-                _load_or_zero(B_ptrs + t1 * sB_l, mask_bn), _load_or_zero(C_ptrs + t1 * sC_l, mask_bn), A2, Dv, dA,
-                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
-            live = mask_d & (offs_d * 0 + ts + 1 < L)
-            du_t = _out_step(du_ptrs, ts + 1, sdu_l, du, live, du_t, offs_k, 1, UVEC)
-            dd_t = _out_step(ddt_ptrs, ts + 1, sddt_l, dd, live, dd_t, offs_k, 1, DTVEC)
-            if HAS_Z:
-                dz_t = _out_step(dz_ptrs, ts + 1, sdz_l, dz, live, dz_t, offs_k, 1, ZVEC)
-            g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-                ts, L, h1, g, dt1, dt0, u0, r0, _col(zg, offs_k, 0), _col(dyg, offs_k, 0),
-                _load_or_zero(B_ptrs + ts * sB_l, mask_bn), _load_or_zero(C_ptrs + ts * sC_l, mask_bn), A2, Dv, dA,
-                dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
-            live = mask_d & (offs_d * 0 + ts < L)
-            du_t = _out_step(du_ptrs, ts, sdu_l, du, live, du_t, offs_k, 0, UVEC)
-            dd_t = _out_step(ddt_ptrs, ts, sddt_l, dd, live, dd_t, offs_k, 0, DTVEC)
-            if HAS_Z:
-                dz_t = _out_step(dz_ptrs, ts, sdz_l, dz, live, dz_t, offs_k, 0, ZVEC)
+            hs, dts, us, rs = (h1, h2, h3, h4), (dt0, dt1, dt2, dt3, dt_next), (u0, u1, u2, u3), (r0, r1, r2, r3)
+            for k in tl.static_range(3, -1, -1):
+                g, dA, dDacc, dbacc, du_t, dd_t, dz_t = _adjoint_sub_step(
+                    k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], rs[k], zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
+                    mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t, dz_t,
+                    du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z, SOFTPLUS, SHFL, N, UVEC, DTVEC, ZVEC)
             dt_next = dt0
             if UVEC:
                 _store4(du_g, du_t, ts, sdu_l, L, mask_g, mask_t)
