@@ -9,8 +9,9 @@ apart (it includes compilation). Floors:
     memory: every input read once and every output written once, over the measured device copy bandwidth;
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
---sweep first times a few program shapes (forward warps, backward channels per program and warps) at the first shape,
-and runs the table with the fastest; then a few chunk targets of the forward at 64k tokens.
+--sweep first times a few program shapes at the first shape (forward warps of 32 channels; the backward's programs per
+SM when chunked: it is written for one warp of 32 channels) and runs the table with the fastest; then a few chunk
+targets of the forward at 64k tokens.
 """
 
 from __future__ import annotations
@@ -189,25 +190,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SWEEP = [  # (forward warps: 32 channels each, a lane a channel; backward channels per program, backward warps)
-    (1, 32, 1),
-    (2, 32, 1),
-    (1, 16, 1),
-    (1, 64, 2),
+SWEEP = [  # (forward warps: 32 channels each, a lane a channel; backward programs per SM when chunked)
+    (1, 32),
+    (2, 32),
+    (1, 16),
+    (1, 48),
 ]
 
 
 def set_tiles(cfg: tuple) -> None:
     warps = cfg[0]
     scan_module._FWD.update(block_d=32 * warps, chunked_block_d=32 * warps, warps=warps)
-    scan_module._BWD["block_d"], scan_module._BWD["warps"] = cfg[1], cfg[2]
+    scan_module._BWD["chunking"] = (scan_module._BWD["chunking"][0], cfg[1])
 
 
 def sweep() -> tuple:
     """Time fwd and fwd+bwd at b8 d1536 l2048 for each SWEEP entry; return the fastest fwd+bwd."""
     x = make_inputs(8, 1536, 2048, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
-    rows, best = [["fwd warps", "bwd block_d", "bwd warps", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
+    rows, best = [["fwd warps", "bwd programs/SM", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
     for cfg in SWEEP:
         set_tiles(cfg)
         try:
