@@ -995,9 +995,6 @@ bool early_start(bool constant_weights) {
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
 }
 
-// The fused kernel's barrier word for launches on `stream` of the current device (see grid_barrier()): nullptr where
-// the stream is not one stream for every host thread (cudaStreamPerThread) or every word is taken (then the kernel
-// uses cooperative groups' barrier). MAMBA_EXPORT_CUDA_CG_BARRIER=1 always gives nullptr.
 // The current device, for a per-stream resource of the fused kernel on `stream`, or -1 where it gets none: the
 // environment variable `env` set to `off`, the stream cudaStreamPerThread (not one stream for every host thread), or
 // no current device.
@@ -1011,6 +1008,9 @@ int stream_device(cudaStream_t stream, const char* env, const char* off) {
   return device;
 }
 
+// The fused kernel's barrier word for launches on `stream` of the current device (see grid_barrier()): nullptr where
+// the stream is not one stream for every host thread (cudaStreamPerThread) or every word is taken (then the kernel
+// uses cooperative groups' barrier). MAMBA_EXPORT_CUDA_CG_BARRIER=1 always gives nullptr.
 unsigned* barrier_word(cudaStream_t stream) {
   struct Owner {
     int device;

@@ -148,6 +148,23 @@ def _load_or_zero(ptrs, mask):
     return v
 
 
+@triton.jit
+def _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, N: tl.constexpr,
+                BLOCK_N: tl.constexpr, G: tl.constexpr):
+    """What the sequential kernels share: a lane per channel, its BLOCK_N states a (BLOCK_D, BLOCK_N // G, G) tile.
+    Returns the channels offs_d and their mask, n3 (1, groups, G) the states, d3 (BLOCK_D, 1, 1) the channels times
+    the stride s_one the JIT may not specialise (1 at run time: see _fwd_seq_kernel), mask3, A log2 e as a tile (for
+    exp2), and the Δ bias."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    n3 = tl.arange(0, BLOCK_N // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    d3 = offs_d[:, None, None] * s_one
+    mask3 = mask_d[:, None, None] & (n3 < N)
+    A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
+    return offs_d, mask_d, n3, d3, mask3, A2, bias
+
+
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sy_d", "s_one"])
 def _fwd_seq_kernel(
     u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
@@ -176,13 +193,8 @@ def _fwd_seq_kernel(
     chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, n, d).
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    n3 = tl.arange(0, BLOCK_N // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]  # (1, groups, G)
-    d3 = offs_d[:, None, None] * s_one  # (BLOCK_D, 1, 1)
-    mask3 = mask_d[:, None, None] & (n3 < N)
-    A = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634  # exp2 scale
-    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
+    offs_d, mask_d, n3, d3, mask3, A, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
+                                                         BLOCK_N, G)
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
     if LOCAL:
         h = tl.zeros((BLOCK_D, BLOCK_N // G, G), tl.float32)
@@ -271,13 +283,8 @@ def _bwd_local_kernel(
     layout of _bwd_seq_kernel (a lane per channel, its states in registers); dy, z and Δ are read 4 steps at a
     time, C_t from L1 (prefetched PF steps ahead)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    n3 = tl.arange(0, BLOCK_N // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]
-    d3 = offs_d[:, None, None] * s_one
-    mask3 = mask_d[:, None, None] & (n3 < N)
-    A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
+    offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
+                                                          BLOCK_N, G)
     bn = n3 + d3 * 0
     mask_bn = (bn < N) if N != BLOCK_N else None
     C_ptrs = C_ptr + pid_b * sC_b + bn
@@ -512,16 +519,11 @@ def _bwd_seq_kernel(
     dD and dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0.
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
+                                                          BLOCK_N, G)
     lane = tl.arange(0, BLOCK_D)
-    offs_d = pid_d * BLOCK_D + lane
-    mask_d = offs_d < DIM
     NG: tl.constexpr = BLOCK_N // G
     grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
-    n3 = grp3 * G + g3  # (1, groups, G)
-    d3 = offs_d[:, None, None] * s_one  # (BLOCK_D, 1, 1)
-    mask3 = mask_d[:, None, None] & (n3 < N)
-    A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
     bn = n3 + d3 * 0  # B_t, C_t broadcast over the channels
     mask_bn = (bn < N) if N != BLOCK_N else None
