@@ -150,14 +150,19 @@ def _load_or_zero(ptrs, mask):
 
 @triton.jit
 def _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, N: tl.constexpr,
-                BLOCK_N: tl.constexpr, G: tl.constexpr):
+                BLOCK_N: tl.constexpr, G: tl.constexpr, PERM: tl.constexpr):
     """What the sequential kernels share: a lane per channel, its BLOCK_N states a (BLOCK_D, BLOCK_N // G, G) tile.
     Returns the channels offs_d and their mask, n3 (1, groups, G) the states, d3 (BLOCK_D, 1, 1) the channels times
     the stride s_one the JIT may not specialise (1 at run time: see _fwd_seq_kernel), mask3, A log2 e as a tile (for
-    exp2), and the Δ bias."""
+    exp2), and the Δ bias. PERM (32 lanes x 4 groups of 4 states): a lane's group slot j holds the states of group
+    j ^ _group_perm(lane) (n3 then (BLOCK_D, groups, G)), for _lane_sums; every state-indexed load and store goes
+    through n3, and the sums over states do not care about the order."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    n3 = tl.arange(0, BLOCK_N // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    grp = tl.arange(0, BLOCK_N // G)[None, :, None]
+    if PERM:
+        grp = grp ^ _group_perm(tl.arange(0, BLOCK_D))[:, None, None]
+    n3 = grp * G + tl.arange(0, G)[None, None, :]
     d3 = offs_d[:, None, None] * s_one
     mask3 = mask_d[:, None, None] & (n3 < N)
     A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -194,7 +199,7 @@ def _fwd_seq_kernel(
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                         BLOCK_N, G)
+                                                         BLOCK_N, G, False)
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
     if LOCAL:
         h = tl.zeros((BLOCK_D, BLOCK_N // G, G), tl.float32)
@@ -284,7 +289,7 @@ def _bwd_local_kernel(
     time, C_t from L1 (prefetched PF steps ahead)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                          BLOCK_N, G)
+                                                          BLOCK_N, G, False)
     bn = n3 + d3 * 0
     mask_bn = (bn < N) if N != BLOCK_N else None
     C_ptrs = C_ptr + pid_b * sC_b + bn
@@ -323,38 +328,73 @@ def _bwd_local_kernel(
 
 
 @triton.jit
-def _shfl_xor(x, M: tl.constexpr):
-    """x of the lane whose index differs from this lane's in bit M (shfl.sync.bfly; GPU only: inline PTX)."""
-    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
-                                     [x, tl.full(x.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+def _shfl_xor(x, M: tl.constexpr, SHFL: tl.constexpr):
+    """x of the lane (axis 0) whose index differs from this lane's in bit M: shfl.sync.bfly (SHFL 1; GPU only: inline
+    PTX) or a gather along axis 0 (SHFL 2: the same data movement, which the interpreter runs, for the CPU tests)."""
+    if SHFL == 1:
+        y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
+                                      [x, tl.full(x.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.gather(x, tl.zeros(x.shape, tl.int32) + _lane_index(x, 0) ^ M, 0)
+    return y
 
 
 @triton.jit
-def _halve(x, bit, M: tl.constexpr):
+def _lane_index(x, k: tl.constexpr):
+    """Index along axis 0 (lanes) broadcast to x's shape."""
+    i = tl.arange(0, x.shape[0])
+    if len(x.shape) == 2:
+        i = i[:, None]
+    elif len(x.shape) == 3:
+        i = i[:, None, None]
+    elif len(x.shape) == 4:
+        i = i[:, None, None, None]
+    return i
+
+
+@triton.jit
+def _halve(x, bit, M: tl.constexpr, SHFL: tl.constexpr):
     """One level of a reduce-scatter over the lanes: split x's last axis in two, keep the half this lane's bit picks,
     send the other half to the lane across bit M and add what it sends back."""
     lo, hi = tl.split(x)
-    return tl.where(bit, hi, lo) + _shfl_xor(tl.where(bit, lo, hi), M)
+    return tl.where(bit, hi, lo) + _shfl_xor(tl.where(bit, lo, hi), M, SHFL)
 
 
 @triton.jit
-def _lane_sums(dB, dC, lane):
-    """Sums over the 32 lanes (channels) of the 32 values (dB, dC: (32, 4, 4) tiles, a lane per channel), a value per
-    lane: lane i ends with dB (i < 16) or dC (i >= 16) of state bitrev4(i % 16) (see _lane_sum_index). 31 shuffles
-    and 31 adds, not the 160 of a reduction per value."""
-    v = tl.reshape(tl.join(dB, dC), (32, 2, 2, 2, 2, 2))  # (lane, n bit 3, bit 2, bit 1, bit 0, dB|dC)
-    v = _halve(v, ((lane & 16) != 0)[:, None, None, None, None], 16)  # dB | dC
-    v = _halve(v, ((lane & 8) != 0)[:, None, None, None], 8)  # n bit 0
-    v = _halve(v, ((lane & 4) != 0)[:, None, None], 4)  # n bit 1
-    v = _halve(v, ((lane & 2) != 0)[:, None], 2)  # n bit 2
-    return _halve(v, (lane & 1) != 0, 1)  # n bit 3
+def _fold(x, M: tl.constexpr, SHFL: tl.constexpr):
+    """A level of the reduce-scatter without selects: x's last axis splits into the half this lane keeps (0) and the
+    half it sends to the lane across bit M (1), whose slot 1 holds the states of this lane's slot 0 (_group_perm)."""
+    lo, hi = tl.split(x)
+    return lo + _shfl_xor(hi, M, SHFL)
+
+
+@triton.jit
+def _group_perm(lane):
+    """Which group of 4 states a lane keeps in group slot 0 (slot j: group j ^ this), from lane bits 4 and 3 (the
+    lanes _lane_sums pairs first), so that the first two levels of the reduce-scatter need no selects."""
+    return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1)
+
+
+@triton.jit
+def _lane_sums(dB, dC, lane, SHFL: tl.constexpr):
+    """Sums over the 32 lanes (channels) of the 32 values (dB, dC: (32, 4, 4) tiles, a lane per channel, group slots
+    permuted by _group_perm), a value per lane (which: _lane_sum_index). 31 shuffles and 31 adds, not the 160 of a
+    reduction per value; the first two levels (16 + 8 values) swap group slots, which the permutation lines up
+    across the lanes, so only the last three (8 + 4 + 2 values) select."""
+    v = tl.reshape(tl.join(dB, dC), (32, 2, 2, 4, 2))  # (lane, group bit 1, group bit 0, n % 4, dB|dC)
+    v = _fold(tl.permute(v, (0, 2, 3, 4, 1)), 16, SHFL)  # group bit 1 <-> lane bit 4
+    v = _fold(tl.permute(v, (0, 2, 3, 1)), 8, SHFL)  # group bit 0 <-> lane bit 3
+    v = tl.reshape(v, (32, 2, 2, 2))  # (lane, n bit 1, n bit 0, dB|dC)
+    v = _halve(v, ((lane & 4) != 0)[:, None, None], 4, SHFL)  # dB | dC
+    v = _halve(v, ((lane & 2) != 0)[:, None], 2, SHFL)  # n bit 0
+    return _halve(v, (lane & 1) != 0, 1, SHFL)  # n bit 1
 
 
 @triton.jit
 def _lane_sum_index(lane):
     """Which sum _lane_sums leaves in each lane: (0 for dB or 1 for dC, state)."""
-    n = ((lane & 1) * 8) | ((lane & 2) * 2) | ((lane & 4) // 2) | ((lane & 8) // 8)
-    return lane // 16, n
+    n = _group_perm(lane) * 4 + (lane & 1) * 2 + ((lane >> 1) & 1)
+    return (lane >> 2) & 1, n
 
 
 @triton.jit
@@ -426,14 +466,13 @@ def _rec(h, dt, u, Bt, A2):
 
 
 @triton.jit
-def _adjoint_step(t, L, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr,
-                  bc_offs, mask_bc, mask_d, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, SHFL: tl.constexpr,
+def _adjoint_step(t, L, live, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr,
+                  dC_ptr, bc_offs, mask_bc, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, SHFL: tl.constexpr,
                   N: tl.constexpr):
     """One step t of the backward, from h = h_t, g = the adjoint g_{t+1} and Δ_{t+1} (dt_next); per-channel inputs
     (BLOCK_D,) fp32, raw = Δ_t before softplus (bias added), B_t, C_t broadcast tiles. Adds dB_t and dC_t (sums over
     the block's channels) into dB and dC (each (l, n) for this batch row) and dA, dD, dΔ-bias into their
-    accumulators. Returns g_t, the accumulators and du_t, dΔ_t, dz_t."""
-    live = mask_d & (u * 0.0 + t < L)
+    accumulators (live: the channel exists and t < L). Returns g_t, the accumulators and du_t, dΔ_t, dz_t."""
     if HAS_Z:
         sig = tl.sigmoid(z)
         y = tl.sum(tl.sum(h * Ct, axis=2), axis=1) + Dv * u
@@ -457,7 +496,7 @@ def _adjoint_step(t, L, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dD
     dCv = h * dy[:, None, None]
     if SHFL:  # one value per lane after a reduce-scatter over the lanes: one coalesced atomic a step
         w, n = _lane_sum_index(lane)
-        tl.atomic_add(tl.where(w == 0, dB_ptr, dC_ptr) + t * N + n, _lane_sums(dBv, dCv, lane),
+        tl.atomic_add(tl.where(w == 0, dB_ptr, dC_ptr) + t * N + n, _lane_sums(dBv, dCv, lane, SHFL),
                       mask=lane * 0 + t < L, sem="relaxed")
     else:
         m = mask_bc & (bc_offs * 0 + t < L)
@@ -468,7 +507,7 @@ def _adjoint_step(t, L, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dD
 
 @triton.jit
 def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, raw, zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
-                      mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t,
+                      bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t,
                       dz_t, du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z: tl.constexpr,
                       SOFTPLUS: tl.constexpr, SHFL: tl.constexpr, N: tl.constexpr, UVEC: tl.constexpr,
                       DTVEC: tl.constexpr, ZVEC: tl.constexpr):
@@ -476,11 +515,11 @@ def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, raw, zg, dyg
     du, dΔ, dz collected into their tiles or stored (_out_step). Returns g, the accumulators and the three tiles."""
     t = ts + k
     tc = tl.minimum(t, L - 1)
-    g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-        t, L, h, g, dt_next, dt, u, raw, _col(zg, offs_k, k), _col(dyg, offs_k, k),
-        _load_or_zero(B_ptrs + tc * sB_l, mask_bn), _load_or_zero(C_ptrs + tc * sC_l, mask_bn), A2, Dv, dA, dDacc,
-        dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, HAS_Z, SOFTPLUS, SHFL, N)
     live = mask_d & (lane * 0 + t < L)
+    g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
+        t, L, live, h, g, dt_next, dt, u, raw, _col(zg, offs_k, k), _col(dyg, offs_k, k),
+        _load_or_zero(B_ptrs + tc * sB_l + bn, mask_bn), _load_or_zero(C_ptrs + tc * sC_l + bn, mask_bn), A2, Dv, dA, dDacc,
+        dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, HAS_Z, SOFTPLUS, SHFL, N)
     du_t = _out_step(du_ptrs, t, sdu_l, du, live, du_t, offs_k, k, UVEC)
     dd_t = _out_step(ddt_ptrs, t, sddt_l, dd, live, dd_t, offs_k, k, DTVEC)
     if HAS_Z:
@@ -498,7 +537,7 @@ def _bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     SHFL: tl.constexpr, EVEN_D: tl.constexpr, UVEC: tl.constexpr, DTVEC: tl.constexpr, ZVEC: tl.constexpr,
     DYVEC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, PF: tl.constexpr,
+    G: tl.constexpr, PF: tl.constexpr, BCX: tl.constexpr,
 ):
     """Gradients of one chunk, in the forward's layout: a lane per channel with its BLOCK_N fp32 states (and their
     adjoints) in registers as (BLOCK_D, BLOCK_N // G, G) tiles, channel strides hidden from the JIT (see
@@ -520,17 +559,21 @@ def _bwd_seq_kernel(
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                          BLOCK_N, G)
+                                                          BLOCK_N, G, SHFL > 0)
     lane = tl.arange(0, BLOCK_D)
     NG: tl.constexpr = BLOCK_N // G
     grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
-    bn = n3 + d3 * 0  # B_t, C_t broadcast over the channels
+    if BCX:  # B, C as the launcher's _states_perm rows: lane copy _group_perm(lane) holds the lane's group order
+        bn = _group_perm(lane)[:, None, None] * N + grp3 * G + g3
+    else:  # B_t, C_t broadcast over the channels (in the lane's group order, n3)
+        bn = n3 + d3 * 0
     mask_bn = (bn < N) if N != BLOCK_N else None
-    B_ptrs = B_ptr + pid_b * sB_b + bn
-    C_ptrs = C_ptr + pid_b * sC_b + bn
-    B_row = B_ptr + pid_b * sB_b + offs_d * 0
-    C_row = C_ptr + pid_b * sC_b + offs_d * 0
+    B_ptrs = B_ptr + pid_b * sB_b  # + t * sB_l + bn: B_t (per use, so that the lanes' permuted groups cost 32-bit
+    C_ptrs = C_ptr + pid_b * sC_b  # offsets, not four 64-bit pointers each)
+    # the rows to prefetch into L1 (a lane a line: the 4 copies of a _states_perm row span 2 lines)
+    B_row = B_ptr + pid_b * sB_b + ((lane & 1) * 32 if BCX else offs_d * 0)
+    C_row = C_ptr + pid_b * sC_b + ((lane & 1) * 32 if BCX else offs_d * 0)
     bc_offs = tl.arange(0, NG)[:, None] * G + tl.arange(0, G)[None, :]  # (groups, G): the tl.sum path's dB_t, dC_t
     mask_bc = bc_offs < N
     dB_ptr += pid_b * L * N
@@ -584,7 +627,7 @@ def _bwd_seq_kernel(
                     _prefetch_l1(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l)
                     _prefetch_l1(C_row + tl.minimum(ts + k + 4, L - 1) * sC_l)
                 dt = softplus(_col(rg, offs_k, k) + bias, SOFTPLUS, FAST)
-                h = _rec(h, dt, _col(ug, offs_k, k), _load_or_zero(B_ptrs + (ts + k) * sB_l, mask_bn), A2)
+                h = _rec(h, dt, _col(ug, offs_k, k), _load_or_zero(B_ptrs + (ts + k) * sB_l + bn, mask_bn), A2)
         tl.store(scr + (nss - 1) * (BLOCK_N * BLOCK_D), h)
         # B, C: per sub-tile, last to first.
         for i2 in range(nss):
@@ -604,16 +647,16 @@ def _bwd_seq_kernel(
             dt2 = tl.where(mask_d & (ts + 2 < L), softplus(r2, SOFTPLUS, FAST), 0.0)
             dt3 = tl.where(mask_d & (ts + 3 < L), softplus(r3, SOFTPLUS, FAST), 0.0)
             t1, t2, t3 = tl.minimum(ts + 1, L - 1), tl.minimum(ts + 2, L - 1), tl.minimum(ts + 3, L - 1)
-            h1 = _rec(h0, dt0, u0, _load_or_zero(B_ptrs + ts * sB_l, mask_bn), A2)
-            h2 = _rec(h1, dt1, u1, _load_or_zero(B_ptrs + t1 * sB_l, mask_bn), A2)
-            h3 = _rec(h2, dt2, u2, _load_or_zero(B_ptrs + t2 * sB_l, mask_bn), A2)
-            h4 = _rec(h3, dt3, u3, _load_or_zero(B_ptrs + t3 * sB_l, mask_bn), A2)
+            h1 = _rec(h0, dt0, u0, _load_or_zero(B_ptrs + ts * sB_l + bn, mask_bn), A2)
+            h2 = _rec(h1, dt1, u1, _load_or_zero(B_ptrs + t1 * sB_l + bn, mask_bn), A2)
+            h3 = _rec(h2, dt2, u2, _load_or_zero(B_ptrs + t2 * sB_l + bn, mask_bn), A2)
+            h4 = _rec(h3, dt3, u3, _load_or_zero(B_ptrs + t3 * sB_l + bn, mask_bn), A2)
             du_t, dd_t, dz_t = ug, rg, zg  # tiles that collect the outputs where they are stored 4 steps at once
             hs, dts, us, rs = (h1, h2, h3, h4), (dt0, dt1, dt2, dt3, dt_next), (u0, u1, u2, u3), (r0, r1, r2, r3)
             for k in tl.static_range(3, -1, -1):
                 g, dA, dDacc, dbacc, du_t, dd_t, dz_t = _adjoint_sub_step(
                     k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], rs[k], zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
-                    mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t, dz_t,
+                    bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t, dz_t,
                     du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z, SOFTPLUS, SHFL, N, UVEC, DTVEC, ZVEC)
             dt_next = dt0
             if UVEC:
@@ -691,6 +734,20 @@ def _states_f32(t: torch.Tensor) -> torch.Tensor:
     if t.stride(1) != 1 and t.shape[1] != 1:
         return t.transpose(1, 2).to(torch.float32).contiguous().transpose(1, 2)
     return t.to(torch.float32)
+
+
+def _states_perm(t: torch.Tensor) -> torch.Tensor:
+    """B or C (b, 16, l) for the backward's reduce-scatter layout: fp32 (b, l, 4 * 16), copy p of each row with its
+    groups of 4 states in the order j ^ p (the lanes of _group_perm(lane) == p hold their states in that order and
+    read that copy: one 16-byte-aligned run of 4 vectors a lane). 4 x 64 bytes a step."""
+    idx = _PERM_INDEX.get(t.device)
+    if idx is None:  # built once per device: a dozen tiny kernels per call cost more than the backward's gain at b8
+        idx = _PERM_INDEX[t.device] = torch.tensor([((j // 4) ^ p) * 4 + j % 4 for p in range(4) for j in range(16)],
+                                                   device=t.device)
+    return t.transpose(1, 2).to(torch.float32).index_select(2, idx)
+
+
+_PERM_INDEX: dict[torch.device, torch.Tensor] = {}
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -793,27 +850,35 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     if l == 0:
         return (du, ddelta, torch.zeros(d, n, **f32), dB.transpose(1, 2), dC.transpose(1, 2),
                 torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal.transpose(1, 2))
-    B, C = _states_f32(B), _states_f32(C)
+    C32 = _states_f32(C)
     At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
     cuda = u.device.type == "cuda"
     common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
                   PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
                   DTVEC=_vec4(delta, ddelta), ZVEC=z is not None and _vec4(z, dz), DYVEC=_vec4(dy))
-    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, At, C, z, delta_bias, common)
+    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, At, C32, z, delta_bias, common)
     scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * block_n, **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
-    # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states
-    consts = dict(common, HAS_D=D is not None, UVEC=_vec4(u, du),
-                  SHFL=cuda and block_d == 32 and p.sizes["num_warps"] == 1 and n == 16)
+    # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
+    # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
+    shfl = block_d == 32 and p.sizes["num_warps"] == 1 and n == 16
+    consts = dict(common, HAS_D=D is not None, UVEC=_vec4(u, du), SHFL=(1 if cuda else 2) if shfl else 0,
+                  BCX=shfl)
+    if consts["BCX"]:  # its group order per lane (_group_perm): 4 copies of each row, (b, l, 64)
+        B, C = _states_perm(B), _states_perm(C)
+        bc_strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+    else:
+        B, C = _states_f32(B), C32
+        bc_strides = (B.stride(0), B.stride(2), C.stride(0), C.stride(2))
     if _BWD["maxnreg"] and cuda:
         consts["maxnreg"] = _BWD["maxnreg"]
     _bwd_seq_kernel[(p.d_blocks, p.nchunk, b)](
         u, delta, At, B, C, D, z, delta_bias, dy, sub, carry, scratch,
         du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0,
         l, d, p.subs, p.nsub, p.nchunk, p.d_blocks,
-        *u.stride(), *delta.stride(), B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z),
+        *u.stride(), *delta.stride(), *bc_strides, *_strides(z),
         *dy.stride(), *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None), 1,
         **consts, **p.sizes,
     )

@@ -30,7 +30,8 @@ def test_scan_fp32_no_optional_inputs():
 
 
 def test_scan_fp32_many_channels_exact_tiles(monkeypatch):
-    """Several channel blocks (d=20, n=16: 8 channels a block), l a multiple of the tile, 4 chunks of one tile."""
+    """A part block (d=20 of 32 channels; n=16: the backward's reduce-scatter over the lanes, as gathers under the
+    interpreter), l a multiple of the tile, 4 chunks of one tile."""
     monkeypatch.setattr(scan_module, "_num_chunks", lambda *a: 4)
     check_scan(scan_inputs(1, 20, 128, 16, torch.float32, seed=3), torch.float32)
 
