@@ -460,17 +460,36 @@ def _out_step(ptrs, t, s_l, v, live, tile, offs_k, k: tl.constexpr, VEC: tl.cons
 
 
 @triton.jit
+def _stage(scv, u_g, dt_g, ts, su_l, sdt_l, L, mask_g, mask_t, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """Pass A's per-step inputs of a sub-tile for passes B, C: Δ after softplus (0 past L), softplus' (the sigmoid;
+    1 without softplus) and u, (BLOCK_D, 4) fp32 tiles, stored to this sub-tile's scratch rows ``scv`` (3 x 16 bytes
+    a lane). Returns Δ and u."""
+    ug = _load4(u_g, ts, su_l, L, mask_g, mask_t)
+    rg = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t) + bias[:, None]
+    dtg = tl.where(mask_t, softplus(rg, SOFTPLUS, FAST), 0.0)
+    if SOFTPLUS:
+        spg = tl.where(rg > 20.0, 1.0, tl.sigmoid(rg))
+    else:
+        spg = dtg * 0.0 + 1.0
+    tl.store(scv, dtg)
+    tl.store(scv + 4 * BLOCK_D, spg)
+    tl.store(scv + 8 * BLOCK_D, ug)
+    return dtg, ug
+
+
+@triton.jit
 def _rec(h, dt, u, Bt, A2):
     """h_t from h_{t-1}: exp(Δ A) h + Δ u B_t (A2 = A log2 e)."""
     return tl.exp2(dt[:, None, None] * A2) * h + Bt * (dt * u)[:, None, None]
 
 
 @triton.jit
-def _adjoint_step(t, L, live, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr,
+def _adjoint_step(t, L, live, h, g, dt_next, dt, u, sp, z, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr,
                   dC_ptr, bc_offs, mask_bc, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, SHFL: tl.constexpr,
                   N: tl.constexpr):
     """One step t of the backward, from h = h_t, g = the adjoint g_{t+1} and Δ_{t+1} (dt_next); per-channel inputs
-    (BLOCK_D,) fp32, raw = Δ_t before softplus (bias added), B_t, C_t broadcast tiles. Adds dB_t and dC_t (sums over
+    (BLOCK_D,) fp32, sp = dΔ_t/d(Δ_t before softplus) (staged by pass A), B_t, C_t broadcast tiles. Adds dB_t and dC_t (sums over
     the block's channels) into dB and dC (each (l, n) for this batch row) and dA, dD, dΔ-bias into their
     accumulators (live: the channel exists and t < L). Returns g_t, the accumulators and du_t, dΔ_t, dz_t."""
     if HAS_Z:
@@ -487,7 +506,7 @@ def _adjoint_step(t, L, live, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, 
     dA += gx * dt[:, None, None]
     ddelta = tl.sum(tl.sum(gx * A2, axis=2), axis=1) * 0.6931471805599453 + u * gB
     if SOFTPLUS:
-        ddelta *= tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+        ddelta *= sp
     ddelta = tl.where(live, ddelta, 0.0)
     du = dt * gB + Dv * dy
     dDacc += dy * u
@@ -506,7 +525,7 @@ def _adjoint_step(t, L, live, h, g, dt_next, dt, u, raw, z, dy, Bt, Ct, A2, Dv, 
 
 
 @triton.jit
-def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, raw, zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
+def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
                       bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t,
                       dz_t, du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z: tl.constexpr,
                       SOFTPLUS: tl.constexpr, SHFL: tl.constexpr, N: tl.constexpr, UVEC: tl.constexpr,
@@ -517,7 +536,7 @@ def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, raw, zg, dyg
     tc = tl.minimum(t, L - 1)
     live = mask_d & (lane * 0 + t < L)
     g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-        t, L, live, h, g, dt_next, dt, u, raw, _col(zg, offs_k, k), _col(dyg, offs_k, k),
+        t, L, live, h, g, dt_next, dt, u, sp, _col(zg, offs_k, k), _col(dyg, offs_k, k),
         _load_or_zero(B_ptrs + tc * sB_l + bn, mask_bn), _load_or_zero(C_ptrs + tc * sC_l + bn, mask_bn), A2, Dv, dA, dDacc,
         dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, HAS_Z, SOFTPLUS, SHFL, N)
     du_t = _out_step(du_ptrs, t, sdu_l, du, live, du_t, offs_k, k, UVEC)
@@ -579,7 +598,11 @@ def _bwd_seq_kernel(
     dB_ptr += pid_b * L * N
     dC_ptr += pid_b * L * N
     prog = (pid_b * NCHUNK + pid_c) * DBLOCKS + pid_d
-    scr = scratch_ptr + prog * (BLOCK_T // 4 * BLOCK_N * BLOCK_D) + (grp3 * BLOCK_D + lane[:, None, None] * s_one) * G + g3
+    # scratch per program: the state before each sub-tile ((BLOCK_T // 4, groups, BLOCK_D, G)), then each sub-tile's
+    # Δ, softplus' and u ((BLOCK_T // 4, 3, BLOCK_D, 4)); a lane's rows are 16 bytes
+    prog_scr = scratch_ptr + prog * (BLOCK_T // 4 * (BLOCK_N + 12) * BLOCK_D)
+    scr = prog_scr + (grp3 * BLOCK_D + lane[:, None, None] * s_one) * G + g3
+    scv = prog_scr + BLOCK_T // 4 * BLOCK_N * BLOCK_D + lane[:, None] * s_one * 4 + tl.arange(0, 4)[None, :]
     offs_k = tl.arange(0, 4)
     # (BLOCK_D, 4) tiles of 4 steps; the outputs' channel addresses at step 0 (for the step-by-step stores)
     u_g = _group_ptrs(u_ptr, pid_b, offs_d, offs_k, su_b, su_d, su_l, UVEC)
@@ -617,45 +640,46 @@ def _bwd_seq_kernel(
             for k in tl.static_range(4):
                 _prefetch_l1(B_row + tl.minimum(t0 + k, L - 1) * sB_l)
                 _prefetch_l1(C_row + tl.minimum(t0 + k, L - 1) * sC_l)
+        # Each sub-tile's Δ (after softplus), softplus' and u go to the scratch too, for passes B, C.
         for s in range(nss - 1):
             tl.store(scr + s * (BLOCK_N * BLOCK_D), h)
             ts = t0 + 4 * s
-            ug = _load_or_zero(u_g + ts * su_l, mask_g).to(tl.float32)  # whole groups: ts + 4 <= L
-            rg = _load_or_zero(dt_g + ts * sdt_l, mask_g).to(tl.float32)
+            dtg, ug = _stage(scv + s * (12 * BLOCK_D), u_g, dt_g, ts, su_l, sdt_l, L, mask_g,
+                             (offs_k[None, :] + ts < L) & mask_d[:, None], bias, SOFTPLUS, FAST, BLOCK_D)
             for k in tl.static_range(4):
                 if PF > 0:  # B PF steps ahead for this pass, C a sub-tile ahead for pass C
                     _prefetch_l1(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l)
                     _prefetch_l1(C_row + tl.minimum(ts + k + 4, L - 1) * sC_l)
-                dt = softplus(_col(rg, offs_k, k) + bias, SOFTPLUS, FAST)
-                h = _rec(h, dt, _col(ug, offs_k, k), _load_or_zero(B_ptrs + (ts + k) * sB_l + bn, mask_bn), A2)
+                h = _rec(h, _col(dtg, offs_k, k), _col(ug, offs_k, k), _load_or_zero(B_ptrs + (ts + k) * sB_l + bn,
+                                                                                      mask_bn), A2)
         tl.store(scr + (nss - 1) * (BLOCK_N * BLOCK_D), h)
+        ts = t0 + 4 * (nss - 1)
+        _stage(scv + (nss - 1) * (12 * BLOCK_D), u_g, dt_g, ts, su_l, sdt_l, L, mask_g,
+               (offs_k[None, :] + ts < L) & mask_d[:, None], bias, SOFTPLUS, FAST, BLOCK_D)
         # B, C: per sub-tile, last to first.
         for i2 in range(nss):
             s = nss - 1 - i2
             ts = t0 + 4 * s
             mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
-            ug = _load4(u_g, ts, su_l, L, mask_g, mask_t)
-            rg = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t)
             dyg = _load4(dy_g, ts, sdy_l, L, mask_g, mask_t)
             zg = _load4(z_g, ts, sz_l, L, mask_g, mask_t) if HAS_Z else dyg
             h0 = tl.load(scr + s * (BLOCK_N * BLOCK_D))
+            dtg = tl.load(scv + s * (12 * BLOCK_D))
+            spg = tl.load(scv + s * (12 * BLOCK_D) + 4 * BLOCK_D)
+            ug = tl.load(scv + s * (12 * BLOCK_D) + 8 * BLOCK_D)
             u0, u1, u2, u3 = _col(ug, offs_k, 0), _col(ug, offs_k, 1), _col(ug, offs_k, 2), _col(ug, offs_k, 3)
-            r0, r1 = _col(rg, offs_k, 0) + bias, _col(rg, offs_k, 1) + bias
-            r2, r3 = _col(rg, offs_k, 2) + bias, _col(rg, offs_k, 3) + bias
-            dt0 = tl.where(mask_d & (ts < L), softplus(r0, SOFTPLUS, FAST), 0.0)
-            dt1 = tl.where(mask_d & (ts + 1 < L), softplus(r1, SOFTPLUS, FAST), 0.0)
-            dt2 = tl.where(mask_d & (ts + 2 < L), softplus(r2, SOFTPLUS, FAST), 0.0)
-            dt3 = tl.where(mask_d & (ts + 3 < L), softplus(r3, SOFTPLUS, FAST), 0.0)
+            dt0, dt1, dt2, dt3 = _col(dtg, offs_k, 0), _col(dtg, offs_k, 1), _col(dtg, offs_k, 2), _col(dtg, offs_k, 3)
+            sps = (_col(spg, offs_k, 0), _col(spg, offs_k, 1), _col(spg, offs_k, 2), _col(spg, offs_k, 3))
             t1, t2, t3 = tl.minimum(ts + 1, L - 1), tl.minimum(ts + 2, L - 1), tl.minimum(ts + 3, L - 1)
             h1 = _rec(h0, dt0, u0, _load_or_zero(B_ptrs + ts * sB_l + bn, mask_bn), A2)
             h2 = _rec(h1, dt1, u1, _load_or_zero(B_ptrs + t1 * sB_l + bn, mask_bn), A2)
             h3 = _rec(h2, dt2, u2, _load_or_zero(B_ptrs + t2 * sB_l + bn, mask_bn), A2)
             h4 = _rec(h3, dt3, u3, _load_or_zero(B_ptrs + t3 * sB_l + bn, mask_bn), A2)
-            du_t, dd_t, dz_t = ug, rg, zg  # tiles that collect the outputs where they are stored 4 steps at once
-            hs, dts, us, rs = (h1, h2, h3, h4), (dt0, dt1, dt2, dt3, dt_next), (u0, u1, u2, u3), (r0, r1, r2, r3)
+            du_t, dd_t, dz_t = ug, dtg, zg  # tiles that collect the outputs where they are stored 4 steps at once
+            hs, dts, us = (h1, h2, h3, h4), (dt0, dt1, dt2, dt3, dt_next), (u0, u1, u2, u3)
             for k in tl.static_range(3, -1, -1):
                 g, dA, dDacc, dbacc, du_t, dd_t, dz_t = _adjoint_sub_step(
-                    k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], rs[k], zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
+                    k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], sps[k], zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
                     bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t, dz_t,
                     du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z, SOFTPLUS, SHFL, N, UVEC, DTVEC, ZVEC)
             dt_next = dt0
@@ -858,7 +882,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
                   PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
                   DTVEC=_vec4(delta, ddelta), ZVEC=z is not None and _vec4(z, dz), DYVEC=_vec4(dy))
     carry = _adjoint_carry(p, b, dy, gfinal, delta, A, At, C32, z, delta_bias, common)
-    scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * block_n, **f32)
+    scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * (block_n + 12), **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
     # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
