@@ -85,13 +85,37 @@ def _carry_kernel(
     mask_dn = (offs_d < DIM)[:, None] & (offs_n < N)[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     s = tl.load(init_ptr + _state_ptrs(pid_b, offs_d, 0, offs_n, DIM, 1, N), mask=mask_dn, other=0.0)
-    for i in range(NCHUNK):
-        c = NCHUNK - 1 - i if REVERSE else i
-        ptrs = _state_ptrs(pid_b, offs_d, c, offs_n, DIM, NCHUNK, N)
-        tl.store(out_ptr + ptrs, s, mask=mask_dn)
-        if i + 1 < NCHUNK:  # the last chunk's local state is never needed (nor computed, in the forward)
-            dsum = tl.load(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + c, mask=offs_d < DIM, other=0.0)
-            s = tl.exp(A * dsum[:, None]) * s + tl.load(local_ptr + ptrs, mask=mask_dn, other=0.0)
+    # 4 chunks an iteration, their loads first: the chain waits on s, not on a round trip to memory per chunk
+    for i0 in range(0, NCHUNK, 4):
+        d0, l0 = _carry_in(dsum_ptr, local_ptr, pid_b, offs_d, offs_n, mask_dn, i0, DIM, N, NCHUNK, REVERSE)
+        d1, l1 = _carry_in(dsum_ptr, local_ptr, pid_b, offs_d, offs_n, mask_dn, i0 + 1, DIM, N, NCHUNK, REVERSE)
+        d2, l2 = _carry_in(dsum_ptr, local_ptr, pid_b, offs_d, offs_n, mask_dn, i0 + 2, DIM, N, NCHUNK, REVERSE)
+        d3, l3 = _carry_in(dsum_ptr, local_ptr, pid_b, offs_d, offs_n, mask_dn, i0 + 3, DIM, N, NCHUNK, REVERSE)
+        s = _carry_out(out_ptr, s, A, d0, l0, pid_b, offs_d, offs_n, mask_dn, i0, DIM, N, NCHUNK, REVERSE)
+        s = _carry_out(out_ptr, s, A, d1, l1, pid_b, offs_d, offs_n, mask_dn, i0 + 1, DIM, N, NCHUNK, REVERSE)
+        s = _carry_out(out_ptr, s, A, d2, l2, pid_b, offs_d, offs_n, mask_dn, i0 + 2, DIM, N, NCHUNK, REVERSE)
+        s = _carry_out(out_ptr, s, A, d3, l3, pid_b, offs_d, offs_n, mask_dn, i0 + 3, DIM, N, NCHUNK, REVERSE)
+
+
+@triton.jit
+def _carry_in(dsum_ptr, local_ptr, pid_b, offs_d, offs_n, mask_dn, i, DIM, N, NCHUNK, REVERSE: tl.constexpr):
+    """Σ Δ and the local state of the i-th chunk the carry visits (zeros for the last and past the end: the last
+    chunk's local state is never needed, nor computed in the forward)."""
+    c = NCHUNK - 1 - i if REVERSE else i
+    m = (offs_d * 0 + i + 1) < NCHUNK
+    dsum = tl.load(dsum_ptr + (pid_b * DIM + offs_d) * NCHUNK + c, mask=(offs_d < DIM) & m, other=0.0)
+    loc = tl.load(local_ptr + _state_ptrs(pid_b, offs_d, c, offs_n, DIM, NCHUNK, N), mask=mask_dn & m[:, None],
+                  other=0.0)
+    return dsum, loc
+
+
+@triton.jit
+def _carry_out(out_ptr, s, A, dsum, loc, pid_b, offs_d, offs_n, mask_dn, i, DIM, N, NCHUNK, REVERSE: tl.constexpr):
+    """Store the state s entering the i-th chunk the carry visits (if any), return the state leaving it."""
+    c = NCHUNK - 1 - i if REVERSE else i
+    m = (offs_d * 0 + i) < NCHUNK
+    tl.store(out_ptr + _state_ptrs(pid_b, offs_d, c, offs_n, DIM, NCHUNK, N), s, mask=mask_dn & m[:, None])
+    return tl.exp(A * dsum[:, None]) * s + loc
 
 
 @triton.jit
@@ -307,13 +331,21 @@ def _bwd_local_kernel(
     g = tl.zeros((BLOCK_D, BLOCK_N // G, G), tl.float32)
     dsum = tl.zeros((BLOCK_D,), tl.float32)
     ngroups = tl.cdiv(t_end - t_start, 4)
+    # Groups of 4 steps, last to first, each loaded one iteration ahead (carried unconverted); only the first (the
+    # chunk's last group) may run past L.
+    ts = t_start + 4 * (ngroups - 1)
+    mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
+    rgn = _load4_raw(dt_g, ts, sdt_l, L, mask_g, mask_t)
+    dygn = _load4_raw(dy_g, ts, sdy_l, L, mask_g, mask_t)
+    zgn = _load4_raw(z_g, ts, sz_l, L, mask_g, mask_t) if HAS_Z else dygn
     for i in range(ngroups):
         ts = t_start + 4 * (ngroups - 1 - i)
-        mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
-        rg = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t)
-        dyg = _load4(dy_g, ts, sdy_l, L, mask_g, mask_t)
+        rg, dyg, zg = rgn.to(tl.float32), dygn.to(tl.float32), zgn.to(tl.float32)
+        tn = tl.maximum(ts - 4, t_start)  # the next group: whole (its end is this group's start)
+        rgn = _load_or_zero(dt_g + tn * sdt_l, mask_g)
+        dygn = _load_or_zero(dy_g + tn * sdy_l, mask_g)
         if HAS_Z:
-            zg = _load4(z_g, ts, sz_l, L, mask_g, mask_t)
+            zgn = _load_or_zero(z_g + tn * sz_l, mask_g)
             dyg = dyg * zg * tl.sigmoid(zg)
         for k in tl.static_range(3, -1, -1):
             t = ts + k
@@ -402,11 +434,18 @@ def _load4(ptrs, t, s_l, L, mask_g, mask_t):
     """Steps t .. t + 3 of a (b, d, l) tensor as a (BLOCK_D, 4) fp32 tile (a lane holds its channel's 4 steps; see
     _col): ``ptrs`` (BLOCK_D, 4) at step 0; mask_g: the channel mask (None for whole blocks) for a whole group, mask_t
     the step-and-channel mask for a group that runs past L (zeros there)."""
+    return _load4_raw(ptrs, t, s_l, L, mask_g, mask_t).to(tl.float32)
+
+
+@triton.jit
+def _load4_raw(ptrs, t, s_l, L, mask_g, mask_t):
+    """_load4 in the tensor's dtype: a group loaded one iteration ahead is carried unconverted, so that nothing
+    waits for the load before the iteration that uses it."""
     if t + 4 <= L:
         v = _load_or_zero(ptrs + t * s_l, mask_g)
     else:
         v = tl.load(ptrs + t * s_l, mask=mask_t, other=0.0)
-    return v.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -460,14 +499,13 @@ def _out_step(ptrs, t, s_l, v, live, tile, offs_k, k: tl.constexpr, VEC: tl.cons
 
 
 @triton.jit
-def _stage(scv, u_g, dt_g, ts, su_l, sdt_l, L, mask_g, mask_t, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
-           BLOCK_D: tl.constexpr):
-    """Pass A's per-step inputs of a sub-tile for passes B, C: Δ after softplus (0 past L), softplus' (the sigmoid;
-    1 without softplus) and u, (BLOCK_D, 4) fp32 tiles, stored to this sub-tile's scratch rows ``scv`` (3 x 16 bytes
-    a lane). Returns Δ and u."""
-    ug = _load4(u_g, ts, su_l, L, mask_g, mask_t)
-    rg = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t) + bias[:, None]
-    dtg = tl.where(mask_t, softplus(rg, SOFTPLUS, FAST), 0.0)
+def _stage(scv, ug, rg, live, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass A's per-step inputs of a sub-tile for passes B, C, from its u and raw Δ as loaded ((BLOCK_D, 4); live:
+    the steps before L of the block's channels): Δ after softplus (0 elsewhere), softplus' (the sigmoid; 1 without
+    softplus) and u, fp32, stored to this sub-tile's scratch rows ``scv`` (3 x 16 bytes a lane). Returns Δ and u."""
+    ug = ug.to(tl.float32)
+    rg = rg.to(tl.float32) + bias[:, None]
+    dtg = tl.where(live, softplus(rg, SOFTPLUS, FAST), 0.0)
     if SOFTPLUS:
         spg = tl.where(rg > 20.0, 1.0, tl.sigmoid(rg))
     else:
@@ -634,18 +672,26 @@ def _bwd_seq_kernel(
         j = j1 - 1 - i
         t0 = j * BLOCK_T
         nss = tl.cdiv(tl.minimum(BLOCK_T, L - t0), 4)
-        # A: the state before each sub-tile, into the scratch (the last sub-tile's steps are not needed).
+        # A: the state before each sub-tile, into the scratch (no state after the last sub-tile is needed).
         h = tl.load(sub_ptr + ((pid_b * NSUB + j) * N + n3) * DIM + d3, mask=mask3, other=0.0)
         if PF > 0:  # B and C rows into L1 (prefetch.global.L1): the first sub-tile's here, then ahead in the loop
             for k in tl.static_range(4):
                 _prefetch_l1(B_row + tl.minimum(t0 + k, L - 1) * sB_l)
                 _prefetch_l1(C_row + tl.minimum(t0 + k, L - 1) * sC_l)
-        # Each sub-tile's Δ (after softplus), softplus' and u go to the scratch too, for passes B, C.
+        # Each sub-tile's Δ (after softplus), softplus' and u go to the scratch too, for passes B, C. u and Δ are
+        # loaded a sub-tile ahead (carried unconverted; the last sub-tile may run past L).
+        mask_t = (offs_k[None, :] + t0 < L) & mask_d[:, None]
+        ugn = _load4_raw(u_g, t0, su_l, L, mask_g, mask_t)
+        rgn = _load4_raw(dt_g, t0, sdt_l, L, mask_g, mask_t)
         for s in range(nss - 1):
             tl.store(scr + s * (BLOCK_N * BLOCK_D), h)
             ts = t0 + 4 * s
-            dtg, ug = _stage(scv + s * (12 * BLOCK_D), u_g, dt_g, ts, su_l, sdt_l, L, mask_g,
-                             (offs_k[None, :] + ts < L) & mask_d[:, None], bias, SOFTPLUS, FAST, BLOCK_D)
+            ug, rg = ugn, rgn
+            mask_t = (offs_k[None, :] + ts + 4 < L) & mask_d[:, None]
+            ugn = _load4_raw(u_g, ts + 4, su_l, L, mask_g, mask_t)
+            rgn = _load4_raw(dt_g, ts + 4, sdt_l, L, mask_g, mask_t)
+            dtg, ug = _stage(scv + s * (12 * BLOCK_D), ug, rg, (offs_k[None, :] + ts < L) & mask_d[:, None], bias,
+                             SOFTPLUS, FAST, BLOCK_D)
             for k in tl.static_range(4):
                 if PF > 0:  # B PF steps ahead for this pass, C a sub-tile ahead for pass C
                     _prefetch_l1(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l)
@@ -654,8 +700,8 @@ def _bwd_seq_kernel(
                                                                                       mask_bn), A2)
         tl.store(scr + (nss - 1) * (BLOCK_N * BLOCK_D), h)
         ts = t0 + 4 * (nss - 1)
-        _stage(scv + (nss - 1) * (12 * BLOCK_D), u_g, dt_g, ts, su_l, sdt_l, L, mask_g,
-               (offs_k[None, :] + ts < L) & mask_d[:, None], bias, SOFTPLUS, FAST, BLOCK_D)
+        _stage(scv + (nss - 1) * (12 * BLOCK_D), ugn, rgn, (offs_k[None, :] + ts < L) & mask_d[:, None], bias,
+               SOFTPLUS, FAST, BLOCK_D)
         # B, C: per sub-tile, last to first.
         for i2 in range(nss):
             s = nss - 1 - i2
