@@ -335,9 +335,9 @@ def _bwd_local_kernel(
     # chunk's last group) may run past L.
     ts = t_start + 4 * (ngroups - 1)
     mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
-    rgn = _load4_raw(dt_g, ts, sdt_l, L, mask_g, mask_t)
-    dygn = _load4_raw(dy_g, ts, sdy_l, L, mask_g, mask_t)
-    zgn = _load4_raw(z_g, ts, sz_l, L, mask_g, mask_t) if HAS_Z else dygn
+    rgn = _load4(dt_g, ts, sdt_l, L, mask_g, mask_t)
+    dygn = _load4(dy_g, ts, sdy_l, L, mask_g, mask_t)
+    zgn = _load4(z_g, ts, sz_l, L, mask_g, mask_t) if HAS_Z else dygn
     for i in range(ngroups):
         ts = t_start + 4 * (ngroups - 1 - i)
         rg, dyg, zg = rgn.to(tl.float32), dygn.to(tl.float32), zgn.to(tl.float32)
@@ -431,16 +431,10 @@ def _lane_sum_index(lane):
 
 @triton.jit
 def _load4(ptrs, t, s_l, L, mask_g, mask_t):
-    """Steps t .. t + 3 of a (b, d, l) tensor as a (BLOCK_D, 4) fp32 tile (a lane holds its channel's 4 steps; see
-    _col): ``ptrs`` (BLOCK_D, 4) at step 0; mask_g: the channel mask (None for whole blocks) for a whole group, mask_t
-    the step-and-channel mask for a group that runs past L (zeros there)."""
-    return _load4_raw(ptrs, t, s_l, L, mask_g, mask_t).to(tl.float32)
-
-
-@triton.jit
-def _load4_raw(ptrs, t, s_l, L, mask_g, mask_t):
-    """_load4 in the tensor's dtype: a group loaded one iteration ahead is carried unconverted, so that nothing
-    waits for the load before the iteration that uses it."""
+    """Steps t .. t + 3 of a (b, d, l) tensor as a (BLOCK_D, 4) tile in its dtype (a lane holds its channel's 4 steps;
+    see _col): ``ptrs`` (BLOCK_D, 4) at step 0; mask_g: the channel mask (None for whole blocks) for a whole group,
+    mask_t the step-and-channel mask for a group that runs past L (zeros there). Groups are loaded an iteration
+    ahead and carried unconverted, so that nothing waits for the load before the iteration that uses it."""
     if t + 4 <= L:
         v = _load_or_zero(ptrs + t * s_l, mask_g)
     else:
@@ -499,10 +493,12 @@ def _out_step(ptrs, t, s_l, v, live, tile, offs_k, k: tl.constexpr, VEC: tl.cons
 
 
 @triton.jit
-def _stage(scv, ug, rg, live, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass A's per-step inputs of a sub-tile for passes B, C, from its u and raw Δ as loaded ((BLOCK_D, 4); live:
-    the steps before L of the block's channels): Δ after softplus (0 elsewhere), softplus' (the sigmoid; 1 without
-    softplus) and u, fp32, stored to this sub-tile's scratch rows ``scv`` (3 x 16 bytes a lane). Returns Δ and u."""
+def _stage(scv, ug, rg, dyg, zg, live, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, HAS_Z: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """Pass A's per-step inputs of a sub-tile for passes B, C, from its u, raw Δ, dy and z as loaded ((BLOCK_D, 4),
+    zeros past L; live: the steps before L of the block's channels): Δ after softplus (0 elsewhere), softplus' (the
+    sigmoid; 1 without softplus), u, dy silu(z) and dy silu'(z) (dz over the ungated output), fp32, stored to this
+    sub-tile's scratch rows ``scv`` (5 x 16 bytes a lane). Returns Δ and u."""
     ug = ug.to(tl.float32)
     rg = rg.to(tl.float32) + bias[:, None]
     dtg = tl.where(live, softplus(rg, SOFTPLUS, FAST), 0.0)
@@ -510,9 +506,19 @@ def _stage(scv, ug, rg, live, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, 
         spg = tl.where(rg > 20.0, 1.0, tl.sigmoid(rg))
     else:
         spg = dtg * 0.0 + 1.0
+    dyg = dyg.to(tl.float32)
+    if HAS_Z:
+        zg = zg.to(tl.float32)
+        sig = tl.sigmoid(zg)
+        dzf = dyg * sig * (1.0 + zg * (1.0 - sig))
+        dyg = dyg * zg * sig
+    else:
+        dzf = dyg
     tl.store(scv, dtg)
     tl.store(scv + 4 * BLOCK_D, spg)
     tl.store(scv + 8 * BLOCK_D, ug)
+    tl.store(scv + 12 * BLOCK_D, dyg)
+    tl.store(scv + 16 * BLOCK_D, dzf)
     return dtg, ug
 
 
@@ -523,18 +529,16 @@ def _rec(h, dt, u, Bt, A2):
 
 
 @triton.jit
-def _adjoint_step(t, L, live, h, g, dt_next, dt, u, sp, z, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr,
+def _adjoint_step(t, L, live, h, g, dt_next, dt, u, sp, dzf, dy, Bt, Ct, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr,
                   dC_ptr, bc_offs, mask_bc, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, SHFL: tl.constexpr,
                   N: tl.constexpr):
     """One step t of the backward, from h = h_t, g = the adjoint g_{t+1} and Δ_{t+1} (dt_next); per-channel inputs
-    (BLOCK_D,) fp32, sp = dΔ_t/d(Δ_t before softplus) (staged by pass A), B_t, C_t broadcast tiles. Adds dB_t and dC_t (sums over
-    the block's channels) into dB and dC (each (l, n) for this batch row) and dA, dD, dΔ-bias into their
-    accumulators (live: the channel exists and t < L). Returns g_t, the accumulators and du_t, dΔ_t, dz_t."""
+    (BLOCK_D,) fp32 as pass A staged them (_stage: Δ_t, u_t, sp = softplus', dy = dy_t silu(z_t), dzf = dz_t / y_t
+    before the gate), B_t, C_t broadcast tiles. Adds dB_t and dC_t (sums over the block's channels) into dB and dC
+    (each (l, n) for this batch row) and dA, dD, dΔ-bias into their accumulators (live: the channel exists and
+    t < L). Returns g_t, the accumulators and du_t, dΔ_t, dz_t."""
     if HAS_Z:
-        sig = tl.sigmoid(z)
-        y = tl.sum(tl.sum(h * Ct, axis=2), axis=1) + Dv * u
-        dz = dy * y * sig * (1.0 + z * (1.0 - sig))
-        dy = dy * z * sig
+        dz = (tl.sum(tl.sum(h * Ct, axis=2), axis=1) + Dv * u) * dzf
     else:
         dz = dy
     g = tl.exp2(dt_next[:, None, None] * A2) * g + Ct * dy[:, None, None]
@@ -563,7 +567,7 @@ def _adjoint_step(t, L, live, h, g, dt_next, dt, u, sp, z, dy, Bt, Ct, A2, Dv, d
 
 
 @triton.jit
-def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
+def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, dzg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
                       bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t,
                       dz_t, du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z: tl.constexpr,
                       SOFTPLUS: tl.constexpr, SHFL: tl.constexpr, N: tl.constexpr, UVEC: tl.constexpr,
@@ -574,7 +578,7 @@ def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, zg, dyg,
     tc = tl.minimum(t, L - 1)
     live = mask_d & (lane * 0 + t < L)
     g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
-        t, L, live, h, g, dt_next, dt, u, sp, _col(zg, offs_k, k), _col(dyg, offs_k, k),
+        t, L, live, h, g, dt_next, dt, u, sp, _col(dzg, offs_k, k), _col(dyg, offs_k, k),
         _load_or_zero(B_ptrs + tc * sB_l + bn, mask_bn), _load_or_zero(C_ptrs + tc * sC_l + bn, mask_bn), A2, Dv, dA, dDacc,
         dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, HAS_Z, SOFTPLUS, SHFL, N)
     du_t = _out_step(du_ptrs, t, sdu_l, du, live, du_t, offs_k, k, UVEC)
@@ -637,8 +641,8 @@ def _bwd_seq_kernel(
     dC_ptr += pid_b * L * N
     prog = (pid_b * NCHUNK + pid_c) * DBLOCKS + pid_d
     # scratch per program: the state before each sub-tile ((BLOCK_T // 4, groups, BLOCK_D, G)), then each sub-tile's
-    # Δ, softplus' and u ((BLOCK_T // 4, 3, BLOCK_D, 4)); a lane's rows are 16 bytes
-    prog_scr = scratch_ptr + prog * (BLOCK_T // 4 * (BLOCK_N + 12) * BLOCK_D)
+    # staged inputs (_stage: (BLOCK_T // 4, 5, BLOCK_D, 4)); a lane's rows are 16 bytes
+    prog_scr = scratch_ptr + prog * (BLOCK_T // 4 * (BLOCK_N + 20) * BLOCK_D)
     scr = prog_scr + (grp3 * BLOCK_D + lane[:, None, None] * s_one) * G + g3
     scv = prog_scr + BLOCK_T // 4 * BLOCK_N * BLOCK_D + lane[:, None] * s_one * 4 + tl.arange(0, 4)[None, :]
     offs_k = tl.arange(0, 4)
@@ -681,17 +685,21 @@ def _bwd_seq_kernel(
         # Each sub-tile's Δ (after softplus), softplus' and u go to the scratch too, for passes B, C. u and Δ are
         # loaded a sub-tile ahead (carried unconverted; the last sub-tile may run past L).
         mask_t = (offs_k[None, :] + t0 < L) & mask_d[:, None]
-        ugn = _load4_raw(u_g, t0, su_l, L, mask_g, mask_t)
-        rgn = _load4_raw(dt_g, t0, sdt_l, L, mask_g, mask_t)
+        ugn = _load4(u_g, t0, su_l, L, mask_g, mask_t)
+        rgn = _load4(dt_g, t0, sdt_l, L, mask_g, mask_t)
+        dygn = _load4(dy_g, t0, sdy_l, L, mask_g, mask_t)
+        zgn = _load4(z_g, t0, sz_l, L, mask_g, mask_t) if HAS_Z else dygn
         for s in range(nss - 1):
             tl.store(scr + s * (BLOCK_N * BLOCK_D), h)
             ts = t0 + 4 * s
-            ug, rg = ugn, rgn
+            ug, rg, dyg, zg = ugn, rgn, dygn, zgn
             mask_t = (offs_k[None, :] + ts + 4 < L) & mask_d[:, None]
-            ugn = _load4_raw(u_g, ts + 4, su_l, L, mask_g, mask_t)
-            rgn = _load4_raw(dt_g, ts + 4, sdt_l, L, mask_g, mask_t)
-            dtg, ug = _stage(scv + s * (12 * BLOCK_D), ug, rg, (offs_k[None, :] + ts < L) & mask_d[:, None], bias,
-                             SOFTPLUS, FAST, BLOCK_D)
+            ugn = _load4(u_g, ts + 4, su_l, L, mask_g, mask_t)
+            rgn = _load4(dt_g, ts + 4, sdt_l, L, mask_g, mask_t)
+            dygn = _load4(dy_g, ts + 4, sdy_l, L, mask_g, mask_t)
+            zgn = _load4(z_g, ts + 4, sz_l, L, mask_g, mask_t) if HAS_Z else dygn
+            dtg, ug = _stage(scv + s * (20 * BLOCK_D), ug, rg, dyg, zg, (offs_k[None, :] + ts < L) & mask_d[:, None],
+                             bias, SOFTPLUS, FAST, HAS_Z, BLOCK_D)
             for k in tl.static_range(4):
                 if PF > 0:  # B PF steps ahead for this pass, C a sub-tile ahead for pass C
                     _prefetch_l1(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l)
@@ -700,19 +708,19 @@ def _bwd_seq_kernel(
                                                                                       mask_bn), A2)
         tl.store(scr + (nss - 1) * (BLOCK_N * BLOCK_D), h)
         ts = t0 + 4 * (nss - 1)
-        _stage(scv + (nss - 1) * (12 * BLOCK_D), ugn, rgn, (offs_k[None, :] + ts < L) & mask_d[:, None], bias,
-               SOFTPLUS, FAST, BLOCK_D)
+        _stage(scv + (nss - 1) * (20 * BLOCK_D), ugn, rgn, dygn, zgn, (offs_k[None, :] + ts < L) & mask_d[:, None],
+               bias, SOFTPLUS, FAST, HAS_Z, BLOCK_D)
         # B, C: per sub-tile, last to first.
         for i2 in range(nss):
             s = nss - 1 - i2
             ts = t0 + 4 * s
             mask_t = (offs_k[None, :] + ts < L) & mask_d[:, None]
-            dyg = _load4(dy_g, ts, sdy_l, L, mask_g, mask_t)
-            zg = _load4(z_g, ts, sz_l, L, mask_g, mask_t) if HAS_Z else dyg
             h0 = tl.load(scr + s * (BLOCK_N * BLOCK_D))
-            dtg = tl.load(scv + s * (12 * BLOCK_D))
-            spg = tl.load(scv + s * (12 * BLOCK_D) + 4 * BLOCK_D)
-            ug = tl.load(scv + s * (12 * BLOCK_D) + 8 * BLOCK_D)
+            dtg = tl.load(scv + s * (20 * BLOCK_D))
+            spg = tl.load(scv + s * (20 * BLOCK_D) + 4 * BLOCK_D)
+            ug = tl.load(scv + s * (20 * BLOCK_D) + 8 * BLOCK_D)
+            dyg = tl.load(scv + s * (20 * BLOCK_D) + 12 * BLOCK_D)
+            dzg = tl.load(scv + s * (20 * BLOCK_D) + 16 * BLOCK_D)
             u0, u1, u2, u3 = _col(ug, offs_k, 0), _col(ug, offs_k, 1), _col(ug, offs_k, 2), _col(ug, offs_k, 3)
             dt0, dt1, dt2, dt3 = _col(dtg, offs_k, 0), _col(dtg, offs_k, 1), _col(dtg, offs_k, 2), _col(dtg, offs_k, 3)
             sps = (_col(spg, offs_k, 0), _col(spg, offs_k, 1), _col(spg, offs_k, 2), _col(spg, offs_k, 3))
@@ -721,11 +729,11 @@ def _bwd_seq_kernel(
             h2 = _rec(h1, dt1, u1, _load_or_zero(B_ptrs + t1 * sB_l + bn, mask_bn), A2)
             h3 = _rec(h2, dt2, u2, _load_or_zero(B_ptrs + t2 * sB_l + bn, mask_bn), A2)
             h4 = _rec(h3, dt3, u3, _load_or_zero(B_ptrs + t3 * sB_l + bn, mask_bn), A2)
-            du_t, dd_t, dz_t = ug, dtg, zg  # tiles that collect the outputs where they are stored 4 steps at once
+            du_t, dd_t, dz_t = ug, dtg, dzg  # tiles that collect the outputs where they are stored 4 steps at once
             hs, dts, us = (h1, h2, h3, h4), (dt0, dt1, dt2, dt3, dt_next), (u0, u1, u2, u3)
             for k in tl.static_range(3, -1, -1):
                 g, dA, dDacc, dbacc, du_t, dd_t, dz_t = _adjoint_sub_step(
-                    k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], sps[k], zg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
+                    k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], sps[k], dzg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
                     bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t, dz_t,
                     du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z, SOFTPLUS, SHFL, N, UVEC, DTVEC, ZVEC)
             dt_next = dt0
@@ -928,7 +936,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
                   PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
                   DTVEC=_vec4(delta, ddelta), ZVEC=z is not None and _vec4(z, dz), DYVEC=_vec4(dy))
     carry = _adjoint_carry(p, b, dy, gfinal, delta, A, At, C32, z, delta_bias, common)
-    scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * (block_n + 12), **f32)
+    scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * (block_n + 20), **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
     # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
