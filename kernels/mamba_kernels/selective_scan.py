@@ -72,11 +72,11 @@ def _state_ptrs(pid_b, offs_d, idx, offs_n, DIM, NIDX, N):
 @triton.jit
 def _carry_kernel(
     A_ptr, init_ptr, local_ptr, dsum_ptr, out_ptr, DIM, N, NCHUNK,
-    REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     """Carry a state across chunks: out[c] = s, then s = exp(A dsum[c]) s + local[c], from s = init.
 
-    Forward (REVERSE False): out[c] is the state at the start of chunk c. Reverse: the chunks run last to first and
+    Forward (REVERSE False): out[c] is the state at the start of chunk c. init: zeros without HAS_INIT. Reverse: the chunks run last to first and
     out[c] is the adjoint flowing into chunk c from its right. init: contiguous (b, n, d); local, out: (b, c, n, d).
     """
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -84,7 +84,10 @@ def _carry_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_dn = (offs_d < DIM)[:, None] & (offs_n < N)[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    s = tl.load(init_ptr + _state_ptrs(pid_b, offs_d, 0, offs_n, DIM, 1, N), mask=mask_dn, other=0.0)
+    if HAS_INIT:
+        s = tl.load(init_ptr + _state_ptrs(pid_b, offs_d, 0, offs_n, DIM, 1, N), mask=mask_dn, other=0.0)
+    else:
+        s = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     # 4 chunks an iteration, their loads first: the chain waits on s, not on a round trip to memory per chunk
     for i0 in range(0, NCHUNK, 4):
         d0, l0 = _carry_in(dsum_ptr, local_ptr, pid_b, offs_d, offs_n, mask_dn, i0, DIM, N, NCHUNK, REVERSE)
@@ -173,12 +176,12 @@ def _load_or_zero(ptrs, mask):
 
 
 @triton.jit
-def _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, N: tl.constexpr,
-                BLOCK_N: tl.constexpr, G: tl.constexpr, PERM: tl.constexpr):
+def _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, N: tl.constexpr,
+                BLOCK_N: tl.constexpr, G: tl.constexpr, PERM: tl.constexpr, A_DN: tl.constexpr):
     """What the sequential kernels share: a lane per channel, its BLOCK_N states a (BLOCK_D, BLOCK_N // G, G) tile.
     Returns the channels offs_d and their mask, n3 (1, groups, G) the states, d3 (BLOCK_D, 1, 1) the channels times
     the stride s_one the JIT may not specialise (1 at run time: see _fwd_seq_kernel), mask3, A log2 e as a tile (for
-    exp2), and the Δ bias. PERM (32 lanes x 4 groups of 4 states): a lane's group slot j holds the states of group
+    exp2; A_ptr: A as (d, n) where A_DN, else its (n, d) transpose), and the Δ bias. PERM (32 lanes x 4 groups of 4 states): a lane's group slot j holds the states of group
     j ^ _group_perm(lane) (n3 then (BLOCK_D, groups, G)), for _lane_sums; every state-indexed load and store goes
     through n3, and the sums over states do not care about the order."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -189,17 +192,19 @@ def _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLO
     n3 = grp * G + tl.arange(0, G)[None, None, :]
     d3 = offs_d[:, None, None] * s_one
     mask3 = mask_d[:, None, None] & (n3 < N)
-    A2 = tl.load(At_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    A_offs = d3 * N + n3 if A_DN else n3 * DIM + d3
+    A2 = tl.load(A_ptr + A_offs, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
     return offs_d, mask_d, n3, d3, mask3, A2, bias
 
 
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sy_d", "s_one"])
 def _fwd_seq_kernel(
-    u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
     L, DIM, SUBS, NSUB, NCHUNK,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_d, sz_l, sy_d, s_one,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+    HAS_START: tl.constexpr,
     LOCAL: tl.constexpr, FAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     N: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
 ):
@@ -218,14 +223,14 @@ def _fwd_seq_kernel(
 
     States in memory are (b, index, n, d), channels contiguous. LOCAL: from a zero state, write the chunk's end
     state to final_ptr as (b, chunks, n, d) and its sum of Δ to sub_ptr as (b, d, chunks). Otherwise: from the
-    chunk's start state (start: (b, chunks, n, d)) write y (time-major, (b, l, d) memory), the final state (last
+    chunk's start state (start: (b, chunks, n, d); zeros without HAS_START) write y (time-major, (b, l, d) memory), the final state (last
     chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, n, d).
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d, mask_d, n3, d3, mask3, A, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                         BLOCK_N, G, False)
+    offs_d, mask_d, n3, d3, mask3, A, bias = _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
+                                                         BLOCK_N, G, False, True)
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
-    if LOCAL:
+    if LOCAL or not HAS_START:
         h = tl.zeros((BLOCK_D, BLOCK_N // G, G), tl.float32)
     else:
         h = tl.load(start_ptr + ((pid_b * NCHUNK + pid_c) * N + n3) * DIM + d3, mask=mask3, other=0.0)
@@ -313,7 +318,7 @@ def _bwd_local_kernel(
     time, C_t from L1 (prefetched PF steps ahead)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                          BLOCK_N, G, False)
+                                                          BLOCK_N, G, False, False)
     bn = n3 + d3 * 0
     mask_bn = (bn < N) if N != BLOCK_N else None
     C_ptrs = C_ptr + pid_b * sC_b + bn
@@ -620,7 +625,7 @@ def _bwd_seq_kernel(
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                          BLOCK_N, G, SHFL > 0)
+                                                          BLOCK_N, G, SHFL > 0, False)
     lane = tl.arange(0, BLOCK_D)
     NG: tl.constexpr = BLOCK_N // G
     grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
@@ -828,6 +833,30 @@ def _states_perm(t: torch.Tensor) -> torch.Tensor:
 _PERM_INDEX: dict[torch.device, torch.Tensor] = {}
 
 
+@triton.jit
+def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, BLOCK: tl.constexpr):
+    """B and C (b, n, l), any strides and dtype -> fp32 (b, l, n) contiguous, in one launch (program axis 1: which)."""
+    pid, pid_b = tl.program_id(0), tl.program_id(2).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < LN
+    t, nn = offs // N, offs % N
+    if tl.program_id(1) == 0:
+        v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=m)
+        tl.store(oB_ptr + pid_b * LN + offs, v.to(tl.float32), mask=m)
+    else:
+        v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=m)
+        tl.store(oC_ptr + pid_b * LN + offs, v.to(tl.float32), mask=m)
+
+
+def _states_f32_pair(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_states_f32 of B and C in one kernel launch (the forward's; a launch is ~1% of a b8 forward)."""
+    b, n, l = B.shape
+    oB, oC = (torch.empty(b, l, n, dtype=torch.float32, device=B.device) for _ in range(2))
+    block = 1024
+    _bc_f32_kernel[(triton.cdiv(l * n, block), 2, b)](B, C, oB, oC, l * n, n, *B.stride(), *C.stride(), BLOCK=block)
+    return oB.transpose(1, 2), oC.transpose(1, 2)
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride())
 
@@ -859,15 +888,15 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    h0 = torch.zeros(b, n, d, **f32) if initial_state is None else _nd(initial_state)
+    h0 = None if initial_state is None else _nd(initial_state)  # (b, n, d); None: zeros, not stored
     y = torch.empty(b, l, d, dtype=u.dtype, device=u.device).transpose(1, 2)
     p = _plan(b, d, l, n, _FWD["block_d"], _FWD["warps"], u.device)
     if p.nchunk > 1:
         p = _plan(b, d, l, n, _FWD["chunked_block_d"], _FWD["warps"], u.device)
     sub = torch.empty(b, p.nsub if save_states else 0, n, d, **f32)
     if l == 0:
-        return y, h0.transpose(1, 2), sub
-    B, C = _states_f32(B), _states_f32(C)
+        return y, (torch.zeros(b, n, d, **f32) if h0 is None else h0).transpose(1, 2), sub
+    B, C = _states_f32_pair(B, C)
     grid, dims = (p.d_blocks, p.nchunk, b), (l, d, p.subs, p.nsub, p.nchunk)
     strides = (*u.stride(), *delta.stride(), B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z), 1, 1)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
@@ -876,19 +905,20 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     flags["PF"] = _FWD["prefetch"] if u.device.type == "cuda" else 0  # inline PTX: not under the interpreter
     if _FWD["maxnreg"] and u.device.type == "cuda":
         flags["maxnreg"] = _FWD["maxnreg"]
-    start = h0.view(b, 1, n, d)
-    At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
+    start = y if h0 is None else h0.view(b, 1, n, d)  # y: a placeholder pointer, never read (HAS_START off)
     if p.nchunk > 1:
         local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
         # Local states of every chunk but the last (whose end state the main pass computes).
-        _fwd_seq_kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, At, B, C, D, z, delta_bias, start, y, local, dsum,
-                                                       *dims, *strides, **flags, SAVE=False, LOCAL=True, **p.sizes)
+        _fwd_seq_kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum,
+                                                       *dims, *strides, **flags, SAVE=False, LOCAL=True,
+                                                       HAS_START=False, **p.sizes)
+        init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
-        _carry_kernel[(p.d_blocks, b)](A, h0, local, dsum, start, d, n, p.nchunk, REVERSE=False,
-                                       BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
+        _carry_kernel[(p.d_blocks, b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
+                                       BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"], HAS_INIT=h0 is not None)
     final = torch.empty(b, n, d, **f32)
-    _fwd_seq_kernel[grid](u, delta, At, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides, **flags,
-                          SAVE=save_states, LOCAL=False, **p.sizes)
+    _fwd_seq_kernel[grid](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides, **flags,
+                          SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None, **p.sizes)
     return y, final.transpose(1, 2), sub
 
 
@@ -905,7 +935,7 @@ def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, At, C, z, delta_bias, cons
         *delta.stride(), C.stride(0), C.stride(2), *_strides(z), *dy.stride(), 1, **consts, **p.sizes,
     )
     carry = torch.empty(b, p.nchunk, n, d, **f32)
-    _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True,
+    _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True, HAS_INIT=True,
                                    BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
     return carry
 
