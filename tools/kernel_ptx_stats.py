@@ -117,8 +117,9 @@ def main() -> None:
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=args.block_d, BLOCK_T=scan._T,
                  BLOCK_N=16)
     kernels = {  # name: (kernel, constexprs, bf16 pointers)
-        "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False, HAS_START=True, FAST=True, EVEN_D=True, N=16,
-                                                       G=4, U=8, PF=scan._FWD["prefetch"]), FWD_BF16_POINTERS),
+        "_fwd_seq_kernel": (scan._fwd_seq_kernel, dict(flags, SAVE=True, LOCAL=False, HAS_START=True, FAST=True,
+                                                       EVEN_D=True, N=16, G=4, U=8, PF=scan._FWD["prefetch"]),
+                            FWD_BF16_POINTERS),
         "_bwd_local_kernel": (scan._bwd_local_kernel, dict(flags, FAST=True, EVEN_D=True, N=16, G=4, DTVEC=False,
                                                            ZVEC=False, DYVEC=True, PF=scan._BWD["prefetch"]),
                               FWD_BF16_POINTERS),

@@ -19,10 +19,11 @@ The backward runs the adjoint g_t = dL/dh_t, a reverse recurrence g_t = C_t dy'_
 the same way (the local adjoint of each chunk but the first: _bwd_local_kernel, a sequential reverse pass; carry;
 then _bwd_seq_kernel), in the forward's layout (a lane per channel, its states and adjoints in registers).
 _bwd_seq_kernel takes each tile last to first: it runs the tile forward from its saved start state, keeping the state
-before each sub-tile of 4 steps in a small per-program scratch (8 x N x BLOCK_D fp32), then per sub-tile, last to
-first, recomputes its 4 states into registers and steps the adjoint back through them. dB_t and dC_t, sums over the
+before each sub-tile of 4 steps and the sub-tile's per-step inputs (Δ after softplus, softplus', u, the gated dy and
+the gate's derivative) in a per-program scratch (8 x (N + 20) x BLOCK_D fp32), then per sub-tile, last to first,
+recomputes its 4 states into registers and steps the adjoint back through them. dB_t and dC_t, sums over the
 channels, are a reduce-scatter over the lanes (shuffles) and one atomic add a lane and step.
-Memory beyond inputs and outputs is O(b d n l / _T), never the (b, d, l, n) states.
+Memory beyond inputs and outputs is O(b d n l / _T) and the scratch (36 KiB a program), never the (b, d, l, n) states.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def _carry_kernel(
 ):
     """Carry a state across chunks: out[c] = s, then s = exp(A dsum[c]) s + local[c], from s = init.
 
-    Forward (REVERSE False): out[c] is the state at the start of chunk c. init: zeros without HAS_INIT. Reverse: the chunks run last to first and
-    out[c] is the adjoint flowing into chunk c from its right. init: contiguous (b, n, d); local, out: (b, c, n, d).
+    Forward (REVERSE False): out[c] is the state at the start of chunk c. init: zeros without HAS_INIT. Reverse: the
+    chunks run last to first and out[c] is the adjoint flowing into chunk c from its right. init: contiguous (b, n, d);
+    local, out: (b, c, n, d).
     """
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -179,11 +181,11 @@ def _load_or_zero(ptrs, mask):
 def _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, N: tl.constexpr,
                 BLOCK_N: tl.constexpr, G: tl.constexpr, PERM: tl.constexpr, A_DN: tl.constexpr):
     """What the sequential kernels share: a lane per channel, its BLOCK_N states a (BLOCK_D, BLOCK_N // G, G) tile.
-    Returns the channels offs_d and their mask, n3 (1, groups, G) the states, d3 (BLOCK_D, 1, 1) the channels times
-    the stride s_one the JIT may not specialise (1 at run time: see _fwd_seq_kernel), mask3, A log2 e as a tile (for
-    exp2; A_ptr: A as (d, n) where A_DN, else its (n, d) transpose), and the Δ bias. PERM (32 lanes x 4 groups of 4 states): a lane's group slot j holds the states of group
-    j ^ _group_perm(lane) (n3 then (BLOCK_D, groups, G)), for _lane_sums; every state-indexed load and store goes
-    through n3, and the sums over states do not care about the order."""
+    Returns the channels offs_d and their mask, n3 (1, groups, G) the states, d3 (BLOCK_D, 1, 1) the channels times the
+    stride s_one the JIT may not specialise (1 at run time: see _fwd_seq_kernel), mask3, A log2 e as a tile (for exp2;
+    A_ptr: A as (d, n) where A_DN, else its (n, d) transpose), and the Δ bias. PERM (32 lanes x 4 groups of 4 states): a
+    lane's group slot j holds the states of group j ^ _group_perm(lane) (n3 then (BLOCK_D, groups, G)), for _lane_sums;
+    every state-indexed load and store goes through n3, and the sums over states do not care about the order."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
     grp = tl.arange(0, BLOCK_N // G)[None, :, None]
@@ -221,10 +223,10 @@ def _fwd_seq_kernel(
     (with the channels' unit strides visible it gives each thread 4 channels x 4 states, and each step pays shuffles
     and shared-memory round trips: docs/kernels.md).
 
-    States in memory are (b, index, n, d), channels contiguous. LOCAL: from a zero state, write the chunk's end
-    state to final_ptr as (b, chunks, n, d) and its sum of Δ to sub_ptr as (b, d, chunks). Otherwise: from the
-    chunk's start state (start: (b, chunks, n, d); zeros without HAS_START) write y (time-major, (b, l, d) memory), the final state (last
-    chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, n, d).
+    States in memory are (b, index, n, d), channels contiguous. LOCAL: from a zero state, write the chunk's end state to
+    final_ptr as (b, chunks, n, d) and its sum of Δ to sub_ptr as (b, d, chunks). Otherwise: from the chunk's start
+    state (start: (b, chunks, n, d); zeros without HAS_START) write y (time-major, (b, l, d) memory), the final state
+    (last chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, n, d).
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A, bias = _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
@@ -584,8 +586,8 @@ def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, dzg, dyg
     live = mask_d & (lane * 0 + t < L)
     g, dA, dDacc, dbacc, du, dd, dz = _adjoint_step(
         t, L, live, h, g, dt_next, dt, u, sp, _col(dzg, offs_k, k), _col(dyg, offs_k, k),
-        _load_or_zero(B_ptrs + tc * sB_l + bn, mask_bn), _load_or_zero(C_ptrs + tc * sC_l + bn, mask_bn), A2, Dv, dA, dDacc,
-        dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, HAS_Z, SOFTPLUS, SHFL, N)
+        _load_or_zero(B_ptrs + tc * sB_l + bn, mask_bn), _load_or_zero(C_ptrs + tc * sC_l + bn, mask_bn), A2, Dv, dA,
+        dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, HAS_Z, SOFTPLUS, SHFL, N)
     du_t = _out_step(du_ptrs, t, sdu_l, du, live, du_t, offs_k, k, UVEC)
     dd_t = _out_step(ddt_ptrs, t, sddt_l, dd, live, dd_t, offs_k, k, DTVEC)
     if HAS_Z:
@@ -609,15 +611,18 @@ def _bwd_seq_kernel(
     adjoints) in registers as (BLOCK_D, BLOCK_N // G, G) tiles, channel strides hidden from the JIT (see
     _fwd_seq_kernel). Tiles of BLOCK_T steps run last to first; per tile:
       A. from the tile's saved start state, forward through the tile, keeping the state before each sub-tile of 4
-         steps in this program's scratch ((BLOCK_T // 4, BLOCK_N // G, BLOCK_D, G) fp32: 16 bytes a lane, cache
-         resident);
-      B, C. per sub-tile, last to first: its 4 states forward again into registers, then 4 steps of the adjoint
-         g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, from the adjoint flowing in from the right (carry: (b, chunks,
-         n, d)).
+         steps in this program's scratch ((BLOCK_T // 4, BLOCK_N // G, BLOCK_D, G) fp32: 16 bytes a lane), and
+         each sub-tile's per-step inputs as passes B, C use them (_stage: Δ after softplus, softplus', u, dy silu(z),
+         dy silu'(z); (BLOCK_T // 4, 5, BLOCK_D, 4) fp32). u, Δ, dy, z are read here only, a sub-tile ahead;
+      B, C. per sub-tile, last to first: its start state and staged inputs from the scratch, its 4 states forward
+         again into registers, then 4 steps of the adjoint g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, from the
+         adjoint flowing in from the right (carry: (b, chunks, n, d)).
     So a state-step costs about 2.25 exp2 (A, B; C's exp(Δ_{t+1} A) is B's exp2 of the next step, which the
-    compiler reuses, but for a sub-tile's last step) and no scratch round trip. The sums over channels of dB_t and
-    dC_t are a reduce-scatter over the lanes (SHFL, GPU, 32 channels x 16 states: 31 shuffles, then one atomic a
-    lane) or tl.sum (elsewhere), added with relaxed fp32 atomics into dB and dC (b, l, n).
+    compiler reuses, but for a sub-tile's last step). The sums over channels of dB_t and dC_t are a reduce-scatter
+    over the lanes (SHFL, for 32 channels x 16 states: 1, shuffles on the GPU; 2, gathers under the interpreter; 31
+    exchanges, then one atomic a lane; the lanes hold their state groups in the order _group_perm sets, and read B_t,
+    C_t from the matching copy of _states_perm's rows where BCX) or tl.sum (else), added with relaxed fp32 atomics
+    into dB and dC (b, l, n).
 
     Writes du, dΔ, dz in their strides (4 steps a lane at once where an input is channel-major and aligned, else a
     step at a time); per-(batch, chunk) partial sums dA (b, c, d, n),
@@ -739,8 +744,8 @@ def _bwd_seq_kernel(
             for k in tl.static_range(3, -1, -1):
                 g, dA, dDacc, dbacc, du_t, dd_t, dz_t = _adjoint_sub_step(
                     k, ts, L, hs[k], g, dts[k + 1], dts[k], us[k], sps[k], dzg, dyg, offs_k, B_ptrs, C_ptrs, sB_l, sC_l,
-                    bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t, dz_t,
-                    du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z, SOFTPLUS, SHFL, N, UVEC, DTVEC, ZVEC)
+                    bn, mask_bn, A2, Dv, dA, dDacc, dbacc, lane, dB_ptr, dC_ptr, bc_offs, mask_bc, mask_d, du_t, dd_t,
+                    dz_t, du_ptrs, ddt_ptrs, dz_ptrs, sdu_l, sddt_l, sdz_l, HAS_Z, SOFTPLUS, SHFL, N, UVEC, DTVEC, ZVEC)
             dt_next = dt0
             if UVEC:
                 _store4(du_g, du_t, ts, sdu_l, L, mask_g, mask_t)
