@@ -194,8 +194,10 @@ def _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOC
     n3 = grp * G + tl.arange(0, G)[None, None, :]
     d3 = offs_d[:, None, None] * s_one
     mask3 = mask_d[:, None, None] & (n3 < N)
-    A_offs = d3 * N + n3 if A_DN else n3 * DIM + d3
-    A2 = tl.load(A_ptr + A_offs, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    if A_DN:
+        A2 = tl.load(A_ptr + d3 * N + n3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        A2 = tl.load(A_ptr + n3 * DIM + d3, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = load_channel_vector(bias_ptr, offs_d * s_one, mask_d, HAS_BIAS)
     return offs_d, mask_d, n3, d3, mask3, A2, bias
 
