@@ -623,7 +623,7 @@ def _bwd_seq_kernel(
     compiler reuses, but for a sub-tile's last step). The sums over channels of dB_t and dC_t are a reduce-scatter
     over the lanes (SHFL, for 32 channels x 16 states: 1, shuffles on the GPU; 2, gathers under the interpreter; 31
     exchanges, then one atomic a lane; the lanes hold their state groups in the order _group_perm sets, and read B_t,
-    C_t from the matching copy of _states_perm's rows where BCX) or tl.sum (else), added with relaxed fp32 atomics
+    C_t from the matching copy of _bwd_prep_kernel's rows where BCX) or tl.sum (else), added with relaxed fp32 atomics
     into dB and dC (b, l, n).
 
     Writes du, dΔ, dz in their strides (4 steps a lane at once where an input is channel-major and aligned, else a
@@ -637,14 +637,14 @@ def _bwd_seq_kernel(
     NG: tl.constexpr = BLOCK_N // G
     grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
-    if BCX:  # B, C as the launcher's _states_perm rows: lane copy _group_perm(lane) holds the lane's group order
+    if BCX:  # B, C as the launcher's _bwd_prep_kernel rows: lane copy _group_perm(lane) holds the lane's group order
         bn = _group_perm(lane)[:, None, None] * N + grp3 * G + g3
     else:  # B_t, C_t broadcast over the channels (in the lane's group order, n3)
         bn = n3 + d3 * 0
     mask_bn = (bn < N) if N != BLOCK_N else None
     B_ptrs = B_ptr + pid_b * sB_b  # + t * sB_l + bn: B_t (per use, so that the lanes' permuted groups cost 32-bit
     C_ptrs = C_ptr + pid_b * sC_b  # offsets, not four 64-bit pointers each)
-    # the rows to prefetch into L1 (a lane a line: the 4 copies of a _states_perm row span 2 lines)
+    # the rows to prefetch into L1 (a lane a line: the 4 copies of a _bwd_prep_kernel row span 2 lines)
     B_row = B_ptr + pid_b * sB_b + ((lane & 1) * 32 if BCX else offs_d * 0)
     C_row = C_ptr + pid_b * sC_b + ((lane & 1) * 32 if BCX else offs_d * 0)
     bc_offs = tl.arange(0, NG)[:, None] * G + tl.arange(0, G)[None, :]  # (groups, G): the tl.sum path's dB_t, dC_t
@@ -826,18 +826,6 @@ def _states_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def _states_perm(t: torch.Tensor) -> torch.Tensor:
-    """B or C (b, 16, l) for the backward's reduce-scatter layout: fp32 (b, l, 4 * 16), copy p of each row with its
-    groups of 4 states in the order j ^ p (the lanes of _group_perm(lane) == p hold their states in that order and
-    read that copy: one 16-byte-aligned run of 4 vectors a lane). 4 x 64 bytes a step."""
-    idx = _PERM_INDEX.get(t.device)
-    if idx is None:  # built once per device: a dozen tiny kernels per call cost more than the backward's gain at b8
-        idx = _PERM_INDEX[t.device] = torch.tensor([((j // 4) ^ p) * 4 + j % 4 for p in range(4) for j in range(16)],
-                                                   device=t.device)
-    return t.transpose(1, 2).to(torch.float32).index_select(2, idx)
-
-
-_PERM_INDEX: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -853,6 +841,32 @@ def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, N, sB_b, sB_n, sB_l, sC_b, 
     else:
         v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=m)
         tl.store(oC_ptr + pid_b * LN + offs, v.to(tl.float32), mask=m)
+
+
+@triton.jit
+def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+                     N: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward's inputs and zeroed sums in one launch (for the reduce-scatter's group order, N 16; program axis
+    1 picks the job): B and C (b, n, l), any strides and dtype, as 4 fp32 copies of each row, copy p with its groups of
+    4 states in the order j ^ p ((b, l, 4 N): the lanes of _group_perm(lane) == p read that copy: one 16-byte-aligned
+    run of 4 vectors a lane), C as fp32 (b, l, n) for the local adjoint, and dB, dC (b, l, n) zeroed for the atomics."""
+    pid, job, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < LN
+    t, nn = offs // N, offs % N
+    if job == 2:
+        tl.store(dB_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
+        tl.store(dC_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
+    else:
+        if job == 0:
+            v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=m).to(tl.float32)
+            x_ptr = Bx_ptr
+        else:
+            v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=m).to(tl.float32)
+            tl.store(C32_ptr + pid_b * LN + offs, v, mask=m)
+            x_ptr = Cx_ptr
+        for p in tl.static_range(4):
+            tl.store(x_ptr + pid_b * LN * 4 + t * (4 * N) + p * N + ((nn // 4) ^ p) * 4 + nn % 4, v, mask=m)
 
 
 def _states_f32_pair(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -961,13 +975,24 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     gfinal = torch.zeros(b, n, d, **f32) if dfinal is None else _nd(dfinal)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else torch.empty(0, **f32)
-    dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
     if l == 0:
+        dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
         return (du, ddelta, torch.zeros(d, n, **f32), dB.transpose(1, 2), dC.transpose(1, 2),
                 torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal.transpose(1, 2))
-    C32 = _states_f32(C)
-    At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
+    # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
+    # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
+    shfl = block_d == 32 and p.sizes["num_warps"] == 1 and n == 16
+    if shfl:  # B, C in the reduce-scatter's group order (4 copies of each rows), C in fp32, dB, dC zeroed: one launch
+        Bx, Cx = (torch.empty(b, l, 4 * n, **f32) for _ in range(2))
+        C32, dB, dC = (torch.empty(b, l, n, **f32) for _ in range(3))
+        _bwd_prep_kernel[(triton.cdiv(l * n, 1024), 3, b)](B, C, Bx, Cx, C32, dB, dC, l * n, *B.stride(), *C.stride(),
+                                                           N=n, BLOCK=1024)
+        C32 = C32.transpose(1, 2)
+    else:
+        dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
+        C32 = _states_f32(C)
+    At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     cuda = u.device.type == "cuda"
     common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
                   PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
@@ -976,13 +1001,10 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * (block_n + 20), **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
-    # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
-    # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
-    shfl = block_d == 32 and p.sizes["num_warps"] == 1 and n == 16
     consts = dict(common, HAS_D=D is not None, UVEC=_vec4(u, du), SHFL=(1 if cuda else 2) if shfl else 0,
                   BCX=shfl)
     if consts["BCX"]:  # its group order per lane (_group_perm): 4 copies of each row, (b, l, 64)
-        B, C = _states_perm(B), _states_perm(C)
+        B, C = Bx, Cx
         bc_strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
     else:
         B, C = _states_f32(B), C32
