@@ -376,13 +376,13 @@ def _shfl_xor(x, M: tl.constexpr, SHFL: tl.constexpr):
         y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
                                       [x, tl.full(x.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        y = tl.gather(x, tl.zeros(x.shape, tl.int32) + _lane_index(x, 0) ^ M, 0)
+        y = tl.gather(x, (tl.zeros(x.shape, tl.int32) + _lane_index(x)) ^ M, 0)
     return y
 
 
 @triton.jit
-def _lane_index(x, k: tl.constexpr):
-    """Index along axis 0 (lanes) broadcast to x's shape."""
+def _lane_index(x):
+    """The index along x's axis 0 (the lanes), shaped to broadcast against x (rank 1 to 4)."""
     i = tl.arange(0, x.shape[0])
     if len(x.shape) == 2:
         i = i[:, None]
