@@ -125,7 +125,7 @@ def main() -> None:
                               FWD_BF16_POINTERS),
         "_bwd_seq_kernel": (scan._bwd_seq_kernel, dict(flags, FAST=True, SHFL=True, EVEN_D=True, N=16, G=4, UVEC=True,
                                                        DTVEC=False, ZVEC=False, DYVEC=True,
-                                                       PF=scan._BWD["prefetch"], BCX=True),
+                                                       PF=scan._BWD["prefetch"]),
                               FWD_BF16_POINTERS),
     }
     how = "every integer unknown" if args.unspecialized else f"specialised as for b{B} d{D} l{L} bf16 (model strides)"

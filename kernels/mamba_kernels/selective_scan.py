@@ -607,7 +607,7 @@ def _bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
     SHFL: tl.constexpr, EVEN_D: tl.constexpr, UVEC: tl.constexpr, DTVEC: tl.constexpr, ZVEC: tl.constexpr,
     DYVEC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, PF: tl.constexpr, BCX: tl.constexpr,
+    G: tl.constexpr, PF: tl.constexpr,
 ):
     """Gradients of one chunk, in the forward's layout: a lane per channel with its BLOCK_N fp32 states (and their
     adjoints) in registers as (BLOCK_D, BLOCK_N // G, G) tiles, channel strides hidden from the JIT (see
@@ -623,7 +623,7 @@ def _bwd_seq_kernel(
     compiler reuses, but for a sub-tile's last step). The sums over channels of dB_t and dC_t are a reduce-scatter
     over the lanes (SHFL, for 32 channels x 16 states: 1, shuffles on the GPU; 2, gathers under the interpreter; 31
     exchanges, then one atomic a lane; the lanes hold their state groups in the order _group_perm sets, and read B_t,
-    C_t from the matching copy of _bwd_prep_kernel's rows where BCX) or tl.sum (else), added with relaxed fp32 atomics
+    C_t from the matching copy of _bwd_prep_kernel's rows) or tl.sum (else), added with relaxed fp32 atomics
     into dB and dC (b, l, n).
 
     Writes du, dΔ, dz in their strides (4 steps a lane at once where an input is channel-major and aligned, else a
@@ -637,7 +637,7 @@ def _bwd_seq_kernel(
     NG: tl.constexpr = BLOCK_N // G
     grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
     Dv = load_channel_vector(D_ptr, offs_d * s_one, mask_d, HAS_D)
-    if BCX:  # B, C as the launcher's _bwd_prep_kernel rows: lane copy _group_perm(lane) holds the lane's group order
+    if SHFL:  # B, C as the launcher's _bwd_prep_kernel rows: lane copy _group_perm(lane) holds the lane's group order
         bn = _group_perm(lane)[:, None, None] * N + grp3 * G + g3
     else:  # B_t, C_t broadcast over the channels (in the lane's group order, n3)
         bn = n3 + d3 * 0
@@ -645,8 +645,8 @@ def _bwd_seq_kernel(
     B_ptrs = B_ptr + pid_b * sB_b  # + t * sB_l + bn: B_t (per use, so that the lanes' permuted groups cost 32-bit
     C_ptrs = C_ptr + pid_b * sC_b  # offsets, not four 64-bit pointers each)
     # the rows to prefetch into L1 (a lane a line: the 4 copies of a _bwd_prep_kernel row span 2 lines)
-    B_row = B_ptr + pid_b * sB_b + ((lane & 1) * 32 if BCX else offs_d * 0)
-    C_row = C_ptr + pid_b * sC_b + ((lane & 1) * 32 if BCX else offs_d * 0)
+    B_row = B_ptr + pid_b * sB_b + ((lane & 1) * 32 if SHFL else offs_d * 0)
+    C_row = C_ptr + pid_b * sC_b + ((lane & 1) * 32 if SHFL else offs_d * 0)
     bc_offs = tl.arange(0, NG)[:, None] * G + tl.arange(0, G)[None, :]  # (groups, G): the tl.sum path's dB_t, dC_t
     mask_bc = bc_offs < N
     dB_ptr += pid_b * L * N
@@ -818,23 +818,22 @@ def _vec4(*ts: torch.Tensor) -> bool:
                and t.data_ptr() % (4 * t.element_size()) == 0 for t in ts)
 
 
-def _states_f32(t: torch.Tensor) -> torch.Tensor:
-    """B or C (b, n, l) for the forward: fp32 with the states contiguous (time-major memory). The forward loads a
-    step's states as 16-byte vectors and needs no conversions in its loop; B and C are 1/d of u's size."""
-    if t.stride(1) != 1 and t.shape[1] != 1:
-        return t.transpose(1, 2).to(torch.float32).contiguous().transpose(1, 2)
-    return t.to(torch.float32)
 
 
+@triton.jit
+def _bc_elems(LN, N, BLOCK: tl.constexpr):
+    """This program's BLOCK elements of a (l, n) row-major step range of B or C: flat offsets, their mask, t and n."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < LN, offs // N, offs % N
 
 
 @triton.jit
 def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, BLOCK: tl.constexpr):
-    """B and C (b, n, l), any strides and dtype -> fp32 (b, l, n) contiguous, in one launch (program axis 1: which)."""
-    pid, pid_b = tl.program_id(0), tl.program_id(2).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < LN
-    t, nn = offs // N, offs % N
+    """B and C (b, n, l), any strides and dtype -> fp32 (b, l, n) contiguous, in one launch (program axis 1: which):
+    what the forward reads (16-byte vectors of a step's states, no conversion in its loop), and the backward where it
+    does not use _bwd_prep_kernel."""
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs, m, t, nn = _bc_elems(LN, N, BLOCK)
     if tl.program_id(1) == 0:
         v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=m)
         tl.store(oB_ptr + pid_b * LN + offs, v.to(tl.float32), mask=m)
@@ -850,10 +849,8 @@ def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, 
     1 picks the job): B and C (b, n, l), any strides and dtype, as 4 fp32 copies of each row, copy p with its groups of
     4 states in the order j ^ p ((b, l, 4 N): the lanes of _group_perm(lane) == p read that copy: one 16-byte-aligned
     run of 4 vectors a lane), C as fp32 (b, l, n) for the local adjoint, and dB, dC (b, l, n) zeroed for the atomics."""
-    pid, job, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < LN
-    t, nn = offs // N, offs % N
+    job, pid_b = tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs, m, t, nn = _bc_elems(LN, N, BLOCK)
     if job == 2:
         tl.store(dB_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
         tl.store(dC_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
@@ -870,7 +867,8 @@ def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, 
 
 
 def _states_f32_pair(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """_states_f32 of B and C in one kernel launch (the forward's; a launch is ~1% of a b8 forward)."""
+    """B and C (b, n, l) as fp32 with the states contiguous ((b, l, n) buffers, transposed), in one kernel launch (a
+    launch is ~1% of a b8 forward)."""
     b, n, l = B.shape
     oB, oC = (torch.empty(b, l, n, dtype=torch.float32, device=B.device) for _ in range(2))
     block = 1024
@@ -945,7 +943,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
 
 def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, At, C, z, delta_bias, consts) -> torch.Tensor:
     """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk).
-    A: contiguous (d, n), At: its (n, d) copy; C: fp32, n-contiguous (_states_f32)."""
+    A: contiguous (d, n), At: its (n, d) copy; C: fp32, n-contiguous (_states_f32_pair)."""
     d, n = A.shape
     if p.nchunk == 1:
         return gfinal.view(b, 1, n, d)
@@ -991,7 +989,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
         C32 = C32.transpose(1, 2)
     else:
         dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
-        C32 = _states_f32(C)
+        B32, C32 = _states_f32_pair(B, C)
     At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     cuda = u.device.type == "cuda"
     common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
@@ -1001,13 +999,12 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * (block_n + 20), **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
-    consts = dict(common, HAS_D=D is not None, UVEC=_vec4(u, du), SHFL=(1 if cuda else 2) if shfl else 0,
-                  BCX=shfl)
-    if consts["BCX"]:  # its group order per lane (_group_perm): 4 copies of each row, (b, l, 64)
+    consts = dict(common, HAS_D=D is not None, UVEC=_vec4(u, du), SHFL=(1 if cuda else 2) if shfl else 0)
+    if shfl:  # its group order per lane (_group_perm): 4 copies of each row, (b, l, 64)
         B, C = Bx, Cx
         bc_strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
     else:
-        B, C = _states_f32(B), C32
+        B, C = B32, C32
         bc_strides = (B.stride(0), B.stride(2), C.stride(0), C.stride(2))
     if _BWD["maxnreg"] and cuda:
         consts["maxnreg"] = _BWD["maxnreg"]
