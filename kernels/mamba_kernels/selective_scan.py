@@ -20,10 +20,10 @@ the same way (the local adjoint of each chunk but the first: _bwd_local_kernel, 
 then _bwd_seq_kernel), in the forward's layout (a lane per channel, its states and adjoints in registers).
 _bwd_seq_kernel takes each tile last to first: it runs the tile forward from its saved start state, keeping the state
 before each sub-tile of 4 steps and the sub-tile's per-step inputs (Δ after softplus, softplus', u, the gated dy and
-the gate's derivative) in a per-program scratch (8 x (N + 20) x BLOCK_D fp32), then per sub-tile, last to first,
+the gate's derivative) in a per-program scratch (_T / 4 x (N + 20) x BLOCK_D fp32), then per sub-tile, last to first,
 recomputes its 4 states into registers and steps the adjoint back through them. dB_t and dC_t, sums over the
 channels, are a reduce-scatter over the lanes (shuffles) and one atomic add a lane and step.
-Memory beyond inputs and outputs is O(b d n l / _T) and the scratch (36 KiB a program), never the (b, d, l, n) states.
+Memory beyond inputs and outputs is O(b d n l / _T) and the scratch (18 KiB a program), never the (b, d, l, n) states.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from ._triton_common import load_channel_vector, softplus
 
 __all__ = ["selective_scan"]
 
-_T = 32  # time steps per tile: the forward saves the state at each tile start, the backward recomputes a tile
+_T = 16  # time steps per tile: the forward saves the state at each tile start, the backward recomputes a tile
+# (H100 fwd+bwd, b1 d1536 l65536 bf16, same-run A/B: 6.57 ms at 32, 6.25 at 16, 6.60 at 8; b8 l2048: 1.69 -> 1.61 at
+# 16 in a stable run. 16 halves the backward's scratch to 18 KiB a program, ~19 MB for the programs resident on an
+# H100, which then stays in L2 (at 32, 38 MB did not, and its reloads stalled the main loop); the saved tile states
+# double to 1/16 of the (b, d, l, n) states.)
 # Programs of the sequential kernels: channels per program and warps (measured on H100, docs/kernels.md). The forward
 # takes wider programs once it is chunked. The backward: 1 warp of 32 channels (its reduce-scatter of dB, dC over the
 # lanes is written for that); unchunked from 4 programs per SM, else chunked for 32 per SM (it fits ~8 warps an SM at
@@ -1066,6 +1070,9 @@ def _(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
 
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, _ = inputs
+    # no zeros for the outputs without a gradient: the saved tile states never have one, and autograd would fill a
+    # buffer of their size each backward (1/16 of the (b, d, l, n) states: 0.12 ms at b1 l65536 on an H100)
+    ctx.set_materialize_grads(False)
     ctx.delta_softplus = delta_softplus
     ctx.optional = (D is not None, z is not None, delta_bias is not None,
                     None if initial_state is None else initial_state.dtype)

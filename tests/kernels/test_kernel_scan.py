@@ -31,7 +31,7 @@ def test_scan_fp32_no_optional_inputs():
 
 def test_scan_fp32_many_channels_exact_tiles(monkeypatch):
     """A part block (d=20 of 32 channels; n=16: the backward's reduce-scatter over the lanes, as gathers under the
-    interpreter), l a multiple of the tile, 4 chunks of one tile."""
+    interpreter), l a multiple of the tile, 4 chunks of two tiles."""
     monkeypatch.setattr(scan_module, "_num_chunks", lambda *a: 4)
     check_scan(scan_inputs(1, 20, 128, 16, torch.float32, seed=3), torch.float32)
 
@@ -66,6 +66,28 @@ def test_scan_without_grad_saves_nothing():
     x = {k: None if v is None else v.detach().float() for k, v in scan_inputs(1, 4, 40, 8, torch.float32).items()}
     _, _, sub = scan_module._scan_fwd_op(**x, delta_softplus=True, save_states=False)
     assert sub.shape == (1, 0, 8, 4)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_scan_gradient_through_one_output(which):
+    """A loss on y alone or on the final state alone: the other output's gradient is None in the backward (no zeros
+    are made for it), and every input's gradient still matches the float64 reference's."""
+    x64 = scan_inputs(1, 4, 37, 8, torch.float64, seed=7)
+    x32 = {k: None if v is None else v.detach().float().requires_grad_() for k, v in x64.items()}
+    grads = []
+    for fn, x in ((selective_scan_ref, x64), (mk.selective_scan, x32)):
+        out = fn(**x, delta_softplus=True)[which]
+        names = [k for k, v in x.items() if v is not None]
+        loss = (out * out.detach()).sum()
+        grads.append(dict(zip(names, torch.autograd.grad(loss, [x[k] for k in names], allow_unused=True))))
+    for name, truth in grads[0].items():
+        got = grads[1][name]
+        if truth is None:  # the final state does not depend on C, D or z
+            assert got is None or not got.any(), name
+        else:
+            err = ((got.double() - truth).norm() / truth.norm()).item()
+            assert err < 1e-4, (name, err)
+    assert sum(t is not None for t in grads[0].values()) == (9 if which == 0 else 6)
 
 
 @pytest.mark.parametrize("bad, message", [
