@@ -232,7 +232,9 @@ def _fwd_seq_kernel(
     States in memory are (b, index, n, d), channels contiguous. LOCAL: from a zero state, write the chunk's end state to
     final_ptr as (b, chunks, n, d) and its sum of Δ to sub_ptr as (b, d, chunks). Otherwise: from the chunk's start
     state (start: (b, chunks, n, d); zeros without HAS_START) write y (time-major, (b, l, d) memory), the final state
-    (last chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, n, d).
+    (last chunk, (b, n, d)) and, when SAVE, the state at each tile start -> sub (b, NSUB, d, n): a lane's states are
+    contiguous, 4 vector stores a tile (in (n, d) order, with the channels contiguous, it was 16 stores and their
+    16 addresses).
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d, mask_d, n3, d3, mask3, A, bias = _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
@@ -276,7 +278,7 @@ def _fwd_seq_kernel(
     C_row = C_ptr + pid_b * sC_b + offs_d * 0
     for j in range(j0, j1):
         if SAVE:
-            tl.store(sub_ptr + ((pid_b * NSUB + j) * N + n3) * DIM + d3, h, mask=mask3)
+            tl.store(sub_ptr + ((pid_b * NSUB + j) * DIM + d3) * N + n3, h, mask=mask3)
         for t0 in range(j * BLOCK_T, tl.minimum(j * BLOCK_T + BLOCK_T, l_groups), U):
             ug, dg, zg = grp
             grp = _fwd_group(tl.multiple_of(tl.minimum(t0 + U, tl.maximum(l_groups - U, 0)), U), L, u_g, dt_g, z_g,
@@ -693,7 +695,7 @@ def _bwd_seq_kernel(
         t0 = j * BLOCK_T
         nss = tl.cdiv(tl.minimum(BLOCK_T, L - t0), 4)
         # A: the state before each sub-tile, into the scratch (no state after the last sub-tile is needed).
-        h = tl.load(sub_ptr + ((pid_b * NSUB + j) * N + n3) * DIM + d3, mask=mask3, other=0.0)
+        h = tl.load(sub_ptr + ((pid_b * NSUB + j) * DIM + d3) * N + n3, mask=mask3, other=0.0)
         if PF > 0:  # B and C rows into L1 (prefetch.global.L1): the first sub-tile's here, then ahead in the loop
             for k in tl.static_range(4):
                 _prefetch_l1(B_row + tl.minimum(t0 + k, L - 1) * sB_l)
@@ -905,7 +907,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
     """Launch the forward. Returns y (b, d, l) in u's dtype (time-major in memory, a (b, l, d) buffer transposed, as
     out_proj wants it), the final state (b, d, n) fp32 (a (b, n, d) buffer transposed), and the state at each tile
-    start (b, cdiv(l, _T), n, d) fp32 when ``save_states`` (else (b, 0, n, d))."""
+    start (b, cdiv(l, _T), d, n) fp32 when ``save_states`` (else (b, 0, d, n))."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l = u.shape
     n = A.shape[1]
@@ -916,7 +918,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     p = _plan(b, d, l, n, _FWD["block_d"], _FWD["warps"], u.device)
     if p.nchunk > 1:
         p = _plan(b, d, l, n, _FWD["chunked_block_d"], _FWD["warps"], u.device)
-    sub = torch.empty(b, p.nsub if save_states else 0, n, d, **f32)
+    sub = torch.empty(b, p.nsub if save_states else 0, d, n, **f32)
     if l == 0:
         return y, (torch.zeros(b, n, d, **f32) if h0 is None else h0).transpose(1, 2), sub
     B, C = _states_f32_pair(B, C)
@@ -971,7 +973,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
     p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, _BWD["chunking"])
-    if sub.shape != (b, p.nsub, n, d):
+    if sub.shape != (b, p.nsub, d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = torch.zeros(b, n, d, **f32) if dfinal is None else _nd(dfinal)
@@ -1043,7 +1045,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_s
     n = A.shape[1]
     nsub = (l + _T - 1) // _T if save_states else 0
     return (u.new_empty(b, l, d).transpose(1, 2), u.new_empty(b, n, d, dtype=torch.float32).transpose(1, 2),
-            u.new_empty(b, nsub, n, d, dtype=torch.float32))
+            u.new_empty(b, nsub, d, n, dtype=torch.float32))
 
 
 @torch.library.custom_op("mamba_kernels::selective_scan_bwd", mutates_args=())

@@ -65,7 +65,7 @@ def test_scan_single_step_matches_state_update():
 def test_scan_without_grad_saves_nothing():
     x = {k: None if v is None else v.detach().float() for k, v in scan_inputs(1, 4, 40, 8, torch.float32).items()}
     _, _, sub = scan_module._scan_fwd_op(**x, delta_softplus=True, save_states=False)
-    assert sub.shape == (1, 0, 8, 4)
+    assert sub.shape == (1, 0, 4, 8)
 
 
 @pytest.mark.parametrize("which", [0, 1])
