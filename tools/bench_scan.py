@@ -5,7 +5,8 @@ Usage (on a CUDA machine, from the repository root):
 
 Shapes: batch 8 x 1536 channels x 2048 tokens and batch 1 x 1536 x 65536, d_state 16, bf16, with z, D, delta bias and
 softplus. Times are medians (and 10th-90th percentiles) of triton.testing.do_bench after a warm-up that is reported
-apart (it includes compilation). Floors:
+apart (it includes compilation), of the call as Python runs it, and (CUDA graph ms) of the same call replayed from a
+CUDA graph: the GPU's own time, without the host's (Python, autograd, launches), which a short call can exceed. Floors:
     memory: every input read once and every output written once, over the measured device copy bandwidth;
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
@@ -104,6 +105,28 @@ def time_fn(fn, runs: int | None) -> tuple[float, float, float, float]:
     return warm, *q
 
 
+def graph_time(fn) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph (captured after a warm-up on a side stream): the GPU's time for
+    the call without the host's share (Python, autograd and launches), which bounds a short call where the host cannot
+    keep up. None where the call cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:  # e.g. a synchronising call inside the captured function
+        print(f"CUDA graph capture failed: {str(e).splitlines()[0][:120]}")
+        return None
+    ms = triton.testing.do_bench(graph.replay, quantiles=[0.5], rep=1000)
+    del graph
+    return ms[0] if isinstance(ms, (list, tuple)) else ms
+
+
 def scan_calls(x: dict, impl):
     """The forward, and forward + backward, of ``impl`` on inputs x. The backward returns the gradients of every
     input (torch.autograd.grad), as a training step that clears them with zero_grad(set_to_none=True) gets them:
@@ -169,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"official kernel compiled in {time.perf_counter() - t0:.0f} s")
         check_official(official)
     n = 16
-    rows = [["shape", "impl", "pass", "warm-up ms", "median ms", "p10-p90 ms", "mem floor ms", "exp floor ms",
-             "GB/s", "x floor"]]
+    rows = [["shape", "impl", "pass", "warm-up ms", "median ms", "p10-p90 ms", "CUDA graph ms", "mem floor ms",
+             "exp floor ms", "GB/s", "x floor"]]
     for b, d, l, with_ref in [(8, 1536, 2048, not args.skip_reference), (1, 1536, 65536, args.reference_64k)]:
         x = make_inputs(b, d, l, n)
         impls = [("triton", mamba_kernels.selective_scan)] + ([("official", official)] if official else [])
@@ -179,15 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             for pass_name, fn in zip(("fwd", "fwd+bwd"), scan_calls(x, impl)):
                 backward = pass_name == "fwd+bwd"
                 warm, med, p10, p90 = time_fn(fn, 2 if name == "reference" else None)
+                graph = None if name == "reference" else graph_time(fn)
                 mem_floor = bytes_moved(b, d, l, n, backward) / bandwidth * 1e3
                 exp_floor = b * d * l * n * (2 if backward else 1) / exp_rate * 1e3
                 rows.append([f"b{b} d{d} l{l}", name, pass_name, f"{warm:.1f}", f"{med:.3f}", f"{p10:.3f}-{p90:.3f}",
-                             f"{mem_floor:.3f}", f"{exp_floor:.3f}",
+                             "-" if graph is None else f"{graph:.3f}", f"{mem_floor:.3f}", f"{exp_floor:.3f}",
                              f"{bytes_moved(b, d, l, n, backward) / (med * 1e-3) / 1e9:.0f}",
                              f"{med / max(mem_floor, exp_floor):.1f}"])
         if not with_ref and l == 65536 and not args.skip_reference:
             rows.append([f"b{b} d{d} l{l}", "reference", "-", "skipped: a Python loop over 65536 steps holding "
-                         "(b, d, l, n) fp32 tensors", "", "", "", "", "", ""])
+                         "(b, d, l, n) fp32 tensors", "", "", "", "", "", "", ""])
         del x
         torch.cuda.empty_cache()
     report(rows)
