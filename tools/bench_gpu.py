@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 ort.set_default_logger_severity(3)
 
+from cuda_graph import capture
 from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 
@@ -264,15 +265,7 @@ def bench_triton(model: MambaLM, batches, steps: int, tokens: int) -> dict:
                 static.ssm.copy_(st.ssm)
                 static_tok.copy_(logits.argmax(-1))
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    captured()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                captured()
+            graph = capture(captured)
             for _ in range(5):
                 graph.replay()
                 static_tok.cpu()

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 import mamba_kernels
+from cuda_graph import capture
 from mamba_export.ops import selective_scan_ref
 
 scan_module = importlib.import_module("mamba_kernels.selective_scan")
@@ -110,15 +111,7 @@ def graph_time(fn) -> float | None:
     the call without the host's share (Python, autograd and launches), which bounds a short call where the host cannot
     keep up. None where the call cannot be captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture(fn)
     except RuntimeError as e:  # e.g. a synchronising call inside the captured function
         print(f"CUDA graph capture failed: {str(e).splitlines()[0][:120]}")
         return None
