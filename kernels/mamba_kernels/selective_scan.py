@@ -824,8 +824,6 @@ def _vec4(*ts: torch.Tensor) -> bool:
                and t.data_ptr() % (4 * t.element_size()) == 0 for t in ts)
 
 
-
-
 @triton.jit
 def _bc_elems(LN, N, BLOCK: tl.constexpr):
     """This program's BLOCK elements of a (l, n) row-major step range of B or C: flat offsets, their mask, t and n."""
@@ -987,7 +985,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
     # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
     shfl = block_d == 32 and p.sizes["num_warps"] == 1 and n == 16
-    if shfl:  # B, C in the reduce-scatter's group order (4 copies of each rows), C in fp32, dB, dC zeroed: one launch
+    if shfl:  # B, C in the reduce-scatter's group order (4 copies of each row), C in fp32, dB, dC zeroed: one launch
         Bx, Cx = (torch.empty(b, l, 4 * n, **f32) for _ in range(2))
         C32, dB, dC = (torch.empty(b, l, n, **f32) for _ in range(3))
         _bwd_prep_kernel[(triton.cdiv(l * n, 1024), 3, b)](B, C, Bx, Cx, C32, dB, dC, l * n, *B.stride(), *C.stride(),
