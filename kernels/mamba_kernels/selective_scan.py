@@ -15,6 +15,9 @@ batch 1 at 64k tokens still fills the GPU:
     2. one short sequential pass carries states across chunks                  (_carry_kernel)
     3. each chunk runs again from its true start state, writes y, and saves the state at each tile start
                                                                                (_fwd_seq_kernel)
+For d_state 16 the forward is _fwd_quad_kernel instead: 4 lanes a channel, each holding 4 of its states, so batch 8 x
+1536 channels is 1536 warps and fills an H100 without chunks, in one pass (one exp per state and step); batch 1 at 64k
+still chunks, in that layout.
 The backward runs the adjoint g_t = dL/dh_t, a reverse recurrence g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, chunked
 the same way (the local adjoint of each chunk but the first: _bwd_local_kernel, a sequential reverse pass; carry;
 then _bwd_seq_kernel), in the forward's layout (a lane per channel, its states and adjoints in registers).
@@ -35,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
-from ._triton_common import load_channel_vector, softplus
+from ._triton_common import load_channel_vector, silu, softplus
 
 __all__ = ["selective_scan"]
 
@@ -54,7 +57,12 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # H100, b8 d1536 l2048 bf16, 48 programs per SM: with B also loaded into registers a step ahead (dropped since),
 # 0.522 ms with neither, 0.449 with the L1 prefetch, 0.439 with both; the code as it is: 0.474 with the prefetch and
 # no register cap, 0.422 with both.
-_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16}
+# "quad" (d_state 16: _fwd_quad_kernel, 8 channels a warp): (warps a program, unchunked from programs per SM, chunked
+# to programs per SM); None: the lane-a-channel forward for every d_state. H100, bf16, d 1536, same-run A/B against
+# the lane-a-channel forward (0.401 ms at b8 l2048, 1.544 at b1 l65536; CUDA-graph replay): 0.270 ms (b8, unchunked,
+# 1 warp a program; 2 or 4 warps: 0.42) and 1.45 ms (b1, chunked to 64 programs an SM; 32: 1.487, 48: 1.464, 96:
+# 1.452). No L1 prefetch of B, C (16 steps ahead: 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead.
+_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64)}
 _BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "maxnreg": 0, "prefetch": 16}
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
@@ -306,6 +314,159 @@ def _fwd_seq_kernel(
         tl.store(sub_ptr + (pid_b * DIM + offs_d * s_one) * NCHUNK + pid_c, dsum, mask=mask_d)
     elif pid_c == NCHUNK - 1:
         tl.store(final_ptr + (pid_b * N + n3) * DIM + d3, h, mask=mask3)
+
+
+@triton.jit
+def _shfl_quad(x, k: tl.constexpr, SHFL: tl.constexpr):
+    """x of lane k of this lane's aligned group of 4 lanes (axis 0): shfl.sync.idx over segments of 4 lanes (SHFL 1;
+    c = 0x1c03: segment mask 28, clamp 3; GPU only: inline PTX) or a gather along axis 0 (SHFL 2, for the
+    interpreter)."""
+    if SHFL == 1:
+        y = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 7171, -1;", "=r,r,r",
+                                      [x, tl.full(x.shape, k, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.gather(x, (tl.arange(0, x.shape[0]) // 4) * 4 + k, 0)
+    return y
+
+
+@triton.jit
+def _quad_inputs(t, L, u_p, dt_p, z_p, m_c, q, HAS_Z: tl.constexpr):
+    """u, raw Δ and z at u_p, dt_p, z_p (step t + q of the lane's channel: q is the lane's place in its channel's 4
+    lanes), zeros past L, in their dtype."""
+    m = m_c & (t + q < L)
+    u = tl.load(u_p, mask=m, other=0.0)
+    raw = tl.load(dt_p, mask=m, other=0.0)
+    z = tl.load(z_p, mask=m, other=0.0) if HAS_Z else raw
+    return u, raw, z
+
+
+@triton.jit
+def _quad_prep(ug, rg, zg, t, L, m_c, q, bias, Dv, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+               FAST: tl.constexpr):
+    """The per-channel work of step t + q (this lane's step of the group at t): Δ after bias and softplus (0 past L), Δ u,
+    D u, the gate silu(z) (1 without z) and whether the step is live."""
+    live = m_c & (t + q < L)
+    u = ug.to(tl.float32)
+    dtq = tl.where(live, softplus(rg.to(tl.float32) + bias, SOFTPLUS, FAST), 0.0)
+    gate = silu(zg.to(tl.float32), FAST) if HAS_Z else tl.full(u.shape, 1.0, tl.float32)
+    return dtq, dtq * u, Dv * u, gate, live
+
+
+@triton.jit
+def _quad_step(h, A2, dtq, dtuq, k: tl.constexpr, Bt, Ct, LOCAL: tl.constexpr, SHFL: tl.constexpr):
+    """Step k of a group of 4 in the 4-lane layout: Δ and Δu of the step come from lane k of the channel's 4; Bt, Ct:
+    the lane's 4 states of B_t, C_t. Returns h and this lane's part of C_t . h (its 4 of the 16 states)."""
+    dt = _shfl_quad(dtq, k, SHFL)
+    dtu = _shfl_quad(dtuq, k, SHFL)
+    h = tl.exp2(dt[:, None] * A2) * h + Bt * dtu[:, None]
+    if LOCAL:
+        yk = dt
+    else:
+        yk = tl.sum(h * Ct, axis=1)
+    return h, yk
+
+
+@triton.jit
+def _quad_rows(p, LOCAL: tl.constexpr):
+    """The 4 rows of a group at p (B's, or C's), each lane its 4 states of a row (C: none when LOCAL)."""
+    if LOCAL:
+        r = (p, p, p, p)
+    else:
+        r = (tl.load(p), tl.load(p + 16), tl.load(p + 32), tl.load(p + 48))
+    return r
+
+
+@triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "s_one"])
+def _fwd_quad_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
+    L, DIM, SUBS, NSUB, NCHUNK,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBC_b, sz_b, sz_d, sz_l, s_one,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+    HAS_START: tl.constexpr, LOCAL: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr, BLOCK_T: tl.constexpr,
+    SHFL: tl.constexpr,
+):
+    """The forward of _fwd_seq_kernel (same arguments and outputs; d_state 16) with 4 lanes a channel: each lane holds
+    4 of its channel's 16 states, so a warp is 8 channels and batch 8 x 1536 channels is 1536 warps, enough to fill
+    an H100 without chunking the sequence (and its second pass: one exp per state and step in all).
+
+    Per group of 4 steps, lane q of a channel loads u, Δ, z of step t0 + q and computes that step's softplus (and the
+    gate): no per-channel work is repeated over the 4 lanes. Each step takes its Δ and Δu from its lane (shfl.idx),
+    and each lane sums C_t . h over its 4 states; the 4 steps' partial sums are then reduce-scattered over the 4 lanes
+    (3 shuffles), leaving lane q the whole C_t . h of step t0 + q, which it gates and stores.
+    B and C: fp32 (b, l + 8, 16) with zero rows past l (a group's loads, and the next group's, need no mask), each
+    lane reading its 4 states as one 16-byte vector, an iteration ahead."""
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    lane = tl.arange(0, LANES)
+    q = lane % 4
+    ch = pid_d * (LANES // 4) + lane // 4
+    m_c = ch < DIM
+    chs = ch * s_one  # the JIT may not see the channels' unit stride (see _fwd_seq_kernel)
+    qs = q * s_one
+    n2 = q[:, None] * 4 + tl.arange(0, 4)[None, :]  # (LANES, 4): this lane's states
+    m2 = m_c[:, None] & (n2 < 16)
+    A2 = tl.load(A_ptr + chs[:, None] * 16 + n2, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = load_channel_vector(bias_ptr, chs, m_c, HAS_BIAS)
+    Dv = load_channel_vector(D_ptr, chs, m_c, HAS_D)
+    if LOCAL or not HAS_START:
+        h = tl.zeros((LANES, 4), tl.float32)
+    else:
+        h = tl.load(start_ptr + ((pid_b * NCHUNK + pid_c) * 16 + n2) * DIM + chs[:, None], mask=m2, other=0.0)
+    dsum = tl.zeros((LANES,), tl.float32)
+    b1 = (q & 2) != 0
+    b0 = (q & 1) != 0
+    GT: tl.constexpr = BLOCK_T // 4  # groups a tile
+    g0 = pid_c * SUBS * GT
+    g1 = tl.minimum(g0 + SUBS * GT, tl.cdiv(L, 4))
+    u_q = u_ptr + pid_b * su_b + chs * su_d + qs * su_l
+    dt_q = dt_ptr + pid_b * sdt_b + chs * sdt_d + qs * sdt_l
+    z_q = z_ptr + pid_b * sz_b + chs * sz_d + qs * sz_l if HAS_Z else u_q
+    y_q = y_ptr + pid_b * L * DIM + qs * DIM + chs
+    B_q = B_ptr + pid_b * sBC_b + n2
+    C_q = C_ptr + pid_b * sBC_b + n2
+    # Software-pipelined over groups: an iteration runs the 4 steps of group g, the per-channel work of group g + 1
+    # (softplus, the gate: independent of the steps, so the two overlap) and loads B, C of group g + 1 and u, Δ, z of
+    # group g + 2 (B, C: the padding rows keep them within the buffer; u, Δ, z: masked past L).
+    t = g0 * 4
+    ug, rg, zg = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
+    cur = _quad_prep(ug, rg, zg, t, L, m_c, q, bias, Dv, HAS_Z and not LOCAL, SOFTPLUS, FAST)
+    t += 4
+    nxt = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
+    nB = _quad_rows(B_q + g0 * 64, False)
+    nC = _quad_rows(C_q + g0 * 64, LOCAL)
+    for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
+        if SAVE:
+            tl.store(sub_ptr + ((pid_b * NSUB + j) * DIM + chs[:, None]) * 16 + n2, h, mask=m2)
+        # unrolled twice: the loop-carried loads then need no register copies
+        for g in tl.range(j * GT, tl.minimum(j * GT + GT, g1), loop_unroll_factor=2):
+            t = g * 4
+            dtq, dtuq, yD, gate, live = cur
+            Bg, Cg = nB, nC
+            ug, rg, zg = nxt
+            cur = _quad_prep(ug, rg, zg, t + 4, L, m_c, q, bias, Dv, HAS_Z and not LOCAL, SOFTPLUS, FAST)
+            tn = t + 8
+            nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q,
+                               HAS_Z and not LOCAL)
+            nB = _quad_rows(B_q + (t + 4) * 16, False)
+            nC = _quad_rows(C_q + (t + 4) * 16, LOCAL)
+            h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], LOCAL, SHFL)
+            h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], LOCAL, SHFL)
+            h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], LOCAL, SHFL)
+            h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], LOCAL, SHFL)
+            if LOCAL:
+                dsum += dtq
+            else:
+                # reduce-scatter of the 4 steps' partial sums: lane bit 1 picks steps {0, 1} or {2, 3}, bit 0 one
+                k0 = tl.where(b1, y2, y0) + _shfl_xor(tl.where(b1, y0, y2), 2, SHFL)
+                k1 = tl.where(b1, y3, y1) + _shfl_xor(tl.where(b1, y1, y3), 2, SHFL)
+                y = (tl.where(b0, k1, k0) + _shfl_xor(tl.where(b0, k0, k1), 1, SHFL) + yD) * gate
+                tl.store(y_q + t * DIM, y.to(y_ptr.dtype.element_ty), mask=live)
+    if LOCAL:
+        dsum += _shfl_xor(dsum, 1, SHFL)
+        dsum += _shfl_xor(dsum, 2, SHFL)
+        tl.store(final_ptr + ((pid_b * NCHUNK + pid_c) * 16 + n2) * DIM + chs[:, None], h, mask=m2)
+        tl.store(sub_ptr + (pid_b * DIM + chs) * NCHUNK + pid_c, dsum, mask=m_c & (q == 0))
+    elif pid_c == NCHUNK - 1:
+        tl.store(final_ptr + (pid_b * 16 + n2) * DIM + chs[:, None], h, mask=m2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -832,18 +993,18 @@ def _bc_elems(LN, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, BLOCK: tl.constexpr):
-    """B and C (b, n, l), any strides and dtype -> fp32 (b, l, n) contiguous, in one launch (program axis 1: which):
-    what the forward reads (16-byte vectors of a step's states, no conversion in its loop), and the backward where it
-    does not use _bwd_prep_kernel."""
+def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, LNP, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, BLOCK: tl.constexpr):
+    """B and C (b, n, l), any strides and dtype -> fp32 (b, lp, n) contiguous (lp >= l: rows past l zeros; LN = l n,
+    LNP = lp n), in one launch (program axis 1: which): what the forward reads (16-byte vectors of a step's states, no
+    conversion in its loop), and the backward where it does not use _bwd_prep_kernel."""
     pid_b = tl.program_id(2).to(tl.int64)
-    offs, m, t, nn = _bc_elems(LN, N, BLOCK)
+    offs, m, t, nn = _bc_elems(LNP, N, BLOCK)
     if tl.program_id(1) == 0:
-        v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=m)
-        tl.store(oB_ptr + pid_b * LN + offs, v.to(tl.float32), mask=m)
+        v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=offs < LN, other=0.0)
+        tl.store(oB_ptr + pid_b * LNP + offs, v.to(tl.float32), mask=m)
     else:
-        v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=m)
-        tl.store(oC_ptr + pid_b * LN + offs, v.to(tl.float32), mask=m)
+        v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=offs < LN, other=0.0)
+        tl.store(oC_ptr + pid_b * LNP + offs, v.to(tl.float32), mask=m)
 
 
 @triton.jit
@@ -870,13 +1031,14 @@ def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, 
             tl.store(x_ptr + pid_b * LN * 4 + t * (4 * N) + p * N + ((nn // 4) ^ p) * 4 + nn % 4, v, mask=m)
 
 
-def _states_f32_pair(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B and C (b, n, l) as fp32 with the states contiguous ((b, l, n) buffers, transposed), in one kernel launch (a
-    launch is ~1% of a b8 forward)."""
+def _states_f32_pair(B: torch.Tensor, C: torch.Tensor, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C (b, n, l) as fp32 with the states contiguous ((b, l + pad, n) buffers, their last ``pad`` rows zeros,
+    transposed), in one kernel launch (a launch is ~1% of a b8 forward)."""
     b, n, l = B.shape
-    oB, oC = (torch.empty(b, l, n, dtype=torch.float32, device=B.device) for _ in range(2))
+    oB, oC = (torch.empty(b, l + pad, n, dtype=torch.float32, device=B.device) for _ in range(2))
     block = 1024
-    _bc_f32_kernel[(triton.cdiv(l * n, block), 2, b)](B, C, oB, oC, l * n, n, *B.stride(), *C.stride(), BLOCK=block)
+    _bc_f32_kernel[(triton.cdiv((l + pad) * n, block), 2, b)](B, C, oB, oC, l * n, (l + pad) * n, n, *B.stride(),
+                                                              *C.stride(), BLOCK=block)
     return oB.transpose(1, 2), oC.transpose(1, 2)
 
 
@@ -913,35 +1075,47 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     f32 = dict(dtype=torch.float32, device=u.device)
     h0 = None if initial_state is None else _nd(initial_state)  # (b, n, d); None: zeros, not stored
     y = torch.empty(b, l, d, dtype=u.dtype, device=u.device).transpose(1, 2)
-    p = _plan(b, d, l, n, _FWD["block_d"], _FWD["warps"], u.device)
-    if p.nchunk > 1:
-        p = _plan(b, d, l, n, _FWD["chunked_block_d"], _FWD["warps"], u.device)
+    cuda = u.device.type == "cuda"
+    quad = n == 16 and _FWD["quad"] is not None
+    if quad:  # 4 lanes a channel (_fwd_quad_kernel)
+        warps, *policy = _FWD["quad"]
+        p = _plan(b, d, l, n, 8 * warps, warps, u.device, tuple(policy))
+    else:
+        p = _plan(b, d, l, n, _FWD["block_d"], _FWD["warps"], u.device)
+        if p.nchunk > 1:
+            p = _plan(b, d, l, n, _FWD["chunked_block_d"], _FWD["warps"], u.device)
     sub = torch.empty(b, p.nsub if save_states else 0, d, n, **f32)
     if l == 0:
         return y, (torch.zeros(b, n, d, **f32) if h0 is None else h0).transpose(1, 2), sub
-    B, C = _states_f32_pair(B, C)
-    grid, dims = (p.d_blocks, p.nchunk, b), (l, d, p.subs, p.nsub, p.nchunk)
-    strides = (*u.stride(), *delta.stride(), B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z), 1, 1)
+    B, C = _states_f32_pair(B, C, pad=8 if quad else 0)  # quad: whole groups of 4 rows, and the next
+    dims = (l, d, p.subs, p.nsub, p.nchunk)
+    strides = (*u.stride(), *delta.stride())
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                 FAST=u.device.type == "cuda", EVEN_D=d % p.sizes["BLOCK_D"] == 0, N=n,
-                 G=min(p.sizes["BLOCK_N"], 4), U=_u_group(u))
-    flags["PF"] = _FWD["prefetch"] if u.device.type == "cuda" else 0  # inline PTX: not under the interpreter
-    if _FWD["maxnreg"] and u.device.type == "cuda":
-        flags["maxnreg"] = _FWD["maxnreg"]
+                 FAST=cuda)  # FAST (and PF below): inline PTX, not under the interpreter
+    if quad:
+        kernel = _fwd_quad_kernel
+        strides += (B.stride(0), *_strides(z), 1)
+        flags.update(LANES=32 * warps, BLOCK_T=_T, SHFL=1 if cuda else 2, num_warps=warps)
+    else:
+        kernel = _fwd_seq_kernel
+        strides += (B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z), 1, 1)
+        flags.update(EVEN_D=d % p.sizes["BLOCK_D"] == 0, N=n, G=min(p.sizes["BLOCK_N"], 4), U=_u_group(u),
+                     PF=_FWD["prefetch"] if cuda else 0, **p.sizes)
+        if _FWD["maxnreg"] and cuda:
+            flags["maxnreg"] = _FWD["maxnreg"]
     start = y if h0 is None else h0.view(b, 1, n, d)  # y: a placeholder pointer, never read (HAS_START off)
     if p.nchunk > 1:
         local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
         # Local states of every chunk but the last (whose end state the main pass computes).
-        _fwd_seq_kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum,
-                                                       *dims, *strides, **flags, SAVE=False, LOCAL=True,
-                                                       HAS_START=False, **p.sizes)
+        kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims,
+                                              *strides, **flags, SAVE=False, LOCAL=True, HAS_START=False)
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
-        _carry_kernel[(p.d_blocks, b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
-                                       BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"], HAS_INIT=h0 is not None)
+        _carry_kernel[(triton.cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
+                                               BLOCK_D=32, BLOCK_N=triton.next_power_of_2(n), HAS_INIT=h0 is not None)
     final = torch.empty(b, n, d, **f32)
-    _fwd_seq_kernel[grid](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides, **flags,
-                          SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None, **p.sizes)
+    kernel[(p.d_blocks, p.nchunk, b)](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides,
+                                      **flags, SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None)
     return y, final.transpose(1, 2), sub
 
 

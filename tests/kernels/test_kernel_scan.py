@@ -51,6 +51,36 @@ def test_scan_u_rows_in_vectors_with_a_tail(monkeypatch, chunks):
     check_scan(x, torch.float32)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_scan_quad_forward(monkeypatch, chunks, time_major):
+    """d_state 16 takes the forward with 4 lanes a channel (_fwd_quad_kernel; the other forward is removed here, so it
+    cannot have run): a part block (d = 12, 8 channels a warp), l = 70 (its last group of 4 steps has 2), an initial
+    state, one chunk and several (the local pass, the carry and the main pass from each chunk's start)."""
+    monkeypatch.setattr(scan_module, "_num_chunks", lambda *a: chunks)
+    monkeypatch.setattr(scan_module, "_fwd_seq_kernel", None)
+    check_scan(scan_inputs(2, 12, 70, 16, torch.float32, seed=8, time_major=time_major), torch.float32)
+
+
+def test_scan_quad_forward_no_optional_inputs(monkeypatch):
+    """The 4-lane forward without D, z, Δ bias, softplus or an initial state, and l = 5 (one whole and one part group)."""
+    monkeypatch.setattr(scan_module, "_fwd_seq_kernel", None)
+    check_scan(scan_inputs(1, 8, 5, 16, torch.float32, seed=9, optional=False), torch.float32, softplus=False)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_scan_quad_forward_low_precision(monkeypatch, dtype):
+    monkeypatch.setattr(scan_module, "_fwd_seq_kernel", None)
+    check_scan(scan_inputs(2, 8, 37, 16, dtype, seed=10, time_major=True), dtype)
+
+
+def test_scan_d_state_16_without_the_quad_forward(monkeypatch):
+    """With the 4-lane forward switched off (_FWD["quad"] None), d_state 16 runs the lane-a-channel forward."""
+    monkeypatch.setitem(scan_module._FWD, "quad", None)
+    monkeypatch.setattr(scan_module, "_fwd_quad_kernel", None)
+    check_scan(scan_inputs(1, 8, 37, 16, torch.float32, seed=11), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_scan_low_precision(dtype):
     check_scan(scan_inputs(2, 4, 40, 8, dtype, seed=4), dtype)
@@ -108,12 +138,17 @@ def test_scan_rejects_bad_inputs(bad, message):
 
 def test_chunk_policy():
     """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~48 programs per
-    SM in the forward. The backward (one warp of 32 channels a program, ~255 registers) chunks below 4 programs per
+    SM in the lane-a-channel forward. The backward (one warp of 32 channels a program, ~255 registers) chunks below 4 programs per
     SM, to ~32: b8 d1536 is 384 programs, 11 chunks."""
     assert scan_module._num_chunks(8 * 192, 132) == 1
     assert scan_module._num_chunks(192, 132) == 33
     assert scan_module._num_chunks(8 * 48, 132, *scan_module._BWD["chunking"]) == 11
     assert scan_module._num_chunks(1000, 132, *scan_module._BWD["chunking"]) == 1
+    # the 4-lane forward (d_state 16): a warp of 8 channels a program; b8 d1536 unchunked, b1 d1536 in 44 chunks
+    warps, *quad = scan_module._FWD["quad"]
+    assert warps == 1
+    assert scan_module._num_chunks(8 * 192, 132, *quad) == 1
+    assert scan_module._num_chunks(192, 132, *quad) == 44
 
 
 def test_scan_empty_sequence_returns_the_initial_state():
