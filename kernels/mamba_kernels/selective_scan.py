@@ -343,8 +343,8 @@ def _quad_inputs(t, L, u_p, dt_p, z_p, m_c, q, HAS_Z: tl.constexpr):
 @triton.jit
 def _quad_prep(ug, rg, zg, t, L, m_c, q, bias, Dv, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
                FAST: tl.constexpr):
-    """The per-channel work of step t + q (this lane's step of the group at t): Δ after bias and softplus (0 past L), Δ u,
-    D u, the gate silu(z) (1 without z) and whether the step is live."""
+    """The per-channel work of step t + q (this lane's step of the group at t): Δ after bias and softplus (0 past
+    L), Δ u, D u, the gate silu(z) (1 without z) and whether the step is live."""
     live = m_c & (t + q < L)
     u = ug.to(tl.float32)
     dtq = tl.where(live, softplus(rg.to(tl.float32) + bias, SOFTPLUS, FAST), 0.0)

@@ -63,7 +63,7 @@ def test_scan_quad_forward(monkeypatch, chunks, time_major):
 
 
 def test_scan_quad_forward_no_optional_inputs(monkeypatch):
-    """The 4-lane forward without D, z, Δ bias, softplus or an initial state, and l = 5 (one whole and one part group)."""
+    """The 4-lane forward without D, z, Δ bias, softplus or an initial state; l = 5 (a whole group and a part)."""
     monkeypatch.setattr(scan_module, "_fwd_seq_kernel", None)
     check_scan(scan_inputs(1, 8, 5, 16, torch.float32, seed=9, optional=False), torch.float32, softplus=False)
 
@@ -138,8 +138,8 @@ def test_scan_rejects_bad_inputs(bad, message):
 
 def test_chunk_policy():
     """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~48 programs per
-    SM in the lane-a-channel forward. The backward (one warp of 32 channels a program, ~255 registers) chunks below 4 programs per
-    SM, to ~32: b8 d1536 is 384 programs, 11 chunks."""
+    SM in the lane-a-channel forward. The backward (one warp of 32 channels a program, ~255 registers) chunks below 4
+    programs per SM, to ~32: b8 d1536 is 384 programs, 11 chunks."""
     assert scan_module._num_chunks(8 * 192, 132) == 1
     assert scan_module._num_chunks(192, 132) == 33
     assert scan_module._num_chunks(8 * 48, 132, *scan_module._BWD["chunking"]) == 11
