@@ -61,9 +61,15 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # to programs per SM); None: the lane-a-channel forward for every d_state. H100, bf16, d 1536, same-run A/B against
 # the lane-a-channel forward (0.401 ms at b8 l2048, 1.544 at b1 l65536; CUDA-graph replay): 0.270 ms (b8, unchunked,
 # 1 warp a program; 2 or 4 warps: 0.42) and 1.45 ms (b1, chunked to 64 programs an SM; 32: 1.487, 48: 1.464, 96:
-# 1.452). No L1 prefetch of B, C (16 steps ahead: 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead.
-_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64)}
-_BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "maxnreg": 0, "prefetch": 16}
+# 1.452). No L1 prefetch of B, C (16 steps ahead: 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead
+# (two groups ahead: 0.279). "quad_far_in" (local pass, main pass): u, Δ and z loaded 3 groups ahead instead of 2
+# (torch profiler, per kernel: b8 main pass 0.260 -> 0.242 ms, saving the tile states 0.280 -> 0.266; b1 l65536
+# saving 0.930 -> 0.889, but not saving 0.869 -> 0.993 and the local pass 0.563 -> 0.562: so the main pass takes it
+# only when it saves states or runs unchunked).
+_FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
+        "quad_far_in": (False, True)}
+_BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "maxnreg": 0, "prefetch": 16, "quad_local": True}
+_C_PAD = 8  # zero rows after l in the backward's fp32 C (the 4-lane local adjoint loads whole groups of 4 steps)
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
 # H100 (bf16, d 1536, d_state 16) for targets 24/32/48/64 per SM: b8 l2048 0.474/0.432/0.422/0.448 ms, b1 l65536
@@ -383,7 +389,7 @@ def _fwd_quad_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBC_b, sz_b, sz_d, sz_l, s_one,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
     HAS_START: tl.constexpr, LOCAL: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr, BLOCK_T: tl.constexpr,
-    SHFL: tl.constexpr,
+    SHFL: tl.constexpr, FAR_IN: tl.constexpr,
 ):
     """The forward of _fwd_seq_kernel (same arguments and outputs; d_state 16) with 4 lanes a channel: each lane holds
     4 of its channel's 16 states, so a warp is 8 channels and batch 8 x 1536 channels is 1536 warps, enough to fill
@@ -431,6 +437,9 @@ def _fwd_quad_kernel(
     cur = _quad_prep(ug, rg, zg, t, L, m_c, q, bias, Dv, HAS_Z and not LOCAL, SOFTPLUS, FAST)
     t += 4
     nxt = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
+    if FAR_IN:
+        t += 4
+        nxt2 = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
     nB = _quad_rows(B_q + g0 * 64, False)
     nC = _quad_rows(C_q + g0 * 64, LOCAL)
     for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
@@ -443,9 +452,15 @@ def _fwd_quad_kernel(
             Bg, Cg = nB, nC
             ug, rg, zg = nxt
             cur = _quad_prep(ug, rg, zg, t + 4, L, m_c, q, bias, Dv, HAS_Z and not LOCAL, SOFTPLUS, FAST)
-            tn = t + 8
-            nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q,
-                               HAS_Z and not LOCAL)
+            if FAR_IN:
+                nxt = nxt2
+                tn = t + 12
+                nxt2 = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q,
+                                    HAS_Z and not LOCAL)
+            else:
+                tn = t + 8
+                nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q,
+                                   HAS_Z and not LOCAL)
             nB = _quad_rows(B_q + (t + 4) * 16, False)
             nC = _quad_rows(C_q + (t + 4) * 16, LOCAL)
             h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], LOCAL, SHFL)
@@ -533,6 +548,83 @@ def _bwd_local_kernel(
             dt_next = tl.where(mask_d & (t < L), softplus(_col(rg, offs_k, k) + bias, SOFTPLUS, FAST), 0.0)
     tl.store(local_ptr + ((pid_b * NCHUNK + pid_c) * N + n3) * DIM + d3, g, mask=mask3)
     tl.store(dsum_ptr + (pid_b * DIM + offs_d * s_one) * NCHUNK + pid_c, dsum, mask=mask_d)
+
+
+@triton.jit(do_not_specialize=["sdt_d", "sz_d", "sdy_d", "s_one"])
+def _bwd_local_quad_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
+    L, DIM, SUBS, NCHUNK,
+    sdt_b, sdt_d, sdt_l, sC_b, sz_b, sz_d, sz_l, sdy_b, sdy_d, sdy_l, s_one,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr,
+    BLOCK_T: tl.constexpr, SHFL: tl.constexpr,
+):
+    """_bwd_local_kernel (the local adjoint of each chunk but the first, and its sum of Δ_{t+1}) in the layout of
+    _fwd_quad_kernel (d_state 16, 4 lanes a channel, 4 states a lane). Groups of 4 steps, last to first: lane q
+    computes Δ and the gated dy of step t0 + q (softplus, silu: once per channel and step), each step takes Δ_{t+1} and
+    dy'_t from their lanes (shfl.idx; Δ_{t0+4} from the group after, carried). A (d, 16) contiguous; C fp32
+    (b, rows, 16) with zero rows past l (at least 3)."""
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
+    lane = tl.arange(0, LANES)
+    q = lane % 4
+    ch = pid_d * (LANES // 4) + lane // 4
+    m_c = ch < DIM
+    chs = ch * s_one
+    qs = q * s_one
+    n2 = q[:, None] * 4 + tl.arange(0, 4)[None, :]
+    m2 = m_c[:, None] & (n2 < 16)
+    A2 = tl.load(A_ptr + chs[:, None] * 16 + n2, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = load_channel_vector(bias_ptr, chs, m_c, HAS_BIAS)
+    t_start = pid_c * SUBS * BLOCK_T
+    t_end = tl.minimum(t_start + SUBS * BLOCK_T, L)
+    live_e = m_c & (ch * 0 + t_end < L)
+    raw_e = tl.load(dt_ptr + pid_b * sdt_b + chs * sdt_d + t_end * sdt_l, mask=live_e, other=0.0).to(tl.float32)
+    dt_hi = tl.where(live_e, softplus(raw_e + bias, SOFTPLUS, FAST), 0.0)  # Δ of the step after the chunk
+    dt_q = dt_ptr + pid_b * sdt_b + chs * sdt_d + qs * sdt_l
+    dy_q = dy_ptr + pid_b * sdy_b + chs * sdy_d + qs * sdy_l
+    z_q = z_ptr + pid_b * sz_b + chs * sz_d + qs * sz_l if HAS_Z else dy_q
+    C_q = C_ptr + pid_b * sC_b + n2
+    g = tl.zeros((LANES, 4), tl.float32)
+    dsum = tl.zeros((LANES,), tl.float32)
+    ngroups = tl.cdiv(t_end - t_start, 4)
+    # as in _fwd_quad_kernel, software-pipelined: an iteration steps group i, prepares group i - 1 and loads its C
+    # rows, and loads dy, Δ, z of group i - 2 (groups before the chunk's start lie within the sequence: chunk >= 1)
+    t = t_start + 4 * (ngroups - 1)
+    dyg, rg, zg = _quad_inputs(t, L, dy_q + t * sdy_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z)
+    cur = _quad_adj_prep(dyg, rg, zg, t, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
+    t -= 4
+    nxt = _quad_inputs(t, L, dy_q + t * sdy_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z)
+    nC = _quad_rows(C_q + (t + 4) * 16, False)
+    for i in tl.range(0, ngroups, loop_unroll_factor=2):
+        t = t_start + 4 * (ngroups - 1 - i)
+        dtq, dyq = cur
+        Cg = nC
+        dyg, rg, zg = nxt
+        cur = _quad_adj_prep(dyg, rg, zg, t - 4, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
+        tn = t - 8
+        nxt = _quad_inputs(tn, L, dy_q + tn * sdy_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
+        nC = _quad_rows(C_q + (t - 4) * 16, False)
+        d3 = _shfl_quad(dtq, 3, SHFL)
+        d2 = _shfl_quad(dtq, 2, SHFL)
+        d1 = _shfl_quad(dtq, 1, SHFL)
+        g = tl.exp2(dt_hi[:, None] * A2) * g + Cg[3] * _shfl_quad(dyq, 3, SHFL)[:, None]
+        g = tl.exp2(d3[:, None] * A2) * g + Cg[2] * _shfl_quad(dyq, 2, SHFL)[:, None]
+        g = tl.exp2(d2[:, None] * A2) * g + Cg[1] * _shfl_quad(dyq, 1, SHFL)[:, None]
+        g = tl.exp2(d1[:, None] * A2) * g + Cg[0] * _shfl_quad(dyq, 0, SHFL)[:, None]
+        dsum += ((dt_hi + d3) + (d2 + d1))
+        dt_hi = _shfl_quad(dtq, 0, SHFL)
+    tl.store(local_ptr + ((pid_b * NCHUNK + pid_c) * 16 + n2) * DIM + chs[:, None], g, mask=m2)
+    tl.store(dsum_ptr + (pid_b * DIM + chs) * NCHUNK + pid_c, dsum, mask=m_c & (q == 0))
+
+
+@triton.jit
+def _quad_adj_prep(dyg, rg, zg, t, L, m_c, q, bias, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """The per-channel work of step t + q in the 4-lane adjoint: Δ (0 past L) and the gated dy (dy silu(z))."""
+    live = m_c & (t + q < L)
+    dtq = tl.where(live, softplus(rg.to(tl.float32) + bias, SOFTPLUS, FAST), 0.0)
+    dyq = dyg.to(tl.float32)
+    if HAS_Z:
+        dyq *= silu(zg.to(tl.float32), FAST)
+    return dtq, dyq
 
 
 @triton.jit
@@ -1008,14 +1100,16 @@ def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, LNP, N, sB_b, sB_n, sB_l, s
 
 
 @triton.jit
-def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, LNP, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
                      N: tl.constexpr, BLOCK: tl.constexpr):
     """The backward's inputs and zeroed sums in one launch (for the reduce-scatter's group order, N 16; program axis
     1 picks the job): B and C (b, n, l), any strides and dtype, as 4 fp32 copies of each row, copy p with its groups of
     4 states in the order j ^ p ((b, l, 4 N): the lanes of _group_perm(lane) == p read that copy: one 16-byte-aligned
-    run of 4 vectors a lane), C as fp32 (b, l, n) for the local adjoint, and dB, dC (b, l, n) zeroed for the atomics."""
+    run of 4 vectors a lane), C as fp32 (b, lp, n) for the local adjoint (LNP = lp n; rows past l zeros), and dB, dC
+    (b, l, n) zeroed for the atomics."""
     job, pid_b = tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs, m, t, nn = _bc_elems(LN, N, BLOCK)
+    offs, mp, t, nn = _bc_elems(LNP, N, BLOCK)
+    m = offs < LN
     if job == 2:
         tl.store(dB_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
         tl.store(dC_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
@@ -1024,8 +1118,8 @@ def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, 
             v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=m).to(tl.float32)
             x_ptr = Bx_ptr
         else:
-            v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=m).to(tl.float32)
-            tl.store(C32_ptr + pid_b * LN + offs, v, mask=m)
+            v = tl.load(C_ptr + pid_b * sC_b + nn * sC_n + t * sC_l, mask=m, other=0.0).to(tl.float32)
+            tl.store(C32_ptr + pid_b * LNP + offs, v, mask=mp)
             x_ptr = Cx_ptr
         for p in tl.static_range(4):
             tl.store(x_ptr + pid_b * LN * 4 + t * (4 * N) + p * N + ((nn // 4) ^ p) * 4 + nn % 4, v, mask=m)
@@ -1096,6 +1190,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         kernel = _fwd_quad_kernel
         strides += (B.stride(0), *_strides(z), 1)
         flags.update(LANES=32 * warps, BLOCK_T=_T, SHFL=1 if cuda else 2, num_warps=warps)
+        far = _FWD["quad_far_in"]
     else:
         kernel = _fwd_seq_kernel
         strides += (B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z), 1, 1)
@@ -1108,12 +1203,15 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
         # Local states of every chunk but the last (whose end state the main pass computes).
         kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims,
-                                              *strides, **flags, SAVE=False, LOCAL=True, HAS_START=False)
+                                              *strides, **flags, SAVE=False, LOCAL=True, HAS_START=False,
+                                              **(dict(FAR_IN=far[0]) if quad else {}))
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(triton.cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
                                                BLOCK_D=32, BLOCK_N=triton.next_power_of_2(n), HAS_INIT=h0 is not None)
     final = torch.empty(b, n, d, **f32)
+    if quad:  # u, Δ, z 3 groups ahead in the main pass only when it saves states or runs unchunked (measured)
+        flags["FAR_IN"] = far[1] if save_states or p.nchunk == 1 else far[0]
     kernel[(p.d_blocks, p.nchunk, b)](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides,
                                       **flags, SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None)
     return y, final.transpose(1, 2), sub
@@ -1121,16 +1219,24 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
 
 def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, At, C, z, delta_bias, consts) -> torch.Tensor:
     """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk).
-    A: contiguous (d, n), At: its (n, d) copy; C: fp32, n-contiguous (_states_f32_pair)."""
+    A: contiguous (d, n), At: its (n, d) copy; C: fp32, n-contiguous, _C_PAD zero rows past l (_states_f32_pair)."""
     d, n = A.shape
     if p.nchunk == 1:
         return gfinal.view(b, 1, n, d)
     f32 = dict(dtype=torch.float32, device=delta.device)
     local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
-    _bwd_local_kernel[(p.d_blocks, p.nchunk - 1, b)](
-        delta, At, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
-        *delta.stride(), C.stride(0), C.stride(2), *_strides(z), *dy.stride(), 1, **consts, **p.sizes,
-    )
+    if n == 16 and _BWD["quad_local"]:  # 4 lanes a channel
+        _bwd_local_quad_kernel[(triton.cdiv(d, 8), p.nchunk - 1, b)](
+            delta, A, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
+            *delta.stride(), C.stride(0), *_strides(z), *dy.stride(), 1,
+            HAS_Z=consts["HAS_Z"], HAS_BIAS=consts["HAS_BIAS"], SOFTPLUS=consts["SOFTPLUS"], FAST=consts["FAST"],
+            LANES=32, BLOCK_T=_T, SHFL=1 if consts["FAST"] else 2, num_warps=1,
+        )
+    else:
+        _bwd_local_kernel[(p.d_blocks, p.nchunk - 1, b)](
+            delta, At, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
+            *delta.stride(), C.stride(0), C.stride(2), *_strides(z), *dy.stride(), 1, **consts, **p.sizes,
+        )
     carry = torch.empty(b, p.nchunk, n, d, **f32)
     _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True, HAS_INIT=True,
                                    BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
@@ -1161,13 +1267,14 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     shfl = block_d == 32 and p.sizes["num_warps"] == 1 and n == 16
     if shfl:  # B, C in the reduce-scatter's group order (4 copies of each row), C in fp32, dB, dC zeroed: one launch
         Bx, Cx = (torch.empty(b, l, 4 * n, **f32) for _ in range(2))
-        C32, dB, dC = (torch.empty(b, l, n, **f32) for _ in range(3))
-        _bwd_prep_kernel[(triton.cdiv(l * n, 1024), 3, b)](B, C, Bx, Cx, C32, dB, dC, l * n, *B.stride(), *C.stride(),
-                                                           N=n, BLOCK=1024)
+        dB, dC = (torch.empty(b, l, n, **f32) for _ in range(2))
+        C32 = torch.empty(b, l + _C_PAD, n, **f32)
+        _bwd_prep_kernel[(triton.cdiv((l + _C_PAD) * n, 1024), 3, b)](
+            B, C, Bx, Cx, C32, dB, dC, l * n, (l + _C_PAD) * n, *B.stride(), *C.stride(), N=n, BLOCK=1024)
         C32 = C32.transpose(1, 2)
     else:
         dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
-        B32, C32 = _states_f32_pair(B, C)
+        B32, C32 = _states_f32_pair(B, C, pad=_C_PAD)
     At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     cuda = u.device.type == "cuda"
     common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
