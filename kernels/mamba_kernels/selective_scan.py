@@ -373,13 +373,10 @@ def _quad_step(h, A2, dtq, dtuq, k: tl.constexpr, Bt, Ct, LOCAL: tl.constexpr, S
 
 
 @triton.jit
-def _quad_rows(p, LOCAL: tl.constexpr):
-    """The 4 rows of a group at p (B's, or C's), each lane its 4 states of a row (C: none when LOCAL)."""
-    if LOCAL:
-        r = (p, p, p, p)
-    else:
-        r = (tl.load(p), tl.load(p + 16), tl.load(p + 32), tl.load(p + 48))
-    return r
+def _quad_rows(p):
+    """The 4 rows of a group at p (of B or C), each lane its 4 states of a row, in fp32."""
+    return (tl.load(p).to(tl.float32), tl.load(p + 16).to(tl.float32), tl.load(p + 32).to(tl.float32),
+            tl.load(p + 48).to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "s_one"])
@@ -440,36 +437,47 @@ def _fwd_quad_kernel(
     if FAR_IN:
         t += 4
         nxt2 = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
-    nB = _quad_rows(B_q + g0 * 64, False)
-    nC = _quad_rows(C_q + g0 * 64, LOCAL)
-    for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
-        if SAVE:
-            tl.store(sub_ptr + ((pid_b * NSUB + j) * DIM + chs[:, None]) * 16 + n2, h, mask=m2)
-        # unrolled twice: the loop-carried loads then need no register copies
-        for g in tl.range(j * GT, tl.minimum(j * GT + GT, g1), loop_unroll_factor=2):
+    nB = _quad_rows(B_q + g0 * 64)
+    nC = nB if LOCAL else _quad_rows(C_q + g0 * 64)
+    if LOCAL:  # one loop over the chunk's groups (0.561 -> 0.540 ms at b1 l65536 against the main pass's tile loops)
+        for g in tl.range(g0, g1, loop_unroll_factor=2):
             t = g * 4
-            dtq, dtuq, yD, gate, live = cur
-            Bg, Cg = nB, nC
+            dtq, dtuq, _, _, _ = cur
+            Bg = nB
             ug, rg, zg = nxt
-            cur = _quad_prep(ug, rg, zg, t + 4, L, m_c, q, bias, Dv, HAS_Z and not LOCAL, SOFTPLUS, FAST)
-            if FAR_IN:
-                nxt = nxt2
-                tn = t + 12
-                nxt2 = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q,
-                                    HAS_Z and not LOCAL)
-            else:
-                tn = t + 8
-                nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q,
-                                   HAS_Z and not LOCAL)
-            nB = _quad_rows(B_q + (t + 4) * 16, False)
-            nC = _quad_rows(C_q + (t + 4) * 16, LOCAL)
-            h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], LOCAL, SHFL)
-            h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], LOCAL, SHFL)
-            h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], LOCAL, SHFL)
-            h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], LOCAL, SHFL)
-            if LOCAL:
-                dsum += dtq
-            else:
+            cur = _quad_prep(ug, rg, zg, t + 4, L, m_c, q, bias, Dv, False, SOFTPLUS, FAST)
+            tn = t + 8
+            nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, False)
+            nB = _quad_rows(B_q + (t + 4) * 16)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Bg[0], True, SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Bg[1], True, SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Bg[2], True, SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Bg[3], True, SHFL)
+            dsum += dtq
+    else:
+        for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
+            if SAVE:
+                tl.store(sub_ptr + ((pid_b * NSUB + j) * DIM + chs[:, None]) * 16 + n2, h, mask=m2)
+            # unrolled twice: the loop-carried loads then need no register copies
+            for g in tl.range(j * GT, tl.minimum(j * GT + GT, g1), loop_unroll_factor=2):
+                t = g * 4
+                dtq, dtuq, yD, gate, live = cur
+                Bg, Cg = nB, nC
+                ug, rg, zg = nxt
+                cur = _quad_prep(ug, rg, zg, t + 4, L, m_c, q, bias, Dv, HAS_Z, SOFTPLUS, FAST)
+                if FAR_IN:
+                    nxt = nxt2
+                    tn = t + 12
+                    nxt2 = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
+                else:
+                    tn = t + 8
+                    nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
+                nB = _quad_rows(B_q + (t + 4) * 16)
+                nC = _quad_rows(C_q + (t + 4) * 16)
+                h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], False, SHFL)
+                h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], False, SHFL)
+                h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], False, SHFL)
+                h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], False, SHFL)
                 # reduce-scatter of the 4 steps' partial sums: lane bit 1 picks steps {0, 1} or {2, 3}, bit 0 one
                 k0 = tl.where(b1, y2, y0) + _shfl_xor(tl.where(b1, y0, y2), 2, SHFL)
                 k1 = tl.where(b1, y3, y1) + _shfl_xor(tl.where(b1, y1, y3), 2, SHFL)
@@ -490,7 +498,7 @@ def _fwd_quad_kernel(
 
 @triton.jit(do_not_specialize=["sdt_d", "sz_d", "sdy_d", "s_one"])
 def _bwd_local_kernel(
-    dt_ptr, At_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
     L, DIM, SUBS, NCHUNK,
     sdt_b, sdt_d, sdt_l, sC_b, sC_l, sz_b, sz_d, sz_l, sdy_b, sdy_d, sdy_l, s_one,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, EVEN_D: tl.constexpr,
@@ -503,8 +511,8 @@ def _bwd_local_kernel(
     layout of _bwd_seq_kernel (a lane per channel, its states in registers); dy, z and Δ are read 4 steps at a
     time, C_t from L1 (prefetched PF steps ahead)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
-    offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                          BLOCK_N, G, False, False)
+    offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
+                                                          BLOCK_N, G, False, True)
     bn = n3 + d3 * 0
     mask_bn = (bn < N) if N != BLOCK_N else None
     C_ptrs = C_ptr + pid_b * sC_b + bn
@@ -593,7 +601,7 @@ def _bwd_local_quad_kernel(
     cur = _quad_adj_prep(dyg, rg, zg, t, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
     t -= 4
     nxt = _quad_inputs(t, L, dy_q + t * sdy_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z)
-    nC = _quad_rows(C_q + (t + 4) * 16, False)
+    nC = _quad_rows(C_q + (t + 4) * 16)
     for i in tl.range(0, ngroups, loop_unroll_factor=2):
         t = t_start + 4 * (ngroups - 1 - i)
         dtq, dyq = cur
@@ -602,7 +610,7 @@ def _bwd_local_quad_kernel(
         cur = _quad_adj_prep(dyg, rg, zg, t - 4, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
         tn = t - 8
         nxt = _quad_inputs(tn, L, dy_q + tn * sdy_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
-        nC = _quad_rows(C_q + (t - 4) * 16, False)
+        nC = _quad_rows(C_q + (t - 4) * 16)
         d3 = _shfl_quad(dtq, 3, SHFL)
         d2 = _shfl_quad(dtq, 2, SHFL)
         d1 = _shfl_quad(dtq, 1, SHFL)
@@ -858,7 +866,7 @@ def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, dzg, dyg
 
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sdy_d", "sdu_d", "sddt_d", "sdz_d", "s_one"])
 def _bwd_seq_kernel(
-    u_ptr, dt_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     L, DIM, SUBS, NSUB, NCHUNK, DBLOCKS,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_d, sz_l,
@@ -890,8 +898,8 @@ def _bwd_seq_kernel(
     dD and dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0.
     """
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, At_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
-                                                          BLOCK_N, G, SHFL > 0, False)
+    offs_d, mask_d, n3, d3, mask3, A2, bias = _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, BLOCK_D, N,
+                                                          BLOCK_N, G, SHFL > 0, True)
     lane = tl.arange(0, BLOCK_D)
     NG: tl.constexpr = BLOCK_N // G
     grp3, g3 = tl.arange(0, NG)[None, :, None], tl.arange(0, G)[None, None, :]
@@ -1217,11 +1225,14 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     return y, final.transpose(1, 2), sub
 
 
-def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, At, C, z, delta_bias, consts) -> torch.Tensor:
+def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, consts) -> torch.Tensor:
     """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk).
-    A: contiguous (d, n), At: its (n, d) copy; C: fp32, n-contiguous, _C_PAD zero rows past l (_states_f32_pair)."""
+    gfinal: the final state's gradient, (b, n, d) contiguous, or None for zeros. A: contiguous (d, n); C: fp32,
+    n-contiguous, _C_PAD zero rows past l (_states_f32_pair)."""
     d, n = A.shape
     if p.nchunk == 1:
+        if gfinal is None:
+            return torch.zeros(b, 1, n, d, dtype=torch.float32, device=A.device)
         return gfinal.view(b, 1, n, d)
     f32 = dict(dtype=torch.float32, device=delta.device)
     local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
@@ -1234,18 +1245,20 @@ def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, At, C, z, delta_bias, cons
         )
     else:
         _bwd_local_kernel[(p.d_blocks, p.nchunk - 1, b)](
-            delta, At, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
+            delta, A, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
             *delta.stride(), C.stride(0), C.stride(2), *_strides(z), *dy.stride(), 1, **consts, **p.sizes,
         )
     carry = torch.empty(b, p.nchunk, n, d, **f32)
-    _carry_kernel[(p.d_blocks, b)](A, gfinal, local, dsum, carry, d, n, p.nchunk, REVERSE=True, HAS_INIT=True,
-                                   BLOCK_D=p.sizes["BLOCK_D"], BLOCK_N=p.sizes["BLOCK_N"])
+    _carry_kernel[(p.d_blocks, b)](A, A if gfinal is None else gfinal, local, dsum, carry, d, n, p.nchunk,
+                                   REVERSE=True, HAS_INIT=gfinal is not None, BLOCK_D=p.sizes["BLOCK_D"],
+                                   BLOCK_N=p.sizes["BLOCK_N"])
     return carry
 
 
 def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
     """Launch the backward. Returns du, dΔ, dz (b, d, l) in their inputs' dtypes and strides (dz empty without z);
-    and in fp32 dA (d, n), dB, dC (b, n, l) (time-major in memory), dD, dΔ-bias (d,) and dh0 (b, d, n)."""
+    dB, dC (b, n, l) (time-major in memory) in B's and C's dtypes; and in fp32 dA (d, n), dD, dΔ-bias (d,) and dh0
+    (b, d, n)."""
     b, d, l = u.shape
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
@@ -1254,13 +1267,14 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     if sub.shape != (b, p.nsub, d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
-    gfinal = torch.zeros(b, n, d, **f32) if dfinal is None else _nd(dfinal)
+    gfinal = None if dfinal is None else _nd(dfinal)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else torch.empty(0, **f32)
     if l == 0:
         dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
-        return (du, ddelta, torch.zeros(d, n, **f32), dB.transpose(1, 2), dC.transpose(1, 2),
-                torch.zeros(d, **f32), dz, torch.zeros(d, **f32), gfinal.transpose(1, 2))
+        dh0 = torch.zeros(b, n, d, **f32) if gfinal is None else gfinal
+        return (du, ddelta, torch.zeros(d, n, **f32), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
+                torch.zeros(d, **f32), dz, torch.zeros(d, **f32), dh0.transpose(1, 2))
     block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
     # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
     # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
@@ -1275,12 +1289,11 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     else:
         dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
         B32, C32 = _states_f32_pair(B, C, pad=_C_PAD)
-    At = A.t().contiguous()  # (n, d): states in memory are (states, channels)
     cuda = u.device.type == "cuda"
     common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
                   PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
                   DTVEC=_vec4(delta, ddelta), ZVEC=z is not None and _vec4(z, dz), DYVEC=_vec4(dy))
-    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, At, C32, z, delta_bias, common)
+    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C32, z, delta_bias, common)
     scratch = torch.empty(b * p.nchunk * p.d_blocks * (_T // 4) * block_d * (block_n + 20), **f32)
     dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
     dh0 = torch.empty(b, n, d, **f32)
@@ -1294,15 +1307,15 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     if _BWD["maxnreg"] and cuda:
         consts["maxnreg"] = _BWD["maxnreg"]
     _bwd_seq_kernel[(p.d_blocks, p.nchunk, b)](
-        u, delta, At, B, C, D, z, delta_bias, dy, sub, carry, scratch,
+        u, delta, A, B, C, D, z, delta_bias, dy, sub, carry, scratch,
         du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0,
         l, d, p.subs, p.nsub, p.nchunk, p.d_blocks,
         *u.stride(), *delta.stride(), *bc_strides, *_strides(z),
         *dy.stride(), *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None), 1,
         **consts, **p.sizes,
     )
-    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2), dC.transpose(1, 2), dD_part.sum((0, 1)),
-            dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
+    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
+            dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1343,7 +1356,7 @@ def _(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
     n = A.shape[1]
     f32 = dict(dtype=torch.float32)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0, **f32)
-    dBC = [u.new_empty(b, l, n, **f32).transpose(1, 2) for _ in range(2)]
+    dBC = [u.new_empty(b, l, n, dtype=t.dtype).transpose(1, 2) for t in (B, C)]
     return (torch.empty_like(u), torch.empty_like(delta),
             u.new_empty(d, n, **f32), dBC[0], dBC[1], u.new_empty(d, **f32), dz, u.new_empty(d, **f32),
             u.new_empty(b, n, d, **f32).transpose(1, 2))
@@ -1368,7 +1381,7 @@ def _backward(ctx, dy, dfinal, _dsub):
     )
     has_D, has_z, has_bias, h0_dtype = ctx.optional
     return (
-        du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        du, ddelta, dA.to(A.dtype), dB, dC,
         dD.to(D.dtype) if has_D else None, dz if has_z else None, dbias.to(delta_bias.dtype) if has_bias else None,
         None, dh0.to(h0_dtype) if h0_dtype is not None else None, None,
     )
