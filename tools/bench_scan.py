@@ -223,6 +223,7 @@ def set_tiles(cfg: tuple) -> None:
     warps = cfg[0]
     scan_module._FWD.update(block_d=32 * warps, chunked_block_d=32 * warps, warps=warps)
     scan_module._BWD["chunking"] = (scan_module._BWD["chunking"][0], cfg[1])
+    scan_module._BWD["chunking_few"] = cfg[1]
 
 
 def sweep() -> tuple:

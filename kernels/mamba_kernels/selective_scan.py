@@ -52,6 +52,9 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # lanes is written for that); unchunked from 4 programs per SM, else chunked for 32 per SM (it fits ~8 warps an SM at
 # ~255 registers; H100 fwd+bwd for targets 8/12/16/24/32: b8 d1536 l2048 2.77/2.12/2.32/2.07/2.04 ms, b1 l65536
 # 8.67/9.36/8.05/8.08/7.91 ms); no register cap (168: 5.6-6.3 ms at b8, spills); B and C prefetched into L1.
+# "chunking_few": the chunked target where batch x channel blocks are fewer than the SMs (batch 1 at d 1536: 48
+# blocks): with the 4-lane local adjoint (fourteenth session), 48 programs per SM gave b1 l65536 fwd+bwd 5.73 ms
+# against 5.82 at 32 and 5.74 at 40; at b8 (384 blocks) 32 stays best (1.358 ms; 40: 1.39, 48: 1.37).
 # The forward: 1 warp of 32 channels a program; at most 128 registers a thread (ptxas wants ~168 for the main pass,
 # which then fits 12 warps an SM instead of 16); B_t and C_t prefetched into L1 16 steps ahead ("prefetch"; 0: off).
 # H100, b8 d1536 l2048 bf16, 48 programs per SM: with B also loaded into registers a step ahead (dropped since),
@@ -68,7 +71,8 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # only when it saves states or runs unchunked).
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
         "quad_far_in": (False, True)}
-_BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "maxnreg": 0, "prefetch": 16, "quad_local": True}
+_BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "chunking_few": 48, "maxnreg": 0, "prefetch": 16,
+        "quad_local": True}
 _C_PAD = 8  # zero rows after l in the backward's fp32 C (the 4-lane local adjoint loads whole groups of 4 steps)
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
@@ -1050,11 +1054,15 @@ def _plan(b: int, d: int, l: int, n: int, block_d: int, warps: int, device: torc
     target programs per SM. ``policy``: (unchunked, chunked) programs per SM, default (_UNCHUNKED_PROGRAMS_PER_SM,
     _CHUNKED_PROGRAMS_PER_SM)."""
     d_blocks, nsub = triton.cdiv(d, block_d), triton.cdiv(l, _T)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    nchunk = _num_chunks(b * d_blocks, sms, *(policy or ()))
+    nchunk = _num_chunks(b * d_blocks, _sm_count(device), *(policy or ()))
     subs = max(1, triton.cdiv(nsub, min(nchunk, max(nsub, 1))))
     sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=triton.next_power_of_2(n), num_warps=warps)
     return _Plan(d_blocks, nsub, subs, max(1, triton.cdiv(nsub, subs)), sizes)
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs of the device (2 for the interpreter on the CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def _num_chunks(programs: int, sms: int, unchunked_per_sm: int | None = None, chunked_per_sm: int | None = None) -> int:
@@ -1263,7 +1271,10 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, _BWD["chunking"])
+    policy = _BWD["chunking"]
+    if b * triton.cdiv(d, _BWD["block_d"]) < _sm_count(u.device):  # fewer channel blocks than SMs (batch 1)
+        policy = (policy[0], _BWD["chunking_few"])
+    p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, policy)
     if sub.shape != (b, p.nsub, d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)

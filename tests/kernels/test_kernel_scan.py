@@ -150,6 +150,7 @@ def test_chunk_policy():
     assert scan_module._num_chunks(192, 132) == 33
     assert scan_module._num_chunks(8 * 48, 132, *scan_module._BWD["chunking"]) == 11
     assert scan_module._num_chunks(1000, 132, *scan_module._BWD["chunking"]) == 1
+    assert scan_module._num_chunks(48, 132, scan_module._BWD["chunking"][0], scan_module._BWD["chunking_few"]) == 132
     # the 4-lane forward (d_state 16): a warp of 8 channels a program; b8 d1536 unchunked, b1 d1536 in 44 chunks
     warps, *quad = scan_module._FWD["quad"]
     assert warps == 1
