@@ -63,9 +63,9 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # "quad" (d_state 16: _fwd_quad_kernel, 8 channels a warp): (warps a program, unchunked from programs per SM, chunked
 # to programs per SM); None: the lane-a-channel forward for every d_state. H100, bf16, d 1536, same-run A/B against
 # the lane-a-channel forward (0.401 ms at b8 l2048, 1.544 at b1 l65536; CUDA-graph replay): 0.270 ms (b8, unchunked,
-# 1 warp a program; 2 or 4 warps: 0.42) and 1.45 ms (b1, chunked to 64 programs an SM; 32: 1.487, 48: 1.464, 96:
-# 1.452). No L1 prefetch of B, C (16 steps ahead: 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead
-# (two groups ahead: 0.279). "quad_far_in" (local pass, main pass): u, Δ and z loaded 3 groups ahead instead of 2
+# 1 warp a program; 2 or 4 warps: 0.42 in an earlier version of the kernel) and 1.45 ms (b1, chunked to 64 programs
+# an SM; 32: 1.487, 48: 1.464, 96: 1.452); with "quad_far_in" 0.251 and 1.42. No L1 prefetch of B, C (16 steps ahead:
+# 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead (two groups ahead: 0.279). "quad_far_in" (local pass, main pass): u, Δ and z loaded 3 groups ahead instead of 2
 # (torch profiler, per kernel: b8 main pass 0.260 -> 0.242 ms, saving the tile states 0.280 -> 0.266; b1 l65536
 # saving 0.930 -> 0.889, but not saving 0.869 -> 0.993 and the local pass 0.563 -> 0.562: so the main pass takes it
 # only when it saves states or runs unchunked).
