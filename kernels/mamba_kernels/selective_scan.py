@@ -462,7 +462,7 @@ def _fwd_quad_kernel(
         for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
             if SAVE:
                 tl.store(sub_ptr + ((pid_b * NSUB + j) * DIM + chs[:, None]) * 16 + n2, h, mask=m2)
-            # unrolled twice: the loop-carried loads then need no register copies
+            # unrolled twice: the loop-carried loads then need 9 register copies a group instead of 49
             for g in tl.range(j * GT, tl.minimum(j * GT + GT, g1), loop_unroll_factor=2):
                 t = g * 4
                 dtq, dtuq, yD, gate, live = cur
