@@ -30,6 +30,19 @@ def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], devi
         raise KernelInputError(f"{name} is on {t.device}, the other inputs on {device}")
 
 
+def check_row_offsets(name: str, t: torch.Tensor | None) -> None:
+    """Raise :class:`KernelInputError` if one batch row of ``t`` (all dimensions but the first) spans 2**31 elements or
+    more: the kernels index within a row with 32-bit integers (the batch offset is 64-bit)."""
+    if t is None or t.dim() < 2 or t.numel() == 0:
+        return
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    if span >= 2**31:
+        raise KernelInputError(
+            f"{name} {tuple(t.shape)} with strides {tuple(t.stride())}: one batch row spans {span + 1} elements; the "
+            "Triton kernels address up to 2**31 elements within a row (split the sequence and pass the state on)"
+        )
+
+
 def check_runnable(device: torch.device) -> None:
     """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (the CI tests)."""
     if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
+from ._checks import KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none
 from ._triton_common import load_channel_vector, silu, softplus
 
 __all__ = ["selective_scan"]
@@ -1170,6 +1170,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None
         ("initial_state", initial_state, (b, d, n)),
     ):
         check_tensor(name, t, shape, u.device)
+        check_row_offsets(name, t)
     if n > 256:
         raise KernelInputError(f"selective_scan supports d_state up to 256, got {n}")
 
@@ -1277,6 +1278,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, policy)
     if sub.shape != (b, p.nsub, d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
+    check_row_offsets("the gradient of y", dy)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = None if dfinal is None else _nd(dfinal)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)

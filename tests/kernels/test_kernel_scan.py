@@ -142,6 +142,15 @@ def test_scan_rejects_bad_inputs(bad, message):
         mk.selective_scan(**x)
 
 
+def test_scan_rejects_rows_past_32_bit_offsets():
+    """A batch row spanning 2**31 elements or more is refused with a clear error (the kernels address a row with
+    32-bit integers); on meta tensors, so nothing is allocated."""
+    checks = importlib.import_module("mamba_kernels._checks")
+    with pytest.raises(mk.KernelInputError, match=r"spans 2147483651 elements"):
+        checks.check_row_offsets("u", torch.empty_strided((1, 2, 3), (1, 2**31, 1), device="meta"))
+    checks.check_row_offsets("u", torch.empty_strided((1, 2, 3), (1, 2**31 - 3, 1), device="meta"))  # 2**31 - 1
+
+
 def test_chunk_policy():
     """Unchunked when batch x channel blocks fill the GPU (b8 x 192 blocks on 132 SMs); batch 1 gets ~48 programs per
     SM in the lane-a-channel forward. The backward (one warp of 32 channels a program, ~255 registers) chunks below 4
