@@ -64,13 +64,13 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # to programs per SM); None: the lane-a-channel forward for every d_state. H100, bf16, d 1536, same-run A/B against
 # the lane-a-channel forward (0.401 ms at b8 l2048, 1.544 at b1 l65536; CUDA-graph replay): 0.270 ms (b8, unchunked,
 # 1 warp a program; 2 or 4 warps: 0.42 in an earlier version of the kernel) and 1.45 ms (b1, chunked to 64 programs
-# an SM; 32: 1.487, 48: 1.464, 96: 1.452); with "quad_far_in" 0.251 and 1.42. No L1 prefetch of B, C (16 steps ahead:
-# 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead (two groups ahead: 0.279). "quad_far_in" (local pass, main pass): u, Δ and z loaded 3 groups ahead instead of 2
-# (torch profiler, per kernel: b8 main pass 0.260 -> 0.242 ms, saving the tile states 0.280 -> 0.266; b1 l65536
-# saving 0.930 -> 0.889, but not saving 0.869 -> 0.993 and the local pass 0.563 -> 0.562: so the main pass takes it
-# only when it saves states or runs unchunked).
+# an SM; 32: 1.487, 48: 1.464, 96: 1.452); with "quad_far_in" 0.251 and 1.42. No L1 prefetch of B, C (16 steps
+# ahead: 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead (two groups ahead: 0.279). "quad_far_in": the
+# main pass loads u, Δ and z 3 groups ahead instead of 2 (torch profiler, per kernel: b8 0.260 -> 0.242 ms, saving the
+# tile states 0.280 -> 0.266; b1 l65536 saving 0.930 -> 0.889, but not saving 0.869 -> 0.993, and the local pass
+# 0.563 -> 0.562: so only where the main pass saves states or runs unchunked).
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
-        "quad_far_in": (False, True)}
+        "quad_far_in": True}
 _BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "chunking_few": 48, "maxnreg": 0, "prefetch": 16,
         "quad_local": True}
 _C_PAD = 8  # zero rows after l in the backward's fp32 C (the 4-lane local adjoint loads whole groups of 4 steps)
@@ -340,6 +340,23 @@ def _shfl_quad(x, k: tl.constexpr, SHFL: tl.constexpr):
 
 
 @triton.jit
+def _quad_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, LANES: tl.constexpr):
+    """What the 4-lane kernels share (d_state 16; _fwd_quad_kernel): lane i is place q = i % 4 of channel ch; returns
+    q, ch, its mask m_c, ch and q times the stride the JIT may not specialise (s_one = 1 at run time: see
+    _fwd_seq_kernel), n2 (LANES, 4) the lane's states and their mask m2, A log2 e at them (A: (d, 16) contiguous), and
+    the Δ bias."""
+    lane = tl.arange(0, LANES)
+    q = lane % 4
+    ch = pid_d * (LANES // 4) + lane // 4
+    m_c = ch < DIM
+    chs = ch * s_one
+    n2 = q[:, None] * 4 + tl.arange(0, 4)[None, :]
+    m2 = m_c[:, None] & (n2 < 16)
+    A2 = tl.load(A_ptr + chs[:, None] * 16 + n2, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+    return q, ch, m_c, chs, q * s_one, n2, m2, A2, load_channel_vector(bias_ptr, chs, m_c, HAS_BIAS)
+
+
+@triton.jit
 def _quad_inputs(t, L, u_p, dt_p, z_p, m_c, q, HAS_Z: tl.constexpr):
     """u, raw Δ and z at u_p, dt_p, z_p (step t + q of the lane's channel: q is the lane's place in its channel's 4
     lanes), zeros past L, in their dtype."""
@@ -363,17 +380,14 @@ def _quad_prep(ug, rg, zg, t, L, m_c, q, bias, Dv, HAS_Z: tl.constexpr, SOFTPLUS
 
 
 @triton.jit
-def _quad_step(h, A2, dtq, dtuq, k: tl.constexpr, Bt, Ct, LOCAL: tl.constexpr, SHFL: tl.constexpr):
+def _quad_step(h, A2, dtq, dtuq, k: tl.constexpr, Bt, Ct, SHFL: tl.constexpr):
     """Step k of a group of 4 in the 4-lane layout: Δ and Δu of the step come from lane k of the channel's 4; Bt, Ct:
-    the lane's 4 states of B_t, C_t. Returns h and this lane's part of C_t . h (its 4 of the 16 states)."""
+    the lane's 4 states of B_t, C_t. Returns h and this lane's part of C_t . h (its 4 of the 16 states; a caller that
+    does not use it passes any Ct, and the compiler drops the sum)."""
     dt = _shfl_quad(dtq, k, SHFL)
     dtu = _shfl_quad(dtuq, k, SHFL)
     h = tl.exp2(dt[:, None] * A2) * h + Bt * dtu[:, None]
-    if LOCAL:
-        yk = dt
-    else:
-        yk = tl.sum(h * Ct, axis=1)
-    return h, yk
+    return h, tl.sum(h * Ct, axis=1)
 
 
 @triton.jit
@@ -403,16 +417,7 @@ def _fwd_quad_kernel(
     B and C: fp32 (b, l + 8, 16) with zero rows past l (a group's loads, and the next group's, need no mask), each
     lane reading its 4 states as one 16-byte vector, an iteration ahead."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    lane = tl.arange(0, LANES)
-    q = lane % 4
-    ch = pid_d * (LANES // 4) + lane // 4
-    m_c = ch < DIM
-    chs = ch * s_one  # the JIT may not see the channels' unit stride (see _fwd_seq_kernel)
-    qs = q * s_one
-    n2 = q[:, None] * 4 + tl.arange(0, 4)[None, :]  # (LANES, 4): this lane's states
-    m2 = m_c[:, None] & (n2 < 16)
-    A2 = tl.load(A_ptr + chs[:, None] * 16 + n2, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = load_channel_vector(bias_ptr, chs, m_c, HAS_BIAS)
+    q, ch, m_c, chs, qs, n2, m2, A2, bias = _quad_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, LANES)
     Dv = load_channel_vector(D_ptr, chs, m_c, HAS_D)
     if LOCAL or not HAS_START:
         h = tl.zeros((LANES, 4), tl.float32)
@@ -438,9 +443,9 @@ def _fwd_quad_kernel(
     cur = _quad_prep(ug, rg, zg, t, L, m_c, q, bias, Dv, HAS_Z and not LOCAL, SOFTPLUS, FAST)
     t += 4
     nxt = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
-    if FAR_IN:
+    if FAR_IN and not LOCAL:
         t += 4
-        nxt2 = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z and not LOCAL)
+        nxt2 = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z)
     nB = _quad_rows(B_q + g0 * 64)
     nC = nB if LOCAL else _quad_rows(C_q + g0 * 64)
     if LOCAL:  # one loop over the chunk's groups (0.561 -> 0.540 ms at b1 l65536 against the main pass's tile loops)
@@ -453,10 +458,10 @@ def _fwd_quad_kernel(
             tn = t + 8
             nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, False)
             nB = _quad_rows(B_q + (t + 4) * 16)
-            h, _ = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Bg[0], True, SHFL)
-            h, _ = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Bg[1], True, SHFL)
-            h, _ = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Bg[2], True, SHFL)
-            h, _ = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Bg[3], True, SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Bg[0], SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Bg[1], SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Bg[2], SHFL)
+            h, _ = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Bg[3], SHFL)
             dsum += dtq
     else:
         for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
@@ -478,10 +483,10 @@ def _fwd_quad_kernel(
                     nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
                 nB = _quad_rows(B_q + (t + 4) * 16)
                 nC = _quad_rows(C_q + (t + 4) * 16)
-                h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], False, SHFL)
-                h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], False, SHFL)
-                h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], False, SHFL)
-                h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], False, SHFL)
+                h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], SHFL)
+                h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], SHFL)
+                h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], SHFL)
+                h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], SHFL)
                 # reduce-scatter of the 4 steps' partial sums: lane bit 1 picks steps {0, 1} or {2, 3}, bit 0 one
                 k0 = tl.where(b1, y2, y0) + _shfl_xor(tl.where(b1, y0, y2), 2, SHFL)
                 k1 = tl.where(b1, y3, y1) + _shfl_xor(tl.where(b1, y1, y3), 2, SHFL)
@@ -576,16 +581,7 @@ def _bwd_local_quad_kernel(
     dy'_t from their lanes (shfl.idx; Δ_{t0+4} from the group after, carried). A (d, 16) contiguous; C fp32
     (b, rows, 16) with zero rows past l (at least 3)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
-    lane = tl.arange(0, LANES)
-    q = lane % 4
-    ch = pid_d * (LANES // 4) + lane // 4
-    m_c = ch < DIM
-    chs = ch * s_one
-    qs = q * s_one
-    n2 = q[:, None] * 4 + tl.arange(0, 4)[None, :]
-    m2 = m_c[:, None] & (n2 < 16)
-    A2 = tl.load(A_ptr + chs[:, None] * 16 + n2, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = load_channel_vector(bias_ptr, chs, m_c, HAS_BIAS)
+    q, ch, m_c, chs, qs, n2, m2, A2, bias = _quad_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, LANES)
     t_start = pid_c * SUBS * BLOCK_T
     t_end = tl.minimum(t_start + SUBS * BLOCK_T, L)
     live_e = m_c & (ch * 0 + t_end < L)
@@ -1207,7 +1203,6 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         kernel = _fwd_quad_kernel
         strides += (B.stride(0), *_strides(z), 1)
         flags.update(LANES=32 * warps, BLOCK_T=_T, SHFL=1 if cuda else 2, num_warps=warps)
-        far = _FWD["quad_far_in"]
     else:
         kernel = _fwd_seq_kernel
         strides += (B.stride(0), B.stride(2), C.stride(0), C.stride(2), *_strides(z), 1, 1)
@@ -1221,14 +1216,14 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         # Local states of every chunk but the last (whose end state the main pass computes).
         kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims,
                                               *strides, **flags, SAVE=False, LOCAL=True, HAS_START=False,
-                                              **(dict(FAR_IN=far[0]) if quad else {}))
+                                              **(dict(FAR_IN=False) if quad else {}))
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(triton.cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
                                                BLOCK_D=32, BLOCK_N=triton.next_power_of_2(n), HAS_INIT=h0 is not None)
     final = torch.empty(b, n, d, **f32)
     if quad:  # u, Δ, z 3 groups ahead in the main pass only when it saves states or runs unchunked (measured)
-        flags["FAR_IN"] = far[1] if save_states or p.nchunk == 1 else far[0]
+        flags["FAR_IN"] = _FWD["quad_far_in"] and (save_states or p.nchunk == 1)
     kernel[(p.d_blocks, p.nchunk, b)](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides,
                                       **flags, SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None)
     return y, final.transpose(1, 2), sub
