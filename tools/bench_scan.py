@@ -10,9 +10,9 @@ CUDA graph: the GPU's own time, without the host's (Python, autograd, launches),
     memory: every input read once and every output written once, over the measured device copy bandwidth;
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
---sweep first times a few program shapes at the first shape (forward warps of 32 channels; the backward's programs per
-SM when chunked: it is written for one warp of 32 channels) and runs the table with the fastest; then a few chunk
-targets of the forward at 64k tokens.
+--sweep first times a few program shapes at the first shape (warps a program of the d_state-16 forward, 8 channels a
+warp; the backward's programs per SM when chunked: it is written for one warp of 32 channels) and runs the table with
+the fastest; then a few chunk targets of that forward at 64k tokens.
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         best = sweep()
         set_tiles(best)
-        scan_module._CHUNKED_PROGRAMS_PER_SM = sweep_chunks()
-        print(f"main table with the fastest program shapes {best} and {scan_module._CHUNKED_PROGRAMS_PER_SM} "
+        set_forward_chunking(sweep_chunks())
+        print(f"main table with the fastest program shapes {best} and {scan_module._FWD['quad'][2]} forward "
               "programs per SM when chunked")
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SWEEP = [  # (forward warps: 32 channels each, a lane a channel; backward programs per SM when chunked)
+SWEEP = [  # (forward warps: 8 channels each, 4 lanes a channel; backward programs per SM when chunked)
     (1, 32),
     (2, 32),
     (1, 16),
@@ -220,8 +220,7 @@ SWEEP = [  # (forward warps: 32 channels each, a lane a channel; backward progra
 
 
 def set_tiles(cfg: tuple) -> None:
-    warps = cfg[0]
-    scan_module._FWD.update(block_d=32 * warps, chunked_block_d=32 * warps, warps=warps)
+    scan_module._FWD["quad"] = (cfg[0], *scan_module._FWD["quad"][1:])  # the forward d_state 16 takes
     scan_module._BWD["chunking"] = (scan_module._BWD["chunking"][0], cfg[1])
     scan_module._BWD["chunking_few"] = cfg[1]
 
@@ -246,14 +245,20 @@ def sweep() -> tuple:
     return best[0]
 
 
+def set_forward_chunking(target: int) -> None:
+    """The d_state-16 forward's programs per SM when chunked."""
+    warps, unchunked, _ = scan_module._FWD["quad"]
+    scan_module._FWD["quad"] = (warps, unchunked, target)
+
+
 def sweep_chunks() -> int:
-    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets of the forward's chunked path (the
-    backward has its own policy); return the fastest forward's."""
+    """Time fwd and fwd+bwd at b1 d1536 l65536 for a few programs-per-SM targets of the d_state-16 forward's chunked
+    path (the backward has its own policy); return the fastest forward's."""
     x = make_inputs(1, 1536, 65536, 16)
     fwd, fwd_bwd = scan_calls(x, mamba_kernels.selective_scan)
     rows, best = [["programs/SM", "fwd ms", "fwd+bwd ms"]], (None, 1e30)
-    for target in (16, 24, 32, 48, 64):
-        scan_module._CHUNKED_PROGRAMS_PER_SM = target
+    for target in (32, 48, 64, 96):
+        set_forward_chunking(target)
         f, fb = triton.testing.do_bench(fwd, rep=200), triton.testing.do_bench(fwd_bwd, rep=300)
         rows.append([str(target), f"{f:.3f}", f"{fb:.3f}"])
         best = min(best, (target, f), key=lambda t: t[1])
