@@ -24,17 +24,22 @@ def softplus(raw, SOFTPLUS: tl.constexpr, FAST: tl.constexpr = False):
 
 
 @triton.jit
-def silu(z, FAST: tl.constexpr = False):
-    """z sigmoid(z). FAST (GPU only, never under the interpreter): z / (1 + ex2.approx(-z log2 e)) with rcp.approx,
-    5 instructions instead of tl.sigmoid's ~12 (relative error ~1e-7; inf at z < -88 gives 0, as it should)."""
+def sigmoid(z, FAST: tl.constexpr = False):
+    """1 / (1 + e^-z). FAST (GPU only, never under the interpreter): rcp.approx(1 + ex2.approx(-z log2 e)), 2 SFU
+    instructions instead of tl.sigmoid's ~10 (relative error ~1e-7; inf at z < -88 gives 0, as it should)."""
     if FAST:
         e = tl.exp2(z * -1.4426950408889634) + 1.0
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-        out = z * r
+        out = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e], dtype=tl.float32, is_pure=True,
+                                        pack=1)
     else:
-        out = z * tl.sigmoid(z)
+        out = tl.sigmoid(z)
     return out
+
+
+@triton.jit
+def silu(z, FAST: tl.constexpr = False):
+    """z sigmoid(z) (FAST: see sigmoid; 5 instructions instead of ~12)."""
+    return z * sigmoid(z, FAST)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none
-from ._triton_common import load_channel_vector, silu, softplus
+from ._triton_common import load_channel_vector, sigmoid, silu, softplus
 
 __all__ = ["selective_scan"]
 
@@ -72,7 +72,7 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
         "quad_far_in": True}
 _BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "chunking_few": 48, "maxnreg": 0, "prefetch": 16,
-        "quad_local": True}
+        "quad_local": True, "quad": (16, 16), "quad_few": (4, 48), "quad_maxnreg": 0}
 _C_PAD = 8  # zero rows after l in the backward's fp32 C (the 4-lane local adjoint loads whole groups of 4 steps)
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
@@ -1030,6 +1030,265 @@ def _bwd_seq_kernel(
         tl.store(dh0_ptr + (pid_b * N + n3) * DIM + d3, tl.exp2(dt_next[:, None, None] * A2) * g, mask=mask3)
 
 
+@triton.jit
+def _quad_rs(p0, p1, p2, p3, b1, b0, SHFL: tl.constexpr):
+    """Reduce-scatter over a channel's 4 lanes of 4 per-lane partial sums (of steps 0 .. 3 of a group): lane q ends
+    with the whole sum of step q (3 shuffles; lane bit 1 picks steps {0, 1} or {2, 3}, bit 0 one of them)."""
+    k0 = tl.where(b1, p2, p0) + _shfl_xor(tl.where(b1, p0, p2), 2, SHFL)
+    k1 = tl.where(b1, p3, p1) + _shfl_xor(tl.where(b1, p1, p3), 2, SHFL)
+    return tl.where(b0, k1, k0) + _shfl_xor(tl.where(b0, k0, k1), 1, SHFL)
+
+
+@triton.jit
+def _quad_bwd_inputs(t, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z: tl.constexpr):
+    """u, raw Δ, dy and z of step t + q of the lane's channel (zeros past L), in their dtypes."""
+    m = m_c & (t + q < L)
+    u = tl.load(u_q + t * su_l, mask=m, other=0.0)
+    raw = tl.load(dt_q + t * sdt_l, mask=m, other=0.0)
+    dy = tl.load(dy_q + t * sdy_l, mask=m, other=0.0)
+    z = tl.load(z_q + t * sz_l, mask=m, other=0.0) if HAS_Z else dy
+    return u, raw, dy, z
+
+
+@triton.jit
+def _quad_bwd_prep(inp, t, L, m_c, q, bias, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """The per-channel work of step t + q in the 4-lane backward: Δ after bias and softplus (0 past L), Δ u, u,
+    softplus' (the sigmoid; 1 without softplus), the gated dy (dy silu(z)), dy silu'(z) and whether the step is live."""
+    ug, rg, dyg, zg = inp
+    live = m_c & (t + q < L)
+    u = ug.to(tl.float32)
+    r = rg.to(tl.float32) + bias
+    if SOFTPLUS:
+        if FAST:  # e = e^r: softplus ln(1 + e) and its derivative e / (1 + e) from one ex2 (and lg2, rcp)
+            e = tl.exp2(r * 1.4426950408889634)
+            e1 = e + 1.0
+            lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e1], dtype=tl.float32, is_pure=True,
+                                           pack=1)
+            rc = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e1], dtype=tl.float32,
+                                           is_pure=True, pack=1)
+            dt = tl.where(r > 20.0, r, lg * 0.6931471805599453)
+            sp = tl.where(r > 20.0, 1.0, e * rc)
+        else:
+            dt = softplus(r, SOFTPLUS)
+            sp = tl.where(r > 20.0, 1.0, tl.sigmoid(r))
+    else:
+        dt = r
+        sp = tl.full(r.shape, 1.0, tl.float32)
+    dt = tl.where(live, dt, 0.0)
+    dy = dyg.to(tl.float32)
+    if HAS_Z:
+        z = zg.to(tl.float32)
+        sig = sigmoid(z, FAST)
+        dzf = dy * sig * (1.0 + z * (1.0 - sig))
+        dy = dy * z * sig
+    else:
+        dzf = dy
+    return dt, dt * u, u, sp, dy, dzf, live
+
+
+@triton.jit
+def _quad_col(tile, i: tl.constexpr):
+    """Column i of a (LANES, 4) tile whose row a lane holds in registers: folds to a register read."""
+    return tl.sum(tl.where(tl.arange(0, 4)[None, :] == i, tile, -0.0), axis=1)
+
+
+@triton.jit
+def _red_add4(ptrs, v, mask, SHFL: tl.constexpr):
+    """Atomically add each lane's 4 values v (a (LANES, 4) tile) to the 4 contiguous fp32 at ptrs (LANES,), where
+    mask: one red.global.add.v4.f32 a lane on the GPU (SHFL 1; sm_90 PTX), tl.atomic_add elsewhere."""
+    if SHFL == 1:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.relaxed.gpu.global.add.v4.f32 [$1], {$2, $3, $4, $5}; }"
+            " mov.u32 $0, 0;", "=r,l,r,r,r,r,r",
+            [ptrs.to(tl.int64), _quad_col(v, 0), _quad_col(v, 1), _quad_col(v, 2), _quad_col(v, 3), mask.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_add(ptrs[:, None] + tl.arange(0, 4)[None, :], v, mask=mask[:, None], sem="relaxed")
+
+
+@triton.jit
+def _quad_adjoint_group(t, L, g, e_next, h0, pre, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q,
+                        sdu_l, sddt_l, sdz_l, n2, q, lane, HAS_Z: tl.constexpr, SHFL: tl.constexpr):
+    """The backward of the group of 4 steps at t in the 4-lane layout, from h0 (the state before it), its per-step
+    inputs ``pre`` (_quad_bwd_prep: lane q's step t + q), g = the adjoint after it and e_next = exp(Δ A) of the step
+    after it. Recomputes the group's 4 states and exps, steps the adjoint back through them, reduce-scatters the
+    per-channel sums over the channel's 4 lanes (lane q: step t + q's du, dΔ, dz, stored) and dB_t, dC_t (sums over
+    the warp's 8 channels) over lane bits 2 .. 4 (a vector atomic a lane). Returns g, e_next of the group's first step
+    and the accumulators."""
+    dtq, dtuq, uq, spq, dyq, dzfq, live = pre
+    b0 = (lane & 1) != 0
+    b1 = (lane & 2) != 0
+    dt0, dt1, dt2, dt3 = (_shfl_quad(dtq, 0, SHFL), _shfl_quad(dtq, 1, SHFL), _shfl_quad(dtq, 2, SHFL),
+                          _shfl_quad(dtq, 3, SHFL))
+    du0, du1, du2, du3 = (_shfl_quad(dtuq, 0, SHFL), _shfl_quad(dtuq, 1, SHFL), _shfl_quad(dtuq, 2, SHFL),
+                          _shfl_quad(dtuq, 3, SHFL))
+    dy0, dy1, dy2, dy3 = (_shfl_quad(dyq, 0, SHFL), _shfl_quad(dyq, 1, SHFL), _shfl_quad(dyq, 2, SHFL),
+                          _shfl_quad(dyq, 3, SHFL))
+    Bg = _quad_rows(B_q + t * 16)
+    Cg = _quad_rows(C_q + t * 16)
+    e0 = tl.exp2(dt0[:, None] * A2)
+    h1 = e0 * h0 + Bg[0] * du0[:, None]
+    e1 = tl.exp2(dt1[:, None] * A2)
+    h2 = e1 * h1 + Bg[1] * du1[:, None]
+    e2 = tl.exp2(dt2[:, None] * A2)
+    h3 = e2 * h2 + Bg[2] * du2[:, None]
+    e3 = tl.exp2(dt3[:, None] * A2)
+    h4 = e3 * h3 + Bg[3] * du3[:, None]
+    # step 3 .. 0: g_k = e_{k+1} g_{k+1} + C_k dy'_k; gx = g_k e_k h_{k-1} (= g_k exp(Δ_k A) h before the step)
+    g = e_next * g + Cg[3] * dy3[:, None]
+    gx = g * e3 * h3
+    dA += gx * dt3[:, None]
+    pb3, pa3, pc3 = tl.sum(g * Bg[3], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[3] * h4, axis=1)
+    dB3, dC3 = g * du3[:, None], h4 * dy3[:, None]
+    g = e3 * g + Cg[2] * dy2[:, None]
+    gx = g * e2 * h2
+    dA += gx * dt2[:, None]
+    pb2, pa2, pc2 = tl.sum(g * Bg[2], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[2] * h3, axis=1)
+    dB2, dC2 = g * du2[:, None], h3 * dy2[:, None]
+    g = e2 * g + Cg[1] * dy1[:, None]
+    gx = g * e1 * h1
+    dA += gx * dt1[:, None]
+    pb1, pa1, pc1 = tl.sum(g * Bg[1], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[1] * h2, axis=1)
+    dB1, dC1 = g * du1[:, None], h2 * dy1[:, None]
+    g = e1 * g + Cg[0] * dy0[:, None]
+    gx = g * e0 * h0
+    dA += gx * dt0[:, None]
+    pb0, pa0, pc0 = tl.sum(g * Bg[0], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[0] * h1, axis=1)
+    dB0, dC0 = g * du0[:, None], h1 * dy0[:, None]
+    # lane q: step t + q
+    gB = _quad_rs(pb0, pb1, pb2, pb3, b1, b0, SHFL)
+    ddelta = _quad_rs(pa0, pa1, pa2, pa3, b1, b0, SHFL) * 0.6931471805599453 + uq * gB
+    ddelta = tl.where(live, ddelta * spq, 0.0)
+    tl.store(du_q + t * sdu_l, (dtq * gB + Dv * dyq).to(du_q.dtype.element_ty), mask=live)
+    tl.store(ddt_q + t * sddt_l, ddelta.to(ddt_q.dtype.element_ty), mask=live)
+    if HAS_Z:
+        dz = (_quad_rs(pc0, pc1, pc2, pc3, b1, b0, SHFL) + Dv * uq) * dzfq
+        tl.store(dz_q + t * sdz_l, dz.to(dz_q.dtype.element_ty), mask=live)
+    dDacc += dyq * uq
+    dbacc += ddelta
+    # dB_t, dC_t over the warp's 8 channels: lane bit 4 keeps dB or dC, bit 3 steps {0, 1} or {2, 3}, bit 2 one
+    b4 = ((lane & 16) != 0)[:, None]
+    b3 = ((lane & 8) != 0)[:, None]
+    b2 = ((lane & 4) != 0)[:, None]
+    r0 = tl.where(b4, dC0, dB0) + _shfl_xor(tl.where(b4, dB0, dC0), 16, SHFL)
+    r1 = tl.where(b4, dC1, dB1) + _shfl_xor(tl.where(b4, dB1, dC1), 16, SHFL)
+    r2 = tl.where(b4, dC2, dB2) + _shfl_xor(tl.where(b4, dB2, dC2), 16, SHFL)
+    r3 = tl.where(b4, dC3, dB3) + _shfl_xor(tl.where(b4, dB3, dC3), 16, SHFL)
+    s0 = tl.where(b3, r2, r0) + _shfl_xor(tl.where(b3, r0, r2), 8, SHFL)
+    s1 = tl.where(b3, r3, r1) + _shfl_xor(tl.where(b3, r1, r3), 8, SHFL)
+    v = tl.where(b2, s1, s0) + _shfl_xor(tl.where(b2, s0, s1), 4, SHFL)
+    ts = t + ((lane >> 2) & 3)
+    _red_add4(dBC_b + ts * 16 + q * 4, v, ts < L, SHFL)
+    return g, e0, dA, dDacc, dbacc
+
+
+@triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sdy_d", "sdu_d", "sddt_d", "sdz_d", "s_one"])
+def _bwd_quad_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    L, DIM, SUBS, NSUB, NCHUNK,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBC_b, sz_b, sz_d, sz_l, sdy_b, sdy_d, sdy_l,
+    sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l, s_one,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+    LANES: tl.constexpr, SHFL: tl.constexpr,
+):
+    """The gradients of one chunk (_bwd_seq_kernel's job, d_state 16) in the layout of _fwd_quad_kernel: 4 lanes a
+    channel, 4 states a lane, 8 channels a warp, so batch 8 x 1536 channels is 1536 warps and runs unchunked. Tiles
+    of 16 steps (_T) run last to first; per tile, all in registers (no scratch):
+      A. lane q prepares step t0 + 4 s + q of each of the tile's 4 groups s (_quad_bwd_prep: softplus, its
+         derivative, the gate), then from the tile's saved start state runs groups 0 .. 2 forward, keeping the state
+         before each group;
+      B. per group, last to first (_quad_adjoint_group): its 4 states and exps again, then 4 steps of the adjoint
+         g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, from the adjoint flowing in from the right (carry).
+    So a state-step costs 1.75 exp2. u, Δ, dy, z are read a tile ahead (one scalar load a lane and group each).
+    B, C: fp32 (b, l + 16, 16) with zero rows past l; dB_t, dC_t are added into dB, dC (b, l, 16) fp32 zeroed with
+    relaxed fp32 atomics. Writes du, dΔ, dz in their strides; per-(batch, chunk) partial sums dA (b, c, d, n), dD and
+    dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0."""
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    q, ch, m_c, chs, qs, n2, m2, A2, bias = _quad_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, LANES)
+    lane = tl.arange(0, LANES)
+    Dv = load_channel_vector(D_ptr, chs, m_c, HAS_D)
+    u_q = u_ptr + pid_b * su_b + chs * su_d + qs * su_l
+    dt_q = dt_ptr + pid_b * sdt_b + chs * sdt_d + qs * sdt_l
+    dy_q = dy_ptr + pid_b * sdy_b + chs * sdy_d + qs * sdy_l
+    z_q = z_ptr + pid_b * sz_b + chs * sz_d + qs * sz_l if HAS_Z else dy_q
+    du_q = du_ptr + pid_b * sdu_b + chs * sdu_d + qs * sdu_l
+    ddt_q = ddt_ptr + pid_b * sddt_b + chs * sddt_d + qs * sddt_l
+    dz_q = dz_ptr + pid_b * sdz_b + chs * sdz_d + qs * sdz_l if HAS_Z else ddt_q
+    B_q = B_ptr + pid_b * sBC_b + n2
+    C_q = C_ptr + pid_b * sBC_b + n2
+    dBC_b = tl.where((lane & 16) != 0, dC_ptr, dB_ptr) + pid_b * L * 16  # lane bit 4: dB or dC (see below)
+    g = tl.load(carry_ptr + ((pid_b * NCHUNK + pid_c) * 16 + n2) * DIM + chs[:, None], mask=m2, other=0.0)
+    j0 = pid_c * SUBS
+    j1 = tl.minimum(j0 + SUBS, NSUB)
+    t_end = tl.minimum(j1 * 16, L)
+    live_e = m_c & (ch * 0 + t_end < L)
+    raw_e = tl.load(dt_ptr + pid_b * sdt_b + chs * sdt_d + t_end * sdt_l, mask=live_e, other=0.0).to(tl.float32)
+    dt_e = tl.where(live_e, softplus(raw_e + bias, SOFTPLUS, FAST), 0.0)  # Δ of the step after the chunk
+    e_next = tl.exp2(dt_e[:, None] * A2)
+    dA = tl.zeros((LANES, 4), tl.float32)
+    dDacc = tl.zeros((LANES,), tl.float32)
+    dbacc = tl.zeros((LANES,), tl.float32)
+    t = (j1 - 1) * 16
+    nxt = (_quad_bwd_inputs(t, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+           _quad_bwd_inputs(t + 4, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+           _quad_bwd_inputs(t + 8, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+           _quad_bwd_inputs(t + 12, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z))
+    for i in range(j1 - j0):
+        j = j1 - 1 - i
+        t0 = j * 16
+        inp = nxt
+        tn = tl.maximum(t0 - 16, j0 * 16)  # the next tile's inputs (the first tile's again at the last)
+        nxt = (_quad_bwd_inputs(tn, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+               _quad_bwd_inputs(tn + 4, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+               _quad_bwd_inputs(tn + 8, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+               _quad_bwd_inputs(tn + 12, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z))
+        p0 = _quad_bwd_prep(inp[0], t0, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
+        p1 = _quad_bwd_prep(inp[1], t0 + 4, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
+        p2 = _quad_bwd_prep(inp[2], t0 + 8, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
+        p3 = _quad_bwd_prep(inp[3], t0 + 12, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
+        # A: the states before groups 1 .. 3 from the tile's start state
+        h0 = tl.load(sub_ptr + ((pid_b * NSUB + j) * DIM + chs[:, None]) * 16 + n2, mask=m2, other=0.0)
+        h1 = _quad_fwd4(h0, A2, p0, B_q + t0 * 16, SHFL)
+        h2 = _quad_fwd4(h1, A2, p1, B_q + (t0 + 4) * 16, SHFL)
+        h3 = _quad_fwd4(h2, A2, p2, B_q + (t0 + 8) * 16, SHFL)
+        # B: the groups, last to first
+        g, e_next, dA, dDacc, dbacc = _quad_adjoint_group(
+            t0 + 12, L, g, e_next, h3, p3, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q, sdu_l,
+            sddt_l, sdz_l, n2, q, lane, HAS_Z, SHFL)
+        g, e_next, dA, dDacc, dbacc = _quad_adjoint_group(
+            t0 + 8, L, g, e_next, h2, p2, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q, sdu_l,
+            sddt_l, sdz_l, n2, q, lane, HAS_Z, SHFL)
+        g, e_next, dA, dDacc, dbacc = _quad_adjoint_group(
+            t0 + 4, L, g, e_next, h1, p1, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q, sdu_l,
+            sddt_l, sdz_l, n2, q, lane, HAS_Z, SHFL)
+        g, e_next, dA, dDacc, dbacc = _quad_adjoint_group(
+            t0, L, g, e_next, h0, p0, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q, sdu_l,
+            sddt_l, sdz_l, n2, q, lane, HAS_Z, SHFL)
+    dDacc += _shfl_xor(dDacc, 1, SHFL)
+    dDacc += _shfl_xor(dDacc, 2, SHFL)
+    dbacc += _shfl_xor(dbacc, 1, SHFL)
+    dbacc += _shfl_xor(dbacc, 2, SHFL)
+    part = (pid_b * NCHUNK + pid_c) * DIM + chs
+    tl.store(dA_ptr + part[:, None] * 16 + n2, dA, mask=m2)
+    tl.store(dD_ptr + part, dDacc, mask=m_c & (q == 0))
+    tl.store(dbias_ptr + part, dbacc, mask=m_c & (q == 0))
+    if pid_c == 0:  # dh0 = exp(Δ_0 A) g_0
+        tl.store(dh0_ptr + (pid_b * 16 + n2) * DIM + chs[:, None], e_next * g, mask=m2)
+
+
+@triton.jit
+def _quad_fwd4(h, A2, pre, p, SHFL: tl.constexpr):
+    """h after the group of 4 steps whose per-step inputs are ``pre`` (_quad_bwd_prep) and B rows at p."""
+    dtq, dtuq, _, _, _, _, _ = pre
+    Bg = _quad_rows(p)
+    h, _ = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Bg[0], SHFL)
+    h, _ = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Bg[1], SHFL)
+    h, _ = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Bg[2], SHFL)
+    h, _ = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Bg[3], SHFL)
+    return h
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -1229,7 +1488,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     return y, final.transpose(1, 2), sub
 
 
-def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, consts) -> torch.Tensor:
+def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, consts, quad: bool = False) -> torch.Tensor:
     """The adjoint flowing into each chunk from its right: (b, chunks, n, d) fp32 (gfinal itself for one chunk).
     gfinal: the final state's gradient, (b, n, d) contiguous, or None for zeros. A: contiguous (d, n); C: fp32,
     n-contiguous, _C_PAD zero rows past l (_states_f32_pair)."""
@@ -1240,7 +1499,7 @@ def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, consts) 
         return gfinal.view(b, 1, n, d)
     f32 = dict(dtype=torch.float32, device=delta.device)
     local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
-    if n == 16 and _BWD["quad_local"]:  # 4 lanes a channel
+    if quad or (n == 16 and _BWD["quad_local"]):  # 4 lanes a channel
         _bwd_local_quad_kernel[(triton.cdiv(d, 8), p.nchunk - 1, b)](
             delta, A, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
             *delta.stride(), C.stride(0), *_strides(z), *dy.stride(), 1,
@@ -1271,7 +1530,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     if b * triton.cdiv(d, _BWD["block_d"]) < _sm_count(u.device):  # fewer channel blocks than SMs (batch 1)
         policy = (policy[0], _BWD["chunking_few"])
     p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, policy)
-    if sub.shape != (b, p.nsub, d, n):
+    if sub.shape != (b, triton.cdiv(l, _T), d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     check_row_offsets("the gradient of y", dy)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
@@ -1283,6 +1542,9 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
         dh0 = torch.zeros(b, n, d, **f32) if gfinal is None else gfinal
         return (du, ddelta, torch.zeros(d, n, **f32), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
                 torch.zeros(d, **f32), dz, torch.zeros(d, **f32), dh0.transpose(1, 2))
+    cuda = u.device.type == "cuda"
+    if n == 16 and _BWD["quad"] is not None:  # 4 lanes a channel (_bwd_quad_kernel)
+        return _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, du, ddelta, dz, cuda)
     block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
     # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
     # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
@@ -1297,7 +1559,6 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     else:
         dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
         B32, C32 = _states_f32_pair(B, C, pad=_C_PAD)
-    cuda = u.device.type == "cuda"
     common = dict(**flags, FAST=cuda, EVEN_D=d % block_d == 0, N=n, G=min(block_n, 4),
                   PF=_BWD["prefetch"] if cuda else 0,  # PF, FAST: inline PTX, not under the interpreter
                   DTVEC=_vec4(delta, ddelta), ZVEC=z is not None and _vec4(z, dz), DYVEC=_vec4(dy))
@@ -1324,6 +1585,37 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     )
     return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
             dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
+
+
+def _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, du, ddelta, dz, cuda):
+    """_scan_bwd for d_state 16 with _bwd_quad_kernel (4 lanes a channel), chunked by _BWD["quad"] ((unchunked from,
+    else chunked to) programs per SM), or by _BWD["quad_few"] ((below programs per SM, chunked to programs per SM)).
+    gfinal: (b, n, d) contiguous or None; flags: HAS_Z, HAS_BIAS, SOFTPLUS; du, ddelta, dz: the outputs to fill."""
+    b, d, l = u.shape
+    n = 16
+    f32 = dict(dtype=torch.float32, device=u.device)
+    policy = _BWD["quad"]
+    if b * triton.cdiv(d, 8) < _BWD["quad_few"][0] * _sm_count(u.device):  # few programs (batch 1): finer chunks
+        policy = (policy[0], _BWD["quad_few"][1])
+    p = _plan(b, d, l, n, 8, 1, u.device, policy)
+    B32, C32 = _states_f32_pair(B, C, pad=_T)  # whole tiles of rows, zeros past l
+    dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
+    shfl = 1 if cuda else 2
+    consts = dict(**flags, FAST=cuda)
+    carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C32, z, delta_bias, consts, quad=True)
+    dA_part, dD_part, dbias_part = (torch.empty(b, p.nchunk, d, *extra, **f32) for extra in ((n,), (), ()))
+    dh0 = torch.empty(b, n, d, **f32)
+    _bwd_quad_kernel[(p.d_blocks, p.nchunk, b)](
+        u, delta, A, B32, C32, D, z, delta_bias, dy, sub, carry,
+        du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, dh0,
+        l, d, p.subs, p.nsub, p.nchunk,
+        *u.stride(), *delta.stride(), B32.stride(0), *_strides(z), *dy.stride(), *du.stride(), *ddelta.stride(),
+        *_strides(dz if z is not None else None), 1,
+        **consts, HAS_D=D is not None, LANES=32, SHFL=shfl, num_warps=1,
+        **(dict(maxnreg=_BWD["quad_maxnreg"]) if _BWD["quad_maxnreg"] and cuda else {}),
+    )
+    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype), dD_part.sum((0, 1)), dz,
+            dbias_part.sum((0, 1)), dh0.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ plain-PyTorch reference in the same dtype (or the float32 floor): see kernels_su
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,19 @@ pytestmark = pytest.mark.gpu
 def test_scan_real_shapes(b, d, l, dtype):
     x64 = scan_inputs(b, d, l, 16, dtype, seed=l, time_major=True, device="cuda")
     check_against_truth(selective_scan_ref, mk.selective_scan, x64, dtype, f"scan b{b} d{d} l{l}",
+                        delta_softplus=True)
+
+
+def test_scan_real_shape_lane_a_channel_kernels(monkeypatch):
+    """d_state 16 with the 4-lane kernels switched off: the lane-a-channel forward and backward (the path of every
+    other d_state) at a real shape, chunked in both."""
+    scan_module = importlib.import_module("mamba_kernels.selective_scan")
+    monkeypatch.setitem(scan_module._FWD, "quad", None)
+    monkeypatch.setitem(scan_module._BWD, "quad", None)
+    monkeypatch.setattr(scan_module, "_fwd_quad_kernel", None)
+    monkeypatch.setattr(scan_module, "_bwd_quad_kernel", None)
+    x64 = scan_inputs(1, 1536, 4096, 16, torch.bfloat16, seed=5, time_major=True, device="cuda")
+    check_against_truth(selective_scan_ref, mk.selective_scan, x64, torch.bfloat16, "scan lane-a-channel b1 l4096",
                         delta_softplus=True)
 
 

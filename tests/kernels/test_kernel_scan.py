@@ -54,13 +54,14 @@ def test_scan_u_rows_in_vectors_with_a_tail(monkeypatch, chunks):
 @pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("time_major", [False, True])
 def test_scan_quad_kernels(monkeypatch, chunks, time_major):
-    """d_state 16 takes the forward and the backward's local adjoint with 4 lanes a channel (_fwd_quad_kernel,
-    _bwd_local_quad_kernel; the other two are removed here, so they cannot have run): a part block (d = 12, 8
-    channels a warp), l = 70 (its last group of 4 steps has 2), an initial state, one chunk and several (the local
-    passes, the carries and the main passes from each chunk's start or end)."""
+    """d_state 16 takes the kernels with 4 lanes a channel (_fwd_quad_kernel, _bwd_local_quad_kernel,
+    _bwd_quad_kernel; the other three are removed here, so they cannot have run): a part block (d = 12, 8 channels a
+    warp), l = 70 (its last group of 4 steps has 2, its last tile of 16 steps 6), an initial state, one chunk and
+    several (the local passes, the carries and the main passes from each chunk's start or end)."""
     monkeypatch.setattr(scan_module, "_num_chunks", lambda *a: chunks)
     monkeypatch.setattr(scan_module, "_fwd_seq_kernel", None)
     monkeypatch.setattr(scan_module, "_bwd_local_kernel", None)
+    monkeypatch.setattr(scan_module, "_bwd_seq_kernel", None)
     check_scan(scan_inputs(2, 12, 70, 16, torch.float32, seed=8, time_major=time_major), torch.float32)
 
 
@@ -77,13 +78,15 @@ def test_scan_quad_forward_low_precision(monkeypatch, dtype):
 
 
 def test_scan_d_state_16_without_the_quad_kernels(monkeypatch):
-    """With the 4-lane kernels switched off (_FWD["quad"] None, _BWD["quad_local"] False), d_state 16 runs the
-    lane-a-channel forward and local adjoint (3 chunks)."""
+    """With the 4-lane kernels switched off (_FWD["quad"], _BWD["quad"] None, _BWD["quad_local"] False), d_state 16
+    runs the lane-a-channel forward, local adjoint and backward (3 chunks)."""
     monkeypatch.setattr(scan_module, "_num_chunks", lambda *a: 3)
     monkeypatch.setitem(scan_module._FWD, "quad", None)
+    monkeypatch.setitem(scan_module._BWD, "quad", None)
     monkeypatch.setitem(scan_module._BWD, "quad_local", False)
     monkeypatch.setattr(scan_module, "_fwd_quad_kernel", None)
     monkeypatch.setattr(scan_module, "_bwd_local_quad_kernel", None)
+    monkeypatch.setattr(scan_module, "_bwd_quad_kernel", None)
     check_scan(scan_inputs(1, 8, 70, 16, torch.float32, seed=11), torch.float32)
 
 
