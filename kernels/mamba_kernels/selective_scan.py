@@ -1356,13 +1356,18 @@ def _bc_elems(LN, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, LN, LNP, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, BLOCK: tl.constexpr):
+def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, zB_ptr, zC_ptr, LN, LNP, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+                   BLOCK: tl.constexpr):
     """B and C (b, n, l), any strides and dtype -> fp32 (b, lp, n) contiguous (lp >= l: rows past l zeros; LN = l n,
     LNP = lp n), in one launch (program axis 1: which): what the forward reads (16-byte vectors of a step's states, no
-    conversion in its loop), and the backward where it does not use _bwd_prep_kernel."""
+    conversion in its loop), and the backward where it does not use _bwd_prep_kernel; program axis 1 = 2 (launched
+    by the 4-lane backward only): zeros into zB, zC (b, l, n) fp32, its dB and dC."""
     pid_b = tl.program_id(2).to(tl.int64)
     offs, m, t, nn = _bc_elems(LNP, N, BLOCK)
-    if tl.program_id(1) == 0:
+    if tl.program_id(1) == 2:
+        tl.store(zB_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < LN)
+        tl.store(zC_ptr + pid_b * LN + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < LN)
+    elif tl.program_id(1) == 0:
         v = tl.load(B_ptr + pid_b * sB_b + nn * sB_n + t * sB_l, mask=offs < LN, other=0.0)
         tl.store(oB_ptr + pid_b * LNP + offs, v.to(tl.float32), mask=m)
     else:
@@ -1396,14 +1401,17 @@ def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, 
             tl.store(x_ptr + pid_b * LN * 4 + t * (4 * N) + p * N + ((nn // 4) ^ p) * 4 + nn % 4, v, mask=m)
 
 
-def _states_f32_pair(B: torch.Tensor, C: torch.Tensor, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _states_f32_pair(B: torch.Tensor, C: torch.Tensor, pad: int = 0, zeros: tuple | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """B and C (b, n, l) as fp32 with the states contiguous ((b, l + pad, n) buffers, their last ``pad`` rows zeros,
-    transposed), in one kernel launch (a launch is ~1% of a b8 forward)."""
+    transposed), in one kernel launch (a launch is ~1% of a b8 forward); zeros: two contiguous fp32 (b, l, n) tensors
+    the same launch fills with zeros."""
     b, n, l = B.shape
     oB, oC = (torch.empty(b, l + pad, n, dtype=torch.float32, device=B.device) for _ in range(2))
     block = 1024
-    _bc_f32_kernel[(triton.cdiv((l + pad) * n, block), 2, b)](B, C, oB, oC, l * n, (l + pad) * n, n, *B.stride(),
-                                                              *C.stride(), BLOCK=block)
+    zB, zC = zeros or (oB, oC)  # placeholders where there are none (that job is not launched)
+    _bc_f32_kernel[(triton.cdiv((l + pad) * n, block), 2 if zeros is None else 3, b)](
+        B, C, oB, oC, zB, zC, l * n, (l + pad) * n, n, *B.stride(), *C.stride(), BLOCK=block)
     return oB.transpose(1, 2), oC.transpose(1, 2)
 
 
@@ -1598,8 +1606,8 @@ def _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, 
     if b * triton.cdiv(d, 8) < _BWD["quad_few"][0] * _sm_count(u.device):  # few programs (batch 1): finer chunks
         policy = (policy[0], _BWD["quad_few"][1])
     p = _plan(b, d, l, n, 8, 1, u.device, policy)
-    B32, C32 = _states_f32_pair(B, C, pad=_T)  # whole tiles of rows, zeros past l
-    dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
+    dB, dC = torch.empty(b, l, n, **f32), torch.empty(b, l, n, **f32)
+    B32, C32 = _states_f32_pair(B, C, pad=_T, zeros=(dB, dC))  # whole tiles of rows, zeros past l; dB, dC zeroed
     shfl = 1 if cuda else 2
     consts = dict(**flags, FAST=cuda)
     carry = _adjoint_carry(p, b, dy, gfinal, delta, A, C32, z, delta_bias, consts, quad=True)
@@ -1673,10 +1681,11 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
 
 
-def _backward(ctx, dy, dfinal, _dsub):
+def _backward(ctx, dy, dfinal, _dsub, bwd=None):
+    """The gradients of the forward op's inputs, from bwd (the backward op; _EagerScan: _scan_bwd itself)."""
     u, delta, A, B, C, D, z, delta_bias, sub = ctx.saved_tensors
     dy = torch.zeros_like(u) if dy is None else dy
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = (bwd or _scan_bwd_op)(
         dy, dfinal, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, sub
     )
     has_D, has_z, has_bias, h0_dtype = ctx.optional
@@ -1688,6 +1697,26 @@ def _backward(ctx, dy, dfinal, _dsub):
 
 
 torch.library.register_autograd("mamba_kernels::selective_scan_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerScan(torch.autograd.Function):
+    """The forward op's computation and autograd for eager mode, calling _scan_fwd and _scan_bwd directly: the same
+    code as the registered ops (which torch.compile and torch.export see) without custom_op's Python dispatch layers
+    (H100 host, torch 2.11, host time of a call at b1 d64 l64: forward op 0.456 ms against _scan_fwd 0.205, backward
+    op 0.755 against _scan_bwd 0.621), which a GPU time of ~1.3 ms for forward + backward at batch 8 cannot hide."""
+
+    @staticmethod
+    def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
+        return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    def backward(ctx, dy, dfinal, dsub):
+        return _backward(ctx, dy, dfinal, dsub, bwd=_scan_bwd)
 
 
 def selective_scan(
@@ -1713,5 +1742,6 @@ def selective_scan(
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, final, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
+    op = _scan_fwd_op if torch.compiler.is_compiling() else _EagerScan.apply  # the same kernels either way
+    y, final, _ = op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
     return y, final
