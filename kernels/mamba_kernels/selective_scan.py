@@ -26,6 +26,8 @@ before each sub-tile of 4 steps and the sub-tile's per-step inputs (Δ after sof
 the gate's derivative) in a per-program scratch (_T / 4 x (N + 20) x BLOCK_D fp32), then per sub-tile, last to first,
 recomputes its 4 states into registers and steps the adjoint back through them. dB_t and dC_t, sums over the
 channels, are a reduce-scatter over the lanes (shuffles) and one atomic add a lane and step.
+For d_state 16 the backward is _bwd_quad_kernel instead: the 4-lane layout, a tile's states and per-step inputs in
+registers (no scratch), dB_t and dC_t reduce-scattered over the warp's 8 channels and added with vector atomics.
 Memory beyond inputs and outputs is O(b d n l / _T) and the scratch (18 KiB a program), never the (b, d, l, n) states.
 """
 
@@ -71,6 +73,10 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # 0.563 -> 0.562: so only where the main pass saves states or runs unchunked).
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
         "quad_far_in": True}
+# "quad" (d_state 16: _bwd_quad_kernel, 8 channels a warp, 254 registers: 8 warps an SM): (unchunked from, else
+# chunked to) programs per SM; "quad_few": (below programs per SM, chunked to): H100 fwd+bwd (CUDA graph) for targets
+# 16/24/32/48/64/96: b8 d1536 l2048 1.260/1.320/1.320/1.307/1.302/1.284 ms (2 chunks at 16; unchunked 1.315), b1
+# l65536 5.464/6.015/5.487/5.316/5.335/5.313 ms; "quad_maxnreg" 168: 1.64 ms at b8 (spills). None: _bwd_seq_kernel.
 _BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "chunking_few": 48, "maxnreg": 0, "prefetch": 16,
         "quad_local": True, "quad": (16, 16), "quad_few": (4, 48), "quad_maxnreg": 0}
 _C_PAD = 8  # zero rows after l in the backward's fp32 C (the 4-lane local adjoint loads whole groups of 4 steps)
@@ -1622,8 +1628,8 @@ def _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, 
         **consts, HAS_D=D is not None, LANES=32, SHFL=shfl, num_warps=1,
         **(dict(maxnreg=_BWD["quad_maxnreg"]) if _BWD["quad_maxnreg"] and cuda else {}),
     )
-    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype), dD_part.sum((0, 1)), dz,
-            dbias_part.sum((0, 1)), dh0.transpose(1, 2))
+    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
+            dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
