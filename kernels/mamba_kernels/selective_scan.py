@@ -1113,6 +1113,18 @@ def _red_add4(ptrs, v, mask, SHFL: tl.constexpr):
 
 
 @triton.jit
+def _quad_adjoint_step(g, dA, e_next, e, h_before, h, Bt, Ct, dt, dtu, dy, A2):
+    """One adjoint step k in the 4-lane layout (a lane's 4 states): g_k = e_{k+1} g_{k+1} + C_k dy'_k and
+    gx = g_k e_k h_{k-1} (g_k exp(Δ_k A) times the state before the step; dA += gx Δ_k). Returns g_k, dA, the lane's
+    parts of g·B, gx·A (log2 e) and C·h (per-channel sums over states), and its dB_t, dC_t terms (g Δu, h dy')."""
+    g = e_next * g + Ct * dy[:, None]
+    gx = g * e * h_before
+    dA += gx * dt[:, None]
+    return (g, dA, tl.sum(g * Bt, axis=1), tl.sum(gx * A2, axis=1), tl.sum(Ct * h, axis=1), g * dtu[:, None],
+            h * dy[:, None])
+
+
+@triton.jit
 def _quad_adjoint_group(t, L, g, e_next, h0, pre, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q,
                         sdu_l, sddt_l, sdz_l, n2, q, lane, HAS_Z: tl.constexpr, SHFL: tl.constexpr):
     """The backward of the group of 4 steps at t in the 4-lane layout, from h0 (the state before it), its per-step
@@ -1140,27 +1152,11 @@ def _quad_adjoint_group(t, L, g, e_next, h0, pre, A2, Dv, dA, dDacc, dbacc, B_q,
     h3 = e2 * h2 + Bg[2] * du2[:, None]
     e3 = tl.exp2(dt3[:, None] * A2)
     h4 = e3 * h3 + Bg[3] * du3[:, None]
-    # step 3 .. 0: g_k = e_{k+1} g_{k+1} + C_k dy'_k; gx = g_k e_k h_{k-1} (= g_k exp(Δ_k A) h before the step)
-    g = e_next * g + Cg[3] * dy3[:, None]
-    gx = g * e3 * h3
-    dA += gx * dt3[:, None]
-    pb3, pa3, pc3 = tl.sum(g * Bg[3], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[3] * h4, axis=1)
-    dB3, dC3 = g * du3[:, None], h4 * dy3[:, None]
-    g = e3 * g + Cg[2] * dy2[:, None]
-    gx = g * e2 * h2
-    dA += gx * dt2[:, None]
-    pb2, pa2, pc2 = tl.sum(g * Bg[2], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[2] * h3, axis=1)
-    dB2, dC2 = g * du2[:, None], h3 * dy2[:, None]
-    g = e2 * g + Cg[1] * dy1[:, None]
-    gx = g * e1 * h1
-    dA += gx * dt1[:, None]
-    pb1, pa1, pc1 = tl.sum(g * Bg[1], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[1] * h2, axis=1)
-    dB1, dC1 = g * du1[:, None], h2 * dy1[:, None]
-    g = e1 * g + Cg[0] * dy0[:, None]
-    gx = g * e0 * h0
-    dA += gx * dt0[:, None]
-    pb0, pa0, pc0 = tl.sum(g * Bg[0], axis=1), tl.sum(gx * A2, axis=1), tl.sum(Cg[0] * h1, axis=1)
-    dB0, dC0 = g * du0[:, None], h1 * dy0[:, None]
+    # steps 3 .. 0
+    g, dA, pb3, pa3, pc3, dB3, dC3 = _quad_adjoint_step(g, dA, e_next, e3, h3, h4, Bg[3], Cg[3], dt3, du3, dy3, A2)
+    g, dA, pb2, pa2, pc2, dB2, dC2 = _quad_adjoint_step(g, dA, e3, e2, h2, h3, Bg[2], Cg[2], dt2, du2, dy2, A2)
+    g, dA, pb1, pa1, pc1, dB1, dC1 = _quad_adjoint_step(g, dA, e2, e1, h1, h2, Bg[1], Cg[1], dt1, du1, dy1, A2)
+    g, dA, pb0, pa0, pc0, dB0, dC0 = _quad_adjoint_step(g, dA, e1, e0, h0, h1, Bg[0], Cg[0], dt0, du0, dy0, A2)
     # lane q: step t + q
     gB = _quad_rs(pb0, pb1, pb2, pb3, b1, b0, SHFL)
     ddelta = _quad_rs(pa0, pa1, pa2, pa3, b1, b0, SHFL) * 0.6931471805599453 + uq * gB
