@@ -168,6 +168,12 @@ def test_chunk_policy():
     assert warps == 1
     assert scan_module._num_chunks(8 * 192, 132, *quad) == 1
     assert scan_module._num_chunks(192, 132, *quad) == 44
+    # the 4-lane backward (d_state 16, 8 channels a program, 8 programs an SM resident): b8 d1536 in 2 chunks (2.9
+    # waves), b1 d1536 (below 4 programs an SM) in 33
+    few_below, few_target = scan_module._BWD["quad_few"]
+    assert 8 * 192 >= few_below * 132 > 192
+    assert scan_module._num_chunks(8 * 192, 132, *scan_module._BWD["quad"]) == 2
+    assert scan_module._num_chunks(192, 132, scan_module._BWD["quad"][0], few_target) == 33
 
 
 def test_scan_empty_sequence_returns_the_initial_state():
