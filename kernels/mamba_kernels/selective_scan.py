@@ -493,10 +493,7 @@ def _fwd_quad_kernel(
                 h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], SHFL)
                 h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], SHFL)
                 h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], SHFL)
-                # reduce-scatter of the 4 steps' partial sums: lane bit 1 picks steps {0, 1} or {2, 3}, bit 0 one
-                k0 = tl.where(b1, y2, y0) + _shfl_xor(tl.where(b1, y0, y2), 2, SHFL)
-                k1 = tl.where(b1, y3, y1) + _shfl_xor(tl.where(b1, y1, y3), 2, SHFL)
-                y = (tl.where(b0, k1, k0) + _shfl_xor(tl.where(b0, k0, k1), 1, SHFL) + yD) * gate
+                y = (_quad_rs(y0, y1, y2, y3, b1, b0, SHFL) + yD) * gate  # lane q: the whole C_t . h of step t + q
                 tl.store(y_q + t * DIM, y.to(y_ptr.dtype.element_ty), mask=live)
     if LOCAL:
         dsum += _shfl_xor(dsum, 1, SHFL)
