@@ -11,8 +11,8 @@ CUDA graph: the GPU's own time, without the host's (Python, autograd, launches),
     exp:    b*d*l*n exponentials per pass over the measured exp throughput (forward 1 pass; forward+backward 2,
             the least a backward that recomputes the states can do).
 --sweep first times a few program shapes at the first shape (warps a program of the d_state-16 forward, 8 channels a
-warp; the backward's programs per SM when chunked: it is written for one warp of 32 channels) and runs the table with
-the fastest; then a few chunk targets of that forward at 64k tokens.
+warp; the d_state-16 backward's programs per SM, chunked below that) and runs the table with the fastest; then a few
+chunk targets of that forward at 64k tokens.
 """
 
 from __future__ import annotations
@@ -211,18 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SWEEP = [  # (forward warps: 8 channels each, 4 lanes a channel; backward programs per SM when chunked)
-    (1, 32),
-    (2, 32),
-    (1, 16),
-    (1, 48),
+SWEEP = [  # (forward warps: 8 channels each, 4 lanes a channel; backward programs per SM (4 lanes a channel too):
+    (1, 16),  # unchunked from that many, else chunked to it; b8 d1536 is 1536 programs)
+    (2, 16),
+    (1, 12),
+    (1, 24),
 ]
 
 
 def set_tiles(cfg: tuple) -> None:
-    scan_module._FWD["quad"] = (cfg[0], *scan_module._FWD["quad"][1:])  # the forward d_state 16 takes
-    scan_module._BWD["chunking"] = (scan_module._BWD["chunking"][0], cfg[1])
-    scan_module._BWD["chunking_few"] = cfg[1]
+    """The settings d_state 16 takes: the 4-lane forward's warps a program, the 4-lane backward's chunk target."""
+    scan_module._FWD["quad"] = (cfg[0], *scan_module._FWD["quad"][1:])
+    scan_module._BWD["quad"] = (cfg[1], cfg[1])
 
 
 def sweep() -> tuple:

@@ -1054,6 +1054,15 @@ def _quad_bwd_inputs(t, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, 
 
 
 @triton.jit
+def _quad_bwd_tile(t, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z: tl.constexpr):
+    """_quad_bwd_inputs of the 4 groups of the tile at t."""
+    return (_quad_bwd_inputs(t, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+            _quad_bwd_inputs(t + 4, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+            _quad_bwd_inputs(t + 8, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
+            _quad_bwd_inputs(t + 12, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z))
+
+
+@triton.jit
 def _quad_bwd_prep(inp, t, L, m_c, q, bias, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """The per-channel work of step t + q in the 4-lane backward: Δ after bias and softplus (0 past L), Δ u, u,
     softplus' (the sigmoid; 1 without softplus), the gated dy (dy silu(z)), dy silu'(z) and whether the step is live."""
@@ -1192,14 +1201,16 @@ def _bwd_quad_kernel(
     LANES: tl.constexpr, SHFL: tl.constexpr,
 ):
     """The gradients of one chunk (_bwd_seq_kernel's job, d_state 16) in the layout of _fwd_quad_kernel: 4 lanes a
-    channel, 4 states a lane, 8 channels a warp, so batch 8 x 1536 channels is 1536 warps and runs unchunked. Tiles
+    channel, 4 states a lane, 8 channels a warp, so batch 8 x 1536 channels is 1536 warps (at 254 registers, 8 warps
+    an SM, it runs fastest cut into 2 chunks: _BWD["quad"]). Tiles
     of 16 steps (_T) run last to first; per tile, all in registers (no scratch):
       A. lane q prepares step t0 + 4 s + q of each of the tile's 4 groups s (_quad_bwd_prep: softplus, its
          derivative, the gate), then from the tile's saved start state runs groups 0 .. 2 forward, keeping the state
          before each group;
       B. per group, last to first (_quad_adjoint_group): its 4 states and exps again, then 4 steps of the adjoint
          g_t = C_t dy'_t + exp(Δ_{t+1} A) g_{t+1}, from the adjoint flowing in from the right (carry).
-    So a state-step costs 1.75 exp2. u, Δ, dy, z are read a tile ahead (one scalar load a lane and group each).
+    So a state-step costs 1.75 exp2 as written; the compilers reuse most of pass A's in pass B (~1.25). u, Δ, dy, z
+    are read a tile ahead (one scalar load a lane and group each: _quad_bwd_tile)
     B, C: fp32 (b, l + 16, 16) with zero rows past l; dB_t, dC_t are added into dB, dC (b, l, 16) fp32 zeroed with
     relaxed fp32 atomics. Writes du, dΔ, dz in their strides; per-(batch, chunk) partial sums dA (b, c, d, n), dD and
     dΔ-bias (b, c, d); and dh0 (b, n, d) from chunk 0."""
@@ -1228,20 +1239,13 @@ def _bwd_quad_kernel(
     dA = tl.zeros((LANES, 4), tl.float32)
     dDacc = tl.zeros((LANES,), tl.float32)
     dbacc = tl.zeros((LANES,), tl.float32)
-    t = (j1 - 1) * 16
-    nxt = (_quad_bwd_inputs(t, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
-           _quad_bwd_inputs(t + 4, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
-           _quad_bwd_inputs(t + 8, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
-           _quad_bwd_inputs(t + 12, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z))
+    nxt = _quad_bwd_tile((j1 - 1) * 16, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z)
     for i in range(j1 - j0):
         j = j1 - 1 - i
         t0 = j * 16
         inp = nxt
         tn = tl.maximum(t0 - 16, j0 * 16)  # the next tile's inputs (the first tile's again at the last)
-        nxt = (_quad_bwd_inputs(tn, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
-               _quad_bwd_inputs(tn + 4, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
-               _quad_bwd_inputs(tn + 8, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z),
-               _quad_bwd_inputs(tn + 12, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z))
+        nxt = _quad_bwd_tile(tn, L, u_q, dt_q, dy_q, z_q, su_l, sdt_l, sdy_l, sz_l, m_c, q, HAS_Z)
         p0 = _quad_bwd_prep(inp[0], t0, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
         p1 = _quad_bwd_prep(inp[1], t0 + 4, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
         p2 = _quad_bwd_prep(inp[2], t0 + 8, L, m_c, q, bias, HAS_Z, SOFTPLUS, FAST)
@@ -1533,10 +1537,6 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    policy = _BWD["chunking"]
-    if b * triton.cdiv(d, _BWD["block_d"]) < _sm_count(u.device):  # fewer channel blocks than SMs (batch 1)
-        policy = (policy[0], _BWD["chunking_few"])
-    p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, policy)
     if sub.shape != (b, triton.cdiv(l, _T), d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     check_row_offsets("the gradient of y", dy)
@@ -1551,7 +1551,12 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
                 torch.zeros(d, **f32), dz, torch.zeros(d, **f32), dh0.transpose(1, 2))
     cuda = u.device.type == "cuda"
     if n == 16 and _BWD["quad"] is not None:  # 4 lanes a channel (_bwd_quad_kernel)
-        return _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, du, ddelta, dz, cuda)
+        parts = _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, du, ddelta, dz, cuda)
+        return _bwd_outputs(du, ddelta, dz, B, C, *parts)
+    policy = _BWD["chunking"]
+    if b * triton.cdiv(d, _BWD["block_d"]) < _sm_count(u.device):  # fewer channel blocks than SMs (batch 1)
+        policy = (policy[0], _BWD["chunking_few"])
+    p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, policy)
     block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
     # the reduce-scatter over lanes is written for 32 channels (one warp) x 16 states: shuffles on the GPU, under the
     # interpreter the same data movement as gathers (so that the CPU tests cover it); else tl.sum
@@ -1590,6 +1595,12 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
         *dy.stride(), *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None), 1,
         **consts, **p.sizes,
     )
+    return _bwd_outputs(du, ddelta, dz, B, C, dA_part, dB, dC, dD_part, dbias_part, dh0)
+
+
+def _bwd_outputs(du, ddelta, dz, B, C, dA_part, dB, dC, dD_part, dbias_part, dh0):
+    """The backward's outputs from its kernels' (_scan_bwd's order): the per-(batch, chunk) partial sums summed, dB and
+    dC ((b, l, n) fp32) as (b, n, l) in B's and C's dtypes, dh0 ((b, n, d)) as (b, d, n)."""
     return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
             dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
 
@@ -1597,7 +1608,9 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
 def _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, du, ddelta, dz, cuda):
     """_scan_bwd for d_state 16 with _bwd_quad_kernel (4 lanes a channel), chunked by _BWD["quad"] ((unchunked from,
     else chunked to) programs per SM), or by _BWD["quad_few"] ((below programs per SM, chunked to programs per SM)).
-    gfinal: (b, n, d) contiguous or None; flags: HAS_Z, HAS_BIAS, SOFTPLUS; du, ddelta, dz: the outputs to fill."""
+    gfinal: (b, n, d) contiguous or None; flags: HAS_Z, HAS_BIAS, SOFTPLUS; du, ddelta, dz: the outputs to fill.
+    Returns the rest for _bwd_outputs, fp32: the dA partial sums, dB, dC (b, l, n), the dD and dΔ-bias partial sums
+    and dh0 (b, n, d)."""
     b, d, l = u.shape
     n = 16
     f32 = dict(dtype=torch.float32, device=u.device)
@@ -1621,8 +1634,7 @@ def _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, 
         **consts, HAS_D=D is not None, LANES=32, SHFL=shfl, num_warps=1,
         **(dict(maxnreg=_BWD["quad_maxnreg"]) if _BWD["quad_maxnreg"] and cuda else {}),
     )
-    return (du, ddelta, dA_part.sum((0, 1)), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
-            dD_part.sum((0, 1)), dz, dbias_part.sum((0, 1)), dh0.transpose(1, 2))
+    return dA_part, dB, dC, dD_part, dbias_part, dh0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
