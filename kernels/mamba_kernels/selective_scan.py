@@ -1034,12 +1034,13 @@ def _bwd_seq_kernel(
 
 
 @triton.jit
-def _quad_rs(p0, p1, p2, p3, b1, b0, SHFL: tl.constexpr):
-    """Reduce-scatter over a channel's 4 lanes of 4 per-lane partial sums (of steps 0 .. 3 of a group): lane q ends
-    with the whole sum of step q (3 shuffles; lane bit 1 picks steps {0, 1} or {2, 3}, bit 0 one of them)."""
-    k0 = tl.where(b1, p2, p0) + _shfl_xor(tl.where(b1, p0, p2), 2, SHFL)
-    k1 = tl.where(b1, p3, p1) + _shfl_xor(tl.where(b1, p1, p3), 2, SHFL)
-    return tl.where(b0, k1, k0) + _shfl_xor(tl.where(b0, k0, k1), 1, SHFL)
+def _quad_rs(p0, p1, p2, p3, b1, b0, SHFL: tl.constexpr, M1: tl.constexpr = 2, M0: tl.constexpr = 1):
+    """Reduce-scatter of 4 per-lane partial sums (of steps 0 .. 3 of a group) over the 4 lanes that differ in lane
+    bits M1 and M0 (b1, b0: this lane's bits): each ends with the whole sum of the step its bits pick (3 shuffles; bit
+    M1 picks steps {0, 1} or {2, 3}, bit M0 one of them). Default: a channel's 4 lanes, lane q with step q."""
+    k0 = tl.where(b1, p2, p0) + _shfl_xor(tl.where(b1, p0, p2), M1, SHFL)
+    k1 = tl.where(b1, p3, p1) + _shfl_xor(tl.where(b1, p1, p3), M1, SHFL)
+    return tl.where(b0, k1, k0) + _shfl_xor(tl.where(b0, k0, k1), M0, SHFL)
 
 
 @triton.jit
@@ -1099,20 +1100,15 @@ def _quad_bwd_prep(inp, t, L, m_c, q, bias, HAS_Z: tl.constexpr, SOFTPLUS: tl.co
 
 
 @triton.jit
-def _quad_col(tile, i: tl.constexpr):
-    """Column i of a (LANES, 4) tile whose row a lane holds in registers: folds to a register read."""
-    return tl.sum(tl.where(tl.arange(0, 4)[None, :] == i, tile, -0.0), axis=1)
-
-
-@triton.jit
 def _red_add4(ptrs, v, mask, SHFL: tl.constexpr):
     """Atomically add each lane's 4 values v (a (LANES, 4) tile) to the 4 contiguous fp32 at ptrs (LANES,), where
     mask: one red.global.add.v4.f32 a lane on the GPU (SHFL 1; sm_90 PTX), tl.atomic_add elsewhere."""
     if SHFL == 1:
+        k4 = tl.arange(0, 4)
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.relaxed.gpu.global.add.v4.f32 [$1], {$2, $3, $4, $5}; }"
             " mov.u32 $0, 0;", "=r,l,r,r,r,r,r",
-            [ptrs.to(tl.int64), _quad_col(v, 0), _quad_col(v, 1), _quad_col(v, 2), _quad_col(v, 3), mask.to(tl.int32)],
+            [ptrs.to(tl.int64), _col(v, k4, 0), _col(v, k4, 1), _col(v, k4, 2), _col(v, k4, 3), mask.to(tl.int32)],
             dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.atomic_add(ptrs[:, None] + tl.arange(0, 4)[None, :], v, mask=mask[:, None], sem="relaxed")
@@ -1182,9 +1178,7 @@ def _quad_adjoint_group(t, L, g, e_next, h0, pre, A2, Dv, dA, dDacc, dbacc, B_q,
     r1 = tl.where(b4, dC1, dB1) + _shfl_xor(tl.where(b4, dB1, dC1), 16, SHFL)
     r2 = tl.where(b4, dC2, dB2) + _shfl_xor(tl.where(b4, dB2, dC2), 16, SHFL)
     r3 = tl.where(b4, dC3, dB3) + _shfl_xor(tl.where(b4, dB3, dC3), 16, SHFL)
-    s0 = tl.where(b3, r2, r0) + _shfl_xor(tl.where(b3, r0, r2), 8, SHFL)
-    s1 = tl.where(b3, r3, r1) + _shfl_xor(tl.where(b3, r1, r3), 8, SHFL)
-    v = tl.where(b2, s1, s0) + _shfl_xor(tl.where(b2, s0, s1), 4, SHFL)
+    v = _quad_rs(r0, r1, r2, r3, b3, b2, SHFL, 8, 4)
     ts = t + ((lane >> 2) & 3)
     _red_add4(dBC_b + ts * 16 + q * 4, v, ts < L, SHFL)
     return g, e0, dA, dDacc, dbacc
