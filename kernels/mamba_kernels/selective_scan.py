@@ -1747,6 +1747,9 @@ def selective_scan(
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    op = _scan_fwd_op if torch.compiler.is_compiling() else _EagerScan.apply  # the same kernels either way
+    if torch.compiler.is_compiling():
+        op = _scan_fwd_op
+    else:  # the same kernels; without a gradient to take, no autograd Function either (its apply costs host time)
+        op = _EagerScan.apply if save else _scan_fwd
     y, final, _ = op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
     return y, final

@@ -107,6 +107,23 @@ def test_scan_without_grad_saves_nothing():
     assert sub.shape == (1, 0, 4, 8)
 
 
+def test_scan_without_a_gradient_skips_autograd(monkeypatch):
+    """Under no_grad (or with no input needing a gradient) selective_scan calls the forward directly, not through the
+    autograd Function (whose apply costs host time), with the same outputs; with a gradient it takes the Function."""
+    x = {k: None if v is None else v.detach().float() for k, v in scan_inputs(1, 4, 21, 8, torch.float32).items()}
+    y_ref, h_ref = mk.selective_scan(**x, delta_softplus=True)
+    applied = []
+    real_apply = scan_module._EagerScan.apply
+    monkeypatch.setattr(scan_module._EagerScan, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    with torch.no_grad():
+        y, h = mk.selective_scan(**{k: None if v is None else v.requires_grad_() for k, v in x.items()},
+                                 delta_softplus=True)
+    assert not applied and not y.requires_grad
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+    y, h = mk.selective_scan(**x, delta_softplus=True)
+    assert applied == [1] and y.requires_grad and torch.equal(y.detach(), y_ref)
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_scan_gradient_through_one_output(which):
     """A loss on y alone or on the final state alone: the other output's gradient is None in the backward (no zeros
