@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none
-from ._triton_common import load_channel_vector, sigmoid, silu, softplus
+from ._triton_common import lg2_approx, load_channel_vector, rcp_approx, sigmoid, silu, softplus
 
 __all__ = ["selective_scan"]
 
@@ -496,8 +496,7 @@ def _fwd_quad_kernel(
                 y = (_quad_rs(y0, y1, y2, y3, b1, b0, SHFL) + yD) * gate  # lane q: the whole C_t . h of step t + q
                 tl.store(y_q + t * DIM, y.to(y_ptr.dtype.element_ty), mask=live)
     if LOCAL:
-        dsum += _shfl_xor(dsum, 1, SHFL)
-        dsum += _shfl_xor(dsum, 2, SHFL)
+        dsum = _quad_sum(dsum, SHFL)
         tl.store(final_ptr + ((pid_b * NCHUNK + pid_c) * 16 + n2) * DIM + chs[:, None], h, mask=m2)
         tl.store(sub_ptr + (pid_b * DIM + chs) * NCHUNK + pid_c, dsum, mask=m_c & (q == 0))
     elif pid_c == NCHUNK - 1:
@@ -648,6 +647,13 @@ def _shfl_xor(x, M: tl.constexpr, SHFL: tl.constexpr):
     else:
         y = tl.gather(x, (tl.zeros(x.shape, tl.int32) + _lane_index(x)) ^ M, 0)
     return y
+
+
+@triton.jit
+def _quad_sum(x, SHFL: tl.constexpr):
+    """x summed over the aligned 4 lanes of a channel (lane bits 0 and 1), in each of them."""
+    x += _shfl_xor(x, 1, SHFL)
+    return x + _shfl_xor(x, 2, SHFL)
 
 
 @triton.jit
@@ -1075,12 +1081,8 @@ def _quad_bwd_prep(inp, t, L, m_c, q, bias, HAS_Z: tl.constexpr, SOFTPLUS: tl.co
         if FAST:  # e = e^r: softplus ln(1 + e) and its derivative e / (1 + e) from one ex2 (and lg2, rcp)
             e = tl.exp2(r * 1.4426950408889634)
             e1 = e + 1.0
-            lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e1], dtype=tl.float32, is_pure=True,
-                                           pack=1)
-            rc = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e1], dtype=tl.float32,
-                                           is_pure=True, pack=1)
-            dt = tl.where(r > 20.0, r, lg * 0.6931471805599453)
-            sp = tl.where(r > 20.0, 1.0, e * rc)
+            dt = tl.where(r > 20.0, r, lg2_approx(e1) * 0.6931471805599453)
+            sp = tl.where(r > 20.0, 1.0, e * rcp_approx(e1))
         else:
             dt = softplus(r, SOFTPLUS)
             sp = tl.where(r > 20.0, 1.0, tl.sigmoid(r))
@@ -1262,10 +1264,8 @@ def _bwd_quad_kernel(
         g, e_next, dA, dDacc, dbacc = _quad_adjoint_group(
             t0, L, g, e_next, h0, p0, A2, Dv, dA, dDacc, dbacc, B_q, C_q, dBC_b, du_q, ddt_q, dz_q, sdu_l,
             sddt_l, sdz_l, n2, q, lane, HAS_Z, SHFL)
-    dDacc += _shfl_xor(dDacc, 1, SHFL)
-    dDacc += _shfl_xor(dDacc, 2, SHFL)
-    dbacc += _shfl_xor(dbacc, 1, SHFL)
-    dbacc += _shfl_xor(dbacc, 2, SHFL)
+    dDacc = _quad_sum(dDacc, SHFL)
+    dbacc = _quad_sum(dbacc, SHFL)
     part = (pid_b * NCHUNK + pid_c) * DIM + chs
     tl.store(dA_ptr + part[:, None] * 16 + n2, dA, mask=m2)
     tl.store(dD_ptr + part, dDacc, mask=m_c & (q == 0))
