@@ -70,9 +70,12 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # ahead: 0.307 ms at b8, 32: 0.275): B and C are loaded a group ahead (two groups ahead: 0.279). "quad_far_in": the
 # main pass loads u, Δ and z 3 groups ahead instead of 2 (torch profiler, per kernel: b8 0.260 -> 0.242 ms, saving the
 # tile states 0.280 -> 0.266; b1 l65536 saving 0.930 -> 0.889, but not saving 0.869 -> 0.993, and the local pass
-# 0.563 -> 0.562: so only where the main pass saves states or runs unchunked).
+# 0.563 -> 0.562: so only where the main pass saves states or runs unchunked). "quad_l2_ahead": steps of u, Δ, z the
+# main pass prefetches into L2 ahead (0: off); with y stored a group late (always), same-run CUDA-graph A/B, H100,
+# b8 l2048 / b1 l65536 forward: 0.2520 -> 0.2316 / 1.4300 -> 1.3888 ms (24 steps: 0.2318, 64: 0.2317; the
+# prefetch without the late y 0.2453, the late y alone 0.2491), forward + backward 1.2587 -> 1.2415 / 5.2805 -> 5.2728.
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
-        "quad_far_in": True}
+        "quad_far_in": True, "quad_l2_ahead": 32}
 # "quad" (d_state 16: _bwd_quad_kernel, 8 channels a warp, 254 registers: 8 warps an SM): (unchunked from, else
 # chunked to) programs per SM; "quad_few": (below programs per SM, chunked to): H100 fwd+bwd (CUDA graph) for targets
 # 16/24/32/48/64/96: b8 d1536 l2048 1.260/1.320/1.320/1.307/1.302/1.284 ms (2 chunks at 16; unchunked 1.315), b1
@@ -193,6 +196,31 @@ def _prefetch_l1(ptrs):
     """prefetch.global.L1 of each lane's address (GPU only: inline PTX)."""
     tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L1 [$1];", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of each lane's address (GPU only: inline PTX)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _quad_prefetch_l2(j, r0, L, pid_d, pid_b, chs, lane, DIM, s_one, u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d,
+                      sdt_l, z_ptr, sz_b, sz_d, sz_l, HAS_Z: tl.constexpr):
+    """L2 prefetch, in tile j, of steps r0 .. r0 + 15 of u, Δ and z, for the model's layout (u channel-major, as the
+    conv hands it over; Δ and z time-major, from the projections; other layouts get less of it). u: every 4th tile,
+    each lane the line of its channel at step r0 (128 bytes: 64 bf16 steps; every lane's channel must exist). Δ and z:
+    a step's row is read by every warp of the batch row, so in each tile every 8th warp in turn prefetches row
+    (pid_d / 8) % 16 of the window, its lanes 128 bytes each (the row's first 2048 bf16 channels)."""
+    if (j % 4) == 0:
+        _prefetch_l2(u_ptr + pid_b * su_b + chs * su_d + tl.minimum(r0, L - 1) * su_l)
+    if ((pid_d + j) & 7) == 0:
+        rr = tl.minimum(r0 + ((pid_d >> 3) & 15), L - 1)
+        cl = tl.minimum(lane * 64, DIM - 1) * s_one
+        _prefetch_l2(dt_ptr + pid_b * sdt_b + rr * sdt_l + cl * sdt_d)
+        if HAS_Z:
+            _prefetch_l2(z_ptr + pid_b * sz_b + rr * sz_l + cl * sz_d)
 
 
 @triton.jit
@@ -410,7 +438,7 @@ def _fwd_quad_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBC_b, sz_b, sz_d, sz_l, s_one,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
     HAS_START: tl.constexpr, LOCAL: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr, BLOCK_T: tl.constexpr,
-    SHFL: tl.constexpr, FAR_IN: tl.constexpr,
+    SHFL: tl.constexpr, FAR_IN: tl.constexpr, L2_AHEAD: tl.constexpr,
 ):
     """The forward of _fwd_seq_kernel (same arguments and outputs; d_state 16) with 4 lanes a channel: each lane holds
     4 of its channel's 16 states, so a warp is 8 channels and batch 8 x 1536 channels is 1536 warps, enough to fill
@@ -421,7 +449,13 @@ def _fwd_quad_kernel(
     and each lane sums C_t . h over its 4 states; the 4 steps' partial sums are then reduce-scattered over the 4 lanes
     (3 shuffles), leaving lane q the whole C_t . h of step t0 + q, which it gates and stores.
     B and C: fp32 (b, l + 8, 16) with zero rows past l (a group's loads, and the next group's, need no mask), each
-    lane reading its 4 states as one 16-byte vector, an iteration ahead."""
+    lane reading its 4 states as one 16-byte vector, an iteration ahead.
+
+    The main pass gates and stores a group's y in the next group's iteration (its 4 partial sums carried), so that the
+    reduce-scatter's shuffles overlap the next group's steps; and with L2_AHEAD (GPU only) it prefetches u, Δ and z
+    into L2 that many steps ahead, a tile (16 steps) at a time (_quad_prefetch_l2): ptxas puts the loads of u, Δ, z
+    three groups ahead and those of B, C one group ahead on one scoreboard, so each group's first use of B waited for
+    u, Δ, z from HBM."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     q, ch, m_c, chs, qs, n2, m2, A2, bias = _quad_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, LANES)
     Dv = load_channel_vector(D_ptr, chs, m_c, HAS_D)
@@ -470,9 +504,16 @@ def _fwd_quad_kernel(
             h, _ = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Bg[3], SHFL)
             dsum += dtq
     else:
+        lane = tl.arange(0, LANES)
+        zf = tl.zeros((LANES,), tl.float32)
+        # the previous group's partial sums of C_t . h, D u, gate, live steps and start (none before the first)
+        p0, p1, p2, p3, pyD, pgate, plive, pt = zf, zf, zf, zf, zf, zf, m_c & (q < 0), t
         for j in range(pid_c * SUBS, tl.minimum(pid_c * SUBS + SUBS, NSUB)):
             if SAVE:
                 tl.store(sub_ptr + ((pid_b * NSUB + j) * DIM + chs[:, None]) * 16 + n2, h, mask=m2)
+            if L2_AHEAD:
+                _quad_prefetch_l2(j, j * BLOCK_T + L2_AHEAD, L, pid_d, pid_b, chs, lane, DIM, s_one, u_ptr, su_b, su_d,
+                                  su_l, dt_ptr, sdt_b, sdt_d, sdt_l, z_ptr, sz_b, sz_d, sz_l, HAS_Z)
             # unrolled twice: the loop-carried loads then need 9 register copies a group instead of 49
             for g in tl.range(j * GT, tl.minimum(j * GT + GT, g1), loop_unroll_factor=2):
                 t = g * 4
@@ -489,12 +530,16 @@ def _fwd_quad_kernel(
                     nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
                 nB = _quad_rows(B_q + (t + 4) * 16)
                 nC = _quad_rows(C_q + (t + 4) * 16)
-                h, y0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], SHFL)
-                h, y1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], SHFL)
-                h, y2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], SHFL)
-                h, y3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], SHFL)
-                y = (_quad_rs(y0, y1, y2, y3, b1, b0, SHFL) + yD) * gate  # lane q: the whole C_t . h of step t + q
-                tl.store(y_q + t * DIM, y.to(y_ptr.dtype.element_ty), mask=live)
+                # the previous group's y: lane q, the whole C_t . h of step pt + q
+                y = (_quad_rs(p0, p1, p2, p3, b1, b0, SHFL) + pyD) * pgate
+                tl.store(y_q + pt * DIM, y.to(y_ptr.dtype.element_ty), mask=plive)
+                h, p0 = _quad_step(h, A2, dtq, dtuq, 0, Bg[0], Cg[0], SHFL)
+                h, p1 = _quad_step(h, A2, dtq, dtuq, 1, Bg[1], Cg[1], SHFL)
+                h, p2 = _quad_step(h, A2, dtq, dtuq, 2, Bg[2], Cg[2], SHFL)
+                h, p3 = _quad_step(h, A2, dtq, dtuq, 3, Bg[3], Cg[3], SHFL)
+                pyD, pgate, plive, pt = yD, gate, live, t
+        y = (_quad_rs(p0, p1, p2, p3, b1, b0, SHFL) + pyD) * pgate
+        tl.store(y_q + pt * DIM, y.to(y_ptr.dtype.element_ty), mask=plive)
     if LOCAL:
         dsum = _quad_sum(dsum, SHFL)
         tl.store(final_ptr + ((pid_b * NCHUNK + pid_c) * 16 + n2) * DIM + chs[:, None], h, mask=m2)
@@ -1480,7 +1525,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         # Local states of every chunk but the last (whose end state the main pass computes).
         kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims,
                                               *strides, **flags, SAVE=False, LOCAL=True, HAS_START=False,
-                                              **(dict(FAR_IN=False) if quad else {}))
+                                              **(dict(FAR_IN=False, L2_AHEAD=0) if quad else {}))
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(triton.cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
@@ -1488,6 +1533,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     final = torch.empty(b, n, d, **f32)
     if quad:  # u, Δ, z 3 groups ahead in the main pass only when it saves states or runs unchunked (measured)
         flags["FAR_IN"] = _FWD["quad_far_in"] and (save_states or p.nchunk == 1)
+        # the prefetch of u reads the lane's channel unmasked: only where every lane's channel exists (8 divides d)
+        flags["L2_AHEAD"] = _FWD["quad_l2_ahead"] if cuda and d % 8 == 0 else 0
     kernel[(p.d_blocks, p.nchunk, b)](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides,
                                       **flags, SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None)
     return y, final.transpose(1, 2), sub
