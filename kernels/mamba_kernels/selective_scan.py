@@ -74,8 +74,11 @@ _T = 16  # time steps per tile: the forward saves the state at each tile start, 
 # main pass prefetches into L2 ahead (0: off); with y stored a group late (always), same-run CUDA-graph A/B, H100,
 # b8 l2048 / b1 l65536 forward: 0.2520 -> 0.2316 / 1.4300 -> 1.3888 ms (24 steps: 0.2318, 64: 0.2317; the
 # prefetch without the late y 0.2453, the late y alone 0.2491), forward + backward 1.2587 -> 1.2415 / 5.2805 -> 5.2728.
+# "quad_bc_evict_last": the main pass loads B and C with the evict_last hint; same-run A/B (twentieth session, H100):
+# b8 forward 0.2306 / 0.2310 -> 0.2219 / 0.2218 ms, forward + backward 1.2385 -> 1.1668; b1 l65536 unchanged (forward
+# 1.411 -> 1.414, forward + backward 5.280 -> 5.286).
 _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefetch": 16, "quad": (1, 8, 64),
-        "quad_far_in": True, "quad_l2_ahead": 32}
+        "quad_far_in": True, "quad_l2_ahead": 32, "quad_bc_evict_last": True}
 # "quad" (d_state 16: _bwd_quad_kernel, 8 channels a warp, 254 registers: 8 warps an SM): (unchunked from, else
 # chunked to) programs per SM; "quad_few": (below programs per SM, chunked to): H100 fwd+bwd (CUDA graph) for targets
 # 16/24/32/48/64/96: b8 d1536 l2048 1.260/1.320/1.320/1.307/1.302/1.284 ms (2 chunks at 16; unchunked 1.315), b1
@@ -425,10 +428,18 @@ def _quad_step(h, A2, dtq, dtuq, k: tl.constexpr, Bt, Ct, SHFL: tl.constexpr):
 
 
 @triton.jit
-def _quad_rows(p):
-    """The 4 rows of a group at p (of B or C), each lane its 4 states of a row, in fp32."""
-    return (tl.load(p).to(tl.float32), tl.load(p + 16).to(tl.float32), tl.load(p + 32).to(tl.float32),
-            tl.load(p + 48).to(tl.float32))
+def _quad_rows(p, EVICT_LAST: tl.constexpr = False):
+    """The 4 rows of a group at p (of B or C), each lane its 4 states of a row, in fp32. EVICT_LAST: load them with
+    the evict_last hint, L1 and L2 (see _fwd_quad_kernel)."""
+    if EVICT_LAST:
+        rows = (tl.load(p, eviction_policy="evict_last").to(tl.float32),
+                tl.load(p + 16, eviction_policy="evict_last").to(tl.float32),
+                tl.load(p + 32, eviction_policy="evict_last").to(tl.float32),
+                tl.load(p + 48, eviction_policy="evict_last").to(tl.float32))
+    else:
+        rows = (tl.load(p).to(tl.float32), tl.load(p + 16).to(tl.float32), tl.load(p + 32).to(tl.float32),
+                tl.load(p + 48).to(tl.float32))
+    return rows
 
 
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "s_one"])
@@ -438,7 +449,7 @@ def _fwd_quad_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBC_b, sz_b, sz_d, sz_l, s_one,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
     HAS_START: tl.constexpr, LOCAL: tl.constexpr, FAST: tl.constexpr, LANES: tl.constexpr, BLOCK_T: tl.constexpr,
-    SHFL: tl.constexpr, FAR_IN: tl.constexpr, L2_AHEAD: tl.constexpr,
+    SHFL: tl.constexpr, FAR_IN: tl.constexpr, L2_AHEAD: tl.constexpr, BC_LAST: tl.constexpr,
 ):
     """The forward of _fwd_seq_kernel (same arguments and outputs; d_state 16) with 4 lanes a channel: each lane holds
     4 of its channel's 16 states, so a warp is 8 channels and batch 8 x 1536 channels is 1536 warps, enough to fill
@@ -455,7 +466,9 @@ def _fwd_quad_kernel(
     reduce-scatter's shuffles overlap the next group's steps; and with L2_AHEAD (GPU only) it prefetches u, Δ and z
     into L2 that many steps ahead, a tile (16 steps) at a time (_quad_prefetch_l2): ptxas puts the loads of u, Δ, z
     three groups ahead and those of B, C one group ahead on one scoreboard, so each group's first use of B waited for
-    u, Δ, z from HBM."""
+    u, Δ, z from HBM. BC_LAST: the main pass loads B and C with the evict_last hint (L1 and L2). Measured, not
+    derived: the b8 forward 0.2310 -> 0.2218 ms (H100) with the same L1 hit rate under ncu; the hint on B alone, on C
+    alone, or with hints on u, Δ, z as well was slower (BENCHMARKS.md section 5)."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     q, ch, m_c, chs, qs, n2, m2, A2, bias = _quad_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS, LANES)
     Dv = load_channel_vector(D_ptr, chs, m_c, HAS_D)
@@ -486,8 +499,8 @@ def _fwd_quad_kernel(
     if FAR_IN and not LOCAL:
         t += 4
         nxt2 = _quad_inputs(t, L, u_q + t * su_l, dt_q + t * sdt_l, z_q + t * sz_l, m_c, q, HAS_Z)
-    nB = _quad_rows(B_q + g0 * 64)
-    nC = nB if LOCAL else _quad_rows(C_q + g0 * 64)
+    nB = _quad_rows(B_q + g0 * 64, BC_LAST)
+    nC = nB if LOCAL else _quad_rows(C_q + g0 * 64, BC_LAST)
     if LOCAL:  # one loop over the chunk's groups (0.561 -> 0.540 ms at b1 l65536 against the main pass's tile loops)
         for g in tl.range(g0, g1, loop_unroll_factor=2):
             t = g * 4
@@ -528,8 +541,8 @@ def _fwd_quad_kernel(
                 else:
                     tn = t + 8
                     nxt = _quad_inputs(tn, L, u_q + tn * su_l, dt_q + tn * sdt_l, z_q + tn * sz_l, m_c, q, HAS_Z)
-                nB = _quad_rows(B_q + (t + 4) * 16)
-                nC = _quad_rows(C_q + (t + 4) * 16)
+                nB = _quad_rows(B_q + (t + 4) * 16, BC_LAST)
+                nC = _quad_rows(C_q + (t + 4) * 16, BC_LAST)
                 # the previous group's y: lane q, the whole C_t . h of step pt + q
                 y = (_quad_rs(p0, p1, p2, p3, b1, b0, SHFL) + pyD) * pgate
                 tl.store(y_q + pt * DIM, y.to(y_ptr.dtype.element_ty), mask=plive)
@@ -1525,7 +1538,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         # Local states of every chunk but the last (whose end state the main pass computes).
         kernel[(p.d_blocks, p.nchunk - 1, b)](u, delta, A, B, C, D, z, delta_bias, start, y, local, dsum, *dims,
                                               *strides, **flags, SAVE=False, LOCAL=True, HAS_START=False,
-                                              **(dict(FAR_IN=False, L2_AHEAD=0) if quad else {}))
+                                              **(dict(FAR_IN=False, L2_AHEAD=0, BC_LAST=False) if quad else {}))
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(triton.cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
@@ -1535,6 +1548,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         flags["FAR_IN"] = _FWD["quad_far_in"] and (save_states or p.nchunk == 1)
         # the prefetch of u reads the lane's channel unmasked: only where every lane's channel exists (8 divides d)
         flags["L2_AHEAD"] = _FWD["quad_l2_ahead"] if cuda and d % 8 == 0 else 0
+        flags["BC_LAST"] = _FWD["quad_bc_evict_last"]
     kernel[(p.d_blocks, p.nchunk, b)](u, delta, A, B, C, D, z, delta_bias, start, y, final, sub, *dims, *strides,
                                       **flags, SAVE=save_states, LOCAL=False, HAS_START=p.nchunk > 1 or h0 is not None)
     return y, final.transpose(1, 2), sub
