@@ -428,18 +428,21 @@ def _quad_step(h, A2, dtq, dtuq, k: tl.constexpr, Bt, Ct, SHFL: tl.constexpr):
 
 
 @triton.jit
+def _quad_row(p, EVICT_LAST: tl.constexpr):
+    """One row of _quad_rows, in fp32."""
+    if EVICT_LAST:
+        v = tl.load(p, eviction_policy="evict_last")
+    else:
+        v = tl.load(p)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _quad_rows(p, EVICT_LAST: tl.constexpr = False):
     """The 4 rows of a group at p (of B or C), each lane its 4 states of a row, in fp32. EVICT_LAST: load them with
     the evict_last hint, L1 and L2 (see _fwd_quad_kernel)."""
-    if EVICT_LAST:
-        rows = (tl.load(p, eviction_policy="evict_last").to(tl.float32),
-                tl.load(p + 16, eviction_policy="evict_last").to(tl.float32),
-                tl.load(p + 32, eviction_policy="evict_last").to(tl.float32),
-                tl.load(p + 48, eviction_policy="evict_last").to(tl.float32))
-    else:
-        rows = (tl.load(p).to(tl.float32), tl.load(p + 16).to(tl.float32), tl.load(p + 32).to(tl.float32),
-                tl.load(p + 48).to(tl.float32))
-    return rows
+    return (_quad_row(p, EVICT_LAST), _quad_row(p + 16, EVICT_LAST), _quad_row(p + 32, EVICT_LAST),
+            _quad_row(p + 48, EVICT_LAST))
 
 
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "s_one"])
