@@ -195,16 +195,9 @@ def _fwd_step(t, L, u, raw, z, Bt, Ct, h, dsum, A, bias, Dv, mask_d, y_ptrs, DIM
 
 
 @triton.jit
-def _prefetch_l1(ptrs):
-    """prefetch.global.L1 of each lane's address (GPU only: inline PTX)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L1 [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of each lane's address (GPU only: inline PTX)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+def _prefetch(ptrs, LEVEL: tl.constexpr):
+    """prefetch.global.L1 or .L2 (LEVEL "L1", "L2") of each lane's address (GPU only: inline PTX)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global." + LEVEL + " [$1];", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
@@ -217,13 +210,13 @@ def _quad_prefetch_l2(j, r0, L, pid_d, pid_b, chs, lane, DIM, s_one, u_ptr, su_b
     a step's row is read by every warp of the batch row, so in each tile every 8th warp in turn prefetches row
     (pid_d / 8) % 16 of the window, its lanes 128 bytes each (the row's first 2048 bf16 channels)."""
     if (j % 4) == 0:
-        _prefetch_l2(u_ptr + pid_b * su_b + chs * su_d + tl.minimum(r0, L - 1) * su_l)
+        _prefetch(u_ptr + pid_b * su_b + chs * su_d + tl.minimum(r0, L - 1) * su_l, "L2")
     if ((pid_d + j) & 7) == 0:
         rr = tl.minimum(r0 + ((pid_d >> 3) & 15), L - 1)
         cl = tl.minimum(lane * 64, DIM - 1) * s_one
-        _prefetch_l2(dt_ptr + pid_b * sdt_b + rr * sdt_l + cl * sdt_d)
+        _prefetch(dt_ptr + pid_b * sdt_b + rr * sdt_l + cl * sdt_d, "L2")
         if HAS_Z:
-            _prefetch_l2(z_ptr + pid_b * sz_b + rr * sz_l + cl * sz_d)
+            _prefetch(z_ptr + pid_b * sz_b + rr * sz_l + cl * sz_d, "L2")
 
 
 @triton.jit
@@ -341,9 +334,9 @@ def _fwd_seq_kernel(
             for k in tl.static_range(U):
                 if PF > 0:  # B_t and C_t rows PF steps ahead into L1 (their loads below then hit it)
                     tp = tl.minimum(t0 + k + PF, L - 1)
-                    _prefetch_l1(B_row + tp * sB_l)
+                    _prefetch(B_row + tp * sB_l, "L1")
                     if not LOCAL:
-                        _prefetch_l1(C_row + tp * sC_l)
+                        _prefetch(C_row + tp * sC_l, "L1")
                 Bt = _load_or_zero(B_ptrs + (t0 + k) * sB_l, mask_bn)
                 Ct = Bt if LOCAL else _load_or_zero(C_ptrs + (t0 + k) * sC_l, mask_bn)
                 h, dsum = _fwd_step(t0 + k, L, _row(ug, offs_k, k), _row(dg, offs_k, k), _row(zg, offs_k, k), Bt, Ct,
@@ -621,7 +614,7 @@ def _bwd_local_kernel(
         for k in tl.static_range(3, -1, -1):
             t = ts + k
             if PF > 0:
-                _prefetch_l1(C_row + tl.maximum(t - PF, 0) * sC_l)
+                _prefetch(C_row + tl.maximum(t - PF, 0) * sC_l, "L1")
             Ct = _load_or_zero(C_ptrs + tl.minimum(t, L - 1) * sC_l, mask_bn)
             g = tl.exp2(dt_next[:, None, None] * A2) * g + Ct * _col(dyg, offs_k, k)[:, None, None]
             dsum += dt_next
@@ -1029,8 +1022,8 @@ def _bwd_seq_kernel(
         h = tl.load(sub_ptr + ((pid_b * NSUB + j) * DIM + d3) * N + n3, mask=mask3, other=0.0)
         if PF > 0:  # B and C rows into L1 (prefetch.global.L1): the first sub-tile's here, then ahead in the loop
             for k in tl.static_range(4):
-                _prefetch_l1(B_row + tl.minimum(t0 + k, L - 1) * sB_l)
-                _prefetch_l1(C_row + tl.minimum(t0 + k, L - 1) * sC_l)
+                _prefetch(B_row + tl.minimum(t0 + k, L - 1) * sB_l, "L1")
+                _prefetch(C_row + tl.minimum(t0 + k, L - 1) * sC_l, "L1")
         # Each sub-tile's Δ (after softplus), softplus' and u go to the scratch too, for passes B, C. u and Δ are
         # loaded a sub-tile ahead (carried unconverted; the last sub-tile may run past L).
         mask_t = (offs_k[None, :] + t0 < L) & mask_d[:, None]
@@ -1051,8 +1044,8 @@ def _bwd_seq_kernel(
                              bias, SOFTPLUS, FAST, HAS_Z, BLOCK_D)
             for k in tl.static_range(4):
                 if PF > 0:  # B PF steps ahead for this pass, C a sub-tile ahead for pass C
-                    _prefetch_l1(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l)
-                    _prefetch_l1(C_row + tl.minimum(ts + k + 4, L - 1) * sC_l)
+                    _prefetch(B_row + tl.minimum(ts + k + PF, L - 1) * sB_l, "L1")
+                    _prefetch(C_row + tl.minimum(ts + k + 4, L - 1) * sC_l, "L1")
                 h = _rec(h, _col(dtg, offs_k, k), _col(ug, offs_k, k), _load_or_zero(B_ptrs + (ts + k) * sB_l + bn,
                                                                                       mask_bn), A2)
         tl.store(scr + (nss - 1) * (BLOCK_N * BLOCK_D), h)
