@@ -205,7 +205,8 @@ def test_resume_refuses_a_different_text(tmp_path, text_file, capsys):
 
 
 def test_shipped_model_is_a_trained_byte_model():
-    """models/kjv-byte loads, is byte-level, and predicts held-out KJV text far better than chance (8 bits/byte)."""
+    """models/kjv-byte loads, is byte-level, was trained on the shipped text, and predicts its held-out end far better
+    than chance (8 bits/byte): 1.553 bits/byte on these 4,096 bytes when it was shipped (fp32, CPU)."""
     from pathlib import Path
 
     from mamba_export.training.data import load_corpus
@@ -215,7 +216,7 @@ def test_shipped_model_is_a_trained_byte_model():
     model = load_checkpoint(root / "models" / "kjv-byte", backend="fast")
     assert json.loads((root / "models" / "kjv-byte" / "byte_vocab.json").read_text())["type"] == "bytes"
     summary = json.loads((root / "models" / "kjv-byte" / "training.json").read_text())
-    corpus = load_corpus(root / "data" / "kjv_genesis_to_job.txt", 0.05, 129)
+    corpus = load_corpus(root / "data" / "kjv.txt", 0.05, 129)
     assert corpus.sha256 == summary["data"]["sha256"]
     bits, scored = evaluate_bits(model, corpus.heldout[:4096], 4, 128)
-    assert bits / scored < 2.0
+    assert bits / scored < 1.65
