@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -120,7 +121,8 @@ def test_cli_run_writes_a_checkpoint_that_learns(tmp_path, text_file, capsys):
 
 def test_saved_checkpoint_gives_the_trained_models_logits(tmp_path, text_file):
     out = tmp_path / "ckpt"
-    model, _ = train(TrainOptions(data=str(text_file), out=str(out), preset="tiny", steps=6, progress=False))
+    model, _ = train(TrainOptions(data=str(text_file), out=str(out), preset="tiny", steps=6, device="cpu",
+                                  progress=False))
     loaded = load_checkpoint(out, backend="fast")
     ids = torch.tensor([list(TEXT[:50].encode())])
     with torch.no_grad():
@@ -220,3 +222,48 @@ def test_shipped_model_is_a_trained_byte_model():
     assert corpus.sha256 == summary["data"]["sha256"]
     bits, scored = evaluate_bits(model, corpus.heldout[:4096], 4, 128)
     assert bits / scored < 1.65
+
+
+def test_cuda_graph_option_errors_and_summary(tmp_path, text_file, capsys):
+    """--cuda-graph on without CUDA is a one-line error; on the CPU the steps run eagerly and the summary says so."""
+    err = _error_line(capsys, ["train", "--data", str(text_file), "--preset", "tiny", "-o", str(tmp_path / "a"),
+                               "--device", "cpu", "--cuda-graph", "on", "--no-progress"])
+    assert "--cuda-graph on needs a CUDA device" in err
+    assert not (tmp_path / "a").exists()
+    _, summary = train(TrainOptions(data=str(text_file), out=str(tmp_path / "b"), preset="tiny", steps=2,
+                                    device="cpu", progress=False))
+    assert summary["cuda_graph"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "fast"])
+def test_cuda_graph_steps_match_eager_steps(tmp_path, text_file, backend):
+    """On CUDA, 12 steps of the tiny preset as CUDA graph replays (captured after 3 eager steps) give the losses and
+    weights of 12 eager steps from the same seed; a graphed run resumes on the CPU (AdamW leaves capturable mode) and
+    on CUDA with a graph again."""
+    runs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        model, summary = train(TrainOptions(data=str(text_file), out=str(out), preset="tiny", steps=12,
+                                            backend=backend, device="cuda", cuda_graph=mode, progress=False))
+        losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        runs[mode] = (summary, losses, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    assert runs["on"][0]["cuda_graph"] is True and runs["off"][0]["cuda_graph"] is False
+    (_, on, w_on), (_, off, w_off) = runs["on"], runs["off"]
+    assert len(on) == len(off) == 12
+    assert max(abs(a - b) / b for a, b in zip(on, off)) < 1e-3, (on, off)
+    assert on[-1] < on[0] - 0.5  # it learns
+    for k in w_off:
+        assert torch.allclose(w_on[k], w_off[k], rtol=1e-3, atol=2e-3), k
+    # resume a graphed run: on the CPU (eager) and on CUDA (graphed again)
+    half = tmp_path / "half"
+    train(TrainOptions(data=str(text_file), out=str(half), preset="tiny", steps=12, until=6, backend=backend,
+                       device="cuda", cuda_graph="on", progress=False))
+    for device, mode in (("cpu", "off"), ("cuda", "on")):
+        cont = tmp_path / f"cont_{device}"
+        shutil.copytree(half, cont)
+        _, summary = train(TrainOptions(data=str(text_file), out=str(cont), resume=True, device=device,
+                                        backend=backend if device == "cuda" else "fast", cuda_graph=mode,
+                                        progress=False))
+        assert summary["steps_done"] == 12 and summary["cuda_graph"] is (device == "cuda")
+        assert summary["final_heldout_bpb"] < 8

@@ -31,6 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="operator backend: fast (default; plain PyTorch with a linear-time scan backward), "
                    "reference, triton or auto")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="run each training step as one CUDA graph replay (the same arithmetic without the host's "
+                   "per-step overhead): auto (default) does on CUDA and falls back to eager steps, with a warning, "
+                   "if the step cannot be captured; on makes that an error; off never")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         data=args.data, out=args.output, preset=args.preset, steps=args.steps, until=args.until, resume=args.resume,
         force=args.force, tokenizer=args.tokenizer, backend=args.backend, device=args.device,
-        progress=not args.no_progress,
+        cuda_graph=args.cuda_graph, progress=not args.no_progress,
     )
     _, summary = train(opts)
     final = summary["final_heldout_bpb"]

@@ -20,6 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ class TrainOptions:
         tokenizer: a tokenizers ``tokenizer.json``; None trains a byte-level model.
         backend: operator backend of the model ("fast", "reference", "triton", "auto"; see mamba_export.backends).
         device: "cpu", "cuda" or "auto" (CUDA when available).
+        cuda_graph: "auto" (on CUDA), "on" or "off": run the training step as one CUDA graph (see _GraphedStep).
         progress: show a progress bar.
     """
 
@@ -66,6 +68,7 @@ class TrainOptions:
     tokenizer: str | None = None
     backend: str = "fast"
     device: str = "auto"
+    cuda_graph: str = "auto"
     progress: bool = True
 
 
@@ -82,6 +85,7 @@ class RunState:
     batch_rng: torch.Tensor | None = None
     torch_rng: torch.Tensor | None = None
     data_sha256: str = ""
+    graphed: bool = False  # whether this session's steps ran as CUDA graph replays (not saved: per session)
 
 
 def lr_at(step: int, p: Preset) -> float:
@@ -104,9 +108,10 @@ def build_optimizer(model: MambaLM, p: Preset) -> torch.optim.AdamW:
 
 
 def _autocast(device: torch.device):
-    """bf16 autocast on GPU; plain float32 on CPU."""
+    """bf16 autocast on GPU; plain float32 on CPU. Without autocast's cast cache, which CUDA graph capture needs (the
+    step casts each weight once anyway), so that the eager and the graphed step compute the same."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -249,25 +254,118 @@ def _summary(rs: RunState, corpus: Corpus, opts: TrainOptions, model: MambaLM, f
                  "heldout_tokens": len(corpus.heldout), "heldout_bytes": corpus.heldout_bytes,
                  "tokenizer": "bytes" if opts.tokenizer is None else "tokenizer.json"},
         "steps_done": rs.step, "tokens_seen": rs.step * p.batch_size * p.seq_len, "wall_s": round(rs.wall_s, 1),
-        "backend": model.backend.name, "device": str(model.lm_head.weight.device), "torch": torch.__version__,
+        "backend": model.backend.name, "device": str(model.lm_head.weight.device), "cuda_graph": rs.graphed,
+        "torch": torch.__version__,
         "last_eval": last_eval and {"step": last_eval["step"], "heldout_bpb": last_eval["heldout_bpb"],
                                     "on_tokens": min(p.eval_tokens, len(corpus.heldout))},
         "final_heldout_bpb": final_bpb,
     }
 
 
+def _step_math(model, opt, x, y, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, clipping and the optimiser step on inputs x and targets y (b, l), gradients set to None
+    before. Returns the loss (nats/token) and the gradient norm as tensors (no host synchronisation)."""
+    with _autocast(x.device):
+        logits, _ = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach(), grad_norm
+
+
 def _train_step(model, opt, x, y, lr: float, p: Preset) -> tuple[float, float]:
     """One optimiser step on inputs x and targets y (b, l). Returns the loss (nats/token) and the gradient norm."""
     for g in opt.param_groups:
         g["lr"] = lr
-    with _autocast(x.device):
-        logits, _ = model(x)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-    opt.step()
-    return float(loss.detach()), float(grad_norm)
+    loss, grad_norm = _step_math(model, opt, x, y, p.grad_clip)
+    return float(loss), float(grad_norm)
+
+
+class _GraphedStep:
+    """The training step as one CUDA graph, replayed with each batch copied into its static inputs and the learning
+    rate into a device scalar that AdamW reads (capturable mode). It computes what _train_step computes; it saves
+    the host's share of a step (Python, autograd, kernel launches), which is most of a step for the small presets
+    (tools/bench_train.py). The first WARMUP steps run eagerly on a side stream (torch's recipe for whole-network capture:
+    the optimiser's state and the allocator settle); the graph is captured at the next one. If the capture fails
+    (an operator that synchronises with the host, say), the steps run eagerly after ``warn`` is told why; with
+    ``strict`` (--cuda-graph on) it is an error instead."""
+
+    WARMUP = 3
+
+    def __init__(self, model, opt, p: Preset, strict: bool, warn: Callable[[str], None]):
+        dev = model.lm_head.weight.device
+        self.model, self.opt, self.clip, self.strict, self.warn = model, opt, p.grad_clip, strict, warn
+        self.x = torch.zeros((p.batch_size, p.seq_len), dtype=torch.long, device=dev)
+        self.y = torch.zeros_like(self.x)
+        self.lr = torch.tensor(p.lr, dtype=torch.float32, device=dev)
+        for g in opt.param_groups:
+            g["lr"], g["capturable"] = self.lr, True
+        for state in opt.state.values():  # a resumed run's step counts, saved on the CPU by an eager run
+            if "step" in state:
+                state["step"] = state["step"].to(device=dev, dtype=torch.float32)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eager_steps = 0
+        self.fallback = False
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, float]:
+        self.lr.fill_(lr)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if self.graph is None and not self.fallback and self.eager_steps >= self.WARMUP:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            loss, grad_norm = self.outputs
+        elif self.fallback:
+            self.opt.zero_grad(set_to_none=True)
+            loss, grad_norm = _step_math(self.model, self.opt, self.x, self.y, self.clip)
+        else:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                loss, grad_norm = _step_math(self.model, self.opt, self.x, self.y, self.clip)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+        return float(loss), float(grad_norm)
+
+    def _capture(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.outputs = _step_math(self.model, self.opt, self.x, self.y, self.clip)
+        except RuntimeError as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if self.strict:
+                raise MambaExportError(f"--cuda-graph on: the training step cannot be captured ({why})") from None
+            self.fallback = True
+            torch.cuda.synchronize()
+            self.warn(f"mamba-export train: the training step could not be captured in a CUDA graph ({why}); "
+                      "going on without")
+            return
+        self.graph = graph
+
+
+def _check_cuda_graph(opts: TrainOptions, device: torch.device) -> None:
+    if opts.cuda_graph not in ("auto", "on", "off"):
+        raise MambaExportError(f"unknown --cuda-graph {opts.cuda_graph!r}; choose auto, on or off")
+    if opts.cuda_graph == "on" and device.type != "cuda":
+        raise MambaExportError("--cuda-graph on needs a CUDA device (--device cuda)")
+
+
+def _step_runner(model, opt, p: Preset, opts: TrainOptions, warn: Callable[[str], None]):
+    """The step function _run_steps calls, (x, y, lr) -> (loss, grad norm): a _GraphedStep on CUDA unless
+    ``opts.cuda_graph`` is "off", else _train_step (with AdamW out of capturable mode, which a run resumed from a
+    graphed one would otherwise keep, and which the CPU does not support)."""
+    if model.lm_head.weight.device.type == "cuda" and opts.cuda_graph != "off":
+        return _GraphedStep(model, opt, p, opts.cuda_graph == "on", warn)
+    for g in opt.param_groups:
+        g["capturable"] = False
+    return lambda x, y, lr: _train_step(model, opt, x, y, lr, p)
 
 
 def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
@@ -283,10 +381,11 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
     until = p.steps if opts.until is None else opts.until
     if not rs.step < until <= p.steps:
         raise MambaExportError(f"nothing to do: the run is at step {rs.step}, asked to stop at {until} of {p.steps}")
+    device = _resolve_device(opts.device)
+    _check_cuda_graph(opts, device)
     corpus = load_corpus(opts.data, p.eval_fraction, p.seq_len + 1, opts.tokenizer)
     if opts.resume and corpus.sha256 != rs.data_sha256:
         raise MambaExportError(f"{opts.data}: not the text this run was trained on (its SHA-256 differs)")
-    device = _resolve_device(opts.device)
     if opts.resume:
         model = load_checkpoint(out, dtype=torch.float32, backend=opts.backend).train()
     else:
@@ -313,11 +412,13 @@ def _run_steps(model, opt, gen, rs: RunState, corpus: Corpus, opts: TrainOptions
     device = model.lm_head.weight.device
     model.train()
     bar = tqdm(total=until, initial=rs.step, disable=not opts.progress, unit="step", dynamic_ncols=True)
+    step = _step_runner(model, opt, p, opts, bar.write)
     t0 = time.perf_counter() - rs.wall_s
     while rs.step < until:
         x, y = (t.to(device) for t in sample_batch(corpus.train, p.batch_size, p.seq_len, gen))
         lr = lr_at(rs.step, p)
-        loss, gnorm = _train_step(model, opt, x, y, lr, p)
+        loss, gnorm = step(x, y, lr)
+        rs.graphed = isinstance(step, _GraphedStep) and step.graph is not None
         rs.step += 1
         rec = {"step": rs.step, "loss": loss, "lr": lr, "grad_norm": gnorm}
         if rs.step % p.eval_every == 0 or rs.step == p.steps:
