@@ -4,9 +4,11 @@ Contracts: :func:`causal_conv1d` and :func:`causal_conv1d_step` have the signatu
 :func:`mamba_export.ops.causal_conv1d_ref` and :func:`mamba_export.ops.causal_conv1d_step_ref`.
 
 Both views index the input extended by the state, xs = cat(conv_state, x) of length k - 1 + l, so that
-out_t = bias + sum_j weight[:, j] xs[t + j]. The backward tiles positions s of xs, so one kernel writes the gradient of
-x (s >= k - 1) and of the incoming conv state (s < k - 1); the outgoing conv state (the last k - 1 of xs) is a slice
-taken in PyTorch, whose autograd adds its gradient. Arithmetic is fp32 whatever the input dtype.
+out_t = bias + sum_j weight[:, j] xs[t + j]. The backward runs two kernels: the first writes the pre-activation's
+gradient dpre_t (fp32) and partial sums of the weight and bias gradients; the second tiles positions s of xs and
+writes d xs[s] = sum_j weight[:, j] dpre[s - j], the gradient of x (s >= k - 1) and of the incoming conv state
+(s < k - 1). The outgoing conv state (the last k - 1 of xs) is a slice taken in PyTorch, whose autograd adds its
+gradient. Arithmetic is fp32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -68,49 +70,57 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, t, L,
-          sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l, K: tl.constexpr, SILU: tl.constexpr):
-    """Gradient of the pre-activation at output positions t (0 outside [0, L))."""
-    mask = mask_d[:, None] & ((t >= 0) & (t < L))[None, :]
-    dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d[:, None] * sdy_d + t[None, :] * sdy_l, mask=mask, other=0.0)
-    dy = dy.to(tl.float32)
-    if SILU:
-        pre = _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, K)
-        sig = tl.sigmoid(pre)
-        dy = dy * sig * (1.0 + pre * (1.0 - sig))
-    return dy
-
-
-@triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, dy_ptr, dx_ptr, dstate_ptr, dw_ptr, dbias_ptr, L, DIM, NBLK,
+def _conv_dpre_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, dy_ptr, dpre_ptr, dw_ptr, dbias_ptr, L, DIM, NBLK,
     sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """For positions s of xs in this block: d xs[s] -> dx (contiguous (b, d, l)) or dstate (contiguous (b, d, k-1));
-    for output positions t = s: partial sums of dweight -> dw (b, NBLK, d, K) and dbias -> dbias (b, NBLK, d)."""
+    """Backward, first pass, for output positions t of this block: the gradient of the pre-activation -> dpre
+    (contiguous (b, d, l) fp32), and partial sums over t of dweight -> dw (b, NBLK, d, K) and of dbias -> dbias
+    (b, NBLK, d)."""
+    pid_d, pid_l, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < DIM
+    mask = mask_d[:, None] & (t < L)[None, :]
+    dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d[:, None] * sdy_d + t[None, :] * sdy_l, mask=mask, other=0.0)
+    dpre = dy.to(tl.float32)
+    if SILU:
+        bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
+        pre = _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, K)
+        sig = tl.sigmoid(pre)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(dpre_ptr + pid_b * DIM * L + offs_d[:, None] * L + t[None, :], dpre, mask=mask)
+    part = (pid_b * NBLK + pid_l) * DIM + offs_d
+    for j in tl.static_range(K):
+        xs = _xs(x_ptr, state_ptr, pid_b, offs_d, mask_d, t + j, L, K - 1, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l)
+        tl.store(dw_ptr + part * K + j, tl.sum(dpre * xs, axis=1), mask=mask_d)
+    tl.store(dbias_ptr + part, tl.sum(dpre, axis=1), mask=mask_d)
+
+
+@triton.jit
+def _conv_dx_kernel(
+    dpre_ptr, w_ptr, dx_ptr, dstate_ptr, L, DIM,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Backward, second pass, for positions s of xs in this block: d xs[s] = sum_j weight[:, j] dpre[s - j] -> dx
+    (contiguous (b, d, l)) or dstate (contiguous (b, d, k-1))."""
     pid_d, pid_s, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < DIM
-    bias = load_channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS)
     dxs = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
     for j in tl.static_range(K):
         w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
-        dxs += w[:, None] * _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, s - j, L,
-                                  sx_b, sx_d, sx_l, ss_b, ss_d, ss_l, sdy_b, sdy_d, sdy_l, K, SILU)
+        t = s - j
+        dp = tl.load(dpre_ptr + pid_b * DIM * L + offs_d[:, None] * L + t[None, :],
+                     mask=mask_d[:, None] & ((t >= 0) & (t < L))[None, :], other=0.0)
+        dxs += w[:, None] * dp
     dx_mask = mask_d[:, None] & ((s >= K - 1) & (s < K - 1 + L))[None, :]
     tl.store(dx_ptr + pid_b * DIM * L + offs_d[:, None] * L + (s - (K - 1))[None, :],
              dxs.to(dx_ptr.dtype.element_ty), mask=dx_mask)
     tl.store(dstate_ptr + pid_b * DIM * (K - 1) + offs_d[:, None] * (K - 1) + s[None, :], dxs,
              mask=mask_d[:, None] & (s < K - 1)[None, :])
-    dpre = _dpre(x_ptr, state_ptr, w_ptr, bias, dy_ptr, pid_b, offs_d, mask_d, s, L, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l,
-                 sdy_b, sdy_d, sdy_l, K, SILU)
-    part = (pid_b * NBLK + pid_s) * DIM + offs_d
-    for j in tl.static_range(K):
-        xs = _xs(x_ptr, state_ptr, pid_b, offs_d, mask_d, s + j, L, K - 1, sx_b, sx_d, sx_l, ss_b, ss_d, ss_l)
-        tl.store(dw_ptr + part * K + j, tl.sum(dpre * xs, axis=1), mask=mask_d)
-    tl.store(dbias_ptr + part, tl.sum(dpre, axis=1), mask=mask_d)
 
 
 @triton.jit
@@ -173,18 +183,26 @@ def _conv_fwd(x, weight, bias, conv_state, silu):
 
 
 def _conv_bwd(dy, x, weight, bias, conv_state, silu):
-    """dx (b, d, l) in x's dtype, dweight (d, k), dbias (d,) fp32 (empty without bias), dstate (b, d, k - 1) fp32."""
+    """dx (b, d, l) in x's dtype, dweight (d, k), dbias (d,) fp32 (empty without bias), dstate (b, d, k - 1) fp32.
+    Two passes: the pre-activation's gradient (into an fp32 buffer) with the weight and bias gradients, then the
+    input's (each position's from k of those)."""
     b, d, l = x.shape
     k = weight.shape[1]
     weight, bias = weight.contiguous(), contiguous_or_none(bias)
     f32 = dict(dtype=torch.float32, device=x.device)
-    nblk = triton.cdiv(l + k - 1, _BLOCK_L)
+    nblk = triton.cdiv(l, _BLOCK_L)
     dx, dstate = torch.empty(b, d, l, dtype=x.dtype, device=x.device), torch.empty(b, d, k - 1, **f32)
     dw, dbias = torch.empty(b, nblk, d, k, **f32), torch.empty(b, nblk, d, **f32)
-    _conv_bwd_kernel[(triton.cdiv(d, _BLOCK_D), nblk, b)](
-        x, weight, bias, conv_state, dy, dx, dstate, dw, dbias, l, d, nblk,
-        *x.stride(), *conv_state.stride(), *dy.stride(),
-        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+    dpre = torch.empty(b, d, l, **f32)
+    grid_d = triton.cdiv(d, _BLOCK_D)
+    if l:
+        _conv_dpre_kernel[(grid_d, nblk, b)](
+            x, weight, bias, conv_state, dy, dpre, dw, dbias, l, d, nblk,
+            *x.stride(), *conv_state.stride(), *dy.stride(),
+            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+        )
+    _conv_dx_kernel[(grid_d, triton.cdiv(l + k - 1, _BLOCK_L), b)](
+        dpre, weight, dx, dstate, l, d, K=k, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
     )
     return dx, dw.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else dbias.new_empty(0), dstate
 

@@ -287,8 +287,8 @@ class _GraphedStep:
     """The training step as one CUDA graph, replayed with each batch copied into its static inputs and the learning
     rate into a device scalar that AdamW reads (capturable mode). It computes what _train_step computes; it saves
     the host's share of a step (Python, autograd, kernel launches), which is most of a step for the small presets
-    (tools/bench_train.py). The first WARMUP steps run eagerly on a side stream (torch's recipe for whole-network capture:
-    the optimiser's state and the allocator settle); the graph is captured at the next one. If the capture fails
+    (tools/bench_train.py). The first WARMUP steps run eagerly on a side stream (torch's recipe for whole-network
+    capture: the optimiser's state and the allocator settle); the graph is captured at the next one. If the capture fails
     (an operator that synchronises with the host, say), the steps run eagerly after ``warn`` is told why; with
     ``strict`` (--cuda-graph on) it is an error instead."""
 
