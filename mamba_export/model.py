@@ -78,9 +78,12 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend: Backend):
         """h: (b, l, D); conv_state: (b, E, K-1); ssm_state: (b, E, N) -> (b, l, D), new conv_state, new ssm_state."""
         xz = self.in_proj(h)  # (b, l, 2E)
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, E, l) each
+        # (b, E, l) views, split before the transpose: their gradients are concatenated straight into (b, l, 2E)
+        x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         x, conv_state = backend.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state, True)
-        dt, B, C = self._split_xproj(self.x_proj(x.transpose(1, 2)))  # (b, l, R), (b, l, N), (b, l, N)
+        # x_proj as W @ x on the conv's (b, E, l) output: no transposed copy of x (x_proj has no bias)
+        x_dbl = torch.matmul(self.x_proj.weight, x).transpose(1, 2)  # (b, l, R + 2N) view
+        dt, B, C = self._split_xproj(x_dbl)  # (b, l, R), (b, l, N), (b, l, N)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, E, l), bias added inside the scan
         y, ssm_state = backend.selective_scan(
             x, dt, self._A(), B.transpose(1, 2), C.transpose(1, 2), self._f32(self.D), z,
