@@ -17,10 +17,7 @@ import time
 
 import torch
 
-from mamba_export.config import MambaConfig
-from mamba_export.model import MambaLM
-from mamba_export.training.init import init_mamba_weights
-from mamba_export.training.loop import TrainOptions, _step_runner, build_optimizer
+from mamba_export.training.loop import TrainOptions, _step_runner, build_model, build_optimizer
 from mamba_export.training.presets import get_preset
 
 
@@ -44,11 +41,7 @@ def matmul_rate() -> float:
 def time_steps(preset: str, backend: str, mode: str, rounds: int, steps: int) -> tuple[list[float], int]:
     """ms a step of each round, and the parameter count."""
     p = get_preset(preset)
-    torch.manual_seed(0)
-    model = MambaLM(MambaConfig(d_model=p.d_model, n_layer=p.n_layer, vocab_size=256, d_state=p.d_state,
-                                expand=p.expand), backend=backend)
-    init_mamba_weights(model)
-    model.cuda().train()
+    model = build_model(256, p, backend).cuda().train()
     opt = build_optimizer(model, p)
     opts = TrainOptions(data="", out="", preset=preset, backend=backend, device="cuda", cuda_graph=mode)
     step = _step_runner(model, opt, p, opts, print)

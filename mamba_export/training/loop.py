@@ -189,8 +189,10 @@ def _new_run_state(opts: TrainOptions) -> RunState:
     return RunState(opts.preset, get_preset(opts.preset))
 
 
-def _build_model(corpus: Corpus, p: Preset, backend: str) -> MambaLM:
-    vocab = corpus.vocab_size + (-corpus.vocab_size) % 8
+def build_model(vocab_size: int, p: Preset, backend: str) -> MambaLM:
+    """The preset's model for ``vocab_size`` tokens (rounded up to a multiple of 8), initialised as state-spaces/mamba
+    does from the preset's seed."""
+    vocab = vocab_size + (-vocab_size) % 8
     cfg = MambaConfig(d_model=p.d_model, n_layer=p.n_layer, vocab_size=vocab, d_state=p.d_state, expand=p.expand)
     torch.manual_seed(p.seed)
     model = MambaLM(cfg, backend=backend)
@@ -263,8 +265,9 @@ def _summary(rs: RunState, corpus: Corpus, opts: TrainOptions, model: MambaLM, f
 
 
 def _step_math(model, opt, x, y, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, clipping and the optimiser step on inputs x and targets y (b, l), gradients set to None
-    before. Returns the loss (nats/token) and the gradient norm as tensors (no host synchronisation)."""
+    """Gradients set to None, then forward, backward, clipping and the optimiser step on inputs x and targets y
+    (b, l). Returns the loss (nats/token) and the gradient norm as tensors (no host synchronisation)."""
+    opt.zero_grad(set_to_none=True)
     with _autocast(x.device):
         logits, _ = model(x)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -278,7 +281,6 @@ def _train_step(model, opt, x, y, lr: float, p: Preset) -> tuple[float, float]:
     """One optimiser step on inputs x and targets y (b, l). Returns the loss (nats/token) and the gradient norm."""
     for g in opt.param_groups:
         g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
     loss, grad_norm = _step_math(model, opt, x, y, p.grad_clip)
     return float(loss), float(grad_norm)
 
@@ -320,20 +322,17 @@ class _GraphedStep:
             self.graph.replay()
             loss, grad_norm = self.outputs
         elif self.fallback:
-            self.opt.zero_grad(set_to_none=True)
             loss, grad_norm = _step_math(self.model, self.opt, self.x, self.y, self.clip)
         else:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.opt.zero_grad(set_to_none=True)
                 loss, grad_norm = _step_math(self.model, self.opt, self.x, self.y, self.clip)
             torch.cuda.current_stream().wait_stream(side)
             self.eager_steps += 1
         return float(loss), float(grad_norm)
 
     def _capture(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -389,7 +388,7 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
     if opts.resume:
         model = load_checkpoint(out, dtype=torch.float32, backend=opts.backend).train()
     else:
-        model = _build_model(corpus, p, opts.backend)
+        model = build_model(corpus.vocab_size, p, opts.backend)
     model.to(device)
     opt = build_optimizer(model, p)
     gen = torch.Generator().manual_seed(p.seed + 1)
