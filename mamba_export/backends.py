@@ -1,6 +1,6 @@
 """Explicit choice of the implementation of the sequence operators the model calls.
 
-A backend is a named set of four functions with the signatures of the references in :mod:`mamba_export.ops`.
+A backend is a named set of five functions with the signatures of the references in :mod:`mamba_export.ops`.
 The model is built with a backend name and reports it (``model.backend.name``); nothing falls back silently:
 asking for ``"triton"`` where Triton cannot run is an error, and ``"auto"`` picks Triton on CUDA tensors and the
 reference elsewhere, deciding once, when the model is built or moved.
@@ -26,6 +26,7 @@ class Backend:
     causal_conv1d: Callable
     causal_conv1d_step: Callable
     selective_state_update: Callable
+    add_rms_norm: Callable
 
 
 REFERENCE = Backend(
@@ -34,6 +35,7 @@ REFERENCE = Backend(
     causal_conv1d=ops.causal_conv1d_ref,
     causal_conv1d_step=ops.causal_conv1d_step_ref,
     selective_state_update=ops.selective_state_update_ref,
+    add_rms_norm=ops.add_rms_norm_ref,
 )
 
 

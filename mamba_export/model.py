@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .backends import Backend, resolve_backend
 from .config import MambaConfig
-from .ops import compute_dtype
+from .ops import compute_dtype, rms_norm_ref
 
 
 class MambaState(NamedTuple):
@@ -45,9 +45,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D)."""
-        xf = x.to(compute_dtype(self.weight.dtype))
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(y.dtype)).to(self.weight.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class MambaMixer(nn.Module):
@@ -81,8 +79,10 @@ class MambaMixer(nn.Module):
         # (b, E, l) views, split before the transpose: their gradients are concatenated straight into (b, l, 2E)
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         x, conv_state = backend.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state, True)
-        # x_proj as W @ x on the conv's (b, E, l) output: no transposed copy of x (x_proj has no bias)
-        x_dbl = torch.matmul(self.x_proj.weight, x).transpose(1, 2)  # (b, l, R + 2N) view
+        # x_proj as a batched W @ x on the conv's (b, E, l) output (x_proj has no bias): torch.matmul(W, x) and
+        # F.linear(x^T) would copy x into (b, l, E) first; bmm reads the expanded weight with a batch stride of 0
+        w = self.x_proj.weight
+        x_dbl = torch.bmm(w.expand(x.shape[0], *w.shape), x).transpose(1, 2)  # (b, l, R + 2N) view
         dt, B, C = self._split_xproj(x_dbl)  # (b, l, R), (b, l, N), (b, l, N)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, E, l), bias added inside the scan
         y, ssm_state = backend.selective_scan(
@@ -170,9 +170,21 @@ class MambaLM(nn.Module):
         w = self.lm_head.weight.dtype
         return compute_dtype(w) if self.config.residual_in_fp32 else w
 
-    def _head(self, residual: torch.Tensor) -> torch.Tensor:
-        h = self.backbone.norm_f(residual)
-        return self.lm_head(h)
+    def _blocks(self, input_ids: torch.Tensor, state: MambaState, mode: str) -> tuple[torch.Tensor, MambaState]:
+        """The embedding, every block in ``mode`` ("forward" or "step") and the head. A block's residual add and the
+        next norm are one backend call (``add_rms_norm``; fused in the Triton backend); the stream starts as the
+        embeddings in the residual dtype."""
+        wdt, rdt = self.lm_head.weight.dtype, self._residual_dtype()
+        h, residual = self.backbone.embedding(input_ids), None
+        convs, ssms = [], []
+        for i, layer in enumerate(self.backbone.layers):
+            x, residual = self.backend.add_rms_norm(h, residual, layer.norm.weight, layer.norm.eps, rdt)
+            h, cs, ss = getattr(layer.mixer, mode)(x.to(wdt), state.conv[i], state.ssm[i], self.backend)
+            convs.append(cs.to(self.state_dtype))
+            ssms.append(ss.to(self.state_dtype))
+        norm_f = self.backbone.norm_f
+        x, _ = self.backend.add_rms_norm(h, residual, norm_f.weight, norm_f.eps, rdt)
+        return self.lm_head(x), MambaState(torch.stack(convs), torch.stack(ssms))
 
     def forward(self, input_ids: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
         """Run a sequence, continuing from ``state``.
@@ -184,30 +196,13 @@ class MambaLM(nn.Module):
         Returns:
             logits (b, l, V) in the model's dtype, and the state after the last token.
         """
-        b = input_ids.shape[0]
         if state is None:
-            state = self.empty_state(b, input_ids.device)
-        wdt = self.lm_head.weight.dtype
-        residual = self.backbone.embedding(input_ids).to(self._residual_dtype())
-        convs, ssms = [], []
-        for i, layer in enumerate(self.backbone.layers):
-            out, cs, ss = layer.mixer(layer.norm(residual).to(wdt), state.conv[i], state.ssm[i], self.backend)
-            residual = residual + out.to(residual.dtype)
-            convs.append(cs.to(self.state_dtype))
-            ssms.append(ss.to(self.state_dtype))
-        return self._head(residual), MambaState(torch.stack(convs), torch.stack(ssms))
+            state = self.empty_state(input_ids.shape[0], input_ids.device)
+        return self._blocks(input_ids, state, "forward")
 
     def step(self, input_ids: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         """One token per sequence in recurrent form: input_ids (b,) -> logits (b, V), new state."""
-        wdt = self.lm_head.weight.dtype
-        residual = self.backbone.embedding(input_ids).to(self._residual_dtype())
-        convs, ssms = [], []
-        for i, layer in enumerate(self.backbone.layers):
-            out, cs, ss = layer.mixer.step(layer.norm(residual).to(wdt), state.conv[i], state.ssm[i], self.backend)
-            residual = residual + out.to(residual.dtype)
-            convs.append(cs.to(self.state_dtype))
-            ssms.append(ss.to(self.state_dtype))
-        return self._head(residual), MambaState(torch.stack(convs), torch.stack(ssms))
+        return self._blocks(input_ids, state, "step")
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

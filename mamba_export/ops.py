@@ -28,6 +28,8 @@ __all__ = [
     "causal_conv1d_step_ref",
     "selective_state_update_ref",
     "selective_scan_fast",
+    "rms_norm_ref",
+    "add_rms_norm_ref",
 ]
 
 
@@ -110,6 +112,30 @@ def selective_scan_ref(
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(b, d, 0)
     y = _scan_epilogue(y, u, D, z)
     return y.to(dtype_in), h
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, as state-spaces/mamba computes it: x / sqrt(mean(x^2) + eps) * weight in the compute
+    dtype of the weight (float32; float64 for float64 weights), returned in the weight's dtype."""
+    xf = x.to(compute_dtype(weight.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(y.dtype)).to(weight.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add and the next RMSNorm: residual_out = residual + x in the residual's dtype (x
+    alone, cast to ``residual_dtype``, where residual is None: the start of the stream); y = rms_norm_ref(residual_out).
+
+    Args:
+        x: (..., D) a block's output, or the embeddings; residual: (..., D) or None; weight: (D,).
+
+    Returns:
+        y (..., D) in the weight's dtype, residual_out (..., D).
+    """
+    residual_out = x.to(residual_dtype) if residual is None else residual + x.to(residual.dtype)
+    return rms_norm_ref(residual_out, weight, eps), residual_out
 
 
 def causal_conv1d_ref(

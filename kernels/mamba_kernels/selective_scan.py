@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none
+from ._checks import (KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none,
+                      empty_like_bdl)
 from ._triton_common import lg2_approx, load_channel_vector, rcp_approx, sigmoid, silu, softplus
 
 __all__ = ["selective_scan"]
@@ -83,8 +84,11 @@ _FWD = {"block_d": 32, "chunked_block_d": 32, "warps": 1, "maxnreg": 128, "prefe
 # chunked to) programs per SM; "quad_few": (below programs per SM, chunked to): H100 fwd+bwd (CUDA graph) for targets
 # 16/24/32/48/64/96: b8 d1536 l2048 1.260/1.320/1.320/1.307/1.302/1.284 ms (2 chunks at 16; unchunked 1.315), b1
 # l65536 5.464/6.015/5.487/5.316/5.335/5.313 ms; "quad_maxnreg" 168: 1.64 ms at b8 (spills). None: _bwd_seq_kernel.
+# Unchunked from 15 programs an SM (1.94 waves of 8 at the kjv-byte training shape b32 d512 l256, 2048 programs):
+# the graphed kjv-byte training step 5.03-5.13 -> 4.81-4.82 ms against 2 chunks (16; 12 gave 4.84), H100; b8 d1536
+# (1536 programs, 1.45 waves) stays chunked.
 _BWD = {"block_d": 32, "warps": 1, "chunking": (4, 32), "chunking_few": 48, "maxnreg": 0, "prefetch": 16,
-        "quad_local": True, "quad": (16, 16), "quad_few": (4, 48), "quad_maxnreg": 0}
+        "quad_local": True, "quad": (15, 16), "quad_few": (4, 48), "quad_maxnreg": 0}
 _C_PAD = 8  # zero rows after l in the backward's fp32 C (the 4-lane local adjoint loads whole groups of 4 steps)
 # Chunking costs a second pass over the sequence, so it is used only where batch x channel blocks give fewer than
 # _UNCHUNKED_PROGRAMS_PER_SM programs per SM, and then cuts enough chunks for _CHUNKED_PROGRAMS_PER_SM. Forward on an
@@ -1593,8 +1597,8 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     check_row_offsets("the gradient of y", dy)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     gfinal = None if dfinal is None else _nd(dfinal)
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else torch.empty(0, **f32)
+    du, ddelta = empty_like_bdl(u), empty_like_bdl(delta)
+    dz = empty_like_bdl(z) if z is not None else torch.empty(0, **f32)
     if l == 0:
         dB, dC = torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
         dh0 = torch.zeros(b, n, d, **f32) if gfinal is None else gfinal
@@ -1725,9 +1729,9 @@ def _(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub):
     b, d, l = u.shape
     n = A.shape[1]
     f32 = dict(dtype=torch.float32)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0, **f32)
+    dz = empty_like_bdl(z) if z is not None else u.new_empty(0, **f32)
     dBC = [u.new_empty(b, l, n, dtype=t.dtype).transpose(1, 2) for t in (B, C)]
-    return (torch.empty_like(u), torch.empty_like(delta),
+    return (empty_like_bdl(u), empty_like_bdl(delta),
             u.new_empty(d, n, **f32), dBC[0], dBC[1], u.new_empty(d, **f32), dz, u.new_empty(d, **f32),
             u.new_empty(b, n, d, **f32).transpose(1, 2))
 

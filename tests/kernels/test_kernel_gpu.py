@@ -17,6 +17,9 @@ from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 from mamba_export.ops import causal_conv1d_ref, selective_scan_ref
 from test_kernel_conv import conv_inputs
+from test_kernel_norm import kernel as add_rms_norm_kernel
+from test_kernel_norm import norm_inputs
+from test_kernel_norm import ref as add_rms_norm_ref
 
 mk = pytest.importorskip("mamba_kernels")
 pytestmark = pytest.mark.gpu
@@ -27,6 +30,7 @@ pytestmark = pytest.mark.gpu
     (8, 1536, 2048, torch.bfloat16),
     (1, 4096, 4096, torch.float16),
     (8, 4096, 1000, torch.float32),  # l not a multiple of the tile
+    (32, 512, 256, torch.bfloat16),  # the kjv-byte training shape: 2048 programs, an unchunked backward
 ])
 def test_scan_real_shapes(b, d, l, dtype):
     x64 = scan_inputs(b, d, l, 16, dtype, seed=l, time_major=True, device="cuda")
@@ -51,6 +55,13 @@ def test_scan_real_shape_lane_a_channel_kernels(monkeypatch):
 def test_conv_real_shapes(b, d, l, dtype):
     x64 = conv_inputs(b, d, l, 4, dtype, time_major=True, device="cuda")
     check_against_truth(causal_conv1d_ref, mk.causal_conv1d, x64, dtype, f"conv b{b} d{d} l{l}", silu=True)
+
+
+@pytest.mark.parametrize("rows, d", [((8, 2048), 768), ((1, 4096), 2048), ((2, 1000), 2560)])
+def test_add_rms_norm_real_shapes(rows, d):
+    """The d_model of mamba-130m, -1.4b and -2.8b: a bf16 block output added to an fp32 stream, then the norm."""
+    check_against_truth(add_rms_norm_ref, add_rms_norm_kernel, norm_inputs(rows, d, torch.bfloat16, seed=d),
+                        torch.bfloat16, f"add_rms_norm {rows} d{d}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
