@@ -104,7 +104,21 @@ def build_optimizer(model: MambaLM, p: Preset) -> torch.optim.AdamW:
         is_weight = name.endswith(".weight") and param.ndim >= 2 and "embedding" not in name
         (decay if is_weight else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95), eps=1e-8)
+    cuda = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=True if cuda else None)
+
+
+def _set_update_kernel(opt: torch.optim.AdamW, device: torch.device, capturable: bool) -> None:
+    """AdamW's implementation for parameters on ``device``: fused (one multi-tensor kernel for the whole update) on
+    CUDA, torch's default elsewhere, and capturable (for CUDA graphs) as asked. A resumed run's optimiser state brings
+    the flags of the run that saved it, so they are set here, and the step counts moved to where the fused and
+    capturable kernels read them (the device, float32) or back to the CPU."""
+    cuda = device.type == "cuda"
+    for g in opt.param_groups:
+        g["fused"], g["foreach"], g["capturable"] = (True if cuda else None), None, capturable
+    for state in opt.state.values():
+        if "step" in state:
+            state["step"] = state["step"].to(device=device if cuda else "cpu", dtype=torch.float32)
 
 
 def _autocast(device: torch.device):
@@ -302,11 +316,9 @@ class _GraphedStep:
         self.x = torch.zeros((p.batch_size, p.seq_len), dtype=torch.long, device=dev)
         self.y = torch.zeros_like(self.x)
         self.lr = torch.tensor(p.lr, dtype=torch.float32, device=dev)
+        _set_update_kernel(opt, dev, capturable=True)
         for g in opt.param_groups:
-            g["lr"], g["capturable"] = self.lr, True
-        for state in opt.state.values():  # a resumed run's step counts, saved on the CPU by an eager run
-            if "step" in state:
-                state["step"] = state["step"].to(device=dev, dtype=torch.float32)
+            g["lr"] = self.lr
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eager_steps = 0
@@ -360,10 +372,10 @@ def _step_runner(model, opt, p: Preset, opts: TrainOptions, warn: Callable[[str]
     """The step function _run_steps calls, (x, y, lr) -> (loss, grad norm): a _GraphedStep on CUDA unless
     ``opts.cuda_graph`` is "off", else _train_step (with AdamW out of capturable mode, which a run resumed from a
     graphed one would otherwise keep, and which the CPU does not support)."""
-    if model.lm_head.weight.device.type == "cuda" and opts.cuda_graph != "off":
+    device = model.lm_head.weight.device
+    if device.type == "cuda" and opts.cuda_graph != "off":
         return _GraphedStep(model, opt, p, opts.cuda_graph == "on", warn)
-    for g in opt.param_groups:
-        g["capturable"] = False
+    _set_update_kernel(opt, device, capturable=False)
     return lambda x, y, lr: _train_step(model, opt, x, y, lr, p)
 
 
