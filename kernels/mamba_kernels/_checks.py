@@ -55,13 +55,12 @@ def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def empty_like_bdl(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def empty_like_bdl(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised dense (b, d, l) tensor laid out as t is: time-major (channels contiguous) where t's channel
     stride is the smaller, else contiguous. ``torch.empty_like`` gives a view's gradient (z and x are (b, d, l) views
     of in_proj's (b, l, 2d) output) the contiguous layout, and autograd's concatenation into (b, l, 2d) then has to
     transpose it."""
     b, d, l = t.shape
-    dtype = t.dtype if dtype is None else dtype
     if d > 1 and l > 1 and t.stride(1) < t.stride(2):
-        return torch.empty(b, l, d, dtype=dtype, device=t.device).transpose(1, 2)
-    return torch.empty(b, d, l, dtype=dtype, device=t.device)
+        return torch.empty(b, l, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty(b, d, l, dtype=t.dtype, device=t.device)

@@ -65,3 +65,17 @@ def test_conv_rejects_bad_inputs():
                          torch.zeros(1, 3, 2, device=DEVICE))
     with pytest.raises(mk.KernelInputError, match="width 2 or more"):
         mk.causal_conv1d(torch.zeros(1, 3, 5, device=DEVICE), torch.zeros(3, 1, device=DEVICE))
+
+
+def test_conv_backward_writes_dx_in_x_layout():
+    """x as the model hands it over (a time-major view of in_proj's output): dx comes back time-major, so autograd
+    can concatenate it with dz into (b, l, 2d) without a transpose; the values are those of a contiguous x's."""
+    g = torch.Generator().manual_seed(9)
+    xz = torch.randn(2, 9, 10, generator=g).to(DEVICE)
+    x = xz[:, :, :5].transpose(1, 2)
+    w, bias = torch.randn(5, 4, generator=g).to(DEVICE), torch.randn(5, generator=g).to(DEVICE)
+    state, dy = torch.zeros(2, 5, 3, device=DEVICE), torch.randn(2, 5, 9, generator=g).to(DEVICE)
+    dx = torch.ops.mamba_kernels.causal_conv1d_bwd(dy, x, w, bias, state, True)[0]
+    dx_c = torch.ops.mamba_kernels.causal_conv1d_bwd(dy, x.contiguous(), w, bias, state, True)[0]
+    assert dx.stride() == (45, 1, 5) and dx_c.stride() == (45, 9, 1)
+    assert torch.equal(dx, dx_c)
