@@ -27,6 +27,7 @@ from ..ops import (
     causal_conv1d_ref,
     causal_conv1d_step_ref,
     compute_dtype,
+    rms_norm_ref,
     selective_scan_ref,
     selective_state_update_ref,
 )
@@ -76,12 +77,9 @@ def decode_step_cl(
 def rms_norm_cl(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last axis: x (b, l, d) in the residual dtype, weight (d,) -> y (b, l, d) in the weight's dtype.
 
-    y = x / sqrt(mean(x^2) + eps) * weight in the compute dtype (float32; float64 for float64 weights), exactly
-    :meth:`mamba_export.model.RMSNorm.forward`."""
-    cd = compute_dtype(weight.dtype)
-    xf = x.to(cd)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(cd)).to(weight.dtype)
+    y = x / sqrt(mean(x^2) + eps) * weight in the compute dtype (float32; float64 for float64 weights):
+    :func:`mamba_export.ops.rms_norm_ref`, which :class:`mamba_export.model.RMSNorm` runs."""
+    return rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm_cl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
