@@ -25,6 +25,7 @@ import torch
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError
 from .model import MambaLM
+from .outdir import first_missing, os_error_text, output_path, remove_created, replace_dir
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -144,6 +145,8 @@ def load_checkpoint(
             )
         if not t.is_floating_point():
             raise CheckpointError(f"{f}: key {key!r} has dtype {t.dtype}, expected a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{f}: key {key!r} holds NaN or infinite values")
     for key in expected:
         if key not in tensors and key not in optional:
             first = next(iter(tensors.values()))[1] if tensors else d
@@ -188,9 +191,14 @@ def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safe
     """
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = output_path(out_dir, CheckpointError)
+    created = first_missing(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        remove_created(created)
+        raise CheckpointError(f"{out}: cannot create ({os_error_text(e)})") from None
     try:
         (tmp / "config.json").write_text(json.dumps(model.config.to_state_spaces(), indent=2) + "\n")
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -207,10 +215,17 @@ def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safe
             with open(tmp / name, mode) as fh:
                 fh.write(content)
         _default_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        replace_dir(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
+        if isinstance(e, OSError):  # a full disk, a directory gone read-only: one line, the old checkpoint kept
+            raise CheckpointError(f"{out}: cannot write the checkpoint ({os_error_text(e)})") from None
         raise
     return out
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a checkpoint directory: a config.json and weights or a training state."""
+    return (path / "config.json").is_file() and any((path / name).is_file()
+                                                     for name in (*WEIGHT_FILES, "train_state.pt"))

@@ -18,8 +18,16 @@ from .errors import MambaExportError
 COMMANDS = ("inspect", "export", "train", "generate", "profile")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's one-line errors: ``prog: error: message (see prog --help)``, exit status 2 (the
+    subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mamba-export",
         description="Export trained Mamba checkpoints to ONNX/TorchScript and run them with onnxruntime.",
     )

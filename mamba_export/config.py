@@ -36,6 +36,32 @@ _SS_SSM_DEFAULTS: dict[str, Any] = {
 }
 
 
+_MAX_SIZE = 2**31 - 1  # every size must fit the kernels' 32-bit indexing (and an allocation)
+
+
+def _int(value: Any, name: str) -> int:
+    """A size from config.json: an integer (2.0 is accepted as 2; 256.7, "256" and true are errors)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config: {name} must be an integer, found {value!r}")
+    return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A switch from config.json: true or false (the string "false" would otherwise read as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"config: {name} must be true or false, found {value!r}")
+    return value
+
+
+def _eps(value: Any, name: str) -> float:
+    """The norms' epsilon: a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config: {name} must be a positive number, found {value!r}")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class MambaConfig:
     """Resolved hyper-parameters of a Mamba-1 language model.
@@ -77,8 +103,13 @@ class MambaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"config: {name} must be a positive integer, found {value!r}")
+            if value > _MAX_SIZE:
+                raise ConfigError(f"config: {name} is {value}, more than this tool supports ({_MAX_SIZE})")
         if self.d_conv < 2:
             raise ConfigError(f"config: d_conv must be at least 2, found {self.d_conv}")
+        _eps(self.norm_eps, "norm_eps")
+        for name in ("bias", "conv_bias", "tie_embeddings", "residual_in_fp32"):
+            _flag(getattr(self, name), name)
 
     @property
     def d_inner(self) -> int:
@@ -98,26 +129,28 @@ class MambaConfig:
             raise ConfigError("config: d_intermediate > 0 (an MLP after each mixer) is not supported")
         if c.get("attn_layer_idx"):
             raise ConfigError("config: attn_layer_idx (hybrid attention layers) is not supported")
-        if not c["rms_norm"]:
+        if not _flag(c["rms_norm"], "rms_norm"):
             raise ConfigError("config: rms_norm is false (LayerNorm models) which is not supported")
-        vocab = int(c["vocab_size"])
-        multiple = int(c.get("pad_vocab_size_multiple") or 1)
+        vocab = _int(c["vocab_size"], "vocab_size")
+        multiple = _int(c.get("pad_vocab_size_multiple") or 1, "pad_vocab_size_multiple")
+        if multiple < 1:
+            raise ConfigError(f"config: pad_vocab_size_multiple must be positive, found {multiple}")
         if vocab % multiple:
             vocab += multiple - vocab % multiple
         dt_rank = ssm["dt_rank"]
         return cls(
-            d_model=int(c["d_model"]),
-            n_layer=int(c["n_layer"]),
+            d_model=_int(c["d_model"], "d_model"),
+            n_layer=_int(c["n_layer"], "n_layer"),
             vocab_size=vocab,
-            d_state=int(ssm["d_state"]),
-            d_conv=int(ssm["d_conv"]),
-            expand=int(ssm["expand"]),
-            dt_rank=0 if dt_rank == "auto" else int(dt_rank),
-            bias=bool(ssm["bias"]),
-            conv_bias=bool(ssm["conv_bias"]),
-            norm_eps=float(c.get("norm_epsilon", 1e-5)),
-            tie_embeddings=bool(c["tie_embeddings"]),
-            residual_in_fp32=bool(c["residual_in_fp32"]),
+            d_state=_int(ssm["d_state"], "d_state"),
+            d_conv=_int(ssm["d_conv"], "d_conv"),
+            expand=_int(ssm["expand"], "expand"),
+            dt_rank=0 if dt_rank == "auto" else _int(dt_rank, "dt_rank"),
+            bias=_flag(ssm["bias"], "bias"),
+            conv_bias=_flag(ssm["conv_bias"], "conv_bias"),
+            norm_eps=_eps(c.get("norm_epsilon", 1e-5), "norm_epsilon"),
+            tie_embeddings=_flag(c["tie_embeddings"], "tie_embeddings"),
+            residual_in_fp32=_flag(c["residual_in_fp32"], "residual_in_fp32"),
         )
 
     def to_state_spaces(self) -> dict[str, Any]:
@@ -153,23 +186,25 @@ class MambaConfig:
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ConfigError(f"config: hidden_act {act!r} is not supported (only silu)")
-        hidden = int(cfg.get("hidden_size", 768))
-        expand = int(cfg.get("expand", 2))
+        hidden = _int(cfg.get("hidden_size", 768), "hidden_size")
+        expand = _int(cfg.get("expand", 2), "expand")
         rank = cfg.get("time_step_rank", "auto")
-        inner = int(cfg.get("intermediate_size", expand * hidden))
+        inner = _int(cfg.get("intermediate_size", expand * hidden), "intermediate_size")
+        if inner < 1:
+            raise ConfigError(f"config: intermediate_size must be a positive integer, found {inner}")
         return cls(
             d_model=hidden,
-            n_layer=int(cfg.get("num_hidden_layers", 32)),
-            vocab_size=int(cfg.get("vocab_size", 50280)),
-            d_state=int(cfg.get("state_size", 16)),
-            d_conv=int(cfg.get("conv_kernel", 4)),
+            n_layer=_int(cfg.get("num_hidden_layers", 32), "num_hidden_layers"),
+            vocab_size=_int(cfg.get("vocab_size", 50280), "vocab_size"),
+            d_state=_int(cfg.get("state_size", 16), "state_size"),
+            d_conv=_int(cfg.get("conv_kernel", 4), "conv_kernel"),
             expand=expand,
-            dt_rank=0 if rank == "auto" else int(rank),
-            bias=bool(cfg.get("use_bias", False)),
-            conv_bias=bool(cfg.get("use_conv_bias", True)),
-            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+            dt_rank=0 if rank == "auto" else _int(rank, "time_step_rank"),
+            bias=_flag(cfg.get("use_bias", False), "use_bias"),
+            conv_bias=_flag(cfg.get("use_conv_bias", True), "use_conv_bias"),
+            norm_eps=_eps(cfg.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon"),
+            tie_embeddings=_flag(cfg.get("tie_word_embeddings", True), "tie_word_embeddings"),
+            residual_in_fp32=_flag(cfg.get("residual_in_fp32", True), "residual_in_fp32"),
             d_inner_override=0 if inner == expand * hidden else inner,
         )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mamba_export.checkpoint import load_checkpoint
-from mamba_export.errors import CheckpointError
+from mamba_export.errors import CheckpointError, MambaExportError
 from support import make_hf_model, save_state_spaces, save_transformers
 
 
@@ -62,6 +62,32 @@ def test_no_weights(ss_dir):
     os.remove(ss_dir / "pytorch_model.bin")
     msg = _err(ss_dir)
     assert "no weights found" in msg and "model.safetensors" in msg
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("norm_epsilon", -1, "norm_epsilon must be a positive number"),
+    ("norm_epsilon", "1e-5", "norm_epsilon must be a positive number"),
+    ("tie_embeddings", "false", "tie_embeddings must be true or false"),
+    ("residual_in_fp32", 0, "residual_in_fp32 must be true or false"),
+    ("d_model", 64.5, "d_model must be an integer"),
+    ("d_model", 10**12, "more than this tool supports"),
+    ("n_layer", True, "n_layer must be an integer"),
+])
+def test_config_values_are_checked_strictly(ss_dir, field, value, message):
+    """A value of the wrong type or range in config.json is one line, not read leniently ("false" as true, 64.5 as
+    64) and not found out later (a negative epsilon in onnxruntime, a huge size as an allocation failure)."""
+    cfg = json.loads((ss_dir / "config.json").read_text())
+    (ss_dir / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(MambaExportError) as e:
+        load_checkpoint(ss_dir)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_finite_weights(ss_dir):
+    sd = torch.load(ss_dir / "pytorch_model.bin")
+    sd["backbone.layers.1.mixer.D"][3] = float("nan")
+    torch.save(sd, ss_dir / "pytorch_model.bin")
+    assert "'backbone.layers.1.mixer.D' holds NaN or infinite values" in _err(ss_dir)
 
 
 def test_missing_key(ss_dir):

@@ -51,12 +51,39 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_directory(ckpt, tmp_path
     with pytest.raises(RuntimeError, match="injected"):
         export_checkpoint(ckpt, tmp_path / "new", fmt="torchscript")
     assert list(tmp_path.iterdir()) == []
-    old = tmp_path / "old"
+    old = tmp_path / "old"  # a previous export (only those are replaced under force)
     old.mkdir()
+    (old / "manifest.json").write_text('{"format_version": 1}')
     (old / "keep").write_text("x")
     with pytest.raises(RuntimeError, match="injected"):
         export_checkpoint(ckpt, old, fmt="torchscript", force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep").read_text() == "x"
+
+
+@pytest.mark.parametrize("case", ["not an export", "the current directory", "the checkpoint itself", "empty name"])
+def test_force_never_replaces_what_it_should_not(ckpt, tmp_path, capsys, monkeypatch, case):
+    """--force replaces an export directory, nothing else: a directory of other files, the current directory (or one
+    containing it), the checkpoint being exported (or one containing it), and not "" (which would be the current
+    directory). Each is a one-line error before any work, with every file left in place."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious")
+    (work / "manifest.json").write_text('{"format_version": 1}')  # even a previous export, in the cases below
+    monkeypatch.chdir(work)
+    src, dst, expect = {
+        "not an export": (ckpt, tmp_path / "other", "is not an export directory"),
+        "the current directory": (ckpt, ".", "is the current directory"),
+        "the checkpoint itself": (ckpt, ckpt, "contains the checkpoint"),
+        "empty name": (ckpt, "", "name is empty"),
+    }[case]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.csv").write_text("1,2")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    ckpt_files = sorted(p.name for p in ckpt.iterdir())
+    assert cli.main(["export", str(src), "-o", str(dst), "--no-library", "--force"]) == 2
+    assert expect in _error_line(capsys)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert sorted(p.name for p in ckpt.iterdir()) == ckpt_files and (work / "notes.txt").read_text() == "precious"
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "output under a file", "output is a file"])
@@ -75,7 +102,8 @@ def test_bad_paths_are_one_line_errors(ckpt, tmp_path, capsys, case):
 def test_unknown_dtype_and_format(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export", str(ckpt), "-o", str(tmp_path / "o"), "--dtype", "bfloat16"])
-    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "invalid choice" in err[0] and "--help" in err[0]
     with pytest.raises(ExportError, match="unknown dtype 'int8'"):
         export_checkpoint(ckpt, tmp_path / "o", dtype="int8")
     with pytest.raises(ExportError, match="unknown format 'tflite'"):

@@ -65,6 +65,37 @@ def test_profile_bad_options_exit_2_with_one_line(exp, capsys):
     assert e.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["output under a file", "output is a file", "missing checkpoint to compare"])
+def test_profile_bad_paths_fail_first_with_one_line(exp, capsys, tmp_path, monkeypatch, case):
+    """A profile that cannot be written, or a --compare-torch checkpoint that is not there, fails before the
+    measurements (made to raise here if they start) with one line, leaving nothing behind."""
+    *_, out, _ = exp
+    (tmp_path / "file").write_text("x")
+    args = {"output under a file": ["-o", str(tmp_path / "file" / "prof")],
+            "output is a file": ["-o", str(tmp_path / "file")],
+            "missing checkpoint to compare": ["-o", str(tmp_path / "prof"), "--compare-torch", str(tmp_path / "no")]}
+    import mamba_export.commands.profile as command
+
+    def started(*a, **k):
+        raise AssertionError("the measurements started")
+
+    monkeypatch.setattr(command, "_measure_runtime", started)
+    assert main(["profile", str(out), "--gen-len", "2", *args[case]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mamba-export profile: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "x"
+
+
+def test_profile_fewer_position_tokens_than_windows(exp):
+    """5 tokens against position: 5 windows of one step each (20 windows would leave some empty)."""
+    from mamba_runtime import MambaRuntime
+    from mamba_runtime.profiling import latency_vs_position
+
+    *_, out, _ = exp
+    res = latency_vs_position(MambaRuntime(out, provider="cpu", threads=1), 5)
+    assert [w["position"] for w in res["windows"]] == [1, 2, 3, 4, 5] and res["last_over_first"] > 0
+
+
 def test_decode_floor_bandwidth_source(monkeypatch):
     """The floor's bandwidth: the host's on the CPU; on CUDA the GPU's, or the host's with the reason when the GPU
     measurement fails (here it is made to fail, as it does without CuPy)."""

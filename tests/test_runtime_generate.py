@@ -18,8 +18,8 @@ import torch
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.errors import MambaExportError
 from mamba_export.export import export_checkpoint
-from mamba_runtime import (CustomOpsFallbackWarning, GenerationInputError, MambaRuntime, SamplingConfig,
-                           SnapshotError)
+from mamba_runtime import (CustomOpsFallbackWarning, ExportDirError, GenerationInputError, MambaRuntime,
+                           SamplingConfig, SnapshotError)
 from mamba_runtime.sessions import open_session, resolve_library, session_options
 from support import library_built, make_hf_model, save_state_spaces
 
@@ -152,8 +152,12 @@ def test_snapshot_restored_in_another_process_continues_identically(exp, rt, tmp
 
 
 def test_bad_snapshots_are_clear_errors(rt, tmp_path):
-    with pytest.raises(SnapshotError, match="not a readable snapshot"):
+    with pytest.raises(SnapshotError, match="not a snapshot"):
         rt.restore(b"garbage")
+    with pytest.raises(SnapshotError, match="not a readable snapshot"):
+        rt.restore(b"PK\x03\x04garbage")
+    with pytest.raises(SnapshotError, match="snapshot bytes or a file path, not int"):
+        rt.restore(5)
     with pytest.raises(SnapshotError, match="does not exist"):
         rt.restore(tmp_path / "none.npz")
     blob = rt.start([1, 2], 5).snapshot()
@@ -185,6 +189,7 @@ def test_bad_snapshots_are_clear_errors(rt, tmp_path):
     (lambda rt: rt.generate([1.5, 2.0], 5), "integer token ids"),
     (lambda rt: rt.generate([1], 0), "max_new_tokens must be a positive integer"),
     (lambda rt: rt.generate([1], 5, stop_tokens=[999]), "stop tokens: token id 999"),
+    (lambda rt: rt.generate([1], 5, stop_tokens=0), "stop_tokens must be a collection of token ids"),
     (lambda rt: rt.generate([[1]] * 257, 5), "batch of 257 prompts is over the limit of 256"),
     (lambda rt: rt.generate([[1], ["x"]], 5), "prompt 1: expected text or a flat list of integer token ids"),
 ])
@@ -192,6 +197,49 @@ def test_bad_requests_are_one_line_errors(rt, call, message):
     with pytest.raises(GenerationInputError, match=message) as e:
         call(rt)
     assert "\n" not in str(e.value)
+
+
+def test_an_export_named_relative_to_the_current_directory_loads_its_library(exp, rt, monkeypatch):
+    """"." (and "./"): the custom-op library's path keeps a directory part, so dlopen does not search elsewhere; not
+    a path at all is a one-line error."""
+    if not library_built():
+        pytest.skip("the custom-op library is not built")
+    monkeypatch.chdir(exp.dir)
+    for name in (".", "./"):
+        here = MambaRuntime(name, provider="cpu", threads=1, custom_ops="require", verify=False)
+        assert here.generate([5, 17, 200], 6).tokens == rt.generate([5, 17, 200], 6).tokens
+    with pytest.raises(ExportDirError, match="must be a path"):
+        MambaRuntime(None)
+
+
+def test_token_ids_work_without_the_tokenizers_package(exp, rt, tmp_path, monkeypatch):
+    """An export with a tokenizer.json on a runtime-only install (no ``tokenizers``): opening it and generating from
+    token ids work (no texts); text input is the one-line error that says what to install."""
+    import shutil
+
+    d = tmp_path / "export"
+    shutil.copytree(exp.dir, d)
+    (d / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
+    no_tok = MambaRuntime(d, provider="cpu", threads=1, verify=False)
+    result = no_tok.generate([5, 17, 200], 6)
+    assert result.tokens == rt.generate([5, 17, 200], 6).tokens and result.texts is None
+    with pytest.raises(ExportDirError, match="needs the 'tokenizers' package"):
+        no_tok.generate("hello", 3)
+
+
+@pytest.mark.parametrize("field, value, message", [("vocab_size", 1000, "logits over 256 tokens"),
+                                                    ("d_state", 8, "past_ssm.0 has shape")])
+def test_a_manifest_that_disagrees_with_its_graphs_is_an_export_dir_error(exp, tmp_path, field, value, message):
+    import shutil
+
+    d = tmp_path / "export"
+    shutil.copytree(exp.dir, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["config"][field] = value
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportDirError, match=message):
+        MambaRuntime(d, provider="cpu", threads=1, verify=False)
 
 
 def test_text_without_a_tokenizer_is_an_error(exp):
@@ -264,14 +312,24 @@ def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):
     (["/nonexistent/export", "--prompt-ids", "1"], "export directory does not exist"),
     (["{dir}", "--prompt-ids", "1,999"], "token id 999"),
     (["{dir}", "--prompt-ids", "1", "--top-k", "5"], "also give --temperature"),
-    (["{dir}", "--prompt-ids", "1", "--temperature", "0"], "--temperature must be > 0"),
+    (["{dir}", "--prompt-ids", "1", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["{dir}", "--prompt-ids", "1", "--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["{dir}", "--prompt-ids", "1,,2"], "expected comma-separated integers"),
+    (["{dir}", "--prompt-ids", "99999999999999999999999"], "below 2**63"),
+    (["{dir}", "--prompt-ids", "a"], "expected comma-separated integers"),
+    (["{dir}", "--prompt-ids", "1", "--provider", "tpu"], "invalid choice"),
 ])
 def test_cli_generate_bad_input_exits_2_with_one_line(exp, args, message, capsys):
+    """Mistakes found by the command and by its argument parser alike: exit status 2 and one line on stderr."""
     from mamba_export.cli import main
 
-    assert main(["generate", *[a.format(dir=exp.dir) for a in args]]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("error:") == 1 and "Traceback" not in err
+    try:
+        rc = main(["generate", *[a.format(dir=exp.dir) for a in args]])
+    except SystemExit as e:  # the argument parser's errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "error:" in err[0]
 
 
 # ---- node placement under a GPU provider --------------------------------------------------------------------------

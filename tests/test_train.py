@@ -15,6 +15,7 @@ from mamba_export.cli import main
 from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 from mamba_export.ops import selective_scan_fast, selective_scan_ref
+from mamba_export.training import loop
 from mamba_export.training.init import init_mamba_weights
 from mamba_export.training.loop import TrainOptions, lr_at, train
 from mamba_export.training.presets import get_preset
@@ -191,9 +192,46 @@ def test_bad_inputs_are_one_line_errors(tmp_path, text_file, capsys):
                                                 "-o", str(a_file)])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "out" / "model.safetensors").write_text("")  # what --force may replace: a checkpoint directory
     assert "--force" in _error_line(capsys, base + ["--data", str(text_file), "--preset", "tiny"])
     assert "unknown backend" in _error_line(
         capsys, base + ["--data", str(text_file), "--preset", "tiny", "--force", "--backend", "magic", "--steps", "1"])
+    assert "--until 50 is past the run's last step (10" in _error_line(
+        capsys, base + ["--data", str(text_file), "--preset", "tiny", "--force", "--steps", "10", "--until", "50"])
+
+
+@pytest.mark.parametrize("case", ["not a checkpoint", "holds the data", "the current directory", "unwritable"])
+def test_output_checks_come_before_training_and_protect_files(tmp_path, text_file, capsys, monkeypatch, case):
+    """--force replaces a checkpoint directory only: not a directory of other files, not one holding the training
+    text, not the current directory; an output that cannot be written fails before training. One line each, every
+    file left in place."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_text("")
+    data = text_file
+    if case == "not a checkpoint":
+        (run / "config.json").unlink()
+        (run / "notes.txt").write_text("precious")
+        out, expect = run, "is not a checkpoint directory"
+    elif case == "holds the data":
+        data = run / "text.txt"
+        data.write_text(text_file.read_text())
+        out, expect = run, "contains --data"
+    elif case == "the current directory":
+        monkeypatch.chdir(run)
+        out, expect = ".", "is the current directory"
+    else:
+        out, expect = "/proc/mamba-export-test/run", "cannot write there"
+    before = sorted((p.name, p.read_bytes()) for p in run.iterdir())
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the text was read: the output was checked after the work began")
+
+    monkeypatch.setattr(loop, "load_corpus", too_late)
+    assert expect in _error_line(capsys, ["train", "--data", str(data), "--preset", "tiny", "--force", "-o", str(out),
+                                          "--no-progress"])
+    assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
 
 
 def test_resume_refuses_a_different_text(tmp_path, text_file, capsys):

@@ -11,10 +11,17 @@ from ..errors import MambaExportError
 
 
 def _ids(text: str) -> list[int]:
+    items = text.replace(" ", "").split(",")
+    if items == [""]:
+        return []
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+        ids = [int(t) for t in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, found {text!r}") from None
+    if any(i < 0 or i >= 2**63 for i in ids):
+        bad = next(i for i in ids if i < 0 or i >= 2**63)
+        raise argparse.ArgumentTypeError(f"token ids are non-negative integers below 2**63, found {bad}")
+    return ids
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,15 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
     mode.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the nucleus of probability P")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="penalise seen tokens (> 1)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the nucleus of probability P (default 1.0: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="penalise seen tokens (> 1; default 1.0: off)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (default: random)")
     p.add_argument("--stop-ids", type=_ids, default=[], metavar="1,2", help="token ids that end the generation")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     out.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings)")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution provider (default auto: CUDA where this onnxruntime has it)")
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--no-custom-ops", action="store_true", help="run the graphs' function fallbacks, not the library")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
@@ -52,8 +60,9 @@ def _sampling(args: argparse.Namespace):
 
     if args.temperature is None and (args.top_k or args.top_p != 1.0):
         raise MambaExportError("--top-k/--top-p apply to sampling: also give --temperature")
-    if args.temperature is not None and args.temperature <= 0:
-        raise MambaExportError(f"--temperature must be > 0 (--greedy for greedy decoding), found {args.temperature}")
+    if args.temperature is not None and not (0 < args.temperature < float("inf")):
+        raise MambaExportError(f"--temperature must be a finite number > 0 (--greedy for greedy decoding), found "
+                               f"{args.temperature}")
     return SamplingConfig(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import MambaExportError
+from ..outdir import check_writable, output_path
 
 
 def _ints(text: str) -> list[int]:
@@ -218,10 +219,16 @@ def run(args: argparse.Namespace) -> int:
     from mamba_runtime import profiling as prof
 
     _check(args)
+    if args.compare_torch:  # a bad checkpoint fails now, not after the runtime's minutes of measurements
+        from ..checkpoint import read_config
+
+        read_config(args.compare_torch)
     rt = MambaRuntime(args.export_dir, provider=args.provider, threads=args.threads,
                       custom_ops="off" if args.no_custom_ops else "auto")
-    out = Path(args.output or f"profile-{Path(args.export_dir).resolve().name}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_path(args.output if args.output is not None else f"profile-{rt.info.path.name}")
+    if out.exists() and not out.is_dir():
+        raise MambaExportError(f"{out}: exists and is not a directory")
+    check_writable(out)  # before the measurements, which take minutes; the directory is made once they are done
     wbytes = prof.weight_bytes_per_token(rt.info)
     n_prefill = len(args.batch) * len(args.prompt_len) * args.repeats
     total = n_prefill + len(args.batch) * args.gen_len + args.position_tokens
@@ -242,14 +249,18 @@ def run(args: argparse.Namespace) -> int:
         if args.compare_torch:
             report["torch"] = _measure_torch(args.compare_torch, args, rt, bar)
             report["machine"]["versions"]["torch"] = sys.modules["torch"].__version__
-    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (out / "profile.md").write_text(table)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "profile.md").write_text(table)
+        if importlib.util.find_spec("matplotlib") is None:
+            pngs = []
+            print("mamba-export profile: note: no plots (matplotlib is not installed)", file=sys.stderr)
+        else:
+            pngs = plot(report, out)
+    except OSError as e:
+        raise MambaExportError(f"{out}: cannot write the profile ({e.strerror or e})") from None
     print(table)
-    if importlib.util.find_spec("matplotlib") is None:
-        pngs = []
-        print("mamba-export profile: note: no plots (matplotlib is not installed)", file=sys.stderr)
-    else:
-        pngs = plot(report, out)
     print(f"wrote {out / 'profile.json'}, {out / 'profile.md'}" + "".join(f", {out / p}" for p in pngs))
     return 0

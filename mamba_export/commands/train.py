@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", metavar="NAME",
                    help=f"model shape and hyper-parameters: {', '.join(PRESETS)} (required unless --resume)")
     p.add_argument("-o", "--output", required=True, metavar="CHECKPOINT_DIR", help="directory to write")
-    p.add_argument("--steps", type=int, help="total optimiser steps (overrides the preset's)")
+    p.add_argument("--steps", type=int, help="total optimiser steps (default: the preset's)")
     p.add_argument("--until", type=int, metavar="STEP", help="save and stop after this step; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue the run stored in CHECKPOINT_DIR exactly")
     p.add_argument("--force", action="store_true", help="replace an existing CHECKPOINT_DIR")
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="fast",
                    help="operator backend: fast (default; plain PyTorch with a linear-time scan backward), "
                    "reference, triton or auto")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto: cuda when available)")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="run each training step as one CUDA graph replay (the same arithmetic without the host's "
                    "per-step overhead): auto (default) does on CUDA and falls back to eager steps, with a warning, "

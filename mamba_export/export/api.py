@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .. import __version__
+from .. import __version__, outdir
 from ..checkpoint import TOKENIZER_FILES, load_checkpoint, read_config
 from ..config import MambaConfig
 from ..model import MambaLM
@@ -65,7 +65,9 @@ def export_checkpoint(
     _check_options(dtype, fmt, decode_weights)
     cfg, _, raw = read_config(ckpt_dir)
     resolve_decode_blocks(decode_blocks, cfg, fmt, decode_weights)  # fails before the slow part
-    directory.check_target(Path(out_dir).absolute(), force)  # fail before the slow part; checked again at the end
+    inputs = {"the checkpoint": Path(ckpt_dir)}
+    # fail before the slow part (checked again at the end)
+    directory.check_target(outdir.output_path(out_dir, ExportError), force, inputs)
     if fmt == "onnx" and with_library:
         directory.library_path()  # raises now, before the slow part, when the library is not built
     say = progress or (lambda msg: None)
@@ -118,7 +120,8 @@ def export_model(
                                   decode_weights, blocks)
         directory.write_json(tmp / "manifest.json", manifest)
 
-    out = directory.write_atomically(out_dir, force, build)
+    inputs = {"the checkpoint": Path(source_dir)} if source_dir else {}
+    out = directory.write_atomically(out_dir, force, build, inputs)
     say(f"wrote {out}")
     return out
 

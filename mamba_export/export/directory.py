@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .. import outdir
 from ..errors import MambaExportError
 
 FORMAT_VERSION = 1
@@ -24,39 +25,54 @@ class ExportError(MambaExportError):
     """An export that cannot be written as asked: bad option, existing or unwritable output, missing library."""
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Fail early when ``out`` cannot be (re)placed: exists without ``force``, is a file, or is not writable."""
+def check_target(out: Path, force: bool, inputs: dict[str, Path] | None = None) -> None:
+    """Fail early when ``out`` cannot be (re)placed: exists without ``force``, is a file, is not writable, or (with
+    ``force``) is not empty and not an export directory, is or contains the current directory, or contains one of
+    ``inputs`` (description -> path, e.g. the checkpoint being exported)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-    if out.exists() and not force:
-        raise ExportError(f"{out}: already exists (use --force / force=True to replace it)")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"{out}: cannot write there ({parent} is not a writable directory)")
+    if out.exists():
+        if not force:
+            raise ExportError(f"{out}: already exists (use --force / force=True to replace it)")
+        outdir.check_replace(out, "an export directory (no manifest.json)", _is_export, inputs or {}, ExportError)
+    outdir.check_writable(out, ExportError)
 
 
-def write_atomically(out_dir: str | os.PathLike, force: bool, build: Callable[[Path], None]) -> Path:
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` holds an export this tool wrote (a manifest.json with a format version)."""
+    try:
+        return "format_version" in json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def write_atomically(out_dir: str | os.PathLike, force: bool, build: Callable[[Path], None],
+                     inputs: dict[str, Path] | None = None) -> Path:
     """Call ``build(tmp)`` to fill a fresh temporary directory, then rename it to ``out_dir``.
 
     Raises:
-        ExportError: ``out_dir`` exists (and not ``force``) or cannot be written. Whatever ``build`` raises is
-            re-raised after the temporary directory is removed; an existing ``out_dir`` is then left untouched.
+        ExportError: ``out_dir`` exists (and not ``force``), may not be replaced (:func:`check_target`) or cannot be
+            written. Whatever ``build`` raises is re-raised after the temporary directory is removed; an existing
+            ``out_dir`` is then left untouched.
     """
-    out = Path(out_dir).absolute()
-    check_target(out, force)
+    out = outdir.output_path(out_dir, ExportError)
+    check_target(out, force, inputs)
+    created = outdir.first_missing(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
-        raise ExportError(f"{out}: cannot create ({e.strerror})") from None
+        outdir.remove_created(created)
+        raise ExportError(f"{out}: cannot create ({outdir.os_error_text(e)})") from None
     try:
         build(tmp)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private; the export gets the usual permissions
-        _replace(tmp, out)
-    except BaseException:
+        outdir.replace_dir(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        outdir.remove_created(created)
+        if isinstance(e, OSError):  # a full disk, a file that cannot be written: one line, nothing left behind
+            raise ExportError(f"{out}: cannot write the export ({outdir.os_error_text(e)})") from None
         raise
     return out
 
@@ -65,22 +81,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only once ``new`` is in place."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from .. import outdir
+from ..checkpoint import is_checkpoint_dir, load_checkpoint, save_checkpoint
 from ..config import MambaConfig
 from ..errors import MambaExportError
 from ..model import MambaLM
@@ -175,8 +176,9 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _check_output(opts: TrainOptions) -> None:
-    """One-line errors for an output directory that does not fit --resume / --force."""
-    out = Path(opts.out)
+    """One-line errors, before any work, for an output directory that does not fit --resume / --force, that every
+    save would replace while it holds the run's inputs or the current directory, or that cannot be written."""
+    out = outdir.output_path(opts.out)
     if opts.resume and opts.force:
         raise MambaExportError("--resume and --force exclude each other")
     if out.exists() and not out.is_dir():
@@ -186,6 +188,10 @@ def _check_output(opts: TrainOptions) -> None:
             raise MambaExportError(f"{out}: nothing to resume (no {STATE_FILE}; was it written by mamba-export train?)")
     elif out.exists() and not opts.force and any(out.iterdir()):
         raise MambaExportError(f"{out}: already exists; pass --resume to continue its training or --force to replace it")
+    if out.exists():
+        inputs = {"--data": Path(opts.data), **({"--tokenizer": Path(opts.tokenizer)} if opts.tokenizer else {})}
+        outdir.check_replace(out, "a checkpoint directory (config.json and weights)", is_checkpoint_dir, inputs)
+    outdir.check_writable(out)
 
 
 def _load_run_state(out: Path, opts: TrainOptions) -> RunState:
@@ -390,7 +396,9 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
         rs.preset = dataclasses.replace(rs.preset, steps=opts.steps)
     p = rs.preset
     until = p.steps if opts.until is None else opts.until
-    if not rs.step < until <= p.steps:
+    if until > p.steps:
+        raise MambaExportError(f"--until {until} is past the run's last step ({p.steps}; raise --steps to train longer)")
+    if not rs.step < until:
         raise MambaExportError(f"nothing to do: the run is at step {rs.step}, asked to stop at {until} of {p.steps}")
     device = _resolve_device(opts.device)
     _check_cuda_graph(opts, device)

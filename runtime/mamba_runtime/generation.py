@@ -185,6 +185,8 @@ class Generation:
 
 def load_snapshot(runtime, data: bytes) -> Generation:
     """Inverse of :meth:`Generation.snapshot` for ``runtime`` (the same export)."""
+    if not data.startswith(b"PK"):
+        raise SnapshotError("not a snapshot (Generation.snapshot writes a zip archive; these bytes are not one)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

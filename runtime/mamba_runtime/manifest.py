@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .errors import ExportDirError
@@ -118,7 +119,9 @@ def open_export_dir(path: str | Path, verify: bool = True) -> ExportInfo:
     Raises:
         ExportDirError: one line naming the file and what is wrong.
     """
-    d = Path(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportDirError(f"the export directory must be a path, not {type(path).__name__}")
+    d = Path(os.path.abspath(path))  # absolute: the library's path must name a directory, or dlopen searches elsewhere
     manifest = _read_manifest(d)
     mpath = d / MANIFEST
     checksums = _checksums(manifest, mpath)

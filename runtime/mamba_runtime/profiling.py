@@ -161,6 +161,7 @@ def latency_vs_position(rt, tokens: int, windows: int = 20, tick: Tick | None = 
         if tick and i % 100 == 99:
             tick(100)
     ms = np.asarray(gen.step_s) * 1e3
+    windows = max(1, min(windows, ms.size))  # no empty window when fewer tokens than windows
     edges = np.linspace(0, ms.size, windows + 1).astype(int)
     rows = [{"position": int(a) + 1, "p50_ms": float(np.median(ms[a:b])), "p90_ms": float(np.percentile(ms[a:b], 90))}
             for a, b in zip(edges[:-1], edges[1:])]

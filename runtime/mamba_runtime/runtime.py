@@ -18,6 +18,7 @@ with the state kept on the device (see :mod:`.state`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .manifest import ExportInfo, open_export_dir
 from .sampling import SamplingConfig
 from .sessions import check_io, cpu_placed_nodes, open_session, resolve_library, session_options
 from .state import DeviceState, prefill
-from .tokenizer import load_codec, require_codec
+from .tokenizer import TokenizerUnavailable, load_codec, require_codec
 
 Prompt = str | Iterable[int]
 
@@ -61,7 +62,11 @@ class MambaRuntime:
             prefill_chunk = 1024 if self.info.prefill_graph == "model_last.onnx" else 128
         self.max_batch = require_int(max_batch, "max_batch")
         self.prefill_chunk = require_int(prefill_chunk, "prefill_chunk")
-        self.codec = load_codec(self.info.path)
+        self.codec_unavailable = None  # why the export's tokenizer.json cannot be read here (token ids still work)
+        try:
+            self.codec = load_codec(self.info.path)
+        except TokenizerUnavailable as e:
+            self.codec, self.codec_unavailable = None, str(e)
         so = session_options(threads, self.custom_op_library)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
         self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())
@@ -75,10 +80,10 @@ class MambaRuntime:
     # ---- text -------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (needs tokenizer.json or byte_vocab.json in the export)."""
-        return require_codec(self.codec, "text input").encode(text)
+        return require_codec(self.codec, "text input", self.codec_unavailable).encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return require_codec(self.codec, "text output").decode(list(ids))
+        return require_codec(self.codec, "text output", self.codec_unavailable).decode(list(ids))
 
     # ---- building blocks --------------------------------------------------------------------------------------
     def new_state(self, batch: int) -> DeviceState:
@@ -146,7 +151,7 @@ class MambaRuntime:
               stop_tokens: Iterable[int] = ()) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
         require_int(max_new_tokens, "max_new_tokens")
-        stops = frozenset(int(t) for t in stop_tokens)
+        stops = _stop_set(stop_tokens)
         self._check_ids(sorted(stops), "stop tokens")
         gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling or SamplingConfig(), stops)
         gen.prefill()
@@ -167,8 +172,8 @@ class MambaRuntime:
     def stream_text(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
                     stop_tokens: Iterable[int] = ()) -> Iterator[str]:
         """Pieces of text of one prompt's continuation as they complete (a stop token is not printed)."""
-        decoder = require_codec(self.codec, "text output").stream()
-        stops = frozenset(stop_tokens)
+        decoder = require_codec(self.codec, "text output", self.codec_unavailable).stream()
+        stops = _stop_set(stop_tokens)
         for tok in self.stream(prompt, max_new_tokens, sampling, stops):
             if tok not in stops:
                 if piece := decoder.push(tok):
@@ -178,9 +183,22 @@ class MambaRuntime:
 
     def restore(self, snapshot: bytes | str | Path) -> Generation:
         """A :class:`Generation` from :meth:`Generation.snapshot` bytes or a file written by ``Generation.save``."""
-        if isinstance(snapshot, bytes):
-            return load_snapshot(self, snapshot)
+        if isinstance(snapshot, (bytes, bytearray, memoryview)):
+            return load_snapshot(self, bytes(snapshot))
+        if not isinstance(snapshot, (str, os.PathLike)):
+            raise SnapshotError(f"restore takes snapshot bytes or a file path, not {type(snapshot).__name__}")
         path = Path(snapshot)
         if not path.is_file():
             raise SnapshotError(f"{path}: snapshot file does not exist")
         return load_snapshot(self, path.read_bytes())
+
+
+def _stop_set(stop_tokens) -> frozenset[int]:
+    """Stop tokens as a set of ints; one token id alone is a mistake worth a clear message (it is not iterable)."""
+    try:
+        return frozenset(int(t) for t in stop_tokens)
+    except TypeError:
+        raise GenerationInputError(f"stop_tokens must be a collection of token ids (e.g. [0]), not "
+                                   f"{type(stop_tokens).__name__}") from None
+    except ValueError as e:
+        raise GenerationInputError(f"stop_tokens must hold integer token ids ({e})") from None

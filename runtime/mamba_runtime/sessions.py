@@ -138,7 +138,17 @@ def check_io(session: ort.InferenceSession, info: ExportInfo, name: str) -> np.d
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
         raise ExportDirError(f"{info.path / name}: graph inputs/outputs {got_in} -> {got_out} do not follow the "
                              f"contract for {info.n_layer} layers")
-    logits_type = next(o.type for o in session.get_outputs() if o.name == "logits")
-    if logits_type not in _ORT_TYPES:
-        raise ExportDirError(f"{info.path / name}: logits of type {logits_type} are not supported by this runtime")
-    return np.dtype(_ORT_TYPES[logits_type])
+    logits = next(o for o in session.get_outputs() if o.name == "logits")
+    if logits.type not in _ORT_TYPES:
+        raise ExportDirError(f"{info.path / name}: logits of type {logits.type} are not supported by this runtime")
+    vocab = logits.shape[-1] if logits.shape else None
+    if isinstance(vocab, int) and vocab != info.vocab_size:
+        raise ExportDirError(f"{info.path / name}: logits over {vocab} tokens, but manifest.json says vocab_size "
+                             f"{info.vocab_size}")
+    states = {i.name: i.shape for i in session.get_inputs()}
+    for kind, shape in zip(("conv", "ssm"), info.state_shapes(1)):
+        got = states[f"past_{kind}.0"]
+        if len(got) != len(shape) or any(isinstance(g, int) and g != w for g, w in zip(got[1:], shape[1:])):
+            raise ExportDirError(f"{info.path / name}: past_{kind}.0 has shape {got}, but manifest.json's sizes give "
+                                 f"(batch, {', '.join(map(str, shape[1:]))})")
+    return np.dtype(_ORT_TYPES[logits.type])

@@ -48,6 +48,10 @@ class _ByteStream:
         return self._dec.decode(b"", final=True)
 
 
+class TokenizerUnavailable(ExportDirError):
+    """The export has a tokenizer.json but the ``tokenizers`` package is not installed: token ids still work."""
+
+
 class HFTokenizerCodec:
     """A Hugging Face ``tokenizer.json`` (special tokens are added on encode and skipped on decode, as its own
     post-processor and decoder say)."""
@@ -58,7 +62,7 @@ class HFTokenizerCodec:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ExportDirError(
+            raise TokenizerUnavailable(
                 f"{path}: reading it needs the 'tokenizers' package (pip install 'mamba-export[text]'), "
                 "or pass token ids instead of text"
             ) from None
@@ -106,8 +110,11 @@ def load_codec(export_dir: Path) -> ByteCodec | HFTokenizerCodec | None:
     return None
 
 
-def require_codec(codec, what: str):
-    """``codec``, or a clear error saying that ``what`` needs a tokenizer."""
+def require_codec(codec, what: str, unavailable: str | None = None):
+    """``codec``, or a clear error saying that ``what`` needs a tokenizer (``unavailable``: why the export's own
+    tokenizer could not be loaded)."""
+    if codec is None and unavailable is not None:
+        raise TokenizerUnavailable(f"{what}: {unavailable}")
     if codec is None:
         raise GenerationInputError(
             f"{what} needs a tokenizer, and the export directory has neither tokenizer.json nor byte_vocab.json; "

@@ -1,0 +1,110 @@
+"""Output directories that commands create or replace (export directories, training checkpoints): checks made before
+any slow work, so that a mistake costs nothing, and the atomic replacement itself.
+
+``--force`` replaces a directory only where that cannot destroy anything the user did not ask to lose: the directory
+must be empty or look like what the command writes (an export: its manifest.json; a checkpoint: its config.json and
+weights), must not be or contain the current directory, and must not contain the command's own inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import MambaExportError
+
+
+def output_path(path: str | os.PathLike, error: type[MambaExportError] = MambaExportError) -> Path:
+    """``path`` made absolute (and normalised); an empty name is an error rather than the current directory."""
+    if not str(path).strip():
+        raise error("the output directory name is empty")
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it (symlinks resolved)."""
+    path, root = path.resolve(), root.resolve()
+    return path == root or root in path.parents
+
+
+def check_replace(out: Path, kind: str, looks_like: Callable[[Path], bool], inputs: dict[str, Path],
+                  error: type[MambaExportError] = MambaExportError) -> None:
+    """Raise ``error`` unless the existing directory ``out`` may be replaced under ``--force``.
+
+    Args:
+        out: an existing directory (absolute).
+        kind: what the command writes, for the message ("an export directory", "a checkpoint directory").
+        looks_like: whether a non-empty directory is one the command wrote.
+        inputs: the command's inputs by description ("the checkpoint", "--data"), which must not be inside ``out``.
+    """
+    try:
+        cwd = Path.cwd()
+    except OSError:  # the current directory was deleted: it cannot be inside out
+        cwd = None
+    if cwd is not None and _within(cwd, out):
+        raise error(f"{out}: is the current directory or contains it; refusing to replace it (--force)")
+    for what, path in inputs.items():
+        if _within(Path(path).absolute(), out):
+            raise error(f"{out}: contains {what} ({path}); refusing to replace it (--force)")
+    if any(out.iterdir()) and not looks_like(out):
+        raise error(f"{out}: exists and is not {kind}; refusing to replace it with --force (remove it yourself or "
+                    f"choose another directory)")
+
+
+def check_writable(out: Path, error: type[MambaExportError] = MambaExportError) -> None:
+    """Raise ``error`` unless ``out`` can be created or replaced: a directory can be made in its nearest existing
+    ancestor (checked before the slow work, not found out at the end)."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{out}: cannot write there ({parent} is not a directory)")
+    try:  # a real probe: permission bits say nothing to root, nor about /proc or a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".mamba-export-probe-", dir=parent))
+    except OSError as e:
+        raise error(f"{out}: cannot write there ({parent}: {e.strerror or e})") from None
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost ancestor of ``path`` (or ``path`` itself) that does not exist yet: what making ``path`` with its
+    parents creates, and what :func:`remove_created` takes away again after a failure."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def remove_created(top: Path | None) -> None:
+    """Remove the directories a failed command made (``top``, from :func:`first_missing`) where they are empty."""
+    if top is None or not top.is_dir():
+        return
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [top]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError as a short phrase: its message and the file it is about."""
+    return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished directory ``new`` to ``out`` (same parent); an existing ``out`` is moved aside first and
+    deleted only once ``new`` is in place, so ``out`` is never half old, half new, nor lost if the rename fails."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
