@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none, empty_like_bdl
+from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, traced
 from ._triton_common import load_channel_vector
 
 __all__ = ["causal_conv1d", "causal_conv1d_step"]
@@ -55,6 +56,7 @@ def _pre(x_ptr, state_ptr, w_ptr, bias, pid_b, offs_d, mask_d, t, L, sx_b, sx_d,
     return acc
 
 
+@fast_launch
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, L, DIM,
@@ -74,6 +76,7 @@ def _conv_fwd_kernel(
              mask=mask_d[:, None] & (t < L)[None, :])
 
 
+@fast_launch
 @triton.jit
 def _conv_dpre_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, dy_ptr, dpre_ptr, dw_ptr, dbias_ptr, L, DIM, NBLK,
@@ -103,6 +106,7 @@ def _conv_dpre_kernel(
     tl.store(dbias_ptr + part, tl.sum(dpre, axis=1), mask=mask_d)
 
 
+@fast_launch
 @triton.jit
 def _conv_dx_kernel(
     dpre_ptr, w_ptr, dx_ptr, dstate_ptr, L, DIM, sdx_b, sdx_d, sdx_l,
@@ -128,6 +132,7 @@ def _conv_dx_kernel(
              mask=mask_d[:, None] & (s < K - 1)[None, :])
 
 
+@fast_launch
 @triton.jit
 def _conv_step_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, new_state_ptr, DIM,
@@ -182,7 +187,7 @@ def _conv_fwd(x, weight, bias, conv_state, silu):
     y = torch.empty(b, d, l, dtype=x.dtype, device=x.device)
     if l:
         block_d, block_l = _FWD_BLOCK
-        grid = (triton.cdiv(d, block_d), triton.cdiv(l, block_l), b)
+        grid = (cdiv(d, block_d), cdiv(l, block_l), b)
         _conv_fwd_kernel[grid](x, weight, bias, conv_state, y, l, d, *x.stride(), *conv_state.stride(), K=k,
                                HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l)
     return y
@@ -197,18 +202,18 @@ def _conv_bwd(dy, x, weight, bias, conv_state, silu):
     weight, bias = weight.contiguous(), contiguous_or_none(bias)
     f32 = dict(dtype=torch.float32, device=x.device)
     block_d, block_l = _BWD_BLOCK
-    nblk = triton.cdiv(l, block_l)
+    nblk = cdiv(l, block_l)
     dx, dstate = empty_like_bdl(x), torch.empty(b, d, k - 1, **f32)
     dw, dbias = torch.empty(b, nblk, d, k, **f32), torch.empty(b, nblk, d, **f32)
     dpre = torch.empty(b, d, l, **f32)
-    grid_d = triton.cdiv(d, block_d)
+    grid_d = cdiv(d, block_d)
     if l:
         _conv_dpre_kernel[(grid_d, nblk, b)](
             x, weight, bias, conv_state, dy, dpre, dw, dbias, l, d, nblk,
             *x.stride(), *conv_state.stride(), *dy.stride(),
             K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l,
         )
-    _conv_dx_kernel[(grid_d, triton.cdiv(l + k - 1, block_l), b)](
+    _conv_dx_kernel[(grid_d, cdiv(l + k - 1, block_l), b)](
         dpre, weight, dx, dstate, l, d, *dx.stride(), K=k, BLOCK_D=block_d, BLOCK_L=block_l,
     )
     return dx, dw.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else dbias.new_empty(0), dstate
@@ -246,14 +251,17 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, conv_state)
 
 
-def _conv_backward(ctx, dy):
+def _conv_backward(ctx, dy, bwd=None):
+    """The gradients of the forward op's inputs, from bwd (the backward op; _eager_conv: _conv_bwd itself)."""
     x, weight, bias, conv_state = ctx.saved_tensors
-    dx, dw, dbias, dstate = _conv_bwd_op(dy, x, weight, bias, conv_state, ctx.silu)
+    dx, dw, dbias, dstate = (bwd or _conv_bwd_op)(dy, x, weight, bias, conv_state, ctx.silu)
     return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
             dstate.to(conv_state.dtype), None)
 
 
 torch.library.register_autograd("mamba_kernels::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)
+# eager mode: the launchers themselves, without custom_op's dispatch layers (see _launch.traced)
+_eager_conv = eager_function(_conv_fwd, _conv_setup_context, lambda ctx, dy: _conv_backward(ctx, dy, bwd=_conv_bwd))
 
 
 def causal_conv1d(
@@ -277,24 +285,35 @@ def causal_conv1d(
     k = weight.shape[1]
     if conv_state is None:
         conv_state = torch.zeros(b, d, k - 1, dtype=torch.float32, device=x.device)
-    y = _conv_fwd_op(x, weight, bias, conv_state, silu)
+    if traced():
+        op = _conv_fwd_op
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, conv_state)):
+        op = _eager_conv
+    else:
+        op = _conv_fwd
+    y = op(x, weight, bias, conv_state, silu)
     xs_tail = torch.cat([conv_state.to(torch.float32), x[:, :, max(0, l - (k - 1)):].to(torch.float32)], dim=-1)
     return y, xs_tail[:, :, xs_tail.shape[-1] - (k - 1):]
 
 
-@torch.library.custom_op("mamba_kernels::causal_conv1d_step", mutates_args=())
-def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor,
-                  silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _conv_step(x, weight, bias, conv_state, silu):
+    """Launch the decode step: y (b, d) in x's dtype and the new state (b, d, k - 1) fp32."""
     b, d = x.shape
     k = weight.shape[1]
     weight, bias = weight.contiguous(), contiguous_or_none(bias)
     y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     new_state = torch.empty(b, d, k - 1, dtype=torch.float32, device=x.device)
-    _conv_step_kernel[(triton.cdiv(d, _BLOCK_D), b)](
+    _conv_step_kernel[(cdiv(d, _BLOCK_D), b)](
         x, weight, bias, conv_state, y, new_state, d, *x.stride(), *conv_state.stride(),
-        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_K=triton.next_power_of_2(k),
+        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_K=next_power_of_2(k),
     )
     return y, new_state
+
+
+@torch.library.custom_op("mamba_kernels::causal_conv1d_step", mutates_args=())
+def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor,
+                  silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _conv_step(x, weight, bias, conv_state, silu)
 
 
 @_conv_step_op.register_fake
@@ -320,4 +339,4 @@ def causal_conv1d_step(
         y: (b, d) in x's dtype, and the new conv state (b, d, k - 1) float32.
     """
     _check_conv_args(x, weight, bias, conv_state, time_dim=False)
-    return _conv_step_op(x, weight, bias, conv_state, silu)
+    return (_conv_step_op if traced() else _conv_step)(x, weight, bias, conv_state, silu)

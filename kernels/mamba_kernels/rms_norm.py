@@ -18,10 +18,12 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor
+from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, sm_count, traced
 
 _MAX_BLOCK_D = 16384  # one row a tile: wider models take the reference backend
 
 
+@fast_launch
 @triton.jit
 def _add_rms_fwd_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, rstd_ptr, N, D, sx, sr, eps,
@@ -46,6 +48,7 @@ def _add_rms_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=rows < N)
 
 
+@fast_launch
 @triton.jit
 def _add_rms_bwd_kernel(
     dy_ptr, dro_ptr, ro_ptr, w_ptr, rstd_ptr, dx_ptr, dr_ptr, dw_ptr, N, D, sdy, sdro, ROWS_PER_PROG,
@@ -80,6 +83,7 @@ def _add_rms_bwd_kernel(
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=mc)
 
 
+@fast_launch
 @triton.jit
 def _sum_rows_kernel(p_ptr, out_ptr, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[c] = sum over the P rows of p (P, D) fp32, in row order: the weight gradient from the programs' partial
@@ -96,7 +100,7 @@ def _sum_rows_kernel(p_ptr, out_ptr, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.co
 
 def _tiles(d: int) -> tuple[int, int, int]:
     """BLOCK_D, rows a tile and warps for rows of d elements."""
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     return block_d, max(1, min(16, 2048 // block_d)), 4 if block_d <= 2048 else 8
 
 
@@ -106,9 +110,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-@torch.library.custom_op("mamba_kernels::add_rms_norm_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_fwd(x, residual, weight, eps, residual_dtype):
+    """Launch the forward: y in the weight's dtype, residual_out in residual_dtype, 1/rms a row (fp32)."""
     d = x.shape[-1]
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
@@ -118,11 +121,17 @@ def _fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     block_d, rows, warps = _tiles(d)
     if n:
-        _add_rms_fwd_kernel[(triton.cdiv(n, rows),)](
+        _add_rms_fwd_kernel[(cdiv(n, rows),)](
             x2, r2, weight.contiguous(), y, ro, rstd, n, d, x2.stride(0), r2.stride(0), eps,
             HAS_RES=residual is not None, BLOCK_D=block_d, ROWS=rows, num_warps=warps,
         )
     return y, ro, rstd
+
+
+@torch.library.custom_op("mamba_kernels::add_rms_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _norm_fwd(x, residual, weight, eps, residual_dtype)
 
 
 @_fwd_op.register_fake
@@ -134,13 +143,13 @@ def _(x, residual, weight, eps, residual_dtype):
 
 def _programs(n: int, device: torch.device) -> int:
     """Backward programs: 2 an SM on a GPU (each sums its rows' weight gradient), fewer for few rows."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 32
+    sms = sm_count(device) if device.type == "cuda" else 32
     return max(1, min(n, 2 * sms))
 
 
-@torch.library.custom_op("mamba_kernels::add_rms_norm_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, dro: torch.Tensor | None, ro: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-            x_dtype: torch.dtype, has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_bwd(dy, dro, ro, weight, rstd, x_dtype, has_residual):
+    """Launch the backward: the gradients of x (x_dtype) and of the residual (empty without one), and the weight's
+    (fp32, summed deterministically)."""
     d = ro.shape[-1]
     dy2 = _rows(dy)
     dro2 = _rows(dro) if dro is not None else dy2
@@ -148,9 +157,9 @@ def _bwd_op(dy: torch.Tensor, dro: torch.Tensor | None, ro: torch.Tensor, weight
     dx = torch.empty(ro.shape, dtype=x_dtype, device=ro.device)
     dr = torch.empty(ro.shape if has_residual else (0,), dtype=ro.dtype, device=ro.device)
     block_d, rows, warps = _tiles(d)
-    progs = _programs(triton.cdiv(n, rows), ro.device) if n else 1
-    per_prog = triton.cdiv(triton.cdiv(n, progs), rows) * rows
-    progs = triton.cdiv(n, per_prog) if n else 1
+    progs = _programs(cdiv(n, rows), ro.device) if n else 1
+    per_prog = cdiv(cdiv(n, progs), rows) * rows
+    progs = cdiv(n, per_prog) if n else 1
     partial = (torch.empty if n else torch.zeros)(progs, d, dtype=torch.float32, device=ro.device)
     if n:
         _add_rms_bwd_kernel[(progs,)](
@@ -159,8 +168,14 @@ def _bwd_op(dy: torch.Tensor, dro: torch.Tensor | None, ro: torch.Tensor, weight
             num_warps=warps,
         )
     dw = torch.empty(d, dtype=torch.float32, device=ro.device)
-    _sum_rows_kernel[(triton.cdiv(d, 16),)](partial, dw, progs, d, BLOCK_P=64, BLOCK_D=16)
+    _sum_rows_kernel[(cdiv(d, 16),)](partial, dw, progs, d, BLOCK_P=64, BLOCK_D=16)
     return dx, dr, dw
+
+
+@torch.library.custom_op("mamba_kernels::add_rms_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, dro: torch.Tensor | None, ro: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+            x_dtype: torch.dtype, has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _norm_bwd(dy, dro, ro, weight, rstd, x_dtype, has_residual)
 
 
 @_bwd_op.register_fake
@@ -178,15 +193,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(ro, weight, rstd)
 
 
-def _backward(ctx, dy, dro, _drstd):
+def _backward(ctx, dy, dro, _drstd, bwd=None):
+    """The gradients of the forward op's inputs, from bwd (the backward op; _eager_norm: _norm_bwd itself)."""
     ro, weight, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(ro, dtype=weight.dtype)
-    dx, dr, dw = _bwd_op(dy, dro, ro, weight, rstd, ctx.x_dtype, ctx.has_residual)
+    dx, dr, dw = (bwd or _bwd_op)(dy, dro, ro, weight, rstd, ctx.x_dtype, ctx.has_residual)
     return dx, (dr if ctx.has_residual else None), dw.to(weight.dtype), None, None
 
 
 torch.library.register_autograd("mamba_kernels::add_rms_norm_fwd", _backward, setup_context=_setup_context)
+# eager mode: the launchers themselves, without custom_op's dispatch layers (see _launch.traced)
+_eager_norm = eager_function(_norm_fwd, _setup_context, lambda ctx, *grads: _backward(ctx, *grads, bwd=_norm_bwd),
+                             non_differentiable=(2,))
 
 
 def add_rms_norm(
@@ -210,8 +229,14 @@ def add_rms_norm(
     rdt = residual.dtype if residual is not None else residual_dtype
     if rdt not in (torch.float32, torch.float16, torch.bfloat16):
         raise KernelInputError(f"the Triton RMSNorm keeps the residual in float32, float16 or bfloat16, not {rdt}")
-    if x.dim() == 0 or d == 0 or triton.next_power_of_2(d) > _MAX_BLOCK_D:
+    if x.dim() == 0 or d == 0 or next_power_of_2(d) > _MAX_BLOCK_D:
         raise KernelInputError(f"the Triton RMSNorm takes rows of 1 to {_MAX_BLOCK_D} elements, got shape "
                                f"{tuple(x.shape)} (use the reference backend)")
-    y, ro, _ = _fwd_op(x, residual, weight, float(eps), rdt)
+    if traced():
+        op = _fwd_op
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
+        op = _eager_norm
+    else:
+        op = _norm_fwd
+    y, ro, _ = op(x, residual, weight, float(eps), rdt)
     return y, ro

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ._checks import (KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none,
                       empty_like_bdl)
+from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, sm_count, traced
 from ._triton_common import lg2_approx, load_channel_vector, rcp_approx, sigmoid, silu, softplus
 
 __all__ = ["selective_scan"]
@@ -108,6 +109,7 @@ def _state_ptrs(pid_b, offs_d, idx, offs_n, DIM, NIDX, N):
     return ((pid_b * NIDX + idx) * N + offs_n[None, :]) * DIM + offs_d[:, None]
 
 
+@fast_launch
 @triton.jit
 def _carry_kernel(
     A_ptr, init_ptr, local_ptr, dsum_ptr, out_ptr, DIM, N, NCHUNK,
@@ -258,6 +260,7 @@ def _lane_setup(pid_d, A_ptr, bias_ptr, DIM, s_one, HAS_BIAS: tl.constexpr, BLOC
     return offs_d, mask_d, n3, d3, mask3, A2, bias
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sy_d", "s_one"])
 def _fwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
@@ -442,6 +445,7 @@ def _quad_rows(p, EVICT_LAST: tl.constexpr = False):
             _quad_row(p + 48, EVICT_LAST))
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "s_one"])
 def _fwd_quad_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, start_ptr, y_ptr, final_ptr, sub_ptr,
@@ -565,6 +569,7 @@ def _fwd_quad_kernel(
 # Backward kernels
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["sdt_d", "sz_d", "sdy_d", "s_one"])
 def _bwd_local_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
@@ -627,6 +632,7 @@ def _bwd_local_kernel(
     tl.store(dsum_ptr + (pid_b * DIM + offs_d * s_one) * NCHUNK + pid_c, dsum, mask=mask_d)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["sdt_d", "sz_d", "sdy_d", "s_one"])
 def _bwd_local_quad_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, local_ptr, dsum_ptr,
@@ -931,6 +937,7 @@ def _adjoint_sub_step(k: tl.constexpr, ts, L, h, g, dt_next, dt, u, sp, dzg, dyg
     return g, dA, dDacc, dbacc, du_t, dd_t, dz_t
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sdy_d", "sdu_d", "sddt_d", "sdz_d", "s_one"])
 def _bwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr, scratch_ptr,
@@ -1244,6 +1251,7 @@ def _quad_adjoint_group(t, L, g, e_next, h0, pre, A2, Dv, dA, dDacc, dbacc, B_q,
     return g, e0, dA, dDacc, dbacc
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sdy_d", "sdu_d", "sddt_d", "sdz_d", "s_one"])
 def _bwd_quad_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, sub_ptr, carry_ptr,
@@ -1363,23 +1371,18 @@ def _plan(b: int, d: int, l: int, n: int, block_d: int, warps: int, device: torc
     """Programs of ``block_d`` channels; chunks: 1 when batch x channel blocks fill the GPU, else enough for the
     target programs per SM. ``policy``: (unchunked, chunked) programs per SM, default (_UNCHUNKED_PROGRAMS_PER_SM,
     _CHUNKED_PROGRAMS_PER_SM)."""
-    d_blocks, nsub = triton.cdiv(d, block_d), triton.cdiv(l, _T)
-    nchunk = _num_chunks(b * d_blocks, _sm_count(device), *(policy or ()))
-    subs = max(1, triton.cdiv(nsub, min(nchunk, max(nsub, 1))))
-    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=triton.next_power_of_2(n), num_warps=warps)
-    return _Plan(d_blocks, nsub, subs, max(1, triton.cdiv(nsub, subs)), sizes)
-
-
-def _sm_count(device: torch.device) -> int:
-    """SMs of the device (2 for the interpreter on the CPU)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    d_blocks, nsub = cdiv(d, block_d), cdiv(l, _T)
+    nchunk = _num_chunks(b * d_blocks, sm_count(device), *(policy or ()))
+    subs = max(1, cdiv(nsub, min(nchunk, max(nsub, 1))))
+    sizes = dict(BLOCK_D=block_d, BLOCK_T=_T, BLOCK_N=next_power_of_2(n), num_warps=warps)
+    return _Plan(d_blocks, nsub, subs, max(1, cdiv(nsub, subs)), sizes)
 
 
 def _num_chunks(programs: int, sms: int, unchunked_per_sm: int | None = None, chunked_per_sm: int | None = None) -> int:
     """Chunks per sequence for ``programs`` (batch x channel blocks) on ``sms`` SMs (capped by the tile count)."""
     if programs >= (unchunked_per_sm or _UNCHUNKED_PROGRAMS_PER_SM) * sms:
         return 1
-    return triton.cdiv((chunked_per_sm or _CHUNKED_PROGRAMS_PER_SM) * sms, programs)
+    return cdiv((chunked_per_sm or _CHUNKED_PROGRAMS_PER_SM) * sms, programs)
 
 
 def _nd(state: torch.Tensor) -> torch.Tensor:
@@ -1410,6 +1413,7 @@ def _bc_elems(LN, N, BLOCK: tl.constexpr):
     return offs, offs < LN, offs // N, offs % N
 
 
+@fast_launch
 @triton.jit
 def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, zB_ptr, zC_ptr, LN, LNP, N, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
                    BLOCK: tl.constexpr):
@@ -1430,6 +1434,7 @@ def _bc_f32_kernel(B_ptr, C_ptr, oB_ptr, oC_ptr, zB_ptr, zC_ptr, LN, LNP, N, sB_
         tl.store(oC_ptr + pid_b * LNP + offs, v.to(tl.float32), mask=m)
 
 
+@fast_launch
 @triton.jit
 def _bwd_prep_kernel(B_ptr, C_ptr, Bx_ptr, Cx_ptr, C32_ptr, dB_ptr, dC_ptr, LN, LNP, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
                      N: tl.constexpr, BLOCK: tl.constexpr):
@@ -1465,7 +1470,7 @@ def _states_f32_pair(B: torch.Tensor, C: torch.Tensor, pad: int = 0, zeros: tupl
     oB, oC = (torch.empty(b, l + pad, n, dtype=torch.float32, device=B.device) for _ in range(2))
     block = 1024
     zB, zC = zeros or (oB, oC)  # placeholders where there are none (that job is not launched)
-    _bc_f32_kernel[(triton.cdiv((l + pad) * n, block), 2 if zeros is None else 3, b)](
+    _bc_f32_kernel[(cdiv((l + pad) * n, block), 2 if zeros is None else 3, b)](
         B, C, oB, oC, zB, zC, l * n, (l + pad) * n, n, *B.stride(), *C.stride(), BLOCK=block)
     return oB.transpose(1, 2), oC.transpose(1, 2)
 
@@ -1541,8 +1546,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
                                               **(dict(FAR_IN=False, L2_AHEAD=0, BC_LAST=False) if quad else {}))
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
-        _carry_kernel[(triton.cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
-                                               BLOCK_D=32, BLOCK_N=triton.next_power_of_2(n), HAS_INIT=h0 is not None)
+        _carry_kernel[(cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
+                                               BLOCK_D=32, BLOCK_N=next_power_of_2(n), HAS_INIT=h0 is not None)
     final = torch.empty(b, n, d, **f32)
     if quad:  # u, Δ, z 3 groups ahead in the main pass only when it saves states or runs unchunked (measured)
         flags["FAR_IN"] = _FWD["quad_far_in"] and (save_states or p.nchunk == 1)
@@ -1566,7 +1571,7 @@ def _adjoint_carry(p: _Plan, b, dy, gfinal, delta, A, C, z, delta_bias, consts, 
     f32 = dict(dtype=torch.float32, device=delta.device)
     local, dsum = torch.empty(b, p.nchunk, n, d, **f32), torch.empty(b, d, p.nchunk, **f32)
     if quad or (n == 16 and _BWD["quad_local"]):  # 4 lanes a channel
-        _bwd_local_quad_kernel[(triton.cdiv(d, 8), p.nchunk - 1, b)](
+        _bwd_local_quad_kernel[(cdiv(d, 8), p.nchunk - 1, b)](
             delta, A, C, z, delta_bias, dy, local, dsum, delta.shape[2], d, p.subs, p.nchunk,
             *delta.stride(), C.stride(0), *_strides(z), *dy.stride(), 1,
             HAS_Z=consts["HAS_Z"], HAS_BIAS=consts["HAS_BIAS"], SOFTPLUS=consts["SOFTPLUS"], FAST=consts["FAST"],
@@ -1592,7 +1597,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
     n = A.shape[1]
     A, D, delta_bias = (contiguous_or_none(t) for t in (A, D, delta_bias))
     f32 = dict(dtype=torch.float32, device=u.device)
-    if sub.shape != (b, triton.cdiv(l, _T), d, n):
+    if sub.shape != (b, cdiv(l, _T), d, n):
         raise KernelInputError("selective_scan backward needs the tile states saved by a forward with save_states")
     check_row_offsets("the gradient of y", dy)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
@@ -1609,7 +1614,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
         parts = _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, du, ddelta, dz, cuda)
         return _bwd_outputs(du, ddelta, dz, B, C, *parts)
     policy = _BWD["chunking"]
-    if b * triton.cdiv(d, _BWD["block_d"]) < _sm_count(u.device):  # fewer channel blocks than SMs (batch 1)
+    if b * cdiv(d, _BWD["block_d"]) < sm_count(u.device):  # fewer channel blocks than SMs (batch 1)
         policy = (policy[0], _BWD["chunking_few"])
     p = _plan(b, d, l, n, _BWD["block_d"], _BWD["warps"], u.device, policy)
     block_d, block_n = p.sizes["BLOCK_D"], p.sizes["BLOCK_N"]
@@ -1620,7 +1625,7 @@ def _scan_bwd(dy, dfinal, u, delta, A, B, C, D, z, delta_bias, delta_softplus, s
         Bx, Cx = (torch.empty(b, l, 4 * n, **f32) for _ in range(2))
         dB, dC = (torch.empty(b, l, n, **f32) for _ in range(2))
         C32 = torch.empty(b, l + _C_PAD, n, **f32)
-        _bwd_prep_kernel[(triton.cdiv((l + _C_PAD) * n, 1024), 3, b)](
+        _bwd_prep_kernel[(cdiv((l + _C_PAD) * n, 1024), 3, b)](
             B, C, Bx, Cx, C32, dB, dC, l * n, (l + _C_PAD) * n, *B.stride(), *C.stride(), N=n, BLOCK=1024)
         C32 = C32.transpose(1, 2)
     else:
@@ -1670,7 +1675,7 @@ def _scan_bwd_quad(dy, gfinal, u, delta, A, B, C, D, z, delta_bias, flags, sub, 
     n = 16
     f32 = dict(dtype=torch.float32, device=u.device)
     policy = _BWD["quad"]
-    if b * triton.cdiv(d, 8) < _BWD["quad_few"][0] * _sm_count(u.device):  # few programs (batch 1): finer chunks
+    if b * cdiv(d, 8) < _BWD["quad_few"][0] * sm_count(u.device):  # few programs (batch 1): finer chunks
         policy = (policy[0], _BWD["quad_few"][1])
     p = _plan(b, d, l, n, 8, 1, u.device, policy)
     dB, dC = torch.empty(b, l, n, **f32), torch.empty(b, l, n, **f32)
@@ -1748,7 +1753,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dfinal, _dsub, bwd=None):
-    """The gradients of the forward op's inputs, from bwd (the backward op; _EagerScan: _scan_bwd itself)."""
+    """The gradients of the forward op's inputs, from bwd (the backward op; _eager_scan: _scan_bwd itself)."""
     u, delta, A, B, C, D, z, delta_bias, sub = ctx.saved_tensors
     dy = torch.zeros_like(u) if dy is None else dy
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = (bwd or _scan_bwd_op)(
@@ -1765,24 +1770,12 @@ def _backward(ctx, dy, dfinal, _dsub, bwd=None):
 torch.library.register_autograd("mamba_kernels::selective_scan_fwd", _backward, setup_context=_setup_context)
 
 
-class _EagerScan(torch.autograd.Function):
-    """The forward op's computation and autograd for eager mode, calling _scan_fwd and _scan_bwd directly: the same
-    code as the registered ops (which torch.compile and torch.export see) without custom_op's Python dispatch layers
-    (H100 host, torch 2.11, host time of a call at b1 d64 l64: forward op 0.456 ms against _scan_fwd 0.205, backward
-    op 0.755 against _scan_bwd 0.621), which a GPU time of ~1.3 ms for forward + backward at batch 8 cannot hide."""
-
-    @staticmethod
-    def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
-        return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[2])
-
-    @staticmethod
-    def backward(ctx, dy, dfinal, dsub):
-        return _backward(ctx, dy, dfinal, dsub, bwd=_scan_bwd)
+# Eager mode: the same computation and autograd, calling _scan_fwd and _scan_bwd directly, without custom_op's
+# Python dispatch layers (H100 host, torch 2.11, host time of a call at b1 d64 l64: forward op 0.456 ms against
+# _scan_fwd 0.205, backward op 0.755 against _scan_bwd 0.621), which a GPU time of ~1.2 ms for forward + backward at
+# batch 8 cannot hide.
+_eager_scan = eager_function(_scan_fwd, _setup_context, lambda ctx, *grads: _backward(ctx, *grads, bwd=_scan_bwd),
+                             non_differentiable=(2,))
 
 
 def selective_scan(
@@ -1808,9 +1801,9 @@ def selective_scan(
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling():
+    if traced():
         op = _scan_fwd_op
     else:  # the same kernels; without a gradient to take, no autograd Function either (its apply costs host time)
-        op = _EagerScan.apply if save else _scan_fwd
+        op = _eager_scan if save else _scan_fwd
     y, final, _ = op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
     return y, final

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none
+from ._launch import cdiv, fast_launch, next_power_of_2, traced
 from ._triton_common import softplus
 
 __all__ = ["selective_state_update"]
@@ -18,6 +19,7 @@ __all__ = ["selective_state_update"]
 _BLOCK_D = 16
 
 
+@fast_launch
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, new_state_ptr, DIM, N,
@@ -51,24 +53,29 @@ def _state_update_kernel(
     tl.store(new_state_ptr + (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :], h, mask=mask_dn)
 
 
-@torch.library.custom_op("mamba_kernels::selective_state_update", mutates_args=())
-def _state_update_op(
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """Launch the decode step: y (b, d) in x's dtype and the new state (b, d, n) fp32."""
     b, d = x.shape
     n = A.shape[1]
     A, D, dt_bias = (contiguous_or_none(t) for t in (A, D, dt_bias))
     y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     new_state = torch.empty(b, d, n, dtype=torch.float32, device=x.device)
     zs = (0, 0) if z is None else z.stride()
-    _state_update_kernel[(triton.cdiv(d, _BLOCK_D), b)](
+    _state_update_kernel[(cdiv(d, _BLOCK_D), b)](
         state, x, dt, A, B, C, D, z, dt_bias, y, new_state, d, n,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *zs,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        BLOCK_D=_BLOCK_D, BLOCK_N=triton.next_power_of_2(n),
+        BLOCK_D=_BLOCK_D, BLOCK_N=next_power_of_2(n),
     )
     return y, new_state
+
+
+@torch.library.custom_op("mamba_kernels::selective_state_update", mutates_args=())
+def _state_update_op(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @_state_update_op.register_fake
@@ -107,4 +114,5 @@ def selective_state_update(
                            ("B", B, (b, n)), ("C", C, (b, n)), ("D", D, (d,)), ("z", z, (b, d)),
                            ("dt_bias", dt_bias, (d,))):
         check_tensor(name, t, shape, x.device)
-    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    op = _state_update_op if traced() else _state_update  # eager: no custom_op dispatch layers
+    return op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
