@@ -21,6 +21,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
+def _first_calls_on_one_thread() -> None:
+    """Call torch's MKL-backed elementwise functions once, on tiny tensors (one thread), at import.
+
+    On torch 2.13's CPU build the first float32 ``torch.exp`` of a process that two threads share (8192 elements: two
+    chunks) returned the second thread's chunk with errors up to 3.5e-4 (relative) in about one process in 15 (4 of
+    62 fresh processes, 2 of 60 in a second run); with one single-threaded exp first, 0 of 124, and after importing
+    this module 0 of 60 (twenty-fifth session, a 2-core machine). It looks like a one-time initialisation racing
+    between the threads. It hit the export's constants (layer 0's A; computed without torch since then) and would hit
+    whatever a process computes first with these functions."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((4,), 0.5, dtype=dtype)
+        for fn in (torch.exp, torch.expm1, torch.log, torch.log1p, torch.tanh, torch.sqrt, torch.rsqrt, torch.sin,
+                   torch.cos, torch.sigmoid, F.softplus, F.silu):
+            fn(x)
+
+
+_first_calls_on_one_thread()
+
 __all__ = [
     "compute_dtype",
     "selective_scan_ref",

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import export_checkpoint
@@ -166,6 +167,25 @@ def test_manifest_checksums_and_shared_weights(exported):
                 assert {e.key: e.value for e in t.external_data}["location"] == "weights.bin"
                 referenced += int({e.key: e.value for e in t.external_data}["length"])
     assert (out / "weights.bin").stat().st_size < 0.75 * referenced  # the in_proj/out_proj/embedding are shared
+
+
+def test_every_graph_stores_the_correctly_rounded_A_once(exported):
+    """A = -exp(A_log) of every layer, in every graph, is float64's value rounded to float32 (numpy; not torch's
+    threaded exp, whose first call in a process has returned one thread's share wrong on torch 2.13's CPU build), and
+    the graphs share one copy of it in weights.bin (a stray copy is how a wrong one was found)."""
+    _, _, out, ref = exported
+    graphs = ["model.onnx", "decode.onnx", "model_last.onnx"]
+    for i, layer in enumerate(ref.backbone.layers):
+        want = (-np.exp(layer.mixer.A_log.detach().double().numpy())).astype(np.float32)
+        places = set()
+        for name in graphs:
+            proto = onnx.load(str(out / name), load_external_data=False)
+            t = next(t for t in proto.graph.initializer if t.name == f"mixers.{i}.A")
+            got = numpy_helper.to_array(t, base_dir=str(out))
+            assert got.dtype == np.float32 and np.array_equal(got, want), (name, i)
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                places.add(tuple(sorted((e.key, e.value) for e in t.external_data)))
+        assert len(places) <= 1, places
 
 
 def test_genai_config(exported):

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..config import MambaConfig
 from ..model import MambaLM, MambaMixer
-from ..ops import compute_dtype
 from . import torch_ops
 
 
@@ -92,6 +92,16 @@ class F16WeightLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def neg_exp_f32(a_log: Tensor) -> Tensor:
+    """-exp(A_log) as the float32 constant the graphs store, computed by numpy in float64 and rounded once.
+
+    Not torch.exp: on torch 2.13's CPU build (MKL), the first float32 exp of a process, split over two threads, has
+    come back from the second thread with errors up to 3.5e-4 (relative) in about one process in ten; an export then
+    stored layer 0's A with half its rows off (found by a repeated-export check, twenty-fifth session)."""
+    a = a_log.detach().to("cpu", torch.float64).numpy()
+    return torch.from_numpy(-np.exp(a)).to(torch.float32).contiguous()
+
+
 class _Mixer(nn.Module):
     """One mixer's modules plus its parameters in the custom ops' float32 form (A = -exp(A_log), zero conv bias)."""
 
@@ -105,7 +115,7 @@ class _Mixer(nn.Module):
         self.dt_proj_weight = mixer.dt_proj.weight  # (E, R) in the weight dtype, for the prefill graph
         self.register_buffer("conv_weight", f32(mixer.conv1d.weight[:, 0, :]))
         self.register_buffer("conv_bias", f32(conv_bias))
-        self.register_buffer("A", f32(-torch.exp(mixer.A_log.detach().to(compute_dtype(mixer.A_log.dtype)))))
+        self.register_buffer("A", neg_exp_f32(mixer.A_log))
         self.register_buffer("D", f32(mixer.D))
         self.register_buffer("dt_bias", f32(mixer.dt_proj.bias))
 
