@@ -78,6 +78,12 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
+        if "Weights only load failed" in str(e):  # torch's text suggests weights_only=False: never for a checkpoint
+            found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects besides tensors, which are not loaded (they could run code)"
+                + (f": {found}" if found else "") + "; save the weights as a plain state dict or as safetensors"
+            ) from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {msg[:200]})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
