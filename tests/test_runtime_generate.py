@@ -308,6 +308,19 @@ def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):
     assert sampled.stdout == rt.decode(rt.generate(PROMPTS[0], 12, SAMPLED).tokens[0]) + "\n"
 
 
+def test_cli_prints_ids_the_same_streamed_or_not(exp, capsys, monkeypatch):
+    """Without a tokenizer the ids are printed comma-separated, as --prompt-ids takes them, with --stream too."""
+    import mamba_runtime.runtime as runtime_module
+    from mamba_export.cli import main
+
+    monkeypatch.setattr(runtime_module, "load_codec", lambda path: None)
+    outs = []
+    for extra in ([], ["--stream"]):
+        assert main(["generate", str(exp.dir), "--prompt-ids", "5,17,200", "--max-new-tokens", "6", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].count(",") == 5 and " " not in outs[0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["/nonexistent/export", "--prompt-ids", "1"], "export directory does not exist"),
     (["{dir}", "--prompt-ids", "1,999"], "token id 999"),

@@ -83,9 +83,9 @@ def _stream(rt, prompt, args, sampling) -> None:
     if rt.codec is not None:
         for piece in rt.stream_text(prompt, args.max_new_tokens, sampling, args.stop_ids):
             print(piece, end="", flush=True)
-    else:
-        for tok in rt.stream(prompt, args.max_new_tokens, sampling, args.stop_ids):
-            print(tok, end=" ", flush=True)
+    else:  # ids as the non-streamed output prints them: comma-separated
+        for i, tok in enumerate(rt.stream(prompt, args.max_new_tokens, sampling, args.stop_ids)):
+            print(f",{tok}" if i else tok, end="", flush=True)
     print()
 
 
