@@ -55,6 +55,7 @@ def compile_to_ptx(fn, constexprs: dict, warps: int, arch: int, specialize: bool
     """(TTGIR, PTX) of ``fn`` with the ``bf16`` pointers bf16, the other pointers fp32 and i32 scalars; with
     ``specialize``, the benchmark call's unit integers as constants and its divisibility-16 arguments marked, as the
     JIT does."""
+    fn = getattr(fn, "fn", fn)  # the JITFunction inside mamba_kernels' FastKernel wrapper
     names = fn.arg_names
     signature, consts, attrs = {}, {}, {}
     unspecialised = {names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
