@@ -14,6 +14,9 @@ import sys
 from . import __version__
 from .errors import MambaExportError
 
+# The optional packages a command may import, and the extra (pyproject.toml) that installs each.
+_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+           "matplotlib": "export", "triton": "export", "tokenizers": "text"}
 # One entry per subcommand module in mamba_export/commands/, in the order --help lists them.
 COMMANDS = ("inspect", "export", "train", "generate", "profile")
 
@@ -48,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except MambaExportError as e:
         print(f"mamba-export {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a runtime-only install (numpy + onnxruntime) running export, train, inspect
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"mamba-export {args.command}: error: this command needs {e.name!r}, which is not installed "
+              f"(pip install 'mamba-export[{extra}]')", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mamba-export {args.command}: interrupted", file=sys.stderr)

@@ -51,6 +51,18 @@ def test_prefill_decode_and_last_match_reference(exported):
     assert all(s.dtype == torch.float32 for s in state)
 
 
+def test_decode_refuses_more_than_one_token(exported):
+    """decode.pt takes (batch, 1) as decode.onnx does; two tokens are an error, not wrong logits."""
+    out, ref = exported
+    decode = torch.jit.load(str(out / "decode.pt"))
+    state = example_inputs(ref.config, 1, 1)[1:]
+    with torch.no_grad():
+        logits, *_ = decode(torch.tensor([[5]]), *state)
+        assert logits.shape == (1, 1, ref.config.vocab_size)
+        with pytest.raises(Exception, match=r"decode.pt takes one token per sequence"):
+            decode(torch.tensor([[5, 6]]), *state)
+
+
 def test_loads_without_this_package(exported):
     out, ref = exported
     code = (

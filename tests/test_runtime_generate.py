@@ -229,7 +229,9 @@ def test_token_ids_work_without_the_tokenizers_package(exp, rt, tmp_path, monkey
 
 
 @pytest.mark.parametrize("field, value, message", [("vocab_size", 1000, "logits over 256 tokens"),
-                                                    ("d_state", 8, "past_ssm.0 has shape")])
+                                                    ("d_state", 8, "past_ssm.0 has shape"),
+                                                    ("n_layer", 100_000_000, "makes 200000001 of each"),
+                                                    ("n_layer", 2**40, "more than any model")])
 def test_a_manifest_that_disagrees_with_its_graphs_is_an_export_dir_error(exp, tmp_path, field, value, message):
     import shutil
 
@@ -240,6 +242,17 @@ def test_a_manifest_that_disagrees_with_its_graphs_is_an_export_dir_error(exp, t
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportDirError, match=message):
         MambaRuntime(d, provider="cpu", threads=1, verify=False)
+
+
+def test_graphs_whose_logits_dtypes_differ_are_refused(exp, monkeypatch):
+    """A decode.onnx from another export (float16 logits beside float32 prefill logits) is an ExportDirError, as in
+    the C++ runtime, not garbage tokens."""
+    import mamba_runtime.runtime as runtime_module
+
+    dtypes = iter([np.dtype(np.float32), np.dtype(np.float16)])
+    monkeypatch.setattr(runtime_module, "check_io", lambda *a: next(dtypes))
+    with pytest.raises(ExportDirError, match="decode.onnx: logits are float16, but model_last.onnx's are float32"):
+        MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False)
 
 
 def test_text_without_a_tokenizer_is_an_error(exp):
@@ -291,6 +304,20 @@ def test_every_runtime_module_imports_without_torch():
             "[importlib.import_module('mamba_runtime.' + m.name) for m in pkgutil.iter_modules(mamba_runtime.__path__)]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("command", ["export", "inspect", "train"])
+def test_commands_that_need_torch_say_so_on_a_runtime_only_install(exp, tmp_path, command):
+    """Without torch (the runtime-only install), export, inspect and train end with one line naming the extra to
+    install, exit status 2, not an ImportError traceback."""
+    args = {"export": ["export", str(exp.root / "ckpt"), "-o", str(tmp_path / "x")],
+            "inspect": ["inspect", str(exp.root / "ckpt")],
+            "train": ["train", "--data", str(tmp_path / "t.txt"), "--preset", "tiny", "-o", str(tmp_path / "c")]}
+    (tmp_path / "t.txt").write_text("text " * 2000)
+    out = _cli(*args[command], block_torch=True)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "needs 'torch'" in err[0] and "pip install 'mamba-export[export]'" in err[0]
 
 
 def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):

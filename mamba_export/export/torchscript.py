@@ -31,12 +31,33 @@ def scripted_ops() -> OpSet:
     )
 
 
+def one_token(input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids itself, or an error unless it is (batch, 1): scripted, so that the check survives decode.pt's trace
+    (decode.onnx declares that shape; without this a traced decode.pt took several tokens and returned wrong
+    logits)."""
+    if input_ids.dim() != 2 or input_ids.size(1) != 1:
+        raise RuntimeError("decode.pt takes one token per sequence: input_ids must have shape (batch, 1)")
+    return input_ids
+
+
+class _OneTokenDecode(torch.nn.Module):
+    """DecodeGraph behind the one-token check."""
+
+    def __init__(self, decode: DecodeGraph):
+        super().__init__()
+        self.decode = decode
+        self.check = torch.jit.script(one_token)
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.decode(self.check(input_ids), *past)
+
+
 def write_torchscript(model: MambaLM, out: Path, last_logits: bool) -> list[str]:
     """Trace and save the modules into ``out``; returns the file names written."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, but still works
         ops = scripted_ops()
-        modules = {"model.pt": (SequenceGraph(model, ops), 3), "decode.pt": (DecodeGraph(model, ops), 1)}
+        modules = {"model.pt": (SequenceGraph(model, ops), 3), "decode.pt": (_OneTokenDecode(DecodeGraph(model, ops)), 1)}
         if last_logits:
             modules["model_last.pt"] = (SequenceGraph(model, ops, last_logits=True), 3)
         for name, (module, seq) in modules.items():

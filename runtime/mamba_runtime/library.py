@@ -29,10 +29,14 @@ def custom_op_library_path() -> str:
     Raises:
         MambaExportError: the library has not been built (run ``bash tools/build_custom_ops.sh``).
     """
-    for path in _candidates():
+    candidates = _candidates()
+    for path in candidates:
         if path.is_file():
             return str(path)
+    checkout = (Path(__file__).resolve().parents[2] / "tools" / "build_custom_ops.sh").is_file()
+    how = ("build it with: bash tools/build_custom_ops.sh" if checkout else
+           f"this installed package has none: build it in a clone of the repository (bash tools/build_custom_ops.sh) "
+           f"and set {ENV_VAR} to it, or use an export directory that ships its own copy (the default export does)")
     raise MambaExportError(
-        f"custom-op library {LIBRARY_NAME} not found (looked in {', '.join(map(str, _candidates()))}); "
-        "build it with: bash tools/build_custom_ops.sh"
+        f"custom-op library {LIBRARY_NAME} not found (looked in {', '.join(map(str, candidates))}); {how}"
     )

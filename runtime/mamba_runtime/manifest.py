@@ -110,6 +110,8 @@ def _config_int(config: dict, key: str, path: Path) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ExportDirError(f"{path}: config.{key} must be a positive integer, found {value!r}")
+    if value > 2**31 - 1:
+        raise ExportDirError(f"{path}: config.{key} is {value}, more than any model this runtime runs")
     return value
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .device import select_device
-from .errors import GenerationInputError, SnapshotError, require_int
+from .errors import ExportDirError, GenerationInputError, SnapshotError, require_int
 from .generation import Generation, GenerationResult, load_snapshot
 from .manifest import ExportInfo, open_export_dir
 from .sampling import SamplingConfig
@@ -70,8 +70,11 @@ class MambaRuntime:
         so = session_options(threads, self.custom_op_library)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
         self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())
-        check_io(self.prefill_session, self.info, self.info.prefill_graph)
+        prefill_dtype = check_io(self.prefill_session, self.info, self.info.prefill_graph)
         self.logits_dtype = check_io(self.decode_session, self.info, "decode.onnx")
+        if prefill_dtype != self.logits_dtype:  # e.g. a decode.onnx of another (float16) export copied in
+            raise ExportDirError(f"{self.info.path / 'decode.onnx'}: logits are {self.logits_dtype}, but "
+                                 f"{self.info.prefill_graph}'s are {prefill_dtype}")
         # Per graph, the compute nodes onnxruntime placed on the CPU under a GPU provider (warned about when the
         # sessions opened); None on the CPU provider or where onnxruntime cannot say.
         self.cpu_nodes = {self.info.prefill_graph: cpu_placed_nodes(self.prefill_session),

@@ -49,7 +49,9 @@ class Reader {
   int64_t positive_int(const Json& object, const std::string& key, const std::string& where = "") const {
     double v = typed(object, key, Json::Type::Number, where).as_number();
     if (!(v >= 1 && v <= 9.0e15 && v == double(int64_t(v)))) {
-      fail("'" + where + key + "' must be a positive integer, found " + std::to_string(v));
+      std::ostringstream found;  // -1, 64.5 or 1e+20, not std::to_string's -1.000000
+      found << v;
+      fail("'" + where + key + "' must be a positive integer, found " + found.str());
     }
     return int64_t(v);
   }

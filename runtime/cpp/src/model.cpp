@@ -111,6 +111,13 @@ ONNXTensorElementDataType check_graph_io(const std::string& file, const Ort::Ses
                                          const detail::Manifest& m) {
   auto inputs = declared_io(session, true);
   auto outputs = declared_io(session, false);
+  // Counted first: a corrupt n_layer (say 10^8) must not make 2 n_layer state names before the mismatch is seen.
+  const uint64_t per_kind = 1 + 2 * static_cast<uint64_t>(m.n_layer);
+  if (inputs.size() != per_kind || outputs.size() != per_kind) {
+    throw Error(file + ": " + std::to_string(inputs.size()) + " inputs and " + std::to_string(outputs.size()) +
+                " outputs, but manifest.json's n_layer " + std::to_string(m.n_layer) + " makes " +
+                std::to_string(per_kind) + " of each (docs/CONTRACTS.md, graph I/O)");
+  }
   auto need = [&](std::map<std::string, TensorSpec>& io, const char* kind, const std::string& name) {
     auto it = io.find(name);
     if (it == io.end()) throw Error(file + ": no " + kind + " '" + name + "' (docs/CONTRACTS.md, graph I/O)");
