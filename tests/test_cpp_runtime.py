@@ -184,6 +184,22 @@ def test_stop_token_ends_generation(binary, export):
     assert res["stopped"] == "stop token"
 
 
+def test_stop_token_is_not_in_the_text(binary, export):
+    """Byte-level text: the stop token ends the generation and is left out of the text line, as the Python runtime
+    leaves it out of its text (the ids keep it in both)."""
+    from mamba_runtime import MambaRuntime
+
+    out, _ = export(**BYTES_F16)
+    rt = MambaRuntime(out, provider="cpu", custom_ops="require")
+    greedy = list(rt.generate("ab", 8).tokens[0])
+    stop = greedy[3]
+    kept = greedy[: greedy.index(stop) + 1]
+    res = generate(binary, out, "--prompt", "ab", "--max-new-tokens", 8, "--stop-ids", str(stop))
+    assert ids(res["tokens"]) == kept and res["stopped"] == "stop token"
+    assert res["text"] == quoted(bytes(kept[:-1]))
+    assert list(rt.generate("ab", 8, stop_tokens=[stop]).tokens[0]) == kept
+
+
 def test_sampling_is_seeded_and_respects_top_k(binary, export, tmp_path):
     out, _ = export(**MAIN)
 

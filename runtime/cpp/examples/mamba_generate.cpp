@@ -28,7 +28,7 @@ const char* kUsage =
     "    --temperature T     divide the logits by T > 0 (default 1)\n"
     "    --top-k K           among the K most likely tokens; 0 = all (default 0)\n"
     "    --seed S            random seed (default 0)\n"
-    "  --stop-ids IDS        comma-separated ids that end the generation (included in the output)\n"
+    "  --stop-ids IDS        comma-separated ids that end the generation (in tokens:, not in text:)\n"
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
     "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw)\n"
     "  --prefill-chunk N     prompt tokens per prefill run; 0 = automatic (default 0)\n"
@@ -194,7 +194,11 @@ void print_result(const mamba::Model& model, const Args& a, const std::vector<in
                   const mamba::Generation& g) {
   const mamba::ModelInfo& info = model.info();
   std::cout << "tokens: " << join(g.tokens) << "\n";
-  if (info.byte_level) std::cout << "text: " << quoted(mamba::decode_bytes(info, g.tokens)) << "\n";
+  if (info.byte_level) {  // the text without the stop token, as the Python runtime gives it (tokens: keeps it)
+    std::vector<int64_t> shown = g.tokens;
+    if (g.stopped && !shown.empty()) shown.pop_back();
+    std::cout << "text: " << quoted(mamba::decode_bytes(info, shown)) << "\n";
+  }
   std::cout << "stopped: " << (g.stopped ? "stop token" : "max new tokens") << "\n";
   std::cout << "decoding: "
             << (a.generate.greedy ? std::string("greedy")
