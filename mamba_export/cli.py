@@ -14,9 +14,10 @@ import sys
 from . import __version__
 from .errors import MambaExportError
 
-# The optional packages a command may import, and the extra (pyproject.toml) that installs each.
-_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
-           "matplotlib": "export", "triton": "export", "tokenizers": "text"}
+# The optional packages a command may import, and what installs each (pyproject.toml's extras).
+_EXTRAS = {"torch": "'mamba-export[export]'", "onnx": "'mamba-export[export]'", "onnxscript": "'mamba-export[export]'",
+           "safetensors": "'mamba-export[export]'", "matplotlib": "'mamba-export[export]'", "triton": "triton",
+           "tokenizers": "'mamba-export[text]'"}
 # One entry per subcommand module in mamba_export/commands/, in the order --help lists them.
 COMMANDS = ("inspect", "export", "train", "generate", "profile")
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra is None:
             raise
         print(f"mamba-export {args.command}: error: this command needs {e.name!r}, which is not installed "
-              f"(pip install 'mamba-export[{extra}]')", file=sys.stderr)
+              f"(pip install {extra})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mamba-export {args.command}: interrupted", file=sys.stderr)
