@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ import torch
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError
 from .model import MambaLM
-from .outdir import first_missing, os_error_text, output_path, remove_created, replace_dir
+from .outdir import output_path, write_dir
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -198,14 +196,8 @@ def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safe
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
     out = output_path(out_dir, CheckpointError)
-    created = first_missing(out.parent)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        remove_created(created)
-        raise CheckpointError(f"{out}: cannot create ({os_error_text(e)})") from None
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(model.config.to_state_spaces(), indent=2) + "\n")
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if fmt == "safetensors":
@@ -221,13 +213,8 @@ def save_checkpoint(model: MambaLM, out_dir: str | os.PathLike, fmt: str = "safe
             with open(tmp / name, mode) as fh:
                 fh.write(content)
         _default_permissions(tmp)
-        replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        if isinstance(e, OSError):  # a full disk, a directory gone read-only: one line, the old checkpoint kept
-            raise CheckpointError(f"{out}: cannot write the checkpoint ({os_error_text(e)})") from None
-        raise
+
+    write_dir(out, fill, "the checkpoint", CheckpointError)  # a full disk: one line, the old checkpoint kept
     return out
 
 

@@ -93,6 +93,30 @@ def os_error_text(e: OSError) -> str:
     return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
 
 
+def write_dir(out: Path, build: Callable[[Path], None], what: str,
+              error: type[MambaExportError] = MambaExportError) -> None:
+    """Fill a fresh hidden directory beside ``out`` with ``build(tmp)``, then put it in place of ``out``
+    (:func:`replace_dir`). On any failure the temporary directory and the parents this made are removed and an
+    existing ``out`` is untouched; an OSError (a full disk, an unwritable place) becomes one ``error`` line about
+    writing ``what``, anything else is re-raised."""
+    created = first_missing(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        remove_created(created)
+        raise error(f"{out}: cannot create ({os_error_text(e)})") from None
+    try:
+        build(tmp)
+        replace_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
+        if isinstance(e, OSError):
+            raise error(f"{out}: cannot write {what} ({os_error_text(e)})") from None
+        raise
+
+
 def replace_dir(new: Path, out: Path) -> None:
     """Rename the finished directory ``new`` to ``out`` (same parent); an existing ``out`` is moved aside first and
     deleted only once ``new`` is in place, so ``out`` is never half old, half new, nor lost if the rename fails."""

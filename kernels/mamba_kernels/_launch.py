@@ -131,6 +131,19 @@ def traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on and one of them requiring a gradient)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def pick(op, eager, launcher, grad: bool):
+    """What a sequence op's public function calls: the registered ``op`` when :func:`traced`, else the ``eager``
+    autograd Function where a gradient is wanted (``grad``), else the ``launcher`` itself (no autograd to pay for)."""
+    if traced():
+        return op
+    return eager if grad else launcher
+
+
 def eager_function(forward, setup_context, backward, non_differentiable: tuple[int, ...] = ()):
     """``apply`` of an autograd Function for eager mode that runs ``forward(*inputs)``, then ``setup_context(ctx,
     inputs, output)`` (the function registered with the op's autograd), and ``backward(ctx, *grads)``. Written in the

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor, contiguous_or_none, empty_like_bdl
-from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, traced
+from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, pick, traced, wants_grad
 from ._triton_common import load_channel_vector
 
 __all__ = ["causal_conv1d", "causal_conv1d_step"]
@@ -285,12 +285,7 @@ def causal_conv1d(
     k = weight.shape[1]
     if conv_state is None:
         conv_state = torch.zeros(b, d, k - 1, dtype=torch.float32, device=x.device)
-    if traced():
-        op = _conv_fwd_op
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, conv_state)):
-        op = _eager_conv
-    else:
-        op = _conv_fwd
+    op = pick(_conv_fwd_op, _eager_conv, _conv_fwd, wants_grad(x, weight, bias, conv_state))
     y = op(x, weight, bias, conv_state, silu)
     xs_tail = torch.cat([conv_state.to(torch.float32), x[:, :, max(0, l - (k - 1)):].to(torch.float32)], dim=-1)
     return y, xs_tail[:, :, xs_tail.shape[-1] - (k - 1):]

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._checks import KernelInputError, check_runnable, check_tensor
-from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, sm_count, traced
+from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, pick, sm_count, wants_grad
 
 _MAX_BLOCK_D = 16384  # one row a tile: wider models take the reference backend
 
@@ -232,11 +232,6 @@ def add_rms_norm(
     if x.dim() == 0 or d == 0 or next_power_of_2(d) > _MAX_BLOCK_D:
         raise KernelInputError(f"the Triton RMSNorm takes rows of 1 to {_MAX_BLOCK_D} elements, got shape "
                                f"{tuple(x.shape)} (use the reference backend)")
-    if traced():
-        op = _fwd_op
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
-        op = _eager_norm
-    else:
-        op = _norm_fwd
+    op = pick(_fwd_op, _eager_norm, _norm_fwd, wants_grad(x, residual, weight))
     y, ro, _ = op(x, residual, weight, float(eps), rdt)
     return y, ro

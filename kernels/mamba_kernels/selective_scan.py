@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ._checks import (KernelInputError, check_row_offsets, check_runnable, check_tensor, contiguous_or_none,
                       empty_like_bdl)
-from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, sm_count, traced
+from ._launch import cdiv, eager_function, fast_launch, next_power_of_2, pick, sm_count, wants_grad
 from ._triton_common import lg2_approx, load_channel_vector, rcp_approx, sigmoid, silu, softplus
 
 __all__ = ["selective_scan"]
@@ -1547,7 +1547,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         init = start
         start = torch.empty(b, p.nchunk, n, d, **f32)
         _carry_kernel[(cdiv(d, 32), b)](A, init, local, dsum, start, d, n, p.nchunk, REVERSE=False,
-                                               BLOCK_D=32, BLOCK_N=next_power_of_2(n), HAS_INIT=h0 is not None)
+                                        BLOCK_D=32, BLOCK_N=next_power_of_2(n), HAS_INIT=h0 is not None)
     final = torch.empty(b, n, d, **f32)
     if quad:  # u, Δ, z 3 groups ahead in the main pass only when it saves states or runs unchunked (measured)
         flags["FAR_IN"] = _FWD["quad_far_in"] and (save_states or p.nchunk == 1)
@@ -1799,11 +1799,7 @@ def selective_scan(
     Returns:
         y: (b, d, l) in u's dtype, and the final state h_l: (b, d, n) float32.
     """
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if traced():
-        op = _scan_fwd_op
-    else:  # the same kernels; without a gradient to take, no autograd Function either (its apply costs host time)
-        op = _eager_scan if save else _scan_fwd
+    save = wants_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    op = pick(_scan_fwd_op, _eager_scan, _scan_fwd, save)
     y, final, _ = op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
     return y, final

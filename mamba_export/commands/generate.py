@@ -39,9 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
     mode.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (default 0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the nucleus of probability P (default 1.0: all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="penalise seen tokens (> 1; default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the nucleus of probability P (default 1.0: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="penalise seen tokens (> 1; default 1.0: off)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (default: random)")
     p.add_argument("--stop-ids", type=_ids, default=[], metavar="1,2", help="token ids that end the generation")
     out = p.add_mutually_exclusive_group()

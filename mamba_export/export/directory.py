@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -57,23 +56,12 @@ def write_atomically(out_dir: str | os.PathLike, force: bool, build: Callable[[P
     """
     out = outdir.output_path(out_dir, ExportError)
     check_target(out, force, inputs)
-    created = outdir.first_missing(out.parent)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        outdir.remove_created(created)
-        raise ExportError(f"{out}: cannot create ({outdir.os_error_text(e)})") from None
-    try:
+
+    def fill(tmp: Path) -> None:
         build(tmp)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private; the export gets the usual permissions
-        outdir.replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        outdir.remove_created(created)
-        if isinstance(e, OSError):  # a full disk, a file that cannot be written: one line, nothing left behind
-            raise ExportError(f"{out}: cannot write the export ({outdir.os_error_text(e)})") from None
-        raise
+
+    outdir.write_dir(out, fill, "the export", ExportError)
     return out
 
 

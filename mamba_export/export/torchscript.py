@@ -57,7 +57,8 @@ def write_torchscript(model: MambaLM, out: Path, last_logits: bool) -> list[str]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, but still works
         ops = scripted_ops()
-        modules = {"model.pt": (SequenceGraph(model, ops), 3), "decode.pt": (_OneTokenDecode(DecodeGraph(model, ops)), 1)}
+        modules = {"model.pt": (SequenceGraph(model, ops), 3),
+                   "decode.pt": (_OneTokenDecode(DecodeGraph(model, ops)), 1)}
         if last_logits:
             modules["model_last.pt"] = (SequenceGraph(model, ops, last_logits=True), 3)
         for name, (module, seq) in modules.items():

@@ -133,9 +133,10 @@ def check_io(session: ort.InferenceSession, info: ExportInfo, name: str) -> np.d
     """Check a graph's I/O names against the contract; return the numpy dtype of its logits."""
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
-    if len(got_in) != 1 + 2 * info.n_layer or len(got_out) != 1 + 2 * info.n_layer:  # before naming 2 n_layer states
-        raise ExportDirError(f"{info.path / name}: {len(got_in)} inputs and {len(got_out)} outputs, but manifest.json's "
-                             f"n_layer {info.n_layer} makes {1 + 2 * info.n_layer} of each")
+    per_kind = 1 + 2 * info.n_layer
+    if len(got_in) != per_kind or len(got_out) != per_kind:  # counted before 2 n_layer state names are made
+        raise ExportDirError(f"{info.path / name}: {len(got_in)} inputs and {len(got_out)} outputs, but "
+                             f"manifest.json's n_layer {info.n_layer} makes {per_kind} of each")
     want_in = ["input_ids"] + [f"past_{k}.{i}" for i in range(info.n_layer) for k in ("conv", "ssm")]
     want_out = ["logits"] + [f"present_{k}.{i}" for i in range(info.n_layer) for k in ("conv", "ssm")]
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
