@@ -148,7 +148,13 @@ def test_snapshot_restored_in_another_process_continues_identically(exp, rt, tmp
     out = subprocess.run([sys.executable, "-c", code, str(exp.dir), str(tmp_path / "snap.npz")],
                          capture_output=True, text=True, check=True, timeout=120)
     assert json.loads(out.stdout.splitlines()[-1]) == want
-    assert rt.restore(gen.snapshot()).run().tokens == want  # and in this process, from bytes
+    restored = rt.restore(gen.snapshot()).run()  # and in this process, from bytes
+    assert restored.tokens == want
+    # the prefill ran in another process: no time is made up for it, and every step here is a decode step
+    assert restored.timings["prefill_ms"] is None and restored.timings["ttft_ms"] is None
+    assert restored.timings["decode_steps"] == 25 - when
+    fresh = gen.result().timings if when else rt.generate(PROMPTS, 3, SAMPLED).timings
+    assert fresh["prefill_ms"] > 0 and fresh["ttft_ms"] >= fresh["prefill_ms"]
 
 
 def test_bad_snapshots_are_clear_errors(rt, tmp_path):

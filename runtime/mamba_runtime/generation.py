@@ -43,6 +43,7 @@ class GenerationResult:
         texts: per sequence the decoded text without a final stop token, when the export has a tokenizer.
         timings: prefill_ms, ttft_ms (prefill and the first token), decode_ms_per_step (median),
             decode_steps, total_ms (prefill and every step), tokens_per_s (tokens of all sequences / total_ms).
+            Only work done in this process counts: for a restored generation prefill_ms and ttft_ms are None.
     """
 
     prompts: list[list[int]]
@@ -73,7 +74,7 @@ class Generation:
         self.state = runtime.new_state(len(prompts))
         self._logits: np.ndarray | None = None  # (b, V) to sample from, right after prefill
         self._pending: np.ndarray | None = None  # (b,) sampled, not yet fed
-        self.prefill_s = 0.0
+        self.prefill_s: float | None = None  # None until prefill() runs in this process (not for a restored one)
         self.first_token_s: float | None = None
         self.step_s: list[float] = []
 
@@ -107,7 +108,7 @@ class Generation:
         self._record(new, active)
         self._pending = np.where(active, new, 0)
         elapsed = time.perf_counter() - t0
-        if self.first_token_s is None:
+        if self.first_token_s is None and self.prefill_s is not None:
             self.first_token_s = self.prefill_s + elapsed
         else:
             self.step_s.append(elapsed)
@@ -148,8 +149,8 @@ class Generation:
                      for t, r in zip(self.tokens, self.finish_reasons)]
         n = sum(map(len, self.tokens))
         timings = {
-            "prefill_ms": self.prefill_s * 1e3,
-            "ttft_ms": (self.first_token_s or 0.0) * 1e3,
+            "prefill_ms": None if self.prefill_s is None else self.prefill_s * 1e3,
+            "ttft_ms": None if self.first_token_s is None else self.first_token_s * 1e3,
             "decode_ms_per_step": statistics.median(self.step_s) * 1e3 if self.step_s else None,
             "decode_steps": len(self.step_s),
             "total_ms": total_s * 1e3,
@@ -221,5 +222,4 @@ def _rebuild(runtime, meta: dict) -> Generation:
     for i, t in enumerate(gen.tokens):
         gen.sampler.observe([i] * len(t), t)
     gen.sampler.set_rng_states(meta["rng"])
-    gen.first_token_s = 0.0 if any(gen.tokens) else None
     return gen
