@@ -88,7 +88,10 @@ def _checksums(manifest: dict, path: Path) -> dict[str, str]:
     out = {}
     for name, entry in files.items():
         digest = entry.get("sha256") if isinstance(entry, dict) else entry
-        if not isinstance(digest, str) or len(digest) != 64 or Path(name).name != name:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ExportDirError(f"{path}: 'files' lists {name!r}, which is not a file name inside the export "
+                                 "directory (the manifest was edited or is not from 'mamba-export export')")
+        if not isinstance(digest, str) or len(digest) != 64:
             raise ExportDirError(f"{path}: bad entry for file {name!r} in 'files': {entry!r}")
         out[name] = digest
     return out
@@ -101,7 +104,8 @@ def _verify_files(d: Path, checksums: dict[str, str], verify: bool) -> None:
     for name, digest in checksums.items():
         f = d / name
         if not f.is_file():
-            raise ExportDirError(f"{f}: missing (listed in {MANIFEST}); the export directory is incomplete")
+            what = "missing" if not f.exists() else "not a regular file"
+            raise ExportDirError(f"{f}: {what} (listed in {MANIFEST}); the export directory is incomplete")
         if verify and sha256_file(f) != digest:
             raise ExportDirError(f"{f}: sha256 does not match {MANIFEST} (file changed or corrupted); re-export it")
 

@@ -105,13 +105,18 @@ bool byte_level_vocabulary(const Reader& r, const Json& root, const fs::path& di
 std::map<std::string, std::string> listed_files(const Reader& r, const Json& root, const fs::path& dir) {
   std::map<std::string, std::string> files;
   for (const auto& [name, entry] : r.typed(root, "files", Json::Type::Object).as_object()) {
+    if (name.empty() || fs::path(name).filename() != fs::path(name) || name == "." || name == "..") {
+      r.fail("'files' lists '" + name + "', which is not a file name inside the export directory (the manifest " +
+             "was edited or is not from 'mamba-export export')");
+    }
     const Json* digest = entry.find("sha256");
-    if (!digest || !digest->is(Json::Type::String) || digest->as_string().size() != 64 ||
-        fs::path(name).filename() != fs::path(name)) {
+    if (!digest || !digest->is(Json::Type::String) || digest->as_string().size() != 64) {
       r.fail("bad entry for file '" + name + "' in 'files' (expected {\"sha256\": \"<64 hex digits>\", ...})");
     }
     if (!fs::is_regular_file(dir / name)) {
-      throw Error((dir / name).string() + ": missing (listed in manifest.json); the export directory is incomplete");
+      std::string what = fs::exists(dir / name) ? "not a regular file" : "missing";
+      throw Error((dir / name).string() + ": " + what + " (listed in manifest.json); the export directory is " +
+                  "incomplete");
     }
     files[name] = digest->as_string();
   }
