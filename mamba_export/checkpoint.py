@@ -39,7 +39,8 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[MambaConfig, str, dict]:
         raise CheckpointError(f"{d}: not a directory (give the checkpoint directory)")
     path = d / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
+        what = "not a regular file" if path.exists() else "missing"
+        raise CheckpointError(f"{path}: {what} (a checkpoint directory needs config.json)")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -99,10 +100,13 @@ def _load_weights(d: Path) -> dict[str, tuple[torch.Tensor, Path]]:
             continue
         if name.endswith(".index.json"):
             try:
-                index = json.loads(path.read_text())
-                shards = sorted(set(index["weight_map"].values()))
+                weight_map = json.loads(path.read_text())["weight_map"]
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
+                raise CheckpointError(f"{path}: not a valid shard index ('weight_map' must map each tensor name to "
+                                      "the file name of its shard)")
+            shards = sorted(set(weight_map.values()))
             files = [d / s for s in shards]
         else:
             files = [path]
@@ -114,10 +118,37 @@ def _load_weights(d: Path) -> dict[str, tuple[torch.Tensor, Path]]:
     raise CheckpointError(f"{d}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
+_HF_EMBEDDING, _EMBEDDING = "backbone.embeddings.weight", "backbone.embedding.weight"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _rename(key: str, layout: str) -> str:
-    if layout == "transformers" and key == "backbone.embeddings.weight":
-        return "backbone.embedding.weight"
-    return key
+    """The model's name for a checkpoint key (transformers names the embedding ``embeddings``)."""
+    return _EMBEDDING if layout == "transformers" and key == _HF_EMBEDDING else key
+
+
+def _source_name(key: str, layout: str) -> str:
+    """The checkpoint's name for a model key, for messages (the inverse of :func:`_rename`)."""
+    return _HF_EMBEDDING if layout == "transformers" and key == _EMBEDDING else key
+
+
+def _check_layer_count(cfg: MambaConfig, layout: str, tensors: dict, d: Path) -> None:
+    """The weights' layer indices against config.json's layer count, before a model of that many layers is built."""
+    layers: dict[int, tuple] = {}
+    for key, entry in tensors.items():
+        parts = key.split(".")
+        if key.startswith("backbone.layers.") and len(parts) > 3 and parts[2].isdigit():
+            layers.setdefault(int(parts[2]), entry)
+    name = "num_hidden_layers" if layout == "transformers" else "n_layer"
+    extra = [i for i in layers if i >= cfg.n_layer]
+    if extra:
+        _, f, key = layers[max(extra)]
+        raise CheckpointError(f"{f}: unexpected key {key!r} (config.json's {name} is {cfg.n_layer})")
+    if len(layers) < cfg.n_layer:
+        first = next(i for i in range(cfg.n_layer) if i not in layers)  # at most len(layers) + 1 tries
+        where = next(iter(tensors.values()))[1] if tensors else d
+        raise CheckpointError(f"{where}: missing every key of layer {first} ('backbone.layers.{first}.*'; "
+                              f"config.json's {name} is {cfg.n_layer}, the weights hold {len(layers)} layers)")
 
 
 def load_checkpoint(
@@ -135,36 +166,41 @@ def load_checkpoint(
     """
     d = Path(ckpt_dir)
     cfg, layout, _ = read_config(d)
-    tensors = {_rename(k, layout): v for k, v in _load_weights(d).items()}
+    tensors = {_rename(k, layout): (v, f, k) for k, (v, f) in _load_weights(d).items()}  # the file's own key kept
+    _check_layer_count(cfg, layout, tensors, d)
+    if cfg.tie_embeddings and _EMBEDDING not in tensors and "lm_head.weight" in tensors:
+        tensors[_EMBEDDING] = tensors["lm_head.weight"]  # a tied model saved under its head's name (transformers)
     with torch.device("meta"):
         model = MambaLM(cfg, backend=backend)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    for key, (t, f) in tensors.items():
+    for key, (t, f, name) in tensors.items():
         if key not in expected:
-            raise CheckpointError(f"{f}: unexpected key {key!r} (not part of a Mamba-1 model with this config)")
+            raise CheckpointError(f"{f}: unexpected key {name!r} (not part of a Mamba-1 model with this config)")
         if tuple(t.shape) != expected[key]:
             raise CheckpointError(
-                f"{f}: key {key!r} has shape {list(t.shape)}, expected {list(expected[key])} from config.json"
+                f"{f}: key {name!r} has shape {list(t.shape)}, expected {list(expected[key])} from config.json"
             )
-        if not t.is_floating_point():
-            raise CheckpointError(f"{f}: key {key!r} has dtype {t.dtype}, expected a floating-point tensor")
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{f}: key {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; supported: "
+                                  "float32, float16, bfloat16, float64")
         if not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{f}: key {key!r} holds NaN or infinite values")
+            raise CheckpointError(f"{f}: key {name!r} holds NaN or infinite values")
     for key in expected:
         if key not in tensors and key not in optional:
             first = next(iter(tensors.values()))[1] if tensors else d
-            raise CheckpointError(f"{first}: missing key {key!r} (expected shape {list(expected[key])})")
-    emb = tensors["backbone.embedding.weight"][0]
+            raise CheckpointError(f"{first}: missing key {_source_name(key, layout)!r} "
+                                  f"(expected shape {list(expected[key])})")
+    emb = tensors[_EMBEDDING][0]
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
-        head, f = tensors["lm_head.weight"]
+        head, f, _ = tensors["lm_head.weight"]
         if not torch.equal(head, emb):
             raise CheckpointError(
                 f"{f}: key 'lm_head.weight' differs from the embedding, but config.json ties them "
                 "(set tie_embeddings / tie_word_embeddings to false)"
             )
     dtype = dtype or emb.dtype
-    sd = {k: t.to(dtype) for k, (t, _) in tensors.items() if not (k in optional and cfg.tie_embeddings)}
+    sd = {k: t.to(dtype) for k, (t, _, _) in tensors.items() if not (k in optional and cfg.tie_embeddings)}
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["backbone.embedding.weight"]
     model.load_state_dict(sd, assign=True, strict=True)

@@ -48,6 +48,23 @@ def _int(value: Any, name: str) -> int:
     return value
 
 
+def _rank(value: Any, name: str) -> int:
+    """The Δ projection's rank: "auto" (0 here: ceil(d_model / 16)) or a positive integer."""
+    if value == "auto":
+        return 0
+    if _int(value, name) < 1:
+        raise ConfigError(f"config: {name} must be a positive integer or \"auto\", found {value!r}")
+    return int(value)
+
+
+def _pad_multiple(real: int, rows: int) -> int:
+    """The smallest pad_vocab_size_multiple that pads ``real`` token ids to ``rows`` (state-spaces' rounding up)."""
+    for m in range(1, min(rows, 4096) + 1):
+        if -(-real // m) * m == rows:
+            return m
+    return rows  # rounds every real <= rows up to rows
+
+
 def _flag(value: Any, name: str) -> bool:
     """A switch from config.json: true or false (the string "false" would otherwise read as true)."""
     if not isinstance(value, bool):
@@ -70,6 +87,8 @@ class MambaConfig:
         d_model: residual stream width D.
         n_layer: number of Mamba blocks.
         vocab_size: rows of the embedding and of the LM head (already padded to a multiple, where the checkpoint pads).
+        real_vocab_size: the token ids the model was made for, [0, real_vocab_size); the rows past it are padding,
+            which exports cut off (0: all of vocab_size).
         d_state: SSM state size N per channel.
         d_conv: causal depthwise convolution width K.
         expand: E, so that the inner width is ``d_inner = E * D``.
@@ -95,11 +114,14 @@ class MambaConfig:
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
     d_inner_override: int = 0
+    real_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.dt_rank == 0:
             object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+        if self.real_vocab_size == 0:
+            object.__setattr__(self, "real_vocab_size", self.vocab_size)
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "real_vocab_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"config: {name} must be a positive integer, found {value!r}")
@@ -107,6 +129,9 @@ class MambaConfig:
                 raise ConfigError(f"config: {name} is {value}, more than this tool supports ({_MAX_SIZE})")
         if self.d_conv < 2:
             raise ConfigError(f"config: d_conv must be at least 2, found {self.d_conv}")
+        if self.real_vocab_size > self.vocab_size:
+            raise ConfigError(f"config: real_vocab_size {self.real_vocab_size} is more than vocab_size "
+                              f"{self.vocab_size}")
         _eps(self.norm_eps, "norm_eps")
         for name in ("bias", "conv_bias", "tie_embeddings", "residual_in_fp32"):
             _flag(getattr(self, name), name)
@@ -131,21 +156,23 @@ class MambaConfig:
             raise ConfigError("config: attn_layer_idx (hybrid attention layers) is not supported")
         if not _flag(c["rms_norm"], "rms_norm"):
             raise ConfigError("config: rms_norm is false (LayerNorm models) which is not supported")
-        vocab = _int(c["vocab_size"], "vocab_size")
+        real = vocab = _int(c["vocab_size"], "vocab_size")
+        if vocab < 1:
+            raise ConfigError(f"config: vocab_size must be a positive integer, found {vocab}")
         multiple = _int(c.get("pad_vocab_size_multiple") or 1, "pad_vocab_size_multiple")
         if multiple < 1:
             raise ConfigError(f"config: pad_vocab_size_multiple must be positive, found {multiple}")
         if vocab % multiple:
             vocab += multiple - vocab % multiple
-        dt_rank = ssm["dt_rank"]
         return cls(
             d_model=_int(c["d_model"], "d_model"),
             n_layer=_int(c["n_layer"], "n_layer"),
             vocab_size=vocab,
+            real_vocab_size=real,
             d_state=_int(ssm["d_state"], "d_state"),
             d_conv=_int(ssm["d_conv"], "d_conv"),
             expand=_int(ssm["expand"], "expand"),
-            dt_rank=0 if dt_rank == "auto" else _int(dt_rank, "dt_rank"),
+            dt_rank=_rank(ssm["dt_rank"], "dt_rank"),
             bias=_flag(ssm["bias"], "bias"),
             conv_bias=_flag(ssm["conv_bias"], "conv_bias"),
             norm_eps=_eps(c.get("norm_epsilon", 1e-5), "norm_epsilon"),
@@ -154,14 +181,15 @@ class MambaConfig:
         )
 
     def to_state_spaces(self) -> dict[str, Any]:
-        """This config as state-spaces/mamba's config.json dictionary (vocab already padded, so multiple 1)."""
+        """This config as state-spaces/mamba's config.json dictionary: vocab_size the real one, with a
+        pad_vocab_size_multiple that pads it to the rows of the weights."""
         if self.d_inner_override and self.d_inner_override != self.expand * self.d_model:
             raise ConfigError("config: an inner width that is not expand * d_model has no state-spaces form")
         return {
             "d_model": self.d_model,
             "d_intermediate": 0,
             "n_layer": self.n_layer,
-            "vocab_size": self.vocab_size,
+            "vocab_size": self.real_vocab_size,
             "ssm_cfg": {
                 "layer": "Mamba1",
                 "d_state": self.d_state,
@@ -175,7 +203,7 @@ class MambaConfig:
             "norm_epsilon": self.norm_eps,
             "residual_in_fp32": self.residual_in_fp32,
             "fused_add_norm": True,
-            "pad_vocab_size_multiple": 1,
+            "pad_vocab_size_multiple": _pad_multiple(self.real_vocab_size, self.vocab_size),
             "tie_embeddings": self.tie_embeddings,
         }
 
@@ -188,7 +216,6 @@ class MambaConfig:
             raise ConfigError(f"config: hidden_act {act!r} is not supported (only silu)")
         hidden = _int(cfg.get("hidden_size", 768), "hidden_size")
         expand = _int(cfg.get("expand", 2), "expand")
-        rank = cfg.get("time_step_rank", "auto")
         inner = _int(cfg.get("intermediate_size", expand * hidden), "intermediate_size")
         if inner < 1:
             raise ConfigError(f"config: intermediate_size must be a positive integer, found {inner}")
@@ -199,7 +226,7 @@ class MambaConfig:
             d_state=_int(cfg.get("state_size", 16), "state_size"),
             d_conv=_int(cfg.get("conv_kernel", 4), "conv_kernel"),
             expand=expand,
-            dt_rank=0 if rank == "auto" else _int(rank, "time_step_rank"),
+            dt_rank=_rank(cfg.get("time_step_rank", "auto"), "time_step_rank"),
             bias=_flag(cfg.get("use_bias", False), "use_bias"),
             conv_bias=_flag(cfg.get("use_conv_bias", True), "use_conv_bias"),
             norm_eps=_eps(cfg.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon"),

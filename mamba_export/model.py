@@ -18,6 +18,7 @@ the sequence exactly: ``forward(ids[:, :t])`` then ``forward(ids[:, t:], state)`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -207,11 +208,30 @@ class MambaLM(nn.Module):
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation: prefill with ``forward``, then ``step`` per token. Returns (b, max_new_tokens)."""
+        real = self.config.real_vocab_size  # never a padding row
         logits, state = self(input_ids)
-        tok = logits[:, -1].argmax(-1)
+        tok = logits[:, -1, :real].argmax(-1)
         out = [tok]
         for _ in range(max_new_tokens - 1):
             logits, state = self.step(tok, state)
-            tok = logits.argmax(-1)
+            tok = logits[:, :real].argmax(-1)
             out.append(tok)
         return torch.stack(out, dim=1)
+
+    def without_vocab_padding(self) -> "MambaLM":
+        """This model for token ids [0, real_vocab_size) only: the embedding and the LM head cut to that many rows
+        (copies), every other parameter shared. ``self`` when the vocabulary is not padded."""
+        c = self.config
+        if c.real_vocab_size == c.vocab_size:
+            return self
+        cfg = dataclasses.replace(c, vocab_size=c.real_vocab_size)
+        with torch.device("meta"):
+            out = MambaLM(cfg, backend=self.backend_name)
+        sd = self.state_dict()
+        for key in ("backbone.embedding.weight", "lm_head.weight"):
+            sd[key] = sd[key][: c.real_vocab_size].clone()
+        out.load_state_dict(sd, assign=True, strict=True)
+        if cfg.tie_embeddings:
+            out.lm_head.weight = out.backbone.embedding.weight
+        out.set_backend(self.backend_name)
+        return out.train(self.training)

@@ -180,3 +180,76 @@ def test_cli_inspect_good_checkpoint(hf_dir):
     info = json.loads(r.stdout)
     assert info["layout"] == "transformers"
     assert info["config"]["d_state"] == 8 and info["config"]["dt_rank"] == 5 and info["config"]["d_conv"] == 3
+
+
+def _edit_safetensors(d, edit):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    edit(sd)
+    save_file(sd, d / "model.safetensors")
+
+
+def test_transformers_keys_are_named_as_in_the_file(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "hidden_size": cfg["hidden_size"] + 16}))
+    assert "key 'backbone.embeddings.weight' has shape" in _err(hf_dir)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    _edit_safetensors(hf_dir, lambda sd: sd.pop("backbone.embeddings.weight"))
+    assert "missing key 'backbone.embeddings.weight'" in _err(hf_dir)
+
+
+def test_a_tied_model_saved_under_its_heads_name_loads(tmp_path):
+    """transformers loads a tied checkpoint that holds only lm_head.weight; so do we, with the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    hf = make_hf_model("tiny")
+    d = save_transformers(hf, tmp_path / "hf")
+    sd = load_file(d / "model.safetensors")
+    sd["lm_head.weight"] = sd.pop("backbone.embeddings.weight")
+    save_file(sd, d / "model.safetensors")
+    model = load_checkpoint(d)
+    assert model.lm_head.weight is model.backbone.embedding.weight
+    ids = torch.randint(0, hf.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0], hf(ids).logits, atol=1e-5)
+
+
+def test_weights_of_an_unsupported_dtype(hf_dir):
+    _edit_safetensors(hf_dir, lambda sd: sd.update({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()
+                                                    if k.endswith(".D")}))
+    assert "has dtype float8_e4m3fn; supported: float32, float16, bfloat16, float64" in _err(hf_dir)
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": {"a": 1}}, "'weight_map' must map each tensor name to the file name of its shard"),
+    ({"weight_map": ["x"]}, "'weight_map' must map each tensor name"),
+    ({"metadata": {}}, "not a valid shard index (KeyError"),
+])
+def test_bad_shard_index(hf_dir, index, message):
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert message in _err(hf_dir)
+
+
+def test_rank_zero_is_an_error_not_auto(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "time_step_rank": 0}))
+    assert 'time_step_rank must be a positive integer or "auto", found 0' in _err(hf_dir)
+
+
+@pytest.mark.parametrize("layers, message", [
+    (200_000_000, "missing every key of layer 3 ('backbone.layers.3.*'; config.json's num_hidden_layers is "
+                  "200000000, the weights hold 3 layers)"),
+    (2, "unexpected key 'backbone.layers.2."),
+])
+def test_layer_count_is_checked_before_building_the_model(hf_dir, layers, message):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+    assert message in _err(hf_dir)  # at once: a model of 2e8 layers is never built
+
+
+def test_config_json_that_is_a_directory(ss_dir):
+    (ss_dir / "config.json").unlink()
+    (ss_dir / "config.json").mkdir()
+    assert "config.json: not a regular file" in _err(ss_dir)

@@ -496,3 +496,22 @@ if __name__ == "__main__" and sys.argv[1:] == ["--bad-cases"]:
         print(json.dumps({case: run_bad_case(case)}), flush=True)
 if __name__ == "__main__" and sys.argv[1:] == ["--too-old-onnxruntime"]:
     print(register_with_too_old_onnxruntime())
+
+
+def test_rebuilding_never_rewrites_the_installed_library_in_place():
+    """tools/build_custom_ops.sh must not write into a library that processes (this test run) have loaded: a build
+    that changes nothing leaves the installed file untouched (same inode, same ctime, which any write would move);
+    a changed build replaces it by a rename (a new inode)."""
+    installed = Path(custom_op_library_path())
+    root = Path(__file__).resolve().parents[1]
+    if installed.parent != root / "runtime" / "mamba_runtime" / "lib":
+        pytest.skip("the library in use is not the one tools/build_custom_ops.sh installs")
+    before, content = installed.stat(), installed.read_bytes()
+    proc = subprocess.run(["bash", "tools/build_custom_ops.sh"], cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = installed.stat()
+    if installed.read_bytes() == content:
+        assert (after.st_ino, after.st_ctime_ns) == (before.st_ino, before.st_ctime_ns)
+    else:
+        assert after.st_ino != before.st_ino

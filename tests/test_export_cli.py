@@ -123,3 +123,17 @@ def test_missing_library_says_how_to_build_it(ckpt, tmp_path, capsys, monkeypatc
     line = _error_line(capsys)
     assert "bash tools/build_custom_ops.sh" in line and "--no-library" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_leaves_early_is_no_error(ckpt):
+    """`mamba-export inspect CKPT | head -1`: the closed pipe ends the command quietly (status 141, as SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    proc = subprocess.run([sys.executable, "-m", "mamba_export.cli", "inspect", str(ckpt)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == ""

@@ -311,3 +311,36 @@ def test_onnxruntime_genai_runs_the_export(exported):
     got = np.stack(logits)
     assert sequence.shape[1] == 12
     assert rel_err(got, want[0, len(prompt) - 1:len(prompt) - 1 + len(got)]) <= 1e-4
+
+
+def test_padding_rows_of_the_vocabulary_are_not_exported(tmp_path):
+    """A state-spaces checkpoint of 101 tokens padded to 104 rows: every graph answers the 101 real ids only (the
+    padding rows are no tokens, so nothing can sample them), with the reference's logits; the manifest, genai config
+    and a save/load round trip agree on 101."""
+    from mamba_export.checkpoint import save_checkpoint
+    from support import save_state_spaces
+    from transformers import MambaConfig, MambaForCausalLM
+
+    hf = make_hf_model("nondefault")
+    torch.manual_seed(3)
+    hf104 = MambaForCausalLM(MambaConfig(**{**hf.config.to_dict(), "vocab_size": 104})).eval()
+    ckpt = save_state_spaces(hf104, tmp_path / "ckpt", vocab_size=101, pad_vocab_size_multiple=8)
+    ref = load_checkpoint(ckpt, dtype=torch.float64)
+    assert (ref.config.vocab_size, ref.config.real_vocab_size) == (104, 101)
+    out = export_checkpoint(ckpt, tmp_path / "export", last_logits=True, with_library=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["vocab_size"] == 101
+    assert json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"] == 101
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    want, want_state = reference(ref, ids)
+    logits, state = run_graph(session(out / "model.onnx", "functions"), ids, zero_state(ref.config, 2))
+    assert logits.shape == (2, 9, 101) and rel_err(logits, want[..., :101]) <= 1e-4
+    step, _ = run_graph(session(out / "decode.onnx", "functions"), ids[:, :1], state)
+    assert step.shape == (2, 1, 101)
+    assert ref.generate_greedy(ids, 5).max() < 101
+    # the project's own checkpoints keep the real size: config.json says 101 and pads it back to 104
+    saved = save_checkpoint(ref, tmp_path / "saved")
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["vocab_size"] == 101 and -(-101 // cfg["pad_vocab_size_multiple"]) * cfg["pad_vocab_size_multiple"] == 104
+    again = load_checkpoint(saved)
+    assert (again.config.vocab_size, again.config.real_vocab_size) == (104, 101)

@@ -15,5 +15,13 @@ fi
 cmake "${CONFIGURE[@]}" "$@" | { grep "mamba_export_ops:" || true; }
 cmake --build custom_ops/build --parallel "$(nproc 2>/dev/null || echo 2)"
 mkdir -p runtime/mamba_runtime/lib
-cp -p custom_ops/build/libmamba_export_ops.so runtime/mamba_runtime/lib/libmamba_export_ops.so
+# A process may have the installed library loaded (a test run, an app): overwriting the file in place would crash it
+# (SIGBUS). So an unchanged library is left alone, and a new one replaces it by a rename: running processes keep the
+# old file's pages, new ones load the new file.
+built=custom_ops/build/libmamba_export_ops.so
+installed=runtime/mamba_runtime/lib/libmamba_export_ops.so
+if ! cmp -s "$built" "$installed"; then
+  cp -p "$built" "$installed.tmp.$$"
+  mv -f "$installed.tmp.$$" "$installed"
+fi
 echo "build_custom_ops: runtime/mamba_runtime/lib/libmamba_export_ops.so"

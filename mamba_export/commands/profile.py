@@ -87,7 +87,7 @@ def _measure_torch(ckpt: str, args, rt, bar) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_checkpoint(ckpt)
-    if model.config.vocab_size != rt.info.vocab_size or model.config.n_layer != rt.info.n_layer:
+    if model.config.real_vocab_size != rt.info.vocab_size or model.config.n_layer != rt.info.n_layer:
         raise MambaExportError(f"--compare-torch {ckpt}: not the model of this export (vocab/layers differ)")
     out: dict = {"prefill": [], "decode": []}
     with torch.no_grad():

@@ -97,6 +97,10 @@ def export_model(
     _check_options(dtype, fmt, decode_weights)
     blocks = resolve_decode_blocks(decode_blocks, model.config, fmt, decode_weights)
     say = progress or (lambda msg: None)
+    if model.config.real_vocab_size < model.config.vocab_size:  # padding rows are no tokens: never sampled, smaller
+        say(f"dropping the {model.config.vocab_size - model.config.real_vocab_size} padding rows of the vocabulary "
+            f"({model.config.vocab_size} -> {model.config.real_vocab_size})")
+        model = model.without_vocab_padding()
     model = model.eval()
     library_path = directory.library_path() if fmt == "onnx" and with_library else None
 

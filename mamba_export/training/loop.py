@@ -213,7 +213,8 @@ def build_model(vocab_size: int, p: Preset, backend: str) -> MambaLM:
     """The preset's model for ``vocab_size`` tokens (rounded up to a multiple of 8), initialised as state-spaces/mamba
     does from the preset's seed."""
     vocab = vocab_size + (-vocab_size) % 8
-    cfg = MambaConfig(d_model=p.d_model, n_layer=p.n_layer, vocab_size=vocab, d_state=p.d_state, expand=p.expand)
+    cfg = MambaConfig(d_model=p.d_model, n_layer=p.n_layer, vocab_size=vocab, d_state=p.d_state, expand=p.expand,
+                      real_vocab_size=vocab_size)
     torch.manual_seed(p.seed)
     model = MambaLM(cfg, backend=backend)
     init_mamba_weights(model)
