@@ -65,7 +65,7 @@ def check_writable(out: Path, error: type[MambaExportError] = MambaExportError) 
     try:  # a real probe: permission bits say nothing to root, nor about /proc or a read-only mount
         os.rmdir(tempfile.mkdtemp(prefix=".mamba-export-probe-", dir=parent))
     except OSError as e:
-        raise error(f"{out}: cannot write there ({parent}: {e.strerror or e})") from None
+        raise error(f"{out}: cannot write there (making a directory in {parent} failed: {e.strerror or e})") from None
 
 
 def first_missing(path: Path) -> Path | None:

@@ -38,10 +38,16 @@ def test_profile_writes_json_markdown_and_plots(exp, capsys):
         s = d["decode"]
         assert s["n"] == 8 and 0 < s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
         assert d["tokens_per_s"] > 0 and d["achieved_GBps"] > 0
+        assert s["min_ms"] <= s["mean_ms"] and d["tokens_per_s"] == pytest.approx(d["batch"] / s["mean_ms"] * 1e3)
     assert rt["position"]["tokens"] == 300 and len(rt["position"]["windows"]) == 20
     assert rt["warmup_s"] > 0 and rt["peak_rss_bytes"] > 0
-    ops = [o["op"] for o in rt["top_operators"]]
+    top = rt["top_operators"]
+    ops = [o["op"] for o in top["ops"]]
     assert "MatMul" in ops and ("DecodeStep" in ops) == (report["custom_op_library"] is not None)
+    assert top["steps"] == 8 and top["warmup_steps"] == 5  # --gen-len 8 steps profiled, the warm-up ones dropped
+    # medians of a step's time per op type: together at most about the profiled step itself
+    assert 0 < sum(o["ms_per_step"] for o in top["ops"]) <= top["step_ms"] * 1.2
+    assert sum(o["share"] for o in top["ops"]) == pytest.approx(1.0, abs=0.02) or len(ops) == 10
     md = (dest / "profile.md").read_text()
     assert "| runtime | 3 |" in md and "PyTorch reference" in md and md in capsys.readouterr().out
     for png in ("latency_vs_position.png", "latency_vs_batch.png"):

@@ -103,7 +103,7 @@ def _measure_torch(ckpt: str, args, rt, bar) -> dict:
                     bar.update(1)
                 s = prof.summary_ms(times)
                 out["prefill"].append({"batch": b, "prompt_len": pl, "prefill": s,
-                                       "prefill_tokens_per_s": b * pl / s["p50_ms"] * 1e3})
+                                       "prefill_tokens_per_s": b * pl / s["mean_ms"] * 1e3})
             logits, state = model(torch.tensor(prof.random_prompts(b, min(args.prompt_len), rt.info.vocab_size)))
             tok = logits[:, -1].argmax(-1)
             times = []
@@ -114,7 +114,7 @@ def _measure_torch(ckpt: str, args, rt, bar) -> dict:
                 times.append(time.perf_counter() - t0)
                 bar.update(1)
             s = prof.summary_ms(times)
-            out["decode"].append({"batch": b, "decode": s, "tokens_per_s": b / s["p50_ms"] * 1e3})
+            out["decode"].append({"batch": b, "decode": s, "tokens_per_s": b / s["mean_ms"] * 1e3})
     return out
 
 
@@ -162,22 +162,30 @@ def markdown(report: dict) -> str:
         for p in r["prefill"]:
             ttft = f"{p['ttft']['p50_ms']:.2f}" if "ttft" in p else "-"
             lines.append(f"| {name} | {p['batch']} | {p['prompt_len']} | {ttft} | {p['prefill_tokens_per_s']:.0f} |")
-    lines += ["", "| implementation | batch | decode ms/step p50 | p90 | p99 | tokens/s | GB/s | x floor |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| implementation | batch | decode ms/step p50 | p90 | p99 | mean | tokens/s | GB/s | x floor |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in impls:
         for d in r["decode"]:
             s = d["decode"]
             gbs = f"{d['achieved_GBps']:.1f}" if "achieved_GBps" in d else "-"
             lines.append(f"| {name} | {d['batch']} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
-                         f"{d['tokens_per_s']:.0f} | {gbs} | {s['p50_ms'] / floor:.2f} |")
+                         f"{s['mean_ms']:.3f} | {d['tokens_per_s']:.0f} | {gbs} | {s['p50_ms'] / floor:.2f} |")
+    lines += ["", "tokens/s and prefill tok/s are throughput (from the mean time, slow steps included); GB/s and "
+              "x floor are from the p50 step."]
+    if any(d["decode"]["p50_ms"] < floor for d in rt["decode"]):
+        lines += ["x floor below 1: the weights come from the CPU's caches rather than memory (the model is small "
+                  "enough), so the memory floor does not bound this step."]
     pos = rt["position"]
     lines += ["", f"Decode latency against position ({pos['tokens']} tokens, batch 1): last window / first window = "
               f"{pos['last_over_first']:.2f}", "", "| positions from | p50 ms | p90 ms |", "| --- | --- | --- |"]
     lines += [f"| {w['position']} | {w['p50_ms']:.3f} | {w['p90_ms']:.3f} |" for w in pos["windows"]]
-    lines += ["", f"Top operators of decode.onnx (onnxruntime profiler, batch {report['settings']['batch'][0]})", "",
+    top = rt["top_operators"]
+    lines += ["", f"Top operators of decode.onnx (onnxruntime profiler, batch {report['settings']['batch'][0]}, "
+              f"median over {top['steps']} steps after {top['warmup_steps']} warm-up steps; the profiled step's "
+              f"median is {top['step_ms']:.3f} ms, slower than unprofiled for the per-node timing)", "",
               "| op | ms/step | share | calls/step |", "| --- | --- | --- | --- |"]
     lines += [f"| {o['op']} | {o['ms_per_step']:.3f} | {o['share']:.0%} | {o['calls_per_step']} |"
-              for o in rt["top_operators"]]
+              for o in top["ops"]]
     return "\n".join(lines) + "\n"
 
 
@@ -256,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
         (out / "profile.md").write_text(table)
         if importlib.util.find_spec("matplotlib") is None:
             pngs = []
-            print("mamba-export profile: note: no plots (matplotlib is not installed)", file=sys.stderr)
+            print("mamba-export profile: note: no plots (matplotlib is not installed: pip install matplotlib)",
+                  file=sys.stderr)
         else:
             pngs = plot(report, out)
     except OSError as e:
