@@ -2,7 +2,9 @@
 
 Each subcommand lives in ``mamba_export/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``;
 heavy imports (torch, onnxruntime) happen inside ``run`` so that ``--help`` is instant and ``generate`` needs no torch.
-User errors (:class:`~mamba_export.errors.MambaExportError`) print one line and exit with status 2.
+User errors (:class:`~mamba_export.errors.MambaExportError`) print one line and exit with status 2; a command stopped
+by a signal after saving its work (:class:`~mamba_export.errors.Interrupted`) prints one line and exits with 128 + the
+signal's number.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import MambaExportError
+from .errors import Interrupted, MambaExportError
 
 # The optional packages a command may import, and what installs each (pyproject.toml's extras).
 _EXTRAS = {"torch": "'mamba-export[export]'", "onnx": "'mamba-export[export]'", "onnxscript": "'mamba-export[export]'",
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
+    except Interrupted as e:
+        print(f"mamba-export {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
     except MambaExportError as e:
         print(f"mamba-export {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -15,3 +15,13 @@ class CheckpointError(MambaExportError):
 
 class ConfigError(MambaExportError):
     """A model configuration that is inconsistent or uses a feature this project does not implement."""
+
+
+class Interrupted(Exception):
+    """A command stopped early on a signal (Ctrl-C, SIGTERM) after leaving its work in a usable state. Not a
+    :class:`MambaExportError`: the CLI prints its one-line message and exits with ``exit_status`` (128 + the
+    signal's number: 130 for SIGINT, 143 for SIGTERM), not 2."""
+
+    def __init__(self, message: str, exit_status: int = 130):
+        super().__init__(message)
+        self.exit_status = exit_status

@@ -1,11 +1,19 @@
 """mamba-export train: the "fast" scan against the reference, Mamba's initialisation, the schedule, a short run that
-learns, checkpoints that load and resume exactly, and one-line errors for bad input."""
+learns, checkpoints that load and resume exactly (byte-level, with a tokenizer, after Ctrl-C or SIGTERM), one-line
+errors for bad input and damaged resume state, and stdout holding only the JSON result."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +21,7 @@ import torch
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.cli import main
 from mamba_export.config import MambaConfig
+from mamba_export.errors import Interrupted
 from mamba_export.model import MambaLM
 from mamba_export.ops import selective_scan_fast, selective_scan_ref
 from mamba_export.training import loop
@@ -145,14 +154,21 @@ def test_resume_continues_exactly(tmp_path, text_file):
         assert torch.equal(a, b)
 
 
-def test_tokenizer_based_training(tmp_path, text_file):
+def _make_tokenizer(path: Path, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on TEXT, saved at ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"],
+                                                        show_progress=False))
+    tok.save(str(path))
+    return tok
+
+
+def test_tokenizer_based_training(tmp_path, text_file):
     tok_path = tmp_path / "tokenizer.json"
-    tok.save(str(tok_path))
+    tok = _make_tokenizer(tok_path)
     out = tmp_path / "ckpt"
     model, summary = train(TrainOptions(data=str(text_file), out=str(out), preset="tiny", steps=4, progress=False,
                                         tokenizer=str(tok_path)))
@@ -305,3 +321,262 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, text_file, backend):
                                         progress=False))
         assert summary["steps_done"] == 12 and summary["cuda_graph"] is (device == "cuda")
         assert summary["final_heldout_bpb"] < 8
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_run(dir_a: Path, dir_b: Path, model_a=None, model_b=None) -> None:
+    """Two runs' logs have the same losses and their weights are bit-identical."""
+    losses = [[json.loads(line)["loss"] for line in (d / "train_log.jsonl").read_text().splitlines()]
+              for d in (dir_a, dir_b)]
+    assert losses[0] == losses[1]
+    wa = _weights(model_a or load_checkpoint(dir_a, backend="fast"))
+    wb = _weights(model_b or load_checkpoint(dir_b, backend="fast"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_tokenizer_run_resumes_exactly_with_its_own_tokenizer(tmp_path, text_file):
+    """A --tokenizer run resumed without --tokenizer (the checkpoint's copy is used), or with --tokenizer naming that
+    copy or a file of the same content, gives the weights of an uninterrupted run, and keeps tokenizer.json (no
+    byte_vocab.json) and its SHA-256 in the state and the summary."""
+    import hashlib
+
+    tok_path = tmp_path / "tok.json"
+    _make_tokenizer(tok_path)
+    sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+
+    def opts(out, **kw):
+        return TrainOptions(data=str(text_file), out=str(tmp_path / out), steps=8, progress=False, **kw)
+
+    whole, summary = train(opts("whole", preset="tiny", tokenizer=str(tok_path)))
+    assert summary["data"]["tokenizer"] == "tokenizer.json" and summary["data"]["tokenizer_sha256"] == sha
+    train(opts("split", preset="tiny", tokenizer=str(tok_path), until=3))
+    split = tmp_path / "split"
+    assert torch.load(split / "train_state.pt", weights_only=True)["tokenizer_sha256"] == sha
+    raw = torch.load(split / "train_state.pt", weights_only=True)
+    del raw["tokenizer_sha256"]  # as written before the key existed: the checkpoint's tokenizer.json is the run's
+    torch.save(raw, split / "train_state.pt")
+    train(opts("split", resume=True, until=5))  # no --tokenizer: the stored one
+    train(opts("split", resume=True, until=6, tokenizer=str(split / "tokenizer.json")))  # the checkpoint's own copy
+    resumed, summary = train(opts("split", resume=True, tokenizer=str(tok_path)))  # the original file
+    assert summary["steps_done"] == 8 and summary["data"]["tokenizer_sha256"] == sha
+    assert (split / "tokenizer.json").read_bytes() == tok_path.read_bytes()
+    assert not (split / "byte_vocab.json").exists()
+    _assert_same_run(tmp_path / "whole", split, whole, resumed)
+
+
+def test_resume_refuses_a_tokenizer_that_does_not_fit(tmp_path, text_file, capsys):
+    """--resume --tokenizer: refused for a byte-level run, for a different tokenizer, and when the checkpoint's own
+    copy was changed; a byte-level run stays byte-level."""
+    tok_path, other = tmp_path / "tok.json", tmp_path / "other.json"
+    _make_tokenizer(tok_path)
+    _make_tokenizer(other, vocab_size=60)  # fewer merges (TEXT gives 78 tokens at most)
+    base = ["--data", str(text_file), "--steps", "4", "--no-progress"]
+    byte_run, tok_run = str(tmp_path / "bytes"), str(tmp_path / "tok")
+    assert main(["train", *base, "--preset", "tiny", "-o", byte_run, "--until", "2"]) == 0
+    assert main(["train", *base, "--preset", "tiny", "-o", tok_run, "--until", "2", "--tokenizer", str(tok_path)]) == 0
+    capsys.readouterr()
+    err = _error_line(capsys, ["train", *base, "-o", byte_run, "--resume", "--tokenizer", str(tok_path)])
+    assert "is byte-level" in err and "without --tokenizer" in err
+    err = _error_line(capsys, ["train", *base, "-o", tok_run, "--resume", "--tokenizer", str(other)])
+    assert "not the tokenizer this run was trained with" in err
+    stored = tmp_path / "tok" / "tokenizer.json"
+    stored.write_bytes(other.read_bytes())
+    assert "not the tokenizer this run was trained with" in _error_line(capsys, ["train", *base, "-o", tok_run,
+                                                                                  "--resume"])
+    stored.unlink()
+    assert "tokenizer.json: missing" in _error_line(capsys, ["train", *base, "-o", tok_run, "--resume"])
+    assert main(["train", *base, "-o", byte_run, "--resume"]) == 0
+    assert (tmp_path / "bytes" / "byte_vocab.json").is_file() and not (tmp_path / "bytes" / "tokenizer.json").exists()
+
+
+def _damage(ckpt: Path, case: str) -> None:
+    state, log = ckpt / "train_state.pt", ckpt / "train_log.jsonl"
+    if case == "truncated state":
+        state.write_bytes(state.read_bytes()[:1000])
+    elif case == "state not a dict":
+        torch.save([1, 2, 3], state)
+    elif case == "state missing a key":
+        raw = torch.load(state, weights_only=True)
+        del raw["optimizer"]
+        torch.save(raw, state)
+    elif case == "no log":
+        log.unlink()
+    elif case == "garbage log line":
+        with open(log, "a") as fh:
+            fh.write("garbage\n")
+    elif case == "log too short":
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))
+    elif case == "foreign optimiser state":
+        raw = torch.load(state, weights_only=True)
+        raw["optimizer"]["param_groups"] = raw["optimizer"]["param_groups"][:1]
+        torch.save(raw, state)
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("truncated state", "train_state.pt: cannot be read as a training state"),
+    ("state not a dict", "train_state.pt: not a training state"),
+    ("state missing a key", "train_state.pt: not a complete training state (missing optimizer)"),
+    ("no log", "train_log.jsonl: missing"),
+    ("garbage log line", "train_log.jsonl: line 5 is not JSON"),
+    ("log too short", "train_log.jsonl: holds 3 steps, but train_state.pt is at step 4"),
+    ("foreign optimiser state", "train_state.pt: does not fit the checkpoint's model"),
+])
+def test_damaged_resume_state_is_a_one_line_error(tmp_path, text_file, capsys, case, expect):
+    out = tmp_path / "ckpt"
+    assert main(["train", "--data", str(text_file), "--preset", "tiny", "-o", str(out), "--steps", "6", "--until",
+                 "4", "--no-progress"]) == 0
+    _damage(out, case)
+    assert expect in _error_line(capsys, ["train", "--data", str(text_file), "-o", str(out), "--resume",
+                                          "--no-progress"])
+
+
+def test_stdout_is_only_the_json_result(tmp_path, text_file, capsys):
+    """Evaluation lines go to stderr (with and without --no-progress); stdout parses as one JSON object."""
+    for i, extra in enumerate((["--no-progress"], [])):
+        assert main(["train", "--data", str(text_file), "--preset", "tiny", "-o", str(tmp_path / f"r{i}"),
+                     "--steps", "10", *extra]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["steps_done"] == 10
+        assert "step 10: held-out" in captured.err
+
+
+def test_evaluation_can_be_cut_short():
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, d_state=8)).train()
+    ids = torch.randint(0, 64, (200,))
+    assert loop.evaluate_bits(model, ids, 2, 16, should_stop=lambda: True) is None
+    assert model.training
+    assert loop.evaluate_bits(model, ids, 2, 16, should_stop=lambda: False) == loop.evaluate_bits(model, ids, 2, 16)
+
+
+def _train_cmd(text_file, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "mamba_export.cli", "train", "--data", str(text_file), "-o", str(out),
+            "--no-progress", "--threads", "1", *extra]
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, text_file, capsys, sig, status):
+    """A run sent SIGINT (Ctrl-C) or SIGTERM after its step-10 evaluation line finishes the step it is in, saves,
+    says how to continue on one stderr line and exits with 128 + the signal's number; resumed, it gives the weights
+    of a run that was never stopped. (--steps is far beyond what the run can reach before the signal, so the step it
+    stops at varies but the outcome does not.)"""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_train_cmd(text_file, out, "--preset", "tiny", "--steps", "100000"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("step 10: held-out"):
+                break
+        else:
+            pytest.fail(f"no step-10 line; stderr: {''.join(seen)}")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, stderr
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    stopped = json.loads((out / "training.json").read_text())["steps_done"]
+    assert stopped >= 10
+    assert lines[0] == (f"mamba-export train: interrupted at step {stopped}; saved {out}; continue with: mamba-export "
+                        f"train --data {text_file} -o {out} --resume")
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == stopped
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    assert main(["train", "--data", str(text_file), "-o", str(out), "--resume", "--until", str(stopped + 3),
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps_done"] == stopped + 3
+    ref, _ = train(TrainOptions(data=str(text_file), out=str(tmp_path / "ref"), preset="tiny", steps=100000,
+                                until=stopped + 3, progress=False))
+    _assert_same_run(tmp_path / "ref", out, model_a=ref)
+
+
+def test_second_sigint_during_the_save_keeps_the_previous_checkpoint(tmp_path, text_file, monkeypatch):
+    """In-process: SIGINT after step 12 (handlers are the run's own, so the test sees what a user would), then
+    another one while the checkpoint of step 12 is being written: that save is abandoned, the periodic one of step
+    10 stays, nothing temporary is left, and the caller's SIGINT handler is back."""
+    from mamba_export import checkpoint
+
+    real_step, real_write_dir = loop._train_step, checkpoint.write_dir
+    calls = {"steps": 0, "saves": 0}
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["steps"] += 1
+        if calls["steps"] == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def write_dir(out, build, what, error):
+        calls["saves"] += 1
+        if calls["saves"] == 1:
+            return real_write_dir(out, build, what, error)
+
+        def build_then_signal(tmp):
+            build(tmp)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler raises KeyboardInterrupt here (or before)
+            raise AssertionError("the second SIGINT did not stop the save")
+
+        return real_write_dir(out, build_then_signal, what, error)
+
+    monkeypatch.setattr(loop, "_train_step", step)
+    monkeypatch.setattr(checkpoint, "write_dir", write_dir)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="interrupted again before the checkpoint of step 12 was saved") as info:
+        train(TrainOptions(data=str(text_file), out=str(out), preset="tiny", steps=100, device="cpu", progress=False))
+    assert info.value.exit_status == 130 and calls["saves"] == 2
+    assert signal.getsignal(signal.SIGINT) is before
+    assert json.loads((out / "training.json").read_text())["steps_done"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "text.txt"]  # no temporary directory left
+    load_checkpoint(out, backend="fast")
+
+
+def test_single_sigint_in_process_raises_interrupted_and_restores_handlers(tmp_path, text_file, monkeypatch):
+    """The Python API: the first SIGINT ends train() with Interrupted (exit_status 130) after a save at the step it
+    was in; the handlers of SIGINT and SIGTERM are the caller's again afterwards; from a thread other than the main
+    one, train() installs no handler and runs as usual."""
+    real_step = loop._train_step
+    calls = {"steps": 0}
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["steps"] += 1
+        if calls["steps"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(loop, "_train_step", step)
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="interrupted at step 3; saved") as info:
+        train(TrainOptions(data=str(text_file), out=str(out), preset="tiny", steps=8, device="cpu", progress=False))
+    assert info.value.exit_status == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert json.loads((out / "training.json").read_text())["steps_done"] == 3
+
+    monkeypatch.setattr(loop, "_train_step", real_step)
+    result = {}
+
+    def in_thread():
+        try:
+            result["summary"] = train(TrainOptions(data=str(text_file), out=str(tmp_path / "t"), preset="tiny",
+                                                   steps=2, device="cpu", progress=False))[1]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert "error" not in result and result["summary"]["steps_done"] == 2

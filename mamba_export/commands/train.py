@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a byte-level (or tokenizer-based) Mamba-1 model with AdamW, warm-up and cosine decay, "
         "evaluating bits per byte on the held-out end of the text. Writes a checkpoint directory in the "
         "state-spaces/mamba layout plus train_state.pt (for --resume), train_log.jsonl, loss_curve.png and "
-        "training.json. See docs/training.md.",
+        "training.json. Ctrl-C or SIGTERM saves after the current step and exits with 130 or 143; --resume "
+        "continues. Progress goes to stderr, the JSON result to stdout. See docs/training.md.",
     )
     p.add_argument("--data", required=True, metavar="TEXT_FILE", help="the training text (its last 5%% is held out)")
     p.add_argument("--preset", metavar="NAME",
@@ -24,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="CHECKPOINT_DIR", help="directory to write")
     p.add_argument("--steps", type=int, help="total optimiser steps (default: the preset's)")
     p.add_argument("--until", type=int, metavar="STEP", help="save and stop after this step; --resume continues")
-    p.add_argument("--resume", action="store_true", help="continue the run stored in CHECKPOINT_DIR exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run stored in CHECKPOINT_DIR exactly (with its own tokenizer)")
     p.add_argument("--force", action="store_true", help="replace an existing CHECKPOINT_DIR")
     p.add_argument("--tokenizer", metavar="TOKENIZER_JSON", help="a tokenizers tokenizer.json (default: bytes)")
     p.add_argument("--backend", default="fast",

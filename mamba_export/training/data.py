@@ -19,6 +19,7 @@ from ..errors import MambaExportError
 
 BYTE_VOCAB = {"type": "bytes", "vocab_size": 256}
 BYTE_VOCAB_FILE = "byte_vocab.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass
@@ -32,6 +33,8 @@ class Corpus:
         vocab_size: ids are in [0, vocab_size).
         sha256: of the text file, so that a resumed run can check it trains on the same text.
         tokenizer_files: name -> content of the tokenizer files to put beside the checkpoint.
+        tokenizer_sha256: of the tokenizer.json file (its bytes, which the checkpoint copies as they are); None for
+            a byte-level corpus. A resumed run checks it.
     """
 
     train: torch.Tensor
@@ -39,7 +42,8 @@ class Corpus:
     heldout_bytes: int
     vocab_size: int
     sha256: str
-    tokenizer_files: dict[str, str]
+    tokenizer_files: dict[str, str | bytes]
+    tokenizer_sha256: str | None = None
 
 
 def read_text(path: str | Path) -> bytes:
@@ -61,15 +65,25 @@ def _byte_ids(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _tokenize(data: bytes, tokenizer_path: str, source: str):
-    """Token ids (n,) int64 from a tokenizer.json, its vocabulary size, its text, and each token's first character."""
+    """Token ids (n,) int64 from a tokenizer.json, its vocabulary size, the file's bytes, and each token's first
+    character."""
     from tokenizers import Tokenizer
 
     tp = Path(tokenizer_path)
     if not tp.is_file():
         raise MambaExportError(f"{tp}: tokenizer file not found")
     try:
-        tok = Tokenizer.from_file(str(tp))
+        raw = tp.read_bytes()
+    except OSError as e:
+        raise MambaExportError(f"{tp}: cannot read the tokenizer ({e.strerror})") from None
+    try:
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
         raise MambaExportError(f"{tp}: not a tokenizers tokenizer.json ({str(e).splitlines()[0][:200]})") from None
     try:
@@ -78,7 +92,7 @@ def _tokenize(data: bytes, tokenizer_path: str, source: str):
         raise MambaExportError(f"{source}: not UTF-8 text at byte {e.start}, which a tokenizer needs") from None
     enc = tok.encode(text, add_special_tokens=False)
     ids = torch.tensor(enc.ids, dtype=torch.long)
-    return ids, tok.get_vocab_size(), tp.read_text(), [start for start, _ in enc.offsets]
+    return ids, tok.get_vocab_size(), raw, [start for start, _ in enc.offsets]
 
 
 def load_corpus(path: str | Path, eval_fraction: float, min_tokens: int, tokenizer_path: str | None = None) -> Corpus:
@@ -89,9 +103,10 @@ def load_corpus(path: str | Path, eval_fraction: float, min_tokens: int, tokeniz
     data = read_text(path)
     if tokenizer_path is None:
         ids, vocab, files = _byte_ids(data), 256, {BYTE_VOCAB_FILE: json.dumps(BYTE_VOCAB) + "\n"}
+        tok_sha = None
     else:
         ids, vocab, tok_json, char_starts = _tokenize(data, tokenizer_path, str(path))
-        files = {"tokenizer.json": tok_json}
+        files, tok_sha = {TOKENIZER_FILE: tok_json}, hashlib.sha256(tok_json).hexdigest()
     n_heldout = int(len(ids) * eval_fraction)
     if n_heldout < min_tokens or len(ids) - n_heldout < min_tokens:
         raise MambaExportError(
@@ -102,10 +117,12 @@ def load_corpus(path: str | Path, eval_fraction: float, min_tokens: int, tokeniz
         heldout_bytes = n_heldout
     else:
         heldout_bytes = len(data.decode("utf-8")[char_starts[-n_heldout]:].encode("utf-8"))
-    return Corpus(ids[:-n_heldout], ids[-n_heldout:], heldout_bytes, vocab, hashlib.sha256(data).hexdigest(), files)
+    return Corpus(ids[:-n_heldout], ids[-n_heldout:], heldout_bytes, vocab, hashlib.sha256(data).hexdigest(), files,
+                  tok_sha)
 
 
-def sample_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(ids: torch.Tensor, batch: int, seq_len: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` windows at random offsets of ``ids``: inputs (batch, seq_len) and targets shifted by one."""
     starts = torch.randint(0, len(ids) - seq_len, (batch,), generator=gen)
     windows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])

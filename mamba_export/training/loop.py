@@ -5,10 +5,14 @@ A run writes one directory, replaced atomically at every save (:func:`mamba_expo
 
     config.json, model.safetensors   the model, in the state-spaces/mamba layout (loads with ``load_checkpoint``)
     byte_vocab.json | tokenizer.json the tokenizer the exporter copies
-    train_state.pt                   optimiser moments, step, RNG states, preset: what ``--resume`` needs
+    train_state.pt                   optimiser moments, step, RNG states, preset, SHA-256 of the text and of the
+                                     tokenizer: what ``--resume`` needs
     train_log.jsonl                  one JSON object per step (loss, lr, grad norm, held-out bpb where evaluated)
     loss_curve.png                   training and held-out bits per byte against the step
     training.json                    a summary: preset, data, steps, tokens, time, held-out bits per byte
+
+The first SIGINT or SIGTERM (in the main thread) stops a run after its current step with such a save and raises
+:class:`~mamba_export.errors.Interrupted`; a second one aborts at once (see :class:`_StopRequest`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import dataclasses
 import io
 import json
 import math
+import shlex
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,9 +36,9 @@ import torch.nn.functional as F
 from .. import outdir
 from ..checkpoint import is_checkpoint_dir, load_checkpoint, save_checkpoint
 from ..config import MambaConfig
-from ..errors import MambaExportError
+from ..errors import Interrupted, MambaExportError
 from ..model import MambaLM
-from .data import Corpus, load_corpus, sample_batch
+from .data import TOKENIZER_FILE, Corpus, file_sha256, load_corpus, sample_batch
 from .init import init_mamba_weights
 from .presets import Preset, get_preset
 
@@ -52,7 +60,8 @@ class TrainOptions:
         until: stop (with a checkpoint) after this step, to resume later; None runs to ``steps``.
         resume: continue the run stored in ``out``.
         force: replace an existing ``out``.
-        tokenizer: a tokenizers ``tokenizer.json``; None trains a byte-level model.
+        tokenizer: a tokenizers ``tokenizer.json``; None trains a byte-level model. With ``resume``, None uses the
+            tokenizer the run was trained with (the checkpoint's copy); a file given must have the same content.
         backend: operator backend of the model ("fast", "reference", "triton", "auto"; see mamba_export.backends).
         device: "cpu", "cuda" or "auto" (CUDA when available).
         cuda_graph: "auto" (on CUDA), "on" or "off": run the training step as one CUDA graph (see _GraphedStep).
@@ -86,6 +95,7 @@ class RunState:
     batch_rng: torch.Tensor | None = None
     torch_rng: torch.Tensor | None = None
     data_sha256: str = ""
+    tokenizer_sha256: str | None = None  # of the tokenizer.json the run encodes its text with; None: byte-level
     graphed: bool = False  # whether this session's steps ran as CUDA graph replays (not saved: per session)
 
 
@@ -131,36 +141,47 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int) -> tuple[float, int]:
+def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[float, int] | None:
     """Negative log-likelihood of ``ids`` (n,) in bits, and how many tokens were scored.
 
     The ids are cut into ``streams`` contiguous pieces run side by side, window by window of ``seq_len``, carrying
     the recurrent state across windows: every token but the first of each piece is scored with its whole piece as
-    context.
+    context. ``should_stop`` is asked before each window; when it says True the evaluation is abandoned and None
+    returned (it changes nothing but the model's train/eval mode, which is restored).
     """
     was_training = model.training
     model.eval()
-    device = model.lm_head.weight.device
-    per = len(ids) // streams
-    x = ids[: streams * per].view(streams, per).to(device)
-    state, nats, scored = None, 0.0, 0
-    for t in range(0, per - 1, seq_len):
-        inp, tgt = x[:, t:min(t + seq_len, per - 1)], x[:, t + 1:min(t + seq_len, per - 1) + 1]
-        with _autocast(device):
-            logits, state = model(inp, state)
-        nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum"))
-        scored += tgt.numel()
-    model.train(was_training)
+    try:
+        device = model.lm_head.weight.device
+        per = len(ids) // streams
+        x = ids[: streams * per].view(streams, per).to(device)
+        state, nats, scored = None, 0.0, 0
+        for t in range(0, per - 1, seq_len):
+            if should_stop is not None and should_stop():
+                return None
+            inp, tgt = x[:, t:min(t + seq_len, per - 1)], x[:, t + 1:min(t + seq_len, per - 1) + 1]
+            with _autocast(device):
+                logits, state = model(inp, state)
+            nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum"))
+            scored += tgt.numel()
+    finally:
+        model.train(was_training)
     return nats / math.log(2), scored
 
 
-def heldout_bpb(model: MambaLM, corpus: Corpus, p: Preset, max_tokens: int | None = None) -> float:
-    """Bits per byte on the held-out text (its first ``max_tokens`` tokens, or all of it).
+def heldout_bpb(model: MambaLM, corpus: Corpus, p: Preset, max_tokens: int | None = None,
+                should_stop: Callable[[], bool] | None = None) -> float | None:
+    """Bits per byte on the held-out text (its first ``max_tokens`` tokens, or all of it); None if ``should_stop``
+    cut the evaluation short (see :func:`evaluate_bits`).
 
     Bytes per token is taken as the held-out average (exact for byte-level models)."""
     ids = corpus.heldout if max_tokens is None else corpus.heldout[:max_tokens]
     streams = max(1, min(p.batch_size, len(ids) // (p.seq_len + 1)))  # each stream at least one window long
-    bits, scored = evaluate_bits(model, ids, streams, p.seq_len)
+    result = evaluate_bits(model, ids, streams, p.seq_len, should_stop)
+    if result is None:
+        return None
+    bits, scored = result
     bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
     return bits / (scored * bytes_per_token)
 
@@ -187,20 +208,107 @@ def _check_output(opts: TrainOptions) -> None:
         if not (out / STATE_FILE).is_file():
             raise MambaExportError(f"{out}: nothing to resume (no {STATE_FILE}; was it written by mamba-export train?)")
     elif out.exists() and not opts.force and any(out.iterdir()):
-        raise MambaExportError(f"{out}: already exists; pass --resume to continue its training or --force to replace it")
+        raise MambaExportError(f"{out}: already exists; pass --resume to continue its training or --force to "
+                               "replace it")
     if out.exists():
-        inputs = {"--data": Path(opts.data), **({"--tokenizer": Path(opts.tokenizer)} if opts.tokenizer else {})}
+        inputs = {"--data": Path(opts.data)}
+        # --resume reads the checkpoint's own tokenizer.json before the first save replaces it; any other file in
+        # the directory would be lost
+        tok = Path(opts.tokenizer) if opts.tokenizer else None
+        if tok is not None and not (opts.resume and tok.resolve() == (out / TOKENIZER_FILE).resolve()):
+            inputs["--tokenizer"] = tok
         outdir.check_replace(out, "a checkpoint directory (config.json and weights)", is_checkpoint_dir, inputs)
     outdir.check_writable(out)
 
 
+_STATE_KEYS = ("step", "wall_s", "preset_name", "preset", "optimizer", "batch_rng", "torch_rng", "data_sha256")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to its first sentence (torch's run on with advice that does not apply here)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+
+
 def _load_run_state(out: Path, opts: TrainOptions) -> RunState:
-    raw = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+    """The state and log of the run stored in ``out``; one line naming the file for one that is unreadable,
+    incomplete or inconsistent (a truncated copy, a hand edit)."""
+    path = out / STATE_FILE
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, UnpicklingError, OSError, ...
+        raise MambaExportError(f"{path}: cannot be read as a training state; damaged or truncated? "
+                               f"({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise MambaExportError(f"{path}: not a training state (a {type(raw).__name__}, not a dictionary)")
+    missing = [k for k in _STATE_KEYS if k not in raw]
+    if missing:
+        raise MambaExportError(f"{path}: not a complete training state (missing {', '.join(missing)})")
+    try:
+        preset = Preset.from_dict(raw["preset"])
+        step, wall_s = int(raw["step"]), float(raw["wall_s"])
+    except (TypeError, ValueError) as e:
+        raise MambaExportError(f"{path}: bad preset or step ({_first_line(e)})") from None
     if opts.preset is not None and opts.preset != raw["preset_name"]:
         raise MambaExportError(f"{out}: was trained with preset {raw['preset_name']!r}, not {opts.preset!r}")
-    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
-    return RunState(raw["preset_name"], Preset.from_dict(raw["preset"]), raw["step"], raw["wall_s"], log,
-                    raw["optimizer"], raw["batch_rng"], raw["torch_rng"], raw["data_sha256"])
+    if "tokenizer_sha256" in raw:
+        tok_sha = raw["tokenizer_sha256"]
+    else:  # a state written before the key existed: the checkpoint's tokenizer file says what the run used
+        tok_sha = file_sha256(out / TOKENIZER_FILE) if (out / TOKENIZER_FILE).is_file() else None
+    log = _read_log(out / LOG_FILE, step)
+    return RunState(raw["preset_name"], preset, step, wall_s, log, raw["optimizer"], raw["batch_rng"],
+                    raw["torch_rng"], raw["data_sha256"], tok_sha)
+
+
+def _read_log(path: Path, step: int) -> list[dict]:
+    """The records of train_log.jsonl: one JSON object per step, steps 1 to ``step``."""
+    if not path.is_file():
+        raise MambaExportError(f"{path}: missing (the run's log, which --resume continues)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MambaExportError(f"{path}: cannot be read ({_first_line(e)})") from None
+    log = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MambaExportError(f"{path}: line {i} is not JSON ({e.msg})") from None
+        if not (isinstance(rec, dict) and rec.get("step") == len(log) + 1 and isinstance(rec.get("loss"), float)):
+            raise MambaExportError(f"{path}: line {i} is not the record of step {len(log) + 1}")
+        log.append(rec)
+    if len(log) != step:
+        raise MambaExportError(f"{path}: holds {len(log)} steps, but {STATE_FILE} is at step {step}")
+    return log
+
+
+def _resume_tokenizer(out: Path, rs: RunState, opts: TrainOptions) -> str | None:
+    """The tokenizer file a resumed run encodes its text with: the one the run was trained with, the checkpoint's
+    copy unless --tokenizer names a file of the same content; None for a byte-level run. One-line errors for a
+    --tokenizer that does not fit the run."""
+    stored = out / TOKENIZER_FILE
+    if rs.tokenizer_sha256 is None:
+        if opts.tokenizer is not None:
+            raise MambaExportError(f"--tokenizer {opts.tokenizer}: the run in {out} is byte-level (trained without "
+                                   "--tokenizer); resume it without --tokenizer")
+        return None
+    if opts.tokenizer is None:
+        if not stored.is_file():
+            raise MambaExportError(f"{stored}: missing (the run was trained with a tokenizer, which the checkpoint "
+                                   "keeps); pass the same file with --tokenizer")
+        return str(stored)
+    given = Path(opts.tokenizer)
+    if not given.is_file():
+        raise MambaExportError(f"{given}: tokenizer file not found")
+    try:
+        same = file_sha256(given) == rs.tokenizer_sha256
+    except OSError as e:
+        raise MambaExportError(f"{given}: cannot read the tokenizer ({e.strerror})") from None
+    if not same:
+        raise MambaExportError(f"--tokenizer {given}: not the tokenizer this run was trained with (its SHA-256 "
+                               f"differs); leave --tokenizer out to use the run's own ({stored})")
+    return str(given)
 
 
 def _new_run_state(opts: TrainOptions) -> RunState:
@@ -253,7 +361,7 @@ def _save(model, opt, rs: RunState, corpus: Corpus, opts: TrainOptions, gen: tor
     state = {
         "step": rs.step, "wall_s": rs.wall_s, "preset_name": rs.preset_name, "preset": rs.preset.to_dict(),
         "optimizer": opt.state_dict(), "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "data_sha256": corpus.sha256,
+        "data_sha256": corpus.sha256, "tokenizer_sha256": corpus.tokenizer_sha256,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -275,7 +383,8 @@ def _summary(rs: RunState, corpus: Corpus, opts: TrainOptions, model: MambaLM, f
         "parameters": sum(t.numel() for t in {id(t): t for t in model.parameters()}.values()),
         "data": {"file": Path(opts.data).name, "sha256": corpus.sha256, "train_tokens": len(corpus.train),
                  "heldout_tokens": len(corpus.heldout), "heldout_bytes": corpus.heldout_bytes,
-                 "tokenizer": "bytes" if opts.tokenizer is None else "tokenizer.json"},
+                 "tokenizer": "bytes" if corpus.tokenizer_sha256 is None else TOKENIZER_FILE,
+                 "tokenizer_sha256": corpus.tokenizer_sha256},
         "steps_done": rs.step, "tokens_seen": rs.step * p.batch_size * p.seq_len, "wall_s": round(rs.wall_s, 1),
         "backend": model.backend.name, "device": str(model.lm_head.weight.device), "cuda_graph": rs.graphed,
         "torch": torch.__version__,
@@ -311,8 +420,8 @@ class _GraphedStep:
     rate into a device scalar that AdamW reads (capturable mode). It computes what _train_step computes; it saves
     the host's share of a step (Python, autograd, kernel launches), which is most of a step for the small presets
     (tools/bench_train.py). The first WARMUP steps run eagerly on a side stream (torch's recipe for whole-network
-    capture: the optimiser's state and the allocator settle); the graph is captured at the next one. If the capture fails
-    (an operator that synchronises with the host, say), the steps run eagerly after ``warn`` is told why; with
+    capture: the optimiser's state and the allocator settle); the graph is captured at the next one. If the capture
+    fails (an operator that synchronises with the host, say), the steps run eagerly after ``warn`` is told why; with
     ``strict`` (--cuda-graph on) it is an error instead."""
 
     WARMUP = 3
@@ -386,8 +495,46 @@ def _step_runner(model, opt, p: Preset, opts: TrainOptions, warn: Callable[[str]
     return lambda x, y, lr: _train_step(model, opt, x, y, lr, p)
 
 
+class _StopRequest:
+    """SIGINT and SIGTERM handlers for the training steps of a run (a context manager). The first signal only sets
+    ``signum``: the run finishes its current step (an evaluation in progress is abandoned), saves and stops. A second
+    one raises KeyboardInterrupt at once, even in the middle of that save, whose atomic replacement leaves the
+    previous checkpoint in place. Handlers can only be set from the main thread; elsewhere (train() called from
+    another thread) none is installed and signals keep their usual effect. The previous handlers are restored on
+    exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.second: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.second = signum
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
 def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
-    """Run (or resume) a training run as ``opts`` says. Returns the trained model and the run's summary."""
+    """Run (or resume) a training run as ``opts`` says. Returns the trained model and the run's summary.
+
+    Raises :class:`~mamba_export.errors.Interrupted` (after saving a checkpoint to resume from) when a SIGINT or
+    SIGTERM stopped the run early, and KeyboardInterrupt when a second one cut that save short (see
+    :class:`_StopRequest`)."""
     _check_output(opts)
     out = Path(opts.out)
     rs = _load_run_state(out, opts) if opts.resume else _new_run_state(opts)
@@ -398,57 +545,103 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
     p = rs.preset
     until = p.steps if opts.until is None else opts.until
     if until > p.steps:
-        raise MambaExportError(f"--until {until} is past the run's last step ({p.steps}; raise --steps to train longer)")
+        raise MambaExportError(f"--until {until} is past the run's last step ({p.steps}; raise --steps to train "
+                               "longer)")
     if not rs.step < until:
         raise MambaExportError(f"nothing to do: the run is at step {rs.step}, asked to stop at {until} of {p.steps}")
     device = _resolve_device(opts.device)
     _check_cuda_graph(opts, device)
-    corpus = load_corpus(opts.data, p.eval_fraction, p.seq_len + 1, opts.tokenizer)
+    tokenizer = _resume_tokenizer(out, rs, opts) if opts.resume else opts.tokenizer
+    corpus = load_corpus(opts.data, p.eval_fraction, p.seq_len + 1, tokenizer)
     if opts.resume and corpus.sha256 != rs.data_sha256:
         raise MambaExportError(f"{opts.data}: not the text this run was trained on (its SHA-256 differs)")
+    if opts.resume and corpus.tokenizer_sha256 != rs.tokenizer_sha256:
+        raise MambaExportError(f"{tokenizer}: not the tokenizer this run was trained with (its SHA-256 differs from "
+                               f"the one in {STATE_FILE})")
     if opts.resume:
         model = load_checkpoint(out, dtype=torch.float32, backend=opts.backend).train()
+        if corpus.vocab_size > model.config.vocab_size:
+            raise MambaExportError(f"{out}: the model has {model.config.vocab_size} token ids, the tokenizer "
+                                   f"{corpus.vocab_size}")
     else:
         model = build_model(corpus.vocab_size, p, opts.backend)
     model.to(device)
     opt = build_optimizer(model, p)
     gen = torch.Generator().manual_seed(p.seed + 1)
     if opts.resume:
-        opt.load_state_dict(rs.optimizer)
-        gen.set_state(rs.batch_rng)
-        torch.set_rng_state(rs.torch_rng)
-    _run_steps(model, opt, gen, rs, corpus, opts, until)
-    final = heldout_bpb(model, corpus, p) if rs.step == p.steps else None
-    summary = _summary(rs, corpus, opts, model, final)
-    _save(model, opt, rs, corpus, opts, gen, summary)
+        try:
+            opt.load_state_dict(rs.optimizer)
+            gen.set_state(rs.batch_rng)
+            torch.set_rng_state(rs.torch_rng)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise MambaExportError(f"{out / STATE_FILE}: does not fit the checkpoint's model ({_first_line(e)})") \
+                from None
+    stop = _StopRequest()
+    try:
+        with stop:
+            _run_steps(model, opt, gen, rs, corpus, opts, until, stop.requested)
+            final = None
+            if rs.step == p.steps and not stop.requested():
+                final = heldout_bpb(model, corpus, p, should_stop=stop.requested)
+            summary = _summary(rs, corpus, opts, model, final)
+            _save(model, opt, rs, corpus, opts, gen, summary)
+    except KeyboardInterrupt:
+        if stop.signum is None:
+            raise
+        kept = "keeps its previous checkpoint" if (out / STATE_FILE).is_file() else "was not written"
+        raise Interrupted(f"interrupted again before the checkpoint of step {rs.step} was saved; {opts.out} {kept}",
+                          128 + (stop.second or stop.signum)) from None
+    if stop.signum is not None:
+        raise Interrupted(_interrupted_message(rs, opts), 128 + stop.signum)
     return model.eval(), summary
 
 
-def _run_steps(model, opt, gen, rs: RunState, corpus: Corpus, opts: TrainOptions, until: int) -> None:
-    """Train from ``rs.step`` to ``until``, logging every step, evaluating and saving as the preset says."""
+def _interrupted_message(rs: RunState, opts: TrainOptions) -> str:
+    if rs.step == rs.preset.steps:
+        return f"interrupted at step {rs.step}, the run's last; saved {opts.out} without the final held-out evaluation"
+    again = ["mamba-export", "train", "--data", opts.data, "-o", opts.out, "--resume"]
+    return f"interrupted at step {rs.step}; saved {opts.out}; continue with: {shlex.join(again)}"
+
+
+def _run_steps(model, opt, gen, rs: RunState, corpus: Corpus, opts: TrainOptions, until: int,
+               should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Train from ``rs.step`` to ``until``, logging every step, evaluating and saving as the preset says; progress
+    and messages go to stderr. Returns early, after a complete step, when ``should_stop`` says so (an evaluation it
+    cuts short is left out of that step's record)."""
     from tqdm import tqdm
 
     p = rs.preset
     device = model.lm_head.weight.device
     model.train()
-    bar = tqdm(total=until, initial=rs.step, disable=not opts.progress, unit="step", dynamic_ncols=True)
-    step = _step_runner(model, opt, p, opts, bar.write)
-    t0 = time.perf_counter() - rs.wall_s
-    while rs.step < until:
-        x, y = (t.to(device) for t in sample_batch(corpus.train, p.batch_size, p.seq_len, gen))
-        lr = lr_at(rs.step, p)
-        loss, gnorm = step(x, y, lr)
-        rs.graphed = isinstance(step, _GraphedStep) and step.graph is not None
-        rs.step += 1
-        rec = {"step": rs.step, "loss": loss, "lr": lr, "grad_norm": gnorm}
-        if rs.step % p.eval_every == 0 or rs.step == p.steps:
-            rec["heldout_bpb"] = heldout_bpb(model, corpus, p, p.eval_tokens)
-            bar.write(f"step {rs.step}: held-out {rec['heldout_bpb']:.3f} bits/byte")
-        rs.wall_s = time.perf_counter() - t0
-        rec["elapsed_s"] = round(rs.wall_s, 2)
-        rs.log.append(rec)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        bar.update(1)
-        if rs.step % p.save_every == 0 and rs.step < until:
-            _save(model, opt, rs, corpus, opts, gen, _summary(rs, corpus, opts, model, None))
-    bar.close()
+    bar = tqdm(total=until, initial=rs.step, disable=not opts.progress, unit="step", dynamic_ncols=True,
+               file=sys.stderr)
+
+    def say(line: str) -> None:
+        bar.write(line, file=sys.stderr)
+
+    try:
+        step = _step_runner(model, opt, p, opts, say)
+        t0 = time.perf_counter() - rs.wall_s
+        while rs.step < until and not should_stop():  # a signal during a periodic save: stop before a step
+            x, y = (t.to(device) for t in sample_batch(corpus.train, p.batch_size, p.seq_len, gen))
+            lr = lr_at(rs.step, p)
+            loss, gnorm = step(x, y, lr)
+            rs.graphed = isinstance(step, _GraphedStep) and step.graph is not None
+            rs.step += 1
+            rec = {"step": rs.step, "loss": loss, "lr": lr, "grad_norm": gnorm}
+            if (rs.step % p.eval_every == 0 or rs.step == p.steps) and not should_stop():
+                bpb = heldout_bpb(model, corpus, p, p.eval_tokens, should_stop)
+                if bpb is not None:
+                    rec["heldout_bpb"] = bpb
+                    say(f"step {rs.step}: held-out {bpb:.3f} bits/byte")
+            rs.wall_s = time.perf_counter() - t0
+            rec["elapsed_s"] = round(rs.wall_s, 2)
+            rs.log.append(rec)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+            bar.update(1)
+            if should_stop():
+                break
+            if rs.step % p.save_every == 0 and rs.step < until:
+                _save(model, opt, rs, corpus, opts, gen, _summary(rs, corpus, opts, model, None))
+    finally:
+        bar.close()
