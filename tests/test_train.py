@@ -21,7 +21,7 @@ import torch
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.cli import main
 from mamba_export.config import MambaConfig
-from mamba_export.errors import Interrupted
+from mamba_export.errors import Interrupted, MambaExportError
 from mamba_export.model import MambaLM
 from mamba_export.ops import selective_scan_fast, selective_scan_ref
 from mamba_export.training import loop
@@ -580,3 +580,33 @@ def test_single_sigint_in_process_raises_interrupted_and_restores_handlers(tmp_p
     worker.start()
     worker.join()
     assert "error" not in result and result["summary"]["steps_done"] == 2
+
+
+def test_interrupted_in_the_last_step_resumes_to_the_final_evaluation(tmp_path, text_file, monkeypatch):
+    """A signal in the run's last step saves it without the final held-out evaluation; --resume then runs only that
+    evaluation (the weights unchanged, the same number as an uninterrupted run), not "nothing to do"."""
+    def opts(out, **kw):
+        return TrainOptions(data=str(text_file), out=str(tmp_path / out), steps=4, device="cpu", progress=False, **kw)
+
+    whole, whole_summary = train(opts("whole", preset="tiny"))
+    real_step = loop._train_step
+    calls = {"steps": 0}
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["steps"] += 1
+        if calls["steps"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(loop, "_train_step", step)
+    with pytest.raises(Interrupted, match="the run's last; saved .* without the final held-out evaluation"):
+        train(opts("cut", preset="tiny"))
+    monkeypatch.setattr(loop, "_train_step", real_step)
+    assert json.loads((tmp_path / "cut" / "training.json").read_text())["final_heldout_bpb"] is None
+    resumed, summary = train(opts("cut", resume=True))
+    assert summary["final_heldout_bpb"] == whole_summary["final_heldout_bpb"] is not None
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(MambaExportError, match="nothing to do"):
+        train(opts("cut", resume=True))

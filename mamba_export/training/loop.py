@@ -547,7 +547,7 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
     if until > p.steps:
         raise MambaExportError(f"--until {until} is past the run's last step ({p.steps}; raise --steps to train "
                                "longer)")
-    if not rs.step < until:
+    if not rs.step < until and not (opts.resume and rs.step == p.steps and _final_eval_missing(out)):
         raise MambaExportError(f"nothing to do: the run is at step {rs.step}, asked to stop at {until} of {p.steps}")
     device = _resolve_device(opts.device)
     _check_cuda_graph(opts, device)
@@ -596,9 +596,20 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
     return model.eval(), summary
 
 
+def _final_eval_missing(out: Path) -> bool:
+    """Whether the run at ``out`` did its last step but was stopped before the final held-out evaluation (which a
+    ``--resume`` then runs, and nothing else)."""
+    try:
+        return json.loads((out / SUMMARY_FILE).read_text()).get("final_heldout_bpb") is None
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def _interrupted_message(rs: RunState, opts: TrainOptions) -> str:
     if rs.step == rs.preset.steps:
-        return f"interrupted at step {rs.step}, the run's last; saved {opts.out} without the final held-out evaluation"
+        again = ["mamba-export", "train", "--data", opts.data, "-o", opts.out, "--resume"]
+        return (f"interrupted at step {rs.step}, the run's last; saved {opts.out} without the final held-out "
+                f"evaluation (it runs with: {shlex.join(again)})")
     again = ["mamba-export", "train", "--data", opts.data, "-o", opts.out, "--resume"]
     return f"interrupted at step {rs.step}; saved {opts.out}; continue with: {shlex.join(again)}"
 
