@@ -198,11 +198,32 @@ def test_bad_snapshots_are_clear_errors(rt, tmp_path):
     (lambda rt: rt.generate([1], 5, stop_tokens=0), "stop_tokens must be a collection of token ids"),
     (lambda rt: rt.generate([[1]] * 257, 5), "batch of 257 prompts is over the limit of 256"),
     (lambda rt: rt.generate([[1], ["x"]], 5), "prompt 1: expected text or a flat list of integer token ids"),
+    (lambda rt: rt.generate([[1, 2], [3, [4]]], 5), "prompt 1: expected text or a flat list of integer token ids"),
+    (lambda rt: rt.generate([[1, 2], 3], 5), "prompt 1: expected text or a flat list of integer token ids"),
+    (lambda rt: rt.generate(b"abc", 5), "prompt 0 is bytes: give text"),
+    (lambda rt: rt.generate(["a", bytearray(b"b")], 5), "prompt 1 is bytes"),
+    (lambda rt: rt.generate(5, 5), "prompts must be text, a list of token ids or a list of those, not int"),
+    (lambda rt: rt.generate(np.int64(5), 5), "prompts must be text"),
+    (lambda rt: rt.generate([1], 5, {"temperature": 1.0}), "sampling must be a SamplingConfig"),
+    (lambda rt: rt.generate([1], "5"), "max_new_tokens must be a positive integer, found '5'"),
 ])
 def test_bad_requests_are_one_line_errors(rt, call, message):
     with pytest.raises(GenerationInputError, match=message) as e:
         call(rt)
     assert "\n" not in str(e.value)
+
+
+def test_numpy_numbers_are_accepted_for_counts_and_settings(rt):
+    """max_new_tokens, prompt ids and sampling settings may be numpy scalars; they are kept as Python numbers, so a
+    snapshot (JSON inside) of such a generation can be taken."""
+    cfg = SamplingConfig(temperature=np.float32(1.3), top_k=np.int64(40), top_p=np.float64(0.95),
+                         repetition_penalty=np.float32(1.3), seed=np.uint32(11))
+    assert cfg.to_dict() == dict(temperature=pytest.approx(1.3), top_k=40, top_p=0.95,
+                                 repetition_penalty=pytest.approx(1.3), seed=11)
+    assert all(type(v) in (int, float) for v in cfg.to_dict().values())
+    gen = rt.start(np.array(PROMPTS[0]), np.int64(6), SamplingConfig(top_k=np.int32(3), temperature=1, seed=2))
+    gen.step()
+    assert rt.restore(gen.snapshot()).run().tokens == gen.run().tokens
 
 
 def test_an_export_named_relative_to_the_current_directory_loads_its_library(exp, rt, monkeypatch):

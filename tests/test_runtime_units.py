@@ -62,10 +62,21 @@ def test_sampler_is_reproducible_per_row_and_seed():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5),
-                                dict(repetition_penalty=0), dict(seed=-1), dict(temperature=float("nan"))])
+                                dict(repetition_penalty=0), dict(seed=-1), dict(temperature=float("nan")),
+                                dict(temperature="hot"), dict(top_p=None), dict(repetition_penalty=[1.1]),
+                                dict(temperature=True), dict(top_k=2.0), dict(top_k="5"), dict(seed=1.5),
+                                dict(top_p=float("nan")), dict(temperature=np.array([1.0, 2.0]))])
 def test_bad_sampling_settings_are_clear_errors(kw):
-    with pytest.raises(GenerationInputError, match=next(iter(kw))):
+    with pytest.raises(GenerationInputError, match=next(iter(kw))) as e:
         SamplingConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_numpy_scalars_are_accepted_as_sampling_settings():
+    cfg = SamplingConfig(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float16(0.5),
+                         repetition_penalty=np.int8(2), seed=np.uint64(3))
+    assert cfg.to_dict() == dict(temperature=0.5, top_k=5, top_p=0.5, repetition_penalty=2.0, seed=3)
+    assert [type(v) for v in cfg.to_dict().values()] == [float, int, float, float, int]
 
 
 # ---- text ---------------------------------------------------------------------------------------------------------

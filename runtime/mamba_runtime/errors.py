@@ -1,5 +1,7 @@
 """User-facing errors of the runtime; all derive from :class:`mamba_export.errors.MambaExportError` (torch-free)."""
 
+import numpy as np
+
 from mamba_export.errors import MambaExportError
 
 __all__ = ["MambaExportError", "ExportDirError", "GenerationInputError", "SnapshotError"]
@@ -17,9 +19,20 @@ class SnapshotError(MambaExportError):
     """A state snapshot that cannot be restored: unreadable, of another format or from another export."""
 
 
+def is_int(value) -> bool:
+    """An integer: a Python int or a numpy integer scalar, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number: a Python int or float or a numpy integer or float scalar, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def require_int(value, name: str, minimum: int = 1) -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum`` (1 or 0), else a GenerationInputError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``int(value)`` if it is an integer (Python or numpy, not a bool) of at least ``minimum`` (1 or 0), else a
+    GenerationInputError."""
+    if not is_int(value) or value < minimum:
         kind = "a positive" if minimum == 1 else "a non-negative"
         raise GenerationInputError(f"{name} must be {kind} integer, found {value!r}")
-    return value
+    return int(value)

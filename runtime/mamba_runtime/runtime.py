@@ -118,11 +118,17 @@ class MambaRuntime:
         return logits, conv, ssm
 
     def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise GenerationInputError(f"prompt {index} is bytes: give text (a str) or a list of token ids (for a "
+                                       "byte-level vocabulary, list(data) are the ids of the bytes data)")
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         else:
-            arr = np.asarray(list(prompt))
-            if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+            try:
+                arr = np.asarray(list(prompt))
+            except (TypeError, ValueError):  # not iterable; a ragged nesting such as [3, [4]]
+                arr = None
+            if arr is None or (arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer))):
                 raise GenerationInputError(f"prompt {index}: expected text or a flat list of integer token ids")
             ids = [int(t) for t in arr]
         if not ids:
@@ -138,10 +144,15 @@ class MambaRuntime:
 
     def _prompts(self, prompts: Prompt | list[Prompt]) -> list[list[int]]:
         """One prompt (text or ids) or a list of them -> a list of id lists."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple, np.ndarray)) and len(prompts) > 0
-                                        and isinstance(prompts[0], (int, np.integer, float, np.floating))):
+        if isinstance(prompts, (str, bytes, bytearray, memoryview)) or (
+                isinstance(prompts, (list, tuple, np.ndarray)) and getattr(prompts, "ndim", 1) > 0
+                and len(prompts) > 0 and isinstance(prompts[0], (int, np.integer, float, np.floating))):
             prompts = [prompts]
-        prompts = list(prompts)
+        try:
+            prompts = list(prompts)
+        except TypeError:
+            raise GenerationInputError(f"prompts must be text, a list of token ids or a list of those, not "
+                                       f"{type(prompts).__name__}") from None
         if not prompts:
             raise GenerationInputError("no prompt given")
         if len(prompts) > self.max_batch:
@@ -153,7 +164,10 @@ class MambaRuntime:
     def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
               stop_tokens: Iterable[int] = ()) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
-        require_int(max_new_tokens, "max_new_tokens")
+        max_new_tokens = require_int(max_new_tokens, "max_new_tokens")
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise GenerationInputError(f"sampling must be a SamplingConfig (or None for greedy), not "
+                                       f"{type(sampling).__name__}")
         stops = _stop_set(stop_tokens)
         self._check_ids(sorted(stops), "stop tokens")
         gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling or SamplingConfig(), stops)

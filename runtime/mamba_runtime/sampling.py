@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from .errors import GenerationInputError
+from .errors import GenerationInputError, is_int, is_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +38,25 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # numpy scalars are welcome; they are stored as Python numbers (the settings go into JSON: snapshots, --json)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not is_real(value):
+                raise GenerationInputError(f"{name} must be a number, found {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise GenerationInputError(f"top_k must be an integer >= 0, found {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.seed is not None:
+            if not is_int(self.seed) or self.seed < 0:
+                raise GenerationInputError(f"seed must be an integer >= 0, found {self.seed!r}")
+            object.__setattr__(self, "seed", int(self.seed))
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
             raise GenerationInputError(f"temperature must be >= 0, found {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise GenerationInputError(f"top_k must be an integer >= 0, found {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise GenerationInputError(f"top_p must be in (0, 1], found {self.top_p}")
         if not (np.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise GenerationInputError(f"repetition_penalty must be > 0, found {self.repetition_penalty}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise GenerationInputError(f"seed must be an integer >= 0, found {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
