@@ -6,6 +6,7 @@ import dataclasses
 import io
 import itertools
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -19,7 +20,7 @@ from mamba_export.checkpoint import load_checkpoint
 from mamba_export.errors import MambaExportError
 from mamba_export.export import export_checkpoint
 from mamba_runtime import (CustomOpsFallbackWarning, ExportDirError, GenerationInputError, MambaRuntime,
-                           SamplingConfig, SnapshotError)
+                           ModelOutputError, SamplingConfig, SnapshotError)
 from mamba_runtime.sessions import open_session, resolve_library, session_options
 from support import library_built, make_hf_model, save_state_spaces
 
@@ -184,6 +185,92 @@ def test_bad_snapshots_are_clear_errors(rt, tmp_path):
     other.info = dataclasses.replace(other.info, export_id="0" * 16)
     with pytest.raises(SnapshotError, match="another export"):
         other.restore(blob)
+
+
+def _edited_snapshot(blob: bytes, **changes) -> bytes:
+    """The snapshot ``blob`` with arrays replaced (None: removed)."""
+    with np.load(io.BytesIO(blob)) as z:
+        arrays = {k: z[k] for k in z.files}
+    for name, value in changes.items():
+        if value is None:
+            arrays.pop(name, None)
+        else:
+            arrays[name] = value
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_damaged_snapshots_are_snapshot_errors(rt):
+    """States with NaN or infinity, pending ids outside the vocabulary, bad logits or header: SnapshotError, not an
+    onnxruntime error or tokens drawn from NaN."""
+    stepped = rt.start(PROMPTS[:2], 8, SAMPLED)
+    stepped.step()
+    pending = stepped.snapshot()  # holds the pending ids
+    fresh = rt.start(PROMPTS[:2], 8, SAMPLED).snapshot()  # holds the prefill logits
+    with np.load(io.BytesIO(pending)) as z:
+        conv, ssm = z["conv"], z["ssm"]
+    with np.load(io.BytesIO(fresh)) as z:
+        logits = z["logits"]
+    nan_conv, inf_ssm, inf_logits = conv.copy(), ssm.copy(), logits.copy()
+    nan_conv[0, 1, 2, 0], inf_ssm[-1, 0, 0, 1], inf_logits[1, 3] = np.nan, np.inf, -np.inf
+    cases = [
+        (_edited_snapshot(pending, pending=np.array([999, 0])), "pending token id 999 is outside the vocabulary"),
+        (_edited_snapshot(pending, pending=np.array([3, -1])), "pending token id -1 is outside the vocabulary"),
+        (_edited_snapshot(pending, pending=np.array([1.0, 2.0])), "pending tokens are float64 (2,), expected integer"),
+        (_edited_snapshot(pending, pending=np.array([1])), "pending tokens are int64 (1,)"),
+        (_edited_snapshot(pending, conv=nan_conv), "conv state holds NaN or infinity"),
+        (_edited_snapshot(pending, ssm=inf_ssm), "ssm state holds NaN or infinity"),
+        (_edited_snapshot(pending, conv=conv.astype(np.int32)), "conv state is int32, expected floating-point numbers"),
+        (_edited_snapshot(fresh, logits=inf_logits), "logits hold NaN or infinity"),
+        (_edited_snapshot(fresh, logits=logits[:, :10]), "snapshot logits are float32 (2, 10)"),
+        (_edited_snapshot(pending, pending=None), "either the pending tokens or the logits to sample from (found "
+                                                  "neither)"),
+        (_edited_snapshot(pending, logits=logits), "(found both)"),
+        (_edited_snapshot(pending, meta=np.frombuffer(b"[1, 2]", dtype=np.uint8)), "header is a JSON list"),
+    ]
+    for blob, message in cases:
+        with pytest.raises(SnapshotError, match=re.escape(message)) as e:
+            rt.restore(blob)
+        assert "\n" not in str(e.value)
+    assert rt.restore(pending).run().tokens == stepped.run().tokens  # the unedited one still restores
+
+
+def test_non_finite_logits_are_refused_not_sampled(exp, rt, tmp_path, monkeypatch):
+    """Damaged weights (0xff bytes are NaN floats; not seen with verify=False) make NaN logits: a ModelOutputError
+    (as the C++ runtime refuses them), also from the CLI; not tokens drawn from NaN."""
+    import shutil
+
+    d = tmp_path / "export"
+    shutil.copytree(exp.dir, d)
+    size = (d / "weights.bin").stat().st_size
+    (d / "weights.bin").write_bytes(b"\xff" * size)
+    broken = MambaRuntime(d, provider="cpu", threads=1, verify=False)
+    for sampling in (None, SAMPLED):
+        with pytest.raises(ModelOutputError, match=r"non-finite logits \(NaN or infinity\) for new token 1 of "
+                                                   r"sequence 0; its weights may be damaged") as e:
+            broken.generate("x", 5, sampling)
+        assert "\n" not in str(e.value)
+    out = _cli("generate", str(d), "--prompt", "x", "--max-new-tokens", "5", "--no-verify", "--json")
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.count("\n") == 1 and "error: the model produced non-finite logits" in out.stderr, out.stderr
+    # in a decode step, for one row of a batch: refused, and again on the next step (the tokens were fed)
+    gen = rt.start(PROMPTS[:2], 8)
+    gen.step()
+    real_step = gen.state.step
+
+    def nan_in_row_1(tokens):
+        logits = np.array(real_step(tokens))
+        logits[1, 7] = np.nan
+        return logits
+
+    monkeypatch.setattr(gen.state, "step", nan_in_row_1)
+    for _ in range(2):
+        with pytest.raises(ModelOutputError, match="for new token 2 of sequence 1"):
+            gen.step()
+    gen.finish_reasons[1] = "cancelled"  # a finished row's logits are not sampled, nor checked
+    for _ in range(2):
+        assert gen.step()[1] == -1
 
 
 @pytest.mark.parametrize("call, message", [

@@ -4,7 +4,7 @@ import numpy as np
 
 from mamba_export.errors import MambaExportError
 
-__all__ = ["MambaExportError", "ExportDirError", "GenerationInputError", "SnapshotError"]
+__all__ = ["MambaExportError", "ExportDirError", "GenerationInputError", "ModelOutputError", "SnapshotError"]
 
 
 class ExportDirError(MambaExportError):
@@ -16,7 +16,11 @@ class GenerationInputError(MambaExportError):
 
 
 class SnapshotError(MambaExportError):
-    """A state snapshot that cannot be restored: unreadable, of another format or from another export."""
+    """A state snapshot that cannot be restored: unreadable, damaged, of another format or from another export."""
+
+
+class ModelOutputError(MambaExportError):
+    """The model produced logits that cannot be sampled from (NaN or infinity): damaged weights, as a rule."""
 
 
 def is_int(value) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GenerationInputError, SnapshotError
+from .errors import GenerationInputError, ModelOutputError, SnapshotError
 from .sampling import Sampler, SamplingConfig
 
 SNAPSHOT_FORMAT = "mamba-runtime-snapshot"
@@ -103,6 +103,11 @@ class Generation:
         else:
             logits = self._logits
         active = np.array([r is None for r in self.finish_reasons])
+        try:
+            _check_finite(logits, active, self.tokens)
+        except ModelOutputError:
+            self._pending, self._logits = None, np.array(logits)  # the tokens were fed: a next step fails the same
+            raise
         new = self.sampler(logits, active)
         self._logits = None
         self._record(new, active)
@@ -184,6 +189,17 @@ class Generation:
         Path(path).write_bytes(self.snapshot())
 
 
+def _check_finite(logits: np.ndarray, active: np.ndarray, tokens: list[list[int]]) -> None:
+    """ModelOutputError when a row about to be sampled has a NaN or infinite logit (as the C++ runtime refuses)."""
+    rows = logits if active.all() else logits[active]
+    if not np.isfinite(rows).all():
+        i = int(np.flatnonzero(active)[np.flatnonzero(~np.isfinite(rows).all(axis=-1))[0]])
+        raise ModelOutputError(
+            f"the model produced non-finite logits (NaN or infinity) for new token {len(tokens[i]) + 1} of sequence "
+            f"{i}; its weights may be damaged: open the export with the sha256 check on (without --no-verify or "
+            "verify=False), or re-export it")
+
+
 def load_snapshot(runtime, data: bytes) -> Generation:
     """Inverse of :meth:`Generation.snapshot` for ``runtime`` (the same export)."""
     if not data.startswith(b"PK"):
@@ -194,6 +210,8 @@ def load_snapshot(runtime, data: bytes) -> Generation:
         meta = json.loads(arrays["meta"].tobytes())
     except Exception as e:  # zipfile, numpy and json each raise their own types for a damaged archive
         raise SnapshotError(f"not a readable snapshot ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"not a readable snapshot (its header is a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != SNAPSHOT_VERSION:
         raise SnapshotError(f"not a {SNAPSHOT_FORMAT} version {SNAPSHOT_VERSION} (found {meta.get('format')!r} "
                             f"version {meta.get('version')!r})")
@@ -204,14 +222,41 @@ def load_snapshot(runtime, data: bytes) -> Generation:
         gen = _rebuild(runtime, meta)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise SnapshotError(f"snapshot metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
-    conv_shape, ssm_shape = runtime.info.state_shapes(gen.batch)
-    for name, shape in (("conv", conv_shape), ("ssm", ssm_shape)):
-        if arrays.get(name) is None or arrays[name].shape != (runtime.info.n_layer, *shape):
-            raise SnapshotError(f"snapshot {name} state has shape {getattr(arrays.get(name), 'shape', None)}, "
-                                f"expected {(runtime.info.n_layer, *shape)}")
+    _check_arrays(arrays, runtime.info, gen.batch)
     gen.state.upload(arrays["conv"], arrays["ssm"])
     gen._pending, gen._logits = arrays.get("pending"), arrays.get("logits")
     return gen
+
+
+def _check_arrays(arrays: dict, info, batch: int) -> None:
+    """The state (finite floats of the export's shapes) and either the pending ids (in the vocabulary) or the logits
+    (finite), as :meth:`Generation.snapshot` writes them; else a SnapshotError."""
+    conv_shape, ssm_shape = info.state_shapes(batch)
+    for name, shape in (("conv", conv_shape), ("ssm", ssm_shape)):
+        if arrays.get(name) is None or arrays[name].shape != (info.n_layer, *shape):
+            raise SnapshotError(f"snapshot {name} state has shape {getattr(arrays.get(name), 'shape', None)}, "
+                                f"expected {(info.n_layer, *shape)}")
+        if arrays[name].dtype.kind != "f":
+            raise SnapshotError(f"snapshot {name} state is {arrays[name].dtype}, expected floating-point numbers")
+        if not np.isfinite(arrays[name]).all():
+            raise SnapshotError(f"snapshot {name} state holds NaN or infinity; the snapshot is damaged")
+    pending, logits = arrays.get("pending"), arrays.get("logits")
+    if (pending is None) == (logits is None):
+        raise SnapshotError("snapshot must hold either the pending tokens or the logits to sample from (found "
+                            f"{'both' if pending is not None else 'neither'})")
+    v = info.vocab_size
+    if pending is not None:
+        if pending.shape != (batch,) or pending.dtype.kind not in "iu":
+            raise SnapshotError(f"snapshot pending tokens are {pending.dtype} {pending.shape}, expected integer "
+                                f"({batch},)")
+        if pending.size and not (pending.min() >= 0 and pending.max() < v):
+            bad = int(pending[(pending < 0) | (pending >= v)][0])
+            raise SnapshotError(f"snapshot pending token id {bad} is outside the vocabulary [0, {v})")
+    else:
+        if logits.shape != (batch, v) or logits.dtype.kind != "f":
+            raise SnapshotError(f"snapshot logits are {logits.dtype} {logits.shape}, expected floats ({batch}, {v})")
+        if not np.isfinite(logits).all():
+            raise SnapshotError("snapshot logits hold NaN or infinity; the snapshot is damaged")
 
 
 def _rebuild(runtime, meta: dict) -> Generation:
