@@ -84,6 +84,18 @@ def test_sampled_tokens_are_reproducible_with_a_seed(rt):
     assert len(set(a[0])) > 5  # really sampled, not stuck on one token
 
 
+def test_the_result_reports_the_seed_drawn_and_it_reproduces_the_run(rt):
+    unseeded = SamplingConfig(temperature=1.3, top_k=40)
+    r = rt.generate(PROMPTS[:2], 20, unseeded)
+    assert isinstance(r.seed, int)
+    assert rt.generate(PROMPTS[:2], 20, dataclasses.replace(unseeded, seed=r.seed)).tokens == r.tokens
+    assert rt.generate(PROMPTS[0], 3, SAMPLED).seed == 11
+    assert rt.generate(PROMPTS[0], 3).seed is None  # greedy draws nothing
+    gen = rt.start(PROMPTS[0], 6, unseeded)
+    gen.step()
+    assert rt.restore(gen.snapshot()).run().seed == gen.result().seed
+
+
 def test_an_uneven_batch_equals_each_prompt_alone(rt):
     alone = [rt.generate(p, 20).tokens[0] for p in PROMPTS]
     assert rt.generate(PROMPTS, 20).tokens == alone
@@ -460,6 +472,23 @@ def test_cli_prints_ids_the_same_streamed_or_not(exp, capsys, monkeypatch):
         assert main(["generate", str(exp.dir), "--prompt-ids", "5,17,200", "--max-new-tokens", "6", *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].count(",") == 5 and " " not in outs[0]
+
+
+def test_cli_json_reports_the_seed_drawn_so_that_a_sample_can_be_repeated(exp, capsys):
+    from mamba_export.cli import main
+
+    def sample(*extra):
+        assert main(["generate", str(exp.dir), "--prompt-ids", "5,17,200", "--max-new-tokens", "12", "--json",
+                     "--temperature", "1.5", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = sample()
+    seed = first["sampling"]["seed"]
+    assert isinstance(seed, int)
+    again = sample("--seed", str(seed))
+    assert again["tokens"] == first["tokens"] and again["sampling"] == first["sampling"]
+    assert main(["generate", str(exp.dir), "--prompt-ids", "5", "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"]["seed"] is None  # greedy
 
 
 @pytest.mark.parametrize("args, message", [

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "prompt_tokens": result.prompts[0], "tokens": result.tokens[0], "text": text,
             "finish_reason": result.finish_reasons[0], "timings": result.timings, "provider": rt.device.name,
-            "custom_op_library": rt.custom_op_library, "sampling": sampling.to_dict(),
+            "custom_op_library": rt.custom_op_library, "sampling": {**sampling.to_dict(), "seed": result.seed},
         }))
     else:
         print(text if text is not None else ",".join(map(str, result.tokens[0])))

@@ -44,6 +44,9 @@ class GenerationResult:
         timings: prefill_ms, ttft_ms (prefill and the first token), decode_ms_per_step (median),
             decode_steps, total_ms (prefill and every step), tokens_per_s (tokens of all sequences / total_ms).
             Only work done in this process counts: for a restored generation prefill_ms and ttft_ms are None.
+        seed: the seed the sequences drew from: ``SamplingConfig.seed``, or the one drawn for this generation when
+            that is None; ``SamplingConfig(..., seed=result.seed)`` reproduces a sampled run. For greedy decoding
+            (which draws nothing) the config's seed as given, usually None.
     """
 
     prompts: list[list[int]]
@@ -51,6 +54,7 @@ class GenerationResult:
     finish_reasons: list[str]
     texts: list[str] | None
     timings: dict
+    seed: int | None = None
 
 
 class Generation:
@@ -162,8 +166,9 @@ class Generation:
             "tokens_per_s": n / total_s if total_s > 0 else None,
         }
         reasons = [r or "unfinished" for r in self.finish_reasons]
+        seed = self.sampling.seed if self.sampling.greedy else self.sampler.seed
         return GenerationResult([list(p) for p in self.prompts], [list(t) for t in self.tokens], reasons, texts,
-                                timings)
+                                timings, seed)
 
     # ---- snapshots --------------------------------------------------------------------------------------------
     def snapshot(self) -> bytes:
