@@ -501,6 +501,17 @@ def test_cli_json_reports_the_seed_drawn_so_that_a_sample_can_be_repeated(exp, c
     (["{dir}", "--prompt-ids", "99999999999999999999999"], "below 2**63"),
     (["{dir}", "--prompt-ids", "a"], "expected comma-separated integers"),
     (["{dir}", "--prompt-ids", "1", "--provider", "tpu"], "invalid choice"),
+    # the runtime's checks, named by the command's flags (not the Python parameters)
+    (["{dir}", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+    (["{dir}", "--prompt-ids", "1", "--threads", "0"], "--threads must be a positive integer, found 0"),
+    (["{dir}", "--prompt-ids", "1", "--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1], found 2.0"),
+    (["{dir}", "--prompt-ids", "1", "--temperature", "1", "--top-k", "-1"], "--top-k must be an integer >= 0"),
+    (["{dir}", "--prompt-ids", "1", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["{dir}", "--prompt-ids", "1", "--seed", "-3"], "--seed must be an integer >= 0, found -3"),
+    (["{dir}", "--prompt-ids", "1", "--stop-ids", "7,999"], "--stop-ids: token id 999 at position 1 is outside"),
+    (["{dir}", "--prompt-ids", "1,999"], "--prompt-ids: token id 999 at position 1 is outside the vocabulary"),
+    (["{dir}", "--prompt-ids", ""], "--prompt-ids is empty: give at least one token"),
+    (["{dir}", "--prompt", ""], "--prompt is empty: give at least one token"),
 ])
 def test_cli_generate_bad_input_exits_2_with_one_line(exp, args, message, capsys):
     """Mistakes found by the command and by its argument parser alike: exit status 2 and one line on stderr."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 
@@ -58,6 +59,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+# The runtime's messages start with its parameter names; the command's users know the flags.
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p",
+          "repetition_penalty": "--repetition-penalty", "seed": "--seed", "temperature": "--temperature",
+          "threads": "--threads", "stop tokens": "--stop-ids", "stop_tokens": "--stop-ids"}
+_NAME = re.compile(r"^(max_new_tokens|top_k|top_p|repetition_penalty|seed|temperature|threads|stop[ _]tokens|"
+                   r"prompt 0|text input)\b")
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the runtime parameter it starts with replaced by the command's flag."""
+    prompt = "--prompt" if args.prompt is not None else "--prompt-ids"
+    flags = {**_FLAGS, "prompt 0": prompt, "text input": "--prompt (text)"}
+    message = _NAME.sub(lambda m: flags[m.group(1)], message, count=1)
+    return message.replace("give token ids instead", "give --prompt-ids instead")
+
+
 def _sampling(args: argparse.Namespace):
     from mamba_runtime import SamplingConfig
 
@@ -93,6 +110,22 @@ def _stream(rt, prompt, args, sampling) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mamba_runtime import GenerationInputError
+
+    try:
+        return _run(args)
+    except GenerationInputError as e:
+        raise GenerationInputError(_in_flags(str(e), args)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mamba_runtime.errors import require_int
+
+    if args.prompt_ids == []:
+        raise MambaExportError("--prompt-ids is empty: give at least one token id")
+    require_int(args.max_new_tokens, "--max-new-tokens")  # before the export is opened (and its files hashed)
+    if args.threads is not None:
+        require_int(args.threads, "--threads")
     sampling = _sampling(args)
     rt = _open(args)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
