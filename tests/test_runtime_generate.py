@@ -240,6 +240,9 @@ def test_damaged_snapshots_are_snapshot_errors(rt):
                                                   "neither)"),
         (_edited_snapshot(pending, logits=logits), "(found both)"),
         (_edited_snapshot(pending, meta=np.frombuffer(b"[1, 2]", dtype=np.uint8)), "header is a JSON list"),
+        (_edited_snapshot(pending, meta=np.frombuffer(b"[" * 100000 + b"]" * 100000, dtype=np.uint8)),
+         "header is not valid JSON: nested too deeply"),
+        (_edited_snapshot(pending, meta=np.frombuffer(b'{"a": 1', dtype=np.uint8)), "header is not valid JSON: "),
     ]
     for blob, message in cases:
         with pytest.raises(SnapshotError, match=re.escape(message)) as e:

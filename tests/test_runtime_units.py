@@ -116,6 +116,11 @@ def test_a_consistent_manifest_opens(tmp_path):
     (lambda d: None, "does not exist"),
     (lambda d: _fake_export(d) and (d / "manifest.json").unlink(), "manifest.json: missing"),
     (lambda d: _fake_export(d) and (d / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_text("[" * 100000 + "]" * 100000),
+     r"manifest.json: not valid JSON \(nested too deeply\)"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_text('{"a": ' * 100000),
+     r"not valid JSON \(nested too deeply\)"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_bytes(b'{"a": "\xff"}'), "not valid JSON"),
     (lambda d: _fake_export(d, format_version=99), "format_version 99 is not supported"),
     (lambda d: _fake_export(d, format="torchscript"), "this runtime runs ONNX exports"),
     (lambda d: _fake_export(d) and (d / "decode.onnx").unlink(), "decode.onnx: missing"),
@@ -159,11 +164,13 @@ def test_a_tokenizer_json_encodes_decodes_and_streams(tmp_path):
     ("tokenizer.json", "{broken", "not a valid tokenizer.json"),
     ("byte_vocab.json", "[1, 2]", "expected"),
     ("byte_vocab.json", "{nope", "not valid JSON"),
+    ("byte_vocab.json", "[" * 100000 + "]" * 100000, r"not valid JSON \(nested too deeply\)"),
 ])
 def test_broken_tokenizer_files_are_export_dir_errors(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
-    with pytest.raises(ExportDirError, match=message):
+    with pytest.raises(ExportDirError, match=message) as e:
         load_codec(tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def test_no_tokenizer_file_means_token_ids_only(tmp_path):

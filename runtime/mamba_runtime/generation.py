@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GenerationInputError, ModelOutputError, SnapshotError
+from .manifest import parse_json
 from .sampling import Sampler, SamplingConfig
 
 SNAPSHOT_FORMAT = "mamba-runtime-snapshot"
@@ -212,9 +213,13 @@ def load_snapshot(runtime, data: bytes) -> Generation:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        meta = json.loads(arrays["meta"].tobytes())
-    except Exception as e:  # zipfile, numpy and json each raise their own types for a damaged archive
+        header = arrays["meta"].tobytes()
+    except Exception as e:  # zipfile and numpy each raise their own types for a damaged archive
         raise SnapshotError(f"not a readable snapshot ({type(e).__name__}: {e})") from None
+    try:
+        meta = parse_json(header)
+    except ValueError as e:
+        raise SnapshotError(f"not a readable snapshot (its header is not valid JSON: {e})") from None
     if not isinstance(meta, dict):
         raise SnapshotError(f"not a readable snapshot (its header is a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != SNAPSHOT_VERSION:

@@ -55,6 +55,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def parse_json(data: str | bytes):
+    """``json.loads(data)``; any failure is a ValueError of one line (a JSONDecodeError's position, bytes that are
+    not text, or nesting too deep for the parser: json raises RecursionError for ``'[' * 100000``)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
 def _read_manifest(d: Path) -> dict:
     if not d.exists():
         raise ExportDirError(f"{d}: export directory does not exist")
@@ -64,8 +75,8 @@ def _read_manifest(d: Path) -> dict:
     if not path.is_file():
         raise ExportDirError(f"{path}: missing (is {d} an export directory written by 'mamba-export export'?)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = parse_json(path.read_bytes())
+    except ValueError as e:
         raise ExportDirError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ExportDirError(f"{path}: expected a JSON object, found {type(manifest).__name__}")

@@ -10,10 +10,10 @@ Without either the runtime works on token ids only.
 from __future__ import annotations
 
 import codecs
-import json
 from pathlib import Path
 
 from .errors import ExportDirError, GenerationInputError
+from .manifest import parse_json
 
 
 class ByteCodec:
@@ -101,8 +101,8 @@ def load_codec(export_dir: Path) -> ByteCodec | HFTokenizerCodec | None:
     path = export_dir / "byte_vocab.json"
     if path.is_file():
         try:
-            spec = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            spec = parse_json(path.read_bytes())
+        except ValueError as e:
             raise ExportDirError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(spec, dict) or spec.get("type") != "bytes":
             raise ExportDirError(f"{path}: expected {{\"type\": \"bytes\", ...}}, found {spec!r}")
