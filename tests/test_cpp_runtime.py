@@ -326,6 +326,22 @@ def test_errors_are_one_line(binary, export, tmp_path, breakage, args, fragment)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mamba_generate: error: "), proc.stderr
     assert fragment in lines[0]
+    assert "onnxruntime::" not in lines[0] and "[ONNXRuntimeError]" not in lines[0]
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_line_without_its_log(binary, export, tmp_path):
+    """weights.bin cut short (found by onnxruntime's optimizer here): onnxruntime printed its multi-line, coloured
+    ERROR log before our line; now only our line, with onnxruntime's innermost message (not the C++ signatures of
+    the functions that rethrew it)."""
+    out, _ = export(**BYTES_F16)
+    target = _copy(out, tmp_path)
+    os.truncate(target / "weights.bin", 1000)
+    proc = run(binary, target, "--prompt-ids", "1,2", "--no-verify")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"mamba_generate: error: {target / 'model.onnx'}: cannot load: ")
+    assert "onnxruntime::" not in lines[0] and "[ONNXRuntimeError]" not in lines[0]
 
 
 def test_export_without_library_needs_no_custom_ops_flag(binary, export):

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -462,6 +463,31 @@ def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):
                    "--seed", "11", block_torch=True)
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout == rt.decode(rt.generate(PROMPTS[0], 12, SAMPLED).tokens[0]) + "\n"
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_line_without_its_log(exp, tmp_path):
+    """weights.bin cut short: onnxruntime printed its multi-line, coloured ERROR log before our line; now only our
+    line, with onnxruntime's innermost message (not the C++ signatures of the functions that rethrew it)."""
+    import shutil
+
+    d = tmp_path / "export"
+    shutil.copytree(exp.dir, d)
+    os.truncate(d / "weights.bin", 1000)
+    out = _cli("generate", str(d), "--prompt", "x", "--no-verify")
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"mamba-export generate: error: {d / 'model_last.onnx'}: onnxruntime cannot load it (")
+    assert "onnxruntime::" not in lines[0] and "[ONNXRuntimeError]" not in lines[0]
+
+
+def test_onnxruntime_messages_are_cut_to_their_innermost_status():
+    from mamba_runtime.sessions import ort_message
+
+    nested = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: a.cc:74 f(const g&) "
+                          "[ONNXRuntimeError] : 1 : FAIL : t.cc:2201 offset 9216 out of bounds\nmore\n")
+    assert ort_message(nested) == "t.cc:2201 offset 9216 out of bounds"
+    assert ort_message(RuntimeError("plain message\nsecond line")) == "plain message"
+    assert ort_message(RuntimeError("")) == "RuntimeError"
 
 
 def test_cli_prints_ids_the_same_streamed_or_not(exp, capsys, monkeypatch):

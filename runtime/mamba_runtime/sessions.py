@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -64,17 +65,30 @@ def session_options(threads: int | None, library: str | None, profile_prefix: st
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    # FATAL only: a graph onnxruntime cannot load would first print its multi-line, coloured ERROR log, then our
+    # one-line error, which carries onnxruntime's message (see ort_message). Warnings are not shown at all.
+    so.log_severity_level = 4
     if library is not None:
         try:
             so.register_custom_ops_library(library)
         except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
-            raise ExportDirError(f"{library}: cannot load the custom-op library ({e}); "
+            raise ExportDirError(f"{library}: cannot load the custom-op library ({ort_message(e)}); "
                                  "run without it with custom_ops='off' (--no-custom-ops)") from None
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
     return so
+
+
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def ort_message(error: Exception) -> str:
+    """onnxruntime's message in one line: its first line, from its innermost status on (a nested status repeats
+    '[ONNXRuntimeError] : 1 : FAIL : ' after the C++ signature of the function that rethrew it)."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    return _ORT_STATUS.split(first)[-1].strip() or first
 
 
 def _provider_names(providers: list) -> list[str]:
@@ -90,7 +104,7 @@ def open_session(path: Path, so, providers: list) -> ort.InferenceSession:
     try:
         session = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime's InvalidGraph, Fail, NoSuchFile ... share no public base class
-        raise ExportDirError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        raise ExportDirError(f"{path}: onnxruntime cannot load it ({ort_message(e)})") from None
     if gpu:
         warn_cpu_placement(session, path)
     return session

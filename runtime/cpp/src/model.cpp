@@ -28,13 +28,28 @@ std::string one_line(std::string text) {
   return text;
 }
 
+// onnxruntime's message in one line: its first line, from its innermost status on. A status rethrown by another
+// function repeats "[ONNXRuntimeError] : 1 : FAIL : " after that function's whole C++ signature.
+std::string ort_text(const std::string& message) {
+  std::string text = one_line(message.substr(0, message.find_first_of("\r\n")));
+  if (text.empty()) return one_line(message);
+  const std::string marker = "[ONNXRuntimeError] : ";
+  size_t at = text.rfind(marker);
+  if (at != std::string::npos) {
+    size_t code_end = text.find(" : ", at + marker.size());  // "1 : FAIL : rest"
+    size_t name_end = code_end == std::string::npos ? code_end : text.find(" : ", code_end + 3);
+    if (name_end != std::string::npos && name_end + 3 < text.size()) text = text.substr(name_end + 3);
+  }
+  return text;
+}
+
 // Runs f, turning an onnxruntime exception into a mamba::Error that says what was being done.
 template <class F>
 auto ort_call(const std::string& what, F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const Ort::Exception& e) {
-    throw Error(what + ": " + one_line(e.what()));
+    throw Error(what + ": " + ort_text(e.what()));
   }
 }
 
@@ -149,6 +164,7 @@ ONNXTensorElementDataType check_graph_io(const std::string& file, const Ort::Ses
 Ort::SessionOptions make_session_options(const SessionOptions& options, const detail::Manifest& m) {
   Ort::SessionOptions so;
   so.SetIntraOpNumThreads(options.intra_op_threads);
+  so.SetLogSeverityLevel(ORT_LOGGING_LEVEL_FATAL);  // also where the application made the Env at a lower level
   for (const auto& [key, value] : options.ort_config) {
     ort_call("onnxruntime session config entry '" + key + "'", [&] { so.AddConfigEntry(key.c_str(), value.c_str()); });
   }
@@ -215,7 +231,9 @@ double Generation::ms_per_token() const { return tokens.size() > 1 ? decode_ms /
 struct Model::Impl {
   detail::Manifest manifest;
   ModelInfo info;
-  Ort::Env env{ORT_LOGGING_LEVEL_ERROR, "mamba_runtime"};
+  // FATAL only: onnxruntime would print its multi-line, coloured ERROR log of a graph it cannot load before our
+  // one-line error, which carries its message (ort_text). Its warnings were never shown.
+  Ort::Env env{ORT_LOGGING_LEVEL_FATAL, "mamba_runtime"};
   Ort::AllocatorWithDefaultOptions alloc;
   Ort::Session prefill_graph{nullptr};  // model_last.onnx or model.onnx: any number of tokens
   Ort::Session decode_graph{nullptr};   // decode.onnx: one token, fused DecodeStep
@@ -299,7 +317,7 @@ void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& i
     Ort::ThrowOnError(Ort::GetApi().Run(graph, nullptr, input_cnames.data(), inputs.data(), inputs.size(),
                                         output_cnames.data(), output_cnames.size(), outputs.data()));
   } catch (const Ort::Exception& e) {
-    throw Error(std::string(file) + ": run failed: " + one_line(e.what()));
+    throw Error(std::string(file) + ": run failed: " + ort_text(e.what()));
   }
   if (!logits_out) logits_out = Ort::Value(outputs[0]);
   current = 1 - current;
