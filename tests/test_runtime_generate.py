@@ -408,6 +408,36 @@ def test_the_function_fallback_gives_the_same_tokens_and_is_announced(exp, rt, m
         resolve_library(no_lib, "require")
 
 
+def test_an_ops_library_variable_naming_no_file_is_an_error_wherever_the_library_is_looked_up(exp, rt, tmp_path,
+                                                                                              monkeypatch):
+    """$MAMBA_EXPORT_OPS_LIBRARY with a typo fell through to the package's library: the build meant to be tested
+    silently was not. Now a one-line error naming the variable and the path (unless custom ops are off)."""
+    from mamba_runtime import custom_op_library_path
+    from mamba_runtime.library import ENV_VAR
+
+    for bad, what in ((tmp_path / "typo.so", "does not exist"), (tmp_path, "is not a file")):
+        monkeypatch.setenv(ENV_VAR, str(bad))
+        message = f"{ENV_VAR} is set to '{bad}', which {what}"
+        with pytest.raises(MambaExportError, match=re.escape(message)):
+            custom_op_library_path()
+        with pytest.raises(MambaExportError, match=re.escape(message)):  # though the export ships its own copy
+            MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False)
+        with pytest.raises(MambaExportError, match=re.escape(message)):
+            resolve_library(dataclasses.replace(rt.info, library=None), "auto")  # not a fallback warning
+        off = MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False, custom_ops="off")
+        assert off.custom_op_library is None
+        out = subprocess.run([sys.executable, "-m", "mamba_export.cli", "generate", str(exp.dir), "--prompt-ids", "1"],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, ENV_VAR: str(bad)})
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    if library_built():
+        monkeypatch.delenv(ENV_VAR)
+        built = custom_op_library_path()
+        monkeypatch.setenv(ENV_VAR, built)
+        assert custom_op_library_path() == built
+    monkeypatch.setenv(ENV_VAR, "")  # empty: as unset
+    assert MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False).custom_op_library == rt.custom_op_library
+
+
 def test_resident_memory_stays_flat_over_5000_decode_steps(rt):
     psutil = pytest.importorskip("psutil")
     gen = rt.start([1, 2, 3], 6000, SAMPLED)

@@ -11,11 +11,28 @@ LIBRARY_NAME = "libmamba_export_ops.so"
 ENV_VAR = "MAMBA_EXPORT_OPS_LIBRARY"
 
 
+def env_library() -> Path | None:
+    """The file ``$MAMBA_EXPORT_OPS_LIBRARY`` names, or None when it is unset or empty.
+
+    Raises:
+        MambaExportError: the variable names no file (a typo must not silently test the default library instead).
+    """
+    value = os.environ.get(ENV_VAR)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a file"
+        raise MambaExportError(f"{ENV_VAR} is set to {value!r}, which {what}; point it at a built {LIBRARY_NAME} "
+                               "or unset it to use the default one")
+    return path
+
+
 def _candidates() -> list[Path]:
     here = Path(__file__).resolve().parent
     found = []
-    if os.environ.get(ENV_VAR):
-        found.append(Path(os.environ[ENV_VAR]))
+    if (path := env_library()) is not None:
+        found.append(path)
     found.append(here / "lib" / LIBRARY_NAME)  # installed by tools/build_custom_ops.sh
     found.append(here.parents[1] / "custom_ops" / "build" / LIBRARY_NAME)  # a source checkout's build folder
     return found
@@ -27,7 +44,8 @@ def custom_op_library_path() -> str:
     Register it with ``onnxruntime.SessionOptions().register_custom_ops_library(path)``.
 
     Raises:
-        MambaExportError: the library has not been built (run ``bash tools/build_custom_ops.sh``).
+        MambaExportError: the library has not been built (run ``bash tools/build_custom_ops.sh``), or
+            ``$MAMBA_EXPORT_OPS_LIBRARY`` is set and names no file.
     """
     candidates = _candidates()
     for path in candidates:

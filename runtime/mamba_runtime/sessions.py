@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ExportDirError, GenerationInputError, MambaExportError, require_int
-from .library import custom_op_library_path
+from .library import custom_op_library_path, env_library
 from .manifest import ExportInfo
 
 CUSTOM_OPS_MODES = ("auto", "require", "off")
@@ -39,11 +39,13 @@ def resolve_library(info: ExportInfo, mode: str) -> str | None:
 
     ``mode``: "auto" (the export's copy, else the package's build, else the fallback with a
     :class:`CustomOpsFallbackWarning`), "require" (an error instead of the fallback), "off" (always the fallback).
+    Unless "off", a ``$MAMBA_EXPORT_OPS_LIBRARY`` that names no file is an error.
     """
     if mode not in CUSTOM_OPS_MODES:
         raise GenerationInputError(f"custom_ops must be one of {', '.join(CUSTOM_OPS_MODES)}; found {mode!r}")
     if mode == "off":
         return None
+    env_library()  # $MAMBA_EXPORT_OPS_LIBRARY naming no file is an error (not a silent fallback), also here
     if info.library is not None:
         return str(info.path / info.library)
     try:
