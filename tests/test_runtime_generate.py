@@ -461,7 +461,8 @@ def _cli(*args, block_torch=False):
 
 def test_every_runtime_module_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import pkgutil, importlib, mamba_runtime; "
-            "[importlib.import_module('mamba_runtime.' + m.name) for m in pkgutil.iter_modules(mamba_runtime.__path__)]")
+            "[importlib.import_module('mamba_runtime.' + m.name) "
+            "for m in pkgutil.iter_modules(mamba_runtime.__path__)]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -613,7 +614,8 @@ def test_cpu_placement_is_read_from_onnxruntime_and_warned_about(exp):
     n_layer = exp.model.config.n_layer
     assert ops.count("DecodeStep") == n_layer and ops.count("MatMul") == 2 * n_layer + 1
     assert ops.count("AddRMSNorm") == n_layer and ops.count("RMSNorm") == 1 and "Gather" not in ops
-    with pytest.warns(CpuPlacementWarning, match=rf"placed {len(nodes)} compute nodes on the CPU .*DecodeStep x{n_layer}"):
+    placed = rf"placed {len(nodes)} compute nodes on the CPU .*DecodeStep x{n_layer}"
+    with pytest.warns(CpuPlacementWarning, match=placed):
         warn_cpu_placement(session, exp.dir / "decode.onnx")
 
 

@@ -11,7 +11,7 @@ from .sampling import SamplingConfig
 from .sessions import CpuPlacementWarning, CustomOpsFallbackWarning
 
 __all__ = [
-    "LIBRARY_NAME", "CpuPlacementWarning", "CustomOpsFallbackWarning", "ExportDirError", "Generation", "GenerationInputError",
-    "GenerationResult", "MambaExportError", "MambaRuntime", "ModelOutputError", "SamplingConfig", "SnapshotError",
-    "custom_op_library_path",
+    "LIBRARY_NAME", "CpuPlacementWarning", "CustomOpsFallbackWarning", "ExportDirError", "Generation",
+    "GenerationInputError", "GenerationResult", "MambaExportError", "MambaRuntime", "ModelOutputError",
+    "SamplingConfig", "SnapshotError", "custom_op_library_path",
 ]

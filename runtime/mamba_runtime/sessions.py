@@ -30,7 +30,8 @@ class CpuPlacementWarning(UserWarning):
 # nodes onnxruntime puts on the CPU on purpose (the small int64 shape computations: Shape, Gather and Concat of
 # shapes, ...), so they are not reported.
 _CUSTOM_DOMAIN = "ai.mamba_export"
-_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "Loop", "Scan", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization"}
+_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "Loop", "Scan", "Softmax", "LayerNormalization",
+                "SimplifiedLayerNormalization"}
 _ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
 
 
