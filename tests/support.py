@@ -90,15 +90,24 @@ def save_transformers(hf_model, out: Path, sharded: bool = False, fmt: str = "sa
 
 
 def library_built() -> bool:
-    """Whether the custom-op library has been built (tools/build_custom_ops.sh; setup does it)."""
+    """Whether the custom-op library has been built (tools/build_custom_ops.sh; setup does it). A
+    MAMBA_EXPORT_OPS_LIBRARY that names no file raises: a mistyped path must not quietly skip the library's tests."""
+    return library_path_or_none() is not None
+
+
+def library_path_or_none() -> str | None:
+    """The custom-op library the runtime would load, or None when none is built (see :func:`library_built`)."""
+    import os
+
     from mamba_export.errors import MambaExportError
     from mamba_runtime import custom_op_library_path
 
+    if os.environ.get("MAMBA_EXPORT_OPS_LIBRARY"):
+        return custom_op_library_path()
     try:
-        custom_op_library_path()
-        return True
+        return custom_op_library_path()
     except MambaExportError:
-        return False
+        return None
 
 
 def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:

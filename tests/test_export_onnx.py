@@ -16,22 +16,12 @@ from onnx import numpy_helper
 from mamba_export.checkpoint import load_checkpoint
 from mamba_export.export import export_checkpoint
 from mamba_export.export import onnx_ops
-from support import make_hf_model, run_graph, save_transformers, zero_state
+from support import library_path_or_none, make_hf_model, run_graph, save_transformers, zero_state
 
 CONFIGS = ("tiny", "nondefault", "noconvbias")
 
 
-def _library() -> str | None:
-    from mamba_export.errors import MambaExportError
-    from mamba_runtime import custom_op_library_path
-
-    try:
-        return custom_op_library_path()
-    except MambaExportError:
-        return None
-
-
-LIBRARY = _library()
+LIBRARY = library_path_or_none()
 PATHS = [
     "functions",
     pytest.param("library", marks=pytest.mark.skipif(
