@@ -429,8 +429,8 @@ def test_an_ops_library_variable_naming_no_file_is_an_error_wherever_the_library
         out = subprocess.run([sys.executable, "-m", "mamba_export.cli", "generate", str(exp.dir), "--prompt-ids", "1"],
                              capture_output=True, text=True, timeout=120, env={**os.environ, ENV_VAR: str(bad)})
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    monkeypatch.delenv(ENV_VAR)
     if library_built():
-        monkeypatch.delenv(ENV_VAR)
         built = custom_op_library_path()
         monkeypatch.setenv(ENV_VAR, built)
         assert custom_op_library_path() == built
