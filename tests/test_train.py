@@ -324,7 +324,7 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, text_file, backend):
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_same_run(dir_a: Path, dir_b: Path, model_a=None, model_b=None) -> None:
@@ -456,7 +456,7 @@ def test_evaluation_can_be_cut_short():
 
 def _train_cmd(text_file, out, *extra) -> list[str]:
     return [sys.executable, "-m", "mamba_export.cli", "train", "--data", str(text_file), "-o", str(out),
-            "--no-progress", "--threads", "1", *extra]
+            "--no-progress", "--threads", "1", "--device", "cpu", *extra]
 
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -494,10 +494,10 @@ def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, text_file, cap
     assert len((out / "train_log.jsonl").read_text().splitlines()) == stopped
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
     assert main(["train", "--data", str(text_file), "-o", str(out), "--resume", "--until", str(stopped + 3),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["steps_done"] == stopped + 3
     ref, _ = train(TrainOptions(data=str(text_file), out=str(tmp_path / "ref"), preset="tiny", steps=100000,
-                                until=stopped + 3, progress=False))
+                                until=stopped + 3, progress=False, device="cpu"))
     _assert_same_run(tmp_path / "ref", out, model_a=ref)
 
 
