@@ -237,7 +237,7 @@ def test_api_checks(binary, export):
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 18, proc.stdout
+    assert proc.stdout.count("ok: ") == 22, proc.stdout
 
 
 def test_help(binary):

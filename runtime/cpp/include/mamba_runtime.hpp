@@ -5,7 +5,8 @@
 //   opt.max_new_tokens = 32;
 //   mamba::Generation g = model.generate({1, 2, 3}, opt);   // g.tokens: the new token ids
 //
-// One Model holds one sequence's recurrent state (batch 1) and is not thread-safe; use one Model per thread.
+// One Model holds one sequence's recurrent state (batch 1) and is not thread-safe; use one Model per thread. A call
+// made while another thread is inside a call of the same Model throws mamba::Error instead of running.
 // Every failure a user can cause (missing directory or file, bad manifest, custom-op library that does not load,
 // token id out of range, empty prompt, a graph that breaks the contract) is a mamba::Error with a one-line message.
 #pragma once
@@ -67,7 +68,8 @@ struct GenerateOptions {
   int top_k = 0;            ///< sample among the k most likely tokens; 0 = the whole vocabulary
   uint64_t seed = 0;        ///< same seed, same prompt, same model: same tokens
   std::vector<int64_t> stop_tokens;  ///< generation ends after emitting one of these (it is included in tokens)
-  /// Start from a zero state (true), or continue the current one (false; e.g. after load_state of a prefix).
+  /// Start from a zero state (true), or continue the current one (false; e.g. after load_state of a prefix, or
+  /// after a previous generate(): the next turn of a conversation, whose state then holds every earlier token).
   bool reset = true;
   /// Called with each new token as soon as it is picked, and the float32 logits it was picked from (streaming).
   /// Its time counts in Generation::prefill_ms / decode_ms.
@@ -110,6 +112,7 @@ class Model {
   /// Zeroes the recurrent state: the next prefill() starts a new sequence.
   void reset();
   /// A copy of the current state, e.g. after prefilling a prompt prefix that many requests share.
+  /// After generate() it is the state of the prompt and every generated token (see generate()).
   State save_state() const;
   /// Continues from `state` (from save_state() of a Model of the same export); shapes are checked.
   void load_state(const State& state);
@@ -122,7 +125,9 @@ class Model {
   const std::vector<float>& step(int64_t id);
 
   /// reset() (unless options.reset is false), prefill(prompt), then up to max_new_tokens - 1 step()s, picking
-  /// each token as `options` says.
+  /// each token as `options` says. Afterwards the sequence is the prompt and every generated token, a final stop
+  /// token included: the last token is run through decode.onnx when the state is next used (prefill, step,
+  /// save_state, or generate with reset false), so a call that does not continue costs no extra step.
   Generation generate(const std::vector<int64_t>& prompt, const GenerateOptions& options);
 
  private:

@@ -3,11 +3,13 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <map>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -251,8 +253,35 @@ struct Model::Impl {
   Ort::Value step_ids{nullptr};     // [1, 1] int64, rewritten for every decode step
   Ort::Value step_logits{nullptr};  // [1, 1, vocab], preallocated decode output
   std::vector<float> logits;        // float32 logits of the last position, what prefill() / step() return
+  // generate()'s last token, not run yet: the state holds the sequence before it. The next call that uses the state
+  // (prefill, step, save_state, a generate that continues) runs it first; reset and load_state drop it. So the
+  // state after generate() is the whole sequence, with no decode step spent when nothing continues it.
+  int64_t unfed = -1;
+  // The thread inside a call of this Model (none between calls): a second thread is refused (Busy), not let in to
+  // corrupt the state and the run buffers.
+  std::atomic<std::thread::id> user{};
+
+  struct Busy {  // held by every public call; the same thread may nest (generate calls prefill and step)
+    std::atomic<std::thread::id>& user;
+    bool outer = false;
+    explicit Busy(Impl& m) : user(m.user) {
+      std::thread::id none, me = std::this_thread::get_id();
+      if (user.compare_exchange_strong(none, me)) {
+        outer = true;
+      } else if (none != me) {
+        throw Error("this Model is in use by another thread: a Model is not thread-safe; use one Model per thread "
+                    "(or a lock around its calls)");
+      }
+    }
+    ~Busy() {
+      if (outer) user.store(std::thread::id{});
+    }
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+  };
 
   Impl(const std::string& dir, const SessionOptions& options);
+  void feed_unfed();  // runs `unfed` through decode.onnx, when there is one
   void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
   void take_logits(const Ort::Value& out, size_t offset);  // vocab_size values from element `offset`
   void check_token(int64_t id, const char* kind, int64_t position = -1) const;
@@ -323,6 +352,13 @@ void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& i
   current = 1 - current;
 }
 
+void Model::Impl::feed_unfed() {
+  if (unfed < 0) return;
+  *step_ids.GetTensorMutableData<int64_t>() = unfed;
+  run(decode_graph, "decode.onnx", step_ids, step_logits);  // its logits are not needed: nothing picks from them
+  unfed = -1;  // only once the run succeeded: a failed one leaves the state and the token as they were
+}
+
 void Model::Impl::take_logits(const Ort::Value& out, size_t offset) {
   switch (logits_type) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: row_to_float<Ort::Float16_t>(out, offset, logits); break;
@@ -362,13 +398,17 @@ const ModelInfo& Model::info() const { return impl().info; }
 
 void Model::reset() {
   Impl& m = impl();
+  Impl::Busy busy(m);
+  m.unfed = -1;
   for (auto& v : m.states[m.current]) {
     std::fill_n(v.GetTensorMutableData<float>(), v.GetTensorTypeAndShapeInfo().GetElementCount(), 0.0f);
   }
 }
 
 State Model::save_state() const {
-  const Impl& m = impl();
+  Impl& m = impl();
+  Impl::Busy busy(m);
+  m.feed_unfed();  // the state of the whole sequence, generate()'s last token included
   State state;
   for (size_t i = 0; i < m.states[m.current].size(); ++i) {
     const Ort::Value& v = m.states[m.current][i];
@@ -381,6 +421,7 @@ State Model::save_state() const {
 
 void Model::load_state(const State& state) {
   Impl& m = impl();
+  Impl::Busy busy(m);
   size_t layers = size_t(m.manifest.n_layer);
   size_t conv = size_t(m.manifest.d_inner * (m.manifest.d_conv - 1));
   size_t ssm = size_t(m.manifest.d_inner * m.manifest.d_state);
@@ -395,6 +436,7 @@ void Model::load_state(const State& state) {
                   " and " + std::to_string(ssm));
     }
   }
+  m.unfed = -1;
   for (size_t i = 0; i < layers; ++i) {
     std::copy(state.conv[i].begin(), state.conv[i].end(), m.states[m.current][i].GetTensorMutableData<float>());
     std::copy(state.ssm[i].begin(), state.ssm[i].end(), m.states[m.current][layers + i].GetTensorMutableData<float>());
@@ -403,10 +445,12 @@ void Model::load_state(const State& state) {
 
 const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
   Impl& m = impl();
+  Impl::Busy busy(m);
   if (ids.empty()) throw Error("empty prompt: give at least one token id");
   for (size_t i = 0; i < ids.size(); ++i) {
     m.check_token(ids[i], "token id", int64_t(i));
   }
+  m.feed_unfed();
   std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
   // In chunks, each continuing the state: model.onnx's logits are [1, chunk, vocab], so a long prompt in one run
@@ -427,7 +471,9 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
 
 const std::vector<float>& Model::step(int64_t id) {
   Impl& m = impl();
+  Impl::Busy busy(m);
   m.check_token(id, "token id");
+  m.feed_unfed();
   *m.step_ids.GetTensorMutableData<int64_t>() = id;
   m.run(m.decode_graph, "decode.onnx", m.step_ids, m.step_logits);
   m.take_logits(m.step_logits, 0);
@@ -435,10 +481,12 @@ const std::vector<float>& Model::step(int64_t id) {
 }
 
 Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOptions& options) {
+  Impl& m = impl();
+  Impl::Busy busy(m);
   if (options.max_new_tokens < 1) {
     throw Error("max_new_tokens must be at least 1, found " + std::to_string(options.max_new_tokens));
   }
-  for (int64_t stop : options.stop_tokens) impl().check_token(stop, "stop token id");
+  for (int64_t stop : options.stop_tokens) m.check_token(stop, "stop token id");
   Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
   auto pick = [&](const std::vector<float>& logits) {
     int64_t token = options.greedy ? argmax(logits) : sampler.sample(logits);
@@ -460,6 +508,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   }
   g.decode_ms = ms_since(start);
   g.stopped = is_stop(g.tokens.back());
+  m.unfed = g.tokens.back();  // part of the sequence; run when the state is next used (see Impl::unfed)
   return g;
 }
 

@@ -2,10 +2,12 @@
 //   api_checks EXPORT_DIR
 // Prints one "ok: ..." line per check and exits 0, or prints "FAIL: ..." and exits 1.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mamba_runtime.hpp"
@@ -149,6 +151,60 @@ int main(int argc, char** argv) {
     if (max_rel_diff(generate_logits(model, slice(kSplit, kPrompt.size()), true, nullptr), whole_run) < 1e-3) {
       fail("the prefix does not change the logits: the check above proves nothing");
     }
+
+    // A conversation: generate, then generate(reset = false) with the next turn, equals generating from the whole
+    // history at once; the state after generate() holds every generated token, the last one included.
+    {
+      mamba::GenerateOptions turn;
+      turn.max_new_tokens = 5;
+      model.reset();
+      std::vector<int64_t> first = model.generate(slice(0, kSplit), turn).tokens;
+      mamba::State after = model.save_state();
+      std::vector<int64_t> history = slice(0, kSplit);
+      history.insert(history.end(), first.begin(), first.end());
+      const std::vector<int64_t> probe = {9, 4};
+      model.reset();
+      const std::vector<float> want = model.prefill([&] { auto h = history; h.insert(h.end(), probe.begin(),
+                                                                                         probe.end()); return h; }());
+      model.load_state(after);
+      expect_close("save_state after generate() holds every generated token", model.prefill(probe), want);
+      model.reset();
+      model.generate(slice(0, kSplit), turn);
+      std::vector<int64_t> whole_history = history;
+      whole_history.insert(whole_history.end(), kPrompt.begin() + kSplit, kPrompt.end());
+      const std::vector<float> continued = generate_logits(model, slice(kSplit, kPrompt.size()), false, nullptr);
+      const std::vector<float> at_once = generate_logits(model, whole_history, true, nullptr);  // after: it resets
+      expect_close("generate(reset = false) after generate() continues the whole sequence", continued, at_once);
+    }
+
+    // A second thread calling while the first is inside generate() is refused, not let in.
+    {
+      std::atomic<int> phase{0};
+      std::string refused;
+      mamba::GenerateOptions slow;
+      slow.max_new_tokens = 2;
+      slow.on_token = [&](int64_t, const std::vector<float>&) {
+        if (phase.exchange(1) == 0) {
+          while (phase.load() != 2) std::this_thread::yield();  // inside the call until the other thread tried
+        }
+      };
+      std::thread other([&] {
+        while (phase.load() != 1) std::this_thread::yield();
+        try {
+          model.step(1);
+        } catch (const mamba::Error& e) {
+          refused = e.what();
+        }
+        phase.store(2);
+      });
+      model.generate(kPrompt, slow);
+      other.join();
+      if (refused.find("in use by another thread") == std::string::npos) fail("a second thread was let in");
+      std::cout << "ok: a call from a second thread during generate() -> " << refused << "\n";
+      model.reset();
+      expect_close("the Model runs after refusing the other thread", model.prefill(kPrompt), whole);
+    }
+
     prefix.ssm.pop_back();
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
