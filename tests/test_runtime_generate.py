@@ -628,3 +628,64 @@ def test_profile_report_names_the_cpu_placed_nodes_under_a_gpu_provider():
     assert _placement({"settings": {"provider": "cpu"}, "cpu_placed_nodes": {}}) == []
     report["cpu_placed_nodes"] = {"decode.onnx": None}
     assert _placement(report) == ["compute nodes on the CPU: decode.onnx not reported by this onnxruntime"]
+
+
+def test_stream_takes_one_prompt_and_checks_it_in_the_call(rt):
+    """A batch given to stream() was half-served (row 0, then -1s); a bad id failed only at the first next(), i.e.
+    after a server had started its response. Both are errors of the call itself now."""
+    with pytest.raises(GenerationInputError, match="stream takes one prompt, found a batch of 2"):
+        rt.stream([[1, 2], [3]], 5)
+    with pytest.raises(GenerationInputError, match="stream takes one prompt"):
+        rt.stream_text(["ab", "cd"], 5)
+    with pytest.raises(GenerationInputError, match="outside the vocabulary"):
+        rt.stream([1, 10**6], 5)  # no next() needed
+    assert list(rt.stream([[5, 17]], 6)) == rt.generate([5, 17], 6).tokens[0]  # a batch of one is one prompt
+
+
+def test_one_runtime_serves_threads_and_a_generation_refuses_a_second_thread(rt):
+    """Threads sharing one MambaRuntime (a server's request handlers), each with its own generations, get exactly
+    the tokens of the same calls made one after another. A Generation stepped from a second thread while a step
+    runs is refused with one line instead of mixing the two threads' tokens."""
+    import threading
+
+    prompts = [[i % 200 + 1, 7, i % 13 + 2] * (1 + i % 4) for i in range(12)]
+    want = [rt.generate(p, 12, SAMPLED).tokens[0] for p in prompts]
+    got: dict[int, list[int]] = {}
+
+    def worker(k: int) -> None:
+        for i in range(k, len(prompts), 4):
+            got[i] = rt.generate(prompts[i], 12, SAMPLED).tokens[0] if i % 2 else list(rt.stream(prompts[i], 12,
+                                                                                                     SAMPLED))
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(prompts))] == want
+
+    gen = rt.start(PROMPTS, 5)
+    inside, tried, refusal = threading.Event(), threading.Event(), []
+    real_step = gen.state.step
+
+    def slow_step(ids):
+        inside.set()
+        assert tried.wait(30)
+        return real_step(ids)
+
+    def intruder():
+        assert inside.wait(30)
+        try:
+            gen.step()
+        except GenerationInputError as e:
+            refusal.append(str(e))
+        tried.set()
+
+    gen.step()  # the first step samples from the prefill's logits; the next one runs the state's step
+    gen.state.step = slow_step
+    other = threading.Thread(target=intruder)
+    other.start()
+    gen.step()
+    other.join()
+    assert refusal and "being stepped by another thread" in refusal[0]
+    gen.state.step = real_step
+    assert gen.run().tokens == rt.generate(PROMPTS, 5).tokens  # undisturbed

@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,6 +83,7 @@ class Generation:
         self.prefill_s: float | None = None  # None until prefill() runs in this process (not for a restored one)
         self.first_token_s: float | None = None
         self.step_s: list[float] = []
+        self._stepping = threading.Lock()  # held during step(): a second thread is refused, not let in
 
     @property
     def batch(self) -> int:
@@ -100,6 +102,15 @@ class Generation:
 
     def step(self) -> np.ndarray:
         """Generate one token per unfinished sequence: returns (b,) int64, -1 where a sequence had finished."""
+        if not self._stepping.acquire(blocking=False):
+            raise GenerationInputError("this Generation is being stepped by another thread: a Generation belongs to "
+                                       "one thread at a time (the MambaRuntime may be shared; start one per request)")
+        try:
+            return self._step()
+        finally:
+            self._stepping.release()
+
+    def _step(self) -> np.ndarray:
         if self.done:
             raise GenerationInputError("this generation is finished; start a new one")
         t0 = time.perf_counter()

@@ -182,21 +182,32 @@ class MambaRuntime:
 
     def stream(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
                stop_tokens: Iterable[int] = ()) -> Iterator[int]:
-        """Token ids of one prompt's continuation as they are generated (stop by leaving the loop)."""
-        for new in self.start(prompt, max_new_tokens, sampling, stop_tokens):
-            yield int(new[0])
+        """Token ids of one prompt's continuation as they are generated (stop by leaving the loop). The prompt is
+        checked and prefilled in this call, so a bad request fails here, before the first token is asked for."""
+        prompts = self._prompts(prompt)
+        if len(prompts) != 1:
+            raise GenerationInputError(f"stream takes one prompt, found a batch of {len(prompts)}; for a batch, "
+                                       "iterate start(prompts, ...) or use generate()")
+        gen = self.start(prompts, max_new_tokens, sampling, stop_tokens)
+        return (int(new[0]) for new in gen)
 
     def stream_text(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
                     stop_tokens: Iterable[int] = ()) -> Iterator[str]:
-        """Pieces of text of one prompt's continuation as they complete (a stop token is not printed)."""
+        """Pieces of text of one prompt's continuation as they complete (a stop token is not printed). Checked and
+        prefilled in this call, as :meth:`stream`."""
         decoder = require_codec(self.codec, "text output", self.codec_unavailable).stream()
         stops = _stop_set(stop_tokens)
-        for tok in self.stream(prompt, max_new_tokens, sampling, stops):
-            if tok not in stops:
-                if piece := decoder.push(tok):
-                    yield piece
-        if tail := decoder.flush():
-            yield tail
+        tokens = self.stream(prompt, max_new_tokens, sampling, stops)
+
+        def pieces() -> Iterator[str]:
+            for tok in tokens:
+                if tok not in stops:
+                    if piece := decoder.push(tok):
+                        yield piece
+            if tail := decoder.flush():
+                yield tail
+
+        return pieces()
 
     def restore(self, snapshot: bytes | str | Path) -> Generation:
         """A :class:`Generation` from :meth:`Generation.snapshot` bytes or a file written by ``Generation.save``."""
