@@ -486,7 +486,9 @@ def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, text_file, cap
     assert proc.returncode == status, stderr
     assert stdout == ""
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert len(lines) == 2 and "Traceback" not in stderr, stderr
+    assert lines[0] == loop._StopRequest.STOPPING  # said at once, before the step ends
+    lines = lines[1:]
     stopped = json.loads((out / "training.json").read_text())["steps_done"]
     assert stopped >= 10
     assert lines[0] == (f"mamba-export train: interrupted at step {stopped}; saved {out}; continue with: mamba-export "

@@ -519,11 +519,15 @@ class _StopRequest:
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
         self._previous.clear()
 
+    STOPPING = ("mamba-export train: stopping after the current step to save it (a second Ctrl-C stops at once, "
+                "without saving)")
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             self.second = signum
             raise KeyboardInterrupt
         self.signum = signum
+        print(self.STOPPING, file=sys.stderr, flush=True)  # at once: a CPU step can take seconds
 
     def requested(self) -> bool:
         return self.signum is not None
