@@ -545,21 +545,27 @@ def test_second_sigint_during_the_save_keeps_the_previous_checkpoint(tmp_path, t
     load_checkpoint(out, backend="fast")
 
 
-def test_single_sigint_in_process_raises_interrupted_and_restores_handlers(tmp_path, text_file, monkeypatch):
-    """The Python API: the first SIGINT ends train() with Interrupted (exit_status 130) after a save at the step it
-    was in; the handlers of SIGINT and SIGTERM are the caller's again afterwards; from a thread other than the main
-    one, train() installs no handler and runs as usual."""
+def _sigint_after_step(monkeypatch, k: int):
+    """Make the process send itself SIGINT once training step ``k`` has run; returns the real step function."""
     real_step = loop._train_step
     calls = {"steps": 0}
 
     def step(*args, **kwargs):
         result = real_step(*args, **kwargs)
         calls["steps"] += 1
-        if calls["steps"] == 3:
+        if calls["steps"] == k:
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
     monkeypatch.setattr(loop, "_train_step", step)
+    return real_step
+
+
+def test_single_sigint_in_process_raises_interrupted_and_restores_handlers(tmp_path, text_file, monkeypatch):
+    """The Python API: the first SIGINT ends train() with Interrupted (exit_status 130) after a save at the step it
+    was in; the handlers of SIGINT and SIGTERM are the caller's again afterwards; from a thread other than the main
+    one, train() installs no handler and runs as usual."""
+    real_step = _sigint_after_step(monkeypatch, 3)
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     out = tmp_path / "run"
     with pytest.raises(Interrupted, match="interrupted at step 3; saved") as info:
@@ -591,17 +597,7 @@ def test_interrupted_in_the_last_step_resumes_to_the_final_evaluation(tmp_path, 
         return TrainOptions(data=str(text_file), out=str(tmp_path / out), steps=4, device="cpu", progress=False, **kw)
 
     whole, whole_summary = train(opts("whole", preset="tiny"))
-    real_step = loop._train_step
-    calls = {"steps": 0}
-
-    def step(*args, **kwargs):
-        result = real_step(*args, **kwargs)
-        calls["steps"] += 1
-        if calls["steps"] == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(loop, "_train_step", step)
+    real_step = _sigint_after_step(monkeypatch, 4)
     with pytest.raises(Interrupted, match="the run's last; saved .* without the final held-out evaluation"):
         train(opts("cut", preset="tiny"))
     monkeypatch.setattr(loop, "_train_step", real_step)
