@@ -689,3 +689,21 @@ def test_one_runtime_serves_threads_and_a_generation_refuses_a_second_thread(rt)
     assert refusal and "being stepped by another thread" in refusal[0]
     gen.state.step = real_step
     assert gen.run().tokens == rt.generate(PROMPTS, 5).tokens  # undisturbed
+
+
+def test_cancelling_some_rows_leaves_the_others_untouched(rt):
+    """A server batching requests cancels one of them: the other rows continue with exactly their own tokens."""
+    want = rt.generate(PROMPTS, 10, SAMPLED)
+    gen = rt.start(PROMPTS, 10, SAMPLED)
+    gen.step()
+    gen.step()
+    gen.cancel([1, np.int64(3)])
+    gen.cancel(1)  # again, and as a bare index: no change
+    result = gen.run()
+    assert result.finish_reasons[1] == result.finish_reasons[3] == "cancelled"
+    assert result.tokens[1] == want.tokens[1][:2] and result.tokens[3] == want.tokens[3][:2]
+    assert [result.tokens[0], result.tokens[2]] == [want.tokens[0], want.tokens[2]]
+    with pytest.raises(GenerationInputError, match="row 4 is outside this batch of 4"):
+        rt.start(PROMPTS, 3).cancel([4])
+    with pytest.raises(GenerationInputError, match="row must be a non-negative integer"):
+        rt.start(PROMPTS, 3).cancel(["0"])

@@ -21,12 +21,12 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .errors import GenerationInputError, ModelOutputError, SnapshotError
+from .errors import GenerationInputError, ModelOutputError, SnapshotError, require_int
 from .manifest import parse_json
 from .sampling import Sampler, SamplingConfig
 
@@ -146,9 +146,17 @@ class Generation:
             elif len(self.tokens[i]) >= self.max_new_tokens:
                 self.finish_reasons[i] = "length"
 
-    def cancel(self) -> None:
-        """Finish every unfinished sequence now (reason "cancelled")."""
-        self.finish_reasons = [r or "cancelled" for r in self.finish_reasons]
+    def cancel(self, rows: Iterable[int] | None = None) -> None:
+        """Finish the unfinished sequences ``rows`` (indices into the batch; all when None) now, reason "cancelled".
+        The other rows go on; a cancelled row is fed a dummy token and draws nothing, as a finished one."""
+        if rows is None:
+            chosen = range(self.batch)
+        else:
+            chosen = [require_int(r, "row", minimum=0) for r in (rows if isinstance(rows, Iterable) else [rows])]
+            if bad := [r for r in chosen if r >= self.batch]:
+                raise GenerationInputError(f"row {bad[0]} is outside this batch of {self.batch} sequences")
+        for r in chosen:
+            self.finish_reasons[r] = self.finish_reasons[r] or "cancelled"
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while not self.done:
