@@ -58,8 +58,12 @@ def _rank(value: Any, name: str) -> int:
 
 
 def _pad_multiple(real: int, rows: int) -> int:
-    """The smallest pad_vocab_size_multiple that pads ``real`` token ids to ``rows`` (state-spaces' rounding up)."""
-    for m in range(1, min(rows, 4096) + 1):
+    """A pad_vocab_size_multiple that pads ``real`` token ids to ``rows`` (state-spaces' rounding up): the powers of
+    two that divide ``rows`` first, largest first (the multiples people use: 8, 16, 64 ...), then the smallest."""
+    if real == rows:
+        return 1
+    powers = [1 << k for k in range(rows.bit_length() - 1, -1, -1) if rows % (1 << k) == 0]
+    for m in [*powers, *range(1, min(rows, 4096) + 1)]:
         if -(-real // m) * m == rows:
             return m
     return rows  # rounds every real <= rows up to rows
