@@ -52,9 +52,10 @@ def _rank(value: Any, name: str) -> int:
     """The Δ projection's rank: "auto" (0 here: ceil(d_model / 16)) or a positive integer."""
     if value == "auto":
         return 0
-    if _int(value, name) < 1:
+    rank = _int(value, name)
+    if rank < 1:
         raise ConfigError(f"config: {name} must be a positive integer or \"auto\", found {value!r}")
-    return int(value)
+    return rank
 
 
 def _pad_multiple(real: int, rows: int) -> int:

@@ -8,6 +8,7 @@ weights), must not be or contain the current directory, and must not contain the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -132,3 +133,12 @@ def replace_dir(new: Path, out: Path) -> None:
         old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 4 MiB blocks (the manifest's checksums, a run's tokenizer)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

@@ -75,6 +75,17 @@ def save_state_spaces(hf_model, out: Path, fmt: str = "bin", **cfg_kw) -> Path:
     return out
 
 
+def padded_vocab_model(seed: int = 3):
+    """transformers' "nondefault" model (101 tokens) with 104 embedding rows: what state-spaces/mamba stores for
+    vocab_size 101 and pad_vocab_size_multiple 8 (save it with save_state_spaces(..., vocab_size=101,
+    pad_vocab_size_multiple=8))."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(**{**make_hf_model("nondefault").config.to_dict(), "vocab_size": 104})
+    torch.manual_seed(seed)
+    return MambaForCausalLM(cfg).eval()
+
+
 def save_transformers(hf_model, out: Path, sharded: bool = False, fmt: str = "safetensors") -> Path:
     """Write hf_model with transformers' own save_pretrained (or a pytorch_model.bin beside its config)."""
     if fmt == "bin":

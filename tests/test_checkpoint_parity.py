@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mamba_export.checkpoint import load_checkpoint
-from support import HF_CONFIGS, hf_logits, make_hf_model, rel_err, save_state_spaces, save_transformers
+from support import (HF_CONFIGS, hf_logits, make_hf_model, padded_vocab_model, rel_err, save_state_spaces,
+                     save_transformers)
 
 SAVERS = {
     "ss-bin": lambda m, d: save_state_spaces(m, d, fmt="bin"),
@@ -37,12 +38,7 @@ def test_sharded_checkpoint_really_has_shards(tmp_path):
 
 
 def test_vocab_is_padded_to_the_multiple(tmp_path):
-    hf = make_hf_model("nondefault")  # vocab 101; state-spaces pads 101 -> 104 with multiple 8
-    from transformers import MambaConfig, MambaForCausalLM
-
-    cfg = MambaConfig(**{**hf.config.to_dict(), "vocab_size": 104})
-    torch.manual_seed(3)
-    hf104 = MambaForCausalLM(cfg).eval()
+    hf104 = padded_vocab_model()  # vocab 101; state-spaces pads 101 -> 104 with multiple 8
     save_state_spaces(hf104, tmp_path, vocab_size=101, pad_vocab_size_multiple=8)
     ours = load_checkpoint(tmp_path)
     assert (ours.config.vocab_size, ours.config.real_vocab_size) == (104, 101)

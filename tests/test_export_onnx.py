@@ -308,13 +308,9 @@ def test_padding_rows_of_the_vocabulary_are_not_exported(tmp_path):
     padding rows are no tokens, so nothing can sample them), with the reference's logits; the manifest, genai config
     and a save/load round trip agree on 101."""
     from mamba_export.checkpoint import save_checkpoint
-    from support import save_state_spaces
-    from transformers import MambaConfig, MambaForCausalLM
+    from support import padded_vocab_model, save_state_spaces
 
-    hf = make_hf_model("nondefault")
-    torch.manual_seed(3)
-    hf104 = MambaForCausalLM(MambaConfig(**{**hf.config.to_dict(), "vocab_size": 104})).eval()
-    ckpt = save_state_spaces(hf104, tmp_path / "ckpt", vocab_size=101, pad_vocab_size_multiple=8)
+    ckpt = save_state_spaces(padded_vocab_model(), tmp_path / "ckpt", vocab_size=101, pad_vocab_size_multiple=8)
     ref = load_checkpoint(ckpt, dtype=torch.float64)
     assert (ref.config.vocab_size, ref.config.real_vocab_size) == (104, 101)
     out = export_checkpoint(ckpt, tmp_path / "export", last_logits=True, with_library=False)

@@ -7,7 +7,6 @@ failed export leaves nothing behind and a replaced export (``force``) is never h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -71,14 +70,6 @@ def _umask() -> int:
     return mask
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def library_path() -> Path:
     """The built custom-op library (see :func:`mamba_runtime.custom_op_library_path`).
 
@@ -110,7 +101,7 @@ def write_json(path: Path, obj: dict) -> None:
 def file_checksums(out: Path) -> dict[str, dict]:
     """sha256 and size of every file in ``out`` (except manifest.json), by name."""
     return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.name: {"sha256": outdir.sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(out.iterdir())
         if p.is_file() and p.name != "manifest.json"
     }

@@ -65,11 +65,6 @@ def _byte_ids(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _tokenize(data: bytes, tokenizer_path: str, source: str):
     """Token ids (n,) int64 from a tokenizer.json, its vocabulary size, the file's bytes, and each token's first
     character."""

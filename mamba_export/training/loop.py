@@ -38,7 +38,7 @@ from ..checkpoint import is_checkpoint_dir, load_checkpoint, save_checkpoint
 from ..config import MambaConfig
 from ..errors import Interrupted, MambaExportError
 from ..model import MambaLM
-from .data import TOKENIZER_FILE, Corpus, file_sha256, load_corpus, sample_batch
+from .data import TOKENIZER_FILE, Corpus, load_corpus, sample_batch
 from .init import init_mamba_weights
 from .presets import Preset, get_preset
 
@@ -253,7 +253,7 @@ def _load_run_state(out: Path, opts: TrainOptions) -> RunState:
     if "tokenizer_sha256" in raw:
         tok_sha = raw["tokenizer_sha256"]
     else:  # a state written before the key existed: the checkpoint's tokenizer file says what the run used
-        tok_sha = file_sha256(out / TOKENIZER_FILE) if (out / TOKENIZER_FILE).is_file() else None
+        tok_sha = outdir.sha256_file(out / TOKENIZER_FILE) if (out / TOKENIZER_FILE).is_file() else None
     log = _read_log(out / LOG_FILE, step)
     return RunState(raw["preset_name"], preset, step, wall_s, log, raw["optimizer"], raw["batch_rng"],
                     raw["torch_rng"], raw["data_sha256"], tok_sha)
@@ -302,7 +302,7 @@ def _resume_tokenizer(out: Path, rs: RunState, opts: TrainOptions) -> str | None
     if not given.is_file():
         raise MambaExportError(f"{given}: tokenizer file not found")
     try:
-        same = file_sha256(given) == rs.tokenizer_sha256
+        same = outdir.sha256_file(given) == rs.tokenizer_sha256
     except OSError as e:
         raise MambaExportError(f"{given}: cannot read the tokenizer ({e.strerror})") from None
     if not same:
@@ -610,12 +610,11 @@ def _final_eval_missing(out: Path) -> bool:
 
 
 def _interrupted_message(rs: RunState, opts: TrainOptions) -> str:
+    again = shlex.join(["mamba-export", "train", "--data", opts.data, "-o", opts.out, "--resume"])
     if rs.step == rs.preset.steps:
-        again = ["mamba-export", "train", "--data", opts.data, "-o", opts.out, "--resume"]
         return (f"interrupted at step {rs.step}, the run's last; saved {opts.out} without the final held-out "
-                f"evaluation (it runs with: {shlex.join(again)})")
-    again = ["mamba-export", "train", "--data", opts.data, "-o", opts.out, "--resume"]
-    return f"interrupted at step {rs.step}; saved {opts.out}; continue with: {shlex.join(again)}"
+                f"evaluation (it runs with: {again})")
+    return f"interrupted at step {rs.step}; saved {opts.out}; continue with: {again}"
 
 
 def _run_steps(model, opt, gen, rs: RunState, corpus: Corpus, opts: TrainOptions, until: int,
