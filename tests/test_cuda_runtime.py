@@ -132,6 +132,41 @@ def test_runtime_steps_feed_each_steps_ids(exports, key):
         assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) <= 1e-4
 
 
+@pytest.mark.parametrize("key", [("nondefault", "float32"), ("nondefault", "float16"), ("tiny", "float16-blocks")],
+                         ids=lambda k: "-".join(k))
+def test_one_cuda_runtime_serves_threads(exports, key):
+    """One MambaRuntime on the CUDA provider shared by 4 threads (a server's request handlers; its two sessions are
+    shared, each generation has its own device buffers and bindings), generate and stream mixed, sampled: every
+    request gets exactly the tokens of the same calls made one after another."""
+    import threading
+
+    from mamba_runtime import MambaRuntime, SamplingConfig
+
+    out, ref = exports[key]
+    rt = MambaRuntime(out, provider="cuda", custom_ops="require")
+    sampled = SamplingConfig(temperature=1.3, top_k=40, top_p=0.95, repetition_penalty=1.3, seed=11)
+    prompts = [p * (1 + i % 3) for i, p in enumerate(prompts_for(ref, 16, seed=4))]
+    want = [rt.generate(p, 24, sampled).tokens[0] for p in prompts]
+    got: dict[int, list[int]] = {}
+    failures: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(k, len(prompts), 4):
+                got[i] = (rt.generate(prompts[i], 24, sampled).tokens[0] if i % 2
+                          else list(rt.stream(prompts[i], 24, sampled)))
+        except BaseException as e:  # re-raised below: an exception in a thread would otherwise only be printed
+            failures.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert [got[i] for i in range(len(prompts))] == want
+
+
 @pytest.mark.parametrize("prompts", ["ragged", "equal", "single"])
 @pytest.mark.parametrize("path", ["auto", "split", "unfolded"])
 def test_decode_blocks_runtime_tokens_match_cpu(exports, path, prompts, monkeypatch):
