@@ -258,6 +258,12 @@ def _edit_manifest(d: Path, edit) -> None:
     (d / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _flip_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
 IDS = ["--prompt-ids", "1,2"]
 # (name, how to break a copy of the export or None, arguments, a fragment the one error line must contain)
 ERROR_CASES = [
@@ -293,6 +299,9 @@ ERROR_CASES = [
     ("file-outside", lambda d: _edit_manifest(d, lambda m: m["files"].update({"../x": {"sha256": "0" * 64}})), IDS,
      "'files' lists '../x', which is not a file name inside the export directory"),
     ("corrupt-weights", lambda d: (d / "weights.bin").write_bytes(b"\x00" * 64), IDS,
+     "weights.bin: sha256 does not match manifest.json"),
+    # one bit: onnxruntime loads the file (its sha256 runs meanwhile), and the check still refuses it
+    ("flipped-weight-bit", lambda d: _flip_bit(d / "weights.bin"), IDS,
      "weights.bin: sha256 does not match manifest.json"),
     ("broken-library", lambda d: (d / "libmamba_export_ops.so").write_bytes(b"not a library"), IDS + ["--no-verify"],
      "cannot register the custom-op library"),

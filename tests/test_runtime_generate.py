@@ -511,6 +511,39 @@ def test_a_graph_onnxruntime_cannot_load_is_one_line_without_its_log(exp, tmp_pa
     assert "onnxruntime::" not in lines[0] and "[ONNXRuntimeError]" not in lines[0]
 
 
+def test_weight_files_are_checked_while_they_load_and_a_damaged_one_is_still_refused(exp, tmp_path, monkeypatch):
+    """The sha256 of weights.bin runs in a thread while onnxruntime loads the sessions (every other file is checked
+    before anything reads it); the open still fails on a damaged weights.bin, with the checksum's message also where
+    onnxruntime could not load the file at all."""
+    import shutil
+    import threading
+
+    from mamba_runtime import manifest
+
+    seen = {}
+    real = manifest.sha256_file
+
+    def spy(path, *args):
+        seen[os.path.basename(path)] = threading.current_thread().name
+        return real(path, *args)
+
+    monkeypatch.setattr(manifest, "sha256_file", spy)
+    MambaRuntime(exp.dir, provider="cpu", threads=1)
+    assert seen.pop("weights.bin") == "mamba-weight-check"
+    assert {"model.onnx", "decode.onnx"} <= set(seen) and set(seen.values()) == {threading.main_thread().name}, seen
+
+    d = tmp_path / "export"
+    shutil.copytree(exp.dir, d)
+    data = bytearray((d / "weights.bin").read_bytes())
+    data[len(data) // 2] ^= 1  # one bit: the sessions load, the numbers are wrong
+    (d / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(ExportDirError, match=r"weights.bin: sha256 does not match manifest.json"):
+        MambaRuntime(d, provider="cpu", threads=1)
+    os.truncate(d / "weights.bin", 1000)  # onnxruntime cannot load it: the checksum's message, not onnxruntime's
+    with pytest.raises(ExportDirError, match=r"weights.bin: sha256 does not match manifest.json"):
+        MambaRuntime(d, provider="cpu", threads=1)
+
+
 def test_onnxruntime_messages_are_cut_to_their_innermost_status():
     from mamba_runtime.sessions import ort_message
 

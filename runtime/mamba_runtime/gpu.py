@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import GenerationInputError, require_int
-from .manifest import ExportInfo, open_export_dir
+from .manifest import ExportInfo, WeightCheck, open_export_dir
 from .sessions import open_session, resolve_library, session_options
 
 _NP_TO_ORT = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
@@ -209,14 +209,15 @@ class CudaGenerator:
             raise GenerationInputError("CudaGenerator: this onnxruntime has no CUDAExecutionProvider")
         require_int(batch, "batch")
         self.cp = _cupy()
-        self.info: ExportInfo = open_export_dir(export_dir, verify)
+        self.info: ExportInfo = open_export_dir(export_dir, verify, weights_later=True)
         self.batch, self.cuda_graph, self.device_id = batch, cuda_graph, device_id
         self.library = resolve_library(self.info, custom_ops)
         with self.cp.cuda.Device(device_id):
             self.stream = self.cp.cuda.Stream(non_blocking=True)
         self.device = CudaDevice(device_id, {"user_compute_stream": str(self.stream.ptr)})
-        self.prefill_session = self._session(self.info.prefill_graph, graph=False)
-        self.decode_session = self._session("decode.onnx", graph=cuda_graph)
+        with WeightCheck(self.info, verify):  # the weight files' sha256, while onnxruntime loads them
+            self.prefill_session = self._session(self.info.prefill_graph, graph=False)
+            self.decode_session = self._session("decode.onnx", graph=cuda_graph)
         logits_type = next(o.type for o in self.decode_session.get_outputs() if o.name == "logits")
         self.logits_dtype = next(np.dtype(d) for d, t in _NP_TO_ORT.items() if t == logits_type)
         b, V = batch, self.info.vocab_size

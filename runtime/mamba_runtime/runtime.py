@@ -27,7 +27,7 @@ import numpy as np
 from .device import select_device
 from .errors import ExportDirError, GenerationInputError, SnapshotError, require_int
 from .generation import Generation, GenerationResult, load_snapshot
-from .manifest import ExportInfo, open_export_dir
+from .manifest import ExportInfo, WeightCheck, open_export_dir
 from .sampling import SamplingConfig
 from .sessions import check_io, cpu_placed_nodes, open_session, resolve_library, session_options
 from .state import DeviceState, prefill
@@ -54,7 +54,7 @@ class MambaRuntime:
     def __init__(self, export_dir: str | Path, *, provider: str = "auto", threads: int | None = None,
                  custom_ops: str = "auto", verify: bool = True, max_batch: int = 256,
                  prefill_chunk: int | None = None):
-        self.info: ExportInfo = open_export_dir(export_dir, verify)
+        self.info: ExportInfo = open_export_dir(export_dir, verify, weights_later=True)
         self.device = select_device(provider)
         self.custom_op_library = resolve_library(self.info, custom_ops)
         self.threads = threads
@@ -67,6 +67,10 @@ class MambaRuntime:
             self.codec = load_codec(self.info.path)
         except TokenizerUnavailable as e:
             self.codec, self.codec_unavailable = None, str(e)
+        with WeightCheck(self.info, verify):  # the weight files' sha256, while onnxruntime loads them
+            self._open_sessions(threads)
+
+    def _open_sessions(self, threads: int | None) -> None:
         so = session_options(threads, self.custom_op_library)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
         self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())

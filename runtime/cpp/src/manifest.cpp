@@ -126,12 +126,19 @@ std::map<std::string, std::string> listed_files(const Reader& r, const Json& roo
   return files;
 }
 
-void verify_checksums(const std::map<std::string, std::string>& files, const fs::path& dir) {
-  for (const auto& [name, digest] : files) {
-    if (sha256_file(dir / name) != digest) {
-      throw Error((dir / name).string() + ": sha256 does not match manifest.json (file changed or corrupted); " +
-                  "re-export it");
-    }
+// onnxruntime only reads numbers from these (external data), so they may be checked while the sessions load.
+constexpr const char* kWeightFiles[] = {"weights.bin", "decode_weights_f16.bin"};
+
+bool is_weight_file(const std::string& name) {
+  for (const char* w : kWeightFiles) {
+    if (name == w) return true;
+  }
+  return false;
+}
+
+void check_digest(const fs::path& path, const std::string& digest) {
+  if (sha256_file(path) != digest) {
+    throw Error(path.string() + ": sha256 does not match manifest.json (file changed or corrupted); re-export it");
   }
 }
 
@@ -169,7 +176,15 @@ Manifest read_manifest(const fs::path& dir, bool verify) {
   m.vocab_size = r.positive_int(config, "vocab_size", "config.");
   if (m.d_conv < 2) r.fail("'config.d_conv' must be at least 2, found " + std::to_string(m.d_conv));
   auto files = listed_files(r, root, m.dir);
-  if (verify) verify_checksums(files, m.dir);
+  if (verify) {
+    for (const auto& [name, digest] : files) {
+      if (is_weight_file(name)) {
+        m.unchecked_weights.emplace_back(m.dir / name, digest);
+      } else {
+        check_digest(m.dir / name, digest);
+      }
+    }
+  }
   m.prefill_graph = files.count("model_last.onnx") ? "model_last.onnx" : "model.onnx";
   m.custom_op_library = library_path(r, root, m.dir);
   if (!m.custom_op_library.empty() && !files.count(m.custom_op_library.filename().string())) {
@@ -177,6 +192,12 @@ Manifest read_manifest(const fs::path& dir, bool verify) {
   }
   m.byte_level = byte_level_vocabulary(r, root, m.dir);
   return m;
+}
+
+std::future<void> check_weights(const Manifest& m) {
+  return std::async(std::launch::async, [files = m.unchecked_weights] {
+    for (const auto& [path, digest] : files) check_digest(path, digest);
+  });
 }
 
 }  // namespace mamba::detail

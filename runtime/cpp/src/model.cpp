@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <string>
 #include <thread>
@@ -296,14 +297,23 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
     throw Error("prefill_chunk must be >= 0 (0: automatic), found " + std::to_string(options.prefill_chunk));
   }
   manifest = detail::read_manifest(dir, options.verify_checksums);
-  Ort::SessionOptions so = make_session_options(options, manifest);
-  prefill_graph = open_graph(env, manifest.dir / manifest.prefill_graph, so);
-  decode_graph = open_graph(env, manifest.dir / "decode.onnx", so);
-  logits_type = check_graph_io(manifest.prefill_graph, prefill_graph, manifest);
-  if (check_graph_io("decode.onnx", decode_graph, manifest) != logits_type) {
-    throw Error("decode.onnx: logits dtype differs from " + manifest.prefill_graph + "'s " +
-                dtype_name(logits_type));
+  // The weight files' sha256 runs while onnxruntime loads them. A mismatch is the error, also where the load failed:
+  // a damaged weights.bin explains that better than onnxruntime's message.
+  std::future<void> weights = detail::check_weights(manifest);
+  try {
+    Ort::SessionOptions so = make_session_options(options, manifest);
+    prefill_graph = open_graph(env, manifest.dir / manifest.prefill_graph, so);
+    decode_graph = open_graph(env, manifest.dir / "decode.onnx", so);
+    logits_type = check_graph_io(manifest.prefill_graph, prefill_graph, manifest);
+    if (check_graph_io("decode.onnx", decode_graph, manifest) != logits_type) {
+      throw Error("decode.onnx: logits dtype differs from " + manifest.prefill_graph + "'s " +
+                  dtype_name(logits_type));
+    }
+  } catch (...) {
+    weights.get();
+    throw;
   }
+  weights.get();
   info.export_dir = manifest.dir.string();
   info.n_layer = manifest.n_layer;
   info.d_inner = manifest.d_inner;
