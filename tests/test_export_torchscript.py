@@ -33,6 +33,19 @@ def test_files_and_manifest(exported):
     assert set(manifest["graphs"]) == {"model.pt", "decode.pt", "model_last.pt"}
 
 
+def test_files_do_not_name_the_exporting_machines_paths(exported):
+    """The archives leave out TorchScript's debug records, whose source ranges name our source tree and torch's."""
+    import zipfile
+    from pathlib import Path
+
+    out, _ = exported
+    here = str(Path(__file__).resolve().parents[1]).encode()
+    for name in ("model.pt", "decode.pt", "model_last.pt"):
+        with zipfile.ZipFile(out / name) as z:
+            assert not [n for n in z.namelist() if n.endswith(".debug_pkl")], name
+            assert not any(here in z.read(n) or torch.__file__.encode() in z.read(n) for n in z.namelist()), name
+
+
 def test_prefill_decode_and_last_match_reference(exported):
     out, ref = exported
     c = ref.config

@@ -9,6 +9,7 @@ load with ``torch.jit.load`` alone, without this package; call them positionally
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -63,5 +64,18 @@ def write_torchscript(model: MambaLM, out: Path, last_logits: bool) -> list[str]
             modules["model_last.pt"] = (SequenceGraph(model, ops, last_logits=True), 3)
         for name, (module, seq) in modules.items():
             traced = torch.jit.trace(module.eval(), example_inputs(model.config, 2, seq), check_trace=False)
-            torch.jit.save(traced, str(out / name))
+            save_without_debug_info(traced, out / name)
     return list(modules)
+
+
+def save_without_debug_info(module: torch.jit.ScriptModule, path: Path) -> None:
+    """``torch.jit.save`` without the archive's ``*.debug_pkl`` records: their source ranges name the exporting
+    machine's files (this package's and torch's paths), which a shipped model should not carry. ``torch.jit.load``
+    does not need them; an error raised inside the module then quotes no TorchScript source."""
+    full = path.with_name(path.name + ".full")
+    torch.jit.save(module, str(full))
+    with zipfile.ZipFile(full) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                dst.writestr(info, src.read(info.filename))  # one record in memory at a time
+    full.unlink()
