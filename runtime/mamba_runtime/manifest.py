@@ -136,16 +136,16 @@ def _check_digest(f: Path, digest: str) -> None:
 
 class WeightCheck:
     """The sha256 check of an export's weight files (:data:`WEIGHT_FILES`), in a thread, so that it overlaps
-    onnxruntime loading them (for a 3 GB export the open took 9.6-11.7 s instead of 14.7-15.7). Use it as a context
-    manager around the session loads of an export opened with ``open_export_dir(..., weights_later=True)``: leaving
-    the block waits for the check and raises its ExportDirError, in place of an exception from inside the block (a
-    damaged weights.bin explains a failed load better than onnxruntime's message). Without ``verify`` it does
-    nothing."""
+    onnxruntime loading them (a 3.3 GB export opened in 8.3 s instead of 12.5: BENCHMARKS.md section 7). Use it as a
+    context manager around the session loads of an export opened with ``open_export_dir(..., weights_later=True)``:
+    leaving the block waits for the check and raises its ExportDirError, in place of an exception from inside the
+    block (a damaged weights.bin explains a failed load better than onnxruntime's message). Without ``verify`` it
+    does nothing."""
 
     def __init__(self, info: ExportInfo, verify: bool):
         checksums = _checksums(info.manifest, info.path / MANIFEST)
         self._files = [(info.path / n, checksums[n]) for n in WEIGHT_FILES if verify and n in checksums]
-        self._error: ExportDirError | None = None
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="mamba-weight-check", daemon=True)
         if self._files:
             self._thread.start()
@@ -154,7 +154,7 @@ class WeightCheck:
         try:
             for f, digest in self._files:
                 _check_digest(f, digest)
-        except ExportDirError as e:
+        except Exception as e:  # raised by wait() in the opening thread (MemoryError included, not lost here)
             self._error = e
 
     def wait(self) -> None:
