@@ -544,6 +544,29 @@ def test_weight_files_are_checked_while_they_load_and_a_damaged_one_is_still_ref
         MambaRuntime(d, provider="cpu", threads=1)
 
 
+def test_ort_config_reaches_both_sessions_and_changes_no_token(exp, rt, capsys):
+    """ort_config (--ort-config) sets onnxruntime session config entries on both sessions, as the C++ runtime's
+    ort_config does; disabling pre-packing (the weights then stay memory-mapped and shared) gives the same tokens."""
+    from mamba_export.cli import main
+
+    def prepacking_off(session):
+        try:
+            return session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # onnxruntime: "SessionOptions does not have configuration with key ..."
+            return False
+
+    lean = MambaRuntime(exp.dir, provider="cpu", threads=1, ort_config={"session.disable_prepacking": "1"})
+    assert prepacking_off(lean.prefill_session) and prepacking_off(lean.decode_session)
+    assert not prepacking_off(rt.prefill_session) and not prepacking_off(rt.decode_session)
+    assert lean.generate(PROMPTS, 12, SAMPLED).tokens == rt.generate(PROMPTS, 12, SAMPLED).tokens
+    for bad in ({"session.disable_prepacking": 1}, [("a", "b")]):
+        with pytest.raises(GenerationInputError, match="ort_config must map onnxruntime session config keys"):
+            MambaRuntime(exp.dir, provider="cpu", threads=1, ort_config=bad)
+    assert main(["generate", str(exp.dir), "--prompt-ids", "5,17", "--max-new-tokens", "6", "--threads", "1", "--json",
+                 "--ort-config", "session.disable_prepacking=1", "--ort-config", "session.use_env_allocators=0"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == rt.generate([5, 17], 6).tokens[0]
+
+
 def test_onnxruntime_messages_are_cut_to_their_innermost_status():
     from mamba_runtime.sessions import ort_message
 
@@ -594,6 +617,7 @@ def test_cli_json_reports_the_seed_drawn_so_that_a_sample_can_be_repeated(exp, c
     (["{dir}", "--prompt-ids", "99999999999999999999999"], "below 2**63"),
     (["{dir}", "--prompt-ids", "a"], "expected comma-separated integers"),
     (["{dir}", "--prompt-ids", "1", "--provider", "tpu"], "invalid choice"),
+    (["{dir}", "--prompt-ids", "1", "--ort-config", "novalue"], "--ort-config: expected KEY=VALUE"),
     # the runtime's checks, named by the command's flags (not the Python parameters)
     (["{dir}", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
     (["{dir}", "--prompt-ids", "1", "--threads", "0"], "--threads must be a positive integer, found 0"),

@@ -25,6 +25,14 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
+def ort_config_entry(text: str) -> tuple[str, str]:
+    """--ort-config KEY=VALUE (also used by profile)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an onnxruntime session config entry), found {text!r}")
+    return key.strip(), value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -54,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider (default auto: CUDA where this onnxruntime has it)")
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: its own)")
+    p.add_argument("--ort-config", type=ort_config_entry, action="append", default=[], metavar="KEY=VALUE",
+                   help="an onnxruntime session config entry for both sessions, repeatable, passed through unchecked "
+                        "(e.g. session.disable_prepacking=1: the weights stay memory-mapped, one copy for both)")
     p.add_argument("--no-custom-ops", action="store_true", help="run the graphs' function fallbacks, not the library")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
     p.set_defaults(run=run)
@@ -93,7 +104,8 @@ def _open(args: argparse.Namespace):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CustomOpsFallbackWarning)
         rt = MambaRuntime(args.export_dir, provider=args.provider, threads=args.threads,
-                          custom_ops="off" if args.no_custom_ops else "auto", verify=not args.no_verify)
+                          custom_ops="off" if args.no_custom_ops else "auto", verify=not args.no_verify,
+                          ort_config=dict(args.ort_config))
     for w in caught:
         print(f"mamba-export generate: note: {w.message}", file=sys.stderr)
     return rt

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import MambaExportError
 from ..outdir import check_writable, output_path
+from .generate import ort_config_entry
 
 
 def _ints(text: str) -> list[int]:
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("export_dir", metavar="OUT_DIR", help="directory written by 'mamba-export export'")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: its own)")
+    p.add_argument("--ort-config", type=ort_config_entry, action="append", default=[], metavar="KEY=VALUE",
+                   help="an onnxruntime session config entry for both sessions, repeatable, passed through unchecked "
+                        "(e.g. session.disable_prepacking=1: the weights stay memory-mapped, one copy for both)")
     p.add_argument("--batch", type=_ints, default=[1, 8, 32], metavar="1,8,32", help="batch sizes (default 1,8,32)")
     p.add_argument("--prompt-len", type=_ints, default=[128], metavar="L,...", help="prompt lengths (default 128)")
     p.add_argument("--gen-len", type=int, default=64, metavar="N", help="decode steps timed per batch (default 64)")
@@ -232,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
         read_config(args.compare_torch)
     rt = MambaRuntime(args.export_dir, provider=args.provider, threads=args.threads,
-                      custom_ops="off" if args.no_custom_ops else "auto")
+                      custom_ops="off" if args.no_custom_ops else "auto", ort_config=dict(args.ort_config))
     out = output_path(args.output if args.output is not None else f"profile-{rt.info.path.name}")
     if out.exists() and not out.is_dir():
         raise MambaExportError(f"{out}: exists and is not a directory")

@@ -22,6 +22,7 @@ Symbols: b batch, V vocab_size, L n_layer, E d_inner, K d_conv, N d_state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
 
@@ -30,7 +31,7 @@ import onnxruntime as ort
 
 from .errors import GenerationInputError, require_int
 from .manifest import ExportInfo, WeightCheck, open_export_dir
-from .sessions import open_session, resolve_library, session_options
+from .sessions import check_ort_config, open_session, resolve_library, session_options
 
 _NP_TO_ORT = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
 
@@ -196,6 +197,7 @@ class CudaGenerator:
         device_id: the GPU.
         custom_ops: as for MambaRuntime ("auto", "require", "off").
         verify: check the export's checksums.
+        ort_config: onnxruntime session config entries for both sessions, as for MambaRuntime.
 
     Example::
 
@@ -204,10 +206,11 @@ class CudaGenerator:
     """
 
     def __init__(self, export_dir: str | Path, batch: int, *, cuda_graph: bool = False, device_id: int = 0,
-                 custom_ops: str = "auto", verify: bool = True):
+                 custom_ops: str = "auto", verify: bool = True, ort_config: Mapping[str, str] | None = None):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise GenerationInputError("CudaGenerator: this onnxruntime has no CUDAExecutionProvider")
         require_int(batch, "batch")
+        self.ort_config = check_ort_config(ort_config)
         self.cp = _cupy()
         self.info: ExportInfo = open_export_dir(export_dir, verify, weights_later=True)
         self.batch, self.cuda_graph, self.device_id = batch, cuda_graph, device_id
@@ -251,7 +254,7 @@ class CudaGenerator:
         return ro
 
     def _session(self, name: str, graph: bool) -> ort.InferenceSession:
-        so = session_options(None, self.library)
+        so = session_options(None, self.library, config=self.ort_config)
         opts = {**self.device.provider_options, "enable_cuda_graph": "1" if graph else "0"}
         return open_session(self.info.path / name, so, [("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
 

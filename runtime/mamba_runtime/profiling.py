@@ -176,7 +176,8 @@ def top_operators(rt, batch: int, steps: int, top: int = 10, warmup: int = 5) ->
     time in a step. ``step_ms``: the median profiled step, which per-node timing makes slower than an unprofiled
     one (the decode table)."""
     with tempfile.TemporaryDirectory() as tmp:
-        so = session_options(rt.threads, rt.custom_op_library, profile_prefix=str(Path(tmp) / "ort"))
+        so = session_options(rt.threads, rt.custom_op_library, profile_prefix=str(Path(tmp) / "ort"),
+                             config=rt.ort_config)
         session = open_session(rt.info.path / "decode.onnx", so, rt.device.providers())
         feeds = {"input_ids": np.ones((batch, 1), dtype=np.int64)}
         conv, ssm = rt.info.state_shapes(batch)

@@ -19,7 +19,7 @@ with the state kept on the device (see :mod:`.state`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from .errors import ExportDirError, GenerationInputError, SnapshotError, require
 from .generation import Generation, GenerationResult, load_snapshot
 from .manifest import ExportInfo, WeightCheck, open_export_dir
 from .sampling import SamplingConfig
-from .sessions import check_io, cpu_placed_nodes, open_session, resolve_library, session_options
+from .sessions import (check_io, check_ort_config, cpu_placed_nodes, open_session, resolve_library,
+                       session_options)
 from .state import DeviceState, prefill
 from .tokenizer import TokenizerUnavailable, load_codec, require_codec
 
@@ -49,11 +50,15 @@ class MambaRuntime:
         max_batch: the largest batch :meth:`start` accepts.
         prefill_chunk: the most prompt tokens per prefill run (default 1024 with model_last.onnx, 128 with
             model.onnx, whose logits cover every position); longer prompts run in chunks, carrying the state.
+        ort_config: onnxruntime session config entries for both sessions, passed through unchecked (as the C++
+            runtime's ``ort_config``), e.g. ``{"session.disable_prepacking": "1"}`` to keep the weights memory-mapped
+            and shared by the two sessions instead of a pre-packed copy in each (docs/runtime.md, "Memory").
     """
 
     def __init__(self, export_dir: str | Path, *, provider: str = "auto", threads: int | None = None,
                  custom_ops: str = "auto", verify: bool = True, max_batch: int = 256,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, ort_config: Mapping[str, str] | None = None):
+        self.ort_config = check_ort_config(ort_config)
         self.info: ExportInfo = open_export_dir(export_dir, verify, weights_later=True)
         self.device = select_device(provider)
         self.custom_op_library = resolve_library(self.info, custom_ops)
@@ -71,7 +76,7 @@ class MambaRuntime:
             self._open_sessions(threads)
 
     def _open_sessions(self, threads: int | None) -> None:
-        so = session_options(threads, self.custom_op_library)
+        so = session_options(threads, self.custom_op_library, config=self.ort_config)
         self.prefill_session = open_session(self.info.path / self.info.prefill_graph, so, self.device.providers())
         self.decode_session = open_session(self.info.path / "decode.onnx", so, self.device.providers())
         prefill_dtype = check_io(self.prefill_session, self.info, self.info.prefill_graph)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,25 @@ def resolve_library(info: ExportInfo, mode: str) -> str | None:
         return None
 
 
-def session_options(threads: int | None, library: str | None, profile_prefix: str | None = None):
+def check_ort_config(config) -> dict[str, str]:
+    """``config`` (None or a mapping of onnxruntime session config keys to values, both strings) as a dict."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in
+                                                  config.items()):
+        raise GenerationInputError("ort_config must map onnxruntime session config keys to values, both strings "
+                                   "(e.g. {'session.disable_prepacking': '1'})")
+    return dict(config)
+
+
+def session_options(threads: int | None, library: str | None, profile_prefix: str | None = None,
+                    config: Mapping[str, str] | None = None):
     """SessionOptions: ``threads`` intra-op threads (None: onnxruntime's default), one inter-op thread, full graph
-    optimisation, the library registered, and onnxruntime's profiler on when ``profile_prefix`` is given."""
+    optimisation, the library registered, onnxruntime's profiler on when ``profile_prefix`` is given, and the session
+    config entries of ``config`` (passed through unchecked, as the C++ runtime's ort_config)."""
     so = ort.SessionOptions()
+    for key, value in check_ort_config(config).items():
+        so.add_session_config_entry(key, value)
     if threads is not None:
         so.intra_op_num_threads = require_int(threads, "threads")
     so.inter_op_num_threads = 1
