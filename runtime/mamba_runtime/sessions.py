@@ -75,9 +75,10 @@ def session_options(threads: int | None, library: str | None, profile_prefix: st
                     config: Mapping[str, str] | None = None):
     """SessionOptions: ``threads`` intra-op threads (None: onnxruntime's default), one inter-op thread, full graph
     optimisation, the library registered, onnxruntime's profiler on when ``profile_prefix`` is given, and the session
-    config entries of ``config`` (passed through unchecked, as the C++ runtime's ort_config)."""
+    config entries of ``config`` (checked by check_ort_config where the caller took them; passed through unchecked to
+    onnxruntime, as the C++ runtime's ort_config)."""
     so = ort.SessionOptions()
-    for key, value in check_ort_config(config).items():
+    for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     if threads is not None:
         so.intra_op_num_threads = require_int(threads, "threads")
