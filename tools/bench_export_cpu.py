@@ -6,14 +6,15 @@ For the mamba-130m shape (d_model 768, 24 layers, vocab 50280; random weights fr
 
     decode ms/token:  onnxruntime + our library (decode.onnx), the same with float16 decode weights (an export with
                       ``--decode-weights float16``: in_proj, out_proj and the LM head multiplied by LinearF16W),
+                      the same with int8 decode weights (``--decode-weights int8``: LinearI8W, a scale per row),
                       the same with decode blocks (an export with ``--decode-blocks on``: one DecodeBlock per layer),
                       onnxruntime without the library (model-local function fallback), the PyTorch reference
                       (MambaLM.step), transformers' generation loop with its cache;
     prefill tok/s:    the same on a ``--prompt-len`` prompt (onnxruntime uses the last-position-only graph,
                       transformers its forward; both of our exports share the float32 prefill graph);
     floor:            bytes of weights read per decoded token / this machine's measured memory read bandwidth, for
-                      the float32 decode graph and for the one with float16 decode weights (each row's "x floor" is
-                      against its own).
+                      the float32 decode graph and for the ones with float16 and int8 decode weights (each row's
+                      "x floor" is against its own).
 
 The implementations run interleaved in ``--rounds`` rounds (each round: every implementation's prefills, then its
 ``--decode-steps`` decode steps; ours, the fallback, PyTorch, transformers, then again), so that load from other jobs
@@ -26,7 +27,7 @@ Prints a Markdown table (median, p10-p90 spread, ratio to the floor and to trans
 machine, versions and settings. Usage:
 
     .venv/bin/python tools/bench_export_cpu.py [--threads 2] [--decode-steps 64] [--prompt-len 512]
-        [--prefill-repeats 4] [--rounds 4] [--skip ort_lib_f16,...] [--json out.json]
+        [--prefill-repeats 4] [--rounds 4] [--skip ort_lib_f16,ort_lib_i8,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 
 
 F16_NAME = "onnxruntime + library, float16 decode weights"
+I8_NAME = "onnxruntime + library, int8 decode weights"
 BLOCKS_NAME = "onnxruntime + library, decode blocks"  # --decode-blocks on: one DecodeBlock per layer
 
 
@@ -224,18 +226,20 @@ def per_round_speedups(base: list[float], ours: list[float]) -> dict:
 
 def weight_bytes_per_token(model, decode_weights: str = "float32") -> int:
     """Bytes of weights a decode step must read: every parameter once, except the embedding rows not looked up
-    (the tied LM head still reads the whole matrix). With float16 decode weights, in_proj, out_proj and the LM head
-    are read at 2 bytes a weight, and a tied head's embedding row comes from the float32 table besides."""
+    (the tied LM head still reads the whole matrix). With float16 (int8) decode weights, in_proj, out_proj and the
+    LM head are read at 2 bytes (1 byte and a float32 scale a row) a weight, and a tied head's embedding row comes
+    from the float32 table besides."""
     seen = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in seen.values())
     emb = model.backbone.embedding.weight
     if not model.config.tie_embeddings:
         total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
-    if decode_weights == "float16":
+    if decode_weights != "float32":
         matrices = [w for layer in model.backbone.layers for w in (layer.mixer.in_proj.weight,
                                                                    layer.mixer.out_proj.weight)]
         matrices.append(model.lm_head.weight)
-        total -= sum(w.numel() * (w.element_size() - 2) for w in matrices)
+        width, row_bytes = {"float16": (2, 0), "int8": (1, 4)}[decode_weights]
+        total -= sum(w.numel() * (w.element_size() - width) - w.shape[0] * row_bytes for w in matrices)
         if model.config.tie_embeddings:
             total += emb.shape[1] * emb.element_size()
     return total
@@ -253,7 +257,8 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=50280)
     ap.add_argument("--skip", default="",
-                    help="comma list of: ort_lib, ort_lib_f16, ort_lib_blocks, ort_nolib, torch, transformers")
+                    help="comma list of: ort_lib, ort_lib_f16, ort_lib_i8, ort_lib_blocks, ort_nolib, torch, "
+                    "transformers")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
@@ -279,6 +284,9 @@ def main() -> None:
         out16 = None
         if "ort_lib_f16" not in skip:
             out16 = export_checkpoint(ckpt, root / "export_f16", last_logits=True, decode_weights="float16")
+        out8 = None
+        if "ort_lib_i8" not in skip:
+            out8 = export_checkpoint(ckpt, root / "export_i8", last_logits=True, decode_weights="int8")
         out_blocks = None
         if "ort_lib_blocks" not in skip:
             out_blocks = export_checkpoint(ckpt, root / "export_blocks", last_logits=True, decode_blocks="on")
@@ -289,6 +297,8 @@ def main() -> None:
             runners["onnxruntime + library"] = OrtRunner(out, model.config, prompt, args.threads, lib)
         if out16 is not None:
             runners[F16_NAME] = OrtRunner(out16, model.config, prompt, args.threads, lib)
+        if out8 is not None:
+            runners[I8_NAME] = OrtRunner(out8, model.config, prompt, args.threads, lib)
         if out_blocks is not None:
             runners[BLOCKS_NAME] = OrtRunner(out_blocks, model.config, prompt, args.threads, lib)
         if "ort_nolib" not in skip:
@@ -304,12 +314,14 @@ def main() -> None:
         del runners
         wbytes = weight_bytes_per_token(model)
         wbytes16 = weight_bytes_per_token(model, "float16")
+        wbytes8 = weight_bytes_per_token(model, "int8")
     bandwidths.append(read_bandwidth_gbs(args.threads))
     load_after = os.getloadavg()
     bw = max(bandwidths)
     floor_ms = wbytes / (bw * 1e9) * 1e3
     floor16_ms = wbytes16 / (bw * 1e9) * 1e3
-    row_floor = lambda name: floor16_ms if name == F16_NAME else floor_ms  # noqa: E731
+    floor8_ms = wbytes8 / (bw * 1e9) * 1e3
+    row_floor = lambda name: {F16_NAME: floor16_ms, I8_NAME: floor8_ms}.get(name, floor_ms)  # noqa: E731
     base_name = "transformers MambaForCausalLM"
     base = samples.get(base_name)
     results = {}
@@ -335,13 +347,16 @@ def main() -> None:
         "decode_floor_ms": floor_ms,
         "weight_bytes_per_token_float16_decode_weights": wbytes16,
         "decode_floor_ms_float16_decode_weights": floor16_ms,
+        "weight_bytes_per_token_int8_decode_weights": wbytes8,
+        "decode_floor_ms_int8_decode_weights": floor8_ms,
         "results": results,
     }
     load = lambda la: "/".join(f"{v:.2f}" for v in la)  # noqa: E731
     print(f"\nmamba-{args.d_model}x{args.n_layer} shape, batch 1, {args.threads} threads; weights "
           f"{wbytes / 1e6:.0f} MB/token, read bandwidth {bw:.1f} GB/s (best of "
           f"{', '.join(f'{b:.1f}' for b in bandwidths)}) -> decode floor {floor_ms:.2f} ms/token; float16 decode "
-          f"weights {wbytes16 / 1e6:.0f} MB/token -> floor {floor16_ms:.2f} ms/token")
+          f"weights {wbytes16 / 1e6:.0f} MB/token -> floor {floor16_ms:.2f} ms/token; int8 decode weights "
+          f"{wbytes8 / 1e6:.0f} MB/token -> floor {floor8_ms:.2f} ms/token")
     print(f"{args.rounds} interleaved rounds x {args.decode_steps} decode steps; load average (1/5/15 min) before "
           f"{load(load_before)}, after {load(load_after)}\n")
     print("| implementation | decode ms/token (median, p10-p90) | x floor | speed-up vs transformers: ratio of medians "

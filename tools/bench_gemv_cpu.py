@@ -6,14 +6,18 @@ caches) four ways in one run, interleaved in rounds:
     onnxruntime: the 49 MatMul nodes in one graph, 2 intra-op threads (as decode.onnx runs them);
     LinearF16W:  the same products as 49 LinearF16W nodes of our library with float16 weights (247 MB; what
                  decode.onnx runs with --decode-weights float16), 2 intra-op threads;
+    LinearI8W:   the same as 49 LinearI8W nodes with int8 weights and float32 row scales (124 MB; what decode.onnx
+                 runs with --decode-weights int8), 2 intra-op threads;
     OpenBLAS:    numpy's x @ W over the float32 matrices (set OPENBLAS_NUM_THREADS=2);
     read floor:  numpy summing two halves of as many bytes as the float32 matrices on two threads (the memory read
                  bandwidth).
 
 Prints medians and p10-p90 of ms per token and the GB/s they mean (each over its own bytes). --batch B multiplies B
-rows of x instead of one. Usage:
+rows of x instead of one. --baseline-library PATH adds the LinearF16W and LinearI8W rows of another build of the
+library (say, of the previous commit: an A/B of a kernel change in the same rounds). Usage:
 
     OPENBLAS_NUM_THREADS=2 .venv/bin/python tools/bench_gemv_cpu.py [--rounds 5] [--reps 10] [--batch 1]
+        [--baseline-library PATH]
 """
 
 from __future__ import annotations
@@ -31,13 +35,18 @@ SHAPES = [(768, 3072), (1536, 768)] * 24 + [(768, 50280)]
 
 
 def ort_session(weights: list[np.ndarray], batch: int, library: str | None = None) -> ort.InferenceSession:
-    """MatMul nodes over float32 weights [K, N]; with ``library``, LinearF16W nodes over float16 weights [N, K]."""
+    """MatMul nodes over float32 weights [K, N]; with ``library``, LinearF16W nodes over float16 weights [N, K], or
+    LinearI8W nodes over int8 weights [N, K] (with a scale of 1/127 a row)."""
     nodes, inits, outs = [], [], []
     for i, w in enumerate(weights):
         k, n = w.shape if library is None else w.shape[::-1]
         inits.append(numpy_helper.from_array(w, f"W{i}"))
         if library is None:
             nodes.append(helper.make_node("MatMul", [f"x{k}", f"W{i}"], [f"y{i}"]))
+        elif w.dtype == np.int8:
+            inits.append(numpy_helper.from_array(np.full(n, 1 / 127, np.float32), f"S{i}"))
+            nodes.append(helper.make_node("LinearI8W", [f"x{k}", f"W{i}", f"S{i}"], [f"y{i}"],
+                                          domain="ai.mamba_export"))
         else:
             nodes.append(helper.make_node("LinearF16W", [f"x{k}", f"W{i}"], [f"y{i}"], domain="ai.mamba_export"))
         outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, n]))
@@ -64,26 +73,37 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10, help="timed tokens per implementation and round")
     ap.add_argument("--batch", type=int, default=1, help="rows of x per product")
+    ap.add_argument("--baseline-library", help="another build of libmamba_export_ops.so to time beside this one")
     args = ap.parse_args()
     from mamba_runtime import custom_op_library_path
 
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in SHAPES]
     halves16 = [np.ascontiguousarray(w.T).astype(np.float16) for w in weights]  # [N, K]: each output's row
+    quarters8 = [rng.integers(-127, 128, w.shape[::-1], dtype=np.int8) for w in weights]
     nbytes = sum(w.nbytes for w in weights)
     x = {k: rng.standard_normal((args.batch, k), dtype=np.float32) for k in (768, 1536)}
     feeds = {"x768": x[768], "x1536": x[1536]}
     session = ort_session(weights, args.batch)
     session16 = ort_session(halves16, args.batch, custom_op_library_path())
+    session8 = ort_session(quarters8, args.batch, custom_op_library_path())
     flat = np.ones(nbytes // 8)
     halves = np.array_split(flat, 2)
     impls = {
         "onnxruntime MatMul": lambda: session.run(None, feeds),
         "onnxruntime LinearF16W (float16 weights)": lambda: session16.run(None, feeds),
+        "onnxruntime LinearI8W (int8 weights)": lambda: session8.run(None, feeds),
         "OpenBLAS (numpy)": lambda: [x[w.shape[0]] @ w for w in weights],
         "read floor (numpy sum)": lambda: two_thread_sum(halves),
     }
-    impl_bytes = {name: nbytes for name in impls} | {"onnxruntime LinearF16W (float16 weights)": nbytes // 2}
+    impl_bytes = {name: nbytes for name in impls} | {"onnxruntime LinearF16W (float16 weights)": nbytes // 2,
+                                                     "onnxruntime LinearI8W (int8 weights)": nbytes // 4}
+    if args.baseline_library:
+        base16 = ort_session(halves16, args.batch, args.baseline_library)
+        base8 = ort_session(quarters8, args.batch, args.baseline_library)
+        impls["baseline library: LinearF16W"] = lambda: base16.run(None, feeds)
+        impls["baseline library: LinearI8W"] = lambda: base8.run(None, feeds)
+        impl_bytes |= {"baseline library: LinearF16W": nbytes // 2, "baseline library: LinearI8W": nbytes // 4}
     times: dict[str, list[float]] = {k: [] for k in impls}
     for fn in impls.values():
         fn()  # warm-up

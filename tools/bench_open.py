@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time to open an export directory with its checksums checked, in the Python and the C++ runtime.
 
-Both runtimes check the sha256 of the weight files (weights.bin, decode_weights_f16.bin) in a thread while
+Both runtimes check the sha256 of the weight files (weights.bin, decode_weights_f16/i8.bin) in a thread while
 onnxruntime loads them, and every other file before anything reads it. Before that, every file was hashed first and
 the sessions loaded after. Each round times, in this order:
 

@@ -28,19 +28,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-library", dest="with_library", action="store_false",
                    help="do not copy the custom-op library (the graphs then run through their ONNX functions)")
-    p.add_argument("--decode-weights", choices=("float32", "float16"), default="float32",
+    p.add_argument("--decode-weights", choices=("float32", "float16", "int8"), default="float32",
                    help="dtype of decode.onnx's in_proj, out_proj and LM head weights (only with --dtype float32 and "
                    "--format onnx). float16 stores half-size copies in decode_weights_f16.bin and multiplies them "
                    "with the LinearF16W op, which widens them to float32 in registers: a decode step reads half the "
-                   "bytes, at float16 weight rounding (activations, sums, states and the prefill graphs stay "
-                   "float32); default float32")
+                   "bytes, at float16 weight rounding. int8 stores quarter-size copies, one float32 scale per "
+                   "output row, in decode_weights_i8.bin (op LinearI8W): the fastest CPU decode, at int8 weight "
+                   "rounding (docs/export.md measures what it costs). Activations, sums, states and the prefill "
+                   "graphs stay float32; default float32")
     p.add_argument("--decode-blocks", choices=("auto", "on", "off"), default="auto",
                    help="on: decode.onnx runs every layer as one DecodeBlock node (norm, in_proj, "
                    "mixer and out_proj fused into one op for the CUDA execution provider) and the final norm and LM "
                    "head as one DecodeHead node. It lowers batch-1 decode "
                    "latency on the GPU but is slower at batch 8 and above (its matrix products do not use cuBLAS); "
                    "weights.bin then holds in_proj and out_proj a second time, untransposed, so it grows by about "
-                   "60%%. Not with --format torchscript, --decode-weights float16 or models with in_proj/out_proj "
+                   "60%%. Not with --format torchscript, --decode-weights float16/int8 or models with in_proj/out_proj "
                    "bias. Default off (auto, the default value, means off for every export)")
     p.set_defaults(run=run)
 

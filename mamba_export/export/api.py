@@ -1,8 +1,8 @@
 """The public export API: :func:`export_checkpoint` (a checkpoint directory) and :func:`export_model` (a model).
 
 An ONNX export directory holds model.onnx, decode.onnx (and model_last.onnx), weights.bin (and, with float16 decode
-weights, decode_weights_f16.bin), the custom-op library, manifest.json, genai_config.json and the checkpoint's
-tokenizer files (docs/CONTRACTS.md, docs/export.md).
+weights, decode_weights_f16.bin; with int8 ones, decode_weights_i8.bin), the custom-op library, manifest.json,
+genai_config.json and the checkpoint's tokenizer files (docs/CONTRACTS.md, docs/export.md).
 A TorchScript export holds model.pt, decode.pt (and model_last.pt), manifest.json and the tokenizer files.
 """
 
@@ -22,7 +22,7 @@ from ..model import MambaLM
 from . import directory, onnx_ops
 from .directory import ExportError
 from .graphs import DECODE_WEIGHT_DTYPES, decode_blocks_unavailable, io_names
-from .onnx_export import DECODE_F16_WEIGHTS_FILE
+from .onnx_export import DECODE_WEIGHT_FILES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FORMATS = ("onnx", "torchscript")
@@ -46,14 +46,15 @@ def export_checkpoint(
         fmt: "onnx" or "torchscript".
         force: replace an existing ``out_dir``.
         with_library: copy the custom-op library into the export (ONNX only); it must be built.
-        decode_weights: "float32" or "float16" (ONNX with dtype float32 only): the dtype of decode.onnx's in_proj,
-            out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes a
-            decode step reads), the prefill graphs keep the float32 weights.
+        decode_weights: "float32", "float16" or "int8" (ONNX with dtype float32 only): the dtype of decode.onnx's
+            in_proj, out_proj and LM head weights; float16 copies are multiplied by the LinearF16W op (half the bytes
+            a decode step reads), int8 copies with a float32 scale per output row by LinearI8W (a quarter); the
+            prefill graphs keep the float32 weights.
         decode_blocks: "auto", "on" or "off": whether decode.onnx runs each layer as one DecodeBlock
             node and the final norm and LM head as one DecodeHead node (for the CUDA execution provider: lower
             batch-1 decode latency, slower at batch 8 and above; in_proj and out_proj stored a second time,
             untransposed). "auto" (the default) is off for every export; "on" where it does not apply
-            (TorchScript, such biases, float16 decode weights) raises.
+            (TorchScript, such biases, float16 or int8 decode weights) raises.
         progress: called with a short message at each step.
 
     Returns:
@@ -138,11 +139,11 @@ def _check_options(dtype: str, fmt: str, decode_weights: str = "float32") -> Non
     if decode_weights not in DECODE_WEIGHT_DTYPES:
         raise ExportError(f"unknown decode weight dtype {decode_weights!r}; choose one of "
                           f"{', '.join(DECODE_WEIGHT_DTYPES)}")
-    if decode_weights == "float16" and fmt != "onnx":
-        raise ExportError(f"--decode-weights float16 is for ONNX exports only, not --format {fmt}")
-    if decode_weights == "float16" and dtype != "float32":
-        raise ExportError(f"--decode-weights float16 needs the float32 export (--dtype float32); a --dtype {dtype} "
-                          f"export stores every weight as {dtype} already")
+    if decode_weights != "float32" and fmt != "onnx":
+        raise ExportError(f"--decode-weights {decode_weights} is for ONNX exports only, not --format {fmt}")
+    if decode_weights != "float32" and dtype != "float32":
+        raise ExportError(f"--decode-weights {decode_weights} needs the float32 export (--dtype float32), not --dtype "
+                          f"{dtype}")
 
 
 def resolve_decode_blocks(mode: str, cfg: MambaConfig, fmt: str, decode_weights: str) -> bool:
@@ -190,7 +191,7 @@ def build_manifest(
     """manifest.json: what a runtime needs to know about the export, and the sha256 of every file.
 
     ``decode_weight_dtype``: the dtype of decode.onnx's in_proj, out_proj and LM head weights (ONNX exports; null for
-    TorchScript); ``decode_weights_file``: where the float16 copies are (null unless float16); ``decode_blocks``:
+    TorchScript); ``decode_weights_file``: where the float16 or int8 copies are (null for float32); ``decode_blocks``:
     whether decode.onnx runs every layer as one DecodeBlock node (null for TorchScript)."""
     c = model.config
     return {
@@ -213,7 +214,8 @@ def build_manifest(
         "custom_op_library": library,
         "weights": "weights.bin" if fmt == "onnx" else None,
         "decode_weight_dtype": decode_weights if fmt == "onnx" else None,
-        "decode_weights_file": DECODE_F16_WEIGHTS_FILE if fmt == "onnx" and decode_weights == "float16" else None,
+        "decode_weights_file": DECODE_WEIGHT_FILES[decode_weights][0]
+        if fmt == "onnx" and decode_weights in DECODE_WEIGHT_FILES else None,
         "decode_blocks": decode_blocks if fmt == "onnx" else None,
         "tokenizer": {"files": tokenizer},
         "files": files,

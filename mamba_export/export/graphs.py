@@ -9,6 +9,8 @@ and the residual adds replaced by the custom-op-domain operators of docs/CONTRAC
 previous block's output and the residual stream through one ``AddRMSNorm`` (the residual add, then the norm).
 ``DecodeGraph(model, decode_weights="float16")`` keeps float16 copies of in_proj, out_proj and the LM head and
 multiplies them with ``LinearF16W`` (float32 activations, weights widened to float32); the rest is unchanged.
+``decode_weights="int8"`` keeps int8 copies with a float32 scale per output row (:func:`quantize_rows_int8`) and
+multiplies them with ``LinearI8W``.
 ``DecodeGraph(model, decode_blocks=True)`` runs every layer as one ``DecodeBlock`` (AddRMSNorm, in_proj, DecodeStep
 and out_proj in one node, the projection weights in nn.Linear's [out, in] layout); layer 0's block adds the embedding
 to a constant zero residual row, which the op broadcasts over the batch; the final norm and the LM head are one
@@ -63,7 +65,7 @@ def example_inputs(cfg: MambaConfig, batch: int, seq: int) -> tuple[Tensor, ...]
     return (torch.zeros(batch, seq, dtype=torch.int64), *past)
 
 
-DECODE_WEIGHT_DTYPES = ("float32", "float16")
+DECODE_WEIGHT_DTYPES = ("float32", "float16", "int8")
 
 
 def decode_blocks_unavailable(cfg: MambaConfig, decode_weights: str = "float32") -> str | None:
@@ -90,6 +92,41 @@ class F16WeightLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = torch_ops.linear_f16w(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+
+def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization with one scale per row (output) of an (N, K) weight: scale = max |row| / 127 in
+    float32 (1 for an all-zero row), q = round(row / scale) in [-127, 127], computed in float64 from the float32
+    scale that is stored, so float32(q) * scale is the nearest such value to each weight (error <= scale / 2).
+
+    Returns:
+        (q (N, K) int8, scale (N,) float32)."""
+    w = weight.detach().to(torch.float64)
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(torch.float32)
+    q = torch.round(w / scale.to(torch.float64)[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+class I8WeightLinear(nn.Module):
+    """An ``nn.Linear`` of a float32 model with its weight stored as int8 and a float32 scale per output row:
+    ``LinearI8W(x, weight, scale)`` (+ bias).
+
+    weight (N, K) int8, each output's row contiguous; scale (N,) float32; x (..., K) float32 -> (..., N) float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_rows_int8(linear.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch_ops.linear_i8w(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+_NARROW_LINEAR = {"float16": F16WeightLinear, "int8": I8WeightLinear}
 
 
 def neg_exp_f32(a_log: Tensor) -> Tensor:
@@ -187,7 +224,7 @@ class _Graph(nn.Module):
             present += [conv.to(torch.float32), ssm.to(torch.float32)]
         if last_logits:
             out, residual = out[:, -1:], residual[:, -1:]
-        if blocks:  # lm_head has no bias (MambaLM), and blocks rule out decode_weights' F16WeightLinear head
+        if blocks:  # lm_head has no bias (MambaLM), and blocks rule out decode_weights' narrow-weight head
             logits = ops.decode_head(out, residual, self.norm_f.weight, self.lm_head.weight, float(self.norm_f.eps))
         else:
             h, _ = ops.add_rms_norm(out, residual, self.norm_f.weight, float(self.norm_f.eps))
@@ -211,7 +248,8 @@ class DecodeGraph(_Graph):
     """decode.onnx: exactly one new token per sequence, one fused DecodeStep per layer.
 
     ``decode_weights="float16"`` (float32 models only): in_proj, out_proj and the LM head are
-    :class:`F16WeightLinear` (half the bytes a step reads); the embedding keeps its float32 table.
+    :class:`F16WeightLinear` (half the bytes a step reads); ``"int8"``: :class:`I8WeightLinear` (a quarter, plus a
+    scale per row); the embedding keeps its float32 table.
     ``decode_blocks`` (models without in_proj/out_proj bias, float32 decode weights): every layer is one DecodeBlock,
     layer 0's with a zero residual row, and norm_f and the LM head are one DecodeHead on the head's [V, d] weight (for
     a tied model the embedding's table: one initializer, no transposed copy)."""
@@ -230,12 +268,13 @@ class DecodeGraph(_Graph):
             # residual), so residual_out = R(0 + embedding), exactly what RMSNorm normalises in the other graphs.
             self.register_buffer("zero_residual", torch.zeros(1, 1, model.config.d_model, dtype=self.residual_dtype),
                                  persistent=False)
-        if decode_weights == "float16":
+        if decode_weights != "float32":
             if self.weight_dtype != torch.float32:
-                raise ValueError("float16 decode weights need a float32 model")
+                raise ValueError(f"{decode_weights} decode weights need a float32 model")
+            narrow = _NARROW_LINEAR[decode_weights]
             for mixer in self.mixers:
-                mixer.in_proj, mixer.out_proj = F16WeightLinear(mixer.in_proj), F16WeightLinear(mixer.out_proj)
-            self.lm_head = F16WeightLinear(self.lm_head)
+                mixer.in_proj, mixer.out_proj = narrow(mixer.in_proj), narrow(mixer.out_proj)
+            self.lm_head = narrow(self.lm_head)
 
     def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         """input_ids (b, 1), past states -> logits (b, 1, V), present states."""

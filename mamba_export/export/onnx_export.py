@@ -7,9 +7,10 @@ every initializer of 1 KiB or more in one ``weights.bin``: tensors with equal dt
 and shared by offset whatever their names, so model.onnx, decode.onnx and model_last.onnx share the weights. The
 initializers are moved to the file in the exporter's IR model, a tensor at a time, before it is turned into a
 ModelProto: a ModelProto holding them would be a second copy of the weights (peak RSS 9.47 GiB instead of 3.80 for
-a 793M-parameter float32 model, docs/export.md). With float16 decode weights, decode.onnx's float16 copies of
-in_proj, out_proj and the LM head go to their own ``decode_weights_f16.bin`` instead (the rest of decode.onnx still
-points into weights.bin).
+a 793M-parameter float32 model, docs/export.md). With float16 (int8) decode weights, decode.onnx's float16 (int8)
+copies of in_proj, out_proj and the LM head (with the int8 ones' float32 row scales) go to their own
+``decode_weights_f16.bin`` (``decode_weights_i8.bin``) instead; the rest of decode.onnx still points into
+weights.bin, which is byte for byte that of the float32 export.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from .graphs import DecodeGraph, SequenceGraph, example_inputs, io_names
 
 WEIGHTS_FILE = "weights.bin"
 DECODE_F16_WEIGHTS_FILE = "decode_weights_f16.bin"  # decode.onnx's float16 matrices (--decode-weights float16)
+DECODE_I8_WEIGHTS_FILE = "decode_weights_i8.bin"  # decode.onnx's int8 matrices (--decode-weights int8)
+# --decode-weights dtype -> (the file of decode.onnx's narrow matrices, their ONNX dtype)
+DECODE_WEIGHT_FILES = {"float16": (DECODE_F16_WEIGHTS_FILE, ir.DataType.FLOAT16),
+                       "int8": (DECODE_I8_WEIGHTS_FILE, ir.DataType.INT8)}
 _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx files
 _ALIGN = 64  # offsets in weights.bin are multiples of this, for memory mapping
 
@@ -88,12 +93,13 @@ class SharedWeights:
         self._location = location
         self._stored: dict[tuple, tuple[int, int]] = {}  # (dtype, dims, sha256) -> (offset, length)
 
-    def externalize(self, graph: ir.Model, select: Callable[[ir.TensorProtocol], bool] = lambda t: True) -> None:
-        """Point every initializer of 1 KiB or more of ``graph`` that ``select`` accepts, and that is not in a file
-        yet, into this file, writing the ones not yet there (one tensor's bytes in memory at a time)."""
+    def externalize(self, graph: ir.Model, select: Callable[[ir.Value], bool] = lambda v: True) -> None:
+        """Point every initializer of 1 KiB or more of ``graph`` that ``select`` accepts (given its ir.Value), and
+        that is not in a file yet, into this file, writing the ones not yet there (one tensor's bytes in memory at a
+        time)."""
         for value in graph.graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or isinstance(tensor, ir.ExternalTensor) or not select(tensor):
+            if tensor is None or isinstance(tensor, ir.ExternalTensor) or not select(value):
                 continue
             if tensor.nbytes < _INLINE_BYTES:
                 continue
@@ -109,12 +115,20 @@ class SharedWeights:
                                                   name=value.name)
 
 
+def _is_narrow_weight(value: ir.Value, dtype: ir.DataType) -> bool:
+    """Whether an initializer of decode.onnx belongs in the narrow-weights file: a matrix of that dtype, or the scales
+    of an int8 one (LinearI8W's input S), so that weights.bin stays that of the float32 export."""
+    return value.const_value.dtype == dtype or any(
+        node.op_type == "LinearI8W" and index == 2 for node, index in value.uses())
+
+
 def write_graphs(
     model: MambaLM, out: Path, last_logits: bool, say: Callable[[str], None], decode_weights: str = "float32",
     decode_blocks: bool = False,
 ) -> list[str]:
     """Export, write and check model.onnx, decode.onnx (and model_last.onnx) and weights.bin in ``out``; with
-    ``decode_weights="float16"`` also decode_weights_f16.bin, decode.onnx's float16 in_proj, out_proj and LM head.
+    ``decode_weights="float16"`` also decode_weights_f16.bin, decode.onnx's float16 in_proj, out_proj and LM head
+    (``"int8"``: decode_weights_i8.bin, their int8 values).
     With ``decode_blocks`` decode.onnx runs every layer as one DecodeBlock node, whose in_proj and out_proj
     weights (nn.Linear layout) are stored in weights.bin beside model.onnx's transposed ones, and ends with one
     DecodeHead, whose LM head weight is in that layout too (a tied model's embedding table, stored already).
@@ -130,15 +144,15 @@ def write_graphs(
         wrappers["model_last.onnx"] = (SequenceGraph(model, last_logits=True), True)
     with contextlib.ExitStack() as files:
         weights = SharedWeights(files.enter_context(open(out / WEIGHTS_FILE, "wb")))
-        halves = None
-        if decode_weights == "float16":
-            halves = SharedWeights(files.enter_context(open(out / DECODE_F16_WEIGHTS_FILE, "wb")),
-                                   DECODE_F16_WEIGHTS_FILE)
+        narrow = None
+        if decode_weights in DECODE_WEIGHT_FILES:
+            narrow_file, narrow_dtype = DECODE_WEIGHT_FILES[decode_weights]
+            narrow = SharedWeights(files.enter_context(open(out / narrow_file, "wb")), narrow_file)
         for name, (module, seq_dynamic) in wrappers.items():
             say(f"exporting {name}")
             graph = export_graph(module, model, seq_dynamic)
-            if halves is not None and name == "decode.onnx":
-                halves.externalize(graph, lambda t: t.dtype == ir.DataType.FLOAT16)
+            if narrow is not None and name == "decode.onnx":
+                narrow.externalize(graph, lambda v: _is_narrow_weight(v, narrow_dtype))
             weights.externalize(graph)
             onnx.save_model(to_proto(graph), out / name)
             del graph

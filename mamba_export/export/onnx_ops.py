@@ -22,15 +22,16 @@ from . import torch_ops
 DOMAIN = "ai.mamba_export"
 DOMAIN_VERSION = 1
 OPSET = 18  # the standard opset of every exported graph and of the functions
-OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W", "DecodeBlock",
-            "DecodeHead")
+OP_NAMES = ("SelectiveScan", "CausalConv1d", "DecodeStep", "RMSNorm", "AddRMSNorm", "LinearF16W", "LinearI8W",
+            "DecodeBlock", "DecodeHead")
 DEFAULT_EPSILON = 1e-5  # RMSNorm's and AddRMSNorm's epsilon when a node does not set it
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TYPES = {
     "T": ("T", _FLOATS, "activations (and, for the norms, the weight)"),
-    "F": ("F", ["tensor(float)"], "parameters and states (LinearF16W: its activations)"),
+    "F": ("F", ["tensor(float)"], "parameters and states (LinearF16W, LinearI8W: activations and scales)"),
     "H": ("H", ["tensor(float16)"], "weights stored as float16"),
+    "I": ("I", ["tensor(int8)"], "weights stored as int8"),
     "R": ("R", _FLOATS, "the residual stream: float32, or the same type as T"),
 }
 _FLAG = "0 or 1"
@@ -66,6 +67,11 @@ _SIGNATURES = {
     ),
     "LinearF16W": (
         [("X", "F"), ("W", "H")],
+        [("Y", "F")],
+        {},
+    ),
+    "LinearI8W": (
+        [("X", "F"), ("W", "I"), ("S", "F")],
         [("Y", "F")],
         {},
     ),
@@ -135,6 +141,10 @@ def _linear_f16w(x, weight):
     return _op.LinearF16W(x, weight)
 
 
+def _linear_i8w(x, weight, scale):
+    return _op.LinearI8W(x, weight, scale)
+
+
 def _decode_block(x, residual, norm_weight, in_proj_weight, conv_state, ssm_state, conv_weight, conv_bias,
                   x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, eps: float):
     out, residual_out, conv, ssm = _op.DecodeBlock(
@@ -157,6 +167,7 @@ def translation_table() -> dict:
         torch_ops.rms_norm._opoverload: _rms_norm,
         torch_ops.add_rms_norm._opoverload: _add_rms_norm,
         torch_ops.linear_f16w._opoverload: _linear_f16w,
+        torch_ops.linear_i8w._opoverload: _linear_i8w,
         torch_ops.decode_block._opoverload: _decode_block,
         torch_ops.decode_head._opoverload: _decode_head,
     }
@@ -334,6 +345,15 @@ def _linear_f16w_function() -> onnx.FunctionProto:
     return g.function(["Y"])
 
 
+def _linear_i8w_function() -> onnx.FunctionProto:
+    """Y = MatMul(X, Transpose(Cast(W, float))) * S: as LinearF16W's function, a float32 MatMul over the int8 values
+    (folded at session creation), then each output times its row's scale."""
+    g = _FunctionBuilder("LinearI8W")
+    product = g.op("MatMul", "X", g.op("Transpose", g.f32("W"), perm=[1, 0]))
+    g.nodes.append(helper.make_node("Mul", [product, "S"], ["Y"]))
+    return g.function(["Y"])
+
+
 def _linear(g: _FunctionBuilder, x: str, weight: str) -> str:
     """x (b, 1, K) T times weight (N, K) T transposed, summed in float32 -> float32 (b, 1, N), not rounded yet."""
     return g.op("MatMul", g.f32(x), g.op("Transpose", g.f32(weight), perm=[1, 0]))
@@ -365,4 +385,5 @@ def _decode_head_function() -> onnx.FunctionProto:
 def model_functions() -> list[onnx.FunctionProto]:
     """Every op as a model-local function of standard ops (opset :data:`OPSET`), for ``model.functions``."""
     return [_selective_scan_function(), _causal_conv1d_function(), _decode_step_function(), _rms_norm_function(),
-            _add_rms_norm_function(), _linear_f16w_function(), _decode_block_function(), _decode_head_function()]
+            _add_rms_norm_function(), _linear_f16w_function(), _linear_i8w_function(), _decode_block_function(),
+            _decode_head_function()]

@@ -7,11 +7,13 @@ the reference model computes. They are TorchScript-compatible (the TorchScript e
 add before it), computed as the reference model computes them.
 ``linear_f16w_ref``: a linear layer whose weight is stored as float16: float32 activations times the weight widened
 to float32 (decode.onnx with float16 decode weights).
+``linear_i8w_ref``: a linear layer whose weight is stored as int8 with a float32 scale per output row (decode.onnx with
+int8 decode weights).
 ``decode_block_cl``: one whole decode layer (AddRMSNorm, in_proj, DecodeStep, out_proj), the matrix products summed in
 float32 and rounded to the activation dtype.
 ``decode_head_cl``: the tail of a decode step, the final AddRMSNorm and the LM head, the product likewise.
 ``selective_scan``, ``causal_conv1d``, ``decode_step``, ``rms_norm``, ``add_rms_norm``, ``linear_f16w``,
-``decode_block``, ``decode_head``: the same as
+``linear_i8w``, ``decode_block``, ``decode_head``: the same as
 ``torch.library`` custom ops with fake implementations, so that ``torch.export`` sees one node each (translated to one
 ONNX node by :mod:`.onnx_ops`).
 
@@ -98,6 +100,12 @@ def linear_f16w_ref(x: Tensor, weight: Tensor) -> Tensor:
     return x @ weight.to(torch.float32).t()
 
 
+def linear_i8w_ref(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """LinearI8W: x (..., K) float32, weight (N, K) int8, scale (N,) float32 -> (x @ float32(weight).T) * scale
+    (..., N) float32 (no bias): each output is its row's sum over the int8 values, times the row's scale."""
+    return (x @ weight.to(torch.float32).t()) * scale
+
+
 def linear_cl(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., K), weight (N, K) in nn.Linear's layout -> x @ weight.T (..., N) in the weight's dtype, summed in the
     compute dtype (float32 for float16 weights) and rounded once."""
@@ -141,6 +149,7 @@ decode_step = torch.library.custom_op(f"{NAMESPACE}::decode_step", decode_step_c
 rms_norm = torch.library.custom_op(f"{NAMESPACE}::rms_norm", rms_norm_cl, mutates_args=())
 add_rms_norm = torch.library.custom_op(f"{NAMESPACE}::add_rms_norm", add_rms_norm_cl, mutates_args=())
 linear_f16w = torch.library.custom_op(f"{NAMESPACE}::linear_f16w", linear_f16w_ref, mutates_args=())
+linear_i8w = torch.library.custom_op(f"{NAMESPACE}::linear_i8w", linear_i8w_ref, mutates_args=())
 decode_block = torch.library.custom_op(f"{NAMESPACE}::decode_block", decode_block_cl, mutates_args=())
 decode_head = torch.library.custom_op(f"{NAMESPACE}::decode_head", decode_head_cl, mutates_args=())
 
@@ -174,6 +183,11 @@ def _(x, residual, weight, eps):
 
 @linear_f16w.register_fake
 def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@linear_i8w.register_fake
+def _(x, weight, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

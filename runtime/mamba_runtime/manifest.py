@@ -16,7 +16,7 @@ MANIFEST = "manifest.json"
 REQUIRED_GRAPHS = ("model.onnx", "decode.onnx")
 # The graphs' external data. onnxruntime only reads numbers from these files, so their sha256 may be checked while the
 # sessions load them (WeightCheck); every other file is checked before anything reads it.
-WEIGHT_FILES = ("weights.bin", "decode_weights_f16.bin")
+WEIGHT_FILES = ("weights.bin", "decode_weights_f16.bin", "decode_weights_i8.bin")
 
 
 @dataclasses.dataclass(frozen=True)

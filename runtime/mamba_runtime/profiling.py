@@ -100,15 +100,18 @@ def device_bandwidth_gbs(gib: float = 0.5, repeats: int = 5) -> float:
 def weight_bytes_per_token(info: ExportInfo) -> int:
     """Bytes of weights one decode step reads: every layer's parameters, the final norm, the LM head, one embedding
     row. in_proj, out_proj, embedding and head are in the export dtype (the in_proj, out_proj and head matrices in
-    the manifest's ``decode_weight_dtype`` when it is float16); the rest enters DecodeStep as float32."""
+    the manifest's ``decode_weight_dtype`` when it is float16 or int8, int8 with a float32 scale per output row); the
+    rest enters DecodeStep as float32."""
     c = info.manifest["config"]
     t = _DTYPE_BYTES[info.dtype]
-    m = 2 if info.manifest.get("decode_weight_dtype") == "float16" else t  # the three matrices of decode.onnx
+    narrow = info.manifest.get("decode_weight_dtype")
+    m = {"float16": 2, "int8": 1}.get(narrow, t)  # the three matrices of decode.onnx
+    scales = 4 if narrow == "int8" else 0  # a float32 scale per output row of each of them
     D, E, N, K, R, V = c["d_model"], c["d_inner"], c["d_state"], c["d_conv"], c["dt_rank"], c["vocab_size"]
     bias = t * (2 * E + D) if c.get("bias") else 0
-    big = m * (D * 2 * E + E * D) + bias  # in_proj, out_proj
+    big = m * (D * 2 * E + E * D) + scales * (2 * E + D) + bias  # in_proj, out_proj
     small = 4 * (E * K + E + E * (R + 2 * N) + R * E + E + E * N + E) + t * D  # conv, x/dt_proj, A, D, norm
-    return c["n_layer"] * (big + small) + m * V * D + t * (D + D)  # head, final norm, one embedding row
+    return c["n_layer"] * (big + small) + m * V * D + scales * V + t * (D + D)  # head, final norm, an embedding row
 
 
 def peak_rss_bytes() -> int:

@@ -121,8 +121,9 @@ size_t rms_norm_num_tasks(size_t rows, size_t d);
 template <typename R, typename T>
 void rms_norm_task(const RmsNormArgs<R, T>& args, size_t task, size_t num_tasks);
 
-// A linear layer y = x W^T (LinearF16W, the projections of DecodeBlock, the LM head of DecodeHead): float32 x,
-// weights W float32 or float16 (widened to float32 in registers), float32 sums. The m rows of x (the product of x's
+// A linear layer y = x W^T (LinearF16W, LinearI8W, the projections of DecodeBlock, the LM head of DecodeHead):
+// float32 x, weights W float32, float16 or int8 (widened to float32 in registers), float32 sums; with `scale` set (int8
+// weights) each output row's sum is then multiplied by scale[row]. The m rows of x (the product of x's
 // leading dimensions) all go through each task, so every weight is read from memory once per call. A task owns a
 // contiguous block of output rows (columns of y); with y_f16 set it also writes that block of y rounded to float16
 // (y then is scratch).
@@ -133,8 +134,10 @@ struct LinearArgs {
   float* y;                    // [m, n]
   size_t m, n, k;
   half_t* y_f16 = nullptr;     // [m, n] or nullptr
+  const float* scale = nullptr;  // [n] or nullptr
 };
 using LinearF16WArgs = LinearArgs<half_t>;
+using LinearI8WArgs = LinearArgs<int8_t>;
 
 template <typename W>
 size_t linear_num_tasks(size_t n, size_t k);

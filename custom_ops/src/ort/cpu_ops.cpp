@@ -5,6 +5,7 @@
 #include <iterator>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attributes.h"
@@ -17,6 +18,7 @@ namespace {
 
 constexpr ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr ONNXTensorElementDataType I8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 constexpr const char* kFloat32Why = "parameters and states are float32";
 constexpr const char* kWhyT = "T of this kernel: float32 or float16";
 constexpr const char* kWhyR = "R of this kernel (the residual stream): float32, or T";
@@ -28,8 +30,8 @@ constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEM
 template <>
 constexpr ONNXTensorElementDataType onnx_type<half_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
 
-// The type of an op's input or output: T (the activations), R (the residual stream), float32 or float16.
-enum class Kind { T, R, F32, F16 };
+// The type of an op's input or output: T (the activations), R (the residual stream), float32, float16 or int8.
+enum class Kind { T, R, F32, F16, I8 };
 
 // Runs task(i) for every i in [0, n) on the session's intra-op thread pool (inline when it has one thread, or when
 // there is one task: no hand-off at all then).
@@ -455,14 +457,31 @@ struct DecodeHeadKernel {
   float epsilon_;
 };
 
-// LinearF16W: X float32 [..., K], W float16 [N, K] -> Y float32 [..., N] = X W^T (float32 sums).
-struct LinearF16WKernel {
+// The linear ops with narrow weights, the layer y = x W^T of cpu_kernels.h (float32 sums):
+// LinearF16W: X float32 [..., K], W float16 [N, K] -> Y float32 [..., N] = X W^T;
+// LinearI8W: X float32 [..., K], W int8 [N, K], S float32 [N] -> Y float32 [..., N] = (X W^T) * S (each output times
+// the scale of its row of W).
+template <typename W>
+struct NarrowWeights;
+template <>
+struct NarrowWeights<half_t> {
   static constexpr const char* kName = "LinearF16W";
   static constexpr Kind kInputs[] = {Kind::F32, Kind::F16};
+};
+template <>
+struct NarrowWeights<int8_t> {
+  static constexpr const char* kName = "LinearI8W";
+  static constexpr Kind kInputs[] = {Kind::F32, Kind::I8, Kind::F32};
+};
+
+template <typename W>
+struct LinearNarrowKernel : NarrowWeights<W> {
+  using NarrowWeights<W>::kName;
+  static constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   static constexpr Kind kOutputs[] = {Kind::F32};
   static constexpr const char* kLayoutX = "[..., K]";
 
-  explicit LinearF16WKernel(const OrtKernelInfo*) {}
+  explicit LinearNarrowKernel(const OrtKernelInfo*) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
     return guarded([&] { compute(Ort::KernelContext(context)); });
@@ -471,11 +490,21 @@ struct LinearF16WKernel {
   void compute(Ort::KernelContext ctx) const {
     const Input x = get_input(ctx, kName, 0, "X"), w = get_input(ctx, kName, 1, "W");
     expect_dtype(x, F32, "the activations: float32");
-    expect_dtype(w, F16, "the weights: float16");
+    if constexpr (kInt8) {
+      expect_dtype(w, I8, "the weights: int8");
+    } else {
+      expect_dtype(w, F16, "the weights: float16");
+    }
     expect_rank(w, {"N", "K"});
     expect_at_least(w, 0, "N", 1, "no outputs");
     expect_at_least(w, 1, "K", 1, "empty rows");
     const int64_t n = w.shape[0], k = w.shape[1];
+    const float* scale = nullptr;
+    if constexpr (kInt8) {
+      const Input s = get_input(ctx, kName, 2, "S");
+      expect(s, F32, "the scales: float32", {{"N", n}});
+      scale = data<float>(s);
+    }
     expect_rank_between(x, 1, Shape::kMaxRank, kLayoutX);
     const size_t rank = x.shape.size();
     expect_dim(x, rank - 1, {"K", k}, kLayoutX);
@@ -488,14 +517,18 @@ struct LinearF16WKernel {
     }
     y_shape[rank - 1] = n;
     float* y = static_cast<float*>(ctx.GetOutput(0, y_shape, rank).GetTensorMutableRawData());
-    const LinearF16WArgs args{data<float>(x), data<half_t>(w), y, m, size_t(n), size_t(k)};
-    parallel_for(ctx, linear_num_tasks<half_t>(args.n, args.k), [&](size_t i) noexcept { linear_task(args, i); });
+    const LinearArgs<W> args{data<float>(x), data<W>(w), y, m, size_t(n), size_t(k), nullptr, scale};
+    parallel_for(ctx, linear_num_tasks<W>(args.n, args.k), [&](size_t i) noexcept { linear_task(args, i); });
   }
 };
 
 template <typename R, typename T>
 constexpr ONNXTensorElementDataType type_of(Kind kind) {
-  return kind == Kind::T ? onnx_type<T>() : kind == Kind::R ? onnx_type<R>() : kind == Kind::F16 ? F16 : F32;
+  return kind == Kind::T     ? onnx_type<T>()
+         : kind == Kind::R   ? onnx_type<R>()
+         : kind == Kind::F16 ? F16
+         : kind == Kind::I8  ? I8
+                             : F32;
 }
 
 // One registered op: kernel K over activation dtype T and residual dtype R.
@@ -532,7 +565,8 @@ std::vector<const OrtCustomOp*> cpu_ops() {
   static const OpRT<AddRmsNormKernel, float, float> add_norm_f32;
   static const OpRT<AddRmsNormKernel, float, half_t> add_norm_f32_f16;
   static const OpRT<AddRmsNormKernel, half_t, half_t> add_norm_f16;
-  static const Op<LinearF16WKernel, float, float> linear_f16w;  // X float32, W float16: no type parameter
+  static const Op<LinearNarrowKernel<half_t>, float, float> linear_f16w;  // X float32, W float16: no type parameter
+  static const Op<LinearNarrowKernel<int8_t>, float, float> linear_i8w;   // X float32, W int8, S float32
   // DecodeBlock: the norms' (R, T) combinations.
   static const OpRT<DecodeBlockKernel, float, float> block_f32;
   static const OpRT<DecodeBlockKernel, float, half_t> block_f32_f16;
@@ -542,7 +576,7 @@ std::vector<const OrtCustomOp*> cpu_ops() {
   static const OpRT<DecodeHeadKernel, float, half_t> head_f32_f16;
   static const OpRT<DecodeHeadKernel, half_t, half_t> head_f16;
   return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16,
-          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w,
+          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w, &linear_i8w,
           &block_f32, &block_f32_f16, &block_f16, &head_f32, &head_f32_f16, &head_f16};
 }
 

@@ -127,7 +127,7 @@ std::map<std::string, std::string> listed_files(const Reader& r, const Json& roo
 }
 
 // onnxruntime only reads numbers from these (external data), so they may be checked while the sessions load.
-constexpr const char* kWeightFiles[] = {"weights.bin", "decode_weights_f16.bin"};
+constexpr const char* kWeightFiles[] = {"weights.bin", "decode_weights_f16.bin", "decode_weights_i8.bin"};
 
 bool is_weight_file(const std::string& name) {
   for (const char* w : kWeightFiles) {

@@ -20,8 +20,9 @@ struct Manifest {
   int64_t vocab_size = 0;
   bool byte_level = false;
   std::string prefill_graph;  ///< "model_last.onnx" when the export has it (last-position logits), else "model.onnx"
-  /// The weight files (weights.bin, decode_weights_f16.bin) with their sha256, when `verify`: read_manifest leaves
-  /// them to check_weights, which runs while onnxruntime loads them (it only reads numbers from these files).
+  /// The weight files (weights.bin, decode_weights_f16.bin, decode_weights_i8.bin) with their sha256, when
+  /// `verify`: read_manifest leaves them to check_weights, which runs while onnxruntime loads them (it only reads
+  /// numbers from these files).
   std::vector<std::pair<std::filesystem::path, std::string>> unchecked_weights;
 };
 

@@ -1,7 +1,8 @@
-// The linear layer of LinearF16W and DecodeBlock on the CPU (see cpu_kernels.h): y = x W^T with float32 or float16
-// weights (float16 widened to float32 in registers), summed in float32. A decode step's matrix-vector products are
-// bound by memory, so reading 2 bytes per weight instead of 4 halves their time, provided the widening keeps up with
-// the memory; float32 weights take the same loops without the widening.
+// The linear layer of LinearF16W, LinearI8W and DecodeBlock on the CPU (see cpu_kernels.h): y = x W^T with float32,
+// float16 or int8 weights (widened to float32 in registers), summed in float32; int8 rows are then multiplied by
+// their scale. A decode step's matrix-vector products are bound by memory, so reading 2 bytes (or 1) per weight
+// instead of 4 halves (quarters) their time, provided the widening keeps up with the memory; float32 weights take
+// the same loops without the widening.
 //
 // A task owns a contiguous block of output rows (about kTaskBytes of weights) and reads it front to back, one row
 // after the other: a single sequential stream, which this machine's prefetchers follow at full speed (working on 2,
@@ -14,7 +15,8 @@
 //
 // Two implementations of the inner loops: on x86-64 CPUs with AVX2, FMA and F16C, intrinsics (vcvtph2ps widens 8
 // weights in one instruction; GCC 12 does not vectorise float16 conversions, and the portable bit-level conversion
-// takes about a dozen instructions per 8 weights, which made the loop compute-bound at half the memory bandwidth);
+// takes about a dozen instructions per 8 weights, which made the loop compute-bound at half the memory bandwidth;
+// int8 takes vpmovsxbd + vcvtdq2ps per 8 weights);
 // elsewhere portable loops, compiled as MAMBA_CLONES. The CPU decides which, once; a build with
 // MAMBA_EXPORT_OPS_NO_CLONES uses the intrinsics only when compiled for F16C (-march=x86-64-v3).
 #include <algorithm>
@@ -40,25 +42,35 @@ constexpr size_t kLanes = 16;             // running sums per row
 constexpr size_t kChunk = 512;            // K values per reduction (a multiple of kLanes)
 constexpr size_t kRowsOfX = 4;            // rows of x per pass over a chunk of weights (batch > 1)
 static_assert(kRowsOfX == 4, "output_row handles the last 1 to 3 rows of x case by case");
-// With a batch, the loop is busy enough that the hardware prefetchers fall behind: software prefetch 2 KB ahead
-// (batch 4 and 8 of mamba-130m's GEMVs 20-25% faster; no gain at batch 1, where it is left out).
-constexpr size_t kPrefetchBytes = 2048;
+// Software prefetch 4 KB ahead along the row, at every batch size. With a batch the loop is busy enough that the
+// hardware prefetchers fall behind (2 KB ahead: batch 4 and 8 of mamba-130m's GEMVs 20-25% faster on the AMD EPYC
+// host of the first measurements). At batch 1 it gained nothing there and was left out, but on the Intel Xeon host of
+// the twenty-eighth session, where one core's sequential read otherwise stays near 7 GB/s, it made the 49 products
+// of a mamba-130m decode step ~30% faster (float16 14.50 -> 10.47 ms, int8 10.12 -> 7.02; batch 8 unchanged; 2 KB
+// and 8 KB ahead less so: BENCHMARKS.md section 8).
+constexpr size_t kPrefetchBytes = 4096;
 constexpr size_t kTaskBytes = 64 * 1024;  // weights per task: 64 per in_proj, 24 per out_proj of mamba-130m
 constexpr size_t kTaskRowMultiple = 16;   // task blocks end on a 64-byte line of y
+
+inline float widen_portable(int8_t w) { return float(w); }
+template <typename W>
+inline float widen_portable(W w) {
+  return vec::to_float(w);
+}
 
 // The portable inner loops: float16 widened by vec::to_float, vectorised by the compiler.
 struct Portable {
   // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
   // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
-  template <size_t kM, bool kPrefetch, typename W>
+  template <size_t kM, typename W>
   static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len, float* sums) {
     float acc[kM][kLanes] = {};
     size_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
-      if (kPrefetch) __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes);
       float wf[kLanes];
 #pragma omp simd
-      for (size_t j = 0; j < kLanes; ++j) wf[j] = vec::to_float(w[i + j]);
+      for (size_t j = 0; j < kLanes; ++j) wf[j] = widen_portable(w[i + j]);
       for (size_t m = 0; m < kM; ++m) {
 #pragma omp simd
         for (size_t j = 0; j < kLanes; ++j) acc[m][j] += wf[j] * x[m * ldx + i + j];
@@ -70,7 +82,7 @@ struct Portable {
         for (size_t j = 0; j < width; ++j) acc[m][j] += acc[m][j + width];
       }
       float tail = 0.0f;
-      for (size_t t = i; t < len; ++t) tail += vec::to_float(w[t]) * x[m * ldx + t];
+      for (size_t t = i; t < len; ++t) tail += widen_portable(w[t]) * x[m * ldx + t];
       sums[m] = acc[m][0] + tail;
     }
   }
@@ -83,7 +95,11 @@ struct F16c {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   MAMBA_F16C_TARGET static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  MAMBA_F16C_TARGET static __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   MAMBA_F16C_TARGET static float widen(half_t w) { return _cvtsh_ss(w.bits); }
+  MAMBA_F16C_TARGET static float widen(int8_t w) { return float(w); }
   MAMBA_F16C_TARGET static float widen(float w) { return w; }
 
   MAMBA_F16C_TARGET static float sum8(__m256 v) {
@@ -93,7 +109,7 @@ struct F16c {
     return _mm_cvtss_f32(s);
   }
 
-  template <size_t kM, bool kPrefetch, typename W>
+  template <size_t kM, typename W>
   MAMBA_F16C_TARGET static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len,
                                      float* sums) {
     __m256 lo[kM], hi[kM];
@@ -101,7 +117,7 @@ struct F16c {
     size_t i = 0;
     for (; i + 16 <= len; i += 16) {
       const __m256 w0 = load8(w + i), w1 = load8(w + i + 8);
-      if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, _MM_HINT_T0);
       for (size_t m = 0; m < kM; ++m) {
         lo[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + i), lo[m]);
         hi[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + i + 8), hi[m]);
@@ -122,15 +138,16 @@ struct F16c {
 #endif
 
 // y[mi + j, row] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of row `row`.
-template <class Path, size_t kM, bool kPrefetch, typename W>
+template <class Path, size_t kM, typename W>
 inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, size_t len) {
   float part[kM];
-  Path::template dots<kM, kPrefetch>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
+  Path::template dots<kM>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
   for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row] += part[j];
 }
 
 // Output row `row` (a column of y) for every row of x: chunk by chunk, the rows of x kRowsOfX at a time, so that
-// each chunk of weights is read from memory once and widened once per kRowsOfX rows of x.
+// each chunk of weights is read from memory once and widened once per kRowsOfX rows of x; then times the row's
+// scale where there is one (int8 weights).
 template <class Path, typename W>
 inline void output_row(const LinearArgs<W>& a, size_t row) {
   const size_t k = a.k, m = a.m;
@@ -138,18 +155,20 @@ inline void output_row(const LinearArgs<W>& a, size_t row) {
   for (size_t c0 = 0; c0 < k; c0 += kChunk) {
     const size_t len = std::min(kChunk, k - c0);
     if (m == 1) {
-      add_dots<Path, 1, false>(a, row, 0, c0, len);
+      add_dots<Path, 1>(a, row, 0, c0, len);
       continue;
     }
     size_t mi = 0;
-    for (; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kRowsOfX, true>(a, row, mi, c0, len);
+    for (; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kRowsOfX>(a, row, mi, c0, len);
     switch (m - mi) {
-      case 3: add_dots<Path, 3, true>(a, row, mi, c0, len); break;
-      case 2: add_dots<Path, 2, true>(a, row, mi, c0, len); break;
-      case 1: add_dots<Path, 1, true>(a, row, mi, c0, len); break;
+      case 3: add_dots<Path, 3>(a, row, mi, c0, len); break;
+      case 2: add_dots<Path, 2>(a, row, mi, c0, len); break;
+      case 1: add_dots<Path, 1>(a, row, mi, c0, len); break;
       default: break;
     }
   }
+  if (a.scale == nullptr) return;
+  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] *= a.scale[row];
 }
 
 size_t task_rows(size_t k, size_t weight_bytes) {
@@ -173,14 +192,19 @@ inline void rows_of_task(const LinearArgs<W>& a, size_t task) {
 
 MAMBA_CLONES void portable_f16(const LinearArgs<half_t>& a, size_t task) { rows_of_task<Portable>(a, task); }
 MAMBA_CLONES void portable_f32(const LinearArgs<float>& a, size_t task) { rows_of_task<Portable>(a, task); }
+MAMBA_CLONES void portable_i8(const LinearArgs<int8_t>& a, size_t task) { rows_of_task<Portable>(a, task); }
 inline void linear_portable(const LinearArgs<half_t>& a, size_t task) { portable_f16(a, task); }
 inline void linear_portable(const LinearArgs<float>& a, size_t task) { portable_f32(a, task); }
+inline void linear_portable(const LinearArgs<int8_t>& a, size_t task) { portable_i8(a, task); }
 
 #if MAMBA_LINEAR_F16C
 __attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearArgs<half_t>& a, size_t task) {
   rows_of_task<F16c>(a, task);
 }
 __attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearArgs<float>& a, size_t task) {
+  rows_of_task<F16c>(a, task);
+}
+__attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearArgs<int8_t>& a, size_t task) {
   rows_of_task<F16c>(a, task);
 }
 
@@ -212,7 +236,9 @@ void linear_task(const LinearArgs<W>& args, size_t task) {
 
 template size_t linear_num_tasks<float>(size_t n, size_t k);
 template size_t linear_num_tasks<half_t>(size_t n, size_t k);
+template size_t linear_num_tasks<int8_t>(size_t n, size_t k);
 template void linear_task<float>(const LinearArgs<float>& args, size_t task);
 template void linear_task<half_t>(const LinearArgs<half_t>& args, size_t task);
+template void linear_task<int8_t>(const LinearArgs<int8_t>& args, size_t task);
 
 }  // namespace mamba_export_ops
