@@ -576,7 +576,8 @@ std::vector<const OrtCustomOp*> cpu_ops() {
   static const OpRT<DecodeHeadKernel, float, half_t> head_f32_f16;
   static const OpRT<DecodeHeadKernel, half_t, half_t> head_f16;
   return {&scan_f32, &scan_f16, &conv_f32, &conv_f16, &decode_f32, &decode_f16,
-          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16, &linear_f16w, &linear_i8w,
+          &norm_f32, &norm_f32_f16, &norm_f16, &add_norm_f32, &add_norm_f32_f16, &add_norm_f16,
+          &linear_f16w, &linear_i8w,
           &block_f32, &block_f32_f16, &block_f16, &head_f32, &head_f32_f16, &head_f16};
 }
 
