@@ -156,7 +156,8 @@ def test_linear_f16w_special_weights():
     assert np.all(y[:, 0] > 0) and np.all(y[:, 2] == 0)
 
 
-def test_linear_i8w_extreme_values():
+@pytest.mark.parametrize("path", ["library", "function"])
+def test_linear_i8w_extreme_values(path):
     """-128 (which the exporter never stores) and 127 widen exactly; a zero scale zeroes its row, a negative one flips
     it; K = 8191 of +-127 sums exactly (every partial sum is an integer below 2^24)."""
     k = 8191
@@ -165,7 +166,7 @@ def test_linear_i8w_extreme_values():
     w[3, ::2] = -127
     x = np.ones((2, k), np.float32)
     scale = np.array([1.0, 0.5, 0.0, -2.0], np.float32)
-    y = run_op(x, w, scale)
+    y = run_op(x, w, scale, library=path == "library")
     np.testing.assert_array_equal(y, np.tile(np.array([127.0 * k, -64.0 * k, 0.0, -2.0 * -127], np.float32), (2, 1)))
 
 
@@ -183,10 +184,12 @@ def test_batch_rows_equal_single_rows_and_threads_do_not_matter(dtype):
     np.testing.assert_array_equal(three, batch)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20), k=st.integers(1, 300),
-       magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]))
+       magnitude=st.sampled_from([1e-44, 1e-40, 1e-37, 1e-30, 1e-3, 1.0, 1e4, 1e36]))
 def test_quantize_rows_int8_stores_the_nearest_multiple_of_the_row_scale(seed, n, k, magnitude):
+    """Rows of ordinary, huge and tiny magnitudes (down to float32 subnormals, whose scale is held at the smallest
+    normal float32), and an all-zero row."""
     rng = np.random.default_rng(seed)
     w = torch.from_numpy(rng.standard_normal((n, k)) * magnitude).to(torch.float32)
     w[rng.integers(0, n)] = 0.0  # an all-zero row
@@ -196,12 +199,22 @@ def test_quantize_rows_int8_stores_the_nearest_multiple_of_the_row_scale(seed, n
     amax = w64.abs().amax(dim=1)
     zero = amax == 0
     assert torch.all(q[zero] == 0) and torch.all(scale[zero] == 1)
-    # the scale: the row's largest magnitude over 127 (rounded to float32), and that weight stored as +-127
-    assert torch.allclose(s64[~zero], amax[~zero] / 127, rtol=2**-23, atol=0)
-    assert torch.all(q64.abs().amax(dim=1)[~zero] == 127) and q.min() >= -127
-    # the nearest multiple: |q s - w| <= s / 2 (and a float64 rounding)
+    # the scale: the row's largest magnitude over 127 rounded to float32, or the smallest normal float32
+    tiny = torch.finfo(torch.float32).tiny
+    want = (amax / 127).clamp(min=tiny)
+    assert torch.allclose(s64[~zero], want[~zero], rtol=2**-23, atol=0) and torch.all(s64 >= tiny)
+    normal = ~zero & (amax / 127 >= tiny)
+    assert torch.all(q64.abs().amax(dim=1)[normal] == 127) and q.min() >= -127
+    # the nearest multiple: |q s - w| <= s / 2 (and the float32 rounding of the scale at the largest weight)
     err = (q64 * s64[:, None] - w64).abs()
-    assert torch.all(err <= s64[:, None] * (0.5 + 1e-9))
+    assert torch.all(err <= s64[:, None] * (0.5 + 127 * 2**-24))
+
+
+def test_quantize_rows_int8_refuses_non_finite_weights():
+    w = torch.ones(3, 4)
+    w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_rows_int8(w)
 
 
 # ---- invalid inputs -------------------------------------------------------------------------------------------------
@@ -225,6 +238,8 @@ BAD_CASES = {
     "i8_x_scalar": ("LinearI8W", (np.array(1.0, np.float32), _Q, _S), None, ["LinearI8W", "'X'", "rank 0"]),
     "i8_w_rank_1": ("LinearI8W", (_X, np.ones(8, np.int8), _S), None, ["LinearI8W", "'W'", "rank 1", "[N, K]"]),
     "i8_k_mismatch": ("LinearI8W", (_X, np.ones((5, 7), np.int8), _S), None, ["'X'", "[2, 1, 8]", "K=7"]),
+    "i8_x_rank_9": ("LinearI8W", (np.ones((1,) * 8 + (8,), np.float32), _Q, _S), None, ["'X'", "rank 9"]),
+    "i8_empty_k": ("LinearI8W", (np.ones((2, 0), np.float32), np.ones((5, 0), np.int8), _S), None, ["'W'", "K = 0"]),
     "i8_empty_n": ("LinearI8W", (_X, np.ones((0, 8), np.int8), np.ones(0, np.float32)), None, ["'W'", "N = 0"]),
     "i8_empty_batch": ("LinearI8W", (np.ones((0, 1, 8), np.float32), _Q, _S), None, ["'X'", "leading dimension"]),
     "i8_scale_short": ("LinearI8W", (_X, _Q, np.ones(4, np.float32)), None, ["LinearI8W", "'S'", "N=5"]),
@@ -342,8 +357,14 @@ def test_decode_graph_uses_the_narrow_op_and_its_own_weights_file(exported):
     assert len(matrices) == 2 * n_layer + 1  # in_proj, out_proj per layer, LM head (tied or not)
     scales = {n.input[2] for n in decode.node if n.op_type == "LinearI8W"}
     assert len(scales) == (len(matrices) if dtype == "int8" else 0)
-    in_file = [t for t in decode.initializer if t.name in scales and t.external_data]  # 1 KiB or more: not inline
-    assert all({e.key: e.value for e in t.external_data}["location"] == narrow_file for t in in_file)
+    # the scales of 1 KiB or more are in the narrow file beside their matrices (weights.bin stays the float32
+    # export's), the smaller ones inline
+    scale_tensors = [t for t in decode.initializer if t.name in scales]
+    assert len(scale_tensors) == len(scales)
+    for t in scale_tensors:
+        where = {e.key: e.value for e in t.external_data}.get("location", "inline")
+        assert where == (narrow_file if 4 * int(np.prod(t.dims)) >= 1024 else "inline"), (t.name, where)
+    in_file = [t for t in scale_tensors if t.external_data]
     stored = sum(width * int(np.prod(t.dims)) for t in matrices) + sum(4 * int(np.prod(t.dims)) for t in in_file)
     assert (out / narrow_file).stat().st_size >= stored
     for name in ("model.onnx", "model_last.onnx"):
@@ -390,7 +411,7 @@ def test_library_kernel_runs_where_registered_function_elsewhere(exported, how, 
 
 def test_profile_floor_counts_the_narrow_matrix_weights(exported):
     """``mamba-export profile``'s memory floor: in_proj, out_proj and the LM head at 2 bytes a weight (float16) or 1
-    and a float32 scale a row (int8)."""
+    and a float32 scale a row (int8); without the library (their functions run on folded float32 copies) at 4."""
     import dataclasses
 
     from mamba_runtime.manifest import open_export_dir
@@ -404,6 +425,34 @@ def test_profile_floor_counts_the_narrow_matrix_weights(exported):
     rows = c.n_layer * (2 * c.d_inner + c.d_model) + c.vocab_size
     saved = 2 * matrices if dtype == "float16" else 3 * matrices - 4 * rows
     assert weight_bytes_per_token(as_float32) - weight_bytes_per_token(info) == saved
+    assert weight_bytes_per_token(info, library=False) == weight_bytes_per_token(as_float32)
+
+
+@pytest.mark.parametrize("damage", ["one bit", "truncated", "missing"])
+def test_a_damaged_narrow_weights_file_is_refused(exported, tmp_path, damage):
+    """decode_weights_f16/i8.bin is checked against manifest.json like weights.bin (in a thread while the sessions
+    load it): one bit changed, the file cut short or gone is refused with one line."""
+    import shutil
+
+    from mamba_runtime import ExportDirError, MambaRuntime
+
+    _, dtype, out, _, _ = exported
+    d = tmp_path / "export"
+    shutil.copytree(out, d)
+    narrow = d / NARROW[dtype][1]
+    if damage == "one bit":
+        data = bytearray(narrow.read_bytes())
+        data[len(data) // 2] ^= 1
+        narrow.write_bytes(bytes(data))
+    elif damage == "truncated":
+        os.truncate(narrow, 100)
+    else:
+        narrow.unlink()
+    with pytest.raises(ExportDirError) as info:
+        MambaRuntime(d, provider="cpu", threads=1, custom_ops="off")
+    message = str(info.value)
+    assert NARROW[dtype][1] in message and "\n" not in message
+    assert ("missing" in message) if damage == "missing" else ("sha256 does not match manifest.json" in message)
 
 
 def reference_greedy(ref, ref16, prompt: list[int], n: int) -> list[int]:

@@ -31,6 +31,7 @@ def test_profile_writes_json_markdown_and_plots(exp, capsys):
     report = json.loads((dest / "profile.json").read_text())
     assert {"machine", "settings", "runtime", "torch", "decode_floor_ms"} <= set(report)
     assert report["machine"]["versions"]["onnxruntime"] and report["settings"]["batch"] == [1, 3]
+    assert report["settings"]["decode_weight_dtype"] == "float32"
     rt = report["runtime"]
     assert [(p["batch"], p["prompt_len"]) for p in rt["prefill"]] == [(1, 4), (1, 9), (3, 4), (3, 9)]
     assert [d["batch"] for d in rt["decode"]] == [1, 3] and [d["batch"] for d in report["torch"]["decode"]] == [1, 3]
@@ -50,6 +51,7 @@ def test_profile_writes_json_markdown_and_plots(exp, capsys):
     assert sum(o["share"] for o in top["ops"]) == pytest.approx(1.0, abs=0.02) or len(ops) == 10
     md = (dest / "profile.md").read_text()
     assert "| runtime | 3 |" in md and "PyTorch reference" in md and md in capsys.readouterr().out
+    assert "(decode weights float32)" in md
     for png in ("latency_vs_position.png", "latency_vs_batch.png"):
         assert (dest / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

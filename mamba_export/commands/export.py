@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "--format onnx). float16 stores half-size copies in decode_weights_f16.bin and multiplies them "
                    "with the LinearF16W op, which widens them to float32 in registers: a decode step reads half the "
                    "bytes, at float16 weight rounding. int8 stores quarter-size copies, one float32 scale per "
-                   "output row, in decode_weights_i8.bin (op LinearI8W): the fastest CPU decode, at int8 weight "
-                   "rounding (docs/export.md measures what it costs). Activations, sums, states and the prefill "
+                   "output row, in decode_weights_i8.bin (op LinearI8W): the fastest CPU decode at small batches "
+                   "(at 16 sequences and more the float32 export is faster), at int8 weight rounding "
+                   "(docs/export.md measures what it costs). Activations, sums, states and the prefill "
                    "graphs stay float32; default float32")
     p.add_argument("--decode-blocks", choices=("auto", "on", "off"), default="auto",
                    help="on: decode.onnx runs every layer as one DecodeBlock node (norm, in_proj, "

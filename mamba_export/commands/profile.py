@@ -157,7 +157,8 @@ def markdown(report: dict) -> str:
              f"{report['settings']['threads'] or 'default'} threads, provider "
              f"{report['settings']['provider']}, custom ops: {report['custom_op_library'] or 'function fallback'}; "
              f"warm-up {rt['warmup_s'] * 1e3:.0f} ms (not counted); peak RSS {rt['peak_rss_bytes'] / 2**20:.0f} MiB",
-             f"weights read per step {report['weight_bytes_per_token'] / 1e6:.1f} MB, "
+             f"weights read per step {report['weight_bytes_per_token'] / 1e6:.1f} MB "
+             f"(decode weights {report['settings'].get('decode_weight_dtype') or report['settings']['dtype']}), "
              f"{report.get('bandwidth_source', 'host memory read bandwidth')} "
              f"{report['read_bandwidth_GBps']:.1f} GB/s -> decode floor {floor:.3f} ms/step", *_placement(report), "",
              "| implementation | batch | prompt | TTFT p50 ms | prefill tok/s |", "| --- | --- | --- | --- | --- |"]
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise MambaExportError(f"{out}: exists and is not a directory")
     check_writable(out)  # before the measurements, which take minutes; the directory is made once they are done
-    wbytes = prof.weight_bytes_per_token(rt.info)
+    wbytes = prof.weight_bytes_per_token(rt.info, library=rt.custom_op_library is not None)
     n_prefill = len(args.batch) * len(args.prompt_len) * args.repeats
     total = n_prefill + len(args.batch) * args.gen_len + args.position_tokens
     if args.compare_torch:
@@ -253,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
             "export_dir": str(rt.info.path), "machine": prof.machine_info(), "settings": {
                 "provider": rt.device.name, "threads": args.threads, "batch": args.batch,
                 "prompt_len": args.prompt_len, "gen_len": args.gen_len, "position_tokens": args.position_tokens,
-                "repeats": args.repeats, "dtype": rt.info.dtype},
+                "repeats": args.repeats, "dtype": rt.info.dtype,
+                "decode_weight_dtype": rt.info.manifest.get("decode_weight_dtype")},
             "custom_op_library": rt.custom_op_library, "weight_bytes_per_token": wbytes, "read_bandwidth_GBps": bw,
             "bandwidth_source": bw_source,
             "decode_floor_ms": wbytes / bw / 1e6, "runtime": measured, "cpu_placed_nodes": rt.cpu_nodes,

@@ -95,15 +95,23 @@ class F16WeightLinear(nn.Module):
 
 
 def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 quantization with one scale per row (output) of an (N, K) weight: scale = max |row| / 127 in
-    float32 (1 for an all-zero row), q = round(row / scale) in [-127, 127], computed in float64 from the float32
-    scale that is stored, so float32(q) * scale is the nearest such value to each weight (error <= scale / 2).
+    """Symmetric int8 quantization with one scale per row (output) of an (N, K) weight: scale = max |row| / 127
+    rounded to float32 (1 for an all-zero row; at least 2^-126, the smallest normal float32, so that a row of tiny
+    weights keeps a scale that is neither subnormal nor zero), q = round(row / scale) in [-127, 127], computed in
+    float64 from the float32 scale that is stored, so float32(q) * scale is the nearest such value to each weight
+    (error <= scale / 2, up to the float32 rounding of the scale for the row's largest weight).
 
     Returns:
-        (q (N, K) int8, scale (N,) float32)."""
+        (q (N, K) int8, scale (N,) float32).
+
+    Raises:
+        ValueError: the weight holds NaN or infinite values (checkpoint import refuses those already)."""
     w = weight.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantize a weight with NaN or infinite values to int8")
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(torch.float32)
+    smallest = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax > 0, (amax / 127).clamp(min=smallest), torch.ones_like(amax)).to(torch.float32)
     q = torch.round(w / scale.to(torch.float64)[:, None]).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale
 

@@ -97,14 +97,15 @@ def device_bandwidth_gbs(gib: float = 0.5, repeats: int = 5) -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def weight_bytes_per_token(info: ExportInfo) -> int:
+def weight_bytes_per_token(info: ExportInfo, library: bool = True) -> int:
     """Bytes of weights one decode step reads: every layer's parameters, the final norm, the LM head, one embedding
     row. in_proj, out_proj, embedding and head are in the export dtype (the in_proj, out_proj and head matrices in
-    the manifest's ``decode_weight_dtype`` when it is float16 or int8, int8 with a float32 scale per output row); the
-    rest enters DecodeStep as float32."""
+    the manifest's ``decode_weight_dtype`` when it is float16 or int8, int8 with a float32 scale per output row, and
+    the custom-op library runs them: without it, ``library=False``, their functions multiply float32 copies that
+    onnxruntime folds at session creation); the rest enters DecodeStep as float32."""
     c = info.manifest["config"]
     t = _DTYPE_BYTES[info.dtype]
-    narrow = info.manifest.get("decode_weight_dtype")
+    narrow = info.manifest.get("decode_weight_dtype") if library else None
     m = {"float16": 2, "int8": 1}.get(narrow, t)  # the three matrices of decode.onnx
     scales = 4 if narrow == "int8" else 0  # a float32 scale per output row of each of them
     D, E, N, K, R, V = c["d_model"], c["d_inner"], c["d_state"], c["d_conv"], c["dt_rank"], c["vocab_size"]

@@ -42,12 +42,13 @@ constexpr size_t kLanes = 16;             // running sums per row
 constexpr size_t kChunk = 512;            // K values per reduction (a multiple of kLanes)
 constexpr size_t kRowsOfX = 4;            // rows of x per pass over a chunk of weights (batch > 1)
 static_assert(kRowsOfX == 4, "output_row handles the last 1 to 3 rows of x case by case");
-// Software prefetch 4 KB ahead along the row, at every batch size. With a batch the loop is busy enough that the
-// hardware prefetchers fall behind (2 KB ahead: batch 4 and 8 of mamba-130m's GEMVs 20-25% faster on the AMD EPYC
-// host of the first measurements). At batch 1 it gained nothing there and was left out, but on the Intel Xeon host of
-// the twenty-eighth session, where one core's sequential read otherwise stays near 7 GB/s, it made the 49 products
-// of a mamba-130m decode step ~30% faster (float16 14.50 -> 10.47 ms, int8 10.12 -> 7.02; batch 8 unchanged; 2 KB
-// and 8 KB ahead less so: BENCHMARKS.md section 8).
+// Software prefetch 4 KB ahead along the row, in the first pass over each chunk (the one that reads it from memory),
+// at every batch size. With a batch the loop is busy enough that the hardware prefetchers fall behind (2 KB ahead:
+// batch 4 and 8 of mamba-130m's GEMVs 20-25% faster on the AMD EPYC host of the first measurements). At batch 1 it
+// gained nothing there and was left out, but on the Intel Xeon host of the twenty-eighth session, where one core's
+// sequential read otherwise stays near 7 GB/s, it made the 49 products of a mamba-130m decode step ~30% faster
+// (float16 14.50 -> 10.47 ms, int8 10.12 -> 7.02; 2 KB and 8 KB ahead less so). Prefetching in the later passes
+// too, which find the chunk in L1, made batch 32 25% slower (BENCHMARKS.md section 8).
 constexpr size_t kPrefetchBytes = 4096;
 constexpr size_t kTaskBytes = 64 * 1024;  // weights per task: 64 per in_proj, 24 per out_proj of mamba-130m
 constexpr size_t kTaskRowMultiple = 16;   // task blocks end on a 64-byte line of y
@@ -62,12 +63,12 @@ inline float widen_portable(W w) {
 struct Portable {
   // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
   // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
-  template <size_t kM, typename W>
+  template <size_t kM, bool kPrefetch, typename W>
   static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len, float* sums) {
     float acc[kM][kLanes] = {};
     size_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
-      __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes);
+      if (kPrefetch) __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes);
       float wf[kLanes];
 #pragma omp simd
       for (size_t j = 0; j < kLanes; ++j) wf[j] = widen_portable(w[i + j]);
@@ -109,7 +110,7 @@ struct F16c {
     return _mm_cvtss_f32(s);
   }
 
-  template <size_t kM, typename W>
+  template <size_t kM, bool kPrefetch, typename W>
   MAMBA_F16C_TARGET static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len,
                                      float* sums) {
     __m256 lo[kM], hi[kM];
@@ -117,7 +118,7 @@ struct F16c {
     size_t i = 0;
     for (; i + 16 <= len; i += 16) {
       const __m256 w0 = load8(w + i), w1 = load8(w + i + 8);
-      _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, _MM_HINT_T0);
+      if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, _MM_HINT_T0);
       for (size_t m = 0; m < kM; ++m) {
         lo[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + i), lo[m]);
         hi[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + i + 8), hi[m]);
@@ -138,10 +139,10 @@ struct F16c {
 #endif
 
 // y[mi + j, row] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of row `row`.
-template <class Path, size_t kM, typename W>
+template <class Path, size_t kM, bool kPrefetch, typename W>
 inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, size_t len) {
   float part[kM];
-  Path::template dots<kM>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
+  Path::template dots<kM, kPrefetch>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
   for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row] += part[j];
 }
 
@@ -154,16 +155,22 @@ inline void output_row(const LinearArgs<W>& a, size_t row) {
   for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] = 0.0f;
   for (size_t c0 = 0; c0 < k; c0 += kChunk) {
     const size_t len = std::min(kChunk, k - c0);
-    if (m == 1) {
-      add_dots<Path, 1>(a, row, 0, c0, len);
+    // Only the first pass over a chunk reads it from memory (and prefetches); the later ones find it in L1.
+    size_t mi = 0;
+    if (m < kRowsOfX) {
+      switch (m) {
+        case 3: add_dots<Path, 3, true>(a, row, 0, c0, len); break;
+        case 2: add_dots<Path, 2, true>(a, row, 0, c0, len); break;
+        default: add_dots<Path, 1, true>(a, row, 0, c0, len); break;
+      }
       continue;
     }
-    size_t mi = 0;
-    for (; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kRowsOfX>(a, row, mi, c0, len);
+    add_dots<Path, kRowsOfX, true>(a, row, 0, c0, len);
+    for (mi = kRowsOfX; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kRowsOfX, false>(a, row, mi, c0, len);
     switch (m - mi) {
-      case 3: add_dots<Path, 3>(a, row, mi, c0, len); break;
-      case 2: add_dots<Path, 2>(a, row, mi, c0, len); break;
-      case 1: add_dots<Path, 1>(a, row, mi, c0, len); break;
+      case 3: add_dots<Path, 3, false>(a, row, mi, c0, len); break;
+      case 2: add_dots<Path, 2, false>(a, row, mi, c0, len); break;
+      case 1: add_dots<Path, 1, false>(a, row, mi, c0, len); break;
       default: break;
     }
   }
