@@ -172,11 +172,14 @@ def test_linear_i8w_extreme_values(path):
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_batch_rows_equal_single_rows_and_threads_do_not_matter(dtype):
-    """Each output element is summed in the same order whatever the batch and the thread count: bit for bit."""
-    x, w, scale = random_case(5, (9,), 1000, 900, dtype)  # 2 blocks of 4 rows of x and 1 more; tasks; 2 chunks of K
+    """Each output element is summed in the same order whatever the batch and the thread count: bit for bit. 9 rows
+    of x run the weight rows one after the other (2 blocks of 4 rows of x and 1 more), 19 rows chunk by chunk against
+    all of a task's rows (4 blocks and 3 more); several tasks; 2 chunks of K."""
+    x, w, scale = random_case(5, (19,), 1000, 900, dtype)
     batch = run_op(x, w, scale)
     for i in range(x.shape[0]):
         np.testing.assert_array_equal(run_op(x[i:i + 1], w, scale), batch[i:i + 1])
+    np.testing.assert_array_equal(run_op(x[:9], w, scale), batch[:9])
     op = "LinearF16W" if scale is None else "LinearI8W"
     feeds = {"X": x, "W": w} | ({} if scale is None else {"S": scale})
     one, three = (op_session(op_model(op), threads=t).run(None, feeds)[0] for t in (1, 3))

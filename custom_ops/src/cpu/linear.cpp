@@ -4,21 +4,26 @@
 // instead of 4 halves (quarters) their time, provided the widening keeps up with the memory; float32 weights take
 // the same loops without the widening.
 //
-// A task owns a contiguous block of output rows (about kTaskBytes of weights) and reads it front to back, one row
-// after the other: a single sequential stream, which this machine's prefetchers follow at full speed (working on 2,
-// 4 or 8 rows at once, to reuse each load of x, read memory at half the speed: several streams 1.5-3 KB apart; x
-// stays in L1 anyway). Along a row, 16 running sums in vector lanes per row of x, reduced at the end of every chunk
-// of kChunk values, then a scalar tail when K is not a multiple of the vector width. With several rows of x
-// (batch > 1), each chunk of a weight row is read from memory once and widened once per kRowsOfX rows of x (the
-// next rows of x find it in L1), so the weights are read from memory once per call whatever the batch. Every row of
-// x adds in the same order, so a result depends neither on the batch nor on the thread count.
+// A task owns a contiguous block of output rows (about kTaskBytes of weights). Below 16 rows of x it reads the block
+// front to back, one row after the other: a single sequential stream, which the prefetchers follow at full speed
+// (working on 2, 4 or 8 rows at once, to reuse each load of x, read memory at half the speed on the first AMD host:
+// several streams 1.5-3 KB apart; x stays in L1 anyway). Along a row, 16 running sums in vector lanes per row of x
+// (32 with AVX-512), reduced at the end of every chunk of kChunk values, then a scalar tail when K is not a multiple
+// of the vector width. With several rows of x, each chunk of a weight row is read from memory once and widened once
+// per kRowsOfX rows of x (the next rows of x find it in L1), so the weights are read from memory once per call
+// whatever the batch. From 16 rows of x (chunk_major) the loops turn around: chunk by chunk, 4 rows of x at a time
+// against every weight row of the task, so that those rows of x stay in L1 (32 rows of a 512-value chunk are 64 KB)
+// and the task's weights (64 KB) come from L2. Every element of y adds the same chunk sums in the same order either
+// way, so a result depends neither on the batch nor on the thread count.
 //
-// Two implementations of the inner loops: on x86-64 CPUs with AVX2, FMA and F16C, intrinsics (vcvtph2ps widens 8
-// weights in one instruction; GCC 12 does not vectorise float16 conversions, and the portable bit-level conversion
-// takes about a dozen instructions per 8 weights, which made the loop compute-bound at half the memory bandwidth;
-// int8 takes vpmovsxbd + vcvtdq2ps per 8 weights);
-// elsewhere portable loops, compiled as MAMBA_CLONES. The CPU decides which, once; a build with
-// MAMBA_EXPORT_OPS_NO_CLONES uses the intrinsics only when compiled for F16C (-march=x86-64-v3).
+// Three implementations of the inner loops, the CPU choosing once: on x86-64 CPUs with AVX-512F, 16-float vectors and
+// two weight rows per call (each load of x serves both; 16 accumulators of the 32 registers); with AVX2, FMA and F16C,
+// 8-float vectors and one weight row (vcvtph2ps widens 8 float16 weights in one instruction; GCC 12 does not
+// vectorise float16 conversions, and the portable bit-level conversion takes about a dozen instructions per 8
+// weights, which made the loop compute-bound at half the memory bandwidth; int8 takes vpmovsxbd + vcvtdq2ps per 8
+// weights); elsewhere portable loops, compiled as MAMBA_CLONES. A build with MAMBA_EXPORT_OPS_NO_CLONES uses the
+// intrinsics only when compiled for them (-march=x86-64-v3: AVX2; x86-64-v4: AVX-512). The AVX-512 loops sum in
+// another order than the AVX2 ones, so results differ between such CPUs by float32 rounding (never within one).
 #include <algorithm>
 #include <cmath>
 
@@ -33,6 +38,12 @@
 #define MAMBA_F16C_TARGET __attribute__((target("avx2,fma,f16c")))
 #else
 #define MAMBA_LINEAR_F16C 0
+#endif
+#if MAMBA_LINEAR_F16C && (!defined(MAMBA_EXPORT_OPS_NO_CLONES) || defined(__AVX512F__))
+#define MAMBA_LINEAR_AVX512 1
+#define MAMBA_AVX512_TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
+#else
+#define MAMBA_LINEAR_AVX512 0
 #endif
 
 namespace mamba_export_ops {
@@ -63,8 +74,11 @@ inline float widen_portable(W w) {
 struct Portable {
   // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
   // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
-  template <size_t kM, bool kPrefetch, typename W>
-  static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len, float* sums) {
+  static constexpr size_t kRows = 1;  // rows of W per call of dots
+
+  template <size_t kM, size_t kR, bool kPrefetch, typename W>
+  static void dots(const W* __restrict w, size_t, const float* __restrict x, size_t ldx, size_t len, float* sums) {
+    static_assert(kR == 1, "one row of W at a time");
     float acc[kM][kLanes] = {};
     size_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
@@ -110,9 +124,12 @@ struct F16c {
     return _mm_cvtss_f32(s);
   }
 
-  template <size_t kM, bool kPrefetch, typename W>
-  MAMBA_F16C_TARGET static void dots(const W* __restrict w, const float* __restrict x, size_t ldx, size_t len,
-                                     float* sums) {
+  static constexpr size_t kRows = 1;  // rows of W per call of dots (16 registers)
+
+  template <size_t kM, size_t kR, bool kPrefetch, typename W>
+  MAMBA_F16C_TARGET static void dots(const W* __restrict w, size_t, const float* __restrict x, size_t ldx,
+                                     size_t len, float* sums) {
+    static_assert(kR == 1, "one row of W at a time");
     __m256 lo[kM], hi[kM];
     for (size_t m = 0; m < kM; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
     size_t i = 0;
@@ -138,44 +155,142 @@ struct F16c {
 };
 #endif
 
+#if MAMBA_LINEAR_AVX512
+// The AVX-512 inner loops: 16-float vectors, two running vectors (32 sums) per pair of a row of W and a row of x, and
+// kR = 2 rows of W at a time against up to 4 rows of x (16 accumulators of the 32 registers), so that each load of x
+// serves two rows of W: with a batch, the one-row loops above are bound by their loads of x.
+struct Avx512 {
+  static constexpr size_t kRows = 2;
+
+  MAMBA_AVX512_TARGET static __m512 load16(const half_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  MAMBA_AVX512_TARGET static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+  MAMBA_AVX512_TARGET static __m512 load16(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+
+  // sums[r * kM + j] = row r of w (rows ldw apart) . row j of x, for kR rows of w and kM rows of x.
+  template <size_t kM, size_t kR, bool kPrefetch, typename W>
+  MAMBA_AVX512_TARGET static void dots(const W* __restrict w, size_t ldw, const float* __restrict x, size_t ldx,
+                                       size_t len, float* sums) {
+    __m512 lo[kR][kM], hi[kR][kM];
+    for (size_t r = 0; r < kR; ++r) {
+      for (size_t m = 0; m < kM; ++m) lo[r][m] = hi[r][m] = _mm512_setzero_ps();
+    }
+    size_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+      __m512 w0[kR], w1[kR];
+      for (size_t r = 0; r < kR; ++r) {
+        w0[r] = load16(w + r * ldw + i);
+        w1[r] = load16(w + r * ldw + i + 16);
+        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + i) + kPrefetchBytes, _MM_HINT_T0);
+      }
+      for (size_t m = 0; m < kM; ++m) {
+        const __m512 xa = _mm512_loadu_ps(x + m * ldx + i), xb = _mm512_loadu_ps(x + m * ldx + i + 16);
+        for (size_t r = 0; r < kR; ++r) {
+          lo[r][m] = _mm512_fmadd_ps(w0[r], xa, lo[r][m]);
+          hi[r][m] = _mm512_fmadd_ps(w1[r], xb, hi[r][m]);
+        }
+      }
+    }
+    if (i + 16 <= len) {
+      for (size_t m = 0; m < kM; ++m) {
+        const __m512 xa = _mm512_loadu_ps(x + m * ldx + i);
+        for (size_t r = 0; r < kR; ++r) lo[r][m] = _mm512_fmadd_ps(load16(w + r * ldw + i), xa, lo[r][m]);
+      }
+      i += 16;
+    }
+    for (size_t r = 0; r < kR; ++r) {
+      for (size_t m = 0; m < kM; ++m) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(lo[r][m], hi[r][m]));
+        for (size_t t = i; t < len; ++t) s = std::fma(F16c::widen(w[r * ldw + t]), x[m * ldx + t], s);
+        sums[r * kM + m] = s;
+      }
+    }
+  }
+};
+#endif
+
 // y[mi + j, row] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of row `row`.
-template <class Path, size_t kM, bool kPrefetch, typename W>
+template <class Path, size_t kR, size_t kM, bool kPrefetch, typename W>
 inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, size_t len) {
-  float part[kM];
-  Path::template dots<kM, kPrefetch>(a.w + row * a.k + c0, a.x + mi * a.k + c0, a.k, len, part);
-  for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row] += part[j];
+  float part[kR * kM];
+  Path::template dots<kM, kR, kPrefetch>(a.w + row * a.k + c0, a.k, a.x + mi * a.k + c0, a.k, len, part);
+  for (size_t r = 0; r < kR; ++r) {
+    for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row + r] += part[r * kM + j];
+  }
 }
 
 // Output row `row` (a column of y) for every row of x: chunk by chunk, the rows of x kRowsOfX at a time, so that
 // each chunk of weights is read from memory once and widened once per kRowsOfX rows of x; then times the row's
 // scale where there is one (int8 weights).
-template <class Path, typename W>
-inline void output_row(const LinearArgs<W>& a, size_t row) {
+template <class Path, size_t kR, typename W>
+inline void output_rows(const LinearArgs<W>& a, size_t row) {
   const size_t k = a.k, m = a.m;
-  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] = 0.0f;
+  for (size_t mi = 0; mi < m; ++mi) {
+    for (size_t r = 0; r < kR; ++r) a.y[mi * a.n + row + r] = 0.0f;
+  }
   for (size_t c0 = 0; c0 < k; c0 += kChunk) {
     const size_t len = std::min(kChunk, k - c0);
     // Only the first pass over a chunk reads it from memory (and prefetches); the later ones find it in L1.
     size_t mi = 0;
     if (m < kRowsOfX) {
       switch (m) {
-        case 3: add_dots<Path, 3, true>(a, row, 0, c0, len); break;
-        case 2: add_dots<Path, 2, true>(a, row, 0, c0, len); break;
-        default: add_dots<Path, 1, true>(a, row, 0, c0, len); break;
+        case 3: add_dots<Path, kR, 3, true>(a, row, 0, c0, len); break;
+        case 2: add_dots<Path, kR, 2, true>(a, row, 0, c0, len); break;
+        default: add_dots<Path, kR, 1, true>(a, row, 0, c0, len); break;
       }
       continue;
     }
-    add_dots<Path, kRowsOfX, true>(a, row, 0, c0, len);
-    for (mi = kRowsOfX; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kRowsOfX, false>(a, row, mi, c0, len);
+    add_dots<Path, kR, kRowsOfX, true>(a, row, 0, c0, len);
+    for (mi = kRowsOfX; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kR, kRowsOfX, false>(a, row, mi, c0, len);
     switch (m - mi) {
-      case 3: add_dots<Path, 3, false>(a, row, mi, c0, len); break;
-      case 2: add_dots<Path, 2, false>(a, row, mi, c0, len); break;
-      case 1: add_dots<Path, 1, false>(a, row, mi, c0, len); break;
+      case 3: add_dots<Path, kR, 3, false>(a, row, mi, c0, len); break;
+      case 2: add_dots<Path, kR, 2, false>(a, row, mi, c0, len); break;
+      case 1: add_dots<Path, kR, 1, false>(a, row, mi, c0, len); break;
       default: break;
     }
   }
   if (a.scale == nullptr) return;
-  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] *= a.scale[row];
+  for (size_t mi = 0; mi < m; ++mi) {
+    for (size_t r = 0; r < kR; ++r) a.y[mi * a.n + row + r] *= a.scale[row + r];
+  }
+}
+
+// With a batch of 8 rows of x or more: rows [begin, end) of y, chunk by chunk, and within a chunk the rows of x 4 at a
+// time against every row of W of the task (kR at a time), so that the rows of x of a pass stay in L1 while the task's
+// weights come from L2 (a task's weights are 64 KB; a chunk of 32 rows of x is 64 KB, more than L1). Each element of y
+// gets the same chunk sums in the same order as in output_rows, so the results are those of the row-by-row order.
+template <class Path, size_t kM, bool kPrefetch, typename W>
+inline void chunk_pass(const LinearArgs<W>& a, size_t begin, size_t end, size_t mi, size_t c0, size_t len) {
+  size_t row = begin;
+  for (; row + Path::kRows <= end; row += Path::kRows) add_dots<Path, Path::kRows, kM, kPrefetch>(a, row, mi, c0, len);
+  for (; row < end; ++row) add_dots<Path, 1, kM, kPrefetch>(a, row, mi, c0, len);
+}
+
+template <class Path, typename W>
+inline void chunk_major(const LinearArgs<W>& a, size_t begin, size_t end) {
+  const size_t k = a.k, m = a.m;
+  for (size_t mi = 0; mi < m; ++mi) {
+    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] = 0.0f;
+  }
+  for (size_t c0 = 0; c0 < k; c0 += kChunk) {
+    const size_t len = std::min(kChunk, k - c0);
+    chunk_pass<Path, kRowsOfX, true>(a, begin, end, 0, c0, len);
+    size_t mi = kRowsOfX;
+    for (; mi + kRowsOfX <= m; mi += kRowsOfX) chunk_pass<Path, kRowsOfX, false>(a, begin, end, mi, c0, len);
+    switch (m - mi) {
+      case 3: chunk_pass<Path, 3, false>(a, begin, end, mi, c0, len); break;
+      case 2: chunk_pass<Path, 2, false>(a, begin, end, mi, c0, len); break;
+      case 1: chunk_pass<Path, 1, false>(a, begin, end, mi, c0, len); break;
+      default: break;
+    }
+  }
+  if (a.scale == nullptr) return;
+  for (size_t mi = 0; mi < m; ++mi) {
+    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] *= a.scale[row];
+  }
 }
 
 size_t task_rows(size_t k, size_t weight_bytes) {
@@ -188,7 +303,11 @@ template <class Path, typename W>
 inline void rows_of_task(const LinearArgs<W>& a, size_t task) {
   const size_t per_task = task_rows(a.k, sizeof(W));
   const size_t begin = task * per_task, end = std::min(a.n, (task + 1) * per_task);
-  for (size_t row = begin; row < end; ++row) output_row<Path>(a, row);
+  if (a.m >= 4 * kRowsOfX) {
+    chunk_major<Path>(a, begin, end);
+  } else {  // one weight row after the other: a single sequential stream, which reads memory fastest
+    for (size_t row = begin; row < end; ++row) output_rows<Path, 1>(a, row);
+  }
   if (a.y_f16 == nullptr) return;
   for (size_t mi = 0; mi < a.m; ++mi) {
     const float* y = a.y + mi * a.n;
@@ -215,6 +334,27 @@ __attribute__((target("avx2,fma,f16c"), flatten)) void linear_f16c(const LinearA
   rows_of_task<F16c>(a, task);
 }
 
+#if MAMBA_LINEAR_AVX512
+__attribute__((target("avx512f,avx2,fma,f16c"), flatten)) void linear_avx512(const LinearArgs<half_t>& a,
+                                                                             size_t task) {
+  rows_of_task<Avx512>(a, task);
+}
+__attribute__((target("avx512f,avx2,fma,f16c"), flatten)) void linear_avx512(const LinearArgs<float>& a,
+                                                                             size_t task) {
+  rows_of_task<Avx512>(a, task);
+}
+__attribute__((target("avx512f,avx2,fma,f16c"), flatten)) void linear_avx512(const LinearArgs<int8_t>& a,
+                                                                             size_t task) {
+  rows_of_task<Avx512>(a, task);
+}
+
+bool cpu_has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
 bool cpu_has_f16c() {
   static const bool yes =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -232,6 +372,12 @@ size_t linear_num_tasks(size_t n, size_t k) {
 
 template <typename W>
 void linear_task(const LinearArgs<W>& args, size_t task) {
+#if MAMBA_LINEAR_AVX512
+  if (cpu_has_avx512()) {
+    linear_avx512(args, task);
+    return;
+  }
+#endif
 #if MAMBA_LINEAR_F16C
   if (cpu_has_f16c()) {
     linear_f16c(args, task);
