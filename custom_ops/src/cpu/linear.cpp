@@ -225,43 +225,39 @@ inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, s
 // Output row `row` (a column of y) for every row of x: chunk by chunk, the rows of x kRowsOfX at a time, so that
 // each chunk of weights is read from memory once and widened once per kRowsOfX rows of x; then times the row's
 // scale where there is one (int8 weights).
-template <class Path, size_t kR, typename W>
-inline void output_rows(const LinearArgs<W>& a, size_t row) {
+template <class Path, typename W>
+inline void output_row(const LinearArgs<W>& a, size_t row) {
   const size_t k = a.k, m = a.m;
-  for (size_t mi = 0; mi < m; ++mi) {
-    for (size_t r = 0; r < kR; ++r) a.y[mi * a.n + row + r] = 0.0f;
-  }
+  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] = 0.0f;
   for (size_t c0 = 0; c0 < k; c0 += kChunk) {
     const size_t len = std::min(kChunk, k - c0);
     // Only the first pass over a chunk reads it from memory (and prefetches); the later ones find it in L1.
     size_t mi = 0;
     if (m < kRowsOfX) {
       switch (m) {
-        case 3: add_dots<Path, kR, 3, true>(a, row, 0, c0, len); break;
-        case 2: add_dots<Path, kR, 2, true>(a, row, 0, c0, len); break;
-        default: add_dots<Path, kR, 1, true>(a, row, 0, c0, len); break;
+        case 3: add_dots<Path, 1, 3, true>(a, row, 0, c0, len); break;
+        case 2: add_dots<Path, 1, 2, true>(a, row, 0, c0, len); break;
+        default: add_dots<Path, 1, 1, true>(a, row, 0, c0, len); break;
       }
       continue;
     }
-    add_dots<Path, kR, kRowsOfX, true>(a, row, 0, c0, len);
-    for (mi = kRowsOfX; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, kR, kRowsOfX, false>(a, row, mi, c0, len);
+    add_dots<Path, 1, kRowsOfX, true>(a, row, 0, c0, len);
+    for (mi = kRowsOfX; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, 1, kRowsOfX, false>(a, row, mi, c0, len);
     switch (m - mi) {
-      case 3: add_dots<Path, kR, 3, false>(a, row, mi, c0, len); break;
-      case 2: add_dots<Path, kR, 2, false>(a, row, mi, c0, len); break;
-      case 1: add_dots<Path, kR, 1, false>(a, row, mi, c0, len); break;
+      case 3: add_dots<Path, 1, 3, false>(a, row, mi, c0, len); break;
+      case 2: add_dots<Path, 1, 2, false>(a, row, mi, c0, len); break;
+      case 1: add_dots<Path, 1, 1, false>(a, row, mi, c0, len); break;
       default: break;
     }
   }
   if (a.scale == nullptr) return;
-  for (size_t mi = 0; mi < m; ++mi) {
-    for (size_t r = 0; r < kR; ++r) a.y[mi * a.n + row + r] *= a.scale[row + r];
-  }
+  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] *= a.scale[row];
 }
 
-// With a batch of 8 rows of x or more: rows [begin, end) of y, chunk by chunk, and within a chunk the rows of x 4 at a
-// time against every row of W of the task (kR at a time), so that the rows of x of a pass stay in L1 while the task's
+// With a batch of 16 rows of x or more: rows [begin, end) of y, chunk by chunk, and within a chunk the rows of x 4 at a
+// time against every row of W of the task (Path::kRows at a time), so that the rows of x of a pass stay in L1 while the task's
 // weights come from L2 (a task's weights are 64 KB; a chunk of 32 rows of x is 64 KB, more than L1). Each element of y
-// gets the same chunk sums in the same order as in output_rows, so the results are those of the row-by-row order.
+// gets the same chunk sums in the same order as in output_row, so the results are those of the row-by-row order.
 template <class Path, size_t kM, bool kPrefetch, typename W>
 inline void chunk_pass(const LinearArgs<W>& a, size_t begin, size_t end, size_t mi, size_t c0, size_t len) {
   size_t row = begin;
@@ -306,7 +302,7 @@ inline void rows_of_task(const LinearArgs<W>& a, size_t task) {
   if (a.m >= 4 * kRowsOfX) {
     chunk_major<Path>(a, begin, end);
   } else {  // one weight row after the other: a single sequential stream, which reads memory fastest
-    for (size_t row = begin; row < end; ++row) output_rows<Path, 1>(a, row);
+    for (size_t row = begin; row < end; ++row) output_row<Path>(a, row);
   }
   if (a.y_f16 == nullptr) return;
   for (size_t mi = 0; mi < a.m; ++mi) {
