@@ -254,10 +254,10 @@ inline void output_row(const LinearArgs<W>& a, size_t row) {
   for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] *= a.scale[row];
 }
 
-// With a batch of 16 rows of x or more: rows [begin, end) of y, chunk by chunk, and within a chunk the rows of x 4 at a
-// time against every row of W of the task (Path::kRows at a time), so that the rows of x of a pass stay in L1 while the task's
-// weights come from L2 (a task's weights are 64 KB; a chunk of 32 rows of x is 64 KB, more than L1). Each element of y
-// gets the same chunk sums in the same order as in output_row, so the results are those of the row-by-row order.
+// With a batch of 16 rows of x or more: rows [begin, end) of y, chunk by chunk, and within a chunk the rows of x 4 at
+// a time against every row of W of the task (Path::kRows at a time), so that the rows of x of a pass stay in L1 while
+// the task's weights come from L2 (a task's weights are 64 KB; a chunk of 32 rows of x is 64 KB, more than L1). Each
+// element of y gets the same chunk sums in the same order as in output_row, so the results are the row-by-row ones.
 template <class Path, size_t kM, bool kPrefetch, typename W>
 inline void chunk_pass(const LinearArgs<W>& a, size_t begin, size_t end, size_t mi, size_t c0, size_t len) {
   size_t row = begin;
