@@ -26,6 +26,7 @@
 // another order than the AVX2 ones, so results differ between such CPUs by float32 rounding (never within one).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "dispatch.h"
 #include "mamba_export_ops/cpu_kernels.h"
@@ -52,7 +53,7 @@ namespace {
 constexpr size_t kLanes = 16;             // running sums per row
 constexpr size_t kChunk = 512;            // K values per reduction (a multiple of kLanes)
 constexpr size_t kRowsOfX = 4;            // rows of x per pass over a chunk of weights (batch > 1)
-static_assert(kRowsOfX == 4, "output_row handles the last 1 to 3 rows of x case by case");
+static_assert(kRowsOfX == 4, "passes_over_x handles the last 1 to 3 rows of x case by case");
 // Software prefetch 4 KB ahead along the row, in the first pass over each chunk (the one that reads it from memory),
 // at every batch size. With a batch the loop is busy enough that the hardware prefetchers fall behind (2 KB ahead:
 // batch 4 and 8 of mamba-130m's GEMVs 20-25% faster on the AMD EPYC host of the first measurements). At batch 1 it
@@ -64,13 +65,7 @@ constexpr size_t kPrefetchBytes = 4096;
 constexpr size_t kTaskBytes = 64 * 1024;  // weights per task: 64 per in_proj, 24 per out_proj of mamba-130m
 constexpr size_t kTaskRowMultiple = 16;   // task blocks end on a 64-byte line of y
 
-inline float widen_portable(int8_t w) { return float(w); }
-template <typename W>
-inline float widen_portable(W w) {
-  return vec::to_float(w);
-}
-
-// The portable inner loops: float16 widened by vec::to_float, vectorised by the compiler.
+// The portable inner loops: float16 and int8 widened by vec::to_float, vectorised by the compiler.
 struct Portable {
   // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
   // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
@@ -85,7 +80,7 @@ struct Portable {
       if (kPrefetch) __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes);
       float wf[kLanes];
 #pragma omp simd
-      for (size_t j = 0; j < kLanes; ++j) wf[j] = widen_portable(w[i + j]);
+      for (size_t j = 0; j < kLanes; ++j) wf[j] = vec::to_float(w[i + j]);
       for (size_t m = 0; m < kM; ++m) {
 #pragma omp simd
         for (size_t j = 0; j < kLanes; ++j) acc[m][j] += wf[j] * x[m * ldx + i + j];
@@ -97,7 +92,7 @@ struct Portable {
         for (size_t j = 0; j < width; ++j) acc[m][j] += acc[m][j + width];
       }
       float tail = 0.0f;
-      for (size_t t = i; t < len; ++t) tail += widen_portable(w[t]) * x[m * ldx + t];
+      for (size_t t = i; t < len; ++t) tail += vec::to_float(w[t]) * x[m * ldx + t];
       sums[m] = acc[m][0] + tail;
     }
   }
@@ -222,36 +217,58 @@ inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, s
   }
 }
 
+// Calls pass(rows, prefetch, mi) for the rows of x [mi, mi + rows) of one chunk, kRowsOfX at a time and then the
+// last 1 to 3, rows and prefetch as compile-time constants: only the first pass over a chunk reads it from memory
+// (and prefetches); the later ones find it in L1.
+template <typename Pass>
+inline void passes_over_x(size_t m, const Pass& pass) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  size_t mi = 0;
+  for (; mi + kRowsOfX <= m; mi += kRowsOfX) {
+    if (mi == 0) {
+      pass(std::integral_constant<size_t, kRowsOfX>{}, Yes{}, mi);
+    } else {
+      pass(std::integral_constant<size_t, kRowsOfX>{}, No{}, mi);
+    }
+  }
+  const auto last = [&](auto rows) {
+    if (mi == 0) {
+      pass(rows, Yes{}, mi);
+    } else {
+      pass(rows, No{}, mi);
+    }
+  };
+  switch (m - mi) {
+    case 3: last(std::integral_constant<size_t, 3>{}); break;
+    case 2: last(std::integral_constant<size_t, 2>{}); break;
+    case 1: last(std::integral_constant<size_t, 1>{}); break;
+    default: break;
+  }
+}
+
+// y[:, begin:end] times the rows' scales where there are some (int8 weights).
+template <typename W>
+inline void apply_scale(const LinearArgs<W>& a, size_t begin, size_t end) {
+  if (a.scale == nullptr) return;
+  for (size_t mi = 0; mi < a.m; ++mi) {
+    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] *= a.scale[row];
+  }
+}
+
 // Output row `row` (a column of y) for every row of x: chunk by chunk, the rows of x kRowsOfX at a time, so that
 // each chunk of weights is read from memory once and widened once per kRowsOfX rows of x; then times the row's
 // scale where there is one (int8 weights).
 template <class Path, typename W>
 inline void output_row(const LinearArgs<W>& a, size_t row) {
-  const size_t k = a.k, m = a.m;
-  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] = 0.0f;
-  for (size_t c0 = 0; c0 < k; c0 += kChunk) {
-    const size_t len = std::min(kChunk, k - c0);
-    // Only the first pass over a chunk reads it from memory (and prefetches); the later ones find it in L1.
-    size_t mi = 0;
-    if (m < kRowsOfX) {
-      switch (m) {
-        case 3: add_dots<Path, 1, 3, true>(a, row, 0, c0, len); break;
-        case 2: add_dots<Path, 1, 2, true>(a, row, 0, c0, len); break;
-        default: add_dots<Path, 1, 1, true>(a, row, 0, c0, len); break;
-      }
-      continue;
-    }
-    add_dots<Path, 1, kRowsOfX, true>(a, row, 0, c0, len);
-    for (mi = kRowsOfX; mi + kRowsOfX <= m; mi += kRowsOfX) add_dots<Path, 1, kRowsOfX, false>(a, row, mi, c0, len);
-    switch (m - mi) {
-      case 3: add_dots<Path, 1, 3, false>(a, row, mi, c0, len); break;
-      case 2: add_dots<Path, 1, 2, false>(a, row, mi, c0, len); break;
-      case 1: add_dots<Path, 1, 1, false>(a, row, mi, c0, len); break;
-      default: break;
-    }
+  for (size_t mi = 0; mi < a.m; ++mi) a.y[mi * a.n + row] = 0.0f;
+  for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
+    const size_t len = std::min(kChunk, a.k - c0);
+    passes_over_x(a.m, [&](auto rows, auto prefetch, size_t mi) {
+      add_dots<Path, 1, decltype(rows)::value, decltype(prefetch)::value>(a, row, mi, c0, len);
+    });
   }
-  if (a.scale == nullptr) return;
-  for (size_t mi = 0; mi < m; ++mi) a.y[mi * a.n + row] *= a.scale[row];
+  apply_scale(a, row, row + 1);
 }
 
 // With a batch of 16 rows of x or more: rows [begin, end) of y, chunk by chunk, and within a chunk the rows of x 4 at
@@ -267,26 +284,16 @@ inline void chunk_pass(const LinearArgs<W>& a, size_t begin, size_t end, size_t 
 
 template <class Path, typename W>
 inline void chunk_major(const LinearArgs<W>& a, size_t begin, size_t end) {
-  const size_t k = a.k, m = a.m;
-  for (size_t mi = 0; mi < m; ++mi) {
+  for (size_t mi = 0; mi < a.m; ++mi) {
     for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] = 0.0f;
   }
-  for (size_t c0 = 0; c0 < k; c0 += kChunk) {
-    const size_t len = std::min(kChunk, k - c0);
-    chunk_pass<Path, kRowsOfX, true>(a, begin, end, 0, c0, len);
-    size_t mi = kRowsOfX;
-    for (; mi + kRowsOfX <= m; mi += kRowsOfX) chunk_pass<Path, kRowsOfX, false>(a, begin, end, mi, c0, len);
-    switch (m - mi) {
-      case 3: chunk_pass<Path, 3, false>(a, begin, end, mi, c0, len); break;
-      case 2: chunk_pass<Path, 2, false>(a, begin, end, mi, c0, len); break;
-      case 1: chunk_pass<Path, 1, false>(a, begin, end, mi, c0, len); break;
-      default: break;
-    }
+  for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
+    const size_t len = std::min(kChunk, a.k - c0);
+    passes_over_x(a.m, [&](auto rows, auto prefetch, size_t mi) {
+      chunk_pass<Path, decltype(rows)::value, decltype(prefetch)::value>(a, begin, end, mi, c0, len);
+    });
   }
-  if (a.scale == nullptr) return;
-  for (size_t mi = 0; mi < m; ++mi) {
-    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] *= a.scale[row];
-  }
+  apply_scale(a, begin, end);
 }
 
 size_t task_rows(size_t k, size_t weight_bytes) {

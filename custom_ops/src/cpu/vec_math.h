@@ -83,6 +83,7 @@ static inline float silu(float x) { return x / (1.0f + exp(-x)); }
 
 // binary16 <-> float32 (round to nearest even), after F. Giesen's branch-free conversions.
 static inline float to_float(float x) { return x; }
+static inline float to_float(int8_t x) { return float(x); }
 
 static inline float to_float(half_t h) {
   uint32_t em = h.bits & 0x7fffu;
