@@ -33,6 +33,7 @@ machine, versions and settings. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -224,25 +225,14 @@ def per_round_speedups(base: list[float], ours: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
-def weight_bytes_per_token(model, decode_weights: str = "float32") -> int:
-    """Bytes of weights a decode step must read: every parameter once, except the embedding rows not looked up
-    (the tied LM head still reads the whole matrix). With float16 (int8) decode weights, in_proj, out_proj and the
-    LM head are read at 2 bytes (1 byte and a float32 scale a row) a weight, and a tied head's embedding row comes
-    from the float32 table besides."""
-    seen = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in seen.values())
-    emb = model.backbone.embedding.weight
-    if not model.config.tie_embeddings:
-        total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
-    if decode_weights != "float32":
-        matrices = [w for layer in model.backbone.layers for w in (layer.mixer.in_proj.weight,
-                                                                   layer.mixer.out_proj.weight)]
-        matrices.append(model.lm_head.weight)
-        width, row_bytes = {"float16": (2, 0), "int8": (1, 4)}[decode_weights]
-        total -= sum(w.numel() * (w.element_size() - width) - w.shape[0] * row_bytes for w in matrices)
-        if model.config.tie_embeddings:
-            total += emb.shape[1] * emb.element_size()
-    return total
+def weight_bytes_per_token(out: Path, decode_weights: str) -> int:
+    """Bytes of weights a decode step of the export ``out`` reads with ``decode_weights`` in its decode.onnx:
+    ``mamba-export profile``'s count (mamba_runtime.profiling), whichever of the exports were made."""
+    from mamba_runtime.manifest import open_export_dir
+    from mamba_runtime.profiling import weight_bytes_per_token as count
+
+    info = open_export_dir(out, verify=False)
+    return count(dataclasses.replace(info, manifest={**info.manifest, "decode_weight_dtype": decode_weights}))
 
 
 def main() -> None:
@@ -312,9 +302,7 @@ def main() -> None:
             runner.decode(2)
         samples = run_rounds(runners, args.rounds, max(1, args.prefill_repeats // args.rounds), args.decode_steps)
         del runners
-        wbytes = weight_bytes_per_token(model)
-        wbytes16 = weight_bytes_per_token(model, "float16")
-        wbytes8 = weight_bytes_per_token(model, "int8")
+        wbytes, wbytes16, wbytes8 = (weight_bytes_per_token(out, d) for d in ("float32", "float16", "int8"))
     bandwidths.append(read_bandwidth_gbs(args.threads))
     load_after = os.getloadavg()
     bw = max(bandwidths)

@@ -46,10 +46,9 @@ def decode_logprobs(export: Path, ids: np.ndarray, threads: int) -> np.ndarray:
     import onnxruntime as ort
 
     from mamba_runtime import custom_op_library_path
+    from mamba_runtime.sessions import session_options
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.register_custom_ops_library(custom_op_library_path())
+    so = session_options(threads, custom_op_library_path())
     sess = ort.InferenceSession(str(export / "decode.onnx"), so, providers=["CPUExecutionProvider"])
     b = ids.shape[0]
     state = {i.name: np.zeros([b, *i.shape[1:]], np.float32) for i in sess.get_inputs()[1:]}
@@ -62,20 +61,20 @@ def decode_logprobs(export: Path, ids: np.ndarray, threads: int) -> np.ndarray:
     return np.stack(steps, axis=1)
 
 
-def held_out_ids(export: Path, text_path: Path, eval_fraction: float, streams: int, tokens: int) -> np.ndarray:
-    """``streams`` windows of ``tokens`` ids at evenly spaced offsets of the held-out tail of the encoded text."""
-    from mamba_runtime.tokenizer import load_codec
+def held_out_ids(checkpoint: Path, text_path: Path, eval_fraction: float, streams: int, tokens: int) -> np.ndarray:
+    """``streams`` windows of ``tokens`` ids at evenly spaced offsets of the held-out part of the text, encoded and
+    split as ``mamba-export train`` does (the checkpoint's tokenizer.json, or bytes)."""
+    from mamba_export.errors import MambaExportError
+    from mamba_export.training.data import TOKENIZER_FILE, load_corpus
 
-    codec = load_codec(export)
-    if codec is None:
-        raise SystemExit(f"{export}: the export has no tokenizer to encode {text_path} with")
-    ids = np.asarray(codec.encode(text_path.read_text(encoding="utf-8")), np.int64)
-    start = len(ids) - int(len(ids) * eval_fraction)
-    span = len(ids) - start - tokens
-    if span < 0:
-        raise SystemExit(f"the held-out part has {len(ids) - start} tokens, fewer than --tokens {tokens}")
-    offsets = start + np.linspace(0, span, streams).astype(np.int64)
-    return np.stack([ids[o:o + tokens] for o in offsets])
+    tokenizer = checkpoint / TOKENIZER_FILE
+    try:
+        corpus = load_corpus(text_path, eval_fraction, tokens, str(tokenizer) if tokenizer.is_file() else None)
+    except MambaExportError as e:
+        raise SystemExit(f"eval_decode_weights: {e}") from None
+    heldout = corpus.heldout.numpy()
+    offsets = np.linspace(0, len(heldout) - tokens, streams).astype(np.int64)
+    return np.stack([heldout[o:o + tokens] for o in offsets])
 
 
 def main() -> None:
@@ -97,7 +96,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         exports = {d: export_checkpoint(args.checkpoint, Path(tmp) / d, decode_weights=d) for d in DTYPES}
-        ids = held_out_ids(exports["float32"], args.text, args.eval_fraction, args.streams, args.tokens)
+        ids = held_out_ids(args.checkpoint, args.text, args.eval_fraction, args.streams, args.tokens)
         target = ids[:, 1:]
         logp = {}
         for d in DTYPES:
