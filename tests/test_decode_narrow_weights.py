@@ -130,10 +130,13 @@ def test_linear_narrow_matches_float64(seed, lead, n, k, path, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("path", ["library", "function"])
 @pytest.mark.parametrize("lead,n,k", [((1, 1), 3072, 768), ((1, 1), 768, 1536), ((3, 1), 1000, 777),
-                                      ((7,), 129, 1031), ((2, 5), 33, 16), ((1,), 1, 1), ((6, 1), 17, 513)])
+                                      ((7,), 129, 1031), ((2, 5), 33, 16), ((1,), 1, 1), ((6, 1), 17, 513),
+                                      ((16,), 1000, 777), ((2, 17), 31, 1040), ((19,), 2, 17)])
 def test_linear_narrow_shapes(lead, n, k, path, dtype):
     """mamba-130m's in_proj and out_proj (several tasks, two chunks of K), batches of 3, 6, 7 and 10 rows (blocks of
-    4 rows and remainders of 1 to 3), K one past a chunk, a single weight."""
+    4 rows and remainders of 1 to 3), K one past a chunk, a single weight; 16, 19 and 34 rows (from 16 rows the AVX-512
+    loops widen blocks of 15 weight rows and take 3 rows of a block a call: 31 rows leave 1, 2 rows leave 2) with K
+    ending in 16 values (1040) or a scalar tail."""
     x, w, scale = random_case(n * k, lead, n, k, dtype)
     check_against_float64(run_op(x, w, scale, library=path == "library"), x, w, scale)
 
@@ -171,11 +174,13 @@ def test_linear_i8w_extreme_values(path):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_batch_rows_equal_single_rows_and_threads_do_not_matter(dtype):
+@pytest.mark.parametrize("k", [900, 1040])
+def test_batch_rows_equal_single_rows_and_threads_do_not_matter(dtype, k):
     """Each output element is summed in the same order whatever the batch and the thread count: bit for bit. 9 rows
     of x run the weight rows one after the other (2 blocks of 4 rows of x and 1 more), 19 rows chunk by chunk against
-    all of a task's rows (4 blocks and 3 more); several tasks; 2 chunks of K."""
-    x, w, scale = random_case(5, (19,), 1000, 900, dtype)
+    all of a task's rows (4 blocks and 3 more; with AVX-512 against blocks of the task's rows widened to float32);
+    several tasks; 2 or 3 chunks of K, ending in a scalar tail (900) or in 16 values (1040)."""
+    x, w, scale = random_case(5, (19,), 1000, k, dtype)
     batch = run_op(x, w, scale)
     for i in range(x.shape[0]):
         np.testing.assert_array_equal(run_op(x[i:i + 1], w, scale), batch[i:i + 1])

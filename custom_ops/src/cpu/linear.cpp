@@ -13,11 +13,14 @@
 // per kRowsOfX rows of x (the next rows of x find it in L1), so the weights are read from memory once per call
 // whatever the batch. From 16 rows of x (chunk_major) the loops turn around: chunk by chunk, 4 rows of x at a time
 // against every weight row of the task, so that those rows of x stay in L1 (32 rows of a 512-value chunk are 64 KB)
-// and the task's weights (64 KB) come from L2. Every element of y adds the same chunk sums in the same order either
-// way, so a result depends neither on the batch nor on the thread count.
+// and the task's weights (64 KB) come from L2; with AVX-512, float16 and int8 weights are first widened into a float32
+// block of 15 rows (packed_major), so that each weight is widened once per call and not once per 4 rows of x. Every
+// element of y adds the same chunk sums in the same order in all these orders, so a result depends neither on the
+// batch nor on the thread count.
 //
 // Three implementations of the inner loops, the CPU choosing once: on x86-64 CPUs with AVX-512F, 16-float vectors and
-// two weight rows per call (each load of x serves both; 16 accumulators of the 32 registers); with AVX2, FMA and F16C,
+// two weight rows per call (each load of x serves both; 16 accumulators of the 32 registers; three rows of a packed
+// block, 24 accumulators); with AVX2, FMA and F16C,
 // 8-float vectors and one weight row (vcvtph2ps widens 8 float16 weights in one instruction; GCC 12 does not
 // vectorise float16 conversions, and the portable bit-level conversion takes about a dozen instructions per 8
 // weights, which made the loop compute-bound at half the memory bandwidth; int8 takes vpmovsxbd + vcvtdq2ps per 8
@@ -69,7 +72,8 @@ constexpr size_t kTaskRowMultiple = 16;   // task blocks end on a 64-byte line o
 struct Portable {
   // sums[m] = sum over i < len of float32(w[i]) * x[m * ldx + i] for kM rows of x: kLanes running sums per row of
   // x, one tree reduction, then the scalar tail. Each weight is loaded and widened once for the kM rows.
-  static constexpr size_t kRows = 1;  // rows of W per call of dots
+  static constexpr size_t kRows = 1;        // rows of W per call of dots
+  static constexpr size_t kPackedRows = 0;  // no packed_major
 
   template <size_t kM, size_t kR, bool kPrefetch, typename W>
   static void dots(const W* __restrict w, size_t, const float* __restrict x, size_t ldx, size_t len, float* sums) {
@@ -96,6 +100,7 @@ struct Portable {
       sums[m] = acc[m][0] + tail;
     }
   }
+
 };
 
 #if MAMBA_LINEAR_F16C
@@ -119,7 +124,8 @@ struct F16c {
     return _mm_cvtss_f32(s);
   }
 
-  static constexpr size_t kRows = 1;  // rows of W per call of dots (16 registers)
+  static constexpr size_t kRows = 1;        // rows of W per call of dots (16 registers)
+  static constexpr size_t kPackedRows = 0;  // no packed_major: with one row a call, x's loads bound it
 
   template <size_t kM, size_t kR, bool kPrefetch, typename W>
   MAMBA_F16C_TARGET static void dots(const W* __restrict w, size_t, const float* __restrict x, size_t ldx,
@@ -147,6 +153,7 @@ struct F16c {
       sums[m] = s;
     }
   }
+
 };
 #endif
 
@@ -156,6 +163,7 @@ struct F16c {
 // serves two rows of W: with a batch, the one-row loops above are bound by their loads of x.
 struct Avx512 {
   static constexpr size_t kRows = 2;
+  static constexpr size_t kPackedRows = 3;  // in packed_major: 24 accumulators
 
   MAMBA_AVX512_TARGET static __m512 load16(const half_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -163,6 +171,20 @@ struct Avx512 {
   MAMBA_AVX512_TARGET static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
   MAMBA_AVX512_TARGET static __m512 load16(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+
+  // acc[r][m] += w[r * ldw : +16] * x[m * ldx : +16] (one FMA each): the kR rows of w first, then each row of x
+  // loaded once into a register (an empty asm keeps GCC from folding it into the FMAs, which loaded it kR times).
+  template <size_t kM, size_t kR, typename W>
+  MAMBA_AVX512_TARGET static void half_step(const W* __restrict w, size_t ldw, const float* __restrict x, size_t ldx,
+                                            __m512 (&acc)[kR][kM]) {
+    __m512 wv[kR];
+    for (size_t r = 0; r < kR; ++r) wv[r] = load16(w + r * ldw);
+    for (size_t m = 0; m < kM; ++m) {
+      __m512 xv = _mm512_loadu_ps(x + m * ldx);
+      __asm__("" : "+v"(xv));
+      for (size_t r = 0; r < kR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
   }
 
   // sums[r * kM + j] = row r of w (rows ldw apart) . row j of x, for kR rows of w and kM rows of x.
@@ -175,19 +197,13 @@ struct Avx512 {
     }
     size_t i = 0;
     for (; i + 32 <= len; i += 32) {
-      __m512 w0[kR], w1[kR];
-      for (size_t r = 0; r < kR; ++r) {
-        w0[r] = load16(w + r * ldw + i);
-        w1[r] = load16(w + r * ldw + i + 16);
-        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + i) + kPrefetchBytes, _MM_HINT_T0);
-      }
-      for (size_t m = 0; m < kM; ++m) {
-        const __m512 xa = _mm512_loadu_ps(x + m * ldx + i), xb = _mm512_loadu_ps(x + m * ldx + i + 16);
+      if (kPrefetch) {
         for (size_t r = 0; r < kR; ++r) {
-          lo[r][m] = _mm512_fmadd_ps(w0[r], xa, lo[r][m]);
-          hi[r][m] = _mm512_fmadd_ps(w1[r], xb, hi[r][m]);
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + i) + kPrefetchBytes, _MM_HINT_T0);
         }
       }
+      half_step<kM, kR>(w + i, ldw, x + i, ldx, lo);
+      half_step<kM, kR>(w + i + 16, ldw, x + i + 16, ldx, hi);
     }
     if (i + 16 <= len) {
       for (size_t m = 0; m < kM; ++m) {
@@ -197,21 +213,52 @@ struct Avx512 {
       i += 16;
     }
     for (size_t r = 0; r < kR; ++r) {
+      if (kM == 4) {
+        reduce4(_mm512_add_ps(lo[r][0], hi[r][0]), _mm512_add_ps(lo[r][1], hi[r][1]),
+                _mm512_add_ps(lo[r][2], hi[r][2]), _mm512_add_ps(lo[r][3 % kM], hi[r][3 % kM]), sums + r * kM);
+      } else {
+        for (size_t m = 0; m < kM; ++m) sums[r * kM + m] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r][m], hi[r][m]));
+      }
       for (size_t m = 0; m < kM; ++m) {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(lo[r][m], hi[r][m]));
+        float s = sums[r * kM + m];
         for (size_t t = i; t < len; ++t) s = std::fma(F16c::widen(w[r * ldw + t]), x[m * ldx + t], s);
         sums[r * kM + m] = s;
       }
     }
   }
+
+  // out[j] = _mm512_reduce_add_ps(v_j) for 4 vectors at once, with the same additions in the same pairs: GCC's
+  // reduction adds the two 8-lane halves, then the two 4-lane halves of that, then lanes j and j ^ 2, then lanes 0 and
+  // 1 (float addition is commutative, so which operand comes first does not change a bit).
+  MAMBA_AVX512_TARGET static void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));  // a's 8 | b's 8
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));  // 4 lanes each of a, b, c, d
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, _MM_SHUFFLE(1, 0, 3, 2)));  // lane j + lane j ^ 2
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, _MM_SHUFFLE(2, 3, 0, 1)));  // lane 0 + lane 1
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, q);
+    for (size_t j = 0; j < 4; ++j) out[j] = lanes[4 * j];
+  }
+
+  template <typename W>
+  MAMBA_AVX512_TARGET static void widen_run(const W* __restrict src, float* __restrict dst, size_t len) {
+    size_t i = 0;
+    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+    for (; i < len; ++i) dst[i] = F16c::widen(src[i]);
+  }
 };
 #endif
 
-// y[mi + j, row] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of row `row`.
-template <class Path, size_t kR, size_t kM, bool kPrefetch, typename W>
-inline void add_dots(const LinearArgs<W>& a, size_t row, size_t mi, size_t c0, size_t len) {
+// y[mi + j, row + r] += the dot products of kM rows of x, starting at row mi, with the chunk [c0, c0 + len) of the
+// kR weight rows from `row` on, whose chunk starts at w (rows ldw apart: a.k in W itself, kChunk in a packed block).
+template <class Path, size_t kR, size_t kM, bool kPrefetch, typename V, typename W>
+inline void add_dots(const LinearArgs<W>& a, const V* w, size_t ldw, size_t row, size_t mi, size_t c0, size_t len) {
   float part[kR * kM];
-  Path::template dots<kM, kR, kPrefetch>(a.w + row * a.k + c0, a.k, a.x + mi * a.k + c0, a.k, len, part);
+  Path::template dots<kM, kR, kPrefetch>(w, ldw, a.x + mi * a.k + c0, a.k, len, part);
   for (size_t r = 0; r < kR; ++r) {
     for (size_t j = 0; j < kM; ++j) a.y[(mi + j) * a.n + row + r] += part[r * kM + j];
   }
@@ -265,7 +312,8 @@ inline void output_row(const LinearArgs<W>& a, size_t row) {
   for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
     const size_t len = std::min(kChunk, a.k - c0);
     passes_over_x(a.m, [&](auto rows, auto prefetch, size_t mi) {
-      add_dots<Path, 1, decltype(rows)::value, decltype(prefetch)::value>(a, row, mi, c0, len);
+      const W* w = a.w + row * a.k + c0;
+      add_dots<Path, 1, decltype(rows)::value, decltype(prefetch)::value>(a, w, a.k, row, mi, c0, len);
     });
   }
   apply_scale(a, row, row + 1);
@@ -275,11 +323,14 @@ inline void output_row(const LinearArgs<W>& a, size_t row) {
 // a time against every row of W of the task (Path::kRows at a time), so that the rows of x of a pass stay in L1 while
 // the task's weights come from L2 (a task's weights are 64 KB; a chunk of 32 rows of x is 64 KB, more than L1). Each
 // element of y gets the same chunk sums in the same order as in output_row, so the results are the row-by-row ones.
-template <class Path, size_t kM, bool kPrefetch, typename W>
-inline void chunk_pass(const LinearArgs<W>& a, size_t begin, size_t end, size_t mi, size_t c0, size_t len) {
+template <class Path, size_t kRows, size_t kM, bool kPrefetch, typename V, typename W>
+inline void chunk_pass(const LinearArgs<W>& a, const V* w, size_t ldw, size_t begin, size_t end, size_t mi, size_t c0,
+                       size_t len) {
   size_t row = begin;
-  for (; row + Path::kRows <= end; row += Path::kRows) add_dots<Path, Path::kRows, kM, kPrefetch>(a, row, mi, c0, len);
-  for (; row < end; ++row) add_dots<Path, 1, kM, kPrefetch>(a, row, mi, c0, len);
+  for (; row + kRows <= end; row += kRows) {
+    add_dots<Path, kRows, kM, kPrefetch>(a, w + (row - begin) * ldw, ldw, row, mi, c0, len);
+  }
+  for (; row < end; ++row) add_dots<Path, 1, kM, kPrefetch>(a, w + (row - begin) * ldw, ldw, row, mi, c0, len);
 }
 
 template <class Path, typename W>
@@ -290,8 +341,47 @@ inline void chunk_major(const LinearArgs<W>& a, size_t begin, size_t end) {
   for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
     const size_t len = std::min(kChunk, a.k - c0);
     passes_over_x(a.m, [&](auto rows, auto prefetch, size_t mi) {
-      chunk_pass<Path, decltype(rows)::value, decltype(prefetch)::value>(a, begin, end, mi, c0, len);
+      chunk_pass<Path, Path::kRows, decltype(rows)::value, decltype(prefetch)::value>(a, a.w + begin * a.k + c0, a.k,
+                                                                                      begin, end, mi, c0, len);
     });
+  }
+  apply_scale(a, begin, end);
+}
+
+// With a batch of kPackedFrom rows of x or more, float16 or int8 weights and AVX-512 (Path::kPackedRows != 0): rows
+// [begin, end) of y, kPackRows rows of W at a time. Each chunk of those rows is widened once into a float32 block on
+// the stack (30 KB, in L1), and every row of x then runs the float32 loops against it, 4 rows of x and 3 rows of the
+// block a call (24 accumulators). chunk_major widens each weight once per 4 rows of x and takes 2 weight rows a call;
+// at 16 and 32 rows of x that made it slower than onnxruntime's float32 MatMul (BENCHMARKS.md section 8). Widening is
+// exact and the float32 loops add the same products in the same order, so every element of y gets the same chunk
+// sums in the same order as in output_row: the results are the row-by-row ones. (With AVX2's 16 registers, one
+// weight row a call, a packed block was slower: each load of x serves a single row.)
+constexpr size_t kPackRows = 15;  // a multiple of Avx512::kPackedRows
+constexpr size_t kPackedFrom = 16;
+
+template <class Path, typename W>
+inline void packed_major(const LinearArgs<W>& a, size_t begin, size_t end) {
+  alignas(64) float block[kPackRows * kChunk];
+  for (size_t mi = 0; mi < a.m; ++mi) {
+    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] = 0.0f;
+  }
+  for (size_t r0 = begin; r0 < end; r0 += kPackRows) {
+    const size_t r1 = std::min(end, r0 + kPackRows);
+    for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
+      const size_t len = std::min(kChunk, a.k - c0);
+      // The next block's weights into L2 while this one's products run (they take far longer than the memory).
+      const size_t next_c0 = c0 + kChunk < a.k ? c0 + kChunk : 0, next_r0 = next_c0 != 0 ? r0 : r1;
+      const size_t next_r1 = std::min(end, next_r0 + kPackRows), next_len = std::min(kChunk, a.k - next_c0);
+      for (size_t row = next_r0; row < next_r1; ++row) {
+        const char* src = reinterpret_cast<const char*>(a.w + row * a.k + next_c0);
+        for (size_t b = 0; b < next_len * sizeof(W); b += 64) __builtin_prefetch(src + b, 0, 2);
+      }
+      for (size_t row = r0; row < r1; ++row) Path::widen_run(a.w + row * a.k + c0, block + (row - r0) * kChunk, len);
+      passes_over_x(a.m, [&](auto rows, auto, size_t mi) {
+        chunk_pass<Path, Path::kPackedRows, decltype(rows)::value, false>(a, static_cast<const float*>(block), kChunk,
+                                                                          r0, r1, mi, c0, len);
+      });
+    }
   }
   apply_scale(a, begin, end);
 }
@@ -306,7 +396,13 @@ template <class Path, typename W>
 inline void rows_of_task(const LinearArgs<W>& a, size_t task) {
   const size_t per_task = task_rows(a.k, sizeof(W));
   const size_t begin = task * per_task, end = std::min(a.n, (task + 1) * per_task);
-  if (a.m >= 4 * kRowsOfX) {
+  bool packed = false;
+  if constexpr (Path::kPackedRows != 0 && !std::is_same<W, float>::value) {
+    packed = a.m >= kPackedFrom;
+    if (packed) packed_major<Path>(a, begin, end);
+  }
+  if (packed) {
+  } else if (a.m >= 4 * kRowsOfX) {
     chunk_major<Path>(a, begin, end);
   } else {  // one weight row after the other: a single sequential stream, which reads memory fastest
     for (size_t row = begin; row < end; ++row) output_row<Path>(a, row);
