@@ -55,10 +55,11 @@ def check_replace(out: Path, kind: str, looks_like: Callable[[Path], bool], inpu
                     f"choose another directory)")
 
 
-def check_writable(out: Path, error: type[MambaExportError] = MambaExportError) -> None:
+def check_writable(out: Path, error: type[MambaExportError] = MambaExportError, inside: bool = False) -> None:
     """Raise ``error`` unless ``out`` can be created or replaced: a directory can be made in its nearest existing
-    ancestor (checked before the slow work, not found out at the end)."""
-    parent = out.parent
+    ancestor (checked before the slow work, not found out at the end). ``inside``: the files go into ``out`` itself,
+    so where it is a directory already, the probe is made in it."""
+    parent = out if inside and out.is_dir() else out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():

@@ -237,7 +237,7 @@ def test_api_checks(binary, export):
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 22, proc.stdout
+    assert proc.stdout.count("ok: ") == 24, proc.stdout
 
 
 def test_help(binary):
@@ -317,6 +317,8 @@ ERROR_CASES = [
     ("ort-config", None, IDS + ["--ort-config", "novalue"], "--ort-config: expected KEY=VALUE, found 'novalue'"),
     ("unknown-option", None, ["--prompt-ids", "1", "--fast"], "unknown option --fast"),
     ("sampling-flag", None, ["--prompt-ids", "1", "--top-k", "3"], "--temperature, --top-k and --seed need --sample"),
+    ("greedy-and-sample", None, ["--prompt-ids", "1", "--greedy", "--sample"],
+     "--greedy and --sample exclude each other"),
     ("bad-temperature", None, ["--prompt-ids", "1", "--sample", "--temperature", "0"],
      "temperature must be a positive number"),
 ]

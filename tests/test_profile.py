@@ -68,12 +68,14 @@ def test_profile_bad_options_exit_2_with_one_line(exp, capsys):
     *_, out, _ = exp
     assert main(["profile", str(out), "--gen-len", "0"]) == 2
     assert "error: --gen-len must be a positive integer" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["profile", str(out), "--batch", "0,2"])
-    assert e.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
+    for batch in ("0,2", "1,,2", "8,"):
+        with pytest.raises(SystemExit) as e:
+            main(["profile", str(out), "--batch", batch])
+        assert e.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["output under a file", "output is a file", "missing checkpoint to compare"])
+@pytest.mark.parametrize("case", ["output under a file", "output is a file", "missing checkpoint to compare",
+                                  "existing directory that cannot be written"])
 def test_profile_bad_paths_fail_first_with_one_line(exp, capsys, tmp_path, monkeypatch, case):
     """A profile that cannot be written, or a --compare-torch checkpoint that is not there, fails before the
     measurements (made to raise here if they start) with one line, leaving nothing behind."""
@@ -81,7 +83,9 @@ def test_profile_bad_paths_fail_first_with_one_line(exp, capsys, tmp_path, monke
     (tmp_path / "file").write_text("x")
     args = {"output under a file": ["-o", str(tmp_path / "file" / "prof")],
             "output is a file": ["-o", str(tmp_path / "file")],
-            "missing checkpoint to compare": ["-o", str(tmp_path / "prof"), "--compare-torch", str(tmp_path / "no")]}
+            "missing checkpoint to compare": ["-o", str(tmp_path / "prof"), "--compare-torch", str(tmp_path / "no")],
+            # a directory that exists (the files go into it) where nothing can be made, whoever runs the test
+            "existing directory that cannot be written": ["-o", "/proc/self"]}
     import mamba_export.commands.profile as command
 
     def started(*a, **k):

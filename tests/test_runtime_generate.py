@@ -171,6 +171,21 @@ def test_snapshot_restored_in_another_process_continues_identically(exp, rt, tmp
     assert fresh["prefill_ms"] > 0 and fresh["ttft_ms"] >= fresh["prefill_ms"]
 
 
+def test_a_snapshot_that_cannot_be_written_is_a_snapshot_error_and_leaves_nothing(rt, tmp_path):
+    gen = rt.start([1, 2], 3)
+    (tmp_path / "file").write_text("x")
+    for path, reason in [(tmp_path / "no" / "snap.npz", "No such file or directory"), (tmp_path, "Is a directory"),
+                         (tmp_path / "file" / "snap.npz", "Not a directory")]:
+        with pytest.raises(SnapshotError, match=re.escape(f"{path}: cannot write the snapshot ({reason})")):
+            gen.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*.tmp"))
+    gen.save(tmp_path / "snap.npz")
+    gen.save(tmp_path / "snap.npz")  # replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "snap.npz"]
+    assert rt.restore(tmp_path / "snap.npz").run().tokens == gen.run().tokens
+
+
 def test_bad_snapshots_are_clear_errors(rt, tmp_path):
     with pytest.raises(SnapshotError, match="not a snapshot"):
         rt.restore(b"garbage")
@@ -309,6 +324,10 @@ def test_non_finite_logits_are_refused_not_sampled(exp, rt, tmp_path, monkeypatc
     (lambda rt: rt.generate(np.int64(5), 5), "prompts must be text"),
     (lambda rt: rt.generate([1], 5, {"temperature": 1.0}), "sampling must be a SamplingConfig"),
     (lambda rt: rt.generate([1], "5"), "max_new_tokens must be a positive integer, found '5'"),
+    (lambda rt: rt.generate([1], 2**31), "max_new_tokens must be at most 2147483647, found 2147483648"),
+    (lambda rt: rt.generate([True, 2], 5), "prompt 0: expected text or a flat list of integer token ids"),
+    (lambda rt: rt.generate([[1], [np.True_]], 5), "prompt 1: expected text or a flat list of integer token ids"),
+    (lambda rt: rt.generate("a\ud800", 5), r"lone surrogate \(U\+D800\) at character 1"),
 ])
 def test_bad_requests_are_one_line_errors(rt, call, message):
     with pytest.raises(GenerationInputError, match=message) as e:
@@ -607,6 +626,16 @@ def test_cli_json_reports_the_seed_drawn_so_that_a_sample_can_be_repeated(exp, c
     assert json.loads(capsys.readouterr().out)["sampling"]["seed"] is None  # greedy
 
 
+def test_cli_prompt_bytes_that_are_not_utf8_reach_a_byte_level_model(exp, capsys):
+    """A shell passes `--prompt $'And \\xff'` as bytes; Python gives them as surrogateescape, and the byte-level model
+    gets the very bytes (not a traceback)."""
+    from mamba_export.cli import main
+
+    prompt = b"And \xff".decode("utf-8", "surrogateescape")
+    assert main(["generate", str(exp.dir), "--prompt", prompt, "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == list(b"And \xff")
+
+
 @pytest.mark.parametrize("args, message", [
     (["/nonexistent/export", "--prompt-ids", "1"], "export directory does not exist"),
     (["{dir}", "--prompt-ids", "1,999"], "token id 999"),
@@ -620,6 +649,8 @@ def test_cli_json_reports_the_seed_drawn_so_that_a_sample_can_be_repeated(exp, c
     (["{dir}", "--prompt-ids", "1", "--ort-config", "novalue"], "--ort-config: expected KEY=VALUE"),
     # the runtime's checks, named by the command's flags (not the Python parameters)
     (["{dir}", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+    (["{dir}", "--prompt-ids", "1", "--max-new-tokens", "99999999999999999999"],
+     "--max-new-tokens must be at most 2147483647"),
     (["{dir}", "--prompt-ids", "1", "--threads", "0"], "--threads must be a positive integer, found 0"),
     (["{dir}", "--prompt-ids", "1", "--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1], found 2.0"),
     (["{dir}", "--prompt-ids", "1", "--temperature", "1", "--top-k", "-1"], "--top-k must be an integer >= 0"),

@@ -72,6 +72,14 @@ def test_bad_sampling_settings_are_clear_errors(kw):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9), dict(temperature=0.0, top_k=1)])
+def test_top_k_and_top_p_without_a_temperature_are_refused(kw):
+    """Greedy decoding (temperature 0) ignores them: refused as the CLI refuses --top-k without --temperature."""
+    with pytest.raises(GenerationInputError, match="apply to sampling: give a temperature > 0"):
+        SamplingConfig(**kw)
+    assert SamplingConfig(temperature=0.5, **{k: v for k, v in kw.items() if k != "temperature"})
+
+
 def test_numpy_scalars_are_accepted_as_sampling_settings():
     cfg = SamplingConfig(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float16(0.5),
                          repetition_penalty=np.int8(2), seed=np.uint64(3))
@@ -90,6 +98,16 @@ def test_byte_codec_round_trips_and_streams_multibyte_characters():
     assert "".join(pieces) + stream.flush() == text
     assert "" in pieces  # the first bytes of a multi-byte character print nothing yet
     assert codec.decode([104, 300, 105]) == "h\ufffdi"  # ids past the bytes (vocabulary padding)
+
+
+def test_text_that_is_not_unicode():
+    """Bytes that are not UTF-8 in a command line reach Python as surrogateescape (U+DC80-U+DCFF): a byte-level model
+    gets those very bytes. Any other lone surrogate is a one-line GenerationInputError, for both codecs."""
+    raw = b"And \xff\xfe"
+    text = raw.decode("utf-8", "surrogateescape")
+    assert ByteCodec().encode(text) == list(raw)
+    with pytest.raises(GenerationInputError, match=r"lone surrogate \(U\+D800\) at character 2; pass token ids"):
+        ByteCodec().encode("ab\ud800c")
 
 
 # ---- manifest -----------------------------------------------------------------------------------------------------
@@ -158,6 +176,8 @@ def test_a_tokenizer_json_encodes_decodes_and_streams(tmp_path):
     assert codec.decode(ids) == "hello world" and len(ids) == 11
     stream = codec.stream()
     assert "".join(stream.push(t) for t in ids) + stream.flush() == "hello world"
+    with pytest.raises(GenerationInputError, match=r"lone surrogate \(U\+DCFF\)"):
+        codec.encode("hello \udcff")
 
 
 @pytest.mark.parametrize("name, content, message", [

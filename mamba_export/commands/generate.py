@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample from the nucleus of probability P (default 1.0: all)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="penalise seen tokens (> 1; default 1.0: off)")
+                   help="penalise (R > 1) or favour (R < 1) tokens seen so far, CTRL's rule (default 1.0: off)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (default: random)")
     p.add_argument("--stop-ids", type=_ids, default=[], metavar="1,2", help="token ids that end the generation")
     out = p.add_mutually_exclusive_group()

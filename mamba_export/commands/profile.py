@@ -23,8 +23,8 @@ from .generate import ort_config_entry
 
 def _ints(text: str) -> list[int]:
     try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:  # also an empty item ("1,,2", "8,")
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, found {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, found {text!r}")
@@ -237,11 +237,12 @@ def run(args: argparse.Namespace) -> int:
 
         read_config(args.compare_torch)
     rt = MambaRuntime(args.export_dir, provider=args.provider, threads=args.threads,
-                      custom_ops="off" if args.no_custom_ops else "auto", ort_config=dict(args.ort_config))
+                      custom_ops="off" if args.no_custom_ops else "auto", ort_config=dict(args.ort_config),
+                      max_batch=max(256, *args.batch))
     out = output_path(args.output if args.output is not None else f"profile-{rt.info.path.name}")
     if out.exists() and not out.is_dir():
         raise MambaExportError(f"{out}: exists and is not a directory")
-    check_writable(out)  # before the measurements, which take minutes; the directory is made once they are done
+    check_writable(out, inside=True)  # before the measurements, which take minutes; the files are written after
     wbytes = prof.weight_bytes_per_token(rt.info, library=rt.custom_op_library is not None)
     n_prefill = len(args.batch) * len(args.prompt_len) * args.repeats
     total = n_prefill + len(args.batch) * args.gen_len + args.position_tokens

@@ -16,7 +16,8 @@ class GenerationInputError(MambaExportError):
 
 
 class SnapshotError(MambaExportError):
-    """A state snapshot that cannot be restored: unreadable, damaged, of another format or from another export."""
+    """A state snapshot that cannot be restored (unreadable, damaged, of another format or from another export) or
+    written (``Generation.save`` to a path that cannot be written)."""
 
 
 class ModelOutputError(MambaExportError):

@@ -15,9 +15,11 @@ outputs are dropped and it draws nothing from its generator, so the others are n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import os
 import statistics
 import threading
 import time
@@ -210,8 +212,18 @@ class Generation:
         return buf.getvalue()
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`snapshot` to ``path``."""
-        Path(path).write_bytes(self.snapshot())
+        """Write :meth:`snapshot` to ``path``, whole or not at all (a file beside it, then renamed over it); a path
+        that cannot be written is a :class:`SnapshotError`."""
+        path = Path(path)
+        data = self.snapshot()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise SnapshotError(f"{path}: cannot write the snapshot ({e.strerror or e})") from None
 
 
 def _check_finite(logits: np.ndarray, active: np.ndarray, tokens: list[list[int]]) -> None:

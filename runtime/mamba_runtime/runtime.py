@@ -35,6 +35,7 @@ from .state import DeviceState, prefill
 from .tokenizer import TokenizerUnavailable, load_codec, require_codec
 
 Prompt = str | Iterable[int]
+MAX_NEW_TOKENS = 2**31 - 1  # as the C++ runtime (an int); far beyond any real request
 
 
 class MambaRuntime:
@@ -134,10 +135,12 @@ class MambaRuntime:
             ids = self.encode(prompt)
         else:
             try:
-                arr = np.asarray(list(prompt))
+                items = list(prompt)
+                arr = np.asarray(items)
             except (TypeError, ValueError):  # not iterable; a ragged nesting such as [3, [4]]
-                arr = None
-            if arr is None or (arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer))):
+                items, arr = [], None
+            if arr is None or (arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer))) or any(
+                    isinstance(t, (bool, np.bool_)) for t in items):  # numpy would take True for 1
                 raise GenerationInputError(f"prompt {index}: expected text or a flat list of integer token ids")
             ids = [int(t) for t in arr]
         if not ids:
@@ -174,6 +177,8 @@ class MambaRuntime:
               stop_tokens: Iterable[int] = ()) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
         max_new_tokens = require_int(max_new_tokens, "max_new_tokens")
+        if max_new_tokens > MAX_NEW_TOKENS:
+            raise GenerationInputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS}, found {max_new_tokens}")
         if sampling is not None and not isinstance(sampling, SamplingConfig):
             raise GenerationInputError(f"sampling must be a SamplingConfig (or None for greedy), not "
                                        f"{type(sampling).__name__}")

@@ -26,8 +26,9 @@ class SamplingConfig:
         temperature: 0 for greedy decoding, else logits are divided by it before sampling.
         top_k: keep only the k most likely tokens (0: all).
         top_p: keep the smallest set of most likely tokens whose probability reaches p (1.0: all).
-        repetition_penalty: > 1 makes tokens already seen less likely (CTRL's rule: positive logits are divided by
-            it, negative ones multiplied); 1.0 turns it off.
+        top_k and top_p need a temperature > 0 (with temperature 0 they are refused: they would change nothing).
+        repetition_penalty: > 1 makes tokens already seen less likely, < 1 more likely (CTRL's rule: positive logits
+            are divided by it, negative ones multiplied); 1.0 turns it off.
         seed: seed of the generators (row i of a batch uses ``default_rng([seed, i])``); None: a fresh random seed.
     """
 
@@ -57,6 +58,9 @@ class SamplingConfig:
             raise GenerationInputError(f"top_p must be in (0, 1], found {self.top_p}")
         if not (np.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise GenerationInputError(f"repetition_penalty must be > 0, found {self.repetition_penalty}")
+        if self.temperature == 0 and (self.top_k != 0 or self.top_p != 1.0):
+            raise GenerationInputError("top_k and top_p apply to sampling: give a temperature > 0 too (temperature 0 "
+                                       "is greedy decoding, which they would not change)")
 
     @property
     def greedy(self) -> bool:

@@ -16,13 +16,27 @@ from .errors import ExportDirError, GenerationInputError
 from .manifest import parse_json
 
 
+def _lone_surrogate(text: str) -> GenerationInputError:
+    """The error for text that cannot be encoded: a lone surrogate (U+D800-U+DFFF) is no Unicode character."""
+    i = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    return GenerationInputError(
+        f"the prompt is not valid Unicode text: it has a lone surrogate (U+{ord(text[i]):04X}) at character {i}; "
+        "pass token ids instead")
+
+
 class ByteCodec:
     """UTF-8 bytes as tokens: id = byte value. Ids >= 256 (padding rows of the vocabulary) decode to U+FFFD."""
 
     kind = "bytes"
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        """The UTF-8 bytes of ``text``. Python gives bytes that are not UTF-8 in a command line, an environment
+        variable or a file name as the surrogates U+DC80-U+DCFF (surrogateescape); for a byte-level model those
+        stand for exactly those bytes, so they encode back to them. Any other surrogate is refused."""
+        try:
+            return list(text.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            raise _lone_surrogate(text) from None
 
     def decode(self, ids: list[int]) -> str:
         return _ByteStream().push_all(ids)
@@ -72,6 +86,8 @@ class HFTokenizerCodec:
             raise ExportDirError(f"{path}: not a valid tokenizer.json ({e})") from None
 
     def encode(self, text: str) -> list[int]:
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            raise _lone_surrogate(text)
         return self._tok.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -42,7 +42,7 @@ struct Args {
   std::vector<int64_t> prompt_ids;
   std::string prompt_text;
   std::string dump_logits;
-  bool has_ids = false, has_text = false, sample = false, sampling_flag = false;
+  bool has_ids = false, has_text = false, sample = false, sampling_flag = false, greedy_flag = false;
   mamba::GenerateOptions generate;
   mamba::SessionOptions session;
 };
@@ -100,7 +100,7 @@ Args parse_args(const std::vector<std::string>& argv) {
     } else if (flag == "--max-new-tokens") {
       a.generate.max_new_tokens = int(parse_int(flag, value(), 1, INT32_MAX));
     } else if (flag == "--greedy") {
-      a.generate.greedy = true;
+      a.greedy_flag = true;
     } else if (flag == "--sample") {
       a.sample = true;
     } else if (flag == "--temperature") {
@@ -140,6 +140,7 @@ Args parse_args(const std::vector<std::string>& argv) {
   if (a.export_dir.empty()) throw mamba::Error("give the export directory (see --help)");
   if (a.has_ids == a.has_text) throw mamba::Error("give exactly one of --prompt-ids and --prompt");
   if (a.sampling_flag && !a.sample) throw mamba::Error("--temperature, --top-k and --seed need --sample");
+  if (a.sample && a.greedy_flag) throw mamba::Error("--greedy and --sample exclude each other: give one");
   a.generate.greedy = !a.sample;
   return a;
 }

@@ -445,6 +445,12 @@ void Model::load_state(const State& state) {
                   " conv and " + std::to_string(state.ssm[i].size()) + " ssm values, expected " + std::to_string(conv) +
                   " and " + std::to_string(ssm));
     }
+    for (const std::vector<float>* values : {&state.conv[i], &state.ssm[i]}) {
+      if (!std::all_of(values->begin(), values->end(), [](float v) { return std::isfinite(v); })) {
+        throw Error("load_state: layer " + std::to_string(i) + "'s " + (values == &state.conv[i] ? "conv" : "ssm") +
+                    " state has a NaN or infinite value: a damaged state (the Python runtime refuses it too)");
+      }
+    }
   }
   m.unfed = -1;
   for (size_t i = 0; i < layers; ++i) {

@@ -205,6 +205,15 @@ int main(int argc, char** argv) {
       expect_close("the Model runs after refusing the other thread", model.prefill(kPrompt), whole);
     }
 
+    {
+      mamba::State damaged = prefix;
+      damaged.ssm.back()[1] = std::nanf("");
+      expect_error("load_state with a NaN", "ssm state has a NaN or infinite value",
+                   [&] { model.load_state(damaged); });
+      damaged = prefix;
+      damaged.conv.front()[0] = INFINITY;
+      expect_error("load_state with an infinity", "conv state has a NaN", [&] { model.load_state(damaged); });
+    }
     prefix.ssm.pop_back();
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
