@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import Interrupted, MambaExportError
@@ -23,6 +25,16 @@ _EXTRAS = {"torch": "'mamba-export[export]'", "onnx": "'mamba-export[export]'", 
            "tokenizers": "'mamba-export[text]'"}
 # One entry per subcommand module in mamba_export/commands/, in the order --help lists them.
 COMMANDS = ("inspect", "export", "train", "generate", "profile")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that a command cleans up the same way (a
+    half-written export directory is removed); the CLI then exits with 143. Training installs its own handlers while
+    it steps (a signal there stops the run after a saved step) and puts this one back after."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
         return int(args.run(args) or 0)
     except Interrupted as e:
@@ -66,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mamba-export {args.command}: error: this command needs {e.name!r}, which is not installed "
               f"(pip install {extra})", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mamba-export {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"mamba-export {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as a tool killed by SIGPIPE does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 if __name__ == "__main__":

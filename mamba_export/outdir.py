@@ -19,10 +19,18 @@ from .errors import MambaExportError
 
 
 def output_path(path: str | os.PathLike, error: type[MambaExportError] = MambaExportError) -> Path:
-    """``path`` made absolute (and normalised); an empty name is an error rather than the current directory."""
+    """``path`` made absolute (and normalised); an empty name is an error rather than the current directory. A
+    symbolic link is followed: the directory it points to is the one written or replaced (the link stays), and a
+    link to nothing is an error now, before any slow work."""
     if not str(path).strip():
         raise error("the output directory name is empty")
-    return Path(os.path.abspath(os.fspath(path)))
+    out = Path(os.path.abspath(os.fspath(path)))
+    if out.is_symlink():
+        target = Path(os.path.realpath(out))
+        if not target.exists():
+            raise error(f"{out}: is a symbolic link to {target}, which does not exist")
+        return target
+    return out
 
 
 def _within(path: Path, root: Path) -> bool:

@@ -137,3 +137,68 @@ def test_a_reader_that_leaves_early_is_no_error(ckpt):
                           stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_a_symlinked_output_is_followed_and_a_dangling_one_refused(ckpt, tmp_path, capsys):
+    """-o LINK writes (and with --force replaces) the directory the link points to, leaving the link and no hidden
+    directory behind; a link to nothing is a one-line error before any work."""
+    target, link = tmp_path / "target", tmp_path / "link"
+    assert cli.main(["export", str(ckpt), "-o", str(target), "--no-library", "--format", "torchscript"]) == 0
+    link.symlink_to(target)
+    (target / "marker").write_text("old")
+    assert cli.main(["export", str(ckpt), "-o", str(link), "--no-library", "--force", "--format", "torchscript"]) == 0
+    capsys.readouterr()
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "model.pt").is_file() and not (target / "marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert cli.main(["export", str(ckpt), "-o", str(dangling), "--no-library"]) == 2
+    line = _error_line(capsys)
+    assert "is a symbolic link to" in line and line.endswith("which does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "target"]
+
+
+def test_the_library_is_checked_and_shipped_under_its_contract_name(ckpt, tmp_path, capsys, monkeypatch):
+    """$MAMBA_EXPORT_OPS_LIBRARY may name the library anything: the export ships it as libmamba_export_ops.so; a file
+    onnxruntime cannot load as a custom-op library is refused before the export."""
+    import shutil
+
+    from mamba_runtime import custom_op_library_path
+
+    renamed = tmp_path / "my_ops_build.so"
+    shutil.copy2(custom_op_library_path(), renamed)
+    monkeypatch.setenv("MAMBA_EXPORT_OPS_LIBRARY", str(renamed))
+    out = export_checkpoint(ckpt, tmp_path / "out")
+    assert (out / "libmamba_export_ops.so").is_file() and not (out / renamed.name).exists()
+    assert json.loads((out / "manifest.json").read_text())["custom_op_library"] == "libmamba_export_ops.so"
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not a library")
+    monkeypatch.setenv("MAMBA_EXPORT_OPS_LIBRARY", str(junk))
+    assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "bad")]) == 2
+    line = _error_line(capsys)
+    assert "junk.so: cannot load the custom-op library" in line and "--no-library" in line
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sigterm_during_an_export_leaves_nothing(ckpt, tmp_path):
+    """SIGTERM (what `timeout` and service managers send) stops an export as Ctrl-C does: the half-written hidden
+    directory is removed, one line says so, and the exit status is 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_export.cli", "export", str(ckpt), "-o", str(out),
+                             "--no-library"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export ended before its temporary directory was seen"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "mamba-export export: terminated"
+    assert list(tmp_path.iterdir()) == []

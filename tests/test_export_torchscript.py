@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mamba_export.checkpoint import load_checkpoint
-from mamba_export.export import export_checkpoint
+from mamba_export.export import export_checkpoint, export_model
 from mamba_export.export.graphs import example_inputs
+from mamba_export.model import MambaLM
 from support import make_hf_model, rel_err, save_state_spaces
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -92,3 +93,20 @@ def test_loads_without_this_package(exported):
 def _state_expr(c) -> str:
     layer = f"torch.zeros(1, {c.d_inner}, {c.d_conv - 1}), torch.zeros(1, {c.d_inner}, {c.d_state})"
     return "[" + ", ".join([layer] * c.n_layer) + "]"
+
+
+def test_modules_run_as_inference_without_no_grad(exported):
+    """Saved without requires_grad: called as the docs show (no torch.no_grad), the outputs are plain tensors that
+    .numpy() takes; the exported model's own parameters keep their flags."""
+    out, ref = exported
+    c = ref.config
+    for name in ("model.pt", "decode.pt", "model_last.pt"):
+        module = torch.jit.load(str(out / name))
+        assert not any(p.requires_grad for p in module.parameters()), name
+        ids = torch.zeros((1, 1), dtype=torch.int64)
+        outputs = module(ids, *example_inputs(c, 1, 1)[1:])
+        assert not any(t.requires_grad for t in outputs), name
+        outputs[0].numpy()
+    model = MambaLM(c)
+    export_model(model, out.parent / "again", fmt="torchscript")
+    assert all(p.requires_grad for p in model.parameters())

@@ -154,6 +154,18 @@ def test_resume_continues_exactly(tmp_path, text_file):
         assert torch.equal(a, b)
 
 
+def test_resume_keeps_the_runs_backend_and_device(tmp_path, text_file):
+    """A run started with --backend reference goes on with it when --resume names none (and with the one named)."""
+    def opts(**kw):
+        return TrainOptions(data=str(text_file), out=str(tmp_path / "run"), steps=4, progress=False, **kw)
+
+    train(opts(preset="tiny", until=2, backend="reference", device="cpu"))
+    _, summary = train(opts(resume=True, until=3))
+    assert summary["backend"] == "reference" and summary["device"] == "cpu"
+    _, summary = train(opts(resume=True, backend="fast"))
+    assert summary["backend"] == "fast"
+
+
 def _make_tokenizer(path: Path, vocab_size: int = 300):
     """A byte-level BPE tokenizer trained on TEXT, saved at ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="onnx (default) or torchscript (model.pt and decode.pt, for torch.jit.load)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-library", dest="with_library", action="store_false",
-                   help="do not copy the custom-op library (the graphs then run through their ONNX functions)")
+                   help="do not copy the custom-op library into OUT_DIR: a runtime then registers the one it finds "
+                   "itself (mamba-export generate: this package's build or $MAMBA_EXPORT_OPS_LIBRARY), and a stock "
+                   "onnxruntime runs the graphs' ONNX functions")
     p.add_argument("--decode-weights", choices=("float32", "float16", "int8"), default="float32",
                    help="dtype of decode.onnx's in_proj, out_proj and LM head weights (only with --dtype float32 and "
                    "--format onnx). float16 stores half-size copies in decode_weights_f16.bin and multiplies them "

@@ -29,10 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue the run stored in CHECKPOINT_DIR exactly (with its own tokenizer)")
     p.add_argument("--force", action="store_true", help="replace an existing CHECKPOINT_DIR")
     p.add_argument("--tokenizer", metavar="TOKENIZER_JSON", help="a tokenizers tokenizer.json (default: bytes)")
-    p.add_argument("--backend", default="fast",
-                   help="operator backend: fast (default; plain PyTorch with a linear-time scan backward), "
-                   "reference, triton or auto")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto: cuda when available)")
+    p.add_argument("--backend",
+                   help="operator backend: fast (plain PyTorch with a linear-time scan backward), reference, triton "
+                   "or auto (default fast; on --resume the run's own)")
+    p.add_argument("--device", help="cpu, cuda or auto (default auto: cuda when available; on --resume the run's "
+                   "own)")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="run each training step as one CUDA graph replay (the same arithmetic without the host's "
                    "per-step overhead): auto (default) does on CUDA and falls back to eager steps, with a warning, "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from mamba_runtime.library import LIBRARY_NAME
 
 from .. import __version__, outdir
 from ..checkpoint import TOKENIZER_FILES, load_checkpoint, read_config
@@ -112,7 +113,8 @@ def export_model(
 
             graphs = write_graphs(model, tmp, last_logits, say, decode_weights, blocks)
             if library_path is not None:
-                library = shutil.copy2(library_path, tmp / library_path.name).name
+                # under the contract's name, whatever the built file is called ($MAMBA_EXPORT_OPS_LIBRARY)
+                library = shutil.copy2(library_path, tmp / LIBRARY_NAME).name
             directory.write_json(tmp / "genai_config.json", genai_config(model, library, token_ids or {}))
         else:
             from .torchscript import write_torchscript

@@ -71,17 +71,21 @@ def _umask() -> int:
 
 
 def library_path() -> Path:
-    """The built custom-op library (see :func:`mamba_runtime.custom_op_library_path`).
+    """The built custom-op library (see :func:`mamba_runtime.custom_op_library_path`), checked by registering it with
+    onnxruntime. An export ships it as ``libmamba_export_ops.so`` whatever its file name here.
 
     Raises:
-        ExportError: the library is not built (says how to build it, or to pass --no-library).
+        ExportError: the library is not built (says how to build it, or to pass --no-library) or cannot be loaded.
     """
     from mamba_runtime import custom_op_library_path
+    from mamba_runtime.sessions import session_options
 
     try:
-        return Path(custom_op_library_path())
+        path = Path(custom_op_library_path())
+        session_options(None, str(path))  # registers it: a damaged file or another ABI fails here, not in the export
     except MambaExportError as e:
         raise ExportError(f"{e} (or export without it: --no-library / with_library=False)") from None
+    return path
 
 
 def copy_tokenizer(ckpt_dir: Path | None, out: Path, names: tuple[str, ...]) -> list[str]:

@@ -62,9 +62,17 @@ def write_torchscript(model: MambaLM, out: Path, last_logits: bool) -> list[str]
                    "decode.pt": (_OneTokenDecode(DecodeGraph(model, ops)), 1)}
         if last_logits:
             modules["model_last.pt"] = (SequenceGraph(model, ops, last_logits=True), 3)
-        for name, (module, seq) in modules.items():
-            traced = torch.jit.trace(module.eval(), example_inputs(model.config, 2, seq), check_trace=False)
-            save_without_debug_info(traced, out / name)
+        # saved without requires_grad, so that the modules' outputs are plain inference tensors (.numpy() works, no
+        # autograd graph is built); the caller's model gets its flags back
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        model.requires_grad_(False)
+        try:
+            for name, (module, seq) in modules.items():
+                traced = torch.jit.trace(module.eval(), example_inputs(model.config, 2, seq), check_trace=False)
+                save_without_debug_info(traced, out / name)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
     return list(modules)
 
 

@@ -63,7 +63,8 @@ class TrainOptions:
         tokenizer: a tokenizers ``tokenizer.json``; None trains a byte-level model. With ``resume``, None uses the
             tokenizer the run was trained with (the checkpoint's copy); a file given must have the same content.
         backend: operator backend of the model ("fast", "reference", "triton", "auto"; see mamba_export.backends).
-        device: "cpu", "cuda" or "auto" (CUDA when available).
+            None: "fast", or with ``resume`` the backend the run was started (or last resumed) with.
+        device: "cpu", "cuda" or "auto" (CUDA when available). None: "auto", or with ``resume`` the run's own.
         cuda_graph: "auto" (on CUDA), "on" or "off": run the training step as one CUDA graph (see _GraphedStep).
         progress: show a progress bar.
     """
@@ -76,8 +77,8 @@ class TrainOptions:
     resume: bool = False
     force: bool = False
     tokenizer: str | None = None
-    backend: str = "fast"
-    device: str = "auto"
+    backend: str | None = None
+    device: str | None = None
     cuda_graph: str = "auto"
     progress: bool = True
 
@@ -96,6 +97,8 @@ class RunState:
     torch_rng: torch.Tensor | None = None
     data_sha256: str = ""
     tokenizer_sha256: str | None = None  # of the tokenizer.json the run encodes its text with; None: byte-level
+    backend: str = "fast"  # as asked (--backend, --device), so that --resume continues with the same
+    device: str = "auto"
     graphed: bool = False  # whether this session's steps ran as CUDA graph replays (not saved: per session)
 
 
@@ -255,8 +258,11 @@ def _load_run_state(out: Path, opts: TrainOptions) -> RunState:
     else:  # a state written before the key existed: the checkpoint's tokenizer file says what the run used
         tok_sha = outdir.sha256_file(out / TOKENIZER_FILE) if (out / TOKENIZER_FILE).is_file() else None
     log = _read_log(out / LOG_FILE, step)
+    backend, device = raw.get("backend", "fast"), raw.get("device", "auto")  # absent: a state from before the keys
+    if not isinstance(backend, str) or not isinstance(device, str):
+        raise MambaExportError(f"{path}: bad backend or device ({backend!r}, {device!r})")
     return RunState(raw["preset_name"], preset, step, wall_s, log, raw["optimizer"], raw["batch_rng"],
-                    raw["torch_rng"], raw["data_sha256"], tok_sha)
+                    raw["torch_rng"], raw["data_sha256"], tok_sha, backend, device)
 
 
 def _read_log(path: Path, step: int) -> list[dict]:
@@ -362,6 +368,7 @@ def _save(model, opt, rs: RunState, corpus: Corpus, opts: TrainOptions, gen: tor
         "step": rs.step, "wall_s": rs.wall_s, "preset_name": rs.preset_name, "preset": rs.preset.to_dict(),
         "optimizer": opt.state_dict(), "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
         "data_sha256": corpus.sha256, "tokenizer_sha256": corpus.tokenizer_sha256,
+        "backend": opts.backend, "device": opts.device,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -542,6 +549,11 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
     _check_output(opts)
     out = Path(opts.out)
     rs = _load_run_state(out, opts) if opts.resume else _new_run_state(opts)
+    # --backend and --device default to the run's own on --resume (an interrupted triton/cuda run goes on as one)
+    if opts.resume and opts.device is None and rs.device == "cuda" and not torch.cuda.is_available():
+        raise MambaExportError(f"{out}: this run trained on --device cuda and no CUDA device is available; to go on "
+                               "on the CPU, resume with --device cpu (and --backend fast for a triton run)")
+    opts = dataclasses.replace(opts, backend=opts.backend or rs.backend, device=opts.device or rs.device)
     if opts.steps is not None:
         if opts.steps < 1:
             raise MambaExportError(f"--steps must be at least 1, not {opts.steps}")
