@@ -77,8 +77,11 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
-        if "Weights only load failed" in str(e):  # torch's text suggests weights_only=False: never for a checkpoint
-            found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        # torch's text suggests weights_only=False: never for a checkpoint. A file that is a pickle (or torch's zip
+        # of one) holds objects the weights-only unpickler refuses; other bytes (a damaged or random file) are no
+        # pickle at all and get the plain message below
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        if "Weights only load failed" in str(e) and (found or _looks_pickled(path)):
             raise CheckpointError(
                 f"{path}: holds pickled Python objects besides tensors, which are not loaded (they could run code)"
                 + (f": {found}" if found else "") + "; save the weights as a plain state dict or as safetensors"
@@ -90,6 +93,16 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a checkpoint (expected a dictionary of tensors)")
     return sd
+
+
+def _looks_pickled(path: Path) -> bool:
+    """Whether ``path`` starts as a pickle of protocol 2 to 5 or a zip archive (torch.save's format) does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _load_weights(d: Path) -> dict[str, tuple[torch.Tensor, Path]]:

@@ -132,6 +132,15 @@ def test_not_a_checkpoint(ss_dir):
     assert "pytorch_model.bin: not a readable checkpoint file" in _err(ss_dir)
 
 
+def test_random_bytes_are_not_called_pickled_objects(ss_dir):
+    """Random bytes that torch's weights-only unpickler refuses name no Python object: damaged, not dangerous."""
+    import numpy as np
+
+    (ss_dir / "pytorch_model.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    msg = _err(ss_dir)
+    assert "pytorch_model.bin: not a readable checkpoint file" in msg and "pickled Python objects" not in msg
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /tmp/mamba_export_pwned",))

@@ -201,6 +201,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, text_file, capsys):
     out = str(tmp_path / "out")
     base = ["train", "--no-progress", "-o", out]
     assert "not found" in _error_line(capsys, base + ["--data", str(tmp_path / "nope.txt"), "--preset", "tiny"])
+    assert "is a directory, not a training text file" in _error_line(capsys, base + ["--data", str(tmp_path),
+                                                                                     "--preset", "tiny"])
     assert "unknown preset 'huge'" in _error_line(capsys, base + ["--data", str(text_file), "--preset", "huge"])
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n")

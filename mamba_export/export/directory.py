@@ -32,7 +32,8 @@ def check_target(out: Path, force: bool, inputs: dict[str, Path] | None = None) 
     if out.exists():
         if not force:
             raise ExportError(f"{out}: already exists (use --force / force=True to replace it)")
-        outdir.check_replace(out, "an export directory (no manifest.json)", _is_export, inputs or {}, ExportError)
+        outdir.check_replace(out, "an export directory (no manifest.json written by mamba-export)", _is_export,
+                             inputs or {}, ExportError)
     outdir.check_writable(out, ExportError)
 
 

@@ -49,6 +49,8 @@ class Corpus:
 def read_text(path: str | Path) -> bytes:
     """The bytes of the training text; one-line errors for a missing, unreadable or empty file."""
     p = Path(path)
+    if p.is_dir():
+        raise MambaExportError(f"{p}: is a directory, not a training text file")
     if not p.is_file():
         raise MambaExportError(f"{p}: training text not found")
     try:
