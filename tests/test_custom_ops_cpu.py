@@ -182,6 +182,25 @@ def test_selective_scan_extreme_values():
     assert_close(state, state_ref, STATE_TOL)
 
 
+def test_exp_overflows_to_infinity_not_to_a_finite_value():
+    """Without softplus a negative delta makes dt A positive, and the state grows as exp(dt A): correct up to the
+    largest float (exp(88.6) = 3.0e38) and infinite beyond, as numpy's float32 exp; SiLU of a huge negative value
+    is -0 (it used to divide by a saturated exp and give about -0.4)."""
+    b, l, e, n = 1, 1, 3, 1
+    feeds = scan_feeds(1, np.float32, b, l, e, n, softplus=False)
+    feeds.update(u=np.zeros((b, l, e), np.float32), delta=np.array([[[-88.6, -100.0, -50.0]]], np.float32),
+                 delta_bias=np.zeros(e, np.float32), A=-np.ones((e, n), np.float32),
+                 ssm_state_in=np.ones((b, e, n), np.float32), z=np.zeros((b, l, e), np.float32))
+    for path in ("library", "function"):
+        _, state = run_op("SelectiveScan", np.float32, feeds, library=path == "library", delta_softplus=0)
+        want = np.exp(np.float32([88.6, 100.0, 50.0]))  # 3.0e38, inf, 5.2e21
+        np.testing.assert_allclose(state[0, :, 0], want, rtol=1e-6, err_msg=path)
+    conv = dict(x=np.array([[[-1e38, -3e38, 5.0]]], np.float32), conv_state_in=np.zeros((1, 3, 0), np.float32),
+                weight=np.ones((3, 1), np.float32), bias=np.zeros(3, np.float32))
+    y, _ = run_op("CausalConv1d", np.float32, conv, silu=1)
+    assert y[0, 0, 0] == 0 and y[0, 0, 1] == 0 and y[0, 0, 2] == pytest.approx(5 / (1 + np.exp(-5)), rel=1e-6)
+
+
 def test_selective_scan_continues_from_its_state():
     """Two calls, the second fed the first's state, equal one call over the whole sequence."""
     feeds = scan_feeds(3, np.float32, b=2, l=24, e=33, n=16, softplus=True)
@@ -369,6 +388,9 @@ BAD_CASES = {
                      ["SelectiveScan"]),
     "scan_softplus_attr": ("SelectiveScan", {"delta_softplus": 2}, {}, {}, ["delta_softplus", "0 or 1"]),
     "scan_softplus_float": ("SelectiveScan", {"delta_softplus": 1.0}, {}, {}, ["delta_softplus", "not an int"]),
+    # a list is no scalar: it used to read as "not set" (the default), silently
+    "scan_softplus_list": ("SelectiveScan", {"delta_softplus": [0]}, {}, {}, ["delta_softplus", "not an int"]),
+    "conv_silu_list": ("CausalConv1d", {"silu": [0]}, {}, {}, ["silu", "not an int"]),
     "conv_silu_string": ("CausalConv1d", {"silu": "yes"}, {}, {}, ["silu", "not an int"]),
     "conv_x_rank": ("CausalConv1d", {}, {"x": np.zeros((2, 3, 5, 1), np.float32)}, {}, ["'x'", "rank 4"]),
     "conv_empty_sequence": ("CausalConv1d", {}, {"x": np.zeros((2, 0, 5), np.float32)}, {}, ["'x'", "l = 0"]),
@@ -398,6 +420,8 @@ BAD_CASES = {
     "norm_weight_float64": ("RMSNorm", {}, {"weight": np.ones(5)}, {"weight": np.float64}, ["RMSNorm"]),
     "norm_epsilon_negative": ("RMSNorm", {"epsilon": -1e-5}, {}, {}, ["epsilon", ">= 0"]),
     "norm_epsilon_int": ("RMSNorm", {"epsilon": 1}, {}, {}, ["epsilon", "not a float"]),
+    "norm_epsilon_list": ("RMSNorm", {"epsilon": [100.0]}, {}, {}, ["epsilon", "not a float"]),
+    "add_norm_epsilon_int_list": ("AddRMSNorm", {"epsilon": [1, 2]}, {}, {}, ["epsilon", "not a float"]),
     "norm_epsilon_nan": ("AddRMSNorm", {"epsilon": float("nan")}, {}, {}, ["AddRMSNorm", "epsilon", "finite"]),
     "add_norm_x_rank": ("AddRMSNorm", {}, {"x": np.ones((2, 3, 5, 1), np.float32)}, {},
                         ["AddRMSNorm", "'x'", "rank 4"]),

@@ -1,5 +1,6 @@
-// libmamba_export_ops: the ai.mamba_export custom ops (SelectiveScan, CausalConv1d, DecodeStep; docs/CONTRACTS.md)
-// for onnxruntime >= 1.21 (C API version 21).
+// libmamba_export_ops: the ai.mamba_export custom ops (SelectiveScan, CausalConv1d, DecodeStep, RMSNorm, AddRMSNorm,
+// LinearF16W, LinearI8W, DecodeBlock, DecodeHead; docs/CONTRACTS.md) for onnxruntime >= 1.21 (C API version 21).
+// Register it once per SessionOptions: a second registration fails with "Domain already set in registry".
 //
 // Usually loaded by onnxruntime itself: SessionOptions::RegisterCustomOpsLibrary (C++),
 // register_custom_ops_library (Python). A program may also link the library and call RegisterCustomOps directly.

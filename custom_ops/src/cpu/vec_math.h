@@ -23,11 +23,12 @@ static inline uint32_t as_bits(float f) {
   return u;
 }
 
-// exp(x): x = k ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^k through the exponent bits.
-// x is clamped to [lo, hi], where k stays in [-126, 127] and 2^k is a normal float: beyond hi the result is
-// exp(hi) ~ 2.4e38 instead of overflowing, below lo it is 0. NaN propagates through the polynomial.
+// exp(x): x = k ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^k through the exponent bits as
+// 2^(k-1) * 2 (both exact below overflow, so the bits of e * 2^k), which lets k reach 128: x is clamped to [lo, hi],
+// hi just above log(FLT_MAX), so that exp overflows to +inf from there on as std::exp's does (it used to saturate at
+// exp(88.37) ~ 2.4e38); below lo (where 2^(k-1) would not be a normal float) the result is 0. NaN propagates.
 static inline float exp(float x) {
-  const float hi = 88.37f, lo = -87.3365478515625f;
+  const float hi = 88.72283935546875f, lo = -86.9f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low mantissa bits
@@ -43,7 +44,7 @@ static inline float exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   float e = p * r * r + r + 1.0f;
-  float scaled = e * as_float(static_cast<uint32_t>(k + 127) << 23);
+  float scaled = e * as_float(static_cast<uint32_t>(k + 126) << 23) * 2.0f;
   return x < lo ? 0.0f : scaled;
 }
 

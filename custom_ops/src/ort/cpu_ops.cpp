@@ -45,8 +45,8 @@ void parallel_for(const Ort::KernelContext& ctx, size_t n, const F& task) {
   ctx.ParallelFor([](void* data, size_t i) { (*static_cast<const F*>(data))(i); }, n, 0, const_cast<F*>(&task));
 }
 
-// Whether the node sets attribute `name` as a float or a string (where an int is expected).
-bool has_float_or_string_attribute(const OrtKernelInfo* info, const char* name) {
+// Whether the node sets attribute `name` as a float, a string or a list (where an int is expected).
+bool has_non_int_attribute(const OrtKernelInfo* info, const char* name) {
   const OrtApi& api = Ort::GetApi();
   float as_float = 0.0f;
   size_t string_size = 0;
@@ -56,7 +56,7 @@ bool has_float_or_string_attribute(const OrtKernelInfo* info, const char* name) 
   OrtStatus* not_string = api.KernelInfoGetAttribute_string(info, name, nullptr, &string_size);
   if (not_string == nullptr) return true;
   api.ReleaseStatus(not_string);
-  return false;
+  return attribute_is_list(api, info, name);
 }
 
 // An int attribute that must be 0 or 1; `fallback` when the node does not set it.
@@ -65,7 +65,7 @@ bool read_flag(const OrtKernelInfo* info, const char* op, const char* name, bool
   int64_t value = 0;
   if (OrtStatus* not_int = api.KernelInfoGetAttribute_int64(info, name, &value)) {
     api.ReleaseStatus(not_int);
-    if (has_float_or_string_attribute(info, name)) {
+    if (has_non_int_attribute(info, name)) {
       throw InvalidInput(std::string(op) + ": attribute '" + name + "' is not an int, expected an int 0 or 1");
     }
     return fallback;
