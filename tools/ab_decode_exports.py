@@ -24,6 +24,7 @@ from pathlib import Path
 import torch  # noqa: F401  (before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs)
 
 from bench_gpu import queued_intervals, step_times
+from tool_args import require_cuda
 
 TOOLS = Path(__file__).resolve().parent
 
@@ -57,6 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (Path(args.old) / "mamba_export").is_dir():
         sys.exit(f"ab_decode_exports: no mamba_export/ under {args.old}")
+    require_cuda("ab_decode_exports", onnxruntime=True)
     from mamba_runtime.gpu import CudaGenerator
 
     work = Path(args.workdir)

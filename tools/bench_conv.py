@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import mamba_kernels
 from bench_scan import graph_time, measure_copy_bandwidth
+from tool_args import require_cuda
 from mamba_export.ops import causal_conv1d_ref
 
 SHAPES = [(8, 1536, 2048), (32, 512, 256), (1, 1536, 65536)]
@@ -48,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", metavar="FILE", help="another causal_conv1d.py to time in the same run")
     args = ap.parse_args()
+    require_cuda("bench_conv")
     impls = {"ours": lambda x, w, b: mamba_kernels.causal_conv1d(x, w, b, None, True)[0],
              "torch": lambda x, w, b: torch_conv(x, w, b)}
     if args.baseline:

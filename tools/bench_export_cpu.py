@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tool_args import positive_int
 
 
 F16_NAME = "onnxruntime + library, float16 decode weights"
@@ -235,22 +236,29 @@ def weight_bytes_per_token(out: Path, decode_weights: str) -> int:
     return count(dataclasses.replace(info, manifest={**info.manifest, "decode_weight_dtype": decode_weights}))
 
 
+SKIPPABLE = {"ort_lib", "ort_lib_f16", "ort_lib_i8", "ort_lib_blocks", "ort_nolib", "torch", "transformers"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--decode-steps", type=int, default=64, help="timed decode steps per implementation and round")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--prefill-repeats", type=int, default=4,
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--decode-steps", type=positive_int, default=64,
+                    help="timed decode steps per implementation and round")
+    ap.add_argument("--prompt-len", type=positive_int, default=512)
+    ap.add_argument("--prefill-repeats", type=positive_int, default=4,
                     help="timed prefills per implementation in all, spread over the rounds (at least 1 per round)")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds of the interleaved implementations")
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--n-layer", type=int, default=24)
-    ap.add_argument("--vocab", type=int, default=50280)
-    ap.add_argument("--skip", default="",
-                    help="comma list of: ort_lib, ort_lib_f16, ort_lib_i8, ort_lib_blocks, ort_nolib, torch, "
-                    "transformers")
+    ap.add_argument("--rounds", type=positive_int, default=4, help="rounds of the interleaved implementations")
+    ap.add_argument("--d-model", type=positive_int, default=768)
+    ap.add_argument("--n-layer", type=positive_int, default=24)
+    ap.add_argument("--vocab", type=positive_int, default=50280)
+    ap.add_argument("--skip", default="", help=f"comma list of: {', '.join(sorted(SKIPPABLE))}")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - SKIPPABLE:
+        ap.error(f"--skip: unknown {', '.join(sorted(skip - SKIPPABLE))}; choose among {', '.join(sorted(SKIPPABLE))}")
+    if args.json is not None and not args.json.parent.is_dir():  # found out now, not after the whole run
+        ap.error(f"--json {args.json}: no such directory {args.json.parent}")
 
     import onnxruntime
     import torch
@@ -260,7 +268,6 @@ def main() -> None:
     from mamba_runtime import custom_op_library_path
     from mamba_runtime.profiling import read_bandwidth_gbs
 
-    skip = set(filter(None, args.skip.split(",")))
     load_before = os.getloadavg()
     # The read bandwidth of a shared VM moves between runs: measure it before and after the timings, and take the
     # highest as the floor's bandwidth (the conservative choice: the lowest floor).

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from tool_args import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
@@ -61,7 +62,7 @@ def export_once(tree: Path, ckpt: Path, out: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="130m")
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=positive_int, default=2)
     ap.add_argument("--baseline", type=Path, help="another source tree to export with, alternating")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_export_memory"))
     args = ap.parse_args()
@@ -70,6 +71,8 @@ def main() -> None:
     weights = make_checkpoint(ckpt, args.shape)
     trees = {"this tree": ROOT}
     if args.baseline:
+        if not (args.baseline / "mamba_export").is_dir():  # else the child would import this tree's package
+            ap.error(f"no mamba_export/ under {args.baseline}")
         trees["baseline"] = args.baseline.resolve()
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
     for r in range(args.runs):

@@ -26,10 +26,12 @@ import argparse
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from tool_args import positive_int
 
 SHAPES = [(768, 3072), (1536, 768)] * 24 + [(768, 50280)]
 
@@ -70,11 +72,13 @@ def two_thread_sum(halves: list[np.ndarray]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=10, help="timed tokens per implementation and round")
-    ap.add_argument("--batch", type=int, default=1, help="rows of x per product")
+    ap.add_argument("--rounds", type=positive_int, default=5)
+    ap.add_argument("--reps", type=positive_int, default=10, help="timed tokens per implementation and round")
+    ap.add_argument("--batch", type=positive_int, default=1, help="rows of x per product")
     ap.add_argument("--baseline-library", help="another build of libmamba_export_ops.so to time beside this one")
     args = ap.parse_args()
+    if args.baseline_library and not Path(args.baseline_library).is_file():
+        ap.error(f"--baseline-library {args.baseline_library}: no such file")
     from mamba_runtime import custom_op_library_path
 
     rng = np.random.default_rng(0)

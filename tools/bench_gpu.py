@@ -30,6 +30,7 @@ import onnxruntime as ort
 ort.set_default_logger_severity(3)
 
 from cuda_graph import capture
+from tool_args import require_cuda
 from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 
@@ -306,6 +307,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to export (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    require_cuda("bench_gpu", onnxruntime=True)
 
     from mamba_export.export import export_model
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from mamba_runtime import MambaRuntime  # noqa: E402
 from mamba_runtime.manifest import open_export_dir, sha256_file  # noqa: E402
+from tool_args import positive_int
 
 
 def timed(fn) -> float:
@@ -47,11 +48,17 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export_dir", type=Path)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
+    ap.add_argument("--rounds", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="onnxruntime intra-op threads (default: its own)")
     ap.add_argument("--cpp", type=Path, help="the mamba_generate binary, to time the C++ runtime too")
     ap.add_argument("--cpp-before", type=Path, help="an older mamba_generate build, timed verified beside --cpp")
     args = ap.parse_args()
+    if args.cpp_before and not args.cpp:
+        ap.error("--cpp-before needs --cpp (the current build, whose floor the rows are compared to)")
+    for binary in (args.cpp, args.cpp_before):
+        if binary is not None and not binary.is_file():
+            ap.error(f"{binary}: no such file (a built mamba_generate)")
     info = open_export_dir(args.export_dir, verify=False)
     files = [info.path / n for n in info.manifest["files"]]
     size = sum(f.stat().st_size for f in files)

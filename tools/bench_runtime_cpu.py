@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tool_args import positive_int
 
 
 def make_export(root: Path, args) -> Path:
@@ -107,6 +108,9 @@ def interleaved(loops: dict, blocks: int, block_steps: int) -> dict:
     return {name: stats(s) for name, s in samples.items()}
 
 
+NEAR = 100  # the position the --far one is compared with
+
+
 def position_latency(rt, near: int, far: int, blocks: int, block_steps: int) -> dict:
     """Runtime decode ms/step of a sequence at position ``far`` against one at ``near``, stepped in alternating
     blocks (so both see the same machine); positions advance by ``blocks * block_steps`` during the measurement."""
@@ -122,13 +126,19 @@ def position_latency(rt, near: int, far: int, blocks: int, block_steps: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--blocks", type=int, default=15)
-    ap.add_argument("--block-steps", type=int, default=20)
-    ap.add_argument("--far", type=int, default=10_000)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--blocks", type=positive_int, default=15)
+    ap.add_argument("--block-steps", type=positive_int, default=20)
+    ap.add_argument("--far", type=positive_int, default=10_000)
     ap.add_argument("--export", type=Path, help="reuse this mamba-130m-shaped export instead of making one")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.far <= NEAR:
+        ap.error(f"--far must be past the near position ({NEAR}), found {args.far}")
+    if args.export is not None and not (args.export / "manifest.json").is_file():
+        ap.error(f"--export {args.export}: not an export directory (no manifest.json)")
+    if args.json is not None and not args.json.parent.is_dir():
+        ap.error(f"--json {args.json}: no such directory {args.json.parent}")
 
     import onnxruntime
 
@@ -144,7 +154,7 @@ def main() -> None:
             for _ in range(5):
                 step()
         decode = interleaved(loops, args.blocks, args.block_steps)
-        position = position_latency(rt, 100, args.far, args.blocks, args.block_steps)
+        position = position_latency(rt, NEAR, args.far, args.blocks, args.block_steps)
         c = rt.info.manifest["config"]
     base = decode["raw session.run"]["median_ms"]
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

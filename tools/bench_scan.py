@@ -29,6 +29,7 @@ import triton.language as tl
 
 import mamba_kernels
 from cuda_graph import capture
+from tool_args import require_cuda
 from mamba_export.ops import selective_scan_ref
 
 scan_module = importlib.import_module("mamba_kernels.selective_scan")
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the official state-spaces/mamba kernel, compiled from this unpacked mamba-ssm "
                          "sdist (tools/official_scan.py; about 2.5 minutes of nvcc)")
     args = ap.parse_args(argv)
+    require_cuda("bench_scan")
     if args.sweep:
         best = sweep()
         set_tiles(best)

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from tool_args import positive_int
 
 
 def scan_model(b: int, l: int, e: int, n: int) -> bytes:
@@ -31,22 +32,15 @@ def scan_model(b: int, l: int, e: int, n: int) -> bytes:
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline-library", help="another build of libmamba_export_ops.so to time beside this one")
-    ap.add_argument("--batch", type=positive, default=1)
-    ap.add_argument("--length", type=positive, default=512, help="tokens (default 512)")
-    ap.add_argument("--channels", type=positive, default=1536, help="d_inner (default 1536, mamba-130m)")
-    ap.add_argument("--state", type=positive, default=16, help="d_state (default 16)")
-    ap.add_argument("--threads", type=positive, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--rounds", type=positive, default=15, help="timed calls per build (default 15)")
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--length", type=positive_int, default=512, help="tokens (default 512)")
+    ap.add_argument("--channels", type=positive_int, default=1536, help="d_inner (default 1536, mamba-130m)")
+    ap.add_argument("--state", type=positive_int, default=16, help="d_state (default 16)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--rounds", type=positive_int, default=15, help="timed calls per build (default 15)")
     ap.add_argument("--clock", choices=("wall", "process"), default="wall",
                     help="wall time, or the process's CPU time (default wall)")
     args = ap.parse_args()

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from tool_args import require_cuda
 from mamba_export.training.loop import TrainOptions, _step_runner, build_model, build_optimizer
 from mamba_export.training.presets import get_preset
 
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=50, help="steps a round")
     args = ap.parse_args()
+    require_cuda("bench_train")
     props = torch.cuda.get_device_properties(0)
     rate = matmul_rate()
     print(f"card: {props.name}; torch {torch.__version__}; bf16 matmul {rate / 1e12:.0f} TFLOP/s measured")

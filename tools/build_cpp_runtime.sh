@@ -7,7 +7,7 @@
 # Idempotent and incremental: a second run with nothing changed only re-checks (about a second).
 # Prints the path of mamba_generate as its last line.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."
 PY=${PYTHON:-.venv/bin/python}
 BUILD=runtime/cpp/build
 if ! "$PY" -c "import onnxruntime" 2>/dev/null; then

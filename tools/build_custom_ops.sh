@@ -4,7 +4,7 @@
 # Fetches onnxruntime's headers first when they are missing. Safe to run again: an unchanged tree rebuilds nothing.
 # Extra arguments go to CMake's configure step (e.g. -DMAMBA_EXPORT_OPS_CUDA=OFF).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."
 bash tools/fetch_ort_headers.sh
 CONFIGURE=(-S custom_ops -B custom_ops/build -DCMAKE_BUILD_TYPE=Release)
 if [ ! -f custom_ops/build/CMakeCache.txt ] && command -v ninja >/dev/null; then

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tool_args import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float16", "int8")
@@ -64,14 +65,10 @@ def decode_logprobs(export: Path, ids: np.ndarray, threads: int) -> np.ndarray:
 def held_out_ids(checkpoint: Path, text_path: Path, eval_fraction: float, streams: int, tokens: int) -> np.ndarray:
     """``streams`` windows of ``tokens`` ids at evenly spaced offsets of the held-out part of the text, encoded and
     split as ``mamba-export train`` does (the checkpoint's tokenizer.json, or bytes)."""
-    from mamba_export.errors import MambaExportError
     from mamba_export.training.data import TOKENIZER_FILE, load_corpus
 
     tokenizer = checkpoint / TOKENIZER_FILE
-    try:
-        corpus = load_corpus(text_path, eval_fraction, tokens, str(tokenizer) if tokenizer.is_file() else None)
-    except MambaExportError as e:
-        raise SystemExit(f"eval_decode_weights: {e}") from None
+    corpus = load_corpus(text_path, eval_fraction, tokens, str(tokenizer) if tokenizer.is_file() else None)
     heldout = corpus.heldout.numpy()
     offsets = np.linspace(0, len(heldout) - tokens, streams).astype(np.int64)
     return np.stack([heldout[o:o + tokens] for o in offsets])
@@ -82,21 +79,31 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "kjv-byte")
     ap.add_argument("--text", type=Path, default=ROOT / "data" / "kjv.txt")
     ap.add_argument("--eval-fraction", type=float, default=0.05, help="the held-out tail of the text (as train's)")
-    ap.add_argument("--streams", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--streams", type=positive_int, default=32, help="held-out windows (default 32)")
+    ap.add_argument("--tokens", type=positive_int, default=1024, help="tokens per window, at least 2 (default 1024)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="onnxruntime intra-op threads (default 2)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2 (each stream predicts its tokens after the first)")
+    if not 0 < args.eval_fraction < 1:
+        ap.error(f"--eval-fraction must be between 0 and 1, found {args.eval_fraction}")
+    if args.json is not None and not args.json.parent.is_dir():
+        ap.error(f"--json {args.json}: no such directory {args.json.parent}")
 
     import onnxruntime
     import torch
 
+    from mamba_export.errors import MambaExportError
     from mamba_export.export import export_checkpoint
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        exports = {d: export_checkpoint(args.checkpoint, Path(tmp) / d, decode_weights=d) for d in DTYPES}
-        ids = held_out_ids(args.checkpoint, args.text, args.eval_fraction, args.streams, args.tokens)
+        try:  # the text first (quick), then the three exports; a user mistake is one line
+            ids = held_out_ids(args.checkpoint, args.text, args.eval_fraction, args.streams, args.tokens)
+            exports = {d: export_checkpoint(args.checkpoint, Path(tmp) / d, decode_weights=d) for d in DTYPES}
+        except MambaExportError as e:
+            ap.exit(2, f"eval_decode_weights: error: {e}\n")
         target = ids[:, 1:]
         logp = {}
         for d in DTYPES:

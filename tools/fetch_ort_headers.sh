@@ -6,7 +6,7 @@
 # and unpack it with dpkg -x. The machine's Debian keyring verifies the trixie archive.
 # Idempotent: does nothing when the headers are already there. Override the mirror with ORT_HEADERS_MIRROR.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."
 DEST=third_party/onnxruntime
 HEADER=$DEST/include/onnxruntime_cxx_api.h
 if [ -f "$HEADER" ]; then

@@ -6,7 +6,7 @@
 # profile: export the shipped model (models/kjv-byte) in float16 and run `mamba-export profile --provider cuda` on it.
 # Needs third_party/onnxruntime/include (tools/fetch_ort_headers.sh here; carry it to the GPU machine).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."
 WHAT=${1:-all}
 OUTDIR=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUTDIR"
