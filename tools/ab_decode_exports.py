@@ -14,7 +14,6 @@ then whether greedy tokens agree. Run on the GPU machine (onnxruntime-gpu and Cu
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch  # noqa: F401  (before onnxruntime: loads the CUDA libraries onnxruntime-gpu needs)
 
 from bench_gpu import queued_intervals, step_times
-from tool_args import require_cuda
+from tool_args import parser as tool_parser, require_cuda
 
 TOOLS = Path(__file__).resolve().parent
 
@@ -49,7 +48,7 @@ def enqueue_ms(gen, n: int = 300) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser(__doc__)
     ap.add_argument("--old", required=True, help="a source tree holding the other exporter's mamba_export/")
     ap.add_argument("--model", default="130m")
     ap.add_argument("--batch", type=int, default=1)

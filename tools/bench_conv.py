@@ -11,7 +11,6 @@ x read and y written once (forward), plus dy read and dx written (backward), ove
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 import mamba_kernels
 from bench_scan import graph_time, measure_copy_bandwidth
-from tool_args import require_cuda
+from tool_args import parser as tool_parser, require_cuda
 from mamba_export.ops import causal_conv1d_ref
 
 SHAPES = [(8, 1536, 2048), (32, 512, 256), (1, 1536, 65536)]
@@ -46,7 +45,7 @@ def load_baseline(path: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--baseline", metavar="FILE", help="another causal_conv1d.py to time in the same run")
     args = ap.parse_args()
     require_cuda("bench_conv")

@@ -32,7 +32,6 @@ machine, versions and settings. Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 
 F16_NAME = "onnxruntime + library, float16 decode weights"
@@ -240,7 +239,7 @@ SKIPPABLE = {"ort_lib", "ort_lib_f16", "ort_lib_i8", "ort_lib_blocks", "ort_noli
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--decode-steps", type=positive_int, default=64,
                     help="timed decode steps per implementation and round")

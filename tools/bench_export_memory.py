@@ -15,7 +15,6 @@ Shapes: 130m (d_model 768, 24 layers), 370m (1024, 48), 790m (1536, 48), 1.4b (2
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import os
 import shutil
@@ -23,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
@@ -60,7 +59,7 @@ def export_once(tree: Path, ckpt: Path, out: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="130m")
     ap.add_argument("--runs", type=positive_int, default=2)
     ap.add_argument("--baseline", type=Path, help="another source tree to export with, alternating")

@@ -22,7 +22,6 @@ library (say, of the previous commit: an A/B of a kernel change in the same roun
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 SHAPES = [(768, 3072), (1536, 768)] * 24 + [(768, 50280)]
 
@@ -71,7 +70,7 @@ def two_thread_sum(halves: list[np.ndarray]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--reps", type=positive_int, default=10, help="timed tokens per implementation and round")
     ap.add_argument("--batch", type=positive_int, default=1, help="rows of x per product")

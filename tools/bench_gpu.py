@@ -14,7 +14,6 @@ tools/gpu_check.sh (it installs onnxruntime-gpu and builds the library first).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ import onnxruntime as ort
 ort.set_default_logger_severity(3)
 
 from cuda_graph import capture
-from tool_args import require_cuda
+from tool_args import parser as tool_parser, require_cuda
 from mamba_export.config import MambaConfig
 from mamba_export.model import MambaLM
 
@@ -296,7 +295,7 @@ def bench_triton(model: MambaLM, batches, steps: int, tokens: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser(__doc__)
     ap.add_argument("--models", default="130m,1.4b")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per setting")
     ap.add_argument("--no-triton", action="store_true")

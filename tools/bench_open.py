@@ -23,7 +23,6 @@ The page cache is left as it is (the export is read once before the first round)
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from mamba_runtime import MambaRuntime  # noqa: E402
 from mamba_runtime.manifest import open_export_dir, sha256_file  # noqa: E402
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 
 def timed(fn) -> float:
@@ -46,7 +45,7 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("export_dir", type=Path)
     ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--threads", type=positive_int, default=None,

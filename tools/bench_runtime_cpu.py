@@ -19,7 +19,6 @@ Not a test. Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 
 def make_export(root: Path, args) -> Path:
@@ -125,7 +124,7 @@ def position_latency(rt, near: int, far: int, blocks: int, block_steps: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--blocks", type=positive_int, default=15)
     ap.add_argument("--block-steps", type=positive_int, default=20)

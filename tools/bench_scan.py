@@ -18,7 +18,6 @@ call of a forward + backward is bound by the host, whose noise would pick the wi
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import time
@@ -29,7 +28,7 @@ import triton.language as tl
 
 import mamba_kernels
 from cuda_graph import capture
-from tool_args import require_cuda
+from tool_args import parser as tool_parser, require_cuda
 from mamba_export.ops import selective_scan_ref
 
 scan_module = importlib.import_module("mamba_kernels.selective_scan")
@@ -158,7 +157,7 @@ def report(rows: list[list[str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--sweep", action="store_true",
                     help="also time a few program shapes at the first shape and chunk counts at 64k")
     ap.add_argument("--reference-64k", action="store_true", help="also time the reference at 64k (minutes)")

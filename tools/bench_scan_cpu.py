@@ -10,13 +10,12 @@ or CPU time: --clock process is less disturbed by other work on the machine) and
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 
 def scan_model(b: int, l: int, e: int, n: int) -> bytes:
@@ -33,16 +32,16 @@ def scan_model(b: int, l: int, e: int, n: int) -> bytes:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--baseline-library", help="another build of libmamba_export_ops.so to time beside this one")
     ap.add_argument("--batch", type=positive_int, default=1)
-    ap.add_argument("--length", type=positive_int, default=512, help="tokens (default 512)")
-    ap.add_argument("--channels", type=positive_int, default=1536, help="d_inner (default 1536, mamba-130m)")
-    ap.add_argument("--state", type=positive_int, default=16, help="d_state (default 16)")
-    ap.add_argument("--threads", type=positive_int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--rounds", type=positive_int, default=15, help="timed calls per build (default 15)")
+    ap.add_argument("--length", type=positive_int, default=512, help="tokens")
+    ap.add_argument("--channels", type=positive_int, default=1536, help="d_inner")
+    ap.add_argument("--state", type=positive_int, default=16, help="d_state")
+    ap.add_argument("--threads", type=positive_int, default=1, help="intra-op threads")
+    ap.add_argument("--rounds", type=positive_int, default=15, help="timed calls per build")
     ap.add_argument("--clock", choices=("wall", "process"), default="wall",
-                    help="wall time, or the process's CPU time (default wall)")
+                    help="wall time, or the process's CPU time")
     args = ap.parse_args()
     from mamba_runtime import custom_op_library_path
 

@@ -11,13 +11,12 @@ matmul floor: 6 x parameters x tokens FLOPs at the bf16 matmul rate measured her
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from tool_args import require_cuda
+from tool_args import parser as tool_parser, require_cuda
 from mamba_export.training.loop import TrainOptions, _step_runner, build_model, build_optimizer
 from mamba_export.training.presets import get_preset
 
@@ -65,7 +64,7 @@ def time_steps(preset: str, backend: str, mode: str, rounds: int, steps: int) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--presets", default="kjv-byte,kjv-byte-small")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--rounds", type=int, default=7)

@@ -22,7 +22,6 @@ Not a test. Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tool_args import positive_int
+from tool_args import parser as tool_parser, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float16", "int8")
@@ -75,13 +74,13 @@ def held_out_ids(checkpoint: Path, text_path: Path, eval_fraction: float, stream
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "kjv-byte")
     ap.add_argument("--text", type=Path, default=ROOT / "data" / "kjv.txt")
     ap.add_argument("--eval-fraction", type=float, default=0.05, help="the held-out tail of the text (as train's)")
-    ap.add_argument("--streams", type=positive_int, default=32, help="held-out windows (default 32)")
-    ap.add_argument("--tokens", type=positive_int, default=1024, help="tokens per window, at least 2 (default 1024)")
-    ap.add_argument("--threads", type=positive_int, default=2, help="onnxruntime intra-op threads (default 2)")
+    ap.add_argument("--streams", type=positive_int, default=32, help="held-out windows")
+    ap.add_argument("--tokens", type=positive_int, default=1024, help="tokens per window, at least 2")
+    ap.add_argument("--threads", type=positive_int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.tokens < 2:

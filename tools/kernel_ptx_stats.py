@@ -20,7 +20,6 @@ machine runs triton 3.6, docs/kernels.md).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import importlib
 import re
@@ -32,6 +31,7 @@ import triton._C.libtriton as libtriton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
+from tool_args import parser as tool_parser
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
 scan = importlib.import_module("mamba_kernels.selective_scan")
@@ -109,7 +109,7 @@ def loop_blocks(ptx: str) -> list[tuple[str, collections.Counter]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = tool_parser(__doc__)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
     ap.add_argument("--block-d", type=int, default=scan._FWD["block_d"], help="channels per program")
     ap.add_argument("--unspecialized", action="store_true", help="every integer argument unknown (not what runs)")

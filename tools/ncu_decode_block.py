@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from tool_args import parser as tool_parser
 
 
 def steps(export_dir: str, batch: int, n: int) -> None:
@@ -35,7 +36,7 @@ def steps(export_dir: str, batch: int, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser(__doc__)
     ap.add_argument("--model", default="130m", choices=["130m", "1.4b"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--count", type=int, default=3, help="DecodeBlock launches to profile")

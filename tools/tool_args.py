@@ -38,3 +38,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
     return value
+
+
+def parser(doc: str):
+    """An argparse parser whose --help shows the script's whole docstring as written (its usage examples included)
+    and each option's default (unless its help already says it, or it has none)."""
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+                return text
+            return f"{text} (default: %(default)s)"
+
+    class Parser(argparse.ArgumentParser):
+        def add_argument(self, *args, **kwargs):
+            # argparse prints no line at all for an option without help: give it one with its default
+            if kwargs.get("help") is None and kwargs.get("default") not in (None, False):
+                kwargs["help"] = "default: %(default)s"
+            return super().add_argument(*args, **kwargs)
+
+    return Parser(description=doc, formatter_class=Formatter)
