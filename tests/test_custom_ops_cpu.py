@@ -401,7 +401,7 @@ BAD_CASES = {
     "conv_bias_size": ("CausalConv1d", {}, {"bias": np.zeros(6, np.float32)}, {}, ["'bias'", "e=5"]),
     "conv_silu_attr": ("CausalConv1d", {"silu": -1}, {}, {}, ["silu", "0 or 1"]),
     "decode_two_tokens": ("DecodeStep", {}, {"xz": np.zeros((2, 2, 10), np.float32)}, {}, ["'xz'", "l=1"]),
-    "decode_odd_xz": ("DecodeStep", {}, {"xz": np.zeros((2, 1, 11), np.float32)}, {}, ["'xz'", "2e=10"]),
+    "decode_odd_xz": ("DecodeStep", {}, {"xz": np.zeros((2, 1, 11), np.float32)}, {}, ["'xz'", "2e (even)=10"]),
     "decode_x_proj_rows": ("DecodeStep", {}, {"x_proj_weight": np.zeros((10, 5), np.float32)}, {},
                            ["'x_proj_weight'", "r+2n=11"]),
     "decode_dt_proj_channels": ("DecodeStep", {}, {"dt_proj_weight": np.zeros((4, 3), np.float32)}, {},

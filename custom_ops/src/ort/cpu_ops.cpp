@@ -281,7 +281,7 @@ struct DecodeStepKernel {
     expect_at_least(xz, 0, "b", 1, "an empty batch");
     expect_at_least(xz, 2, "2e", 2, "no channels");
     const int64_t b = xz.shape[0], e = xz.shape[2] / 2;
-    expect_shape(xz, {{"b", b}, {"l", 1}, {"2e", 2 * e}});  // one token; x and z halves of equal width
+    expect_shape(xz, {{"b", b}, {"l", 1}, {"2e (even)", 2 * e}});  // one token; x and z halves of equal width
     const StepInputs p = step_inputs(ctx, kName, 1);
     const auto [k, n, r] = expect_step_inputs(p, b, e);
 
@@ -390,13 +390,13 @@ struct DecodeBlockKernel {
     const Dim dd{"d", d};
     // One residual row per sequence, or one row for all (the exporter's zero residual of layer 0).
     const bool shared_residual = residual.shape.size() == 3 && residual.shape[0] == 1;
-    expect(residual, onnx_type<R>(), kWhyR, {{"b (or 1)", shared_residual ? 1 : b}, {"l", 1}, dd});
+    expect(residual, onnx_type<R>(), kWhyR, {{b == 1 ? "b" : "b (or 1)", shared_residual ? 1 : b}, {"l", 1}, dd});
     expect(norm_w, onnx_type<T>(), kWhyT, {dd});
     expect_dtype(in_w, onnx_type<T>(), kWhyT);
     expect_rank(in_w, {"2e", "d"});
     expect_at_least(in_w, 0, "2e", 2, "no channels");
     const int64_t e = in_w.shape[0] / 2;
-    expect_shape(in_w, {{"2e", 2 * e}, dd});  // x and z halves of equal width
+    expect_shape(in_w, {{"2e (even)", 2 * e}, dd});  // x and z halves of equal width
     expect(out_w, onnx_type<T>(), kWhyT, {dd, {"e", e}});
     const StepInputs p = step_inputs(ctx, kName, 4);
     const auto [k, n, r] = expect_step_inputs(p, b, e);
