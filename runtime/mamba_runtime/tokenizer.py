@@ -86,8 +86,10 @@ class HFTokenizerCodec:
             raise ExportDirError(f"{path}: not a valid tokenizer.json ({e})") from None
 
     def encode(self, text: str) -> list[int]:
-        if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-            raise _lone_surrogate(text)
+        try:
+            text.encode("utf-8")  # in C: only a lone surrogate fails
+        except UnicodeEncodeError:
+            raise _lone_surrogate(text) from None
         return self._tok.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -20,13 +20,13 @@
 //
 // Three implementations of the inner loops, the CPU choosing once: on x86-64 CPUs with AVX-512F, 16-float vectors and
 // two weight rows per call (each load of x serves both; 16 accumulators of the 32 registers; three rows of a packed
-// block, 24 accumulators); with AVX2, FMA and F16C,
-// 8-float vectors and one weight row (vcvtph2ps widens 8 float16 weights in one instruction; GCC 12 does not
-// vectorise float16 conversions, and the portable bit-level conversion takes about a dozen instructions per 8
-// weights, which made the loop compute-bound at half the memory bandwidth; int8 takes vpmovsxbd + vcvtdq2ps per 8
-// weights); elsewhere portable loops, compiled as MAMBA_CLONES. A build with MAMBA_EXPORT_OPS_NO_CLONES uses the
-// intrinsics only when compiled for them (-march=x86-64-v3: AVX2; x86-64-v4: AVX-512). The AVX-512 loops sum in
-// another order than the AVX2 ones, so results differ between such CPUs by float32 rounding (never within one).
+// block, 24 accumulators); with AVX2, FMA and F16C, 8-float vectors and one weight row (vcvtph2ps widens 8 float16
+// weights in one instruction; GCC 12 does not vectorise float16 conversions, and the portable bit-level conversion
+// takes about a dozen instructions per 8 weights, which made the loop compute-bound at half the memory bandwidth;
+// int8 takes vpmovsxbd + vcvtdq2ps per 8 weights); elsewhere portable loops, compiled as MAMBA_CLONES. A build with
+// MAMBA_EXPORT_OPS_NO_CLONES uses the intrinsics only when compiled for them (-march=x86-64-v3: AVX2; x86-64-v4:
+// AVX-512). The AVX-512 loops sum in another order than the AVX2 ones, so results differ between such CPUs by
+// float32 rounding (never within one).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -100,7 +100,6 @@ struct Portable {
       sums[m] = acc[m][0] + tail;
     }
   }
-
 };
 
 #if MAMBA_LINEAR_F16C
@@ -153,7 +152,6 @@ struct F16c {
       sums[m] = s;
     }
   }
-
 };
 #endif
 
@@ -206,16 +204,13 @@ struct Avx512 {
       half_step<kM, kR>(w + i + 16, ldw, x + i + 16, ldx, hi);
     }
     if (i + 16 <= len) {
-      for (size_t m = 0; m < kM; ++m) {
-        const __m512 xa = _mm512_loadu_ps(x + m * ldx + i);
-        for (size_t r = 0; r < kR; ++r) lo[r][m] = _mm512_fmadd_ps(load16(w + r * ldw + i), xa, lo[r][m]);
-      }
+      half_step<kM, kR>(w + i, ldw, x + i, ldx, lo);
       i += 16;
     }
     for (size_t r = 0; r < kR; ++r) {
-      if (kM == 4) {
+      if constexpr (kM == 4) {
         reduce4(_mm512_add_ps(lo[r][0], hi[r][0]), _mm512_add_ps(lo[r][1], hi[r][1]),
-                _mm512_add_ps(lo[r][2], hi[r][2]), _mm512_add_ps(lo[r][3 % kM], hi[r][3 % kM]), sums + r * kM);
+                _mm512_add_ps(lo[r][2], hi[r][2]), _mm512_add_ps(lo[r][3], hi[r][3]), sums + r * kM);
       } else {
         for (size_t m = 0; m < kM; ++m) sums[r * kM + m] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r][m], hi[r][m]));
       }
@@ -294,6 +289,12 @@ inline void passes_over_x(size_t m, const Pass& pass) {
   }
 }
 
+// y[:, begin:end] = 0, before the chunks' sums are added.
+template <typename W>
+inline void zero_rows(const LinearArgs<W>& a, size_t begin, size_t end) {
+  for (size_t mi = 0; mi < a.m; ++mi) std::fill(a.y + mi * a.n + begin, a.y + mi * a.n + end, 0.0f);
+}
+
 // y[:, begin:end] times the rows' scales where there are some (int8 weights).
 template <typename W>
 inline void apply_scale(const LinearArgs<W>& a, size_t begin, size_t end) {
@@ -308,7 +309,7 @@ inline void apply_scale(const LinearArgs<W>& a, size_t begin, size_t end) {
 // scale where there is one (int8 weights).
 template <class Path, typename W>
 inline void output_row(const LinearArgs<W>& a, size_t row) {
-  for (size_t mi = 0; mi < a.m; ++mi) a.y[mi * a.n + row] = 0.0f;
+  zero_rows(a, row, row + 1);
   for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
     const size_t len = std::min(kChunk, a.k - c0);
     passes_over_x(a.m, [&](auto rows, auto prefetch, size_t mi) {
@@ -335,9 +336,7 @@ inline void chunk_pass(const LinearArgs<W>& a, const V* w, size_t ldw, size_t be
 
 template <class Path, typename W>
 inline void chunk_major(const LinearArgs<W>& a, size_t begin, size_t end) {
-  for (size_t mi = 0; mi < a.m; ++mi) {
-    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] = 0.0f;
-  }
+  zero_rows(a, begin, end);
   for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
     const size_t len = std::min(kChunk, a.k - c0);
     passes_over_x(a.m, [&](auto rows, auto prefetch, size_t mi) {
@@ -362,20 +361,11 @@ constexpr size_t kPackedFrom = 16;
 template <class Path, typename W>
 inline void packed_major(const LinearArgs<W>& a, size_t begin, size_t end) {
   alignas(64) float block[kPackRows * kChunk];
-  for (size_t mi = 0; mi < a.m; ++mi) {
-    for (size_t row = begin; row < end; ++row) a.y[mi * a.n + row] = 0.0f;
-  }
+  zero_rows(a, begin, end);
   for (size_t r0 = begin; r0 < end; r0 += kPackRows) {
     const size_t r1 = std::min(end, r0 + kPackRows);
     for (size_t c0 = 0; c0 < a.k; c0 += kChunk) {
       const size_t len = std::min(kChunk, a.k - c0);
-      // The next block's weights into L2 while this one's products run (they take far longer than the memory).
-      const size_t next_c0 = c0 + kChunk < a.k ? c0 + kChunk : 0, next_r0 = next_c0 != 0 ? r0 : r1;
-      const size_t next_r1 = std::min(end, next_r0 + kPackRows), next_len = std::min(kChunk, a.k - next_c0);
-      for (size_t row = next_r0; row < next_r1; ++row) {
-        const char* src = reinterpret_cast<const char*>(a.w + row * a.k + next_c0);
-        for (size_t b = 0; b < next_len * sizeof(W); b += 64) __builtin_prefetch(src + b, 0, 2);
-      }
       for (size_t row = r0; row < r1; ++row) Path::widen_run(a.w + row * a.k + c0, block + (row - r0) * kChunk, len);
       passes_over_x(a.m, [&](auto rows, auto, size_t mi) {
         chunk_pass<Path, Path::kPackedRows, decltype(rows)::value, false>(a, static_cast<const float*>(block), kChunk,
