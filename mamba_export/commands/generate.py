@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="sample from the nucleus of probability P (default 1.0: all)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="penalise (R > 1) or favour (R < 1) tokens seen so far, CTRL's rule (default 1.0: off)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (default: random)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler, with --temperature (default: random)")
     p.add_argument("--stop-ids", type=_ids, default=[], metavar="1,2", help="token ids that end the generation")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -89,8 +89,11 @@ def _in_flags(message: str, args: argparse.Namespace) -> str:
 def _sampling(args: argparse.Namespace):
     from mamba_runtime import SamplingConfig
 
-    if args.temperature is None and (args.top_k or args.top_p != 1.0):
-        raise MambaExportError("--top-k/--top-p apply to sampling: also give --temperature")
+    if args.temperature is None:
+        given = [flag for flag, on in (("--top-k", args.top_k), ("--top-p", args.top_p != 1.0),
+                                       ("--seed", args.seed is not None)) if on]
+        if given:  # they would change nothing in greedy decoding (mamba_generate refuses them likewise)
+            raise MambaExportError(f"{'/'.join(given)} apply to sampling: also give --temperature")
     if args.temperature is not None and not (0 < args.temperature < float("inf")):
         raise MambaExportError(f"--temperature must be a finite number > 0 (--greedy for greedy decoding), found "
                                f"{args.temperature}")
