@@ -646,9 +646,16 @@ __device__ __forceinline__ void phase_a(const DecodeBlockArgs& a, const Plan& p,
   __syncthreads();
   stamp(a, 4);
 
-  // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group. (The rows'
-  // padding up to pad4(r2) is never written: phase B sums it into dbc rows it drops. The tagged exchange, whose
-  // readers wait for every word, runs only where r2 is a multiple of 4: no padding.)
+  // The tile's partial x_proj sums (channels in order), thread `row` for every sequence of the group. The rows'
+  // padding up to pad4(r2) gets zeros: phase B sums it (16-byte copies) into dbc rows it drops, and a read of memory
+  // never written is what compute-sanitizer's initcheck reports. The tagged exchange, whose readers wait for every
+  // word, runs only where r2 is a multiple of 4: no padding.
+  if constexpr (!X) {
+    const int64_t pad = pad4(R2) - R2;
+    for (int k = threadIdx.x; k < nb * pad; k += kThreads) {
+      ws.partial[((b0 + k / pad) * p.tiles + tile) * pad4(R2) + R2 + k % pad] = 0.f;
+    }
+  }
   const bool full_tile = e0 + kTileA <= E;
   for (int row = threadIdx.x; row < R2; row += kThreads) {
     float wx[kTileA];
