@@ -6,10 +6,18 @@
 # onnxruntime Python wheel in $PYTHON (default .venv/bin/python), whose libonnxruntime the programs link against.
 # Idempotent and incremental: a second run with nothing changed only re-checks (about a second).
 # Prints the path of mamba_generate as its last line.
+# MAMBA_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into runtime/cpp/build-sanitize/
+# instead (tools/sanitize.sh).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 PY=${PYTHON:-.venv/bin/python}
 BUILD=runtime/cpp/build
+FLAGS=()
+if [ -n "${MAMBA_SANITIZE:-}" ]; then
+  BUILD=runtime/cpp/build-sanitize
+  SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+  FLAGS=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS=$SAN" "-DCMAKE_EXE_LINKER_FLAGS=$SAN")
+fi
 if ! "$PY" -c "import onnxruntime" 2>/dev/null; then
   echo "build_cpp_runtime: $PY has no onnxruntime; run bash tools/setup.sh (or set PYTHON)" >&2
   exit 1
@@ -25,7 +33,7 @@ mkdir -p "$BUILD"
 # One build at a time in this folder (two test runs may start it together).
 exec 9>"$BUILD/.build.lock"
 flock 9
-cmake -S runtime/cpp -B "$BUILD" -DMAMBA_PYTHON="$("$PY" -c 'import sys; print(sys.executable)')" \
+cmake -S runtime/cpp -B "$BUILD" -DMAMBA_PYTHON="$("$PY" -c 'import sys; print(sys.executable)')" "${FLAGS[@]}" \
   >"$BUILD/configure.log" 2>&1 || {
   cat "$BUILD/configure.log" >&2
   exit 1
