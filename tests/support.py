@@ -331,3 +331,61 @@ def reference_decode_logits(ref, ids: torch.Tensor, prompt: int) -> torch.Tensor
             logits, state = ref.step(ids[:, t], state)
             want.append(logits[:, None])
     return torch.cat(want, dim=1)
+
+
+# Values a manifest field should never hold, for mutated_manifests.
+_ODD_VALUES = [None, True, False, 0, -1, 1, 2**31, 2**63, 2**64, -2**63, 1.5, -0.0, 1e308, float("nan"), "", "x",
+               "../../etc/passwd", "a" * 5000, [], [1], {}, {"a": 1}]
+
+
+def mutated_manifests(text: str, count: int, seed: int) -> list[bytes]:
+    """``count`` damaged copies of a JSON document: a leaf or a key replaced, removed or added (about two in three;
+    the value from _ODD_VALUES), or bytes flipped, cut out, repeated or the text truncated. Seeded: the same list every
+    run."""
+    import random
+
+    rng = random.Random(seed)
+    doc = json.loads(text)
+
+    def paths(node, prefix=()):
+        yield prefix
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            yield from paths(v, prefix + (k,))
+
+    all_paths = [p for p in paths(doc) if p]
+    # Most leaves of an export's manifest describe its graphs' inputs and outputs (which the runtimes check against
+    # the graphs themselves); four mutations in five go to the other fields.
+    read = [p for p in all_paths if p[0] != "graphs"] or all_paths
+    out = []
+    for _ in range(count):
+        if rng.random() < 0.65:
+            d = json.loads(text)
+            path = rng.choice(read if rng.random() < 0.8 else all_paths)
+            parent = d
+            for k in path[:-1]:
+                parent = parent[k]
+            kind = rng.random()
+            if kind < 0.6:
+                parent[path[-1]] = rng.choice(_ODD_VALUES)
+            elif kind < 0.8 and isinstance(parent, dict):
+                del parent[path[-1]]
+            elif isinstance(parent, dict):
+                parent[rng.choice(["zzz", "", "config", "files", path[-1] + "_"])] = rng.choice(_ODD_VALUES)
+            else:
+                parent.append(rng.choice(_ODD_VALUES))
+            out.append(json.dumps(d).encode())  # NaN as NaN: not JSON, which the reader must refuse
+        else:
+            b = bytearray(text.encode())
+            i = rng.randrange(len(b))
+            kind = rng.random()
+            if kind < 0.4:
+                b[i] = rng.choice(b'{}[]",:0123456789-.eE \\\x00\xff')
+            elif kind < 0.6:
+                del b[i:i + rng.randrange(1, 40)]
+            elif kind < 0.8:
+                b[i:i] = b[i:i + rng.randrange(1, 40)]
+            else:
+                del b[i:]
+            out.append(bytes(b))
+    return out

@@ -293,6 +293,10 @@ ERROR_CASES = [
      IDS + ["--no-verify"], "but manifest.json's n_layer 100000000 makes 200000001 of each"),
     ("format-version", lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)), IDS,
      "format_version 99 is not supported"),
+    ("bad-dtype", lambda d: _edit_manifest(d, lambda m: m.update(dtype=None)), IDS,
+     "'dtype' must be one of \"float32\", \"float16\", \"bfloat16\""),
+    ("nan", lambda d: (d / "manifest.json").write_text('{"format_version": NaN}'), IDS,
+     "manifest.json: not valid JSON (line 1, column 20: expected a JSON value)"),
     ("config-mismatch", lambda d: _edit_manifest(d, lambda m: m["config"].update(d_state=9)), IDS,
      "input 'past_ssm.0' is float32 [?, 96, 8], expected float32 [?, 96, 9]"),
     ("library-path", lambda d: _edit_manifest(d, lambda m: m.update(custom_op_library="../x.so")), IDS,
@@ -376,3 +380,25 @@ def test_empty_text_prompt(binary, export):
     proc = run(binary, out, "--prompt", "")
     assert proc.returncode == 2
     assert proc.stderr == "mamba_generate: error: empty prompt: give at least one token id\n"
+
+
+def test_mutated_manifests_are_refused_in_one_line_or_run(binary, export, tmp_path):
+    """80 seeded damaged manifest.json files (odd values, missing or extra keys, broken syntax, truncation): each
+    runs or is refused with exit status 2 and one line; never a crash, a hang or an uncaught exception (under
+    tools/sanitize.sh, never a sanitizer report either)."""
+    from support import mutated_manifests
+
+    out, _ = export(**MAIN)
+    target = _copy(out, tmp_path)
+    original = (out / "manifest.json").read_text()
+    outcomes = {0: 0, 2: 0}
+    for i, data in enumerate(mutated_manifests(original, 80, seed=6)):
+        (target / "manifest.json").write_bytes(data)
+        proc = run(binary, target, "--prompt-ids", "1,2", "--max-new-tokens", "2")
+        case = f"mutation {i}: {data[:300]!r}\n{proc.stderr[-2000:]}"
+        assert proc.returncode in outcomes, case
+        outcomes[proc.returncode] += 1
+        if proc.returncode == 2:
+            lines = proc.stderr.splitlines()
+            assert proc.stdout == "" and len(lines) == 1 and lines[0].startswith("mamba_generate: error: "), case
+    assert outcomes[2] >= 25, outcomes  # many mutations break the manifest (the rest change fields nobody reads)

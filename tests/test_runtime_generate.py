@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -797,3 +798,25 @@ def test_cancelling_some_rows_leaves_the_others_untouched(rt):
         rt.start(PROMPTS, 3).cancel([4])
     with pytest.raises(GenerationInputError, match="row must be a non-negative integer"):
         rt.start(PROMPTS, 3).cancel(["0"])
+
+
+def test_mutated_manifests_raise_the_runtimes_errors_or_run(exp, tmp_path):
+    """80 seeded damaged manifest.json files (odd values, missing or extra keys, broken syntax, truncation):
+    MambaRuntime opens and generates, or raises one of the runtime's errors (MambaExportError), never another
+    exception."""
+    from mamba_export.errors import MambaExportError
+    from support import mutated_manifests
+
+    target = tmp_path / "copy"
+    shutil.copytree(exp.dir, target)
+    original = (exp.dir / "manifest.json").read_text()
+    refused = 0
+    for i, data in enumerate(mutated_manifests(original, 80, seed=6)):
+        (target / "manifest.json").write_bytes(data)
+        try:
+            MambaRuntime(target, provider="cpu", threads=1).generate([1, 2], 2)
+        except MambaExportError:
+            refused += 1
+        except Exception as e:  # the test's failure, with the case
+            raise AssertionError(f"mutation {i}: {data[:300]!r}: {type(e).__name__}: {e}") from e
+    assert refused >= 25  # many mutations break the manifest (the rest change fields nobody reads)

@@ -118,8 +118,16 @@ def _fake_export(d, **overrides):
         (d / name).write_bytes(name.encode())
         files[name] = {"sha256": hashlib.sha256(name.encode()).hexdigest(), "bytes": len(name)}
     manifest = {"format_version": 1, "format": "onnx", "dtype": "float32", "custom_op_library": None, "files": files,
-                "config": {"n_layer": 2, "d_inner": 8, "d_conv": 4, "d_state": 4, "vocab_size": 10}}
+                "config": {"n_layer": 2, "d_inner": 8, "d_conv": 4, "d_state": 4, "vocab_size": 10},
+                "tokenizer": {"files": []}}
     manifest.update(overrides)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def _edit(d, change):
+    manifest = json.loads((d / "manifest.json").read_text())
+    change(manifest)
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
@@ -149,6 +157,19 @@ def test_a_consistent_manifest_opens(tmp_path):
     (lambda d: _fake_export(d) and (d / "weights.bin").write_bytes(b"changed"), "weights.bin: sha256 does not match"),
     (lambda d: _fake_export(d, config={"n_layer": 0}), "config.n_layer must be a positive integer"),
     (lambda d: _fake_export(d, custom_op_library="lib.so"), "not among the listed files"),
+    # read as the C++ runtime reads them (tests/test_cpp_runtime.py has the same cases)
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_text('{"format_version": NaN}'),
+     r"not valid JSON \(NaN is not a JSON value\)"),
+    (lambda d: _fake_export(d, config={"n_layer": 2, "d_inner": 8, "d_conv": 1, "d_state": 4, "vocab_size": 10}),
+     "config.d_conv must be at least 2, found 1"),
+    (lambda d: _fake_export(d, custom_op_library={}), "custom_op_library must be a file name or null, found an object"),
+    (lambda d: _edit(_fake_export(d), lambda m: m.pop("custom_op_library")), "missing key 'custom_op_library'"),
+    (lambda d: _edit(_fake_export(d), lambda m: m.pop("tokenizer")), "'tokenizer' must be an object, found null"),
+    (lambda d: _fake_export(d, tokenizer={"files": 3}), "'tokenizer.files' must be an array of file names"),
+    (lambda d: _fake_export(d, dtype=["float32"]), r"dtype \['float32'\] is not one of"),
+    (lambda d: _fake_export(d, format_version=True), "format_version True is not supported"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_text("[1, 2]"),
+     "expected a JSON object, found an array"),
 ])
 def test_broken_export_dirs_are_one_line_errors(tmp_path, break_it, message):
     d = tmp_path / "e"

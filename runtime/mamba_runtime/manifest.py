@@ -59,11 +59,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def json_type(value) -> str:
+    """What a parsed JSON value is, as messages say it: "a string", "an array", "null"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a number")
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(data: str | bytes):
-    """``json.loads(data)``; any failure is a ValueError of one line (a JSONDecodeError's position, bytes that are
-    not text, or nesting too deep for the parser: json raises RecursionError for ``'[' * 100000``)."""
+    """``json.loads(data)``, strict as the C++ runtime's reader (NaN and Infinity are not JSON); any failure is a
+    ValueError of one line (a JSONDecodeError's position, bytes that are not text, or nesting too deep for the parser:
+    json raises RecursionError for ``'[' * 100000``)."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -83,15 +97,15 @@ def _read_manifest(d: Path) -> dict:
     except ValueError as e:
         raise ExportDirError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
-        raise ExportDirError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+        raise ExportDirError(f"{path}: expected a JSON object, found {json_type(manifest)}")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
         raise ExportDirError(
-            f"{path}: format_version {version!r} is not supported by this runtime (supported: "
+            f"{path}: format_version {version!r:.60} is not supported by this runtime (supported: "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version of mamba-export"
         )
     if manifest.get("format", "onnx") != "onnx":
-        raise ExportDirError(f"{path}: a {manifest.get('format')!r} export; this runtime runs ONNX exports "
+        raise ExportDirError(f"{path}: a {manifest.get('format')!r:.60} export; this runtime runs ONNX exports "
                              "(export with --format onnx)")
     return manifest
 
@@ -177,7 +191,7 @@ class WeightCheck:
 def _config_int(config: dict, key: str, path: Path) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ExportDirError(f"{path}: config.{key} must be a positive integer, found {value!r}")
+        raise ExportDirError(f"{path}: config.{key} must be a positive integer, found {value!r:.60}")
     if value > 2**31 - 1:
         raise ExportDirError(f"{path}: config.{key} is {value}, more than any model this runtime runs")
     return value
@@ -201,12 +215,25 @@ def open_export_dir(path: str | Path, verify: bool = True, *, weights_later: boo
     if not isinstance(config, dict):
         raise ExportDirError(f"{mpath}: 'config' must be an object with the model's sizes")
     sizes = {k: _config_int(config, k, mpath) for k in ("n_layer", "d_inner", "d_conv", "d_state", "vocab_size")}
-    library = manifest.get("custom_op_library")
+    if sizes["d_conv"] < 2:  # as MambaConfig and the C++ runtime
+        raise ExportDirError(f"{mpath}: config.d_conv must be at least 2, found {sizes['d_conv']}")
+    # The keys below are read as the C++ runtime reads them (runtime/cpp/src/manifest.cpp), so that the two runtimes
+    # accept the same manifests.
+    if "custom_op_library" not in manifest:
+        raise ExportDirError(f"{mpath}: missing key 'custom_op_library' (null for an export without the library)")
+    library = manifest["custom_op_library"]
+    if library is not None and not isinstance(library, str):
+        raise ExportDirError(f"{mpath}: custom_op_library must be a file name or null, found {json_type(library)}")
     if library is not None and library not in checksums:
         raise ExportDirError(f"{mpath}: custom_op_library {library!r} is not among the listed files")
+    tokenizer = manifest.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        raise ExportDirError(f"{mpath}: 'tokenizer' must be an object, found {json_type(tokenizer)}")
+    if not isinstance(tokenizer.get("files"), list) or not all(isinstance(f, str) for f in tokenizer["files"]):
+        raise ExportDirError(f"{mpath}: 'tokenizer.files' must be an array of file names")
     dtype = manifest.get("dtype", "float32")
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise ExportDirError(f"{mpath}: dtype {dtype!r} is not one of float32, float16, bfloat16")
+        raise ExportDirError(f"{mpath}: dtype {dtype!r:.60} is not one of float32, float16, bfloat16")
     digest = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()[:16]
     return ExportInfo(
         path=d, manifest=manifest, **sizes, dtype=dtype,

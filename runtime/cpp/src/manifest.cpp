@@ -166,6 +166,13 @@ Manifest read_manifest(const fs::path& dir, bool verify) {
   if (format && !(format->is(Json::Type::String) && format->as_string() == "onnx")) {
     r.fail("not an ONNX export (format must be \"onnx\"); export with --format onnx");
   }
+  // dtype is read as the Python runtime reads it (runtime/mamba_runtime/manifest.py): absent means float32.
+  const Json* dtype = root.find("dtype");
+  if (dtype && !(dtype->is(Json::Type::String) &&
+                 (dtype->as_string() == "float32" || dtype->as_string() == "float16" ||
+                  dtype->as_string() == "bfloat16"))) {
+    r.fail("'dtype' must be one of \"float32\", \"float16\", \"bfloat16\"");
+  }
   const Json& config = r.typed(root, "config", Json::Type::Object);
   Manifest m;
   m.dir = fs::absolute(dir).lexically_normal();
