@@ -132,6 +132,11 @@ class MambaConfig:
                 raise ConfigError(f"config: {name} must be a positive integer, found {value!r}")
             if value > _MAX_SIZE:
                 raise ConfigError(f"config: {name} is {value}, more than this tool supports ({_MAX_SIZE})")
+        inner = self.d_inner_override
+        if isinstance(inner, bool) or not isinstance(inner, int) or inner < 0:
+            raise ConfigError(f"config: d_inner_override must be an integer >= 0, found {inner!r}")
+        if self.d_inner > _MAX_SIZE:
+            raise ConfigError(f"config: the inner width is {self.d_inner}, more than this tool supports ({_MAX_SIZE})")
         if self.d_conv < 2:
             raise ConfigError(f"config: d_conv must be at least 2, found {self.d_conv}")
         if self.real_vocab_size > self.vocab_size:

@@ -83,6 +83,34 @@ def test_config_values_are_checked_strictly(ss_dir, field, value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_huge_intermediate_size_is_one_line(hf_dir):
+    """transformers' intermediate_size is the inner width: 2**64 had reached torch.empty (an overflow TypeError)."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 2**64}))
+    assert "the inner width is 18446744073709551616, more than this tool supports" in _err(hf_dir)
+
+
+@pytest.mark.parametrize("layout", ["ss", "hf"])
+def test_mutated_configs_load_or_are_refused_in_one_line(ss_dir, hf_dir, layout):
+    """100 seeded damaged config.json files per layout (odd values, missing or extra keys, broken syntax): each loads
+    or is one MambaExportError line, never another exception."""
+    from support import mutated_manifests
+
+    d = ss_dir if layout == "ss" else hf_dir
+    text = (d / "config.json").read_text()
+    refused = 0
+    for i, data in enumerate(mutated_manifests(text, 100, seed=1)):
+        (d / "config.json").write_bytes(data)
+        try:
+            load_checkpoint(d)
+        except MambaExportError as e:
+            refused += 1
+            assert "\n" not in str(e), (i, data[:300], str(e))
+        except Exception as e:  # the test's failure, with the case
+            raise AssertionError(f"mutation {i}: {data[:300]!r}: {type(e).__name__}: {e}") from e
+    assert refused >= 30
+
+
 def test_non_finite_weights(ss_dir):
     sd = torch.load(ss_dir / "pytorch_model.bin")
     sd["backbone.layers.1.mixer.D"][3] = float("nan")
