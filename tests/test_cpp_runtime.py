@@ -402,3 +402,23 @@ def test_mutated_manifests_are_refused_in_one_line_or_run(binary, export, tmp_pa
             lines = proc.stderr.splitlines()
             assert proc.stdout == "" and len(lines) == 1 and lines[0].startswith("mamba_generate: error: "), case
     assert outcomes[2] >= 25, outcomes  # many mutations break the manifest (the rest change fields nobody reads)
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"\xc0\x80", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc3",
+                                 b"\xe2\x82"], ids=["ff", "overlong-2", "overlong-3", "surrogate", "past-10ffff",
+                                                   "cut-2", "cut-3"])
+def test_strings_that_are_not_utf8_are_refused_as_python_refuses_them(binary, export, tmp_path, raw):
+    """A manifest string holding bytes that are not UTF-8 is refused by both runtimes (Python's json reads bytes
+    as strict UTF-8); well-formed multi-byte characters are read."""
+    from mamba_runtime.manifest import parse_json
+
+    out, _ = export(**MAIN)
+    target = _copy(out, tmp_path)
+    manifest = (out / "manifest.json").read_bytes().rstrip()[:-1]  # without its closing brace
+    (target / "manifest.json").write_bytes(manifest + b', "note": "a' + raw + b'b"}')
+    proc = run(binary, target, *IDS)
+    assert proc.returncode == 2 and "invalid UTF-8 in string" in proc.stderr, proc.stderr
+    with pytest.raises(ValueError):
+        parse_json((target / "manifest.json").read_bytes())
+    (target / "manifest.json").write_bytes(manifest + ', "note": "héllo € 𝄞"}'.encode())
+    assert run(binary, target, *IDS).returncode == 0

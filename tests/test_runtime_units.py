@@ -168,6 +168,10 @@ def test_a_consistent_manifest_opens(tmp_path):
     (lambda d: _fake_export(d, tokenizer={"files": 3}), "'tokenizer.files' must be an array of file names"),
     (lambda d: _fake_export(d, dtype=["float32"]), r"dtype \['float32'\] is not one of"),
     (lambda d: _fake_export(d, format_version=True), "format_version True is not supported"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_text('{"a": "\\ud800"}'),
+     r"not valid JSON \(a string holds an unpaired surrogate"),
+    (lambda d: _fake_export(d) and (d / "manifest.json").write_bytes(b'{"a": "\xed\xa0\x80"}'),
+     "not valid JSON .'utf-8' codec can't decode byte 0xed"),
     (lambda d: _fake_export(d) and (d / "manifest.json").write_text("[1, 2]"),
      "expected a JSON object, found an array"),
 ])

@@ -73,15 +73,25 @@ def _not_json(name: str):
 
 
 def parse_json(data: str | bytes):
-    """``json.loads(data)``, strict as the C++ runtime's reader (NaN and Infinity are not JSON); any failure is a
-    ValueError of one line (a JSONDecodeError's position, bytes that are not text, or nesting too deep for the parser:
-    json raises RecursionError for ``'[' * 100000``)."""
+    """``json.loads(data)``, strict as the C++ runtime's reader: NaN and Infinity are not JSON, and strings hold no
+    surrogates (bytes are read as strict UTF-8, \\u escapes must pair). Any failure is a ValueError of one line (a
+    JSONDecodeError's position, bytes that are not text, or nesting too deep for the parser: json raises
+    RecursionError for ``'[' * 100000``)."""
     try:
-        return json.loads(data, parse_constant=_not_json)
+        # Bytes as strict UTF-8: json.loads(bytes) would let encoded surrogates (ED A0 80) through.
+        value = json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data,
+                           parse_constant=_not_json)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    try:  # a lone surrogate from a \ud800 escape (the documents read here are small)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string holds an unpaired surrogate (\\ud800-\\udfff escape)") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    return value
 
 
 def _read_manifest(d: Path) -> dict:

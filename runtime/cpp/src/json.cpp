@@ -185,6 +185,38 @@ class Parser {
     }
   }
 
+  // The rest of a raw (unescaped) character of a string whose first byte `lead` >= 0x80 was just read: one
+  // well-formed UTF-8 sequence (RFC 3629: no overlong forms, no surrogates, at most U+10FFFF), copied to `out`.
+  // Python's json reader requires the same, and the two runtimes read the same manifests.
+  void copy_utf8(std::string& out, unsigned char lead) {
+    const size_t start = pos_ - 1;
+    int more;
+    unsigned cp;
+    if (lead >= 0xC2 && lead <= 0xDF) {
+      more = 1, cp = lead & 0x1Fu;
+    } else if (lead >= 0xE0 && lead <= 0xEF) {
+      more = 2, cp = lead & 0x0Fu;
+    } else if (lead >= 0xF0 && lead <= 0xF4) {
+      more = 3, cp = lead & 0x07u;
+    } else {
+      pos_ = start;
+      fail("invalid UTF-8 in string");
+    }
+    for (int i = 0; i < more; ++i) {
+      if (pos_ >= text_.size() || (static_cast<unsigned char>(text_[pos_]) & 0xC0) != 0x80) {
+        pos_ = start;
+        fail("invalid UTF-8 in string");
+      }
+      cp = cp << 6 | (static_cast<unsigned char>(text_[pos_++]) & 0x3Fu);
+    }
+    const bool overlong = (more == 2 && cp < 0x800) || (more == 3 && cp < 0x10000);
+    if (overlong || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) {
+      pos_ = start;
+      fail("invalid UTF-8 in string");
+    }
+    out.append(text_.substr(start, pos_ - start));
+  }
+
   unsigned parse_code_point() {
     unsigned cp = parse_hex4();
     if (cp >= 0xD800 && cp <= 0xDBFF) {  // a UTF-16 surrogate pair
@@ -206,6 +238,10 @@ class Parser {
       char c = text_[pos_++];
       if (c == '"') return out;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+      if (static_cast<unsigned char>(c) >= 0x80) {
+        copy_utf8(out, static_cast<unsigned char>(c));
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
