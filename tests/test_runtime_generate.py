@@ -820,3 +820,28 @@ def test_mutated_manifests_raise_the_runtimes_errors_or_run(exp, tmp_path):
         except Exception as e:  # the test's failure, with the case
             raise AssertionError(f"mutation {i}: {data[:300]!r}: {type(e).__name__}: {e}") from e
     assert refused >= 25  # many mutations break the manifest (the rest change fields nobody reads)
+
+
+def test_mutated_snapshot_headers_raise_snapshot_errors_or_run(rt):
+    """60 seeded damaged snapshot headers (odd values, missing or extra keys, broken JSON): restore and run, or a
+    SnapshotError at restore; never another exception at restore or in a later step (tokens such as "x" or 1.5 had
+    surfaced as TypeErrors in the next step)."""
+    from support import mutated_manifests
+
+    from mamba_runtime import SnapshotError
+
+    gen = rt.start(["ab", "abcdef"], 8, SAMPLED, stop_tokens=[7])
+    gen.step()
+    with np.load(io.BytesIO(gen.snapshot()), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    refused = 0
+    for i, header in enumerate(mutated_manifests(arrays["meta"].tobytes().decode(), 60, seed=2)):
+        blob = io.BytesIO()
+        np.savez(blob, **{**arrays, "meta": np.frombuffer(header, np.uint8)})
+        try:
+            rt.restore(blob.getvalue()).run()
+        except SnapshotError:
+            refused += 1
+        except Exception as e:  # the test's failure, with the case
+            raise AssertionError(f"mutation {i}: {header[:300]!r}: {type(e).__name__}: {e}") from e
+    assert refused >= 30

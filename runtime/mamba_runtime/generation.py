@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GenerationInputError, ModelOutputError, SnapshotError, require_int
+from .errors import GenerationInputError, ModelOutputError, SnapshotError, is_int, require_int
 from .manifest import parse_json
 from .sampling import Sampler, SamplingConfig
 
@@ -261,8 +261,9 @@ def load_snapshot(runtime, data: bytes) -> Generation:
                             f"{runtime.info.export_id})")
     try:
         gen = _rebuild(runtime, meta)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise SnapshotError(f"snapshot metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as e:
+        raise SnapshotError(f"snapshot metadata is incomplete or malformed ({type(e).__name__}: {str(e):.200})") \
+            from None
     _check_arrays(arrays, runtime.info, gen.batch)
     gen.state.upload(arrays["conv"], arrays["ssm"])
     gen._pending, gen._logits = arrays.get("pending"), arrays.get("logits")
@@ -300,11 +301,54 @@ def _check_arrays(arrays: dict, info, batch: int) -> None:
             raise SnapshotError("snapshot logits hold NaN or infinity; the snapshot is damaged")
 
 
+_FINISH_REASONS = (None, "stop", "length", "cancelled")
+
+
+def _id_list(value, what: str, vocab: int) -> list[int]:
+    """``value`` as a list of token ids in [0, vocab), else a SnapshotError naming ``what``."""
+    if not isinstance(value, list) or not all(is_int(t) and 0 <= t < vocab for t in value):
+        raise SnapshotError(f"snapshot {what} must be a list of token ids in [0, {vocab})")
+    return [int(t) for t in value]
+
+
+def _checked_meta(meta: dict, vocab: int) -> dict:
+    """The snapshot header's prompts, tokens, finish reasons, stop tokens and max_new_tokens, checked to be of the
+    types and ranges Generation.snapshot writes (a damaged header is a SnapshotError here, not an exception of another
+    kind in a later step)."""
+    prompts = meta["prompts"]
+    if not isinstance(prompts, list) or not prompts:
+        raise SnapshotError("snapshot prompts must be a non-empty list of prompts")
+    prompts = [_id_list(p, "prompts", vocab) for p in prompts]
+    if not all(prompts):
+        raise SnapshotError("snapshot prompts must not be empty")
+    b = len(prompts)
+    limit = meta["max_new_tokens"]
+    if not is_int(limit) or not 1 <= limit <= 2**31 - 1:
+        raise SnapshotError(f"snapshot max_new_tokens must be an integer in [1, 2**31 - 1], found {limit!r:.60}")
+    tokens, reasons = meta["tokens"], meta["finish_reasons"]
+    if not isinstance(tokens, list) or len(tokens) != b:
+        raise SnapshotError(f"snapshot tokens must be a list of {b} token lists (one per prompt)")
+    tokens = [_id_list(t, "tokens", vocab) for t in tokens]
+    if any(len(t) > limit for t in tokens):
+        raise SnapshotError("snapshot tokens run past its max_new_tokens")
+    if not isinstance(reasons, list) or len(reasons) != b or not all(r in _FINISH_REASONS for r in reasons):
+        raise SnapshotError(f"snapshot finish_reasons must be {b} of null, \"stop\", \"length\", \"cancelled\"")
+    return dict(prompts=prompts, max_new_tokens=int(limit), tokens=tokens, finish_reasons=list(reasons),
+                stop_tokens=_id_list(meta["stop_tokens"], "stop_tokens", vocab))
+
+
 def _rebuild(runtime, meta: dict) -> Generation:
     """A Generation with the snapshot's prompts, settings, tokens so far and generator states (no state yet)."""
-    gen = Generation(runtime, meta["prompts"], meta["max_new_tokens"], SamplingConfig(**meta["sampling"]),
-                     frozenset(meta["stop_tokens"]))
-    gen.tokens, gen.finish_reasons = meta["tokens"], meta["finish_reasons"]
+    checked = _checked_meta(meta, runtime.info.vocab_size)
+    if not isinstance(meta["sampling"], dict):
+        raise SnapshotError("snapshot sampling settings must be an object")
+    try:
+        sampling = SamplingConfig(**meta["sampling"])
+    except GenerationInputError as e:
+        raise SnapshotError(f"snapshot sampling settings are invalid ({e})") from None
+    gen = Generation(runtime, checked["prompts"], checked["max_new_tokens"], sampling,
+                     frozenset(checked["stop_tokens"]))
+    gen.tokens, gen.finish_reasons = checked["tokens"], checked["finish_reasons"]
     for i, t in enumerate(gen.tokens):
         gen.sampler.observe([i] * len(t), t)
     gen.sampler.set_rng_states(meta["rng"])
