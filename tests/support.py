@@ -389,3 +389,17 @@ def mutated_manifests(text: str, count: int, seed: int) -> list[bytes]:
                 del b[i:]
             out.append(bytes(b))
     return out
+
+
+def refusals(damaged: list[bytes], attempt, refusal: type[Exception]) -> list[Exception]:
+    """``attempt(data)`` for each damaged document: the ``refusal`` exceptions raised, in order. Any other exception
+    fails the calling test, naming the case."""
+    refused = []
+    for i, data in enumerate(damaged):
+        try:
+            attempt(data)
+        except refusal as e:
+            refused.append(e)
+        except Exception as e:  # the test's failure, with the case
+            raise AssertionError(f"mutation {i}: {data[:300]!r}: {type(e).__name__}: {e}") from e
+    return refused

@@ -6,8 +6,8 @@
 # onnxruntime Python wheel in $PYTHON (default .venv/bin/python), whose libonnxruntime the programs link against.
 # Idempotent and incremental: a second run with nothing changed only re-checks (about a second).
 # Prints the path of mamba_generate as its last line.
-# MAMBA_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into runtime/cpp/build-sanitize/
-# instead (tools/sanitize.sh).
+# MAMBA_SANITIZE="<compiler flags>" (e.g. "-fsanitize=address,undefined") builds with them, into
+# runtime/cpp/build-sanitize/ instead (tools/sanitize.sh sets it).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -15,8 +15,8 @@ BUILD=runtime/cpp/build
 FLAGS=()
 if [ -n "${MAMBA_SANITIZE:-}" ]; then
   BUILD=runtime/cpp/build-sanitize
-  SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
-  FLAGS=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS=$SAN" "-DCMAKE_EXE_LINKER_FLAGS=$SAN")
+  FLAGS=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS=$MAMBA_SANITIZE"
+         "-DCMAKE_EXE_LINKER_FLAGS=$MAMBA_SANITIZE")
 fi
 if ! "$PY" -c "import onnxruntime" 2>/dev/null; then
   echo "build_cpp_runtime: $PY has no onnxruntime; run bash tools/setup.sh (or set PYTHON)" >&2

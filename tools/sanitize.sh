@@ -31,7 +31,8 @@ cmake -S custom_ops -B "$OPS" -DMAMBA_EXPORT_OPS_CUDA=OFF -DCMAKE_BUILD_TYPE=Rel
   "-DCMAKE_SHARED_LINKER_FLAGS=$SAN" >"$OPS/configure.log" 2>&1 || { cat "$OPS/configure.log" >&2; exit 1; }
 cmake --build "$OPS" --parallel "$(nproc 2>/dev/null || echo 2)" >/dev/null
 echo "sanitize: building the C++ runtime with the sanitizers in runtime/cpp/build-sanitize/" >&2
-MAMBA_SANITIZE=1 PYTHON=$PY bash tools/build_cpp_runtime.sh >/dev/null
+export MAMBA_SANITIZE=$SAN  # also for tests/test_cpp_runtime.py, which (re)builds with the build script
+PYTHON=$PY bash tools/build_cpp_runtime.sh >/dev/null
 
 # pytest captures the tests' stderr, and a process that ASan aborts takes its captured output with it: the reports go
 # to files instead, printed at the end.
@@ -39,7 +40,6 @@ LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 SUPPRESSIONS=$LOGS/lsan.supp
 echo "leak:libonnxruntime.so" >"$SUPPRESSIONS"
-export MAMBA_SANITIZE=1  # tests/test_cpp_runtime.py builds and runs the sanitized programs
 export MAMBA_EXPORT_OPS_LIBRARY="$PWD/$OPS/libmamba_export_ops.so"
 export LD_PRELOAD="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:log_path=$LOGS/asan

@@ -301,6 +301,7 @@ def _check_arrays(arrays: dict, info, batch: int) -> None:
             raise SnapshotError("snapshot logits hold NaN or infinity; the snapshot is damaged")
 
 
+MAX_NEW_TOKENS = 2**31 - 1  # as the C++ runtime (an int); far beyond any real request
 _FINISH_REASONS = (None, "stop", "length", "cancelled")
 
 
@@ -323,8 +324,8 @@ def _checked_meta(meta: dict, vocab: int) -> dict:
         raise SnapshotError("snapshot prompts must not be empty")
     b = len(prompts)
     limit = meta["max_new_tokens"]
-    if not is_int(limit) or not 1 <= limit <= 2**31 - 1:
-        raise SnapshotError(f"snapshot max_new_tokens must be an integer in [1, 2**31 - 1], found {limit!r:.60}")
+    if not is_int(limit) or not 1 <= limit <= MAX_NEW_TOKENS:
+        raise SnapshotError(f"snapshot max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], found {limit!r:.60}")
     tokens, reasons = meta["tokens"], meta["finish_reasons"]
     if not isinstance(tokens, list) or len(tokens) != b:
         raise SnapshotError(f"snapshot tokens must be a list of {b} token lists (one per prompt)")

@@ -26,7 +26,7 @@ import numpy as np
 
 from .device import select_device
 from .errors import ExportDirError, GenerationInputError, SnapshotError, require_int
-from .generation import Generation, GenerationResult, load_snapshot
+from .generation import MAX_NEW_TOKENS, Generation, GenerationResult, load_snapshot
 from .manifest import ExportInfo, WeightCheck, open_export_dir
 from .sampling import SamplingConfig
 from .sessions import (check_io, check_ort_config, cpu_placed_nodes, open_session, resolve_library,
@@ -35,7 +35,6 @@ from .state import DeviceState, prefill
 from .tokenizer import TokenizerUnavailable, load_codec, require_codec
 
 Prompt = str | Iterable[int]
-MAX_NEW_TOKENS = 2**31 - 1  # as the C++ runtime (an int); far beyond any real request
 
 
 class MambaRuntime:
