@@ -422,3 +422,25 @@ def test_strings_that_are_not_utf8_are_refused_as_python_refuses_them(binary, ex
         parse_json((target / "manifest.json").read_bytes())
     (target / "manifest.json").write_bytes(manifest + ', "note": "héllo € 𝄞"}'.encode())
     assert run(binary, target, *IDS).returncode == 0
+
+
+@pytest.mark.parametrize("depth, refused", [(128, False), (129, True)])
+def test_both_runtimes_refuse_the_same_nesting_depth(binary, export, tmp_path, depth, refused):
+    """A value nested ``depth`` containers below the top-level object: both readers take 128 and refuse 129 (C++:
+    kMaxDepth; Python: MAX_JSON_DEPTH), so a manifest one runtime opens never fails in the other for its depth."""
+    from mamba_runtime import MambaRuntime
+    from mamba_runtime.errors import ExportDirError
+
+    out, _ = export(**MAIN)
+    target = _copy(out, tmp_path)
+    manifest = (out / "manifest.json").read_bytes().rstrip()[:-1]  # without its closing brace
+    note = "[" * (depth - 1) + "1" + "]" * (depth - 1)  # the 1 sits `depth` below the object holding "note"
+    (target / "manifest.json").write_bytes(manifest + f', "note": {note}}}'.encode())
+    proc = run(binary, target, *IDS)
+    if refused:
+        assert proc.returncode == 2 and "nesting deeper than 128" in proc.stderr, proc.stderr
+        with pytest.raises(ExportDirError, match=r"not valid JSON \(nesting deeper than 128\)"):
+            MambaRuntime(target)
+    else:
+        assert proc.returncode == 0, proc.stderr
+        MambaRuntime(target)

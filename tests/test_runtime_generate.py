@@ -258,7 +258,7 @@ def test_damaged_snapshots_are_snapshot_errors(rt):
         (_edited_snapshot(pending, logits=logits), "(found both)"),
         (_edited_snapshot(pending, meta=np.frombuffer(b"[1, 2]", dtype=np.uint8)), "header is a JSON list"),
         (_edited_snapshot(pending, meta=np.frombuffer(b"[" * 100000 + b"]" * 100000, dtype=np.uint8)),
-         "header is not valid JSON: nested too deeply"),
+         "header is not valid JSON: nesting deeper than 128"),
         (_edited_snapshot(pending, meta=np.frombuffer(b'{"a": 1', dtype=np.uint8)), "header is not valid JSON: "),
     ]
     for blob, message in cases:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mamba_runtime import ExportDirError, GenerationInputError, SamplingConfig
-from mamba_runtime.manifest import open_export_dir
+from mamba_runtime.manifest import open_export_dir, parse_json
 from mamba_runtime.sampling import Sampler, apply_repetition_penalty, sample_row
 from mamba_runtime.tokenizer import ByteCodec, load_codec
 
@@ -143,9 +143,9 @@ def test_a_consistent_manifest_opens(tmp_path):
     (lambda d: _fake_export(d) and (d / "manifest.json").unlink(), "manifest.json: missing"),
     (lambda d: _fake_export(d) and (d / "manifest.json").write_text("{not json"), "not valid JSON"),
     (lambda d: _fake_export(d) and (d / "manifest.json").write_text("[" * 100000 + "]" * 100000),
-     r"manifest.json: not valid JSON \(nested too deeply\)"),
+     r"manifest.json: not valid JSON \(nesting deeper than 128\)"),
     (lambda d: _fake_export(d) and (d / "manifest.json").write_text('{"a": ' * 100000),
-     r"not valid JSON \(nested too deeply\)"),
+     r"not valid JSON \(nesting deeper than 128\)"),
     (lambda d: _fake_export(d) and (d / "manifest.json").write_bytes(b'{"a": "\xff"}'), "not valid JSON"),
     (lambda d: _fake_export(d, format_version=99), "format_version 99 is not supported"),
     (lambda d: _fake_export(d, format="torchscript"), "this runtime runs ONNX exports"),
@@ -209,7 +209,7 @@ def test_a_tokenizer_json_encodes_decodes_and_streams(tmp_path):
     ("tokenizer.json", "{broken", "not a valid tokenizer.json"),
     ("byte_vocab.json", "[1, 2]", "expected"),
     ("byte_vocab.json", "{nope", "not valid JSON"),
-    ("byte_vocab.json", "[" * 100000 + "]" * 100000, r"not valid JSON \(nested too deeply\)"),
+    ("byte_vocab.json", "[" * 100000 + "]" * 100000, r"not valid JSON \(nesting deeper than 128\)"),
 ])
 def test_broken_tokenizer_files_are_export_dir_errors(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
@@ -234,3 +234,16 @@ def test_provider_choice_is_explicit():
         assert isinstance(select_device("auto"), CpuDevice)
         with pytest.raises(GenerationInputError, match="no CUDAExecutionProvider"):
             select_device("cuda")
+
+
+@pytest.mark.parametrize("text, deepest", [("[" * 129 + "]" * 129, 128), ('{"a": ' * 128 + "1" + "}" * 128, 128),
+                                           ("[" * 130 + "]" * 130, 129), ('{"a": ' * 129 + "1" + "}" * 129, 129),
+                                           ("[" * 129 + "2" + "]" * 129, 129)])
+def test_json_nesting_is_limited_to_the_cpp_readers_depth(text, deepest):
+    """parse_json takes values up to 128 containers below the top-level value and refuses deeper ones, as the C++
+    runtime's reader does (its messages say the same)."""
+    if deepest <= 128:
+        assert parse_json(text) is not None
+    else:
+        with pytest.raises(ValueError, match=r"^nesting deeper than 128$"):
+            parse_json(text)

@@ -59,6 +59,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# How deep JSON values may nest, as in the C++ runtime's reader (runtime/cpp/src/json.cpp, kMaxDepth)
+MAX_JSON_DEPTH = 128
+
+
 def json_type(value) -> str:
     """What a parsed JSON value is, as messages say it: "a string", "an array", "null"..."""
     if value is None:
@@ -73,16 +77,16 @@ def _not_json(name: str):
 
 
 def parse_json(data: str | bytes):
-    """``json.loads(data)``, strict as the C++ runtime's reader: NaN and Infinity are not JSON, and strings hold no
-    surrogates (bytes are read as strict UTF-8, \\u escapes must pair). Any failure is a ValueError of one line (a
-    JSONDecodeError's position, bytes that are not text, or nesting too deep for the parser: json raises
-    RecursionError for ``'[' * 100000``)."""
+    """``json.loads(data)``, strict as the C++ runtime's reader: NaN and Infinity are not JSON, strings hold no
+    surrogates (bytes are read as strict UTF-8, \\u escapes must pair), and values nest at most MAX_JSON_DEPTH deep
+    (the top-level value is depth 0). Any failure is a ValueError of one line (a JSONDecodeError's position, bytes that
+    are not text, or the nesting: json itself raises RecursionError for ``'[' * 100000``)."""
     try:
         # Bytes as strict UTF-8: json.loads(bytes) would let encoded surrogates (ED A0 80) through.
         value = json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data,
                            parse_constant=_not_json)
     except RecursionError:
-        raise ValueError("nested too deeply") from None
+        raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     try:  # a lone surrogate from a \ud800 escape (the documents read here are small)
@@ -90,8 +94,22 @@ def parse_json(data: str | bytes):
     except UnicodeEncodeError:
         raise ValueError("a string holds an unpaired surrogate (\\ud800-\\udfff escape)") from None
     except RecursionError:
-        raise ValueError("nested too deeply") from None
+        raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
+    _check_depth(value)
     return value
+
+
+def _check_depth(value) -> None:
+    """ValueError where a container inside ``value`` sits deeper than MAX_JSON_DEPTH (iteratively: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}")
+        if isinstance(v, dict):
+            stack.extend((c, depth + 1) for c in v.values())
+        elif isinstance(v, list):
+            stack.extend((c, depth + 1) for c in v)
 
 
 def _read_manifest(d: Path) -> dict:
