@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
         help="measure latency, throughput and memory of an export with the runtime",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""),
     )
     p.add_argument("export_dir", metavar="OUT_DIR", help="directory written by 'mamba-export export'")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
@@ -66,13 +66,15 @@ def _check(args: argparse.Namespace) -> None:
         raise MambaExportError(f"--threads must be a positive integer, found {args.threads}")
 
 
-def _measure_runtime(rt, args, wbytes: int, bar) -> dict:
+def _measure_runtime(rt, args, bar) -> dict:
     from mamba_runtime import profiling as prof
 
+    library = rt.custom_op_library is not None
     out: dict = {"warmup_s": prof.measure_warmup(rt, min(args.prompt_len))}
     out["prefill"] = [{"batch": b, "prompt_len": pl, **prof.measure_prefill(rt, b, pl, args.repeats, bar.update)}
                       for b in args.batch for pl in args.prompt_len]
-    out["decode"] = [{"batch": b, **prof.measure_decode(rt, b, min(args.prompt_len), args.gen_len, wbytes, bar.update)}
+    out["decode"] = [{"batch": b, **prof.measure_decode(rt, b, min(args.prompt_len), args.gen_len,
+                                                        prof.decode_bytes_per_step(rt.info, b, library), bar.update)}
                      for b in args.batch]
     out["position"] = prof.latency_vs_position(rt, args.position_tokens, tick=bar.update)
     out["top_operators"] = prof.top_operators(rt, args.batch[0], min(args.gen_len, 50))
@@ -152,6 +154,7 @@ def _placement(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     """The report's tables in Markdown."""
     rt, floor = report["runtime"], report["decode_floor_ms"]
+    floors = {d["batch"]: d["floor_ms"] for d in rt["decode"]}
     lines = [f"# Profile of {report['export_dir']}", "",
              f"{report['machine']['cpu']} (load average {report['machine']['load_average_1m']:.1f} at the end), "
              f"{report['settings']['threads'] or 'default'} threads, provider "
@@ -159,35 +162,42 @@ def markdown(report: dict) -> str:
              f"warm-up {rt['warmup_s'] * 1e3:.0f} ms (not counted); peak RSS {rt['peak_rss_bytes'] / 2**20:.0f} MiB",
              f"weights read per step {report['weight_bytes_per_token'] / 1e6:.1f} MB "
              f"(decode weights {report['settings'].get('decode_weight_dtype') or report['settings']['dtype']}), "
-             f"{report.get('bandwidth_source', 'host memory read bandwidth')} "
-             f"{report['read_bandwidth_GBps']:.1f} GB/s -> decode floor {floor:.3f} ms/step", *_placement(report), "",
-             "| implementation | batch | prompt | TTFT p50 ms | prefill tok/s |", "| --- | --- | --- | --- | --- |"]
+             f"and per sequence {report['sequence_bytes_per_step'] / 1e6:.2f} MB (its state read and written, its "
+             f"logits, its embedding row); {report.get('bandwidth_source', 'host memory read bandwidth')} "
+             f"{report['read_bandwidth_GBps']:.1f} GB/s -> decode floor {floor:.3f} ms/step at batch 1",
+             *_placement(report), "",
+             "| implementation | batch | prompt tokens | TTFT p50 ms | prefill tok/s |",
+             "| --- | --- | --- | --- | --- |"]
     impls = [("runtime", rt)] + ([("PyTorch reference", report["torch"])] if report.get("torch") else [])
     for name, r in impls:
         for p in r["prefill"]:
             ttft = f"{p['ttft']['p50_ms']:.2f}" if "ttft" in p else "-"
             lines.append(f"| {name} | {p['batch']} | {p['prompt_len']} | {ttft} | {p['prefill_tokens_per_s']:.0f} |")
-    lines += ["", "| implementation | batch | decode ms/step p50 | p90 | p99 | mean | tokens/s | GB/s | x floor |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| implementation | batch | decode ms/step p50 | p90 | p99 | mean | tokens/s | GB/s | floor ms "
+              "| x floor |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in impls:
         for d in r["decode"]:
             s = d["decode"]
             gbs = f"{d['achieved_GBps']:.1f}" if "achieved_GBps" in d else "-"
             lines.append(f"| {name} | {d['batch']} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
-                         f"{s['mean_ms']:.3f} | {d['tokens_per_s']:.0f} | {gbs} | {s['p50_ms'] / floor:.2f} |")
+                         f"{s['mean_ms']:.3f} | {d['tokens_per_s']:.0f} | {gbs} | {floors[d['batch']]:.3f} | "
+                         f"{s['p50_ms'] / floors[d['batch']]:.2f} |")
     lines += ["", "tokens/s and prefill tok/s are throughput (from the mean time, slow steps included); GB/s and "
-              "x floor are from the p50 step."]
-    if any(d["decode"]["p50_ms"] < floor for d in rt["decode"]):
+              "x floor are from the p50 step; the floor is the step's bytes (the weights once, each sequence's state "
+              "read and written and its logits) over the bandwidth."]
+    if any(d["decode"]["p50_ms"] < d["floor_ms"] for d in rt["decode"]):
         lines += ["x floor below 1: the weights come from the CPU's caches rather than memory (the model is small "
                   "enough), so the memory floor does not bound this step."]
     pos = rt["position"]
     lines += ["", f"Decode latency against position ({pos['tokens']} tokens, batch 1): last window / first window = "
-              f"{pos['last_over_first']:.2f}", "", "| positions from | p50 ms | p90 ms |", "| --- | --- | --- |"]
+              f"{pos['last_over_first']:.2f}", "", "| from position (tokens) | p50 ms | p90 ms |",
+              "| --- | --- | --- |"]
     lines += [f"| {w['position']} | {w['p50_ms']:.3f} | {w['p90_ms']:.3f} |" for w in pos["windows"]]
     top = rt["top_operators"]
     lines += ["", f"Top operators of decode.onnx (onnxruntime profiler, batch {report['settings']['batch'][0]}, "
               f"median over {top['steps']} steps after {top['warmup_steps']} warm-up steps; the profiled step's "
-              f"median is {top['step_ms']:.3f} ms, slower than unprofiled for the per-node timing)", "",
+              f"median is {top['step_ms']:.3f} ms, slower than unprofiled for the per-node timing; share is of the "
+              f"nodes' summed time, {top['kernel_ms']:.3f} ms)", "",
               "| op | ms/step | share | calls/step |", "| --- | --- | --- | --- |"]
     lines += [f"| {o['op']} | {o['ms_per_step']:.3f} | {o['share']:.0%} | {o['calls_per_step']} |"
               for o in top["ops"]]
@@ -216,6 +226,9 @@ def plot(report: dict, out: Path) -> list[str]:
     impls = [("runtime", report["runtime"])] + ([("PyTorch reference", report["torch"])] if report.get("torch") else [])
     for name, r in impls:
         ax.plot([d["batch"] for d in r["decode"]], [d["decode"]["p50_ms"] for d in r["decode"]], marker="o", label=name)
+    decode = report["runtime"]["decode"]
+    ax.plot([d["batch"] for d in decode], [d["floor_ms"] for d in decode], color="gray", linestyle="--",
+            label="memory floor")
     ax.set(xlabel="batch", ylabel="decode ms/step (p50)", xscale="log", ylim=(0, None),
            title="Decode latency against batch")
     ax.legend()
@@ -243,23 +256,29 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise MambaExportError(f"{out}: exists and is not a directory")
     check_writable(out, inside=True)  # before the measurements, which take minutes; the files are written after
-    wbytes = prof.weight_bytes_per_token(rt.info, library=rt.custom_op_library is not None)
+    library = rt.custom_op_library is not None
+    wbytes = prof.weight_bytes_per_token(rt.info, library=library)
     n_prefill = len(args.batch) * len(args.prompt_len) * args.repeats
     total = n_prefill + len(args.batch) * args.gen_len + args.position_tokens
     if args.compare_torch:
         total += n_prefill + len(args.batch) * args.gen_len
     with tqdm(total=total, desc="profile", unit="step", file=sys.stderr, leave=False) as bar:
-        measured = _measure_runtime(rt, args, wbytes, bar)  # first: peak RSS is the runtime's alone
+        measured = _measure_runtime(rt, args, bar)  # first: peak RSS is the runtime's alone
         bw, bw_source = _bandwidth(rt.device.name, args.threads)
+        for d in measured["decode"]:
+            d["floor_ms"] = d["bytes_per_step"] / bw / 1e6
         report = {
             "export_dir": str(rt.info.path), "machine": prof.machine_info(), "settings": {
                 "provider": rt.device.name, "threads": args.threads, "batch": args.batch,
                 "prompt_len": args.prompt_len, "gen_len": args.gen_len, "position_tokens": args.position_tokens,
                 "repeats": args.repeats, "dtype": rt.info.dtype,
                 "decode_weight_dtype": rt.info.manifest.get("decode_weight_dtype")},
-            "custom_op_library": rt.custom_op_library, "weight_bytes_per_token": wbytes, "read_bandwidth_GBps": bw,
-            "bandwidth_source": bw_source,
-            "decode_floor_ms": wbytes / bw / 1e6, "runtime": measured, "cpu_placed_nodes": rt.cpu_nodes,
+            "custom_op_library": rt.custom_op_library, "weight_bytes_per_token": wbytes,
+            "sequence_bytes_per_step": prof.decode_bytes_per_step(rt.info, 2, library)
+            - prof.decode_bytes_per_step(rt.info, 1, library),
+            "read_bandwidth_GBps": bw, "bandwidth_source": bw_source,
+            "decode_floor_ms": prof.decode_bytes_per_step(rt.info, 1, library) / bw / 1e6, "runtime": measured,
+            "cpu_placed_nodes": rt.cpu_nodes,
         }
         if args.compare_torch:
             report["torch"] = _measure_torch(args.compare_torch, args, rt, bar)

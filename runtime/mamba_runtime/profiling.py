@@ -4,10 +4,10 @@ Every function measures with the runtime's own code path (prefill per prompt, th
 so the numbers are what a user of :class:`~mamba_runtime.MambaRuntime` gets. Times are wall-clock
 (``time.perf_counter``); "decode ms/step" is one step of the whole batch, "tokens/s" counts every sequence's token.
 
-The memory floor of a decode step is the bytes of weights it must read (:func:`weight_bytes_per_token`) divided by
-the machine's measured read bandwidth (:func:`read_bandwidth_gbs`; on CUDA the device's copy bandwidth,
-:func:`device_bandwidth_gbs`); achieved GB/s is those bytes over the measured
-step time.
+The memory floor of a decode step of a batch is the bytes it must move (:func:`decode_bytes_per_step`: the weights,
+read once whatever the batch, and per sequence its embedding row, its recurrent state read and written, its logits
+written) divided by the machine's measured read bandwidth (:func:`read_bandwidth_gbs`; on CUDA the device's copy
+bandwidth, :func:`device_bandwidth_gbs`); achieved GB/s is those bytes over the measured step time.
 """
 
 from __future__ import annotations
@@ -115,6 +115,18 @@ def weight_bytes_per_token(info: ExportInfo, library: bool = True) -> int:
     return c["n_layer"] * (big + small) + m * V * D + scales * V + t * (D + D)  # head, final norm, an embedding row
 
 
+def decode_bytes_per_step(info: ExportInfo, batch: int, library: bool = True) -> int:
+    """Bytes one decode step of ``batch`` sequences must move: the weights (:func:`weight_bytes_per_token`, which
+    counts one embedding row), the other sequences' embedding rows, and per sequence its float32 conv and SSM states
+    of every layer read and written, its float32 logits written and its int64 token id read. At batch 32 of a small
+    model the states are more bytes than the weights, so a floor of the weights alone would flatter large batches."""
+    c = info.manifest["config"]
+    state = 4 * c["n_layer"] * c["d_inner"] * (c["d_conv"] - 1 + c["d_state"])
+    per_sequence = 2 * state + 4 * c["vocab_size"] + 8
+    row = _DTYPE_BYTES[info.dtype] * c["d_model"]
+    return weight_bytes_per_token(info, library) + (batch - 1) * row + batch * per_sequence
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -146,8 +158,9 @@ def measure_prefill(rt, batch: int, prompt_len: int, repeats: int, tick: Tick | 
     return {"ttft": summary_ms(ttft), "prefill": p, "prefill_tokens_per_s": batch * prompt_len / p["mean_ms"] * 1e3}
 
 
-def measure_decode(rt, batch: int, prompt_len: int, steps: int, weight_bytes: int, tick: Tick | None = None) -> dict:
-    """Decode ``steps`` steps of a batch: ms/step percentiles, tokens/s and achieved GB/s of weight reads."""
+def measure_decode(rt, batch: int, prompt_len: int, steps: int, step_bytes: int, tick: Tick | None = None) -> dict:
+    """Decode ``steps`` steps of a batch: ms/step percentiles, tokens/s, and the achieved GB/s of ``step_bytes``
+    (:func:`decode_bytes_per_step`) moved a step."""
     gen = rt.start(random_prompts(batch, prompt_len, rt.info.vocab_size), steps + 1)
     gen.step()
     for _ in range(steps):
@@ -155,7 +168,8 @@ def measure_decode(rt, batch: int, prompt_len: int, steps: int, weight_bytes: in
         if tick:
             tick(1)
     s = summary_ms(gen.step_s)
-    return {"decode": s, "tokens_per_s": batch / s["mean_ms"] * 1e3, "achieved_GBps": weight_bytes / s["p50_ms"] / 1e6}
+    return {"decode": s, "tokens_per_s": batch / s["mean_ms"] * 1e3, "bytes_per_step": step_bytes,
+            "achieved_GBps": step_bytes / s["p50_ms"] / 1e6}
 
 
 def latency_vs_position(rt, tokens: int, windows: int = 20, tick: Tick | None = None) -> dict:
@@ -177,8 +191,9 @@ def latency_vs_position(rt, tokens: int, windows: int = 20, tick: Tick | None = 
 def top_operators(rt, batch: int, steps: int, top: int = 10, warmup: int = 5) -> dict:
     """onnxruntime's own profiler over ``steps`` decode steps of decode.onnx, after ``warmup`` unprofiled-in-effect
     steps (their events are dropped: first-run allocations). Per operator type: the median over the steps of its
-    time in a step. ``step_ms``: the median profiled step, which per-node timing makes slower than an unprofiled
-    one (the decode table)."""
+    time in a step, its share of ``kernel_ms`` (the sum of those medians: the nodes' kernels, without onnxruntime's own
+    time between them) and calls a step; the ``top`` largest, then one row for the rest. ``step_ms``: the median
+    profiled step, which per-node timing makes slower than an unprofiled one (the decode table)."""
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(rt.threads, rt.custom_op_library, profile_prefix=str(Path(tmp) / "ort"),
                              config=rt.ort_config)
@@ -205,8 +220,15 @@ def top_operators(rt, batch: int, steps: int, top: int = 10, warmup: int = 5) ->
             calls[op] += 1
     medians = {op: float(np.median(ms)) for op, ms in per_op.items()}
     total = sum(medians.values()) or 1.0
-    ranked = sorted(medians.items(), key=lambda kv: -kv[1])[:top]
+    ranked = sorted(medians.items(), key=lambda kv: -kv[1])
+    n = max(len(runs), 1)
+    ops = [{"op": op, "ms_per_step": ms, "share": ms / total, "calls_per_step": calls[op] // n}
+           for op, ms in ranked[:top]]
+    if len(ranked) > top:  # the rest in one row, so that the shares add up to 1
+        rest = ranked[top:]
+        ms = sum(m for _, m in rest)
+        ops.append({"op": f"other ({len(rest)} types)", "ms_per_step": ms, "share": ms / total,
+                    "calls_per_step": sum(calls[op] for op, _ in rest) // n})
     return {"steps": len(runs), "warmup_steps": warmup,
             "step_ms": float(np.median([(b - a) / 1e3 for a, b in runs])) if runs else None,
-            "ops": [{"op": op, "ms_per_step": ms, "share": ms / total, "calls_per_step": calls[op] // max(len(runs), 1)}
-                    for op, ms in ranked]}
+            "kernel_ms": total if per_op else 0.0, "ops": ops}
