@@ -622,3 +622,69 @@ def test_interrupted_in_the_last_step_resumes_to_the_final_evaluation(tmp_path, 
         assert torch.equal(a, b)
     with pytest.raises(MambaExportError, match="nothing to do"):
         train(opts("cut", resume=True))
+
+
+def test_bits_per_byte_divides_by_the_bytes_of_the_tokens_scored(tmp_path):
+    """A tokenizer run's held-out text that is ASCII first and Greek after (2 bytes a letter): a periodic evaluation
+    of the first tokens divides its bits by the bytes those tokens cover (as decoding them counts), not by the whole
+    held-out text's average bytes a token, which would be far off here; the final one by the bytes of all it
+    scored."""
+    import dataclasses
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mamba_export.training.data import load_corpus
+    from mamba_export.training.loop import build_model, evaluate_bits, heldout_bpb
+    from mamba_export.training.presets import get_preset
+
+    greek = "Ἐν ἀρχῇ ἦν ὁ λόγος, καὶ ὁ λόγος ἦν πρὸς τὸν θεόν, καὶ θεὸς ἦν ὁ λόγος.\n"
+    text = TEXT * 4 + TEXT[:2000] + greek * 40
+    data = tmp_path / "mixed.txt"
+    data.write_text(text, encoding="utf-8")
+    tok_path = tmp_path / "tokenizer.json"
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"],
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tok_path))
+    p = dataclasses.replace(get_preset("tiny"), eval_fraction=0.25, eval_tokens=256)
+    corpus = load_corpus(data, p.eval_fraction, p.seq_len + 1, str(tok_path))
+    assert corpus.heldout_bytes == sum(len(tok.decode([i]).encode("utf-8")) for i in corpus.heldout.tolist())
+    torch.manual_seed(0)
+    model = build_model(corpus.vocab_size, p, "reference")
+
+    def by_decoding(ids, streams) -> float:  # bits over the UTF-8 bytes of the scored tokens, decoded
+        bits, _ = evaluate_bits(model, ids, streams, p.seq_len)
+        per = len(ids) // streams
+        scored = [i for s in range(streams) for i in ids[s * per + 1:(s + 1) * per].tolist()]
+        return bits / len(tok.decode(scored).encode("utf-8"))
+
+    first = corpus.heldout[:p.eval_tokens]
+    periodic = heldout_bpb(model, corpus, p, p.eval_tokens)
+    assert periodic == pytest.approx(by_decoding(first, min(p.batch_size, len(first) // (p.seq_len + 1))), rel=2e-3)
+    bits, scored_tokens = evaluate_bits(model, first, 4, p.seq_len)
+    averaged = bits / (scored_tokens * corpus.heldout_bytes / len(corpus.heldout))  # the old, averaged divisor
+    assert abs(averaged / periodic - 1) > 0.05
+    final = heldout_bpb(model, corpus, p)
+    assert final == pytest.approx(by_decoding(corpus.heldout, p.batch_size), rel=2e-3)
+
+
+def test_wall_time_includes_the_final_evaluation(tmp_path, text_file, monkeypatch):
+    """training.json's wall_s counts the final held-out evaluation (made to take 0.6 s here) as well as the steps."""
+    import time
+
+    from mamba_export.training import loop
+
+    real = loop.heldout_bpb
+
+    def slow_final(model, corpus, p, max_tokens=None, should_stop=None):
+        if max_tokens is None:
+            time.sleep(0.6)
+        return real(model, corpus, p, max_tokens, should_stop)
+
+    monkeypatch.setattr(loop, "heldout_bpb", slow_final)
+    _, summary = train(TrainOptions(data=str(text_file), out=str(tmp_path / "run"), preset="tiny", steps=2,
+                                    progress=False))
+    assert summary["final_heldout_bpb"] is not None and summary["wall_s"] >= 0.6

@@ -30,6 +30,10 @@ class Corpus:
         train: (n_train,) int64 ids, the first ``1 - eval_fraction`` of the text.
         heldout: (n_heldout,) int64 ids, the rest.
         heldout_bytes: UTF-8 bytes of the held-out text (for bits per byte).
+        heldout_token_bytes: (n_heldout,) the UTF-8 bytes of the text each held-out token covers (from the
+            tokenizer's character offsets: a character split over tokens counts with the last of them; None for a
+            byte-level corpus, where every token is one byte), so that an evaluation divides its bits by the bytes
+            of the tokens it scored.
         vocab_size: ids are in [0, vocab_size).
         sha256: of the text file, so that a resumed run can check it trains on the same text.
         tokenizer_files: name -> content of the tokenizer files to put beside the checkpoint.
@@ -44,6 +48,7 @@ class Corpus:
     sha256: str
     tokenizer_files: dict[str, str | bytes]
     tokenizer_sha256: str | None = None
+    heldout_token_bytes: torch.Tensor | None = None
 
 
 def read_text(path: str | Path) -> bytes:
@@ -111,11 +116,14 @@ def load_corpus(path: str | Path, eval_fraction: float, min_tokens: int, tokeniz
             f"(held out: the last {eval_fraction:.0%})"
         )
     if tokenizer_path is None:
-        heldout_bytes = n_heldout
+        heldout_bytes, token_bytes = n_heldout, None
     else:
-        heldout_bytes = len(data.decode("utf-8")[char_starts[-n_heldout]:].encode("utf-8"))
+        text = data.decode("utf-8")
+        starts = char_starts[-n_heldout:] + [len(text)]
+        token_bytes = torch.tensor([len(text[a:b].encode("utf-8")) for a, b in zip(starts[:-1], starts[1:])])
+        heldout_bytes = int(token_bytes.sum())
     return Corpus(ids[:-n_heldout], ids[-n_heldout:], heldout_bytes, vocab, hashlib.sha256(data).hexdigest(), files,
-                  tok_sha)
+                  tok_sha, token_bytes)
 
 
 def sample_batch(ids: torch.Tensor, batch: int, seq_len: int,

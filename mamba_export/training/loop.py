@@ -145,8 +145,10 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int,
-                  should_stop: Callable[[], bool] | None = None) -> tuple[float, int] | None:
-    """Negative log-likelihood of ``ids`` (n,) in bits, and how many tokens were scored.
+                  should_stop: Callable[[], bool] | None = None,
+                  token_bytes: torch.Tensor | None = None) -> tuple[float, int] | None:
+    """Negative log-likelihood of ``ids`` (n,) in bits, and how many tokens were scored; with ``token_bytes`` (n,),
+    how many bytes those scored tokens cover instead of how many tokens.
 
     The ids are cut into ``streams`` contiguous pieces run side by side, window by window of ``seq_len``, carrying
     the recurrent state across windows: every token but the first of each piece is scored with its whole piece as
@@ -159,6 +161,7 @@ def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int,
         device = model.lm_head.weight.device
         per = len(ids) // streams
         x = ids[: streams * per].view(streams, per).to(device)
+        weight = None if token_bytes is None else token_bytes[: streams * per].view(streams, per)
         state, nats, scored = None, 0.0, 0
         for t in range(0, per - 1, seq_len):
             if should_stop is not None and should_stop():
@@ -167,7 +170,10 @@ def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int,
             with _autocast(device):
                 logits, state = model(inp, state)
             nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum"))
-            scored += tgt.numel()
+            if weight is None:
+                scored += tgt.numel()
+            else:
+                scored += int(weight[:, t + 1:min(t + seq_len, per - 1) + 1].sum())
     finally:
         model.train(was_training)
     return nats / math.log(2), scored
@@ -178,15 +184,17 @@ def heldout_bpb(model: MambaLM, corpus: Corpus, p: Preset, max_tokens: int | Non
     """Bits per byte on the held-out text (its first ``max_tokens`` tokens, or all of it); None if ``should_stop``
     cut the evaluation short (see :func:`evaluate_bits`).
 
-    Bytes per token is taken as the held-out average (exact for byte-level models)."""
+    The bits are divided by the bytes of the tokens scored (each stream's first token is context only): one a token
+    for a byte-level model, ``corpus.heldout_token_bytes`` for a tokenizer's."""
     ids = corpus.heldout if max_tokens is None else corpus.heldout[:max_tokens]
     streams = max(1, min(p.batch_size, len(ids) // (p.seq_len + 1)))  # each stream at least one window long
-    result = evaluate_bits(model, ids, streams, p.seq_len, should_stop)
+    result = evaluate_bits(model, ids, streams, p.seq_len, should_stop, corpus.heldout_token_bytes)
     if result is None:
         return None
-    bits, scored = result
-    bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
-    return bits / (scored * bytes_per_token)
+    bits, scored_bytes = result
+    if scored_bytes == 0:  # a tokenizer whose scored tokens all lie inside one character
+        raise MambaExportError("the held-out tokens scored cover no bytes of the text; hold out more of it")
+    return bits / scored_bytes
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -598,7 +606,9 @@ def train(opts: TrainOptions) -> tuple[MambaLM, dict]:
             _run_steps(model, opt, gen, rs, corpus, opts, until, stop.requested)
             final = None
             if rs.step == p.steps and not stop.requested():
+                t0 = time.perf_counter()
                 final = heldout_bpb(model, corpus, p, should_stop=stop.requested)
+                rs.wall_s += time.perf_counter() - t0  # the final evaluation is part of the run's time
             summary = _summary(rs, corpus, opts, model, final)
             _save(model, opt, rs, corpus, opts, gen, summary)
     except KeyboardInterrupt:
