@@ -673,7 +673,7 @@ def _run_steps(model, opt, gen, rs: RunState, corpus: Corpus, opts: TrainOptions
             rs.wall_s = time.perf_counter() - t0
             rec["elapsed_s"] = round(rs.wall_s, 2)
             rs.log.append(rec)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", refresh=False)  # shown with its step, by update
             bar.update(1)
             if should_stop():
                 break
