@@ -239,13 +239,14 @@ def test_byte_level_text_prompt(binary, export):
 
 
 def test_api_checks(binary, export):
-    """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API,
-    sampler frequencies against the softmax, SHA-256."""
+    """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API (a
+    refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), sampler frequencies against
+    the softmax, SHA-256."""
     out, _ = export(**MAIN)
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120, env=program_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 24, proc.stdout
+    assert proc.stdout.count("ok: ") == 27, proc.stdout
 
 
 def test_help(binary):
@@ -276,6 +277,10 @@ IDS = ["--prompt-ids", "1,2"]
 # (name, how to break a copy of the export or None, arguments, a fragment the one error line must contain)
 ERROR_CASES = [
     ("missing-dir", lambda d: shutil.rmtree(d), IDS, "export directory does not exist"),
+    ("symlink-loop", lambda d: shutil.rmtree(d) or d.symlink_to(d), IDS, "Too many levels of symbolic links"),
+    ("negative-seed", None, IDS + ["--sample", "--seed", "-1"], "--seed: expected a non-negative integer, found '-1'"),
+    ("huge-seed", None, IDS + ["--sample", "--seed", "18446744073709551616"],
+     "--seed: 18446744073709551616 is out of range [0, 18446744073709551615]"),
     ("not-an-export", lambda d: (d / "manifest.json").unlink(), IDS, "manifest.json: missing"),
     ("bad-json", lambda d: (d / "manifest.json").write_text('{"format_version": 1,'), IDS,
      "manifest.json: not valid JSON (line 1, column 22: unexpected end of text)"),

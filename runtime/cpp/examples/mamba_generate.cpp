@@ -61,6 +61,18 @@ int64_t parse_int(const std::string& flag, const std::string& text, int64_t lo =
   return value;
 }
 
+// A uint64_t in [0, 2^64 - 1] (the seed's range; strtoull alone would take "-1" as 2^64 - 1).
+uint64_t parse_u64(const std::string& flag, const std::string& text) {
+  errno = 0;
+  char* end = nullptr;
+  unsigned long long value = std::strtoull(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || text.find_first_not_of("0123456789") != std::string::npos) {
+    throw mamba::Error(flag + ": expected a non-negative integer, found '" + text + "'");
+  }
+  if (errno == ERANGE) throw mamba::Error(flag + ": " + text + " is out of range [0, 18446744073709551615]");
+  return value;
+}
+
 std::vector<int64_t> parse_ids(const std::string& flag, const std::string& text) {
   std::vector<int64_t> ids;
   size_t start = 0;
@@ -110,7 +122,7 @@ Args parse_args(const std::vector<std::string>& argv) {
       a.generate.top_k = int(parse_int(flag, value(), 0, INT32_MAX));
       a.sampling_flag = true;
     } else if (flag == "--seed") {
-      a.generate.seed = uint64_t(parse_int(flag, value(), 0));
+      a.generate.seed = parse_u64(flag, value());
       a.sampling_flag = true;
     } else if (flag == "--stop-ids") {
       a.generate.stop_tokens = parse_ids(flag, value());

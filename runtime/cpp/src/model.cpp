@@ -389,7 +389,14 @@ void Model::Impl::check_token(int64_t id, const char* kind, int64_t position) co
 }
 
 Model::Model(const std::string& export_dir, const SessionOptions& options)
-    : impl_(ort_call("onnxruntime", [&] { return std::make_unique<Impl>(export_dir, options); })) {
+    : impl_([&] {
+        try {
+          return ort_call("onnxruntime", [&] { return std::make_unique<Impl>(export_dir, options); });
+        } catch (const std::filesystem::filesystem_error& e) {  // a symlink loop, a path too long, ...: one Error
+          std::string path = e.path1().empty() ? export_dir : e.path1().string();
+          throw Error(path + ": " + e.code().message());
+        }
+      }()) {
   // onnxruntime allocates and plans on a session's first runs: pay for it here, not in the first tokens' latency.
   prefill({0});
   step(0);
@@ -512,6 +519,10 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   auto is_stop = [&](int64_t t) {
     return std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) != options.stop_tokens.end();
   };
+
+  // The prompt is checked before reset() so that a refused call leaves the state as it was (prefill checks it too).
+  if (prompt.empty()) throw Error("empty prompt: give at least one token id");
+  for (size_t i = 0; i < prompt.size(); ++i) m.check_token(prompt[i], "token id", int64_t(i));
 
   Generation g;
   if (options.reset) reset();

@@ -5,10 +5,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "mamba_runtime.hpp"
 #include "sha256.hpp"  // internal: both block functions are checked against each other and a known digest
@@ -222,7 +225,20 @@ int main(int argc, char** argv) {
     model.prefill(slice(0, kPrompt.size() - 1));
     expect_error("step with an id out of range", "out of range", [&] { model.step(model.info().vocab_size); });
     expect_error("empty prefill", "empty prompt", [&] { model.prefill({}); });
+    mamba::GenerateOptions fresh;  // reset = true: a refused prompt must not reset the state before it is refused
+    expect_error("generate with an id out of range", "at position 1 is out of range",
+                 [&] { model.generate({1, model.info().vocab_size}, fresh); });
+    expect_error("generate with an empty prompt", "empty prompt", [&] { model.generate({}, fresh); });
     expect_close("state intact after failed calls", model.step(kPrompt.back()), whole);
+
+    {  // a filesystem failure (here a symlink loop) is a mamba::Error naming the path, not a filesystem_error
+      namespace fs = std::filesystem;
+      fs::path loop = fs::temp_directory_path() / ("mamba_api_checks_loop_" + std::to_string(::getpid()));
+      fs::remove(loop);
+      fs::create_symlink(loop, loop);
+      expect_error("a symlink loop as the export directory", loop.string() + ": ", [&] { mamba::Model bad(loop.string()); });
+      fs::remove(loop);
+    }
 
     {
       mamba::Model other(argv[1]);  // a second Model in the process (onnxruntime's Env is shared): its own state
