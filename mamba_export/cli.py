@@ -12,17 +12,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from . import __version__
 from .errors import Interrupted, MambaExportError
 
-# The optional packages a command may import, and what installs each (pyproject.toml's extras).
-_EXTRAS = {"torch": "'mamba-export[export]'", "onnx": "'mamba-export[export]'", "onnxscript": "'mamba-export[export]'",
-           "safetensors": "'mamba-export[export]'", "matplotlib": "'mamba-export[export]'", "triton": "triton",
-           "tokenizers": "'mamba-export[text]'"}
+# The optional packages a command may import, and the extra of pyproject.toml that installs each (None: the package
+# itself, from PyPI).
+_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+           "matplotlib": "export", "triton": None, "tokenizers": "text"}
+
+
+def install_hint(module: str, extra: str | None) -> str:
+    """The pip command that installs ``module``: its extra of this project, from the checkout this package was
+    installed from when it is one (mamba-export is not on PyPI), else the package itself."""
+    if extra is None:
+        return f"pip install {module}"
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():  # an editable install: the checkout is right here
+        return f"pip install {shlex.quote(f'{root}[{extra}]')}"
+    return f"pip install '.[{extra}]' in your mamba-export checkout"
 # One entry per subcommand module in mamba_export/commands/, in the order --help lists them.
 COMMANDS = ("inspect", "export", "train", "generate", "profile")
 
@@ -74,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mamba-export {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:  # a runtime-only install (numpy + onnxruntime) running export, train, inspect
-        extra = _EXTRAS.get((e.name or "").split(".")[0])
-        if extra is None:
+        module = (e.name or "").split(".")[0]
+        if module not in _EXTRAS:
             raise
         print(f"mamba-export {args.command}: error: this command needs {e.name!r}, which is not installed "
-              f"(pip install {extra})", file=sys.stderr)
+              f"({install_hint(module, _EXTRAS[module])})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         terminated = isinstance(e, _Terminated)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -498,7 +499,8 @@ def test_commands_that_need_torch_say_so_on_a_runtime_only_install(exp, tmp_path
     out = _cli(*args[command], block_torch=True)
     err = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(err) == 1, out.stderr
-    assert "needs 'torch'" in err[0] and "pip install 'mamba-export[export]'" in err[0]
+    root = Path(__file__).resolve().parents[1]  # installed editable from this checkout, as tools/setup.sh does
+    assert "needs 'torch'" in err[0] and f"(pip install '{root}[export]')" in err[0]  # not on PyPI: the checkout's
 
 
 def test_cli_generate_runs_without_torch_and_matches_the_api(exp, rt):
@@ -640,7 +642,7 @@ def test_cli_prompt_bytes_that_are_not_utf8_reach_a_byte_level_model(exp, capsys
 @pytest.mark.parametrize("args, message", [
     (["/nonexistent/export", "--prompt-ids", "1"], "export directory does not exist"),
     (["{dir}", "--prompt-ids", "1,999"], "token id 999"),
-    (["{dir}", "--prompt-ids", "1", "--top-k", "5"], "--top-k apply to sampling: also give --temperature"),
+    (["{dir}", "--prompt-ids", "1", "--top-k", "5"], "--top-k applies to sampling: also give --temperature"),
     (["{dir}", "--prompt-ids", "1", "--seed", "3", "--top-p", "0.5"],
      "--top-p/--seed apply to sampling: also give --temperature"),
     (["{dir}", "--prompt-ids", "1", "--temperature", "0"], "--temperature must be a finite number > 0"),
@@ -839,3 +841,60 @@ def test_mutated_snapshot_headers_raise_snapshot_errors_or_run(rt):
 
     refused = refusals(mutated_manifests(arrays["meta"].tobytes().decode(), 60, seed=2), attempt, SnapshotError)
     assert len(refused) >= 30
+
+
+@pytest.mark.parametrize("first", ["length", "stop", "cancelled", "cancelled-at-once", "restored"])
+def test_follow_continues_a_conversation_as_one_prompt_of_its_whole_history(rt, first):
+    """follow() gives the tokens of start(history + next prompt) with the same settings, greedy and sampled (the
+    repetition penalty counting the history): after a turn that ran to its length, hit a stop token, was cancelled
+    mid-way or before its first token, or came back from a snapshot; and a third turn after the second."""
+    for sampling in (None, SAMPLED):
+        stops = [int(rt.generate([PROMPTS[0]], 6, sampling).tokens[0][3])] if first == "stop" else []
+        gen = rt.start(PROMPTS[0], 6, sampling, stop_tokens=stops)
+        if first == "cancelled":
+            gen.step(), gen.step(), gen.cancel()
+        elif first == "cancelled-at-once":
+            gen.cancel()
+        else:
+            gen.run()
+        if first == "stop":
+            assert gen.finish_reasons == ["stop"] and gen.tokens[0][-1] == stops[0]
+        if first == "restored":
+            gen = rt.restore(gen.snapshot())
+        history = PROMPTS[0] + gen.tokens[0]
+        second = gen.follow(PROMPTS[2], 7)
+        got = second.run()
+        want = rt.generate([history + PROMPTS[2]], 7, sampling, stop_tokens=stops)
+        assert got.tokens == want.tokens and got.prompts == [PROMPTS[2]]
+        third = second.follow("ab", 5).run()
+        want = rt.generate([history + PROMPTS[2] + got.tokens[0] + rt.encode("ab")], 5, sampling, stop_tokens=stops)
+        assert third.tokens == want.tokens
+
+
+def test_follow_refuses_what_it_cannot_continue(rt):
+    batch = rt.start([PROMPTS[0], PROMPTS[1]], 3)
+    batch.run()
+    with pytest.raises(GenerationInputError, match=r"^follow\(\) continues one sequence; this generation has 2"):
+        batch.follow([1], 3)
+    running = rt.start(PROMPTS[0], 3)
+    with pytest.raises(GenerationInputError, match=r"^follow\(\) continues a finished generation"):
+        running.follow([1], 3)
+    running.run()
+    with pytest.raises(GenerationInputError, match=r"^follow\(\) takes one prompt, found 2"):
+        running.follow([[1], [2]], 3)
+    with pytest.raises(GenerationInputError, match="no prompt given"):
+        running.follow([], 3)
+    with pytest.raises(GenerationInputError, match="max_new_tokens"):
+        running.follow([1], 0)
+    assert running.follow([1], 2).run().tokens == rt.generate([PROMPTS[0] + running.tokens[0] + [1]], 2).tokens
+
+
+def test_a_restored_greedy_run_reports_no_seed(rt):
+    """result().seed of a greedy run is its config's seed as given (None), after a snapshot and restore too; a sampled
+    run keeps the seed it drew."""
+    gen = rt.start(PROMPTS[0], 4)
+    gen.step()
+    assert gen.result().seed is None and rt.restore(gen.snapshot()).run().seed is None
+    gen = rt.start(PROMPTS[0], 4, SamplingConfig(temperature=1.0))
+    gen.step()
+    assert rt.restore(gen.snapshot()).run().seed == gen.run().seed is not None

@@ -93,7 +93,8 @@ def _sampling(args: argparse.Namespace):
         given = [flag for flag, on in (("--top-k", args.top_k), ("--top-p", args.top_p != 1.0),
                                        ("--seed", args.seed is not None)) if on]
         if given:  # they would change nothing in greedy decoding (mamba_generate refuses them likewise)
-            raise MambaExportError(f"{'/'.join(given)} apply to sampling: also give --temperature")
+            raise MambaExportError(f"{'/'.join(given)} {'applies' if len(given) == 1 else 'apply'} to sampling: also "
+                                   "give --temperature")
     if args.temperature is not None and not (0 < args.temperature < float("inf")):
         raise MambaExportError(f"--temperature must be a finite number > 0 (--greedy for greedy decoding), found "
                                f"{args.temperature}")

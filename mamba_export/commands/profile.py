@@ -57,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     if args.compare_torch and importlib.util.find_spec("torch") is None:
-        raise MambaExportError("--compare-torch needs torch (pip install 'mamba-export[export]')")
+        from ..cli import install_hint
+
+        raise MambaExportError(f"--compare-torch needs torch ({install_hint('torch', 'export')})")
     for name in ("gen_len", "position_tokens", "repeats"):
         if getattr(args, name) < 1:
             flag, value = name.replace("_", "-"), getattr(args, name)

@@ -43,7 +43,8 @@ class GenerationResult:
     Attributes:
         prompts: per sequence, the prompt's token ids.
         tokens: per sequence, the generated ids (ending with the stop token when one was hit).
-        finish_reasons: per sequence "stop" (a stop token), "length" (max_new_tokens) or "cancelled" (callback).
+        finish_reasons: per sequence "stop" (a stop token), "length" (max_new_tokens) or "cancelled" (callback or
+            cancel()); "unfinished" for a sequence still running when result() is called mid-generation.
         texts: per sequence the decoded text without a final stop token, when the export has a tokenizer.
         timings: prefill_ms, ttft_ms (prefill and the first token), decode_ms_per_step (median),
             decode_steps, total_ms (prefill and every step), tokens_per_s (tokens of all sequences / total_ms).
@@ -192,6 +193,42 @@ class Generation:
         return GenerationResult([list(p) for p in self.prompts], [list(t) for t in self.tokens], reasons, texts,
                                 timings, seed)
 
+    def follow(self, prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
+               stop_tokens: Iterable[int] | None = None) -> Generation:
+        """The next turn of this finished conversation: a new :class:`Generation` of one sequence that goes on from
+        where this one ended (its prompt and every generated token, a final stop token included) with ``prompt``
+        (text or ids: the user's next message) after it, without running the history again. Its tokens are those of
+        ``runtime.start(history + prompt, ...)`` with the same settings (the repetition penalty counts the history
+        too); its result's ``prompts`` holds the new prompt only. ``sampling`` and ``stop_tokens`` default to this
+        generation's. Works on a restored snapshot as well. One sequence only: a conversation is one sequence (in a
+        batch, a row that finished early has been fed dummy tokens since)."""
+        if self.batch != 1:
+            raise GenerationInputError(f"follow() continues one sequence; this generation has {self.batch} (start "
+                                       "one generation per conversation)")
+        if not self.done:
+            raise GenerationInputError("follow() continues a finished generation: run() it (or cancel()) first")
+        runtime = self.runtime
+        max_new_tokens, sampling, stops = runtime._settings(
+            max_new_tokens, self.sampling if sampling is None else sampling,
+            self.stop_tokens if stop_tokens is None else stop_tokens)
+        new = runtime._prompts(prompt)
+        if len(new) != 1:
+            raise GenerationInputError(f"follow() takes one prompt, found {len(new)}")
+        if not self._stepping.acquire(blocking=False):
+            raise GenerationInputError("this Generation is being used by another thread")
+        try:
+            history = self.prompts[0] + self.tokens[0]
+            gen = Generation(runtime, new, max_new_tokens, sampling, stops)
+            gen.sampler.observe([0] * len(history), history)  # as if history + prompt had been the prompt
+            unfed = [] if self._pending is None else [int(self._pending[0])]  # the last token, sampled, not yet run
+            t0 = time.perf_counter()
+            gen._logits, conv, ssm = runtime.prefill([unfed + new[0]], start=self.state.download())
+            gen.state.upload(conv, ssm)
+            gen.prefill_s = time.perf_counter() - t0
+        finally:
+            self._stepping.release()
+        return gen
+
     # ---- snapshots --------------------------------------------------------------------------------------------
     def snapshot(self) -> bytes:
         """Everything needed to continue exactly from here, as bytes (an .npz archive with a JSON header)."""
@@ -200,7 +237,9 @@ class Generation:
             "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "export_id": self.runtime.info.export_id,
             "prompts": self.prompts, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
             "max_new_tokens": self.max_new_tokens, "stop_tokens": sorted(self.stop_tokens),
-            "sampling": {**self.sampling.to_dict(), "seed": self.sampler.seed}, "rng": self.sampler.rng_states(),
+            # a greedy run keeps its config's seed as given (usually None: it draws nothing), as result() reports it
+            "sampling": {**self.sampling.to_dict(), "seed": self.sampling.seed if self.sampling.greedy
+                         else self.sampler.seed}, "rng": self.sampler.rng_states(),
         }
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), "conv": conv, "ssm": ssm}
         if self._pending is not None:

@@ -103,8 +103,10 @@ class MambaRuntime:
         return DeviceState(self.decode_session, self.device, self.info.state_shapes(batch), self.info.n_layer,
                            self.logits_dtype, self.info.vocab_size)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Prompts of any lengths, each from a zero state: last logits (b, V), conv (L, b, E, K-1), ssm (L, b, E, N).
+    def prefill(self, prompts: list[list[int]], start: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prompts of any lengths, each from a zero state (or, with ``start``, from row i of its conv (L, b, E, K-1)
+        and ssm (L, b, E, N)): last logits (b, V), conv (L, b, E, K-1), ssm (L, b, E, N).
 
         Prompts of equal length run together, ``prefill_chunk`` tokens per graph run in all (rows then positions);
         no prompt is padded.
@@ -123,7 +125,7 @@ class MambaRuntime:
                 ids = np.array([prompts[i] for i in part], dtype=np.int64)
                 logits[part], conv[:, part], ssm[:, part] = prefill(
                     self.prefill_session, self.device, self.info.state_shapes(len(part)), L, ids,
-                    self.prefill_chunk)
+                    self.prefill_chunk, None if start is None else (start[0][:, part], start[1][:, part]))
         return logits, conv, ssm
 
     def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
@@ -175,6 +177,14 @@ class MambaRuntime:
     def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
               stop_tokens: Iterable[int] = ()) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
+        max_new_tokens, sampling, stops = self._settings(max_new_tokens, sampling, stop_tokens)
+        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling, stops)
+        gen.prefill()
+        return gen
+
+    def _settings(self, max_new_tokens: int, sampling: SamplingConfig | None, stop_tokens: Iterable[int]
+                  ) -> tuple[int, SamplingConfig, frozenset[int]]:
+        """A generation's settings, checked: max_new_tokens, the sampling config (None: greedy), the stop set."""
         max_new_tokens = require_int(max_new_tokens, "max_new_tokens")
         if max_new_tokens > MAX_NEW_TOKENS:
             raise GenerationInputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS}, found {max_new_tokens}")
@@ -183,9 +193,7 @@ class MambaRuntime:
                                        f"{type(sampling).__name__}")
         stops = _stop_set(stop_tokens)
         self._check_ids(sorted(stops), "stop tokens")
-        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling or SamplingConfig(), stops)
-        gen.prefill()
-        return gen
+        return max_new_tokens, sampling or SamplingConfig(), stops
 
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  stop_tokens: Iterable[int] = (),

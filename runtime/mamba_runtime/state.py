@@ -93,8 +93,10 @@ def _prefill_run(session: ort.InferenceSession, device, state: list[tuple], ids:
     return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(len(state))]
 
 
-def prefill(session: ort.InferenceSession, device, shapes, n_layer: int, ids: np.ndarray, chunk: int):
-    """Run g prompts of equal length from the start of a sequence, at most ``chunk`` positions per graph run.
+def prefill(session: ort.InferenceSession, device, shapes, n_layer: int, ids: np.ndarray, chunk: int,
+            start: tuple[np.ndarray, np.ndarray] | None = None):
+    """Run g prompts of equal length from the start of a sequence (or from ``start``), at most ``chunk`` positions
+    per graph run.
 
     Args:
         session: model_last.onnx or model.onnx.
@@ -103,11 +105,16 @@ def prefill(session: ort.InferenceSession, device, shapes, n_layer: int, ids: np
         n_layer: L.
         ids: (g, l) int64 token ids, l >= 1.
         chunk: the most positions per run (a long prompt runs in pieces, the state carried between them).
+        start: host conv (L, g, E, K-1) and ssm (L, g, E, N) to run from instead of zeros (a sequence that goes on).
 
     Returns:
         logits of the last position (g, V), conv (L, g, E, K-1) and ssm (L, g, E, N), as host copies.
     """
     state = [tuple(device.zeros(s, np.float32) for s in shapes) for _ in range(n_layer)]
+    if start is not None:
+        for (c, s), c0, s0 in zip(state, *start, strict=True):
+            device.upload(c, np.ascontiguousarray(c0, dtype=np.float32))
+            device.upload(s, np.ascontiguousarray(s0, dtype=np.float32))
     for start in range(0, ids.shape[1], chunk):
         logits, state = _prefill_run(session, device, state, ids[:, start:start + chunk])
     conv = np.stack([np.array(device.to_host(c)) for c, _ in state])
