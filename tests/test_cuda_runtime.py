@@ -111,6 +111,24 @@ def test_greedy_tokens_identical_to_cpu_runtime(exports, key):
     assert fast.tolist() == cpu
 
 
+@pytest.mark.parametrize("key", [("nondefault", "float32"), ("tiny", "float32")], ids=lambda k: "-".join(k))
+def test_follow_on_cuda_continues_as_one_prompt_of_the_whole_history(exports, key):
+    """Generation.follow() on the CUDA provider (its state goes back to the device through the prefill's start
+    state): the tokens of the whole history prefilled as one prompt, as on the CPU, and the CPU provider's tokens."""
+    from mamba_runtime import MambaRuntime
+
+    out, ref = exports[key]
+    first, turn = prompts_for(ref, 2, seed=3)
+    runs = {}
+    for p in ("cpu", "cuda"):
+        rt = MambaRuntime(out, provider=p, custom_ops="require")
+        gen = rt.start(first, 12)
+        gen.run()
+        runs[p] = gen.follow(turn, 12).run().tokens
+        assert runs[p] == rt.generate([first + gen.tokens[0] + turn], 12).tokens, p
+    assert runs["cuda"] == runs["cpu"]
+
+
 @pytest.mark.parametrize("key", [("nondefault", "float32"), ("tiny", "float32"), ("tiny", "float32-blocks")],
                          ids=lambda k: "-".join(k))
 def test_runtime_steps_feed_each_steps_ids(exports, key):

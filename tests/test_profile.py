@@ -157,3 +157,17 @@ def test_decode_floor_bandwidth_source(monkeypatch):
     monkeypatch.setattr(prof, "device_bandwidth_gbs", no_cupy)
     fallback = (40.0, "host memory read bandwidth (GPU measurement failed: ModuleNotFoundError)")
     assert cmd._bandwidth("cuda", 1) == fallback
+
+
+@pytest.mark.parametrize("manifest, dtype, library, shown", [("float32", "float16", True, "float16"),
+                                                             ("int8", "float32", True, "int8"),
+                                                             ("float16", "float32", False, "float32"),
+                                                             ("float32", "float32", True, "float32")])
+def test_the_header_names_the_decode_weights_the_floor_counts(manifest, dtype, library, shown):
+    """A float16 export's manifest says decode_weight_dtype "float32" (no narrow copies): its matrices are float16,
+    as the header now says; narrow copies count only where the library multiplies them."""
+    from mamba_export.commands.profile import _decode_weight_dtype
+
+    report = {"settings": {"decode_weight_dtype": manifest, "dtype": dtype},
+              "custom_op_library": "lib.so" if library else None}
+    assert _decode_weight_dtype(report) == shown

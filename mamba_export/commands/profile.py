@@ -153,6 +153,14 @@ def _placement(report: dict) -> list[str]:
     return ["compute nodes on the CPU: " + "; ".join(parts)] if parts else []
 
 
+def _decode_weight_dtype(report: dict) -> str:
+    """The dtype of the decode step's big matrices as the floor counts them: the narrow copies (float16, int8) that the
+    library multiplies, else the export's own dtype (manifest.json's decode_weight_dtype says "float32" for a float16
+    export without narrow copies: no copies, the matrices are the export's)."""
+    narrow = report["settings"].get("decode_weight_dtype")
+    return narrow if narrow in ("float16", "int8") and report["custom_op_library"] else report["settings"]["dtype"]
+
+
 def markdown(report: dict) -> str:
     """The report's tables in Markdown."""
     rt, floor = report["runtime"], report["decode_floor_ms"]
@@ -163,7 +171,7 @@ def markdown(report: dict) -> str:
              f"{report['settings']['provider']}, custom ops: {report['custom_op_library'] or 'function fallback'}; "
              f"warm-up {rt['warmup_s'] * 1e3:.0f} ms (not counted); peak RSS {rt['peak_rss_bytes'] / 2**20:.0f} MiB",
              f"weights read per step {report['weight_bytes_per_token'] / 1e6:.1f} MB "
-             f"(decode weights {report['settings'].get('decode_weight_dtype') or report['settings']['dtype']}), "
+             f"(decode weights {_decode_weight_dtype(report)}), "
              f"and per sequence {report['sequence_bytes_per_step'] / 1e6:.2f} MB (its state read and written, its "
              f"logits, its embedding row); {report.get('bandwidth_source', 'host memory read bandwidth')} "
              f"{report['read_bandwidth_GBps']:.1f} GB/s -> decode floor {floor:.3f} ms/step at batch 1",

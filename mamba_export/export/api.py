@@ -192,8 +192,9 @@ def build_manifest(
 ) -> dict:
     """manifest.json: what a runtime needs to know about the export, and the sha256 of every file.
 
-    ``decode_weight_dtype``: the dtype of decode.onnx's in_proj, out_proj and LM head weights (ONNX exports; null for
-    TorchScript); ``decode_weights_file``: where the float16 or int8 copies are (null for float32); ``decode_blocks``:
+    ``decode_weight_dtype``: "float16" or "int8" when decode.onnx reads narrow copies of its in_proj, out_proj and LM
+    head weights, "float32" when it reads the export's own (float32, or float16 with ``--dtype float16``); null for
+    TorchScript; ``decode_weights_file``: where the float16 or int8 copies are (null for float32); ``decode_blocks``:
     whether decode.onnx runs every layer as one DecodeBlock node (null for TorchScript)."""
     c = model.config
     return {
