@@ -43,6 +43,10 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[MambaConfig, str, dict]:
         raise CheckpointError(f"{path}: {what} (a checkpoint directory needs config.json)")
     try:
         raw = json.loads(path.read_text())
+    except OSError as e:  # unreadable: permissions, an I/O error
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -86,13 +90,32 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: holds pickled Python objects besides tensors, which are not loaded (they could run code)"
                 + (f": {found}" if found else "") + "; save the weights as a plain state dict or as safetensors"
             ) from None
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        if path.suffix != ".safetensors" and ("Weights only load failed" in str(e) or isinstance(e, EOFError)):
+            # not a pickle at all (random or cut bytes, an empty file, a Git LFS pointer): torch's own text would
+            # suggest weights_only=False, which this tool never does
+            raise CheckpointError(f"{path}: not a readable checkpoint file (not a torch.save file, or a damaged or "
+                                  f"empty one{_lfs_hint(path)})") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {msg[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {msg[:200]}"
+                              f"{_lfs_hint(path)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a checkpoint (expected a dictionary of tensors)")
     return sd
+
+
+def _lfs_hint(path: Path) -> str:
+    """"; a Git LFS pointer: fetch the file with git lfs pull" where ``path`` is one, else ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(40)
+    except OSError:
+        return ""
+    return "; it is a Git LFS pointer: fetch the file (git lfs pull)" if head.startswith(b"version https://git-lfs") \
+        else ""
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -119,14 +142,24 @@ def _load_weights(d: Path) -> dict[str, tuple[torch.Tensor, Path]]:
             if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
                 raise CheckpointError(f"{path}: not a valid shard index ('weight_map' must map each tensor name to "
                                       "the file name of its shard)")
+            if bad := next((s for s in weight_map.values() if Path(s).name != s or s in (".", "..")), None):
+                raise CheckpointError(f"{path}: shard {bad!r} is not a file name inside the checkpoint directory")
             shards = sorted(set(weight_map.values()))
             files = [d / s for s in shards]
         else:
-            files = [path]
+            weight_map, files = None, [path]
         out: dict[str, tuple[torch.Tensor, Path]] = {}
         for f in files:
             for k, v in _load_file(f).items():
+                if k in out:  # the later copy would win silently
+                    raise CheckpointError(f"{f}: holds {k!r}, which {out[k][1].name} holds too")
+                if weight_map is not None and weight_map.get(k) != f.name:
+                    where = f"in {weight_map[k]}" if k in weight_map else "not listed"
+                    raise CheckpointError(f"{f}: holds {k!r}, which {path.name} lists {where}")
                 out[k] = (v, f)
+        if weight_map is not None and (missing := sorted(set(weight_map) - set(out))):
+            raise CheckpointError(f"{path}: lists {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it"
+                                  + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
         return out
     raise CheckpointError(f"{d}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 

@@ -287,3 +287,66 @@ def test_config_json_that_is_a_directory(ss_dir):
     (ss_dir / "config.json").unlink()
     (ss_dir / "config.json").mkdir()
     assert "config.json: not a regular file" in _err(ss_dir)
+
+
+@pytest.fixture
+def sharded_dir(tmp_path):
+    return save_transformers(make_hf_model("tiny"), tmp_path / "sharded", sharded=True)
+
+
+def _shards(d):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return index, sorted(set(index["weight_map"].values()))
+
+
+def test_a_tensor_held_by_two_shards_is_refused(sharded_dir):
+    """A second (here zeroed) copy of a tensor in another shard had won silently, the later shard's."""
+    from safetensors.torch import load_file, save_file
+
+    index, shards = _shards(sharded_dir)
+    name = next(k for k, s in index["weight_map"].items() if s == shards[0])
+    other = sharded_dir / shards[1]
+    save_file({**load_file(str(other)), name: torch.zeros(load_file(str(sharded_dir / shards[0]))[name].shape)},
+              str(other))
+    assert f"{shards[1]}: holds {name!r}, which {shards[0]} holds too" in _err(sharded_dir)
+
+
+def test_shard_contents_must_match_the_index(sharded_dir):
+    index, shards = _shards(sharded_dir)
+    wm = index["weight_map"]
+    held = next(s for s in shards if list(wm.values()).count(s) > 1)  # still listed after one of its tensors moves
+    name = next(k for k, s in wm.items() if s == held)
+    to = next(s for s in shards if s != held)
+    moved = {**index, "weight_map": {**wm, name: to}}  # listed in the wrong shard
+    (sharded_dir / "model.safetensors.index.json").write_text(json.dumps(moved))
+    assert f"{held}: holds {name!r}, which model.safetensors.index.json lists in {to}" in _err(sharded_dir)
+    extra = {**index, "weight_map": {**index["weight_map"], "backbone.extra": shards[0]}}
+    (sharded_dir / "model.safetensors.index.json").write_text(json.dumps(extra))
+    assert f"lists 'backbone.extra' in {shards[0]}, which does not hold it" in _err(sharded_dir)
+    outside = {**index, "weight_map": {**index["weight_map"], name: "/etc/passwd"}}
+    (sharded_dir / "model.safetensors.index.json").write_text(json.dumps(outside))
+    assert "shard '/etc/passwd' is not a file name inside the checkpoint directory" in _err(sharded_dir)
+
+
+@pytest.mark.parametrize("content", [b"", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n"],
+                         ids=["empty", "lfs-pointer"])
+def test_a_bin_that_is_no_pickle_says_so_without_torchs_advice(ss_dir, content):
+    (ss_dir / "pytorch_model.bin").write_bytes(content)
+    msg = _err(ss_dir)
+    assert "pytorch_model.bin: not a readable checkpoint file (not a torch.save file" in msg
+    assert "weights_only" not in msg and ("git lfs pull" in msg) == content.startswith(b"version")
+
+
+def test_an_unreadable_or_too_deep_config_is_one_line(hf_dir, monkeypatch):
+    (hf_dir / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "config.json: not valid JSON (nested too deeply)" in _err(hf_dir)
+    (hf_dir / "config.json").write_text("{}")
+    real = type(hf_dir).read_text
+
+    def denied(self, *a, **k):  # root reads any file: stand in for a file the user may not read
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(hf_dir), "read_text", denied)
+    assert "config.json: cannot read (Permission denied)" in _err(hf_dir)
