@@ -107,24 +107,24 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _lfs_hint(path: Path) -> str:
-    """"; a Git LFS pointer: fetch the file with git lfs pull" where ``path`` is one, else ""."""
+def _head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of ``path`` (b"" where it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(40)
+            return f.read(n)
     except OSError:
-        return ""
-    return "; it is a Git LFS pointer: fetch the file (git lfs pull)" if head.startswith(b"version https://git-lfs") \
-        else ""
+        return b""
+
+
+def _lfs_hint(path: Path) -> str:
+    """"; it is a Git LFS pointer ..." where ``path`` is one, else ""."""
+    return "; it is a Git LFS pointer: fetch the file (git lfs pull)" if _head(path, 40).startswith(
+        b"version https://git-lfs") else ""
 
 
 def _looks_pickled(path: Path) -> bool:
     """Whether ``path`` starts as a pickle of protocol 2 to 5 or a zip archive (torch.save's format) does."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        return False
+    head = _head(path, 2)
     return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 

@@ -284,8 +284,7 @@ def run(args: argparse.Namespace) -> int:
                 "repeats": args.repeats, "dtype": rt.info.dtype,
                 "decode_weight_dtype": rt.info.manifest.get("decode_weight_dtype")},
             "custom_op_library": rt.custom_op_library, "weight_bytes_per_token": wbytes,
-            "sequence_bytes_per_step": prof.decode_bytes_per_step(rt.info, 2, library)
-            - prof.decode_bytes_per_step(rt.info, 1, library),
+            "sequence_bytes_per_step": prof.sequence_bytes_per_step(rt.info),
             "read_bandwidth_GBps": bw, "bandwidth_source": bw_source,
             "decode_floor_ms": prof.decode_bytes_per_step(rt.info, 1, library) / bw / 1e6, "runtime": measured,
             "cpu_placed_nodes": rt.cpu_nodes,

@@ -166,14 +166,15 @@ def evaluate_bits(model: MambaLM, ids: torch.Tensor, streams: int, seq_len: int,
         for t in range(0, per - 1, seq_len):
             if should_stop is not None and should_stop():
                 return None
-            inp, tgt = x[:, t:min(t + seq_len, per - 1)], x[:, t + 1:min(t + seq_len, per - 1) + 1]
+            end = min(t + seq_len, per - 1)
+            inp, tgt = x[:, t:end], x[:, t + 1:end + 1]
             with _autocast(device):
                 logits, state = model(inp, state)
             nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum"))
             if weight is None:
                 scored += tgt.numel()
             else:
-                scored += int(weight[:, t + 1:min(t + seq_len, per - 1) + 1].sum())
+                scored += int(weight[:, t + 1:end + 1].sum())
     finally:
         model.train(was_training)
     return nats / math.log(2), scored

@@ -103,15 +103,21 @@ class Generation:
         self.state.upload(conv, ssm)
         self.prefill_s = time.perf_counter() - t0
 
-    def step(self) -> np.ndarray:
-        """Generate one token per unfinished sequence: returns (b,) int64, -1 where a sequence had finished."""
+    @contextlib.contextmanager
+    def _claimed(self):
+        """Hold the Generation for one call: a second thread is refused, not let in."""
         if not self._stepping.acquire(blocking=False):
             raise GenerationInputError("this Generation is being stepped by another thread: a Generation belongs to "
                                        "one thread at a time (the MambaRuntime may be shared; start one per request)")
         try:
-            return self._step()
+            yield
         finally:
             self._stepping.release()
+
+    def step(self) -> np.ndarray:
+        """Generate one token per unfinished sequence: returns (b,) int64, -1 where a sequence had finished."""
+        with self._claimed():
+            return self._step()
 
     def _step(self) -> np.ndarray:
         if self.done:
@@ -214,9 +220,7 @@ class Generation:
         new = runtime._prompts(prompt)
         if len(new) != 1:
             raise GenerationInputError(f"follow() takes one prompt, found {len(new)}")
-        if not self._stepping.acquire(blocking=False):
-            raise GenerationInputError("this Generation is being used by another thread")
-        try:
+        with self._claimed():
             history = self.prompts[0] + self.tokens[0]
             gen = Generation(runtime, new, max_new_tokens, sampling, stops)
             gen.sampler.observe([0] * len(history), history)  # as if history + prompt had been the prompt
@@ -225,8 +229,6 @@ class Generation:
             gen._logits, conv, ssm = runtime.prefill([unfed + new[0]], start=self.state.download())
             gen.state.upload(conv, ssm)
             gen.prefill_s = time.perf_counter() - t0
-        finally:
-            self._stepping.release()
         return gen
 
     # ---- snapshots --------------------------------------------------------------------------------------------

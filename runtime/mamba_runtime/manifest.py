@@ -89,27 +89,31 @@ def parse_json(data: str | bytes):
         raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    try:  # a lone surrogate from a \ud800 escape (the documents read here are small)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("a string holds an unpaired surrogate (\\ud800-\\udfff escape)") from None
-    except RecursionError:
-        raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
-    _check_depth(value)
+    _check_parsed(value)
     return value
 
 
-def _check_depth(value) -> None:
-    """ValueError where a container inside ``value`` sits deeper than MAX_JSON_DEPTH (iteratively: no recursion)."""
+def _check_parsed(value) -> None:
+    """One iterative walk over a parsed document: ValueError where a value sits deeper than MAX_JSON_DEPTH or a
+    string (a key included) holds a lone surrogate, which a \\ud800 escape gives."""
     stack = [(value, 0)]
     while stack:
         v, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}")
         if isinstance(v, dict):
+            strings = v.keys()
             stack.extend((c, depth + 1) for c in v.values())
         elif isinstance(v, list):
+            strings = ()
             stack.extend((c, depth + 1) for c in v)
+        else:
+            strings = (v,) if isinstance(v, str) else ()
+        for s in strings:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string holds an unpaired surrogate (\\ud800-\\udfff escape)") from None
 
 
 def _read_manifest(d: Path) -> dict:

@@ -115,16 +115,20 @@ def weight_bytes_per_token(info: ExportInfo, library: bool = True) -> int:
     return c["n_layer"] * (big + small) + m * V * D + scales * V + t * (D + D)  # head, final norm, an embedding row
 
 
-def decode_bytes_per_step(info: ExportInfo, batch: int, library: bool = True) -> int:
-    """Bytes one decode step of ``batch`` sequences must move: the weights (:func:`weight_bytes_per_token`, which
-    counts one embedding row), the other sequences' embedding rows, and per sequence its float32 conv and SSM states
-    of every layer read and written, its float32 logits written and its int64 token id read. At batch 32 of a small
-    model the states are more bytes than the weights, so a floor of the weights alone would flatter large batches."""
+def sequence_bytes_per_step(info: ExportInfo) -> int:
+    """Bytes a decode step moves for each sequence of the batch: its embedding row, its float32 conv and SSM states
+    of every layer read and written, its float32 logits written and its int64 token id read."""
     c = info.manifest["config"]
     state = 4 * c["n_layer"] * c["d_inner"] * (c["d_conv"] - 1 + c["d_state"])
-    per_sequence = 2 * state + 4 * c["vocab_size"] + 8
-    row = _DTYPE_BYTES[info.dtype] * c["d_model"]
-    return weight_bytes_per_token(info, library) + (batch - 1) * row + batch * per_sequence
+    return _DTYPE_BYTES[info.dtype] * c["d_model"] + 2 * state + 4 * c["vocab_size"] + 8
+
+
+def decode_bytes_per_step(info: ExportInfo, batch: int, library: bool = True) -> int:
+    """Bytes one decode step of ``batch`` sequences must move: the weights, once (:func:`weight_bytes_per_token`
+    without the embedding row it counts), and :func:`sequence_bytes_per_step` per sequence. At batch 32 of a small
+    model the states are more bytes than the weights, so a floor of the weights alone would flatter large batches."""
+    row = _DTYPE_BYTES[info.dtype] * info.manifest["config"]["d_model"]
+    return weight_bytes_per_token(info, library) - row + batch * sequence_bytes_per_step(info)
 
 
 def peak_rss_bytes() -> int:

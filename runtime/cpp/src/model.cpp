@@ -286,6 +286,7 @@ struct Model::Impl {
   void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
   void take_logits(const Ort::Value& out, size_t offset);  // vocab_size values from element `offset`
   void check_token(int64_t id, const char* kind, int64_t position = -1) const;
+  void check_prompt(const std::vector<int64_t>& ids) const;  // not empty, every id in the vocabulary
 };
 
 Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
@@ -388,6 +389,11 @@ void Model::Impl::check_token(int64_t id, const char* kind, int64_t position) co
               std::to_string(manifest.vocab_size) + ")");
 }
 
+void Model::Impl::check_prompt(const std::vector<int64_t>& ids) const {
+  if (ids.empty()) throw Error("empty prompt: give at least one token id");
+  for (size_t i = 0; i < ids.size(); ++i) check_token(ids[i], "token id", int64_t(i));
+}
+
 Model::Model(const std::string& export_dir, const SessionOptions& options)
     : impl_([&] {
         try {
@@ -469,10 +475,7 @@ void Model::load_state(const State& state) {
 const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
   Impl& m = impl();
   Impl::Busy busy(m);
-  if (ids.empty()) throw Error("empty prompt: give at least one token id");
-  for (size_t i = 0; i < ids.size(); ++i) {
-    m.check_token(ids[i], "token id", int64_t(i));
-  }
+  m.check_prompt(ids);
   m.feed_unfed();
   std::vector<int64_t> buffer = ids;  // onnxruntime wants a mutable pointer even for an input
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
@@ -520,9 +523,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
     return std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) != options.stop_tokens.end();
   };
 
-  // The prompt is checked before reset() so that a refused call leaves the state as it was (prefill checks it too).
-  if (prompt.empty()) throw Error("empty prompt: give at least one token id");
-  for (size_t i = 0; i < prompt.size(); ++i) m.check_token(prompt[i], "token id", int64_t(i));
+  m.check_prompt(prompt);  // before reset(), so that a refused call leaves the state as it was
 
   Generation g;
   if (options.reset) reset();
