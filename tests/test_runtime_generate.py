@@ -728,7 +728,7 @@ def test_stream_takes_one_prompt_and_checks_it_in_the_call(rt):
     after a server had started its response. Both are errors of the call itself now."""
     with pytest.raises(GenerationInputError, match="stream takes one prompt, found a batch of 2"):
         rt.stream([[1, 2], [3]], 5)
-    with pytest.raises(GenerationInputError, match="stream takes one prompt"):
+    with pytest.raises(GenerationInputError, match="stream_text takes one prompt, found a batch of 2"):
         rt.stream_text(["ab", "cd"], 5)
     with pytest.raises(GenerationInputError, match="outside the vocabulary"):
         rt.stream([1, 10**6], 5)  # no next() needed
@@ -898,3 +898,163 @@ def test_a_restored_greedy_run_reports_no_seed(rt):
     gen = rt.start(PROMPTS[0], 4, SamplingConfig(temperature=1.0))
     gen.step()
     assert rt.restore(gen.snapshot()).run().seed == gen.run().seed is not None
+
+
+# ---- stop strings -------------------------------------------------------------------------------------------------
+def _complete_text(tokens: list[int]) -> str:
+    """The complete characters of byte tokens (a character still cut at the end is not there yet), decoded with the
+    standard library, not the runtime's codec."""
+    import codecs
+
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(tokens))
+
+
+def _stopped(tokens: list[int], strings: list[str]):
+    """Brute force: the tokens up to the first one whose text holds a stop string, and the text before the earliest
+    match; None when no prefix matches."""
+    for n in range(1, len(tokens) + 1):
+        text = _complete_text(tokens[:n])
+        if starts := [text.find(s) for s in strings if s in text]:
+            return tokens[:n], text[:min(starts)]
+    return None
+
+
+def _stop_string_of(rt, prompt, n, sampling):
+    """Two characters from the middle of a generation's text, and the generation."""
+    full = rt.generate(prompt, n, sampling)
+    text = _complete_text(full.tokens[0])
+    k = len(text) // 2
+    return text[k:k + 2], full
+
+
+def test_stop_strings_end_each_row_at_its_first_match_and_cut_its_text(rt):
+    """Each row of a sampled batch ends at the token that completes the first match of a stop string in its own
+    generated text (the prompt is not searched), its text cut where the match starts; a row without a match runs
+    as it would without stop strings."""
+    s, _ = _stop_string_of(rt, PROMPTS[0], 40, SAMPLED)
+    full = rt.generate(PROMPTS, 40, SAMPLED)
+    strings = [s, "never\x00here"]
+    result = rt.generate(PROMPTS, 40, SAMPLED, stop_strings=strings)
+    stopped_rows = 0
+    for row in range(len(PROMPTS)):
+        want = _stopped(full.tokens[row], strings)
+        if want is None:
+            assert result.tokens[row] == full.tokens[row] and result.finish_reasons[row] == full.finish_reasons[row]
+            assert result.texts[row] == full.texts[row]
+        else:
+            stopped_rows += 1
+            assert result.tokens[row] == want[0] and result.finish_reasons[row] == "stop"
+            assert result.texts[row] == want[1] and s not in result.texts[row]
+    assert stopped_rows >= 1 and len(result.tokens[0]) < 40
+
+
+def test_streamed_text_and_ids_with_stop_strings_are_those_of_the_result(rt):
+    """stream_text never shows the stop string nor anything after it, and shows exactly the result's text; stream
+    yields the result's ids, the completing token last."""
+    s, _ = _stop_string_of(rt, PROMPTS[2], 40, SAMPLED)
+    result = rt.generate(PROMPTS[2], 40, SAMPLED, stop_strings=s)
+    assert result.finish_reasons == ["stop"]
+    pieces = list(rt.stream_text(PROMPTS[2], 40, SAMPLED, stop_strings=s))
+    assert "".join(pieces) == result.texts[0] and not any(s in p for p in pieces)
+    assert list(rt.stream(PROMPTS[2], 40, SAMPLED, stop_strings=s)) == result.tokens[0]
+    # a stop token still ends it first where it comes first, and stays out of the text
+    first = result.tokens[0][0]
+    early = rt.generate(PROMPTS[2], 40, SAMPLED, stop_tokens=[first], stop_strings=s)
+    assert early.tokens == [[first]] and early.texts == [""]
+
+
+@pytest.mark.parametrize("when", [0, 3])
+def test_a_snapshot_keeps_its_stop_strings(rt, when):
+    s, _ = _stop_string_of(rt, PROMPTS[0], 40, SAMPLED)
+    want = rt.generate(PROMPTS, 40, SAMPLED, stop_strings=[s])
+    gen = rt.start(PROMPTS, 40, SAMPLED, stop_strings=[s])
+    for _ in range(when):
+        gen.step()
+    restored = rt.restore(gen.snapshot())
+    assert restored.stop_strings == (s,)
+    got = restored.run()
+    assert (got.tokens, got.texts, got.finish_reasons) == (want.tokens, want.texts, want.finish_reasons)
+    # a finished generation restored: its texts are cut as before (the text is decoded again from the tokens)
+    assert rt.restore(restored.snapshot()).result().texts == want.texts
+
+
+def test_a_snapshot_header_without_stop_strings_restores_without_them_and_a_bad_one_is_refused(rt):
+    """Snapshots written before stop strings existed have no "stop_strings" key; a damaged one is a SnapshotError."""
+    gen = rt.start(PROMPTS[0], 5, stop_strings=["x"])
+    blob = gen.snapshot()
+    with np.load(io.BytesIO(blob)) as z:
+        meta = json.loads(z["meta"].tobytes())
+    for value, ok in ((None, True), ([], True), ([""], False), (["a", 3], False), ("ab", False)):
+        edited = {k: v for k, v in meta.items() if k != "stop_strings"}
+        if value is not None:
+            edited["stop_strings"] = value
+        changed = _edited_snapshot(blob, meta=np.frombuffer(json.dumps(edited).encode(), dtype=np.uint8))
+        if ok:
+            assert rt.restore(changed).stop_strings == ()
+        else:
+            with pytest.raises(SnapshotError, match="stop_strings must be a list of non-empty strings"):
+                rt.restore(changed)
+
+
+def test_follow_keeps_the_stop_strings_and_searches_only_the_new_turn(rt):
+    s, _ = _stop_string_of(rt, PROMPTS[0], 40, None)
+    gen = rt.start(PROMPTS[0], 40, stop_strings=[s])
+    gen.run()
+    assert gen.finish_reasons == ["stop"]
+    history = PROMPTS[0] + gen.tokens[0]
+    second = gen.follow(PROMPTS[1], 40)
+    assert second.stop_strings == (s,)
+    got = second.run()
+    want = rt.generate([history + PROMPTS[1]], 40, stop_strings=[s])
+    assert got.tokens == want.tokens and got.texts == want.texts
+    assert gen.follow(PROMPTS[1], 40, stop_strings=()).run().tokens == rt.generate([history + PROMPTS[1]], 40).tokens
+
+
+@pytest.mark.parametrize("strings, message", [
+    ([""], r"stop strings must not be empty: an empty one would stop at once \(item 0\)"),
+    (["a", 3], r"stop strings must be strings, found int \(item 1\)"),
+    (5, "stop strings must be a string or a list of strings, not int"),
+])
+def test_bad_stop_strings_are_one_line_errors(rt, strings, message):
+    with pytest.raises(GenerationInputError, match=message):
+        rt.generate([1], 5, stop_strings=strings)
+
+
+def test_stop_strings_without_a_tokenizer_are_an_error(exp):
+    rt = MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False)
+    rt.codec = None  # as for an export without tokenizer files
+    with pytest.raises(GenerationInputError, match="stop strings: matching them needs a tokenizer"):
+        rt.generate([1, 2], 3, stop_strings=["a"])
+    assert rt.generate([1, 2], 3, stop_strings=[]).tokens  # none given: nothing needs a tokenizer
+    with_text = MambaRuntime(exp.dir, provider="cpu", threads=1, verify=False)
+    blob = with_text.start([1, 2], 3, stop_strings=["a"]).snapshot()
+    with pytest.raises(SnapshotError, match="snapshot has stop strings, and matching them needs a tokenizer"):
+        rt.restore(blob)
+
+
+def test_cli_stop_prints_the_apis_text_streamed_or_not(exp, rt, capsys):
+    from mamba_export.cli import main
+
+    s, _ = _stop_string_of(rt, "And", 40, None)
+    want = rt.generate("And", 40, stop_strings=[s, "zz"])
+    assert want.finish_reasons == ["stop"]
+    base = ["generate", str(exp.dir), "--prompt", "And", "--max-new-tokens", "40", "--stop", s, "--stop", "zz"]
+    assert main([*base, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == want.tokens[0] and out["text"] == want.texts[0] and out["finish_reason"] == "stop"
+    for extra in ([], ["--stream"]):
+        assert main([*base, *extra]) == 0
+        assert capsys.readouterr().out == want.texts[0] + "\n"
+
+
+def test_cli_stop_errors_are_one_line(exp, capsys, monkeypatch):
+    import mamba_runtime.runtime as runtime_module
+    from mamba_export.cli import main
+
+    assert main(["generate", str(exp.dir), "--prompt-ids", "1", "--stop", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stop must not be empty" in err[0]
+    monkeypatch.setattr(runtime_module, "load_codec", lambda path: None)
+    assert main(["generate", str(exp.dir), "--prompt-ids", "1", "--stop", "a", "--stream"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stop: matching them needs a tokenizer" in err[0] and "use --stop-ids" in err[0]

@@ -247,3 +247,101 @@ def test_json_nesting_is_limited_to_the_cpp_readers_depth(text, deepest):
     else:
         with pytest.raises(ValueError, match=r"^nesting deeper than 128$"):
             parse_json(text)
+
+
+# ---- stop strings -------------------------------------------------------------------------------------------------
+def _bpe_codec(tmp_path):
+    """A tokenizer.json whose tokens are letters, pairs of letters and words: a stop string can lie inside one
+    token, end in the middle of one, or span several."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}
+    merges = [("t", "h"), ("th", "e"), ("a", "n"), ("an", "d"), ("Ġ", "the"), ("Ġ", "and"), ("e", "n"), ("Ġ", "a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return load_codec(tmp_path)
+
+
+def _decoded(codec, tokens):
+    """The complete characters of ``tokens``, decoded incrementally (a character cut between byte tokens, or a
+    partial one at the end, is not there yet)."""
+    stream = codec.stream()
+    return "".join(stream.push(t) for t in tokens)
+
+
+def _reference_stop(codec, tokens, strings):
+    """Independently of StopText: the first token whose prefix's text (decoded afresh) holds a stop string, where
+    the earliest match starts and that text; Nones when none matches."""
+    for n in range(1, len(tokens) + 1):
+        text = _decoded(codec, tokens[:n])
+        starts = [text.find(s) for s in strings if s in text]
+        if starts:
+            return n - 1, min(starts), text
+    return None, None, None
+
+
+def _longest_held(text, strings):
+    """The longest end of ``text`` that begins some stop string (what must not be shown yet)."""
+    return max((k for k in range(1, len(text) + 1) for s in strings if s.startswith(text[-k:])), default=0)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "tokenizer.json"])
+def test_stop_text_finds_the_first_match_and_shows_only_text_before_it(kind, tmp_path):
+    """Against a brute-force reference, over random token sequences and stop strings: the token that completes the
+    first match, where the text is cut, and what streaming shows at each token (all but the longest end that could
+    still start a stop string; never a stop string; in the end exactly the cut text)."""
+    from mamba_runtime.stopping import StopText
+
+    rng = np.random.default_rng(0)
+    codec = ByteCodec() if kind == "bytes" else _bpe_codec(tmp_path)
+    if kind == "bytes":  # mostly ASCII, with multi-byte characters cut between tokens, and some invalid bytes
+        alphabet = list(b"ab \n") + list("é€".encode()) + [0xFF]
+    else:
+        alphabet = list(range(len(codec._tok.get_vocab())))
+    matched = 0
+    for trial in range(300):
+        tokens = [int(t) for t in rng.choice(alphabet, size=int(rng.integers(1, 40)))]
+        full = _decoded(codec, tokens)
+        strings = []
+        for _ in range(int(rng.integers(1, 4))):  # pieces of this text (so that most trials match), or random
+            if full and rng.random() < 0.7:
+                i = int(rng.integers(0, len(full)))
+                strings.append(full[i:i + int(rng.integers(1, 5))])
+            else:
+                strings.append("".join(rng.choice(list("ab \né"), size=int(rng.integers(1, 4)))))
+        strings = tuple(dict.fromkeys(strings))
+        want_at, want_cut, text_then = _reference_stop(codec, tokens, strings)
+        watch, shown, stopped_at = StopText(codec.stream(), strings), "", None
+        for n, t in enumerate(tokens):
+            stop = watch.push(t)
+            shown += watch.take()
+            if stop:
+                stopped_at = n
+                break
+            decoded = _decoded(codec, tokens[:n + 1])
+            assert shown == decoded[:len(decoded) - _longest_held(decoded, strings)], (trial, n)
+        shown += watch.finish()
+        assert stopped_at == want_at, trial
+        assert not any(s in shown for s in strings), trial
+        if want_at is None:
+            assert watch.cut is None and shown == codec.decode(tokens), trial
+        else:
+            matched += 1
+            assert watch.cut == want_cut and watch.text() == shown == text_then[:want_cut], trial
+    assert matched > 150  # the trials did exercise matches
+
+
+def test_stop_strings_are_checked():
+    from mamba_runtime.stopping import check_stop_strings
+
+    assert check_stop_strings("ab") == ("ab",) and check_stop_strings(["x", "y", "x"]) == ("x", "y")
+    assert check_stop_strings(()) == ()
+    for bad, message in ((["a", ""], r"must not be empty: an empty one would stop at once \(item 1\)"),
+                         ([b"ab"], r"must be strings, found bytes \(item 0\)"),
+                         (5, "must be a string or a list of strings, not int")):
+        with pytest.raises(GenerationInputError, match=message):
+            check_stop_strings(bad)

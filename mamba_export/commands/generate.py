@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="penalise (R > 1) or favour (R < 1) tokens seen so far, CTRL's rule (default 1.0: off)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler, with --temperature (default: random)")
     p.add_argument("--stop-ids", type=_ids, default=[], metavar="1,2", help="token ids that end the generation")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="text that ends the generation as soon as it is generated, left out of the output with "
+                        "everything after it; repeatable; taken literally (a newline in bash: --stop $'\\n\\n')")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     out.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings)")
@@ -73,8 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 # The runtime's messages start with its parameter names; the command's users know the flags.
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p",
           "repetition_penalty": "--repetition-penalty", "seed": "--seed", "temperature": "--temperature",
-          "threads": "--threads", "stop tokens": "--stop-ids", "stop_tokens": "--stop-ids"}
+          "threads": "--threads", "stop tokens": "--stop-ids", "stop_tokens": "--stop-ids", "stop strings": "--stop"}
 _NAME = re.compile(r"^(max_new_tokens|top_k|top_p|repetition_penalty|seed|temperature|threads|stop[ _]tokens|"
+                   r"stop strings|"
                    r"prompt 0|text input)\b")
 
 
@@ -83,7 +87,8 @@ def _in_flags(message: str, args: argparse.Namespace) -> str:
     prompt = "--prompt" if args.prompt is not None else "--prompt-ids"
     flags = {**_FLAGS, "prompt 0": prompt, "text input": "--prompt (text)"}
     message = _NAME.sub(lambda m: flags[m.group(1)], message, count=1)
-    return message.replace("give token ids instead", "give --prompt-ids instead")
+    return message.replace("give token ids instead", "give --prompt-ids instead").replace(
+        "use stop tokens instead", "use --stop-ids instead")
 
 
 def _sampling(args: argparse.Namespace):
@@ -117,10 +122,10 @@ def _open(args: argparse.Namespace):
 
 def _stream(rt, prompt, args, sampling) -> None:
     if rt.codec is not None:
-        for piece in rt.stream_text(prompt, args.max_new_tokens, sampling, args.stop_ids):
+        for piece in rt.stream_text(prompt, args.max_new_tokens, sampling, args.stop_ids, args.stop):
             print(piece, end="", flush=True)
     else:  # ids as the non-streamed output prints them: comma-separated
-        for i, tok in enumerate(rt.stream(prompt, args.max_new_tokens, sampling, args.stop_ids)):
+        for i, tok in enumerate(rt.stream(prompt, args.max_new_tokens, sampling, args.stop_ids, args.stop)):
             print(f",{tok}" if i else tok, end="", flush=True)
     print()
 
@@ -148,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.stream:
         _stream(rt, prompt, args, sampling)
         return 0
-    result = rt.generate(prompt, args.max_new_tokens, sampling, args.stop_ids)
+    result = rt.generate(prompt, args.max_new_tokens, sampling, args.stop_ids, stop_strings=args.stop)
     text = result.texts[0] if result.texts is not None else None
     if args.json:
         print(json.dumps({

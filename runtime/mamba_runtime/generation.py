@@ -31,6 +31,7 @@ import numpy as np
 from .errors import GenerationInputError, ModelOutputError, SnapshotError, is_int, require_int
 from .manifest import parse_json
 from .sampling import Sampler, SamplingConfig
+from .stopping import StopText
 
 SNAPSHOT_FORMAT = "mamba-runtime-snapshot"
 SNAPSHOT_VERSION = 1
@@ -42,10 +43,13 @@ class GenerationResult:
 
     Attributes:
         prompts: per sequence, the prompt's token ids.
-        tokens: per sequence, the generated ids (ending with the stop token when one was hit).
-        finish_reasons: per sequence "stop" (a stop token), "length" (max_new_tokens) or "cancelled" (callback or
-            cancel()); "unfinished" for a sequence still running when result() is called mid-generation.
-        texts: per sequence the decoded text without a final stop token, when the export has a tokenizer.
+        tokens: per sequence, the generated ids (ending with the stop token, or the token that completed the stop
+            string, when one was hit).
+        finish_reasons: per sequence "stop" (a stop token or stop string), "length" (max_new_tokens) or "cancelled"
+            (callback or cancel()); "unfinished" for a sequence still running when result() is called
+            mid-generation.
+        texts: per sequence the decoded text without a final stop token, and cut before a matched stop string, when
+            the export has a tokenizer.
         timings: prefill_ms, ttft_ms (prefill and the first token), decode_ms_per_step (median),
             decode_steps, total_ms (prefill and every step), tokens_per_s (tokens of all sequences / total_ms).
             Only work done in this process counts: for a restored generation prefill_ms and ttft_ms are None.
@@ -69,12 +73,17 @@ class Generation:
     """
 
     def __init__(self, runtime, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 stop_tokens: frozenset[int]):
+                 stop_tokens: frozenset[int], stop_strings: tuple[str, ...] = ()):
         self.runtime = runtime
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.stop_tokens = stop_tokens
+        self.stop_strings = stop_strings
+        # per sequence its generated text, watched for the stop strings (None without stop strings)
+        self._stop_text: list[StopText | None] = [None] * len(prompts)
+        if stop_strings:  # MambaRuntime._settings and _rebuild (a snapshot's) have checked that there is a codec
+            self._stop_text = [StopText(runtime.codec.stream(), stop_strings) for _ in prompts]
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.finish_reasons: list[str | None] = [None for _ in prompts]
         self.sampler = Sampler(sampling, len(prompts), runtime.info.vocab_size)
@@ -150,7 +159,7 @@ class Generation:
         for i in rows:
             t = int(new[i])
             self.tokens[i].append(t)
-            if t in self.stop_tokens:
+            if t in self.stop_tokens or (self._stop_text[i] is not None and self._stop_text[i].push(t)):
                 self.finish_reasons[i] = "stop"
             elif len(self.tokens[i]) >= self.max_new_tokens:
                 self.finish_reasons[i] = "length"
@@ -183,8 +192,9 @@ class Generation:
         total_s = (self.first_token_s or 0.0) + sum(self.step_s)
         texts = None
         if self.runtime.codec is not None:
-            texts = [self.runtime.codec.decode(t[:-1] if r == "stop" else t)
-                     for t, r in zip(self.tokens, self.finish_reasons)]
+            texts = [w.text() if w is not None and w.cut is not None else
+                     self.runtime.codec.decode(t[:-1] if r == "stop" else t)
+                     for t, r, w in zip(self.tokens, self.finish_reasons, self._stop_text)]
         n = sum(map(len, self.tokens))
         timings = {
             "prefill_ms": None if self.prefill_s is None else self.prefill_s * 1e3,
@@ -200,29 +210,32 @@ class Generation:
                                 timings, seed)
 
     def follow(self, prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
-               stop_tokens: Iterable[int] | None = None) -> Generation:
+               stop_tokens: Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None
+               ) -> Generation:
         """The next turn of this finished conversation: a new :class:`Generation` of one sequence that goes on from
         where this one ended (its prompt and every generated token, a final stop token included) with ``prompt``
         (text or ids: the user's next message) after it, without running the history again. Its tokens are those of
         ``runtime.start(history + prompt, ...)`` with the same settings (the repetition penalty counts the history
-        too); its result's ``prompts`` holds the new prompt only. ``sampling`` and ``stop_tokens`` default to this
-        generation's. Works on a restored snapshot as well. One sequence only: a conversation is one sequence (in a
-        batch, a row that finished early has been fed dummy tokens since)."""
+        too); its result's ``prompts`` holds the new prompt only. ``sampling``, ``stop_tokens`` and ``stop_strings``
+        default to this generation's (stop strings are searched in the new turn's text only). Works on a restored
+        snapshot as well. One sequence only: a conversation is one sequence (in a batch, a row that finished early
+        has been fed dummy tokens since)."""
         if self.batch != 1:
             raise GenerationInputError(f"follow() continues one sequence; this generation has {self.batch} (start "
                                        "one generation per conversation)")
         if not self.done:
             raise GenerationInputError("follow() continues a finished generation: run() it (or cancel()) first")
         runtime = self.runtime
-        max_new_tokens, sampling, stops = runtime._settings(
+        max_new_tokens, sampling, stops, strings = runtime._settings(
             max_new_tokens, self.sampling if sampling is None else sampling,
-            self.stop_tokens if stop_tokens is None else stop_tokens)
+            self.stop_tokens if stop_tokens is None else stop_tokens,
+            self.stop_strings if stop_strings is None else stop_strings)
         new = runtime._prompts(prompt)
         if len(new) != 1:
             raise GenerationInputError(f"follow() takes one prompt, found {len(new)}")
         with self._claimed():
             history = self.prompts[0] + self.tokens[0]
-            gen = Generation(runtime, new, max_new_tokens, sampling, stops)
+            gen = Generation(runtime, new, max_new_tokens, sampling, stops, strings)
             gen.sampler.observe([0] * len(history), history)  # as if history + prompt had been the prompt
             unfed = [] if self._pending is None else [int(self._pending[0])]  # the last token, sampled, not yet run
             t0 = time.perf_counter()
@@ -239,6 +252,7 @@ class Generation:
             "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "export_id": self.runtime.info.export_id,
             "prompts": self.prompts, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
             "max_new_tokens": self.max_new_tokens, "stop_tokens": sorted(self.stop_tokens),
+            "stop_strings": list(self.stop_strings),
             # a greedy run keeps its config's seed as given (usually None: it draws nothing), as result() reports it
             "sampling": {**self.sampling.to_dict(), "seed": self.sampling.seed if self.sampling.greedy
                          else self.sampler.seed}, "rng": self.sampler.rng_states(),
@@ -375,8 +389,11 @@ def _checked_meta(meta: dict, vocab: int) -> dict:
         raise SnapshotError("snapshot tokens run past its max_new_tokens")
     if not isinstance(reasons, list) or len(reasons) != b or not all(r in _FINISH_REASONS for r in reasons):
         raise SnapshotError(f"snapshot finish_reasons must be {b} of null, \"stop\", \"length\", \"cancelled\"")
+    strings = meta.get("stop_strings", [])  # absent in snapshots written before stop strings existed
+    if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings):
+        raise SnapshotError("snapshot stop_strings must be a list of non-empty strings")
     return dict(prompts=prompts, max_new_tokens=int(limit), tokens=tokens, finish_reasons=list(reasons),
-                stop_tokens=_id_list(meta["stop_tokens"], "stop_tokens", vocab))
+                stop_tokens=_id_list(meta["stop_tokens"], "stop_tokens", vocab), stop_strings=tuple(strings))
 
 
 def _rebuild(runtime, meta: dict) -> Generation:
@@ -388,10 +405,17 @@ def _rebuild(runtime, meta: dict) -> Generation:
         sampling = SamplingConfig(**meta["sampling"])
     except GenerationInputError as e:
         raise SnapshotError(f"snapshot sampling settings are invalid ({e})") from None
+    if checked["stop_strings"] and runtime.codec is None:
+        why = runtime.codec_unavailable or "the export directory has neither tokenizer.json nor byte_vocab.json"
+        raise SnapshotError(f"snapshot has stop strings, and matching them needs a tokenizer ({why})")
     gen = Generation(runtime, checked["prompts"], checked["max_new_tokens"], sampling,
-                     frozenset(checked["stop_tokens"]))
+                     frozenset(checked["stop_tokens"]), checked["stop_strings"])
     gen.tokens, gen.finish_reasons = checked["tokens"], checked["finish_reasons"]
     for i, t in enumerate(gen.tokens):
         gen.sampler.observe([i] * len(t), t)
+        if (watch := gen._stop_text[i]) is not None:  # the text so far, decoded again
+            for token in t:
+                if token in gen.stop_tokens or watch.push(token):
+                    break
     gen.sampler.set_rng_states(meta["rng"])
     return gen

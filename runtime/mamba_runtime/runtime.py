@@ -32,6 +32,7 @@ from .sampling import SamplingConfig
 from .sessions import (check_io, check_ort_config, cpu_placed_nodes, open_session, resolve_library,
                        session_options)
 from .state import DeviceState, prefill
+from .stopping import StopText, check_stop_strings
 from .tokenizer import TokenizerUnavailable, load_codec, require_codec
 
 Prompt = str | Iterable[int]
@@ -175,16 +176,21 @@ class MambaRuntime:
 
     # ---- generation -------------------------------------------------------------------------------------------
     def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
-              stop_tokens: Iterable[int] = ()) -> Generation:
-        """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`."""
-        max_new_tokens, sampling, stops = self._settings(max_new_tokens, sampling, stop_tokens)
-        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling, stops)
+              stop_tokens: Iterable[int] = (), stop_strings: str | Iterable[str] = ()) -> Generation:
+        """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`.
+        A sequence ends at a stop token (kept in its tokens, left out of its text) or as soon as its generated text
+        contains one of ``stop_strings`` (a string or a list; needs a tokenizer): its tokens end with the one that
+        completed the match, and its text is cut where the match starts."""
+        max_new_tokens, sampling, stops, strings = self._settings(max_new_tokens, sampling, stop_tokens, stop_strings)
+        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling, stops, strings)
         gen.prefill()
         return gen
 
-    def _settings(self, max_new_tokens: int, sampling: SamplingConfig | None, stop_tokens: Iterable[int]
-                  ) -> tuple[int, SamplingConfig, frozenset[int]]:
-        """A generation's settings, checked: max_new_tokens, the sampling config (None: greedy), the stop set."""
+    def _settings(self, max_new_tokens: int, sampling: SamplingConfig | None, stop_tokens: Iterable[int],
+                  stop_strings: str | Iterable[str] = ()
+                  ) -> tuple[int, SamplingConfig, frozenset[int], tuple[str, ...]]:
+        """A generation's settings, checked: max_new_tokens, the sampling config (None: greedy), the stop set, the
+        stop strings (which need a tokenizer)."""
         max_new_tokens = require_int(max_new_tokens, "max_new_tokens")
         if max_new_tokens > MAX_NEW_TOKENS:
             raise GenerationInputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS}, found {max_new_tokens}")
@@ -193,42 +199,59 @@ class MambaRuntime:
                                        f"{type(sampling).__name__}")
         stops = _stop_set(stop_tokens)
         self._check_ids(sorted(stops), "stop tokens")
-        return max_new_tokens, sampling or SamplingConfig(), stops
+        strings = check_stop_strings(stop_strings)
+        if strings and self.codec is None:
+            why = self.codec_unavailable or "the export directory has neither tokenizer.json nor byte_vocab.json"
+            raise GenerationInputError(f"stop strings: matching them needs a tokenizer ({why}); use stop tokens "
+                                       "instead")
+        return max_new_tokens, sampling or SamplingConfig(), stops, strings
 
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  stop_tokens: Iterable[int] = (),
-                 callback: Callable[[np.ndarray], bool | None] | None = None) -> GenerationResult:
-        """Generate for one prompt or a batch; ``callback(new_tokens (b,))`` returning True stops early."""
-        return self.start(prompts, max_new_tokens, sampling, stop_tokens).run(callback)
+                 callback: Callable[[np.ndarray], bool | None] | None = None,
+                 stop_strings: str | Iterable[str] = ()) -> GenerationResult:
+        """Generate for one prompt or a batch; ``callback(new_tokens (b,))`` returning True stops early. Stop tokens
+        and stop strings as in :meth:`start`."""
+        return self.start(prompts, max_new_tokens, sampling, stop_tokens, stop_strings).run(callback)
 
     def stream(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
-               stop_tokens: Iterable[int] = ()) -> Iterator[int]:
-        """Token ids of one prompt's continuation as they are generated (stop by leaving the loop). The prompt is
-        checked and prefilled in this call, so a bad request fails here, before the first token is asked for."""
-        prompts = self._prompts(prompt)
-        if len(prompts) != 1:
-            raise GenerationInputError(f"stream takes one prompt, found a batch of {len(prompts)}; for a batch, "
-                                       "iterate start(prompts, ...) or use generate()")
-        gen = self.start(prompts, max_new_tokens, sampling, stop_tokens)
+               stop_tokens: Iterable[int] = (), stop_strings: str | Iterable[str] = ()) -> Iterator[int]:
+        """Token ids of one prompt's continuation as they are generated (stop by leaving the loop), the last one
+        being a stop token or the one that completed a stop string where one ended it. The prompt is checked and
+        prefilled in this call, so a bad request fails here, before the first token is asked for."""
+        gen = self._one(prompt, max_new_tokens, sampling, stop_tokens, stop_strings, "stream")
         return (int(new[0]) for new in gen)
 
     def stream_text(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
-                    stop_tokens: Iterable[int] = ()) -> Iterator[str]:
-        """Pieces of text of one prompt's continuation as they complete (a stop token is not printed). Checked and
-        prefilled in this call, as :meth:`stream`."""
-        decoder = require_codec(self.codec, "text output", self.codec_unavailable).stream()
-        stops = _stop_set(stop_tokens)
-        tokens = self.stream(prompt, max_new_tokens, sampling, stops)
+                    stop_tokens: Iterable[int] = (), stop_strings: str | Iterable[str] = ()) -> Iterator[str]:
+        """Pieces of text of one prompt's continuation as they complete. A stop token is not printed, nor a stop
+        string or anything after it: text that could be the start of a stop string is held back until the next
+        tokens tell. Checked and prefilled in this call, as :meth:`stream`."""
+        codec = require_codec(self.codec, "text output", self.codec_unavailable)
+        gen = self._one(prompt, max_new_tokens, sampling, stop_tokens, stop_strings, "stream_text")
+        own = gen._stop_text[0]  # the generation's own watcher of its stop strings, fed as it steps
+        text = own if own is not None else StopText(codec.stream(), ())  # no stop strings: holds nothing back
 
         def pieces() -> Iterator[str]:
-            for tok in tokens:
-                if tok not in stops:
-                    if piece := decoder.push(tok):
-                        yield piece
-            if tail := decoder.flush():
+            for new in gen:
+                tok = int(new[0])
+                if own is None and tok not in gen.stop_tokens:
+                    text.push(tok)
+                if piece := text.take():
+                    yield piece
+            if tail := text.finish():
                 yield tail
 
         return pieces()
+
+    def _one(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None, stop_tokens: Iterable[int],
+             stop_strings: str | Iterable[str], what: str) -> Generation:
+        """A started Generation of one prompt, for the streaming calls."""
+        prompts = self._prompts(prompt)
+        if len(prompts) != 1:
+            raise GenerationInputError(f"{what} takes one prompt, found a batch of {len(prompts)}; for a batch, "
+                                       "iterate start(prompts, ...) or use generate()")
+        return self.start(prompts, max_new_tokens, sampling, stop_tokens, stop_strings)
 
     def restore(self, snapshot: bytes | str | Path) -> Generation:
         """A :class:`Generation` from :meth:`Generation.snapshot` bytes or a file written by ``Generation.save``."""
