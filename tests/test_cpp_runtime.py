@@ -208,6 +208,92 @@ def test_stop_token_is_not_in_the_text(binary, export):
     assert list(rt.generate("ab", 8, stop_tokens=[stop]).tokens[0]) == kept
 
 
+def _stop_string_in(data: bytes, new_last_byte: bool = False) -> tuple[bytes, int]:
+    """Two bytes of ``data`` (no NUL: they go on the command line) whose first occurrence starts at i >= 1 and ends
+    before the last byte, and i; with new_last_byte, their last byte occurs nowhere before them."""
+    for i in range(1, len(data) - 2):
+        stop = data[i:i + 2]
+        if 0 not in stop and data.find(stop) == i and (not new_last_byte or data.find(stop[1:]) == i + 1):
+            return stop, i
+    pytest.fail(f"no usable stop string in {data!r}")
+
+
+# byte-level export, 16 new tokens: greedy (its continuation repeats one byte after the first) and sampled
+STOP_RUNS = {"greedy": ["--prompt", "hi!"], "sample": ["--prompt", "ab", "--sample", "--seed", 1]}
+
+
+@pytest.mark.parametrize("decoding", list(STOP_RUNS))
+def test_stop_string_ends_generation(binary, export, decoding):
+    """--stop TEXT (repeatable) ends the generation right after the first place where its new bytes end with TEXT:
+    the tokens are those of the run without --stop up to and including the match, the text line leaves the match
+    out; a stop string that never occurs changes nothing."""
+    out, _ = export(**BYTES_F16)
+    args = [*STOP_RUNS[decoding], "--max-new-tokens", 16]
+    full = ids(generate(binary, out, *args)["tokens"])
+    stop, at = _stop_string_in(bytes(full))
+    for others in ([], ["--stop", "never"]):
+        res = generate(binary, out, *args, *others, "--stop", os.fsdecode(stop))  # fsdecode: the bytes as they are
+        assert ids(res["tokens"]) == full[: at + 2]
+        assert res["text"] == quoted(bytes(full[:at]))
+        assert res["stopped"] == "stop string"
+    assert b"never" not in bytes(full)
+    res = generate(binary, out, *args, "--stop", "never")
+    assert ids(res["tokens"]) == full and res["stopped"] == "max new tokens"
+    assert res["text"] == quoted(bytes(full))
+
+
+def test_stop_strings_match_the_python_runtime(binary, export):
+    """The same stop strings end the same greedy run after the same token in both runtimes, with the same text (the
+    Python runtime matches text, the C++ one byte sequences: the same for ASCII); both given at once, the one that
+    starts first is cut, as Python cuts at the earliest match."""
+    from mamba_runtime import MambaRuntime
+
+    out, _ = export(**BYTES_F16)
+    rt = MambaRuntime(out, provider="cpu", custom_ops="require")
+    full = list(rt.generate("hi!", 16).tokens[0])
+    assert max(full[:3]) < 0x80 and 0 not in full[:3]  # ASCII, so that text and bytes are the same match
+    one, two = bytes(full[1:3]).decode(), bytes(full[0:3]).decode()
+    for stops in ([one], [two], [one, two]):
+        py = rt.generate("hi!", 16, stop_strings=stops)
+        flags = [a for s in stops for a in ("--stop", s)]
+        res = generate(binary, out, "--prompt", "hi!", "--max-new-tokens", 16, *flags)
+        assert py.finish_reasons == ["stop"] and res["stopped"] == "stop string"
+        assert ids(res["tokens"]) == py.tokens[0] == full[:3]
+        assert res["text"] == quoted(py.texts[0].encode()) and py.texts[0] == ("" if two in stops else chr(full[0]))
+
+
+def test_stop_token_that_ends_a_stop_string(binary, export):
+    """A stop token that is the last byte of a stop string: the stop string is reported and the text leaves out the
+    whole string, not only the stop token."""
+    out, _ = export(**BYTES_F16)
+    args = [*STOP_RUNS["sample"], "--max-new-tokens", 16]
+    full = ids(generate(binary, out, *args)["tokens"])
+    stop, at = _stop_string_in(bytes(full), new_last_byte=True)
+    res = generate(binary, out, *args, "--stop", os.fsdecode(stop), "--stop-ids", stop[-1])
+    assert ids(res["tokens"]) == full[: at + 2] and res["stopped"] == "stop string"
+    assert res["text"] == quoted(bytes(full[:at]))
+    res = generate(binary, out, *args, "--stop-ids", stop[-1])
+    assert ids(res["tokens"]) == full[: at + 2] and res["stopped"] == "stop token"
+    assert res["text"] == quoted(bytes(full[:at + 1]))
+
+
+@pytest.mark.parametrize("decoding", [[], ["--sample", "--seed", 1]], ids=["greedy", "sample"])
+def test_stop_string_across_the_prompt_does_not_match(binary, export, decoding):
+    """The prompt's last byte followed by the first new byte: only the new bytes count, so the generation ends at
+    the stop string's first occurrence among them (greedy: "bb" after the prompt "ab", whose continuation repeats
+    "b": after the second new byte, not the first), or runs to --max-new-tokens when there is none (sample)."""
+    out, _ = export(**BYTES_F16)
+    args = ["--prompt", "ab", *decoding, "--max-new-tokens", 16]
+    full = ids(generate(binary, out, *args)["tokens"])
+    stop = b"b" + bytes(full[:1])
+    res = generate(binary, out, *args, "--stop", os.fsdecode(stop))
+    at = bytes(full).find(stop)
+    if at < 0:
+        assert ids(res["tokens"]) == full and res["stopped"] == "max new tokens"
+    else:
+        assert ids(res["tokens"]) == full[: at + 2] and res["stopped"] == "stop string"
+
+
 def test_sampling_is_seeded_and_respects_top_k(binary, export, tmp_path):
     out, _ = export(**MAIN)
 
@@ -240,19 +326,20 @@ def test_byte_level_text_prompt(binary, export):
 
 def test_api_checks(binary, export):
     """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API (a
-    refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), sampler frequencies against
-    the softmax, SHA-256."""
+    refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), stop sequences, sampler
+    frequencies against the softmax, SHA-256."""
     out, _ = export(**MAIN)
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120, env=program_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 27, proc.stdout
+    assert proc.stdout.count("ok: ") == 33, proc.stdout
 
 
 def test_help(binary):
     proc = run(binary, "--help")
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: mamba_generate EXPORT_DIR")
+    assert "  --stop TEXT " in proc.stdout
 
 
 def _copy(out: Path, tmp_path: Path) -> Path:
@@ -329,6 +416,9 @@ ERROR_CASES = [
     ("not-an-id", None, ["--prompt-ids", "1,x"], "--prompt-ids: expected an integer, found 'x'"),
     ("stop-out-of-range", None, ["--prompt-ids", "1", "--stop-ids", "500"], "stop token id 500 is out of range"),
     ("text-without-bytes", None, ["--prompt", "hi"], "the vocabulary is not byte-level"),
+    ("stop-without-bytes", None, IDS + ["--stop", "hi"],
+     "--stop needs a byte-level vocabulary (byte_vocab.json in the export); give the stop token ids with --stop-ids"),
+    ("empty-stop", None, IDS + ["--stop", "x", "--stop", ""], "--stop: empty stop string"),
     ("zero-new-tokens", None, ["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
     ("no-prompt", None, [], "give exactly one of --prompt-ids and --prompt"),
     ("ort-config", None, IDS + ["--ort-config", "novalue"], "--ort-config: expected KEY=VALUE, found 'novalue'"),

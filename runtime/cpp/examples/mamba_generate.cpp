@@ -29,6 +29,8 @@ const char* kUsage =
     "    --top-k K           among the K most likely tokens; 0 = all (default 0)\n"
     "    --seed S            random seed (default 0)\n"
     "  --stop-ids IDS        comma-separated ids that end the generation (in tokens:, not in text:)\n"
+    "  --stop TEXT           a stop string: the generation ends when its new bytes end with TEXT (in tokens:, not in\n"
+    "                        text:); repeatable; needs a byte-level vocabulary (else give --stop-ids)\n"
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
     "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw)\n"
     "  --prefill-chunk N     prompt tokens per prefill run; 0 = automatic (default 0)\n"
@@ -42,6 +44,7 @@ struct Args {
   std::vector<int64_t> prompt_ids;
   std::string prompt_text;
   std::string dump_logits;
+  std::vector<std::string> stop_texts;  // --stop, in order: stop_sequences[i] is stop_texts[i]'s bytes
   bool has_ids = false, has_text = false, sample = false, sampling_flag = false, greedy_flag = false;
   mamba::GenerateOptions generate;
   mamba::SessionOptions session;
@@ -126,6 +129,9 @@ Args parse_args(const std::vector<std::string>& argv) {
       a.sampling_flag = true;
     } else if (flag == "--stop-ids") {
       a.generate.stop_tokens = parse_ids(flag, value());
+    } else if (flag == "--stop") {
+      a.stop_texts.push_back(value());
+      if (a.stop_texts.back().empty()) throw mamba::Error("--stop: empty stop string; give at least one character");
     } else if (flag == "--threads") {
       a.session.intra_op_threads = int(parse_int(flag, value(), 0, 1024));
     } else if (flag == "--dump-logits") {
@@ -207,12 +213,14 @@ void print_result(const mamba::Model& model, const Args& a, const std::vector<in
                   const mamba::Generation& g) {
   const mamba::ModelInfo& info = model.info();
   std::cout << "tokens: " << join(g.tokens) << "\n";
-  if (info.byte_level) {  // the text without the stop token, as the Python runtime gives it (tokens: keeps it)
-    std::vector<int64_t> shown = g.tokens;
-    if (g.stopped && !shown.empty()) shown.pop_back();
+  if (info.byte_level) {  // without the stop string or token, as the Python runtime gives it (tokens: keeps it)
+    std::vector<int64_t> shown = g.tokens;  // (a stop token that ends a stop string goes with the string)
+    size_t cut = g.stop_sequence >= 0 ? a.generate.stop_sequences[size_t(g.stop_sequence)].size() : g.stopped ? 1 : 0;
+    shown.resize(shown.size() - cut);  // generate() matched the sequence within the new tokens: cut <= size
     std::cout << "text: " << quoted(mamba::decode_bytes(info, shown)) << "\n";
   }
-  std::cout << "stopped: " << (g.stopped ? "stop token" : "max new tokens") << "\n";
+  std::cout << "stopped: " << (g.stop_sequence >= 0 ? "stop string" : g.stopped ? "stop token" : "max new tokens")
+            << "\n";
   std::cout << "decoding: "
             << (a.generate.greedy ? std::string("greedy")
                                   : "sample (temperature " + std::to_string(a.generate.temperature) + ", top-k " +
@@ -237,6 +245,13 @@ int run(const std::vector<std::string>& argv) {
   Args a = parse_args(argv);
   mamba::Model model(a.export_dir, a.session);
   std::vector<int64_t> prompt = a.has_text ? mamba::encode_bytes(model.info(), a.prompt_text) : a.prompt_ids;
+  if (!a.stop_texts.empty() && !model.info().byte_level) {
+    throw mamba::Error("--stop needs a byte-level vocabulary (byte_vocab.json in the export); give the stop token "
+                       "ids with --stop-ids");
+  }
+  for (const std::string& text : a.stop_texts) {
+    a.generate.stop_sequences.push_back(mamba::encode_bytes(model.info(), text));
+  }
   std::ofstream dump;
   if (!a.dump_logits.empty()) {
     dump.open(a.dump_logits, std::ios::binary | std::ios::trunc);

@@ -68,6 +68,9 @@ struct GenerateOptions {
   int top_k = 0;            ///< sample among the k most likely tokens; 0 = the whole vocabulary
   uint64_t seed = 0;        ///< same seed, same prompt, same model: same tokens
   std::vector<int64_t> stop_tokens;  ///< generation ends after emitting one of these (it is included in tokens)
+  /// Generation ends as soon as the tokens generated in this call (not the prompt) end with one of these (each
+  /// non-empty, every id in [0, vocab_size); e.g. a stop string's encode_bytes); its tokens stay in tokens.
+  std::vector<std::vector<int64_t>> stop_sequences;
   /// Start from a zero state (true), or continue the current one (false; e.g. after load_state of a prefix, or
   /// after a previous generate(): the next turn of a conversation, whose state then holds every earlier token).
   bool reset = true;
@@ -79,7 +82,11 @@ struct GenerateOptions {
 /// The result of generate().
 struct Generation {
   std::vector<int64_t> tokens;  ///< the new tokens, in order
-  bool stopped = false;         ///< true when the last token is a stop token
+  bool stopped = false;         ///< true when it ended on a stop token or a stop sequence
+  /// The index in options.stop_sequences of the sequence the tokens end with; when several do, the longest (the
+  /// first of equally long ones); -1 when none. Set also when the last token is a stop token too (stopped is true
+  /// either way).
+  int stop_sequence = -1;
   double prefill_ms = 0;        ///< the prompt through the prefill graph, and picking the first new token
   double decode_ms = 0;         ///< all decode.onnx steps (tokens.size() - 1 of them)
   /// Milliseconds per decoded token (decode_ms / steps); 0 when only one token was generated.

@@ -287,6 +287,7 @@ struct Model::Impl {
   void take_logits(const Ort::Value& out, size_t offset);  // vocab_size values from element `offset`
   void check_token(int64_t id, const char* kind, int64_t position = -1) const;
   void check_prompt(const std::vector<int64_t>& ids) const;  // not empty, every id in the vocabulary
+  void check_stop_sequences(const std::vector<std::vector<int64_t>>& sequences) const;  // each as a prompt
 };
 
 Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
@@ -392,6 +393,16 @@ void Model::Impl::check_token(int64_t id, const char* kind, int64_t position) co
 void Model::Impl::check_prompt(const std::vector<int64_t>& ids) const {
   if (ids.empty()) throw Error("empty prompt: give at least one token id");
   for (size_t i = 0; i < ids.size(); ++i) check_token(ids[i], "token id", int64_t(i));
+}
+
+// "stop sequence 1 is empty: ...", "stop sequence 0: token id 7 at position 2 is out of range [0, 101)".
+void Model::Impl::check_stop_sequences(const std::vector<std::vector<int64_t>>& sequences) const {
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    std::string name = "stop sequence " + std::to_string(i);
+    if (sequences[i].empty()) throw Error(name + " is empty: give at least one token id");
+    const std::string kind = name + ": token id";
+    for (size_t k = 0; k < sequences[i].size(); ++k) check_token(sequences[i][k], kind.c_str(), int64_t(k));
+  }
 }
 
 Model::Model(const std::string& export_dir, const SessionOptions& options)
@@ -513,6 +524,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
     throw Error("max_new_tokens must be at least 1, found " + std::to_string(options.max_new_tokens));
   }
   for (int64_t stop : options.stop_tokens) m.check_token(stop, "stop token id");
+  m.check_stop_sequences(options.stop_sequences);
   Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
   auto pick = [&](const std::vector<float>& logits) {
     int64_t token = options.greedy ? argmax(logits) : sampler.sample(logits);
@@ -526,16 +538,31 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   m.check_prompt(prompt);  // before reset(), so that a refused call leaves the state as it was
 
   Generation g;
+  // After each new token: the longest stop sequence the new tokens end with, the first of equally long ones (only
+  // their tail is compared, last token first), then whether a stop sequence or a stop token ends the generation.
+  // The longest, as the Python runtime cuts a text where the earliest of the matches that end together starts.
+  auto ended = [&] {
+    g.stop_sequence = -1;
+    size_t longest = 0;
+    for (size_t i = 0; i < options.stop_sequences.size(); ++i) {
+      const std::vector<int64_t>& s = options.stop_sequences[i];
+      if (s.size() > longest && s.size() <= g.tokens.size() && std::equal(s.rbegin(), s.rend(), g.tokens.rbegin())) {
+        g.stop_sequence = int(i);
+        longest = s.size();
+      }
+    }
+    g.stopped = g.stop_sequence >= 0 || is_stop(g.tokens.back());
+    return g.stopped;
+  };
   if (options.reset) reset();
   auto start = std::chrono::steady_clock::now();
   g.tokens.push_back(pick(prefill(prompt)));
   g.prefill_ms = ms_since(start);
   start = std::chrono::steady_clock::now();
-  while (int(g.tokens.size()) < options.max_new_tokens && !is_stop(g.tokens.back())) {
+  while (!ended() && int(g.tokens.size()) < options.max_new_tokens) {
     g.tokens.push_back(pick(step(g.tokens.back())));
   }
   g.decode_ms = ms_since(start);
-  g.stopped = is_stop(g.tokens.back());
   m.unfed = g.tokens.back();  // part of the sequence; run when the state is next used (see Impl::unfed)
   return g;
 }

@@ -70,6 +70,74 @@ std::vector<float> generate_logits(mamba::Model& model, const std::vector<int64_
   return all;
 }
 
+// generate() of kPrompt, 12 tokens, greedy or sampled (seed 3), with these stop sequences and stop tokens.
+mamba::Generation generate_stopping(mamba::Model& model, bool greedy,
+                                    const std::vector<std::vector<int64_t>>& sequences,
+                                    const std::vector<int64_t>& stop_tokens = {}) {
+  mamba::GenerateOptions options;
+  options.max_new_tokens = 12;
+  options.greedy = greedy;
+  options.seed = 3;
+  options.stop_sequences = sequences;
+  options.stop_tokens = stop_tokens;
+  return model.generate(kPrompt, options);
+}
+
+void expect_generation(const std::string& what, const mamba::Generation& g, const std::vector<int64_t>& tokens,
+                       bool stopped, int stop_sequence) {
+  if (g.tokens != tokens || g.stopped != stopped || g.stop_sequence != stop_sequence) {
+    fail(what + ": " + std::to_string(g.tokens.size()) + " tokens (expected " + std::to_string(tokens.size()) +
+         "; same: " + (g.tokens == tokens ? "yes" : "no") + "), stopped " + std::to_string(g.stopped) +
+         ", stop_sequence " + std::to_string(g.stop_sequence) + " (expected " + std::to_string(stopped) + ", " +
+         std::to_string(stop_sequence) + ")");
+  }
+}
+
+// Stop sequences against runs without them: generation ends right after the first place where the new tokens (not
+// the prompt) end with one, and reports the longest of those that match (the first of equally long ones).
+void check_stop_sequences(mamba::Model& model) {
+  const std::vector<int64_t> greedy = generate_stopping(model, true, {}).tokens;
+  const std::vector<int64_t> pair(greedy.begin() + 1, greedy.begin() + 3);
+  const size_t end = size_t(std::search(greedy.begin(), greedy.end(), pair.begin(), pair.end()) - greedy.begin()) + 2;
+  if (end >= greedy.size()) fail("stop sequence: its first occurrence is the last token: the check proves nothing");
+  expect_generation("stop sequence", generate_stopping(model, true, {pair}),
+                    std::vector<int64_t>(greedy.begin(), greedy.begin() + end), true, 0);
+  std::cout << "ok: a stop sequence from the greedy continuation ends generate() after its first occurrence ("
+            << end << " of " << greedy.size() << " tokens)\n";
+
+  // A sampled run (the greedy one of the tiny model repeats two tokens): its first token k >= 2 that is new there
+  // ends, at k, both a sequence of three and a sequence of one, and neither matches earlier.
+  const std::vector<int64_t> sampled = generate_stopping(model, false, {}).tokens;
+  size_t k = 2;
+  while (k + 1 < sampled.size() && std::count(sampled.begin(), sampled.begin() + k, sampled[k]) > 0) ++k;
+  if (k + 1 >= sampled.size()) fail("stop sequences: no new token in the sampled run: the check proves nothing");
+  const std::vector<int64_t> upto(sampled.begin(), sampled.begin() + k + 1);
+  const std::vector<int64_t> three(sampled.begin() + k - 2, sampled.begin() + k + 1), one = {sampled[k]};
+  const std::vector<int64_t> too_long(13, 0);  // longer than the generation: never matches
+  expect_generation("longest, shorter first", generate_stopping(model, false, {one, three}), upto, true, 1);
+  expect_generation("longest, longer first", generate_stopping(model, false, {too_long, three, one}), upto, true, 1);
+  expect_generation("equally long", generate_stopping(model, false, {one, one, three, three}), upto, true, 2);
+  std::cout << "ok: stop sequences that end at the same token report the longest, the first of equal ones (token "
+            << k << ")\n";
+
+  expect_generation("stop token and stop sequence", generate_stopping(model, false, {three}, {sampled[k]}), upto, true,
+                    0);
+  expect_generation("stop token alone", generate_stopping(model, false, {}, {sampled[k]}), upto, true, -1);
+  std::cout << "ok: a stop token that also ends a stop sequence reports the sequence (stop_sequence -1 without it)\n";
+
+  // Sequences that the prompt and the new tokens together end with, the new tokens alone never: the prompt's last
+  // token and the first new one; that token and all the new ones (13: longer than the generation).
+  const std::vector<int64_t> boundary = {kPrompt.back(), greedy[0]};
+  std::vector<int64_t> across = {kPrompt.back()};
+  across.insert(across.end(), greedy.begin(), greedy.end());
+  if (std::search(greedy.begin(), greedy.end(), boundary.begin(), boundary.end()) != greedy.end()) {
+    fail("stop sequence across the prompt in the greedy tokens: the check proves nothing");
+  }
+  expect_generation("sequences across the prompt", generate_stopping(model, true, {boundary, across}), greedy, false,
+                    -1);
+  std::cout << "ok: stop sequences that only match with the prompt's tokens change nothing\n";
+}
+
 // Draw frequencies against softmax(logits / temperature) restricted to the top k, renormalized.
 void check_sampler(float temperature, int top_k) {
   const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 1.0f, 1.5f};
@@ -220,6 +288,8 @@ int main(int argc, char** argv) {
     prefix.ssm.pop_back();
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
+    check_stop_sequences(model);
+
     // A rejected call leaves the sequence where it was.
     model.reset();
     model.prefill(slice(0, kPrompt.size() - 1));
@@ -229,6 +299,14 @@ int main(int argc, char** argv) {
     expect_error("generate with an id out of range", "at position 1 is out of range",
                  [&] { model.generate({1, model.info().vocab_size}, fresh); });
     expect_error("generate with an empty prompt", "empty prompt", [&] { model.generate({}, fresh); });
+    fresh.stop_sequences = {{1, 2}, {}};
+    expect_error("generate with an empty stop sequence", "stop sequence 1 is empty",
+                 [&] { model.generate(kPrompt, fresh); });
+    fresh.stop_sequences = {{1, model.info().vocab_size}};
+    const std::string vocab = std::to_string(model.info().vocab_size);
+    expect_error("generate with a stop sequence id out of range",
+                 "stop sequence 0: token id " + vocab + " at position 1 is out of range [0, " + vocab + ")",
+                 [&] { model.generate(kPrompt, fresh); });
     expect_close("state intact after failed calls", model.step(kPrompt.back()), whole);
 
     {  // a filesystem failure (here a symlink loop) is a mamba::Error naming the path, not a filesystem_error
