@@ -1058,3 +1058,84 @@ def test_cli_stop_errors_are_one_line(exp, capsys, monkeypatch):
     assert main(["generate", str(exp.dir), "--prompt-ids", "1", "--stop", "a", "--stream"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--stop: matching them needs a tokenizer" in err[0] and "use --stop-ids" in err[0]
+
+
+# ---- log-probabilities --------------------------------------------------------------------------------------------
+def _reference_logprobs(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """The reference model's log softmax at each generated token, in float64, from one forward over prompt + tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))[0][0].double()
+    steps = logits[len(prompt) - 1:len(prompt) + len(tokens) - 1]
+    return torch.log_softmax(steps, dim=-1)[torch.arange(len(tokens)), torch.tensor(tokens)].numpy()
+
+
+@pytest.mark.parametrize("sampling", [None, SAMPLED], ids=["greedy", "sampled"])
+def test_logprobs_are_the_models_log_softmax_at_each_generated_token(exp, rt, sampling):
+    """Per row of an uneven batch, every generated token's log-probability is the reference model's log softmax of
+    its raw logits (sampled with temperature, top-k, top-p and a repetition penalty too: those shape the draw, not
+    the reported probability); a row that stops early has one per token; without logprobs=True there are none."""
+    stop = rt.generate(PROMPTS, 3, sampling).tokens[1][2]
+    result = rt.generate(PROMPTS, 12, sampling, stop_tokens=[stop], logprobs=True)
+    assert result.finish_reasons[1] == "stop"
+    for prompt, tokens, logprobs in zip(PROMPTS, result.tokens, result.logprobs, strict=True):
+        assert len(logprobs) == len(tokens)
+        np.testing.assert_allclose(logprobs, _reference_logprobs(exp.model, prompt, tokens), atol=2e-4)
+    if sampling is not None:  # the draw's own distribution differs: the check above would fail for it
+        assert any(lp < -2 for lp in itertools.chain.from_iterable(result.logprobs))
+    assert rt.generate(PROMPTS, 12, sampling, stop_tokens=[stop]).logprobs is None
+
+
+def test_logprobs_survive_a_snapshot_and_follow_keeps_them(exp, rt):
+    want = rt.generate(PROMPTS, 10, SAMPLED, logprobs=True)
+    gen = rt.start(PROMPTS, 10, SAMPLED, logprobs=True)
+    gen.step(), gen.step()
+    got = rt.restore(gen.snapshot()).run()
+    assert got.tokens == want.tokens and got.logprobs == want.logprobs
+    one = rt.start(PROMPTS[0], 4, logprobs=True)
+    one.run()
+    second = one.follow(PROMPTS[2], 5).run()
+    history = PROMPTS[0] + one.tokens[0] + PROMPTS[2]
+    np.testing.assert_allclose(second.logprobs[0], _reference_logprobs(exp.model, history, second.tokens[0]),
+                               atol=2e-4)
+    assert one.follow(PROMPTS[2], 5, logprobs=False).run().logprobs is None
+
+
+def test_snapshot_logprobs_old_absent_or_damaged(rt):
+    gen = rt.start(PROMPTS[:2], 5, logprobs=True)
+    gen.step()
+    blob = gen.snapshot()
+    with np.load(io.BytesIO(blob)) as z:
+        meta = json.loads(z["meta"].tobytes())
+    assert meta["logprobs"] == gen.logprobs and len(meta["logprobs"][0]) == 1
+    for value, ok in (("absent", True), (None, True), ([[-1.0]], False), ([[-1.0], ["x"]], False),
+                      ([[-1.0], [-1.0, -2.0]], False), ([[-1.0], [True]], False)):
+        edited = {k: v for k, v in meta.items() if k != "logprobs"}
+        if value != "absent":
+            edited["logprobs"] = value
+        changed = _edited_snapshot(blob, meta=np.frombuffer(json.dumps(edited).encode(), dtype=np.uint8))
+        if ok:
+            assert rt.restore(changed).run().logprobs is None
+        else:
+            with pytest.raises(SnapshotError, match="logprobs must be null or, per sequence, one finite number"):
+                rt.restore(changed)
+
+
+def test_logprobs_must_be_a_bool(rt):
+    with pytest.raises(GenerationInputError, match="logprobs must be True or False, found 'yes'"):
+        rt.generate([1], 3, logprobs="yes")
+
+
+def test_cli_logprobs_in_the_json_object(exp, rt, capsys):
+    from mamba_export.cli import main
+
+    assert main(["generate", str(exp.dir), "--prompt-ids", "5,17,200", "--max-new-tokens", "6", "--json",
+                 "--logprobs"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = rt.generate([5, 17, 200], 6, logprobs=True)
+    assert out["tokens"] == want.tokens[0]
+    np.testing.assert_allclose(out["logprobs"], want.logprobs[0], rtol=1e-12)
+    assert main(["generate", str(exp.dir), "--prompt-ids", "5", "--max-new-tokens", "2", "--json"]) == 0
+    assert "logprobs" not in json.loads(capsys.readouterr().out)
+    assert main(["generate", str(exp.dir), "--prompt-ids", "5", "--logprobs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--logprobs goes with --json" in err[0]

@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     out.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings)")
+    p.add_argument("--logprobs", action="store_true",
+                   help="with --json: also each generated token's log-probability under the model (natural log of "
+                        "the softmax of its raw logits, before penalty, temperature, top-k and top-p)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider (default auto: CUDA where this onnxruntime has it)")
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: its own)")
@@ -147,19 +150,23 @@ def _run(args: argparse.Namespace) -> int:
     require_int(args.max_new_tokens, "--max-new-tokens")  # before the export is opened (and its files hashed)
     if args.threads is not None:
         require_int(args.threads, "--threads")
+    if args.logprobs and not args.json:
+        raise MambaExportError("--logprobs goes with --json (the log-probabilities are a field of its object)")
     sampling = _sampling(args)
     rt = _open(args)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     if args.stream:
         _stream(rt, prompt, args, sampling)
         return 0
-    result = rt.generate(prompt, args.max_new_tokens, sampling, args.stop_ids, stop_strings=args.stop)
+    result = rt.generate(prompt, args.max_new_tokens, sampling, args.stop_ids, stop_strings=args.stop,
+                         logprobs=args.logprobs)
     text = result.texts[0] if result.texts is not None else None
     if args.json:
         print(json.dumps({
             "prompt_tokens": result.prompts[0], "tokens": result.tokens[0], "text": text,
             "finish_reason": result.finish_reasons[0], "timings": result.timings, "provider": rt.device.name,
             "custom_op_library": rt.custom_op_library, "sampling": {**sampling.to_dict(), "seed": result.seed},
+            **({"logprobs": result.logprobs[0]} if args.logprobs else {}),
         }))
     else:
         print(text if text is not None else ",".join(map(str, result.tokens[0])))

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import statistics
 import threading
@@ -28,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GenerationInputError, ModelOutputError, SnapshotError, is_int, require_int
+from .errors import GenerationInputError, ModelOutputError, SnapshotError, is_int, is_real, require_int
 from .manifest import parse_json
-from .sampling import Sampler, SamplingConfig
+from .sampling import Sampler, SamplingConfig, token_logprobs
 from .stopping import StopText
 
 SNAPSHOT_FORMAT = "mamba-runtime-snapshot"
@@ -56,6 +57,9 @@ class GenerationResult:
         seed: the seed the sequences drew from: ``SamplingConfig.seed``, or the one drawn for this generation when
             that is None; ``SamplingConfig(..., seed=result.seed)`` reproduces a sampled run. For greedy decoding
             (which draws nothing) the config's seed as given, usually None.
+        logprobs: with ``logprobs=True``, per sequence the natural log of each generated token's probability under
+            the model (the log softmax of the raw logits it was picked from: before the repetition penalty,
+            temperature, top-k and top-p), one per token of ``tokens``; else None.
     """
 
     prompts: list[list[int]]
@@ -64,6 +68,7 @@ class GenerationResult:
     texts: list[str] | None
     timings: dict
     seed: int | None = None
+    logprobs: list[list[float]] | None = None
 
 
 class Generation:
@@ -73,7 +78,7 @@ class Generation:
     """
 
     def __init__(self, runtime, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 stop_tokens: frozenset[int], stop_strings: tuple[str, ...] = ()):
+                 stop_tokens: frozenset[int], stop_strings: tuple[str, ...] = (), logprobs: bool = False):
         self.runtime = runtime
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
@@ -85,6 +90,7 @@ class Generation:
         if stop_strings:  # MambaRuntime._settings and _rebuild (a snapshot's) have checked that there is a codec
             self._stop_text = [StopText(runtime.codec.stream(), stop_strings) for _ in prompts]
         self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.logprobs: list[list[float]] | None = [[] for _ in prompts] if logprobs else None
         self.finish_reasons: list[str | None] = [None for _ in prompts]
         self.sampler = Sampler(sampling, len(prompts), runtime.info.vocab_size)
         for i, p in enumerate(prompts):
@@ -144,6 +150,10 @@ class Generation:
             raise
         new = self.sampler(logits, active)
         self._logits = None
+        if self.logprobs is not None:
+            rows = np.flatnonzero(active)
+            for i, lp in zip(rows, token_logprobs(logits, rows, new[rows]).tolist()):
+                self.logprobs[i].append(lp)
         self._record(new, active)
         self._pending = np.where(active, new, 0)
         elapsed = time.perf_counter() - t0
@@ -206,36 +216,38 @@ class Generation:
         }
         reasons = [r or "unfinished" for r in self.finish_reasons]
         seed = self.sampling.seed if self.sampling.greedy else self.sampler.seed
+        logprobs = None if self.logprobs is None else [list(x) for x in self.logprobs]
         return GenerationResult([list(p) for p in self.prompts], [list(t) for t in self.tokens], reasons, texts,
-                                timings, seed)
+                                timings, seed, logprobs)
 
     def follow(self, prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
-               stop_tokens: Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None
-               ) -> Generation:
+               stop_tokens: Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
+               logprobs: bool | None = None) -> Generation:
         """The next turn of this finished conversation: a new :class:`Generation` of one sequence that goes on from
         where this one ended (its prompt and every generated token, a final stop token included) with ``prompt``
         (text or ids: the user's next message) after it, without running the history again. Its tokens are those of
         ``runtime.start(history + prompt, ...)`` with the same settings (the repetition penalty counts the history
-        too); its result's ``prompts`` holds the new prompt only. ``sampling``, ``stop_tokens`` and ``stop_strings``
-        default to this generation's (stop strings are searched in the new turn's text only). Works on a restored
-        snapshot as well. One sequence only: a conversation is one sequence (in a batch, a row that finished early
-        has been fed dummy tokens since)."""
+        too); its result's ``prompts`` holds the new prompt only. ``sampling``, ``stop_tokens``, ``stop_strings`` and
+        ``logprobs`` default to this generation's (stop strings are searched in the new turn's text only). Works on
+        a restored snapshot as well. One sequence only: a conversation is one sequence (in a batch, a row that
+        finished early has been fed dummy tokens since)."""
         if self.batch != 1:
             raise GenerationInputError(f"follow() continues one sequence; this generation has {self.batch} (start "
                                        "one generation per conversation)")
         if not self.done:
             raise GenerationInputError("follow() continues a finished generation: run() it (or cancel()) first")
         runtime = self.runtime
-        max_new_tokens, sampling, stops, strings = runtime._settings(
+        max_new_tokens, sampling, stops, strings, logprobs = runtime._settings(
             max_new_tokens, self.sampling if sampling is None else sampling,
             self.stop_tokens if stop_tokens is None else stop_tokens,
-            self.stop_strings if stop_strings is None else stop_strings)
+            self.stop_strings if stop_strings is None else stop_strings,
+            self.logprobs is not None if logprobs is None else logprobs)
         new = runtime._prompts(prompt)
         if len(new) != 1:
             raise GenerationInputError(f"follow() takes one prompt, found {len(new)}")
         with self._claimed():
             history = self.prompts[0] + self.tokens[0]
-            gen = Generation(runtime, new, max_new_tokens, sampling, stops, strings)
+            gen = Generation(runtime, new, max_new_tokens, sampling, stops, strings, logprobs)
             gen.sampler.observe([0] * len(history), history)  # as if history + prompt had been the prompt
             unfed = [] if self._pending is None else [int(self._pending[0])]  # the last token, sampled, not yet run
             t0 = time.perf_counter()
@@ -252,7 +264,7 @@ class Generation:
             "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "export_id": self.runtime.info.export_id,
             "prompts": self.prompts, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
             "max_new_tokens": self.max_new_tokens, "stop_tokens": sorted(self.stop_tokens),
-            "stop_strings": list(self.stop_strings),
+            "stop_strings": list(self.stop_strings), "logprobs": self.logprobs,
             # a greedy run keeps its config's seed as given (usually None: it draws nothing), as result() reports it
             "sampling": {**self.sampling.to_dict(), "seed": self.sampling.seed if self.sampling.greedy
                          else self.sampler.seed}, "rng": self.sampler.rng_states(),
@@ -392,8 +404,15 @@ def _checked_meta(meta: dict, vocab: int) -> dict:
     strings = meta.get("stop_strings", [])  # absent in snapshots written before stop strings existed
     if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings):
         raise SnapshotError("snapshot stop_strings must be a list of non-empty strings")
+    logprobs = meta.get("logprobs")  # absent (None) in snapshots written before log-probabilities existed
+    if logprobs is not None and not (
+            isinstance(logprobs, list) and len(logprobs) == b
+            and all(isinstance(x, list) and len(x) == len(t) for x, t in zip(logprobs, tokens))
+            and all(is_real(v) and not isinstance(v, bool) and math.isfinite(v) for x in logprobs for v in x)):
+        raise SnapshotError("snapshot logprobs must be null or, per sequence, one finite number per token")
     return dict(prompts=prompts, max_new_tokens=int(limit), tokens=tokens, finish_reasons=list(reasons),
-                stop_tokens=_id_list(meta["stop_tokens"], "stop_tokens", vocab), stop_strings=tuple(strings))
+                stop_tokens=_id_list(meta["stop_tokens"], "stop_tokens", vocab), stop_strings=tuple(strings),
+                logprobs=None if logprobs is None else [[float(v) for v in x] for x in logprobs])
 
 
 def _rebuild(runtime, meta: dict) -> Generation:
@@ -410,7 +429,7 @@ def _rebuild(runtime, meta: dict) -> Generation:
         raise SnapshotError(f"snapshot has stop strings, and matching them needs a tokenizer ({why})")
     gen = Generation(runtime, checked["prompts"], checked["max_new_tokens"], sampling,
                      frozenset(checked["stop_tokens"]), checked["stop_strings"])
-    gen.tokens, gen.finish_reasons = checked["tokens"], checked["finish_reasons"]
+    gen.tokens, gen.finish_reasons, gen.logprobs = checked["tokens"], checked["finish_reasons"], checked["logprobs"]
     for i, t in enumerate(gen.tokens):
         gen.sampler.observe([i] * len(t), t)
         if (watch := gen._stop_text[i]) is not None:  # the text so far, decoded again

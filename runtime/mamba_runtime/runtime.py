@@ -176,21 +176,24 @@ class MambaRuntime:
 
     # ---- generation -------------------------------------------------------------------------------------------
     def start(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
-              stop_tokens: Iterable[int] = (), stop_strings: str | Iterable[str] = ()) -> Generation:
+              stop_tokens: Iterable[int] = (), stop_strings: str | Iterable[str] = (), logprobs: bool = False
+              ) -> Generation:
         """Prefill one prompt or a batch (text or token ids, any lengths) and return the :class:`Generation`.
         A sequence ends at a stop token (kept in its tokens, left out of its text) or as soon as its generated text
         contains one of ``stop_strings`` (a string or a list; needs a tokenizer): its tokens end with the one that
-        completed the match, and its text is cut where the match starts."""
-        max_new_tokens, sampling, stops, strings = self._settings(max_new_tokens, sampling, stop_tokens, stop_strings)
-        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling, stops, strings)
+        completed the match, and its text is cut where the match starts. ``logprobs=True``: the result also holds
+        each generated token's log-probability under the model (:class:`GenerationResult`)."""
+        max_new_tokens, sampling, stops, strings, logprobs = self._settings(max_new_tokens, sampling, stop_tokens,
+                                                                            stop_strings, logprobs)
+        gen = Generation(self, self._prompts(prompts), max_new_tokens, sampling, stops, strings, logprobs)
         gen.prefill()
         return gen
 
     def _settings(self, max_new_tokens: int, sampling: SamplingConfig | None, stop_tokens: Iterable[int],
-                  stop_strings: str | Iterable[str] = ()
-                  ) -> tuple[int, SamplingConfig, frozenset[int], tuple[str, ...]]:
+                  stop_strings: str | Iterable[str] = (), logprobs: bool = False
+                  ) -> tuple[int, SamplingConfig, frozenset[int], tuple[str, ...], bool]:
         """A generation's settings, checked: max_new_tokens, the sampling config (None: greedy), the stop set, the
-        stop strings (which need a tokenizer)."""
+        stop strings (which need a tokenizer), whether to keep log-probabilities."""
         max_new_tokens = require_int(max_new_tokens, "max_new_tokens")
         if max_new_tokens > MAX_NEW_TOKENS:
             raise GenerationInputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS}, found {max_new_tokens}")
@@ -204,15 +207,17 @@ class MambaRuntime:
             why = self.codec_unavailable or "the export directory has neither tokenizer.json nor byte_vocab.json"
             raise GenerationInputError(f"stop strings: matching them needs a tokenizer ({why}); use stop tokens "
                                        "instead")
-        return max_new_tokens, sampling or SamplingConfig(), stops, strings
+        if not isinstance(logprobs, (bool, np.bool_)):
+            raise GenerationInputError(f"logprobs must be True or False, found {logprobs!r:.60}")
+        return max_new_tokens, sampling or SamplingConfig(), stops, strings, bool(logprobs)
 
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  stop_tokens: Iterable[int] = (),
                  callback: Callable[[np.ndarray], bool | None] | None = None,
-                 stop_strings: str | Iterable[str] = ()) -> GenerationResult:
-        """Generate for one prompt or a batch; ``callback(new_tokens (b,))`` returning True stops early. Stop tokens
-        and stop strings as in :meth:`start`."""
-        return self.start(prompts, max_new_tokens, sampling, stop_tokens, stop_strings).run(callback)
+                 stop_strings: str | Iterable[str] = (), logprobs: bool = False) -> GenerationResult:
+        """Generate for one prompt or a batch; ``callback(new_tokens (b,))`` returning True stops early. Stop tokens,
+        stop strings and logprobs as in :meth:`start`."""
+        return self.start(prompts, max_new_tokens, sampling, stop_tokens, stop_strings, logprobs).run(callback)
 
     def stream(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingConfig | None = None,
                stop_tokens: Iterable[int] = (), stop_strings: str | Iterable[str] = ()) -> Iterator[int]:

@@ -99,6 +99,15 @@ def sample_row(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator
     return int(idx[min(j, idx.size - 1)])
 
 
+def token_logprobs(logits: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The model's log-probability of ``tokens[j]`` in row ``rows[j]`` of logits (b, V): log softmax of the raw
+    logits (before any repetition penalty, temperature, top-k or top-p), in float64."""
+    x = np.asarray(logits[rows], dtype=np.float64)
+    top = x.max(axis=-1)
+    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=-1))
+    return x[np.arange(len(rows)), tokens] - lse
+
+
 class Sampler:
     """Picks the next token of each of ``batch`` sequences and remembers which tokens each has seen."""
 

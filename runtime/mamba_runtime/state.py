@@ -77,7 +77,8 @@ class DeviceState:
 
 
 def _prefill_run(session: ort.InferenceSession, device, state: list[tuple], ids: np.ndarray):
-    """Run ids (g, l) from ``state`` (per layer (conv, ssm) OrtValues); returns logits and the new state as OrtValues."""
+    """Run ids (g, l) from ``state`` (per layer (conv, ssm) OrtValues); returns logits and the new state as
+    OrtValues."""
     binding = session.io_binding()
     binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
     bound = ["logits"]
