@@ -326,13 +326,15 @@ def test_byte_level_text_prompt(binary, export):
 
 def test_api_checks(binary, export):
     """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API (a
-    refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), stop sequences, sampler
-    frequencies against the softmax, SHA-256."""
+    refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), stop sequences, Models
+    made by share() (same tokens and logits as the original, their own states, 4 threads at once, alive after the
+    original is destroyed or moved from, nothing read from the export directory), sampler frequencies against the
+    softmax, SHA-256."""
     out, _ = export(**MAIN)
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120, env=program_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 33, proc.stdout
+    assert proc.stdout.count("ok: ") == 45, proc.stdout
 
 
 def test_help(binary):

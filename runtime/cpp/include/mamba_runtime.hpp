@@ -7,6 +7,12 @@
 //
 // One Model holds one sequence's recurrent state (batch 1) and is not thread-safe; use one Model per thread. A call
 // made while another thread is inside a call of the same Model throws mamba::Error instead of running.
+// Several sequences at once, one copy of the weights: model.share() makes another Model on the same onnxruntime
+// sessions (loaded once) with its own state. Models that share sessions may run on different threads at the same
+// time, each Model still one thread at a time; share() itself may be called while another thread uses the Model.
+//
+//   mamba::Model worker = model.share();  // e.g. one per thread: nothing is read or loaded again
+//
 // Every failure a user can cause (missing directory or file, bad manifest, custom-op library that does not load,
 // token id out of range, empty prompt, a graph that breaks the contract) is a mamba::Error with a one-line message.
 #pragma once
@@ -114,7 +120,20 @@ class Model {
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
+  /// The same object for this Model and every Model that shares its sessions (see share()).
   const ModelInfo& info() const;
+
+  /// A new Model for another sequence, on this Model's sessions: it shares the loaded graphs and their weights, the
+  /// Ort::Env, the options they were opened with and info(), and has its own state (zeros), run buffers, pending
+  /// token (see generate()) and thread check. Nothing is read, verified, loaded or warmed up again: it costs its
+  /// state buffers (2 x n_layer x d_inner x (d_conv - 1 + d_state) float32) and the logits. The shared part lives as
+  /// long as any Model that holds it: a Model from share() stays valid after this one is destroyed or moved from,
+  /// and a share() of it shares the same sessions.
+  /// Threads: Models that share sessions may be used from different threads at the same time (onnxruntime's
+  /// Session::Run is thread-safe, the custom-op kernels keep no state); each Model itself stays one thread at a time.
+  /// share() reads only the shared part, which no call changes, so it may run while another thread is inside a call
+  /// of this Model (not while this Model is being moved or destroyed).
+  Model share() const;
 
   /// Zeroes the recurrent state: the next prefill() starts a new sequence.
   void reset();
@@ -140,6 +159,7 @@ class Model {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  explicit Model(std::unique_ptr<Impl> impl);  // share()
   Impl& impl() const;  // throws mamba::Error on a moved-from Model
 };
 

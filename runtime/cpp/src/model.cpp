@@ -1,4 +1,5 @@
-// mamba::Model: the two onnxruntime sessions of an export directory and one sequence's recurrent state.
+// mamba::Model: the two onnxruntime sessions of an export directory (shared with the Models its share() makes) and
+// one sequence's recurrent state.
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -232,17 +233,30 @@ double ms_since(std::chrono::steady_clock::time_point start) {
 double Generation::ms_per_token() const { return tokens.size() > 1 ? decode_ms / double(tokens.size() - 1) : 0.0; }
 
 struct Model::Impl {
-  detail::Manifest manifest;
-  ModelInfo info;
-  // FATAL only: onnxruntime would print its multi-line, coloured ERROR log of a graph it cannot load before our
-  // one-line error, which carries its message (ort_text). Its warnings were never shown.
-  Ort::Env env{ORT_LOGGING_LEVEL_FATAL, "mamba_runtime"};
+  // What a Model and the Models made by its share() hold in common: the manifest, the Env and the two sessions (the
+  // weights, loaded once) and the run's names. Nothing changes it once built, so any number of threads read it at
+  // once (onnxruntime's Session::Run is thread-safe; the custom-op library's kernels keep no state between runs). It
+  // lives as long as the last Model that holds it.
+  struct Shared {
+    detail::Manifest manifest;
+    ModelInfo info;
+    // FATAL only: onnxruntime would print its multi-line, coloured ERROR log of a graph it cannot load before our
+    // one-line error, which carries its message (ort_text). Its warnings were never shown.
+    Ort::Env env{ORT_LOGGING_LEVEL_FATAL, "mamba_runtime"};
+    Ort::Session prefill_graph{nullptr};  // model_last.onnx or model.onnx: any number of tokens
+    Ort::Session decode_graph{nullptr};   // decode.onnx: one token, fused DecodeStep
+    ONNXTensorElementDataType logits_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    std::vector<std::string> input_names, output_names;  // input_ids, past_*; logits, present_* (state order)
+    std::vector<const char*> input_cnames, output_cnames;
+    size_t prefill_chunk = 0;  // prompt tokens per prefill run
+
+    Shared(const std::string& dir, const SessionOptions& options);  // reads, verifies and loads the export
+  };
+
+  // Never null; the same object for a Model and every Model made by share() from it or from those.
+  const std::shared_ptr<const Shared> shared;
+  // The rest is this Model's sequence, which no other Model sees.
   Ort::AllocatorWithDefaultOptions alloc;
-  Ort::Session prefill_graph{nullptr};  // model_last.onnx or model.onnx: any number of tokens
-  Ort::Session decode_graph{nullptr};   // decode.onnx: one token, fused DecodeStep
-  ONNXTensorElementDataType logits_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  std::vector<std::string> input_names, output_names;  // input_ids, past_*; logits, present_* (state order)
-  std::vector<const char*> input_cnames, output_cnames;
   // Double-buffered state: a run reads states[current] and writes states[1 - current]; only a run that succeeds
   // flips `current`, so a failed run leaves the sequence where it was. No state copies, no per-token allocation.
   std::array<std::vector<Ort::Value>, 2> states;
@@ -250,7 +264,6 @@ struct Model::Impl {
   // Per value of `current`: the run's input and output pointers, slot 0 (input_ids / logits) set at each run.
   std::array<std::vector<const OrtValue*>, 2> run_inputs;
   std::array<std::vector<OrtValue*>, 2> run_outputs;
-  size_t prefill_chunk = 0;         // prompt tokens per prefill run
   Ort::Value step_ids{nullptr};     // [1, 1] int64, rewritten for every decode step
   Ort::Value step_logits{nullptr};  // [1, 1, vocab], preallocated decode output
   std::vector<float> logits;        // float32 logits of the last position, what prefill() / step() return
@@ -259,7 +272,7 @@ struct Model::Impl {
   // state after generate() is the whole sequence, with no decode step spent when nothing continues it.
   int64_t unfed = -1;
   // The thread inside a call of this Model (none between calls): a second thread is refused (Busy), not let in to
-  // corrupt the state and the run buffers.
+  // corrupt the state and the run buffers. Models that share sessions have one each, so they run at once.
   std::atomic<std::thread::id> user{};
 
   struct Busy {  // held by every public call; the same thread may nest (generate calls prefill and step)
@@ -281,16 +294,16 @@ struct Model::Impl {
     Busy& operator=(const Busy&) = delete;
   };
 
-  Impl(const std::string& dir, const SessionOptions& options);
+  explicit Impl(std::shared_ptr<const Shared> sessions);  // a zero state and its own run buffers; loads nothing
   void feed_unfed();  // runs `unfed` through decode.onnx, when there is one
-  void run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
+  void run(const Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out);
   void take_logits(const Ort::Value& out, size_t offset);  // vocab_size values from element `offset`
   void check_token(int64_t id, const char* kind, int64_t position = -1) const;
   void check_prompt(const std::vector<int64_t>& ids) const;  // not empty, every id in the vocabulary
   void check_stop_sequences(const std::vector<std::vector<int64_t>>& sequences) const;  // each as a prompt
 };
 
-Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
+Model::Impl::Shared::Shared(const std::string& dir, const SessionOptions& options) {
   if (options.intra_op_threads < 0) {
     throw Error("intra_op_threads must be >= 0 (0: onnxruntime's choice), found " +
                 std::to_string(options.intra_op_threads));
@@ -329,13 +342,18 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
 
   input_names = {"input_ids"};
   output_names = {"logits"};
-  for (auto& [name, spec] : state_specs(manifest, "past_conv.", "past_ssm.")) {
-    input_names.push_back(name);
-    for (auto& buffers : states) buffers.push_back(zeros(alloc, {1, spec.shape[1], spec.shape[2]}, spec.type));
-  }
+  for (auto& [name, spec] : state_specs(manifest, "past_conv.", "past_ssm.")) input_names.push_back(name);
   for (auto& [name, spec] : state_specs(manifest, "present_conv.", "present_ssm.")) output_names.push_back(name);
   for (auto& n : input_names) input_cnames.push_back(n.c_str());
   for (auto& n : output_names) output_cnames.push_back(n.c_str());
+  size_t automatic = manifest.prefill_graph == "model_last.onnx" ? 1024 : 128;
+  prefill_chunk = options.prefill_chunk > 0 ? size_t(options.prefill_chunk) : automatic;
+}
+
+Model::Impl::Impl(std::shared_ptr<const Shared> sessions) : shared(std::move(sessions)) {
+  for (auto& [name, spec] : state_specs(shared->manifest, "past_conv.", "past_ssm.")) {
+    for (auto& buffers : states) buffers.push_back(zeros(alloc, {1, spec.shape[1], spec.shape[2]}, spec.type));
+  }
   for (int c = 0; c < 2; ++c) {
     run_inputs[c] = {nullptr};
     run_outputs[c] = {nullptr};
@@ -343,20 +361,18 @@ Model::Impl::Impl(const std::string& dir, const SessionOptions& options) {
     for (auto& v : states[1 - c]) run_outputs[c].push_back(v);
   }
   step_ids = zeros(alloc, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
-  step_logits = zeros(alloc, {1, 1, manifest.vocab_size}, logits_type);
-  logits.resize(size_t(manifest.vocab_size));
-  size_t automatic = manifest.prefill_graph == "model_last.onnx" ? 1024 : 128;
-  prefill_chunk = options.prefill_chunk > 0 ? size_t(options.prefill_chunk) : automatic;
+  step_logits = zeros(alloc, {1, 1, shared->manifest.vocab_size}, shared->logits_type);
+  logits.resize(size_t(shared->manifest.vocab_size));
 }
 
-void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out) {
+void Model::Impl::run(const Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out) {
   std::vector<const OrtValue*>& inputs = run_inputs[current];
   std::vector<OrtValue*>& outputs = run_outputs[current];
   inputs[0] = ids;
   outputs[0] = logits_out;  // nullptr: onnxruntime allocates it
   try {  // not ort_call: no message string is built for a run that succeeds
-    Ort::ThrowOnError(Ort::GetApi().Run(graph, nullptr, input_cnames.data(), inputs.data(), inputs.size(),
-                                        output_cnames.data(), output_cnames.size(), outputs.data()));
+    Ort::ThrowOnError(Ort::GetApi().Run(graph, nullptr, shared->input_cnames.data(), inputs.data(), inputs.size(),
+                                        shared->output_cnames.data(), shared->output_cnames.size(), outputs.data()));
   } catch (const Ort::Exception& e) {
     throw Error(std::string(file) + ": run failed: " + ort_text(e.what()));
   }
@@ -367,12 +383,13 @@ void Model::Impl::run(Ort::Session& graph, const char* file, const Ort::Value& i
 void Model::Impl::feed_unfed() {
   if (unfed < 0) return;
   *step_ids.GetTensorMutableData<int64_t>() = unfed;
-  run(decode_graph, "decode.onnx", step_ids, step_logits);  // its logits are not needed: nothing picks from them
+  // Its logits are not needed: nothing picks from them.
+  run(shared->decode_graph, "decode.onnx", step_ids, step_logits);
   unfed = -1;  // only once the run succeeded: a failed one leaves the state and the token as they were
 }
 
 void Model::Impl::take_logits(const Ort::Value& out, size_t offset) {
-  switch (logits_type) {
+  switch (shared->logits_type) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: row_to_float<Ort::Float16_t>(out, offset, logits); break;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: row_to_float<Ort::BFloat16_t>(out, offset, logits); break;
     default: row_to_float<float>(out, offset, logits); break;
@@ -384,10 +401,10 @@ void Model::Impl::take_logits(const Ort::Value& out, size_t offset) {
 
 // The message names the token: "<kind> 7 at position 2 is out of range [0, 101)" (no position when < 0).
 void Model::Impl::check_token(int64_t id, const char* kind, int64_t position) const {
-  if (id >= 0 && id < manifest.vocab_size) return;
+  if (id >= 0 && id < shared->manifest.vocab_size) return;
   std::string where = position >= 0 ? " at position " + std::to_string(position) : "";
   throw Error(kind + (" " + std::to_string(id)) + where + " is out of range [0, " +
-              std::to_string(manifest.vocab_size) + ")");
+              std::to_string(shared->manifest.vocab_size) + ")");
 }
 
 void Model::Impl::check_prompt(const std::vector<int64_t>& ids) const {
@@ -408,7 +425,9 @@ void Model::Impl::check_stop_sequences(const std::vector<std::vector<int64_t>>& 
 Model::Model(const std::string& export_dir, const SessionOptions& options)
     : impl_([&] {
         try {
-          return ort_call("onnxruntime", [&] { return std::make_unique<Impl>(export_dir, options); });
+          return ort_call("onnxruntime", [&] {
+            return std::make_unique<Impl>(std::make_shared<const Impl::Shared>(export_dir, options));
+          });
         } catch (const std::filesystem::filesystem_error& e) {  // a symlink loop, a path too long, ...: one Error
           std::string path = e.path1().empty() ? export_dir : e.path1().string();
           throw Error(path + ": " + e.code().message());
@@ -419,6 +438,7 @@ Model::Model(const std::string& export_dir, const SessionOptions& options)
   step(0);
   reset();
 }
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
@@ -428,7 +448,14 @@ Model::Impl& Model::impl() const {
   return *impl_;
 }
 
-const ModelInfo& Model::info() const { return impl().info; }
+const ModelInfo& Model::info() const { return impl().shared->info; }
+
+// No Busy: it reads only `shared`, which no call changes, so another thread may be inside a call of this Model.
+// The sessions ran at the opening already: nothing to warm up.
+Model Model::share() const {
+  std::shared_ptr<const Impl::Shared> shared = impl().shared;
+  return Model(ort_call("onnxruntime", [&] { return std::make_unique<Impl>(std::move(shared)); }));
+}
 
 void Model::reset() {
   Impl& m = impl();
@@ -447,7 +474,7 @@ State Model::save_state() const {
   for (size_t i = 0; i < m.states[m.current].size(); ++i) {
     const Ort::Value& v = m.states[m.current][i];
     const float* data = v.GetTensorData<float>();
-    auto& dst = i < size_t(m.manifest.n_layer) ? state.conv : state.ssm;  // conv of every layer, then ssm
+    auto& dst = i < size_t(m.shared->manifest.n_layer) ? state.conv : state.ssm;  // conv of every layer, then ssm
     dst.emplace_back(data, data + v.GetTensorTypeAndShapeInfo().GetElementCount());
   }
   return state;
@@ -456,9 +483,10 @@ State Model::save_state() const {
 void Model::load_state(const State& state) {
   Impl& m = impl();
   Impl::Busy busy(m);
-  size_t layers = size_t(m.manifest.n_layer);
-  size_t conv = size_t(m.manifest.d_inner * (m.manifest.d_conv - 1));
-  size_t ssm = size_t(m.manifest.d_inner * m.manifest.d_state);
+  const detail::Manifest& manifest = m.shared->manifest;
+  size_t layers = size_t(manifest.n_layer);
+  size_t conv = size_t(manifest.d_inner * (manifest.d_conv - 1));
+  size_t ssm = size_t(manifest.d_inner * manifest.d_state);
   if (state.conv.size() != layers || state.ssm.size() != layers) {
     throw Error("load_state: expected " + std::to_string(layers) + " layers of conv and ssm state, found " +
                 std::to_string(state.conv.size()) + " and " + std::to_string(state.ssm.size()));
@@ -492,12 +520,13 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
   // In chunks, each continuing the state: model.onnx's logits are [1, chunk, vocab], so a long prompt in one run
   // would allocate logits for every position.
-  for (size_t start = 0; start < buffer.size(); start += m.prefill_chunk) {
-    size_t n = std::min(m.prefill_chunk, buffer.size() - start);
+  const Impl::Shared& shared = *m.shared;
+  for (size_t start = 0; start < buffer.size(); start += shared.prefill_chunk) {
+    size_t n = std::min(shared.prefill_chunk, buffer.size() - start);
     std::array<int64_t, 2> shape{1, int64_t(n)};
     Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data() + start, n, shape.data(), shape.size());
     Ort::Value out{nullptr};
-    m.run(m.prefill_graph, m.manifest.prefill_graph.c_str(), input, out);
+    m.run(shared.prefill_graph, shared.manifest.prefill_graph.c_str(), input, out);
     if (start + n == buffer.size()) {  // logits [1, n, vocab] (model.onnx) or [1, 1, vocab] (model_last.onnx)
       int64_t positions = out.GetTensorTypeAndShapeInfo().GetShape()[1];
       m.take_logits(out, size_t(positions - 1) * m.logits.size());
@@ -512,7 +541,7 @@ const std::vector<float>& Model::step(int64_t id) {
   m.check_token(id, "token id");
   m.feed_unfed();
   *m.step_ids.GetTensorMutableData<int64_t>() = id;
-  m.run(m.decode_graph, "decode.onnx", m.step_ids, m.step_logits);
+  m.run(m.shared->decode_graph, "decode.onnx", m.step_ids, m.step_logits);
   m.take_logits(m.step_logits, 0);
   return m.logits;
 }

@@ -7,8 +7,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <memory>
+#include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -136,6 +139,232 @@ void check_stop_sequences(mamba::Model& model) {
   expect_generation("sequences across the prompt", generate_stopping(model, true, {boundary, across}), greedy, false,
                     -1);
   std::cout << "ok: stop sequences that only match with the prompt's tokens change nothing\n";
+}
+
+// One generate() call's tokens and the logits each was picked from (concatenated); options.on_token, when set, is
+// called too.
+struct Run {
+  std::vector<int64_t> tokens;
+  std::vector<float> logits;
+};
+
+Run generate_run(mamba::Model& model, const std::vector<int64_t>& prompt, mamba::GenerateOptions options) {
+  Run run;
+  auto user = options.on_token;
+  options.on_token = [&](int64_t token, const std::vector<float>& l) {
+    if (user) user(token, l);
+    run.logits.insert(run.logits.end(), l.begin(), l.end());
+  };
+  run.tokens = model.generate(prompt, options).tokens;
+  return run;
+}
+
+bool same_state(const mamba::State& a, const mamba::State& b) { return a.conv == b.conv && a.ssm == b.ssm; }
+
+bool all_zero(const mamba::State& s) {
+  for (const auto* kind : {&s.conv, &s.ssm}) {
+    for (const std::vector<float>& layer : *kind) {
+      if (std::any_of(layer.begin(), layer.end(), [](float v) { return v != 0.0f; })) return false;
+    }
+  }
+  return true;
+}
+
+// A Model from share() runs the same sessions: the same calls give the same tokens and logits, bit for bit, as on
+// the Model it comes from. Its state is its own: zeros at first whatever the original's, and neither Model's calls
+// change the other's save_state().
+void check_share(mamba::Model& model) {
+  model.reset();
+  model.prefill(kPrompt);  // the original's state is not zero when share() is called
+  mamba::Model shared = model.share();
+  if (!all_zero(shared.save_state())) fail("share(): the new Model's state is not zeros");
+  std::cout << "ok: a Model from share() starts from a zero state\n";
+  if (&shared.info() != &model.info()) fail("share(): info() is not the original's object");
+
+  for (bool greedy : {true, false}) {
+    mamba::GenerateOptions options;
+    options.max_new_tokens = 12;
+    options.greedy = greedy;
+    options.temperature = 0.9f;
+    options.seed = 3;
+    const Run want = generate_run(model, kPrompt, options);
+    const Run got = generate_run(shared, kPrompt, options);
+    if (got.tokens != want.tokens || got.logits != want.logits) {
+      fail(std::string("share(): other tokens or logits than the original's (") + (greedy ? "greedy" : "sampled") +
+           ", tokens " + (got.tokens == want.tokens ? "same" : "differ") + ")");
+    }
+    std::cout << "ok: a Model from share() generates the original's tokens and logits exactly ("
+              << (greedy ? "greedy" : "sampled, seed 3") << ", " << got.tokens.size() << " tokens)\n";
+  }
+
+  model.reset();
+  model.prefill(slice(0, kSplit));
+  const mamba::State original = model.save_state();
+  mamba::GenerateOptions options;
+  options.max_new_tokens = 8;
+  shared.generate(kPrompt, options);
+  shared.prefill({1, 2, 3});
+  if (!same_state(model.save_state(), original)) fail("generating on a shared Model changed the original's state");
+  const mamba::State other = shared.save_state();
+  if (same_state(other, original)) fail("shared states: both Models hold the same state: the check proves nothing");
+  model.generate(slice(kSplit, kPrompt.size()), options);
+  model.step(4);
+  if (!same_state(shared.save_state(), other)) fail("generating on the original changed a shared Model's state");
+  std::cout << "ok: a Model and its share() keep separate states (generating on one leaves the other's save_state())"
+            << "\n";
+}
+
+// Four threads, each on its own share() of `model`, generate different prompts at once for several rounds (greedy
+// and sampled, every third round continuing the thread's sequence): the tokens and logits of the same calls made one
+// after another on `model`. The threads call share() while the main thread is inside a generate() of `model` (so
+// share() takes no thread check of its source), and all four are inside their first generate() at the same time.
+void check_threads(mamba::Model& model) {
+  constexpr int kThreads = 4, kRounds = 6;
+  const int64_t vocab = model.info().vocab_size;
+  auto prompt_of = [&](int t, int r) {
+    std::vector<int64_t> prompt;
+    for (int i = 0; i < 3 + (t + r) % 4; ++i) prompt.push_back((t * 31 + r * 17 + i * 7 + 1) % vocab);
+    return prompt;
+  };
+  auto options_of = [](int t, int r) {
+    mamba::GenerateOptions options;
+    options.max_new_tokens = 10;
+    options.greedy = (t + r) % 2 == 0;
+    options.temperature = 0.9f;
+    options.seed = uint64_t(100 * t + r);
+    options.reset = r % 3 != 2;
+    return options;
+  };
+  std::vector<std::vector<Run>> want(kThreads), got(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRounds; ++r) want[t].push_back(generate_run(model, prompt_of(t, r), options_of(t, r)));
+  }
+  for (int t = 1; t < kThreads; ++t) {
+    if (want[t][0].tokens == want[0][0].tokens) fail("threads: two threads' first calls give the same tokens");
+  }
+  mamba::GenerateOptions hold;  // the main thread's call, inside which the threads call share()
+  hold.max_new_tokens = 4;
+  const Run hold_want = generate_run(model, kPrompt, hold);
+
+  std::atomic<bool> holding{false};  // the main thread is inside its generate()
+  std::atomic<int> shared{0}, inside{0};
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      while (!holding.load()) std::this_thread::yield();
+      std::optional<mamba::Model> mine;
+      try {
+        mine.emplace(model.share());
+      } catch (const std::exception& e) {
+        errors[t] = std::string("share(): ") + e.what();
+      }
+      shared.fetch_add(1);
+      if (!mine) {
+        inside.fetch_add(1);  // the others must not wait for this one
+        return;
+      }
+      try {
+        for (int r = 0; r < kRounds; ++r) {
+          mamba::GenerateOptions options = options_of(t, r);
+          bool first = r == 0;
+          options.on_token = [&](int64_t, const std::vector<float>&) {
+            if (!first) return;
+            first = false;
+            inside.fetch_add(1);
+            while (inside.load() < kThreads) std::this_thread::yield();
+          };
+          got[t].push_back(generate_run(*mine, prompt_of(t, r), options));
+        }
+      } catch (const std::exception& e) {
+        errors[t] = e.what();
+        if (inside.load() < kThreads) inside.fetch_add(1);  // harmless if counted already: only a fail follows
+      }
+    });
+  }
+  hold.on_token = [&](int64_t, const std::vector<float>&) {
+    holding.store(true);
+    while (shared.load() < kThreads) std::this_thread::yield();
+  };
+  Run hold_got;
+  std::string hold_error;
+  try {
+    hold_got = generate_run(model, kPrompt, hold);
+  } catch (const std::exception& e) {
+    hold_error = e.what();  // after the join: a thread left joinable would terminate the program
+    holding.store(true);
+  }
+  for (std::thread& thread : threads) thread.join();
+  if (!hold_error.empty()) fail("threads: the source Model's generate(): " + hold_error);
+  for (int t = 0; t < kThreads; ++t) {
+    if (!errors[t].empty()) fail("thread " + std::to_string(t) + ": " + errors[t]);
+  }
+  if (hold_got.tokens != hold_want.tokens || hold_got.logits.size() != hold_want.logits.size() ||
+      !(max_rel_diff(hold_got.logits, hold_want.logits) <= kTolerance)) {
+    fail("threads: the source Model's generate() during the threads' share() gave other tokens or logits");
+  }
+  std::cout << "ok: share() from " << kThreads << " threads while the main thread is inside a generate() of the Model"
+            << "\n";
+  size_t tokens = 0;
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRounds; ++r) {
+      // Tokens exactly; logits to kTolerance (equal bit for bit on the machines tried, but concurrent runs share
+      // onnxruntime's thread pool, and its partitioning of work is not this test's concern).
+      const bool same_tokens = got[t][r].tokens == want[t][r].tokens;
+      if (!same_tokens || got[t][r].logits.size() != want[t][r].logits.size() ||
+          !(max_rel_diff(got[t][r].logits, want[t][r].logits) <= kTolerance)) {
+        fail("threads: thread " + std::to_string(t) + " round " + std::to_string(r) + ": other " +
+             (same_tokens ? "logits" : "tokens") + " than the same call alone");
+      }
+      tokens += got[t][r].tokens.size();
+    }
+  }
+  std::cout << "ok: " << kThreads << " threads on shared Models, " << kRounds << " rounds each (" << tokens
+            << " tokens), generate the tokens the same calls give one after another\n";
+}
+
+// The shared part belongs to every Model that holds it: a Model from share() runs after the one it came from is
+// destroyed, or moved from; share() of a moved-from Model is refused.
+void check_share_lifetime(const std::string& dir, const std::vector<float>& whole) {
+  auto opened = std::make_unique<mamba::Model>(dir);
+  mamba::Model first = opened->share();
+  opened.reset();
+  expect_close("a Model from share() runs after the original is destroyed", first.prefill(kPrompt), whole);
+  mamba::Model second = first.share();
+  mamba::Model moved = std::move(first);
+  expect_error("share() of a moved-from Model", "was moved from", [&] { first.share(); });
+  expect_close("a Model from share() runs after the original is moved from", second.prefill(kPrompt), whole);
+  if (&second.info() != &moved.info()) fail("share() of a share(): info() is not the same object");
+  moved.reset();
+  expect_close("the moved-to Model runs beside its share()", moved.prefill(kPrompt), whole);
+}
+
+// share() reads nothing from the export directory: it still works, with the same tokens and logits, after the
+// directory has been renamed away (a Model can no longer be opened at its path).
+void check_share_reads_nothing(const std::string& dir, mamba::Model& reference) {
+  namespace fs = std::filesystem;
+  const std::string tag = std::to_string(::getpid());
+  const fs::path copy = fs::temp_directory_path() / ("mamba_api_checks_share_" + tag);
+  const fs::path away = fs::temp_directory_path() / ("mamba_api_checks_share_away_" + tag);
+  fs::remove_all(copy);
+  fs::remove_all(away);
+  fs::copy(dir, copy, fs::copy_options::recursive);
+  mamba::GenerateOptions options;
+  options.max_new_tokens = 8;
+  const Run want = generate_run(reference, kPrompt, options);
+  {
+    mamba::Model opened(copy.string());
+    fs::rename(copy, away);
+    expect_error("opening the renamed-away directory", "export directory does not exist",
+                 [&] { mamba::Model gone(copy.string()); });
+    mamba::Model shared = opened.share();
+    const Run got = generate_run(shared, kPrompt, options);
+    if (got.tokens != want.tokens || got.logits != want.logits) {
+      fail("share() after the export directory was renamed: other tokens or logits");
+    }
+  }
+  fs::remove_all(away);
+  std::cout << "ok: share() reads nothing from the export directory (it runs after the directory is renamed away)\n";
 }
 
 // Draw frequencies against softmax(logits / temperature) restricted to the top k, renormalized.
@@ -289,6 +518,10 @@ int main(int argc, char** argv) {
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
     check_stop_sequences(model);
+    check_share(model);
+    check_threads(model);
+    check_share_lifetime(argv[1], whole);
+    check_share_reads_nothing(argv[1], model);
 
     // A rejected call leaves the sequence where it was.
     model.reset();
