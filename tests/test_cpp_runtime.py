@@ -182,6 +182,26 @@ def test_matches_python_runtime(binary, export):
     assert ids(res["tokens"]) == list(py)
 
 
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_python_runtime(binary, export, penalty):
+    """Greedy decoding with a repetition penalty (> 1 and < 1) gives the Python runtime's tokens, the prompt and the
+    new tokens counting as seen; the tokens differ from those without the penalty, so the comparison tests it."""
+    from mamba_runtime import MambaRuntime
+    from mamba_runtime.sampling import SamplingConfig
+
+    out, _ = export(**MAIN)
+    rt = MambaRuntime(out, provider="cpu", custom_ops="require")
+    py = rt.generate(PROMPT, N_NEW, SamplingConfig(repetition_penalty=penalty)).tokens[0]
+    args = ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW]
+    res = generate(binary, out, *args, "--repetition-penalty", penalty)
+    assert ids(res["tokens"]) == list(py)
+    assert res["decoding"].startswith(f"greedy (repetition penalty {penalty:f}); ")
+    plain = generate(binary, out, *args)
+    assert ids(plain["tokens"]) != list(py)
+    assert plain["decoding"].startswith("greedy; ")
+    assert list(rt.generate(PROMPT, N_NEW).tokens[0]) == ids(plain["tokens"])
+
+
 def test_stop_token_ends_generation(binary, export):
     out, model = export(**MAIN)
     greedy = reference_greedy(model, PROMPT, N_NEW)
@@ -311,6 +331,59 @@ def test_sampling_is_seeded_and_respects_top_k(binary, export, tmp_path):
         assert token in np.argsort(-row)[:5]
 
 
+def nucleus(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> set[int]:
+    """The tokens top-p sampling may pick: the top_k most likely (all when 0), then the fewest most likely of those
+    whose probability (softmax of logits / temperature, renormalized over them) reaches top_p."""
+    order = np.argsort(-logits.astype(np.float64), kind="stable")
+    if top_k:
+        order = order[:top_k]
+    x = logits[order].astype(np.float64) / temperature
+    p = np.exp(x - x.max())
+    cdf = np.cumsum(p / p.sum())
+    return set(order[: int(np.searchsorted(cdf, top_p)) + 1].tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.5), (10, 0.8)])
+def test_sampling_is_seeded_and_respects_top_p(binary, export, tmp_path, top_k, top_p):
+    """--top-p: the same seed gives the same tokens, another seed others, and every token is in the nucleus of the
+    logits it was picked from (after the temperature and top-k; no repetition penalty here); sampling from the whole
+    softmax would have stayed in those nuclei with a probability under 1%, so the check bites."""
+    out, model = export(**MAIN)
+
+    def sample(seed: int, dump: Path) -> list[int]:
+        res = generate(binary, out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
+                       "--sample", "--temperature", 2.0, "--top-k", top_k, "--top-p", top_p, "--seed", seed,
+                       "--dump-logits", dump)
+        assert res["decoding"].startswith(f"sample (temperature 2.000000, top-k {top_k}, top-p {top_p:f}, seed {seed})")
+        return ids(res["tokens"])
+
+    first = sample(7, tmp_path / "a.f32")
+    assert sample(7, tmp_path / "b.f32") == first
+    assert sample(8, tmp_path / "c.f32") != first
+    logits = np.fromfile(tmp_path / "a.f32", dtype=np.float32).reshape(N_NEW, -1)
+    chance = 1.0
+    for row, token in zip(logits, first):
+        allowed = nucleus(row, 2.0, top_k, top_p)
+        assert token in allowed
+        x = row.astype(np.float64) / 2.0
+        p = np.exp(x - x.max())
+        chance *= p[sorted(allowed)].sum() / p.sum()
+        assert len(allowed) < model.config.vocab_size
+    assert chance < 0.01, chance
+
+
+def test_sampling_with_repetition_penalty_and_top_p(binary, export):
+    """Both together: seeded, and both named on the decoding line."""
+    out, _ = export(**MAIN)
+    args = ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW, "--sample", "--top-p", 0.9,
+            "--seed", 3]
+    res = generate(binary, out, *args, "--repetition-penalty", 1.5)
+    assert res["decoding"].startswith("sample (temperature 1.000000, top-k 0, top-p 0.900000, seed 3, repetition "
+                                      "penalty 1.500000); ")
+    assert generate(binary, out, *args, "--repetition-penalty", 1.5)["tokens"] == res["tokens"]
+    assert generate(binary, out, *args)["tokens"] != res["tokens"]
+
+
 def test_byte_level_text_prompt(binary, export):
     """--prompt TEXT is the UTF-8 bytes as ids, as in the Python runtime; the text line shows the new bytes."""
     from mamba_runtime import MambaRuntime
@@ -329,12 +402,14 @@ def test_api_checks(binary, export):
     refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), stop sequences, Models
     made by share() (same tokens and logits as the original, their own states, 4 threads at once, alive after the
     original is destroyed or moved from, nothing read from the export directory), sampler frequencies against the
-    softmax, SHA-256."""
+    softmax (top-k, top-p), the seeded streams of earlier versions, the repetition penalty (hand-computed values;
+    generate() against the penalty applied by hand, greedy and sampled, across calls with reset false, after
+    load_state and reset), bad top_p and repetition_penalty refused, SHA-256."""
     out, _ = export(**MAIN)
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120, env=program_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 45, proc.stdout
+    assert proc.stdout.count("ok: ") == 65, proc.stdout
 
 
 def test_help(binary):
@@ -342,6 +417,7 @@ def test_help(binary):
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: mamba_generate EXPORT_DIR")
     assert "  --stop TEXT " in proc.stdout
+    assert "    --top-p P " in proc.stdout and "  --repetition-penalty R\n" in proc.stdout
 
 
 def _copy(out: Path, tmp_path: Path) -> Path:
@@ -425,7 +501,21 @@ ERROR_CASES = [
     ("no-prompt", None, [], "give exactly one of --prompt-ids and --prompt"),
     ("ort-config", None, IDS + ["--ort-config", "novalue"], "--ort-config: expected KEY=VALUE, found 'novalue'"),
     ("unknown-option", None, ["--prompt-ids", "1", "--fast"], "unknown option --fast"),
-    ("sampling-flag", None, ["--prompt-ids", "1", "--top-k", "3"], "--temperature, --top-k and --seed need --sample"),
+    ("sampling-flag", None, ["--prompt-ids", "1", "--top-k", "3"],
+     "--temperature, --top-k, --top-p and --seed need --sample"),
+    ("top-p-without-sample", None, ["--prompt-ids", "1", "--top-p", "0.5"],
+     "--temperature, --top-k, --top-p and --seed need --sample"),
+    ("top-p-zero", None, IDS + ["--sample", "--top-p", "0"], "top_p must be in (0, 1], found 0"),
+    ("top-p-over-one", None, IDS + ["--sample", "--top-p", "1.5"], "top_p must be in (0, 1], found 1.5"),
+    ("top-p-not-a-number", None, IDS + ["--sample", "--top-p", "half"], "--top-p: expected a number, found 'half'"),
+    ("penalty-zero", None, IDS + ["--repetition-penalty", "0"],
+     "repetition_penalty must be a finite number > 0 (1 = off), found 0"),
+    ("penalty-negative", None, IDS + ["--sample", "--repetition-penalty", "-1"],
+     "repetition_penalty must be a finite number > 0 (1 = off), found -1"),
+    ("penalty-nan", None, IDS + ["--repetition-penalty", "nan"],
+     "repetition_penalty must be a finite number > 0 (1 = off), found nan"),
+    ("penalty-inf", None, IDS + ["--repetition-penalty", "inf"],
+     "repetition_penalty must be a finite number > 0 (1 = off), found inf"),
     ("greedy-and-sample", None, ["--prompt-ids", "1", "--greedy", "--sample"],
      "--greedy and --sample exclude each other"),
     ("bad-temperature", None, ["--prompt-ids", "1", "--sample", "--temperature", "0"],

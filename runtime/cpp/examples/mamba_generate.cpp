@@ -27,12 +27,19 @@ const char* kUsage =
     "  --sample              sample instead, with:\n"
     "    --temperature T     divide the logits by T > 0 (default 1)\n"
     "    --top-k K           among the K most likely tokens; 0 = all (default 0)\n"
+    "    --top-p P           then among the fewest most likely tokens whose probability reaches P, in (0, 1];\n"
+    "                        1 = all (default 1)\n"
     "    --seed S            random seed (default 0)\n"
+    "  --repetition-penalty R\n"
+    "                        greedy or sampled: first, the logit of every token seen so far (the prompt and the new\n"
+    "                        tokens) is divided by R when positive, multiplied by R when negative; R > 0, 1 = off\n"
+    "                        (default 1)\n"
     "  --stop-ids IDS        comma-separated ids that end the generation (in tokens:, not in text:)\n"
     "  --stop TEXT           a stop string: the generation ends when its new bytes end with TEXT (in tokens:, not in\n"
     "                        text:); repeatable; needs a byte-level vocabulary (else give --stop-ids)\n"
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
-    "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw)\n"
+    "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw), as the\n"
+    "                        model gave them: before the repetition penalty and the sampling\n"
     "  --prefill-chunk N     prompt tokens per prefill run; 0 = automatic (default 0)\n"
     "  --ort-config KEY=VAL  an onnxruntime session config entry, e.g. session.disable_prepacking=1 (repeatable)\n"
     "  --no-verify           skip checking the files' sha256 against manifest.json\n"
@@ -124,6 +131,11 @@ Args parse_args(const std::vector<std::string>& argv) {
     } else if (flag == "--top-k") {
       a.generate.top_k = int(parse_int(flag, value(), 0, INT32_MAX));
       a.sampling_flag = true;
+    } else if (flag == "--top-p") {
+      a.generate.top_p = parse_float(flag, value());
+      a.sampling_flag = true;
+    } else if (flag == "--repetition-penalty") {
+      a.generate.repetition_penalty = parse_float(flag, value());
     } else if (flag == "--seed") {
       a.generate.seed = parse_u64(flag, value());
       a.sampling_flag = true;
@@ -157,7 +169,7 @@ Args parse_args(const std::vector<std::string>& argv) {
   }
   if (a.export_dir.empty()) throw mamba::Error("give the export directory (see --help)");
   if (a.has_ids == a.has_text) throw mamba::Error("give exactly one of --prompt-ids and --prompt");
-  if (a.sampling_flag && !a.sample) throw mamba::Error("--temperature, --top-k and --seed need --sample");
+  if (a.sampling_flag && !a.sample) throw mamba::Error("--temperature, --top-k, --top-p and --seed need --sample");
   if (a.sample && a.greedy_flag) throw mamba::Error("--greedy and --sample exclude each other: give one");
   a.generate.greedy = !a.sample;
   return a;
@@ -209,6 +221,22 @@ std::string quoted(const std::string& text) {
   return out + "\"";
 }
 
+// "greedy", "greedy (repetition penalty 1.300000)", "sample (temperature 0.800000, top-k 40, top-p 0.900000, seed 1,
+// repetition penalty 1.300000)": top-p and the penalty only when they are on.
+std::string decoding_text(const mamba::GenerateOptions& o) {
+  std::vector<std::string> parts;
+  if (!o.greedy) {
+    parts.push_back("temperature " + std::to_string(o.temperature));
+    parts.push_back("top-k " + std::to_string(o.top_k));
+    if (o.top_p != 1.0f) parts.push_back("top-p " + std::to_string(o.top_p));
+    parts.push_back("seed " + std::to_string(o.seed));
+  }
+  if (o.repetition_penalty != 1.0f) parts.push_back("repetition penalty " + std::to_string(o.repetition_penalty));
+  std::string text = o.greedy ? "greedy" : "sample";
+  for (size_t i = 0; i < parts.size(); ++i) text += (i ? ", " : " (") + parts[i];
+  return parts.empty() ? text : text + ")";
+}
+
 void print_result(const mamba::Model& model, const Args& a, const std::vector<int64_t>& prompt,
                   const mamba::Generation& g) {
   const mamba::ModelInfo& info = model.info();
@@ -221,11 +249,7 @@ void print_result(const mamba::Model& model, const Args& a, const std::vector<in
   }
   std::cout << "stopped: " << (g.stop_sequence >= 0 ? "stop string" : g.stopped ? "stop token" : "max new tokens")
             << "\n";
-  std::cout << "decoding: "
-            << (a.generate.greedy ? std::string("greedy")
-                                  : "sample (temperature " + std::to_string(a.generate.temperature) + ", top-k " +
-                                        std::to_string(a.generate.top_k) + ", seed " +
-                                        std::to_string(a.generate.seed) + ")")
+  std::cout << "decoding: " << decoding_text(a.generate)
             << "; custom ops: " << (info.custom_op_library.empty() ? "off" : info.custom_op_library) << "\n";
   std::cout << "prefill: " << prompt.size() << " tokens in " << g.prefill_ms << " ms (" << info.prefill_graph
             << ", logits " << info.logits_dtype << ")\n";

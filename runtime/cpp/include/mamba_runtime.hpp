@@ -67,11 +67,26 @@ struct ModelInfo {
 };
 
 /// How generate() picks tokens and when it stops.
+/// Order of operations, as in the Python runtime (mamba_runtime/sampling.py): the repetition penalty on the logits
+/// of every token the sequence has seen (see repetition_penalty), then greedy argmax, or temperature, top_k, top_p
+/// and one draw of the seeded stream.
 struct GenerateOptions {
   int max_new_tokens = 32;  ///< at least 1
-  bool greedy = true;       ///< argmax; when false, sample with temperature / top_k / seed
+  bool greedy = true;       ///< argmax; when false, sample with temperature / top_k / top_p / seed
   float temperature = 1.0f; ///< > 0; logits are divided by it before the softmax
   int top_k = 0;            ///< sample among the k most likely tokens; 0 = the whole vocabulary
+  /// Sample among the smallest set of most likely tokens (after temperature and top_k) whose probability reaches
+  /// top_p; in (0, 1], 1 = off. Checked also when greedy is true, which does not use it.
+  float top_p = 1.0f;
+  /// CTRL's rule: the logit of every token the sequence has seen is divided by it when positive, multiplied by it
+  /// when negative, before greedy or sampling (> 1: repeats less likely, < 1: more likely); finite and > 0, 1 = off.
+  /// Seen: every token run into this Model's sequence since it was made (or share()d), reset() or load_state():
+  /// this call's prompt and the tokens it generated, and with reset = false also the prompts and tokens of the
+  /// earlier generate() calls and the ids given to prefill() and step() since then: a conversation's next turn
+  /// picks the tokens of a generate() of the whole history at once (the rule of the Python runtime's follow()).
+  /// A State carries no tokens: after load_state() nothing counts as seen (the tokens of the loaded prefix
+  /// included).
+  float repetition_penalty = 1.0f;
   uint64_t seed = 0;        ///< same seed, same prompt, same model: same tokens
   std::vector<int64_t> stop_tokens;  ///< generation ends after emitting one of these (it is included in tokens)
   /// Generation ends as soon as the tokens generated in this call (not the prompt) end with one of these (each
@@ -80,7 +95,8 @@ struct GenerateOptions {
   /// Start from a zero state (true), or continue the current one (false; e.g. after load_state of a prefix, or
   /// after a previous generate(): the next turn of a conversation, whose state then holds every earlier token).
   bool reset = true;
-  /// Called with each new token as soon as it is picked, and the float32 logits it was picked from (streaming).
+  /// Called with each new token as soon as it is picked, and the float32 logits it was picked from, as the model
+  /// gave them (before the repetition penalty, temperature, top_k and top_p) (streaming).
   /// Its time counts in Generation::prefill_ms / decode_ms.
   std::function<void(int64_t token, const std::vector<float>& logits)> on_token;
 };
@@ -125,8 +141,10 @@ class Model {
 
   /// A new Model for another sequence, on this Model's sessions: it shares the loaded graphs and their weights, the
   /// Ort::Env, the options they were opened with and info(), and has its own state (zeros), run buffers, pending
-  /// token (see generate()) and thread check. Nothing is read, verified, loaded or warmed up again: it costs its
-  /// state buffers (2 x n_layer x d_inner x (d_conv - 1 + d_state) float32) and the logits. The shared part lives as
+  /// token (see generate()), seen tokens (none; see GenerateOptions::repetition_penalty) and thread check. Nothing is
+  /// read, verified, loaded or warmed up again: it costs its state buffers (2 x n_layer x d_inner x (d_conv - 1 +
+  /// d_state) float32), the logits, and vocab_size bits for the seen tokens (and, once generate() uses a repetition
+  /// penalty, vocab_size float32 for the penalised logits). The shared part lives as
   /// long as any Model that holds it: a Model from share() stays valid after this one is destroyed or moved from,
   /// and a share() of it shares the same sessions.
   /// Threads: Models that share sessions may be used from different threads at the same time (onnxruntime's
@@ -135,25 +153,32 @@ class Model {
   /// of this Model (not while this Model is being moved or destroyed).
   Model share() const;
 
-  /// Zeroes the recurrent state: the next prefill() starts a new sequence.
+  /// Zeroes the recurrent state: the next prefill() starts a new sequence. No token counts as seen any more (see
+  /// GenerateOptions::repetition_penalty).
   void reset();
   /// A copy of the current state, e.g. after prefilling a prompt prefix that many requests share.
   /// After generate() it is the state of the prompt and every generated token (see generate()).
   State save_state() const;
-  /// Continues from `state` (from save_state() of a Model of the same export); shapes are checked.
+  /// Continues from `state` (from save_state() of a Model of the same export); shapes are checked. A State carries
+  /// no tokens: afterwards no token counts as seen (see GenerateOptions::repetition_penalty), not even those of the
+  /// loaded sequence.
   void load_state(const State& state);
   /// Runs `ids` (at least one, each in [0, vocab_size)) through the prefill graph in chunks of prefill_chunk
   /// tokens, continuing from the current state. Ids are checked before anything runs; a call that fails in
-  /// onnxruntime leaves the state after the last chunk that completed.
+  /// onnxruntime leaves the state after the last chunk that completed. The ids of the chunks that ran count as
+  /// seen for generate()'s repetition penalty until reset() or load_state().
   /// Returns the float32 logits of the last position (vocab_size values), valid until the next call.
   const std::vector<float>& prefill(const std::vector<int64_t>& ids);
-  /// Runs one token through decode.onnx, continuing from the current state; returns its float32 logits.
+  /// Runs one token through decode.onnx, continuing from the current state; returns its float32 logits. The token
+  /// counts as seen, as prefill()'s.
   const std::vector<float>& step(int64_t id);
 
   /// reset() (unless options.reset is false), prefill(prompt), then up to max_new_tokens - 1 step()s, picking
   /// each token as `options` says. Afterwards the sequence is the prompt and every generated token, a final stop
   /// token included: the last token is run through decode.onnx when the state is next used (prefill, step,
-  /// save_state, or generate with reset false), so a call that does not continue costs no extra step.
+  /// save_state, or generate with reset false), so a call that does not continue costs no extra step; the prompt
+  /// and every generated token count as seen (GenerateOptions::repetition_penalty).
+  /// Every option is checked before anything runs (before the reset): a refused call changes nothing.
   Generation generate(const std::vector<int64_t>& prompt, const GenerateOptions& options);
 
  private:
@@ -166,16 +191,26 @@ class Model {
 /// The index of the largest logit (the first one on ties).
 int64_t argmax(const std::vector<float>& logits);
 
-/// Seeded temperature / top-k sampling. The random stream (splitmix64) is the same on every platform, unlike the
-/// standard library's distributions.
+/// The repetition penalty (CTRL's rule), in place: logits[v] for every v with seen[v] is divided by `penalty` when
+/// positive, multiplied by it when negative (zero stays zero); the others are unchanged. seen.size() must equal
+/// logits.size(); penalty must be finite and > 0 (1 changes nothing). Throws mamba::Error otherwise.
+void apply_repetition_penalty(std::vector<float>& logits, const std::vector<bool>& seen, float penalty);
+
+/// Seeded temperature / top-k / top-p sampling. The random stream (splitmix64) is the same on every platform,
+/// unlike the standard library's distributions; each sample() takes exactly one number from it.
 class Sampler {
  public:
+  /// temperature > 0 (finite), top_k >= 0 (0 = the whole vocabulary); top_p = 1.
   Sampler(float temperature, int top_k, uint64_t seed);
+  /// top_p in (0, 1]: after the temperature and top_k, sample among the smallest set of most likely tokens whose
+  /// probability reaches top_p (1 = off: the draws are those of the constructor above).
+  Sampler(float temperature, int top_k, float top_p, uint64_t seed);
   int64_t sample(const std::vector<float>& logits);
 
  private:
   float temperature_;
   int top_k_;
+  float top_p_;
   uint64_t state_;
   std::vector<int64_t> order_;   // reused between draws
   std::vector<double> weights_;

@@ -17,6 +17,7 @@
 
 #include "manifest.hpp"
 #include "mamba_runtime.hpp"
+#include "sampling.hpp"
 
 namespace mamba {
 
@@ -267,6 +268,11 @@ struct Model::Impl {
   Ort::Value step_ids{nullptr};     // [1, 1] int64, rewritten for every decode step
   Ort::Value step_logits{nullptr};  // [1, 1, vocab], preallocated decode output
   std::vector<float> logits;        // float32 logits of the last position, what prefill() / step() return
+  // The tokens run into this sequence since the Model was made, reset() or load_state() (a State carries no tokens),
+  // for the repetition penalty: seen[id]. Marked once a run with them succeeded, like the state; generate()'s last
+  // token (`unfed`) when it is picked, as it is part of the sequence from then on.
+  std::vector<bool> seen;
+  std::vector<float> penalized;     // generate(): the logits after the repetition penalty (reused, allocated once)
   // generate()'s last token, not run yet: the state holds the sequence before it. The next call that uses the state
   // (prefill, step, save_state, a generate that continues) runs it first; reset and load_state drop it. So the
   // state after generate() is the whole sequence, with no decode step spent when nothing continues it.
@@ -363,6 +369,7 @@ Model::Impl::Impl(std::shared_ptr<const Shared> sessions) : shared(std::move(ses
   step_ids = zeros(alloc, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
   step_logits = zeros(alloc, {1, 1, shared->manifest.vocab_size}, shared->logits_type);
   logits.resize(size_t(shared->manifest.vocab_size));
+  seen.assign(size_t(shared->manifest.vocab_size), false);
 }
 
 void Model::Impl::run(const Ort::Session& graph, const char* file, const Ort::Value& ids, Ort::Value& logits_out) {
@@ -461,6 +468,7 @@ void Model::reset() {
   Impl& m = impl();
   Impl::Busy busy(m);
   m.unfed = -1;
+  std::fill(m.seen.begin(), m.seen.end(), false);
   for (auto& v : m.states[m.current]) {
     std::fill_n(v.GetTensorMutableData<float>(), v.GetTensorTypeAndShapeInfo().GetElementCount(), 0.0f);
   }
@@ -505,6 +513,7 @@ void Model::load_state(const State& state) {
     }
   }
   m.unfed = -1;
+  std::fill(m.seen.begin(), m.seen.end(), false);  // the State carries no tokens
   for (size_t i = 0; i < layers; ++i) {
     std::copy(state.conv[i].begin(), state.conv[i].end(), m.states[m.current][i].GetTensorMutableData<float>());
     std::copy(state.ssm[i].begin(), state.ssm[i].end(), m.states[m.current][layers + i].GetTensorMutableData<float>());
@@ -527,6 +536,7 @@ const std::vector<float>& Model::prefill(const std::vector<int64_t>& ids) {
     Ort::Value input = Ort::Value::CreateTensor<int64_t>(cpu, buffer.data() + start, n, shape.data(), shape.size());
     Ort::Value out{nullptr};
     m.run(shared.prefill_graph, shared.manifest.prefill_graph.c_str(), input, out);
+    for (size_t i = start; i < start + n; ++i) m.seen[size_t(buffer[i])] = true;
     if (start + n == buffer.size()) {  // logits [1, n, vocab] (model.onnx) or [1, 1, vocab] (model_last.onnx)
       int64_t positions = out.GetTensorTypeAndShapeInfo().GetShape()[1];
       m.take_logits(out, size_t(positions - 1) * m.logits.size());
@@ -542,6 +552,7 @@ const std::vector<float>& Model::step(int64_t id) {
   m.feed_unfed();
   *m.step_ids.GetTensorMutableData<int64_t>() = id;
   m.run(m.shared->decode_graph, "decode.onnx", m.step_ids, m.step_logits);
+  m.seen[size_t(id)] = true;
   m.take_logits(m.step_logits, 0);
   return m.logits;
 }
@@ -554,9 +565,21 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   }
   for (int64_t stop : options.stop_tokens) m.check_token(stop, "stop token id");
   m.check_stop_sequences(options.stop_sequences);
-  Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.seed);
+  // top_p is checked also for greedy decoding, which does not use it (temperature and top_k are not).
+  Sampler sampler(options.greedy ? 1.0f : options.temperature, options.greedy ? 0 : options.top_k, options.top_p,
+                  options.seed);
+  detail::check_repetition_penalty(options.repetition_penalty);
+  const bool penalize = options.repetition_penalty != 1.0f;
+  // The penalty on a copy (m.penalized, reused: no allocation per token) of the model's logits, every token of the
+  // sequence so far counted (m.seen: prefill() and step() mark theirs); on_token gets the model's logits.
   auto pick = [&](const std::vector<float>& logits) {
-    int64_t token = options.greedy ? argmax(logits) : sampler.sample(logits);
+    const std::vector<float>* from = &logits;
+    if (penalize) {
+      m.penalized = logits;
+      apply_repetition_penalty(m.penalized, m.seen, options.repetition_penalty);
+      from = &m.penalized;
+    }
+    int64_t token = options.greedy ? argmax(*from) : sampler.sample(*from);
     if (options.on_token) options.on_token(token, logits);
     return token;
   };
@@ -593,6 +616,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   }
   g.decode_ms = ms_since(start);
   m.unfed = g.tokens.back();  // part of the sequence; run when the state is next used (see Impl::unfed)
+  m.seen[size_t(m.unfed)] = true;
   return g;
 }
 

@@ -1,6 +1,10 @@
-// Picking the next token from float32 logits: argmax, and seeded temperature / top-k sampling.
+// Picking the next token from float32 logits: argmax, the repetition penalty, and seeded temperature / top-k / top-p
+// sampling.
+#include "sampling.hpp"
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 #include <string>
 
@@ -8,16 +12,52 @@
 
 namespace mamba {
 
+namespace detail {
+
+std::string number_text(float value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", double(value));
+  return text;
+}
+
+void check_repetition_penalty(float penalty) {
+  if (!(penalty > 0.0f) || !std::isfinite(penalty)) {
+    throw Error("repetition_penalty must be a finite number > 0 (1 = off), found " + number_text(penalty));
+  }
+}
+
+void check_top_p(float top_p) {
+  if (!(top_p > 0.0f && top_p <= 1.0f)) throw Error("top_p must be in (0, 1], found " + number_text(top_p));
+}
+
+}  // namespace detail
+
 int64_t argmax(const std::vector<float>& logits) {
   if (logits.empty()) throw Error("argmax: empty logits");
   return std::max_element(logits.begin(), logits.end()) - logits.begin();
 }
 
-Sampler::Sampler(float temperature, int top_k, uint64_t seed) : temperature_(temperature), top_k_(top_k), state_(seed) {
+void apply_repetition_penalty(std::vector<float>& logits, const std::vector<bool>& seen, float penalty) {
+  detail::check_repetition_penalty(penalty);
+  if (seen.size() != logits.size()) {
+    throw Error("apply_repetition_penalty: " + std::to_string(seen.size()) + " seen flags for " +
+                std::to_string(logits.size()) + " logits");
+  }
+  if (penalty == 1.0f) return;
+  for (size_t v = 0; v < logits.size(); ++v) {
+    if (seen[v]) logits[v] = logits[v] > 0 ? logits[v] / penalty : logits[v] * penalty;
+  }
+}
+
+Sampler::Sampler(float temperature, int top_k, uint64_t seed) : Sampler(temperature, top_k, 1.0f, seed) {}
+
+Sampler::Sampler(float temperature, int top_k, float top_p, uint64_t seed)
+    : temperature_(temperature), top_k_(top_k), top_p_(top_p), state_(seed) {
   if (!(temperature > 0.0f) || !std::isfinite(temperature)) {
     throw Error("temperature must be a positive number, found " + std::to_string(temperature));
   }
   if (top_k < 0) throw Error("top_k must be >= 0 (0 = the whole vocabulary), found " + std::to_string(top_k));
+  detail::check_top_p(top_p);
 }
 
 double Sampler::uniform() {
@@ -44,6 +84,14 @@ int64_t Sampler::sample(const std::vector<float>& logits) {
   double top = logits[order[0]];
   for (size_t i = 0; i < k; ++i) weights[i] = std::exp((double(logits[order[i]]) - top) / temperature_);
   double total = std::accumulate(weights.begin(), weights.end(), 0.0);
+  if (top_p_ < 1.0f) {  // the nucleus: the first `keep` candidates (most likely first), whose mass reaches top_p
+    const double reach = double(top_p_) * total;
+    double mass = 0;
+    size_t keep = 0;
+    while (keep < k && mass < reach) mass += weights[keep++];  // reach > 0: at least the most likely one
+    k = keep;
+    total = mass;
+  }
   double target = uniform() * total;
   for (size_t i = 0; i < k; ++i) {
     target -= weights[i];

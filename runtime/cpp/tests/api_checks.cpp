@@ -367,16 +367,28 @@ void check_share_reads_nothing(const std::string& dir, mamba::Model& reference) 
   std::cout << "ok: share() reads nothing from the export directory (it runs after the directory is renamed away)\n";
 }
 
-// Draw frequencies against softmax(logits / temperature) restricted to the top k, renormalized.
-void check_sampler(float temperature, int top_k) {
+// Draw frequencies against softmax(logits / temperature) restricted to the top k, then to the nucleus (the fewest
+// most likely of those whose probability, renormalized over the top k, reaches top_p), renormalized. `kept`: how
+// many tokens the nucleus must hold (a check of the case itself: the p chosen cuts where the caller meant).
+void check_sampler(float temperature, int top_k, float top_p = 1.0f, size_t kept = 0) {
   const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 1.0f, 1.5f};
   std::vector<double> want(logits.size(), 0.0);
   std::vector<size_t> order = {1, 4, 3, 0, 2};  // by decreasing logit
   size_t k = top_k == 0 ? logits.size() : size_t(top_k);
   double total = 0;
   for (size_t i = 0; i < k; ++i) total += want[order[i]] = std::exp(logits[order[i]] / temperature);
+  double mass = 0;
+  size_t nucleus = 0;
+  while (nucleus < k && mass < top_p) mass += want[order[nucleus++]] / total;
+  if (kept != 0 && nucleus != kept) fail("check_sampler: top_p " + std::to_string(top_p) + " keeps " +
+                                         std::to_string(nucleus) + " tokens, not the " + std::to_string(kept) + " meant");
+  total = 0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    if (i >= nucleus) want[order[i]] = 0;
+    total += want[order[i]];
+  }
   for (double& w : want) w /= total;
-  mamba::Sampler sampler(temperature, top_k, 42);
+  mamba::Sampler sampler(temperature, top_k, top_p, 42);
   const int draws = 40000;
   std::vector<int> counts(logits.size(), 0);
   for (int i = 0; i < draws; ++i) ++counts[size_t(sampler.sample(logits))];
@@ -386,13 +398,213 @@ void check_sampler(float temperature, int top_k) {
     // 5 standard deviations of a binomial frequency (plus rounding), and never a token outside the top k
     double bound = 5 * std::sqrt(want[v] * (1 - want[v]) / draws) + 1e-12;
     if (std::abs(got[v] - want[v]) > bound || (want[v] == 0 && counts[v] != 0)) {
-      fail("sampler (temperature " + std::to_string(temperature) + ", top_k " + std::to_string(top_k) + "): token " +
-           std::to_string(v) + " drawn with frequency " + std::to_string(got[v]) + ", expected " +
-           std::to_string(want[v]));
+      fail("sampler (temperature " + std::to_string(temperature) + ", top_k " + std::to_string(top_k) + ", top_p " +
+           std::to_string(top_p) + "): token " + std::to_string(v) + " drawn with frequency " +
+           std::to_string(got[v]) + ", expected " + std::to_string(want[v]));
     }
   }
   std::cout << "ok: sampler frequencies match the softmax (temperature " << temperature << ", top_k " << top_k
-            << ")\n";
+            << ", top_p " << top_p << ": " << nucleus << " tokens kept)\n";
+}
+
+// The seeded streams of the earlier versions (before top_p), pinned: the same draws from the three-argument
+// constructor and from the four-argument one with top_p = 1, one number of the splitmix64 stream per token. These
+// ids are what the previous Sampler gave (built from the commit before top_p, run once).
+void check_sampler_stream() {
+  const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 1.0f, 1.5f};
+  struct Case {
+    float temperature;
+    int top_k;
+    uint64_t seed;
+    std::vector<int64_t> ids;
+  };
+  const std::vector<Case> cases = {
+      {1.0f, 0, 42, {3, 1, 1, 1, 1, 3, 1, 3, 1, 4, 1, 4, 4, 4, 4, 1, 1, 4, 1, 4, 0, 1, 4, 4}},
+      {0.7f, 3, 7, {1, 1, 3, 4, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 1, 3, 1, 4, 4, 4, 1, 1, 1}},
+  };
+  for (const Case& c : cases) {
+    mamba::Sampler three(c.temperature, c.top_k, c.seed), four(c.temperature, c.top_k, 1.0f, c.seed);
+    for (size_t i = 0; i < c.ids.size(); ++i) {
+      int64_t a = three.sample(logits), b = four.sample(logits);
+      if (a != c.ids[i] || b != c.ids[i]) {
+        fail("sampler stream (seed " + std::to_string(c.seed) + "), draw " + std::to_string(i) + ": " +
+             std::to_string(a) + " and " + std::to_string(b) + " (top_p 1), expected " + std::to_string(c.ids[i]));
+      }
+    }
+  }
+  std::cout << "ok: seeded sampler streams are those of the earlier versions (top_p 1 changes nothing)\n";
+}
+
+// apply_repetition_penalty on a small vector against values computed by hand: seen positive logits divided, seen
+// negative ones multiplied, zero and unseen ones unchanged; penalty 1 changes nothing; bad arguments refused.
+void check_repetition_penalty() {
+  const std::vector<float> logits = {2.0f, -1.0f, 0.5f, -3.0f, 0.0f, 4.0f, -0.25f};
+  const std::vector<bool> seen = {true, true, false, true, true, false, false};
+  struct Case {
+    float penalty;
+    std::vector<float> want;
+  };
+  const std::vector<Case> cases = {
+      {2.0f, {1.0f, -2.0f, 0.5f, -6.0f, 0.0f, 4.0f, -0.25f}},
+      {0.5f, {4.0f, -0.5f, 0.5f, -1.5f, 0.0f, 4.0f, -0.25f}},
+      {1.3f, {1.5384615f, -1.3f, 0.5f, -3.9f, 0.0f, 4.0f, -0.25f}},
+      {1.0f, logits},
+  };
+  for (const Case& c : cases) {
+    std::vector<float> got = logits;
+    mamba::apply_repetition_penalty(got, seen, c.penalty);
+    for (size_t v = 0; v < got.size(); ++v) {
+      if (!(std::abs(got[v] - c.want[v]) <= 1e-6f * std::max(1.0f, std::abs(c.want[v])))) {
+        fail("apply_repetition_penalty(" + std::to_string(c.penalty) + "): logit " + std::to_string(v) + " is " +
+             std::to_string(got[v]) + ", expected " + std::to_string(c.want[v]));
+      }
+    }
+  }
+  std::cout << "ok: apply_repetition_penalty gives the hand-computed values (penalties 2, 0.5, 1.3, 1)\n";
+  std::vector<float> some = logits;
+  expect_error("apply_repetition_penalty with a penalty of 0", "repetition_penalty must be a finite number > 0",
+               [&] { mamba::apply_repetition_penalty(some, seen, 0.0f); });
+  expect_error("apply_repetition_penalty with seen flags of another size", "6 seen flags for 7 logits",
+               [&] { mamba::apply_repetition_penalty(some, std::vector<bool>(6, true), 2.0f); });
+  if (some != logits) fail("a refused apply_repetition_penalty changed the logits");
+}
+
+// generate()'s tokens by hand, with the lower-level API: reset, prefill(context), then per token the repetition
+// penalty on a copy of the logits (the seen tokens: `seen_first`, then each new token), argmax or one draw of a
+// Sampler made from the same options, and step(). Only the options' max_new_tokens, greedy, temperature, top_k,
+// top_p, seed and repetition_penalty are used.
+std::vector<int64_t> tokens_by_hand(mamba::Model& model, const std::vector<int64_t>& context,
+                                    const std::vector<int64_t>& seen_first, const mamba::GenerateOptions& o) {
+  std::vector<bool> seen(size_t(model.info().vocab_size), false);
+  for (int64_t t : seen_first) seen[size_t(t)] = true;
+  mamba::Sampler sampler(o.temperature, o.top_k, o.top_p, o.seed);
+  model.reset();
+  std::vector<float> logits = model.prefill(context);
+  std::vector<int64_t> tokens;
+  while (true) {
+    mamba::apply_repetition_penalty(logits, seen, o.repetition_penalty);
+    tokens.push_back(o.greedy ? mamba::argmax(logits) : sampler.sample(logits));
+    seen[size_t(tokens.back())] = true;
+    if (int(tokens.size()) == o.max_new_tokens) return tokens;
+    logits = model.step(tokens.back());
+  }
+}
+
+std::vector<int64_t> concat(std::vector<int64_t> a, const std::vector<int64_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// The repetition penalty in generate(): the tokens of the loop above, greedy and sampled (with top_p), the seen
+// tokens being the prompt and the new tokens; with reset = false also the earlier calls' (a conversation, counted as
+// the Python runtime's follow() counts its history), after load_state() none of the loaded sequence's. Each case is
+// also checked to differ from what it is told apart from, so that it proves something.
+void check_generate_penalty(mamba::Model& model, const std::vector<float>& whole) {
+  mamba::GenerateOptions plain;
+  plain.max_new_tokens = 12;
+  mamba::GenerateOptions penalized = plain;
+  penalized.repetition_penalty = 1.3f;
+  const Run without = generate_run(model, kPrompt, plain);
+  const Run with = generate_run(model, kPrompt, penalized);
+  if (with.tokens == without.tokens) fail("repetition penalty: same greedy tokens with and without: proves nothing");
+  if (with.tokens != tokens_by_hand(model, kPrompt, kPrompt, penalized)) {
+    fail("repetition penalty, greedy: generate() differs from the penalty applied by hand");
+  }
+  // The first token's logits are the prompt's: penalised, the seen ones would be 1.3 times off.
+  if (!(max_rel_diff(std::vector<float>(with.logits.begin(), with.logits.begin() + whole.size()), whole) <=
+        kTolerance)) {
+    fail("repetition penalty: on_token was not given the model's logits");
+  }
+  std::cout << "ok: greedy generate() with repetition_penalty 1.3 picks the argmax of the penalised logits (prompt and"
+            << " new tokens seen); on_token gets the model's logits\n";
+
+  mamba::GenerateOptions sampled = penalized;
+  sampled.greedy = false;
+  sampled.temperature = 0.9f;
+  sampled.top_p = 0.8f;
+  sampled.seed = 5;
+  mamba::GenerateOptions sampled_plain = sampled;
+  sampled_plain.repetition_penalty = 1.0f;
+  const std::vector<int64_t> got = generate_run(model, kPrompt, sampled).tokens;
+  if (got == generate_run(model, kPrompt, sampled_plain).tokens) {
+    fail("repetition penalty, sampled: same tokens with and without: proves nothing");
+  }
+  if (got != tokens_by_hand(model, kPrompt, kPrompt, sampled)) {
+    fail("repetition penalty, sampled with top_p: generate() differs from the penalty and the Sampler by hand");
+  }
+  std::cout << "ok: sampled generate() (temperature 0.9, top_p 0.8, seed 5) with repetition_penalty 1.3 draws what"
+            << " the penalty and a Sampler by hand draw\n";
+
+  // A conversation: the second turn (reset = false) counts the first turn's prompt and tokens as seen.
+  const std::vector<int64_t> first_prompt = slice(0, kSplit), second_prompt = slice(kSplit, kPrompt.size());
+  penalized.max_new_tokens = 6;
+  model.reset();
+  const std::vector<int64_t> first = model.generate(first_prompt, penalized).tokens;
+  const mamba::State after_first = model.save_state();
+  mamba::GenerateOptions next = penalized;
+  next.reset = false;
+  const std::vector<int64_t> continued = model.generate(second_prompt, next).tokens;
+  const std::vector<int64_t> history = concat(first_prompt, first);
+  const std::vector<int64_t> context = concat(history, second_prompt);
+  if (continued != tokens_by_hand(model, context, context, penalized)) {
+    fail("repetition penalty: generate(reset = false) does not count the earlier call's prompt and tokens");
+  }
+  model.load_state(after_first);
+  const std::vector<int64_t> loaded = model.generate(second_prompt, next).tokens;
+  if (loaded != tokens_by_hand(model, context, second_prompt, penalized)) {
+    fail("repetition penalty: after load_state(), generate(reset = false) counts other tokens than its own");
+  }
+  if (loaded == continued) fail("repetition penalty: the history changes nothing here: the checks above prove nothing");
+  std::cout << "ok: repetition penalty with reset = false counts the earlier calls' tokens; after load_state() only"
+            << " the new call's\n";
+
+  // generate()'s last token, not run when it returns, is part of the sequence: it counts in the next turn. A first
+  // turn of one token (the prompt's argmax, which every turn picks first otherwise) and a penalty of 2, so that this
+  // token is the one that matters.
+  {
+    mamba::GenerateOptions one = plain;
+    one.repetition_penalty = 2.0f;
+    one.max_new_tokens = 1;
+    model.reset();
+    const int64_t last = model.generate(first_prompt, one).tokens[0];
+    mamba::GenerateOptions turn = one;
+    turn.reset = false;
+    turn.max_new_tokens = 6;
+    const std::vector<int64_t> got = model.generate(second_prompt, turn).tokens;
+    const std::vector<int64_t> with_last = concat(concat(first_prompt, {last}), second_prompt);
+    if (got != tokens_by_hand(model, with_last, with_last, turn)) {
+      fail("repetition penalty: the previous generate()'s last token does not count as seen in the next turn");
+    }
+    if (std::count(with_last.begin(), with_last.end(), last) != 1 ||
+        tokens_by_hand(model, with_last, concat(first_prompt, second_prompt), turn) == got) {
+      fail("repetition penalty: the previous turn's last token changes nothing here: the check proves nothing");
+    }
+    std::cout << "ok: the last token of a generate() counts as seen when the next turn continues it\n";
+  }
+
+  // prefill() and step() count their tokens too (here two that the penalised run picks once it stops repeating
+  // itself), and reset() forgets them: then the same call gives the tokens of a fresh Model.
+  const std::vector<int64_t> picked = {with.tokens[4], with.tokens[5]};
+  next.max_new_tokens = 12;
+  model.reset();
+  model.prefill({picked[0]});
+  model.step(picked[1]);
+  const std::vector<int64_t> after_calls = model.generate(kPrompt, next).tokens;
+  const std::vector<int64_t> picked_then_prompt = concat(picked, kPrompt);
+  if (after_calls != tokens_by_hand(model, picked_then_prompt, picked_then_prompt, next)) {
+    fail("repetition penalty: the tokens of prefill() and step() do not count as seen");
+  }
+  model.reset();
+  model.prefill({picked[0]});
+  model.step(picked[1]);
+  model.reset();
+  if (model.generate(kPrompt, next).tokens != with.tokens) {
+    fail("repetition penalty: after reset(), generate(reset = false) still counts the earlier tokens");
+  }
+  if (tokens_by_hand(model, kPrompt, picked_then_prompt, next) == with.tokens) {
+    fail("repetition penalty: seeing the two tokens first changes nothing: the reset() check proves nothing");
+  }
+  std::cout << "ok: prefill() and step() tokens count as seen; reset() forgets them\n";
 }
 
 void check_sha256() {
@@ -424,6 +636,12 @@ int main(int argc, char** argv) {
     check_sampler(1.0f, 0);
     check_sampler(0.5f, 3);
     check_sampler(2.0f, 1);
+    check_sampler(1.0f, 0, 0.8f, 3);   // the nucleus cuts in the middle of the sorted list
+    check_sampler(1.0f, 0, 0.3f, 1);   // only the most likely token
+    check_sampler(0.5f, 4, 0.9f, 3);   // temperature, then top_k, then top_p
+    check_sampler(1.0f, 0, 1.0f, 5);   // top_p 1: everything
+    check_sampler_stream();
+    check_repetition_penalty();
     mamba::Model model(argv[1]);
     const std::vector<float> whole = model.prefill(kPrompt);
 
@@ -518,6 +736,7 @@ int main(int argc, char** argv) {
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
     check_stop_sequences(model);
+    check_generate_penalty(model, whole);
     check_share(model);
     check_threads(model);
     check_share_lifetime(argv[1], whole);
@@ -540,6 +759,19 @@ int main(int argc, char** argv) {
     expect_error("generate with a stop sequence id out of range",
                  "stop sequence 0: token id " + vocab + " at position 1 is out of range [0, " + vocab + ")",
                  [&] { model.generate(kPrompt, fresh); });
+    fresh.stop_sequences.clear();
+    for (float top_p : {0.0f, 1.5f, std::nanf("")}) {
+      fresh.top_p = top_p;
+      expect_error("generate with top_p " + std::to_string(top_p), "top_p must be in (0, 1], found ",
+                   [&] { model.generate(kPrompt, fresh); });
+    }
+    fresh.top_p = 1.0f;
+    for (float penalty : {0.0f, -1.0f, std::nanf(""), INFINITY}) {
+      fresh.repetition_penalty = penalty;
+      expect_error("generate with repetition_penalty " + std::to_string(penalty),
+                   "repetition_penalty must be a finite number > 0 (1 = off), found ",
+                   [&] { model.generate(kPrompt, fresh); });
+    }
     expect_close("state intact after failed calls", model.step(kPrompt.back()), whole);
 
     {  // a filesystem failure (here a symlink loop) is a mamba::Error naming the path, not a filesystem_error
