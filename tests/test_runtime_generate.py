@@ -1139,3 +1139,44 @@ def test_cli_logprobs_in_the_json_object(exp, rt, capsys):
     assert main(["generate", str(exp.dir), "--prompt-ids", "5", "--logprobs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--logprobs goes with --json" in err[0]
+
+
+def test_every_turn_of_a_conversation_counts_the_whole_history_for_the_repetition_penalty(rt):
+    """A third turn (and a snapshot of it, restored mid-turn) sees the first turn's tokens too: its sampler has seen
+    exactly the tokens of start(whole history + prompt), and it picks the same tokens (found by a helper: the third
+    turn had counted only the second turn and itself)."""
+    strong = SamplingConfig(temperature=1.0, repetition_penalty=3.0, seed=5)
+    first = rt.start(PROMPTS[0], 6, strong)
+    first.run()
+    second = first.follow(PROMPTS[2], 6)
+    second.run()
+    third = second.follow([1, 2], 8)
+    history = PROMPTS[0] + first.tokens[0] + PROMPTS[2] + second.tokens[0]
+    alone = rt.start([history + [1, 2]], 8, strong)
+    assert set(np.flatnonzero(third.sampler.seen[0])) == set(history + [1, 2])
+    np.testing.assert_array_equal(third.sampler.seen, alone.sampler.seen)
+    third.step(), third.step()
+    restored = rt.restore(third.snapshot())
+    assert restored.history == [history]
+    np.testing.assert_array_equal(restored.sampler.seen, third.sampler.seen)
+    want = alone.run().tokens
+    assert restored.run().tokens == want and third.run().tokens == want
+    fourth = rt.restore(third.snapshot()).follow([3], 4)  # a turn after a restored one
+    assert fourth.history == [history + [1, 2] + third.tokens[0]]
+
+
+def test_a_snapshot_history_of_the_wrong_shape_is_refused(rt):
+    gen = rt.start(PROMPTS[:2], 3)
+    blob = gen.snapshot()
+    with np.load(io.BytesIO(blob)) as z:
+        meta = json.loads(z["meta"].tobytes())
+    assert meta["history"] == [[], []]
+    for value, message in (([[]], "history must be a list of 2 token lists"),
+                           ([[1], [999]], r"history must be a list of token ids in \[0, 256\)")):
+        changed = _edited_snapshot(blob, meta=np.frombuffer(json.dumps({**meta, "history": value}).encode(),
+                                                            dtype=np.uint8))
+        with pytest.raises(SnapshotError, match=message):
+            rt.restore(changed)
+    del meta["history"]  # as written before the key existed
+    old = _edited_snapshot(blob, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    assert rt.restore(old).history == [[], []]

@@ -78,9 +78,13 @@ class Generation:
     """
 
     def __init__(self, runtime, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 stop_tokens: frozenset[int], stop_strings: tuple[str, ...] = (), logprobs: bool = False):
+                 stop_tokens: frozenset[int], stop_strings: tuple[str, ...] = (), logprobs: bool = False,
+                 history: list[list[int]] | None = None):
         self.runtime = runtime
         self.prompts = prompts
+        # per sequence the tokens before its prompt (earlier turns of a conversation, see follow()): in the state
+        # already, and seen by the repetition penalty
+        self.history = history if history is not None else [[] for _ in prompts]
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.stop_tokens = stop_tokens
@@ -93,8 +97,8 @@ class Generation:
         self.logprobs: list[list[float]] | None = [[] for _ in prompts] if logprobs else None
         self.finish_reasons: list[str | None] = [None for _ in prompts]
         self.sampler = Sampler(sampling, len(prompts), runtime.info.vocab_size)
-        for i, p in enumerate(prompts):
-            self.sampler.observe([i] * len(p), p)
+        for i, (h, p) in enumerate(zip(self.history, prompts, strict=True)):
+            self.sampler.observe([i] * (len(h) + len(p)), h + p)
         self.state = runtime.new_state(len(prompts))
         self._logits: np.ndarray | None = None  # (b, V) to sample from, right after prefill
         self._pending: np.ndarray | None = None  # (b,) sampled, not yet fed
@@ -246,9 +250,8 @@ class Generation:
         if len(new) != 1:
             raise GenerationInputError(f"follow() takes one prompt, found {len(new)}")
         with self._claimed():
-            history = self.prompts[0] + self.tokens[0]
-            gen = Generation(runtime, new, max_new_tokens, sampling, stops, strings, logprobs)
-            gen.sampler.observe([0] * len(history), history)  # as if history + prompt had been the prompt
+            history = [self.history[0] + self.prompts[0] + self.tokens[0]]  # every earlier turn
+            gen = Generation(runtime, new, max_new_tokens, sampling, stops, strings, logprobs, history)
             unfed = [] if self._pending is None else [int(self._pending[0])]  # the last token, sampled, not yet run
             t0 = time.perf_counter()
             gen._logits, conv, ssm = runtime.prefill([unfed + new[0]], start=self.state.download())
@@ -264,7 +267,7 @@ class Generation:
             "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "export_id": self.runtime.info.export_id,
             "prompts": self.prompts, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
             "max_new_tokens": self.max_new_tokens, "stop_tokens": sorted(self.stop_tokens),
-            "stop_strings": list(self.stop_strings), "logprobs": self.logprobs,
+            "stop_strings": list(self.stop_strings), "logprobs": self.logprobs, "history": self.history,
             # a greedy run keeps its config's seed as given (usually None: it draws nothing), as result() reports it
             "sampling": {**self.sampling.to_dict(), "seed": self.sampling.seed if self.sampling.greedy
                          else self.sampler.seed}, "rng": self.sampler.rng_states(),
@@ -410,7 +413,12 @@ def _checked_meta(meta: dict, vocab: int) -> dict:
             and all(isinstance(x, list) and len(x) == len(t) for x, t in zip(logprobs, tokens))
             and all(is_real(v) and not isinstance(v, bool) and math.isfinite(v) for x in logprobs for v in x)):
         raise SnapshotError("snapshot logprobs must be null or, per sequence, one finite number per token")
+    history = meta.get("history", [[] for _ in prompts])  # absent before conversations kept their history
+    if not isinstance(history, list) or len(history) != b:
+        raise SnapshotError(f"snapshot history must be a list of {b} token lists (one per prompt)")
+    history = [_id_list(h, "history", vocab) for h in history]
     return dict(prompts=prompts, max_new_tokens=int(limit), tokens=tokens, finish_reasons=list(reasons),
+                history=history,
                 stop_tokens=_id_list(meta["stop_tokens"], "stop_tokens", vocab), stop_strings=tuple(strings),
                 logprobs=None if logprobs is None else [[float(v) for v in x] for x in logprobs])
 
@@ -428,7 +436,7 @@ def _rebuild(runtime, meta: dict) -> Generation:
         why = runtime.codec_unavailable or "the export directory has neither tokenizer.json nor byte_vocab.json"
         raise SnapshotError(f"snapshot has stop strings, and matching them needs a tokenizer ({why})")
     gen = Generation(runtime, checked["prompts"], checked["max_new_tokens"], sampling,
-                     frozenset(checked["stop_tokens"]), checked["stop_strings"])
+                     frozenset(checked["stop_tokens"]), checked["stop_strings"], history=checked["history"])
     gen.tokens, gen.finish_reasons, gen.logprobs = checked["tokens"], checked["finish_reasons"], checked["logprobs"]
     for i, t in enumerate(gen.tokens):
         gen.sampler.observe([i] * len(t), t)
