@@ -280,21 +280,29 @@ def test_stop_strings_match_the_python_runtime(binary, export):
         assert py.finish_reasons == ["stop"] and res["stopped"] == "stop string"
         assert ids(res["tokens"]) == py.tokens[0] == full[:3]
         assert res["text"] == quoted(py.texts[0].encode()) and py.texts[0] == ("" if two in stops else chr(full[0]))
+    # a stop token that would complete a stop string ends the generation as a stop token in both
+    py = rt.generate("hi!", 16, stop_tokens=[full[1]], stop_strings=[bytes(full[0:2]).decode()])
+    res = generate(binary, out, "--prompt", "hi!", "--max-new-tokens", 16, "--stop", bytes(full[0:2]).decode(),
+                   "--stop-ids", full[1])
+    assert ids(res["tokens"]) == py.tokens[0] == full[:2] and res["stopped"] == "stop token"
+    assert res["text"] == quoted(py.texts[0].encode()) == quoted(bytes(full[:1]))
 
 
 def test_stop_token_that_ends_a_stop_string(binary, export):
-    """A stop token that is the last byte of a stop string: the stop string is reported and the text leaves out the
-    whole string, not only the stop token."""
+    """A stop token that is the last byte of a stop string: a stop token is no text, so it ends the generation as a
+    stop token, only it left out of the text, with or without the stop string, as in the Python runtime (without
+    the stop token, the stop string ends it at the same token and leaves itself out)."""
     out, _ = export(**BYTES_F16)
     args = [*STOP_RUNS["sample"], "--max-new-tokens", 16]
     full = ids(generate(binary, out, *args)["tokens"])
     stop, at = _stop_string_in(bytes(full), new_last_byte=True)
-    res = generate(binary, out, *args, "--stop", os.fsdecode(stop), "--stop-ids", stop[-1])
+    for extra in (["--stop", os.fsdecode(stop)], []):
+        res = generate(binary, out, *args, *extra, "--stop-ids", stop[-1])
+        assert ids(res["tokens"]) == full[: at + 2] and res["stopped"] == "stop token"
+        assert res["text"] == quoted(bytes(full[:at + 1]))
+    res = generate(binary, out, *args, "--stop", os.fsdecode(stop))
     assert ids(res["tokens"]) == full[: at + 2] and res["stopped"] == "stop string"
     assert res["text"] == quoted(bytes(full[:at]))
-    res = generate(binary, out, *args, "--stop-ids", stop[-1])
-    assert ids(res["tokens"]) == full[: at + 2] and res["stopped"] == "stop token"
-    assert res["text"] == quoted(bytes(full[:at + 1]))
 
 
 @pytest.mark.parametrize("decoding", [[], ["--sample", "--seed", 1]], ids=["greedy", "sample"])
@@ -508,6 +516,8 @@ ERROR_CASES = [
     ("top-p-zero", None, IDS + ["--sample", "--top-p", "0"], "top_p must be in (0, 1], found 0"),
     ("top-p-over-one", None, IDS + ["--sample", "--top-p", "1.5"], "top_p must be in (0, 1], found 1.5"),
     ("top-p-not-a-number", None, IDS + ["--sample", "--top-p", "half"], "--top-p: expected a number, found 'half'"),
+    ("penalty-past-float", None, IDS + ["--repetition-penalty", "1e39"],
+     "--repetition-penalty: 1e39 is outside the range of a float"),
     ("penalty-zero", None, IDS + ["--repetition-penalty", "0"],
      "repetition_penalty must be a finite number > 0 (1 = off), found 0"),
     ("penalty-negative", None, IDS + ["--sample", "--repetition-penalty", "-1"],

@@ -1054,6 +1054,9 @@ def test_cli_stop_errors_are_one_line(exp, capsys, monkeypatch):
     assert main(["generate", str(exp.dir), "--prompt-ids", "1", "--stop", ""]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--stop must not be empty" in err[0]
+    assert main(["generate", str(exp.dir), "--prompt-ids", "1", "--stop", os.fsdecode(b"a\x80")]) == 2  # not UTF-8
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stop must be Unicode text: item 0 has a lone surrogate (U+DC80)" in err[0]
     monkeypatch.setattr(runtime_module, "load_codec", lambda path: None)
     assert main(["generate", str(exp.dir), "--prompt-ids", "1", "--stop", "a", "--stream"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -1108,7 +1111,7 @@ def test_snapshot_logprobs_old_absent_or_damaged(rt):
         meta = json.loads(z["meta"].tobytes())
     assert meta["logprobs"] == gen.logprobs and len(meta["logprobs"][0]) == 1
     for value, ok in (("absent", True), (None, True), ([[-1.0]], False), ([[-1.0], ["x"]], False),
-                      ([[-1.0], [-1.0, -2.0]], False), ([[-1.0], [True]], False)):
+                      ([[-1.0], [-1.0, -2.0]], False), ([[-1.0], [True]], False), ([[-1.0], [0.5]], False)):
         edited = {k: v for k, v in meta.items() if k != "logprobs"}
         if value != "absent":
             edited["logprobs"] = value
@@ -1116,7 +1119,7 @@ def test_snapshot_logprobs_old_absent_or_damaged(rt):
         if ok:
             assert rt.restore(changed).run().logprobs is None
         else:
-            with pytest.raises(SnapshotError, match="logprobs must be null or, per sequence, one finite number"):
+            with pytest.raises(SnapshotError, match="logprobs must be null or, per sequence, one finite number <= 0"):
                 rt.restore(changed)
 
 

@@ -345,3 +345,60 @@ def test_stop_strings_are_checked():
                          (5, "must be a string or a list of strings, not int")):
         with pytest.raises(GenerationInputError, match=message):
             check_stop_strings(bad)
+
+
+def _tokenizer_codec(tmp_path, model, decoder, pre_tokenizer=None):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer(model)
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoder
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return load_codec(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "failing-decoder"])
+def test_a_tokenizer_json_stream_gives_in_all_what_decode_gives(kind, tmp_path):
+    """Pushed token by token and flushed, a tokenizer.json stream gives exactly decode(ids): with byte tokens a
+    generation that ends inside a character ends with its U+FFFD, as decode has it (tokenizers' DecodeStream holds
+    such text back, and flush gave nothing); a decoder whose DecodeStream raises (a Replace across tokens) decodes
+    every token so far instead of failing (both found by an audit helper)."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    rng = np.random.default_rng(0)
+    if kind == "bytes":
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        codec = _tokenizer_codec(tmp_path, models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]),
+                                 decoders.ByteLevel(), pre_tokenizers.ByteLevel(add_prefix_space=False))
+        ids_of = [codec.encode(c) for c in "aé€😀 "]  # characters of 1 to 4 byte tokens, cut anywhere below
+    else:
+        codec = _tokenizer_codec(tmp_path, models.WordLevel(vocab={c: i for i, c in enumerate("abcdefghijklm")},
+                                                            unk_token="a"),
+                                 decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X")]))
+        ids_of = [[i] for i in range(13)]
+    held_back = failed = 0
+    for _ in range(300):
+        ids = [t for j in rng.integers(0, len(ids_of), 12) for t in ids_of[j]][:int(rng.integers(1, 30))]
+        stream = codec.stream()
+        shown = "".join(stream.push(t) for t in ids)
+        whole = codec.decode(ids)
+        held_back += whole != shown
+        failed += stream._whole
+        if whole.startswith(shown):  # text already shown is never taken back; a Replace can rewrite it
+            assert shown + stream.flush() == whole
+        else:
+            assert kind == "failing-decoder"
+    if kind == "bytes":  # cut characters were common, and DecodeStream never failed
+        assert held_back > 30 and failed == 0
+    else:
+        assert failed > 10
+
+
+def test_stop_strings_refuse_bytes_and_lone_surrogates():
+    from mamba_runtime.stopping import check_stop_strings
+
+    with pytest.raises(GenerationInputError, match=r"stop strings must be text \(str\), not bytes"):
+        check_stop_strings(b"ab")
+    with pytest.raises(GenerationInputError, match=r"item 1 has a lone surrogate \(U\+DC80\).*use stop tokens"):
+        check_stop_strings(["ok", "a\udc80"])

@@ -173,6 +173,7 @@ class Generation:
         for i in rows:
             t = int(new[i])
             self.tokens[i].append(t)
+            # a stop token is no text: it ends the sequence, is not shown and completes no stop string
             if t in self.stop_tokens or (self._stop_text[i] is not None and self._stop_text[i].push(t)):
                 self.finish_reasons[i] = "stop"
             elif len(self.tokens[i]) >= self.max_new_tokens:
@@ -411,8 +412,9 @@ def _checked_meta(meta: dict, vocab: int) -> dict:
     if logprobs is not None and not (
             isinstance(logprobs, list) and len(logprobs) == b
             and all(isinstance(x, list) and len(x) == len(t) for x, t in zip(logprobs, tokens))
-            and all(is_real(v) and not isinstance(v, bool) and math.isfinite(v) for x in logprobs for v in x)):
-        raise SnapshotError("snapshot logprobs must be null or, per sequence, one finite number per token")
+            and all(is_real(v) and not isinstance(v, bool) and math.isfinite(v) and v <= 0
+                    for x in logprobs for v in x)):
+        raise SnapshotError("snapshot logprobs must be null or, per sequence, one finite number <= 0 per token")
     history = meta.get("history", [[] for _ in prompts])  # absent before conversations kept their history
     if not isinstance(history, list) or len(history) != b:
         raise SnapshotError(f"snapshot history must be a list of {b} token lists (one per prompt)")

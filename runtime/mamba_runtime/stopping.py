@@ -16,6 +16,8 @@ def check_stop_strings(stop_strings) -> tuple[str, ...]:
     GenerationInputError."""
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
+    if isinstance(stop_strings, (bytes, bytearray, memoryview)):
+        raise GenerationInputError("stop strings must be text (str), not bytes")
     try:
         items = tuple(stop_strings)
     except TypeError:
@@ -26,6 +28,11 @@ def check_stop_strings(stop_strings) -> tuple[str, ...]:
             raise GenerationInputError(f"stop strings must be strings, found {type(s).__name__} (item {i})")
         if not s:
             raise GenerationInputError(f"stop strings must not be empty: an empty one would stop at once (item {i})")
+        if bad := next((c for c in s if 0xD800 <= ord(c) <= 0xDFFF), None):
+            # what Python makes of bytes that are not UTF-8 (surrogateescape): the generated text holds U+FFFD there
+            raise GenerationInputError(
+                f"stop strings must be Unicode text: item {i} has a lone surrogate (U+{ord(bad):04X}), as bytes that "
+                "are not UTF-8 become; the generated text shows such bytes as U+FFFD, so use stop tokens for them")
     return tuple(dict.fromkeys(items))  # in order, without repeats
 
 

@@ -100,16 +100,40 @@ class HFTokenizerCodec:
 
 
 class _HFStream:
+    """tokenizers' DecodeStream, made to give in all exactly ``decode`` of every token pushed: ``flush`` returns what
+    DecodeStream still holds back at the end (it waits on text that ends in U+FFFD, a character cut between byte
+    tokens, which the end of a generation leaves cut), and where DecodeStream fails (a decoder whose output for a
+    prefix is no prefix of its output for more tokens, e.g. a Replace across tokens) the text comes from decoding
+    every token so far, each push returning what that adds."""
+
     def __init__(self, tok):
         from tokenizers.decoders import DecodeStream
 
         self._tok, self._stream = tok, DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._pieces: list[str] = []  # what push has returned
+        self._whole = False  # DecodeStream failed: decode every token so far instead
 
     def push(self, token: int) -> str:
-        return self._stream.step(self._tok, token) or ""
+        self._ids.append(token)
+        if not self._whole:
+            try:
+                piece = self._stream.step(self._tok, token) or ""
+            except Exception:  # the tokenizers library raises plain Exception ("Invalid prefix encountered ...")
+                self._whole = True
+        if self._whole:
+            piece = self._rest()
+        self._pieces.append(piece)
+        return piece
 
     def flush(self) -> str:
-        return ""
+        return self._rest()
+
+    def _rest(self) -> str:
+        """decode(all tokens) past what was returned, when it still begins with that (else nothing: text already
+        shown cannot be taken back)."""
+        shown, whole = "".join(self._pieces), self._tok.decode(self._ids)
+        return whole[len(shown):] if whole.startswith(shown) else ""
 
 
 def load_codec(export_dir: Path) -> ByteCodec | HFTokenizerCodec | None:

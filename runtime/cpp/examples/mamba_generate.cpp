@@ -99,8 +99,9 @@ float parse_float(const std::string& flag, const std::string& text) {
   errno = 0;
   char* end = nullptr;
   float value = std::strtof(text.c_str(), &end);
-  if (text.empty() || *end != '\0' || errno == ERANGE) {
-    throw mamba::Error(flag + ": expected a number, found '" + text + "'");
+  if (text.empty() || *end != '\0') throw mamba::Error(flag + ": expected a number, found '" + text + "'");
+  if (errno == ERANGE) {  // e.g. 1e-50 or 1e39: a number, but none that a float holds
+    throw mamba::Error(flag + ": " + text + " is outside the range of a float (about 1e-38 to 3e38 in magnitude)");
   }
   return value;
 }
@@ -242,7 +243,7 @@ void print_result(const mamba::Model& model, const Args& a, const std::vector<in
   const mamba::ModelInfo& info = model.info();
   std::cout << "tokens: " << join(g.tokens) << "\n";
   if (info.byte_level) {  // without the stop string or token, as the Python runtime gives it (tokens: keeps it)
-    std::vector<int64_t> shown = g.tokens;  // (a stop token that ends a stop string goes with the string)
+    std::vector<int64_t> shown = g.tokens;  // (a stop token completes no stop string: only it is left out)
     size_t cut = g.stop_sequence >= 0 ? a.generate.stop_sequences[size_t(g.stop_sequence)].size() : g.stopped ? 1 : 0;
     shown.resize(shown.size() - cut);  // generate() matched the sequence within the new tokens: cut <= size
     std::cout << "text: " << quoted(mamba::decode_bytes(info, shown)) << "\n";

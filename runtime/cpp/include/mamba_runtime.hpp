@@ -106,8 +106,8 @@ struct Generation {
   std::vector<int64_t> tokens;  ///< the new tokens, in order
   bool stopped = false;         ///< true when it ended on a stop token or a stop sequence
   /// The index in options.stop_sequences of the sequence the tokens end with; when several do, the longest (the
-  /// first of equally long ones); -1 when none. Set also when the last token is a stop token too (stopped is true
-  /// either way).
+  /// first of equally long ones); -1 when none, and when the last token is a stop token: a stop token is no text,
+  /// it ends the generation as a stop token and completes no stop sequence (as in the Python runtime).
   int stop_sequence = -1;
   double prefill_ms = 0;        ///< the prompt through the prefill graph, and picking the first new token
   double decode_ms = 0;         ///< all decode.onnx steps (tokens.size() - 1 of them)

@@ -595,6 +595,9 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   // The longest, as the Python runtime cuts a text where the earliest of the matches that end together starts.
   auto ended = [&] {
     g.stop_sequence = -1;
+    // A stop token is no text: it ends the generation as a stop token and completes no stop sequence (as in the
+    // Python runtime, whose stop strings never see a stop token).
+    if (is_stop(g.tokens.back())) return g.stopped = true;
     size_t longest = 0;
     for (size_t i = 0; i < options.stop_sequences.size(); ++i) {
       const std::vector<int64_t>& s = options.stop_sequences[i];
@@ -603,7 +606,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
         longest = s.size();
       }
     }
-    g.stopped = g.stop_sequence >= 0 || is_stop(g.tokens.back());
+    g.stopped = g.stop_sequence >= 0;
     return g.stopped;
   };
   if (options.reset) reset();

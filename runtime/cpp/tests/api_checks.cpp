@@ -124,9 +124,10 @@ void check_stop_sequences(mamba::Model& model) {
             << k << ")\n";
 
   expect_generation("stop token and stop sequence", generate_stopping(model, false, {three}, {sampled[k]}), upto, true,
-                    0);
-  expect_generation("stop token alone", generate_stopping(model, false, {}, {sampled[k]}), upto, true, -1);
-  std::cout << "ok: a stop token that also ends a stop sequence reports the sequence (stop_sequence -1 without it)\n";
+                    -1);
+  expect_generation("stop sequence alone", generate_stopping(model, false, {three}), upto, true, 0);
+  std::cout << "ok: a stop token that would also end a stop sequence ends as a stop token (stop_sequence -1; 0 "
+               "without the stop token)\n";
 
   // Sequences that the prompt and the new tokens together end with, the new tokens alone never: the prompt's last
   // token and the first new one; that token and all the new ones (13: longer than the generation).
