@@ -1183,3 +1183,43 @@ def test_a_snapshot_history_of_the_wrong_shape_is_refused(rt):
     del meta["history"]  # as written before the key existed
     old = _edited_snapshot(blob, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     assert rt.restore(old).history == [[], []]
+
+
+# ---- --prompt-file ------------------------------------------------------------------------------------------------
+def test_cli_prompt_file_and_stdin_give_the_prompts_bytes(exp, tmp_path, capsys, monkeypatch):
+    """--prompt-file PATH (or - for standard input) is --prompt read from a file, its bytes as they are: the same
+    tokens as --prompt for text, the very bytes for a byte-level model where they are not UTF-8, and a prompt longer
+    than the 128 KiB a command-line argument can hold."""
+    from mamba_export.cli import main
+
+    def run(*args):
+        assert main(["generate", str(exp.dir), "--max-new-tokens", "3", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    (tmp_path / "p.txt").write_text("héllo, world", encoding="utf-8")
+    from_file, given = run("--prompt-file", str(tmp_path / "p.txt")), run("--prompt", "héllo, world")
+    assert [from_file[k] for k in ("prompt_tokens", "tokens", "text")] == [given[k] for k in ("prompt_tokens",
+                                                                                            "tokens", "text")]
+    raw = b"And \xff\xfe then"
+    (tmp_path / "raw.txt").write_bytes(raw)
+    assert run("--prompt-file", str(tmp_path / "raw.txt"))["prompt_tokens"] == list(raw)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert run("--prompt-file", "-")["prompt_tokens"] == list(raw)
+    long = bytes(np.random.default_rng(0).integers(32, 127, 140_000).astype(np.uint8))
+    (tmp_path / "long.txt").write_bytes(long)
+    assert run("--prompt-file", str(tmp_path / "long.txt"))["prompt_tokens"] == list(long)
+
+
+def test_cli_prompt_file_errors_are_one_line(exp, tmp_path, capsys):
+    from mamba_export.cli import main
+
+    (tmp_path / "empty.txt").write_bytes(b"")
+    for path, message in (("/nonexistent/p.txt", "--prompt-file: /nonexistent/p.txt: cannot read it (No such file"),
+                          (str(tmp_path), "cannot read it (Is a directory)"),
+                          (str(tmp_path / "empty.txt"), "--prompt-file is empty: give at least one token")):
+        assert main(["generate", str(exp.dir), "--prompt-file", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    with pytest.raises(SystemExit):  # one prompt only
+        main(["generate", str(exp.dir), "--prompt-file", path, "--prompt", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err

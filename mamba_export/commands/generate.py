@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from ..errors import MambaExportError
 
@@ -44,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the export)")
     prompt.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt as comma-separated token ids")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="prompt text read from a file, or - for standard input (a command-line argument holds "
+                             "at most 128 KiB on Linux; Mamba takes prompts of any length); its bytes as they are, so "
+                             "a byte-level model gets exactly them")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
@@ -87,8 +92,9 @@ _NAME = re.compile(r"^(max_new_tokens|top_k|top_p|repetition_penalty|seed|temper
 
 def _in_flags(message: str, args: argparse.Namespace) -> str:
     """``message`` with the runtime parameter it starts with replaced by the command's flag."""
-    prompt = "--prompt" if args.prompt is not None else "--prompt-ids"
-    flags = {**_FLAGS, "prompt 0": prompt, "text input": "--prompt (text)"}
+    prompt = ("--prompt-file" if args.prompt_file is not None else "--prompt" if args.prompt is not None
+              else "--prompt-ids")
+    flags = {**_FLAGS, "prompt 0": prompt, "text input": f"{prompt} (text)" if prompt != "--prompt-ids" else prompt}
     message = _NAME.sub(lambda m: flags[m.group(1)], message, count=1)
     return message.replace("give token ids instead", "give --prompt-ids instead").replace(
         "use stop tokens instead", "use --stop-ids instead")
@@ -142,11 +148,24 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationInputError(_in_flags(str(e), args)) from None
 
 
+def _read_prompt(path: str) -> str:
+    """The text of --prompt-file (``-``: standard input), its bytes kept as they are: UTF-8, and any byte that is not
+    as the surrogate Python gives it in a command line (surrogateescape), which a byte-level model encodes back to
+    that byte and a tokenizer.json refuses in one line."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise MambaExportError(f"--prompt-file: {path}: cannot read it ({e.strerror or e})") from None
+    return data.decode("utf-8", "surrogateescape")
+
+
 def _run(args: argparse.Namespace) -> int:
     from mamba_runtime.errors import require_int
 
     if args.prompt_ids == []:
         raise MambaExportError("--prompt-ids is empty: give at least one token id")
+    if args.prompt_file is not None:  # read before the export is opened: a wrong path fails at once
+        args.prompt = _read_prompt(args.prompt_file)
     require_int(args.max_new_tokens, "--max-new-tokens")  # before the export is opened (and its files hashed)
     if args.threads is not None:
         require_int(args.threads, "--threads")
