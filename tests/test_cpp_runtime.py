@@ -405,6 +405,27 @@ def test_byte_level_text_prompt(binary, export):
     assert text["text"] == quoted(bytes(tokens))
 
 
+def test_prompt_file_and_stdin(binary, export, tmp_path):
+    """--prompt-file PATH (- for standard input) is --prompt with the file's bytes as they are: the same tokens as
+    --prompt, bytes that are not UTF-8 as those ids, and a prompt past the 128 KiB a command-line argument holds."""
+    out, _ = export(**BYTES_F16)
+    (tmp_path / "p.txt").write_bytes(b"hi!")
+    assert generate(binary, out, "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", 6)["tokens"] == \
+        generate(binary, out, "--prompt", "hi!", "--max-new-tokens", 6)["tokens"]
+    raw = b"a\xff\xfe\x00b"
+    (tmp_path / "raw.bin").write_bytes(raw)
+    from_file = generate(binary, out, "--prompt-file", tmp_path / "raw.bin", "--max-new-tokens", 4)
+    assert from_file["tokens"] == generate(binary, out, "--prompt-ids", ",".join(map(str, raw)),
+                                           "--max-new-tokens", 4)["tokens"]
+    proc = subprocess.run([str(binary), str(out), "--prompt-file", "-", "--max-new-tokens", "4"], input=raw,
+                          capture_output=True, timeout=120, env=program_env())
+    assert proc.returncode == 0 and f"tokens: {from_file['tokens']}\n".encode() in proc.stdout
+    long = bytes(np.random.default_rng(0).integers(32, 127, 140_000).astype(np.uint8))
+    (tmp_path / "long.txt").write_bytes(long)
+    res = generate(binary, out, "--prompt-file", tmp_path / "long.txt", "--max-new-tokens", 2)
+    assert res["prefill"].startswith("140000 tokens")
+
+
 def test_api_checks(binary, export):
     """runtime/cpp/tests/api_checks.cpp: chunked prefill, prefill + steps, reset, move, exceptions from the API (a
     refused generate() leaves the state as it was; a filesystem failure is a mamba::Error), stop sequences, Models
@@ -506,7 +527,12 @@ ERROR_CASES = [
      "--stop needs a byte-level vocabulary (byte_vocab.json in the export); give the stop token ids with --stop-ids"),
     ("empty-stop", None, IDS + ["--stop", "x", "--stop", ""], "--stop: empty stop string"),
     ("zero-new-tokens", None, ["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
-    ("no-prompt", None, [], "give exactly one of --prompt-ids and --prompt"),
+    ("no-prompt", None, [], "give exactly one of --prompt-ids, --prompt and --prompt-file"),
+    ("two-prompts", None, ["--prompt-ids", "1", "--prompt-file", "/dev/null"],
+     "give exactly one of --prompt-ids, --prompt and --prompt-file"),
+    ("prompt-file-missing", None, ["--prompt-file", "/nonexistent/p.txt"],
+     "--prompt-file: /nonexistent/p.txt: cannot read it (No such file or directory)"),
+    ("prompt-file-directory", None, ["--prompt-file", "/"], "--prompt-file: /: cannot read it (it is a directory)"),
     ("ort-config", None, IDS + ["--ort-config", "novalue"], "--ort-config: expected KEY=VALUE, found 'novalue'"),
     ("unknown-option", None, ["--prompt-ids", "1", "--fast"], "unknown option --fast"),
     ("sampling-flag", None, ["--prompt-ids", "1", "--top-k", "3"],

@@ -3,9 +3,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -14,7 +17,7 @@
 namespace {
 
 const char* kUsage =
-    "usage: mamba_generate EXPORT_DIR (--prompt-ids 1,2,3 | --prompt TEXT) [options]\n"
+    "usage: mamba_generate EXPORT_DIR (--prompt-ids 1,2,3 | --prompt TEXT | --prompt-file PATH) [options]\n"
     "\n"
     "Runs the prompt through EXPORT_DIR/model.onnx (model_last.onnx when present), then decodes one token at a time\n"
     "with decode.onnx, and prints the new token ids (and their text, for a byte-level vocabulary), the prefill time\n"
@@ -22,6 +25,8 @@ const char* kUsage =
     "\n"
     "  --prompt-ids IDS      comma-separated token ids\n"
     "  --prompt TEXT         its UTF-8 bytes as ids; needs a byte-level vocabulary (byte_vocab.json in the export)\n"
+    "  --prompt-file PATH    as --prompt, the bytes of a file (- for standard input): prompts of any length, where\n"
+    "                        a command-line argument holds at most 128 KiB on Linux\n"
     "  --max-new-tokens N    how many tokens to generate (default 32)\n"
     "  --greedy              pick the most likely token (the default)\n"
     "  --sample              sample instead, with:\n"
@@ -52,6 +57,7 @@ struct Args {
   std::string prompt_text;
   std::string dump_logits;
   std::vector<std::string> stop_texts;  // --stop, in order: stop_sequences[i] is stop_texts[i]'s bytes
+  int prompts = 0;  // --prompt-ids, --prompt and --prompt-file given: exactly one is right
   bool has_ids = false, has_text = false, sample = false, sampling_flag = false, greedy_flag = false;
   mamba::GenerateOptions generate;
   mamba::SessionOptions session;
@@ -106,6 +112,24 @@ float parse_float(const std::string& flag, const std::string& text) {
   return value;
 }
 
+// The bytes of --prompt-file's file, as they are ("-": standard input).
+std::string read_prompt_file(const std::string& path) {
+  const std::string what = "--prompt-file: " + path + ": cannot read it";
+  if (path == "-") {
+    std::string data{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
+    if (std::cin.bad()) throw mamba::Error(what);
+    return data;
+  }
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw mamba::Error(what + " (it is a directory)");
+  errno = 0;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw mamba::Error(what + (errno ? " (" + std::string(std::strerror(errno)) + ")" : std::string()));
+  std::string data{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  if (in.bad()) throw mamba::Error(what);
+  return data;
+}
+
 Args parse_args(const std::vector<std::string>& argv) {
   Args a;
   for (size_t i = 0; i < argv.size(); ++i) {
@@ -117,9 +141,15 @@ Args parse_args(const std::vector<std::string>& argv) {
     if (flag == "--prompt-ids") {
       a.prompt_ids = parse_ids(flag, value());
       a.has_ids = true;
+      ++a.prompts;
     } else if (flag == "--prompt") {
       a.prompt_text = value();
       a.has_text = true;
+      ++a.prompts;
+    } else if (flag == "--prompt-file") {
+      a.prompt_text = read_prompt_file(value());
+      a.has_text = true;
+      ++a.prompts;
     } else if (flag == "--max-new-tokens") {
       a.generate.max_new_tokens = int(parse_int(flag, value(), 1, INT32_MAX));
     } else if (flag == "--greedy") {
@@ -169,7 +199,7 @@ Args parse_args(const std::vector<std::string>& argv) {
     }
   }
   if (a.export_dir.empty()) throw mamba::Error("give the export directory (see --help)");
-  if (a.has_ids == a.has_text) throw mamba::Error("give exactly one of --prompt-ids and --prompt");
+  if (a.prompts != 1) throw mamba::Error("give exactly one of --prompt-ids, --prompt and --prompt-file");
   if (a.sampling_flag && !a.sample) throw mamba::Error("--temperature, --top-k, --top-p and --seed need --sample");
   if (a.sample && a.greedy_flag) throw mamba::Error("--greedy and --sample exclude each other: give one");
   a.generate.greedy = !a.sample;
