@@ -202,6 +202,28 @@ def test_repetition_penalty_matches_python_runtime(binary, export, penalty):
     assert list(rt.generate(PROMPT, N_NEW).tokens[0]) == ids(plain["tokens"])
 
 
+def test_logprobs_match_the_python_runtime_and_the_dumped_logits(binary, export, tmp_path):
+    """--logprobs prints each new token's log-probability: greedy, the Python runtime's logprobs; sampled with a
+    repetition penalty, the log softmax of the raw logits --dump-logits wrote (not of the penalised ones)."""
+    from mamba_runtime import MambaRuntime
+
+    out, _ = export(**MAIN)
+    prompt = ",".join(map(str, PROMPT))
+    res = generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", N_NEW, "--logprobs")
+    py = MambaRuntime(out, provider="cpu", custom_ops="require").generate(PROMPT, N_NEW, logprobs=True)
+    assert ids(res["tokens"]) == py.tokens[0]
+    np.testing.assert_allclose([float(v) for v in res["logprobs"].split(",")], py.logprobs[0], atol=1e-6)
+    res = generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", N_NEW, "--sample", "--seed", 4,
+                   "--repetition-penalty", 1.5, "--logprobs", "--dump-logits", tmp_path / "l.f32")
+    logits = np.fromfile(tmp_path / "l.f32", dtype=np.float32).reshape(N_NEW, -1).astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    want = log_softmax[np.arange(N_NEW), ids(res["tokens"])]
+    np.testing.assert_allclose([float(v) for v in res["logprobs"].split(",")], want, rtol=1e-7, atol=1e-9)
+    assert (want < -1e-3).any()
+    assert "logprobs" not in generate(binary, out, "--prompt-ids", prompt, "--max-new-tokens", 2)
+
+
 def test_stop_token_ends_generation(binary, export):
     out, model = export(**MAIN)
     greedy = reference_greedy(model, PROMPT, N_NEW)
@@ -438,7 +460,7 @@ def test_api_checks(binary, export):
     proc = subprocess.run([str(binary.parent / "api_checks"), str(out)], capture_output=True, encoding="utf-8",
                           timeout=120, env=program_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 65, proc.stdout
+    assert proc.stdout.count("ok: ") == 68, proc.stdout
 
 
 def test_help(binary):

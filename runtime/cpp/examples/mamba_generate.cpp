@@ -43,6 +43,8 @@ const char* kUsage =
     "  --stop TEXT           a stop string: the generation ends when its new bytes end with TEXT (in tokens:, not in\n"
     "                        text:); repeatable; needs a byte-level vocabulary (else give --stop-ids)\n"
     "  --threads N           onnxruntime intra-op threads; 0 = its default (default 0)\n"
+    "  --logprobs            also print each new token's log-probability under the model (log softmax of its raw\n"
+    "                        logits, before the repetition penalty and the sampling), a logprobs: line\n"
     "  --dump-logits FILE    write the float32 logits each new token was picked from (tokens x vocab, raw), as the\n"
     "                        model gave them: before the repetition penalty and the sampling\n"
     "  --prefill-chunk N     prompt tokens per prefill run; 0 = automatic (default 0)\n"
@@ -179,6 +181,8 @@ Args parse_args(const std::vector<std::string>& argv) {
       a.session.intra_op_threads = int(parse_int(flag, value(), 0, 1024));
     } else if (flag == "--dump-logits") {
       a.dump_logits = value();
+    } else if (flag == "--logprobs") {
+      a.generate.logprobs = true;
     } else if (flag == "--prefill-chunk") {
       a.session.prefill_chunk = int(parse_int(flag, value(), 0, INT32_MAX));
     } else if (flag == "--ort-config") {
@@ -280,6 +284,15 @@ void print_result(const mamba::Model& model, const Args& a, const std::vector<in
   }
   std::cout << "stopped: " << (g.stop_sequence >= 0 ? "stop string" : g.stopped ? "stop token" : "max new tokens")
             << "\n";
+  if (a.generate.logprobs) {
+    std::cout << "logprobs: ";
+    for (size_t i = 0; i < g.logprobs.size(); ++i) {
+      char value[32];
+      std::snprintf(value, sizeof value, "%.9g", g.logprobs[i]);
+      std::cout << (i ? "," : "") << value;
+    }
+    std::cout << "\n";
+  }
   std::cout << "decoding: " << decoding_text(a.generate)
             << "; custom ops: " << (info.custom_op_library.empty() ? "off" : info.custom_op_library) << "\n";
   std::cout << "prefill: " << prompt.size() << " tokens in " << g.prefill_ms << " ms (" << info.prefill_graph

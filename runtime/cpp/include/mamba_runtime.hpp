@@ -95,6 +95,8 @@ struct GenerateOptions {
   /// Start from a zero state (true), or continue the current one (false; e.g. after load_state of a prefix, or
   /// after a previous generate(): the next turn of a conversation, whose state then holds every earlier token).
   bool reset = true;
+  /// Fill Generation::logprobs: each new token's log-probability under the model.
+  bool logprobs = false;
   /// Called with each new token as soon as it is picked, and the float32 logits it was picked from, as the model
   /// gave them (before the repetition penalty, temperature, top_k and top_p) (streaming).
   /// Its time counts in Generation::prefill_ms / decode_ms.
@@ -109,6 +111,10 @@ struct Generation {
   /// first of equally long ones); -1 when none, and when the last token is a stop token: a stop token is no text,
   /// it ends the generation as a stop token and completes no stop sequence (as in the Python runtime).
   int stop_sequence = -1;
+  /// With options.logprobs, per token of `tokens` the natural log of its probability under the model: the log
+  /// softmax (in double) of the raw logits it was picked from, before the repetition penalty, temperature, top_k and
+  /// top_p (token_logprob()), as the Python runtime's logprobs; empty otherwise.
+  std::vector<double> logprobs;
   double prefill_ms = 0;        ///< the prompt through the prefill graph, and picking the first new token
   double decode_ms = 0;         ///< all decode.onnx steps (tokens.size() - 1 of them)
   /// Milliseconds per decoded token (decode_ms / steps); 0 when only one token was generated.
@@ -195,6 +201,9 @@ int64_t argmax(const std::vector<float>& logits);
 /// positive, multiplied by it when negative (zero stays zero); the others are unchanged. seen.size() must equal
 /// logits.size(); penalty must be finite and > 0 (1 changes nothing). Throws mamba::Error otherwise.
 void apply_repetition_penalty(std::vector<float>& logits, const std::vector<bool>& seen, float penalty);
+
+/// log softmax(logits)[token], in double: the log-probability of `token` under the model's logits.
+double token_logprob(const std::vector<float>& logits, int64_t token);
 
 /// Seeded temperature / top-k / top-p sampling. The random stream (splitmix64) is the same on every platform,
 /// unlike the standard library's distributions; each sample() takes exactly one number from it.

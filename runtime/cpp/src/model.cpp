@@ -572,6 +572,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
   const bool penalize = options.repetition_penalty != 1.0f;
   // The penalty on a copy (m.penalized, reused: no allocation per token) of the model's logits, every token of the
   // sequence so far counted (m.seen: prefill() and step() mark theirs); on_token gets the model's logits.
+  Generation g;
   auto pick = [&](const std::vector<float>& logits) {
     const std::vector<float>* from = &logits;
     if (penalize) {
@@ -580,6 +581,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
       from = &m.penalized;
     }
     int64_t token = options.greedy ? argmax(*from) : sampler.sample(*from);
+    if (options.logprobs) g.logprobs.push_back(token_logprob(logits, token));
     if (options.on_token) options.on_token(token, logits);
     return token;
   };
@@ -589,7 +591,6 @@ Generation Model::generate(const std::vector<int64_t>& prompt, const GenerateOpt
 
   m.check_prompt(prompt);  // before reset(), so that a refused call leaves the state as it was
 
-  Generation g;
   // After each new token: the longest stop sequence the new tokens end with, the first of equally long ones (only
   // their tail is compared, last token first), then whether a stop sequence or a stop token ends the generation.
   // The longest, as the Python runtime cuts a text where the earliest of the matches that end together starts.

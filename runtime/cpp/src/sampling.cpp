@@ -49,6 +49,17 @@ void apply_repetition_penalty(std::vector<float>& logits, const std::vector<bool
   }
 }
 
+double token_logprob(const std::vector<float>& logits, int64_t token) {
+  if (token < 0 || size_t(token) >= logits.size()) {
+    throw Error("token_logprob: token " + std::to_string(token) + " is outside the " + std::to_string(logits.size()) +
+                " logits");
+  }
+  const double top = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float x : logits) sum += std::exp(double(x) - top);
+  return double(logits[size_t(token)]) - top - std::log(sum);
+}
+
 Sampler::Sampler(float temperature, int top_k, uint64_t seed) : Sampler(temperature, top_k, 1.0f, seed) {}
 
 Sampler::Sampler(float temperature, int top_k, float top_p, uint64_t seed)

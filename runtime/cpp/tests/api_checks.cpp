@@ -608,6 +608,50 @@ void check_generate_penalty(mamba::Model& model, const std::vector<float>& whole
   std::cout << "ok: prefill() and step() tokens count as seen; reset() forgets them\n";
 }
 
+// Generation::logprobs: per token the log softmax of the raw logits it was picked from (computed here afresh from
+// on_token's logits, in long double), greedy and sampled with a repetition penalty (which shapes the pick, not the
+// reported probability); empty without options.logprobs; token_logprob by hand.
+void check_logprobs(mamba::Model& model) {
+  auto reference = [](const std::vector<float>& logits, int64_t token) {
+    long double sum = 0;
+    for (float x : logits) sum += std::exp((long double)x);
+    return double(std::log(std::exp((long double)logits[size_t(token)]) / sum));
+  };
+  for (bool greedy : {true, false}) {
+    mamba::GenerateOptions options;
+    options.max_new_tokens = 10;
+    options.greedy = greedy;
+    options.seed = 9;
+    options.repetition_penalty = 1.5f;
+    options.logprobs = true;
+    std::vector<double> want;
+    options.on_token = [&](int64_t token, const std::vector<float>& logits) {
+      want.push_back(reference(logits, token));
+    };
+    mamba::Generation g = model.generate(kPrompt, options);
+    if (g.logprobs.size() != g.tokens.size() || want.size() != g.tokens.size()) fail("logprobs: one per token");
+    bool below_one = false;
+    for (size_t i = 0; i < want.size(); ++i) {
+      if (!(std::abs(g.logprobs[i] - want[i]) <= 1e-9 * std::max(1.0, std::abs(want[i])))) {
+        fail("logprobs: token " + std::to_string(i) + ": " + std::to_string(g.logprobs[i]) + " against " +
+             std::to_string(want[i]));
+      }
+      below_one = below_one || want[i] < -1e-3;
+    }
+    if (!below_one) fail("logprobs: every token had probability ~1: the check proves nothing");
+    options.logprobs = false;
+    options.on_token = nullptr;
+    if (!model.generate(kPrompt, options).logprobs.empty()) fail("logprobs: filled without options.logprobs");
+  }
+  std::cout << "ok: Generation::logprobs is the log softmax of each token's raw logits (greedy and sampled, with a "
+               "repetition penalty); empty unless asked for\n";
+  const double quarter = mamba::token_logprob({0.0f, float(std::log(3.0))}, 0);
+  if (!(std::abs(quarter - std::log(0.25)) < 1e-7)) fail("token_logprob by hand: " + std::to_string(quarter));
+  expect_error("token_logprob with a token outside the logits", "token_logprob: token 2 is outside the 2 logits",
+               [] { mamba::token_logprob({0.0f, 1.0f}, 2); });
+  std::cout << "ok: token_logprob by hand (log 1/4) and refusing a token outside the logits\n";
+}
+
 void check_sha256() {
   using mamba::detail::Sha256Blocks;
   using mamba::detail::sha256_hex;
@@ -737,6 +781,7 @@ int main(int argc, char** argv) {
     expect_error("load_state with a wrong layer count", "load_state: expected", [&] { model.load_state(prefix); });
 
     check_stop_sequences(model);
+    check_logprobs(model);
     check_generate_penalty(model, whole);
     check_share(model);
     check_threads(model);
