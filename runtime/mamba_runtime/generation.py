@@ -33,6 +33,7 @@ from .errors import GenerationInputError, ModelOutputError, SnapshotError, is_in
 from .manifest import parse_json
 from .sampling import Sampler, SamplingConfig, token_logprobs
 from .stopping import StopText
+from .tokenizer import NO_TOKENIZER
 
 SNAPSHOT_FORMAT = "mamba-runtime-snapshot"
 SNAPSHOT_VERSION = 1
@@ -173,11 +174,16 @@ class Generation:
         for i in rows:
             t = int(new[i])
             self.tokens[i].append(t)
-            # a stop token is no text: it ends the sequence, is not shown and completes no stop string
-            if t in self.stop_tokens or (self._stop_text[i] is not None and self._stop_text[i].push(t)):
+            if self._stops(i, t):
                 self.finish_reasons[i] = "stop"
             elif len(self.tokens[i]) >= self.max_new_tokens:
                 self.finish_reasons[i] = "length"
+
+    def _stops(self, i: int, t: int) -> bool:
+        """Whether token ``t``, just generated for sequence ``i``, ends it: a stop token, or the token that completes
+        a stop string in its text (fed to the watcher). A stop token is no text: it is not shown and completes no
+        stop string."""
+        return t in self.stop_tokens or (self._stop_text[i] is not None and self._stop_text[i].push(t))
 
     def cancel(self, rows: Iterable[int] | None = None) -> None:
         """Finish the unfinished sequences ``rows`` (indices into the batch; all when None) now, reason "cancelled".
@@ -435,16 +441,16 @@ def _rebuild(runtime, meta: dict) -> Generation:
     except GenerationInputError as e:
         raise SnapshotError(f"snapshot sampling settings are invalid ({e})") from None
     if checked["stop_strings"] and runtime.codec is None:
-        why = runtime.codec_unavailable or "the export directory has neither tokenizer.json nor byte_vocab.json"
+        why = runtime.codec_unavailable or NO_TOKENIZER
         raise SnapshotError(f"snapshot has stop strings, and matching them needs a tokenizer ({why})")
     gen = Generation(runtime, checked["prompts"], checked["max_new_tokens"], sampling,
                      frozenset(checked["stop_tokens"]), checked["stop_strings"], history=checked["history"])
     gen.tokens, gen.finish_reasons, gen.logprobs = checked["tokens"], checked["finish_reasons"], checked["logprobs"]
     for i, t in enumerate(gen.tokens):
         gen.sampler.observe([i] * len(t), t)
-        if (watch := gen._stop_text[i]) is not None:  # the text so far, decoded again
+        if gen._stop_text[i] is not None:  # the text so far, decoded again, up to the token that ended it
             for token in t:
-                if token in gen.stop_tokens or watch.push(token):
+                if gen._stops(i, token):
                     break
     gen.sampler.set_rng_states(meta["rng"])
     return gen

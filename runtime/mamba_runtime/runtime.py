@@ -33,7 +33,7 @@ from .sessions import (check_io, check_ort_config, cpu_placed_nodes, open_sessio
                        session_options)
 from .state import DeviceState, prefill
 from .stopping import StopText, check_stop_strings
-from .tokenizer import TokenizerUnavailable, load_codec, require_codec
+from .tokenizer import NO_TOKENIZER, TokenizerUnavailable, load_codec, require_codec
 
 Prompt = str | Iterable[int]
 
@@ -204,7 +204,7 @@ class MambaRuntime:
         self._check_ids(sorted(stops), "stop tokens")
         strings = check_stop_strings(stop_strings)
         if strings and self.codec is None:
-            why = self.codec_unavailable or "the export directory has neither tokenizer.json nor byte_vocab.json"
+            why = self.codec_unavailable or NO_TOKENIZER
             raise GenerationInputError(f"stop strings: matching them needs a tokenizer ({why}); use stop tokens "
                                        "instead")
         if not isinstance(logprobs, (bool, np.bool_)):
@@ -234,14 +234,12 @@ class MambaRuntime:
         tokens tell. Checked and prefilled in this call, as :meth:`stream`."""
         codec = require_codec(self.codec, "text output", self.codec_unavailable)
         gen = self._one(prompt, max_new_tokens, sampling, stop_tokens, stop_strings, "stream_text")
-        own = gen._stop_text[0]  # the generation's own watcher of its stop strings, fed as it steps
-        text = own if own is not None else StopText(codec.stream(), ())  # no stop strings: holds nothing back
+        if gen._stop_text[0] is None:  # no stop strings: a watcher of none, which holds nothing back
+            gen._stop_text[0] = StopText(codec.stream(), ())
+        text = gen._stop_text[0]  # fed by the generation as it steps
 
         def pieces() -> Iterator[str]:
-            for new in gen:
-                tok = int(new[0])
-                if own is None and tok not in gen.stop_tokens:
-                    text.push(tok)
+            for _ in gen:
                 if piece := text.take():
                     yield piece
             if tail := text.finish():

@@ -152,6 +152,9 @@ def load_codec(export_dir: Path) -> ByteCodec | HFTokenizerCodec | None:
     return None
 
 
+NO_TOKENIZER = "the export directory has neither tokenizer.json nor byte_vocab.json"
+
+
 def require_codec(codec, what: str, unavailable: str | None = None):
     """``codec``, or a clear error saying that ``what`` needs a tokenizer (``unavailable``: why the export's own
     tokenizer could not be loaded)."""
@@ -159,7 +162,6 @@ def require_codec(codec, what: str, unavailable: str | None = None):
         raise TokenizerUnavailable(f"{what}: {unavailable}")
     if codec is None:
         raise GenerationInputError(
-            f"{what} needs a tokenizer, and the export directory has neither tokenizer.json nor byte_vocab.json; "
-            "give token ids instead"
+            f"{what} needs a tokenizer, and {NO_TOKENIZER}; give token ids instead"
         )
     return codec
